@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
@@ -25,6 +26,7 @@ MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused unread
 MAX_STR = 4096  # default bound on a string field
 MAX_LINE = 64 * 1024  # a job log line
 MAX_ITEMS = 10_000  # default bound on a list field
+MAX_ID = 128  # a frame id, echoed back as `re`
 
 JOB_KINDS = (
     "init",
@@ -284,8 +286,8 @@ def _check(value: Any, field: Field, where: str) -> Any:
         if abs(value) >= 1 << 63:
             raise ProtocolError(f"{name}: out of range")
     elif kind == "float":
-        if not (_is_int(value) or isinstance(value, float)):
-            raise ProtocolError(f"{name}: expected a number")
+        if not (_is_int(value) or (isinstance(value, float) and math.isfinite(value))):
+            raise ProtocolError(f"{name}: expected a finite number")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ProtocolError(f"{name}: expected true or false")
@@ -296,8 +298,10 @@ def _check(value: Any, field: Field, where: str) -> Any:
             if len(value) > (field.limit or MAX_ITEMS):
                 raise ProtocolError(f"{name}: too many entries")
             for k, v in value.items():
-                if not isinstance(v, str) or len(k) > MAX_STR or len(v) > MAX_STR:
+                if not isinstance(k, str) or not isinstance(v, str):
                     raise ProtocolError(f"{name}.{k}: expected a string")
+                if len(k) > MAX_STR or len(v) > MAX_STR:
+                    raise ProtocolError(f"{name}.{k}: longer than {MAX_STR} characters")
     elif kind.startswith("list["):
         if not isinstance(value, list):
             raise ProtocolError(f"{name}: expected a list")
@@ -343,13 +347,18 @@ def encode(
     return Envelope(type, check_fields(dict(data), spec.fields), id, seq).to_json()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _load(raw: Union[str, bytes], limit: int) -> Any:
     if isinstance(raw, bytes):
         raise ProtocolError("binary frames are not accepted; send JSON text")
-    if len(raw) > limit:
+    # cheap character count first; the UTF-8 size only when it could matter
+    if len(raw) > limit or (len(raw) * 4 > limit and len(raw.encode()) > limit):
         raise ProtocolError(f"frame larger than {limit} bytes")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except ValueError as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
 
@@ -364,14 +373,13 @@ def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTE
     if not isinstance(frame, dict):
         raise ProtocolError("frame must be a JSON object")
     frame_id = frame.get("id")
-    re = (
-        str(frame_id)
-        if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool)
-        else None
-    )
-    if frame.get("v") != PROTOCOL_VERSION:
+    re = str(frame_id) if isinstance(frame_id, str) or _is_int(frame_id) else None
+    if re is not None and len(re) > MAX_ID:
+        raise ProtocolError(f"id: longer than {MAX_ID} characters")
+    version = frame.get("v")
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported protocol version {frame.get('v')!r} (this side speaks {PROTOCOL_VERSION})",
+            f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
             code="unsupported_version",
             re=re,
         )
