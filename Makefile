@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both install what they need: a virtualenv with the package, and restic.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint restic venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian's restic, installed once when missing (we run as root here; sudo otherwise).
+restic:
+	@command -v restic >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic >/dev/null; }
+	@restic version
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv restic lint
+	$(BIN)/pytest -q
+
+demo: venv restic
+	bash build/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist demo-data

@@ -1,0 +1,106 @@
+"""repo set/show: the restic repository of a host. Secrets are never printed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..exitcodes import Exit
+from . import render
+from .app import App, CtlError, json_option, pass_app
+
+
+@click.group()
+def repo() -> None:
+    """The restic repository each host backs up to."""
+
+
+def read_secret_file(path: str) -> str:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CtlError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
+    # a password file conventionally ends in one newline that is not part of it
+    return text[:-1] if text.endswith("\n") else text
+
+
+def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{pair.split('=')[0]!r}: expected KEY=VALUE", param_hint="--env"
+            )
+        env[key] = value
+    return env
+
+
+@repo.command("set")
+@click.argument("host")
+@click.option(
+    "--url", required=True, help="restic repository: /path, sftp:..., rest:..., s3:..., b2:..."
+)
+@click.option(
+    "--password-file",
+    type=str,
+    help="File holding the repository password ('-' for stdin). Prompted for when absent.",
+)
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Backend environment, e.g. AWS_ACCESS_KEY_ID=... (repeatable).",
+)
+@json_option
+@pass_app
+def repo_set(
+    app: App,
+    host: str,
+    url: str,
+    password_file: Optional[str],
+    env_pairs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Set HOST's repository; fleetd keeps the password encrypted."""
+    env = parse_env(env_pairs)
+    if password_file:
+        password = read_secret_file(password_file)
+    else:
+        password = click.prompt(
+            "Repository password", hide_input=True, confirmation_prompt=True, err=True
+        )
+    if not password:
+        raise CtlError("the repository password is empty", Exit.USAGE)
+    result = app.call("repo.set", host=host, url=url, password=password, env=env or None)
+    if as_json:
+        render.emit_json(result)
+        return
+    app.err.print(f"repository of {result['host']} set to {result['url']}", markup=False)
+
+
+@repo.command("show")
+@click.argument("host")
+@json_option
+@pass_app
+def repo_show(app: App, host: str, as_json: bool) -> None:
+    """Show HOST's repository (password and environment values redacted)."""
+    r = app.call("repo.show", host=host)
+    if as_json:
+        render.emit_json(r)
+        return
+    env = ", ".join(f"{k}={v}" for k, v in r["env"].items())
+    render.fields(
+        app.out,
+        [
+            ("host", render.cell(r["host"])),
+            ("url", render.cell(r["url"])),
+            ("password", render.cell(r["password"])),
+            ("environment", render.cell(env)),
+            ("updated", render.cell(r["updated_at"])),
+        ],
+    )
