@@ -11,7 +11,7 @@ import click
 from ..exitcodes import Exit
 from . import config, render
 from .app import App, CtlError, Duration, json_option, pass_app
-from .client import Client
+from .client import Client, Failure
 
 
 @click.command()
@@ -75,8 +75,12 @@ def logout(app: App) -> None:
     """Revoke the saved token on the server and forget it here."""
     settings = app.settings
     if settings.token:
-        with app.client() as c:
-            c.call("auth.logout")
+        try:
+            with app.client() as c:
+                c.call("auth.logout")
+        except Failure as exc:
+            if exc.code != "unauthorized":  # an already dead token needs no revoking
+                raise
     settings.token = None
     config.save(settings)
     app.err.print("logged out")

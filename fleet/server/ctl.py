@@ -85,7 +85,9 @@ class ServerState:
     box: SecretBox
     public_url: Callable[[str], str]  # Host header -> the URL agents dial
     tls_fingerprint: Optional[str] = None
-    login_limiter: auth.RateLimiter = field(default_factory=auth.RateLimiter)
+    # failed logins: 5 per user, 20 per address (many users may share one NAT)
+    user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
+    addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
 
 
 @dataclass
@@ -254,8 +256,8 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
         ),
     )
     name, password = checked["user"], checked["password"]
-    limiter = state.login_limiter
-    for key in (f"user:{name}", f"addr:{address}"):
+    limits = ((state.user_limiter, name), (state.addr_limiter, address))
+    for limiter, key in limits:
         if limiter.blocked(key):
             raise CtlError(
                 "rate_limited",
@@ -269,13 +271,13 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
     else:
         ok = await loop.run_in_executor(None, auth.verify_password, user.password_hash, password)
     if not ok:
-        limiter.fail(f"user:{name}")
-        limiter.fail(f"addr:{address}")
+        for limiter, key in limits:
+            limiter.fail(key)
         await state.store.run(
             AuditLog.create, actor=name, action="auth.login_failed", address=address
         )
         raise CtlError("unauthorized", "wrong user name or password")
-    limiter.reset(f"user:{name}")
+    state.user_limiter.reset(name)
     expires = checked.get("expires_in")
     ttl = LOGIN_TTL if expires is None else (timedelta(seconds=expires) if expires else None)
 
