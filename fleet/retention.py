@@ -28,8 +28,8 @@ def normalize(policy: Any) -> dict[str, Any]:
     for key, value in policy.items():
         if key not in KEYS:
             raise RetentionError(f"unknown retention rule {key!r} (known: {', '.join(KEYS)})")
-        if value in (None, 0, ""):
-            continue
+        if value is None or value == "" or (type(value) is int and value == 0):
+            continue  # unset (False is not 0 here: it is refused below)
         if key == "keep_within":
             if not isinstance(value, str) or not _WITHIN.match(value):
                 raise RetentionError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import secrets
 import time
 from collections import defaultdict, deque
@@ -37,7 +38,7 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str, password: str) -> bool:
     try:
         return _hasher.verify(stored_hash, password)
-    except (VerificationError, InvalidHashError):
+    except (VerificationError, InvalidHashError, ValueError):  # ValueError: a non-ASCII hash
         return False
 
 
@@ -94,7 +95,7 @@ class RateLimiter:
         q = self._prune(key)
         if len(q) < self.limit:
             return 0
-        return max(1, int(q[-self.limit] + self.window - self._clock()) + 1)
+        return max(1, math.ceil(q[-self.limit] + self.window - self._clock()))
 
     def fail(self, key: str) -> None:
         self._prune(key)

@@ -16,6 +16,7 @@ from nacl.exceptions import CryptoError
 
 KEY_BYTES = bindings.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
 NONCE_BYTES = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+TAG_BYTES = bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 FORMAT = b"\x01"  # version byte in front of nonce + ciphertext
 
 
@@ -74,7 +75,7 @@ class SecretBox:
 
     def decrypt(self, blob: bytes, aad: str) -> str:
         blob = bytes(blob)
-        if not blob.startswith(FORMAT) or len(blob) < 1 + NONCE_BYTES:
+        if not blob.startswith(FORMAT) or len(blob) < 1 + NONCE_BYTES + TAG_BYTES:
             raise SecretError(f"malformed secret for {aad}")
         nonce, sealed = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
         try:

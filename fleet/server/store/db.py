@@ -35,7 +35,11 @@ def open_database(path: Path) -> pw.SqliteDatabase:
     database = pw.SqliteDatabase(str(path), pragmas=PRAGMAS)
     db.initialize(database)
     database.connect(reuse_if_open=True)
-    migrate(database)
+    try:
+        migrate(database)
+    except Exception:
+        database.close()
+        raise
     return database
 
 

@@ -1,0 +1,491 @@
+"""Tests for fleet/server/store: migrations, the models against the migrated
+schema, pragmas, foreign keys and unique constraints, JSONField, and the
+Store's one dedicated thread.
+
+Every test works on a real SQLite file under tmp_path. The models are bound
+to a global DatabaseProxy, so each test opens its own file and closes it at
+teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+import threading
+from pathlib import Path
+
+import peewee as pw
+import pytest
+
+from fleet.server.store import models as m
+from fleet.server.store.db import Store, open_database
+from fleet.server.store.migrations import MIGRATIONS, current_version, migrate
+
+NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def database(db_path: Path):
+    database = open_database(db_path)
+    yield database
+    database.close()
+
+
+def table_info(database: pw.Database, table: str) -> dict[str, dict]:
+    cursor = database.execute_sql(f'PRAGMA table_info("{table}")')
+    names = [d[0] for d in cursor.description]
+    return {row[names.index("name")]: dict(zip(names, row)) for row in cursor.fetchall()}
+
+
+def rows(database: pw.Database, sql: str, params: tuple = ()) -> list[tuple]:
+    return list(database.execute_sql(sql, params).fetchall())
+
+
+def count(model: type[m.Base]) -> int:
+    return model.select().count()
+
+
+def make_host(name: str = "web1") -> m.Host:
+    return m.Host.create(name=name)
+
+
+def make_user(name: str = "alice") -> m.User:
+    return m.User.create(name=name, password_hash="x", role="admin")
+
+
+def make_job(host: m.Host, **kwargs) -> m.Job:
+    kwargs.setdefault("kind", "backup")
+    kwargs.setdefault("actor_kind", "system")
+    return m.Job.create(host=host, **kwargs)
+
+
+# --- migrations -------------------------------------------------------------
+
+
+def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
+    assert not db_path.exists()
+    database = pw.SqliteDatabase(str(db_path))
+    m.db.initialize(database)
+    try:
+        assert current_version(database) == 0
+        assert migrate(database) == [1]
+        recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
+        assert recorded == [(1, "initial")]
+        (applied_at,) = [v.applied_at for v in m.SchemaVersion.select()]
+        assert isinstance(applied_at, dt.datetime)
+        assert current_version(database) == MIGRATIONS[-1][0] == 1
+        # Every table of the models now exists.
+        for model in m.MODELS:
+            assert database.table_exists(model._meta.table_name), model.__name__
+    finally:
+        database.close()
+
+
+def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_path: Path) -> None:
+    assert db_path.exists()
+    assert rows(database, "SELECT version, name FROM schema_version") == [(1, "initial")]
+    assert m.Host.select().count() == 0
+
+
+def test_reopening_applies_nothing_and_keeps_data(db_path: Path) -> None:
+    database = open_database(db_path)
+    host = make_host("keepme")
+    m.SourceGroup.create(host=host, name="etc", includes=["/etc"])
+    first = rows(database, "SELECT version, name, applied_at FROM schema_version")
+    database.close()
+
+    database = open_database(db_path)
+    try:
+        assert migrate(database) == []
+        assert rows(database, "SELECT version, name, applied_at FROM schema_version") == first
+        assert [h.name for h in m.Host.select()] == ["keepme"]
+        assert [(g.name, g.includes) for g in m.SourceGroup.select()] == [("etc", ["/etc"])]
+    finally:
+        database.close()
+
+
+def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
+    database = open_database(db_path)
+    latest = MIGRATIONS[-1][0]
+    m.SchemaVersion.create(version=latest + 1, name="from the future")
+    make_host("survivor")
+    database.close()
+
+    with pytest.raises(RuntimeError, match=rf"schema version {latest + 1}.*newer") as info:
+        open_database(db_path)
+    assert str(latest) in str(info.value)
+    m.db.obj.close()
+
+    # Nothing was changed by the refused open.
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [
+            (latest,),
+            (latest + 1,),
+        ]
+        assert raw.execute("SELECT name FROM host").fetchall() == [("survivor",)]
+    finally:
+        raw.close()
+
+
+# --- the models agree with the migrated schema ------------------------------
+
+
+@pytest.mark.parametrize("model", m.MODELS, ids=lambda model: model.__name__)
+def test_model_columns_match_migrated_schema(database: pw.SqliteDatabase, model) -> None:
+    table = model._meta.table_name
+    info = table_info(database, table)
+    assert info, f"table {table} is missing from the migrated schema"
+    fields = {f.column_name: f for f in model._meta.sorted_fields}
+    assert set(info) == set(fields), f"{table}: model and migration disagree on columns"
+    for name, field in fields.items():
+        assert bool(info[name]["notnull"]) == (not field.null), (
+            f"{table}.{name}: model null={field.null}, schema notnull={info[name]['notnull']}"
+        )
+
+
+@pytest.mark.parametrize("model", m.MODELS, ids=lambda model: model.__name__)
+def test_model_foreign_keys_match_migrated_schema(database: pw.SqliteDatabase, model) -> None:
+    table = model._meta.table_name
+    in_schema = {
+        (row[3], row[2], row[4], row[6].upper())
+        for row in rows(database, f'PRAGMA foreign_key_list("{table}")')
+    }
+    in_model = {
+        (
+            f.column_name,
+            f.rel_model._meta.table_name,
+            f.rel_field.column_name,
+            (f.on_delete or "NO ACTION").upper(),
+        )
+        for f in model._meta.sorted_fields
+        if isinstance(f, pw.ForeignKeyField)
+    }
+    assert in_schema == in_model
+
+
+@pytest.mark.parametrize("model", m.MODELS, ids=lambda model: model.__name__)
+def test_model_unique_constraints_match_migrated_schema(database: pw.SqliteDatabase, model) -> None:
+    table = model._meta.table_name
+    in_schema = set()
+    for row in rows(database, f'PRAGMA index_list("{table}")'):
+        _, index, unique, origin = row[:4]
+        if unique and origin == "c":
+            cols = tuple(r[2] for r in rows(database, f'PRAGMA index_info("{index}")'))
+            in_schema.add(cols)
+    in_model = {(f.column_name,) for f in model._meta.sorted_fields if f.unique}
+    for names, unique in model._meta.indexes:
+        if unique:
+            in_model.add(tuple(model._meta.fields[n].column_name for n in names))
+    assert in_schema == in_model
+
+
+def test_every_table_in_the_schema_has_a_model(database: pw.SqliteDatabase) -> None:
+    tables = {
+        r[0]
+        for r in rows(
+            database,
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'",
+        )
+    }
+    assert tables == {model._meta.table_name for model in m.MODELS}
+
+
+# --- pragmas ----------------------------------------------------------------
+
+
+def test_pragmas_in_force_after_open(database: pw.SqliteDatabase) -> None:
+    def pragma(name: str):
+        return database.execute_sql(f"PRAGMA {name}").fetchone()[0]
+
+    assert pragma("journal_mode") == "wal"
+    assert pragma("foreign_keys") == 1
+    assert pragma("busy_timeout") == 5000
+    assert pragma("synchronous") == 2  # FULL
+
+
+# --- foreign keys -----------------------------------------------------------
+
+
+def populate_host(name: str) -> m.Host:
+    host = make_host(name)
+    user = m.User.get_or_create(name="op", defaults={"password_hash": "x", "role": "operator"})[0]
+    m.Repo.create(host=host, url_enc=b"u", password_enc=b"p", env_names=["AWS_KEY"])
+    g1 = m.SourceGroup.create(host=host, name="etc", includes=["/etc"])
+    g2 = m.SourceGroup.create(host=host, name="home", includes=["/home"])
+    sched = m.Schedule.create(host=host, cron="0 3 * * *")
+    m.ScheduleGroup.create(schedule=sched, group=g1)
+    m.ScheduleGroup.create(schedule=sched, group=g2)
+    m.Maintenance.create(host=host, forget_cron="0 4 * * *")
+    job = make_job(host, schedule=sched, group=g1, group_name="etc", actor_user=user)
+    for seq in (1, 2, 3):
+        m.JobLog.create(job=job, seq=seq, ts=NOW, stream="stdout", payload=f"line {seq}")
+    m.Snapshot.create(
+        host=host,
+        snapshot_id=f"{name}-abc",
+        short_id="abc",
+        time=NOW,
+        hostname=name,
+        paths=["/etc"],
+        tags=["etc"],
+    )
+    m.RepoStats.create(host=host, size_bytes=10, snapshot_count=1)
+    m.EnrollmentToken.create(host=host, token_hash=f"h-{name}", created_by=user, expires_at=NOW)
+    return host
+
+
+HOST_OWNED = [
+    m.Repo,
+    m.SourceGroup,
+    m.Schedule,
+    m.ScheduleGroup,
+    m.Maintenance,
+    m.Job,
+    m.JobLog,
+    m.Snapshot,
+    m.RepoStats,
+    m.EnrollmentToken,
+]
+
+
+def test_deleting_a_host_cascades_to_everything_it_owns(database: pw.SqliteDatabase) -> None:
+    doomed = populate_host("doomed")
+    populate_host("kept")
+    before = {model: count(model) for model in HOST_OWNED}
+    assert all(n > 0 for n in before.values())
+
+    # A plain DELETE: the database, not peewee, must do the cascading.
+    assert m.Host.delete().where(m.Host.id == doomed.id).execute() == 1
+
+    kept = m.Host.get(m.Host.name == "kept")
+    assert [h.name for h in m.Host.select()] == ["kept"]
+    assert count(m.Repo) == 1 and m.Repo.get().host_id == kept.id
+    assert {g.host_id for g in m.SourceGroup.select()} == {kept.id}
+    assert count(m.SourceGroup) == 2
+    assert {s.host_id for s in m.Schedule.select()} == {kept.id}
+    assert count(m.ScheduleGroup) == 2
+    assert {link.schedule.host_id for link in m.ScheduleGroup.select()} == {kept.id}
+    assert count(m.Maintenance) == 1
+    assert {j.host_id for j in m.Job.select()} == {kept.id}
+    assert count(m.JobLog) == 3
+    assert {line.job.host_id for line in m.JobLog.select()} == {kept.id}
+    assert [s.host_id for s in m.Snapshot.select()] == [kept.id]
+    assert [s.host_id for s in m.RepoStats.select()] == [kept.id]
+    assert [t.host_id for t in m.EnrollmentToken.select()] == [kept.id]
+    # Users are not owned by a host.
+    assert count(m.User) == 1
+    for model in HOST_OWNED:
+        assert count(model) == before[model] / 2, model.__name__
+
+
+def test_foreign_keys_are_enforced(database: pw.SqliteDatabase) -> None:
+    with pytest.raises(pw.IntegrityError):
+        m.SourceGroup.create(host=9999, name="orphan", includes=["/"])
+    assert count(m.SourceGroup) == 0
+
+
+def test_deleting_a_user_or_group_keeps_the_job_and_nulls_the_link(
+    database: pw.SqliteDatabase,
+) -> None:
+    host = populate_host("web1")
+    job = m.Job.get()
+    m.User.delete().execute()
+    m.SourceGroup.delete().where(m.SourceGroup.name == "etc").execute()
+    m.Schedule.delete().execute()
+    job = m.Job.get_by_id(job.id)
+    assert job.actor_user_id is None
+    assert job.group_id is None
+    assert job.schedule_id is None
+    assert job.group_name == "etc"
+    assert m.EnrollmentToken.get().created_by_id is None
+    assert count(m.JobLog) == 3
+    assert m.Host.get_by_id(host.id).name == "web1"
+
+
+# --- unique constraints -----------------------------------------------------
+
+
+def test_user_names_are_unique(database: pw.SqliteDatabase) -> None:
+    make_user("alice")
+    with pytest.raises(pw.IntegrityError):
+        make_user("alice")
+    assert [u.name for u in m.User.select()] == ["alice"]
+
+
+def test_group_names_are_unique_per_host(database: pw.SqliteDatabase) -> None:
+    web1, web2 = make_host("web1"), make_host("web2")
+    m.SourceGroup.create(host=web1, name="etc", includes=["/etc"])
+    with pytest.raises(pw.IntegrityError):
+        m.SourceGroup.create(host=web1, name="etc", includes=["/srv"])
+    # The same name on another host is fine.
+    m.SourceGroup.create(host=web2, name="etc", includes=["/etc"])
+    assert sorted((g.host.name, g.name) for g in m.SourceGroup.select()) == [
+        ("web1", "etc"),
+        ("web2", "etc"),
+    ]
+
+
+def test_job_log_seq_is_unique_per_job(database: pw.SqliteDatabase) -> None:
+    host = make_host()
+    job1, job2 = make_job(host), make_job(host)
+    m.JobLog.create(job=job1, seq=1, ts=NOW, stream="stdout", payload="a")
+    with pytest.raises(pw.IntegrityError):
+        m.JobLog.create(job=job1, seq=1, ts=NOW, stream="stderr", payload="b")
+    # The same seq in another job is fine.
+    m.JobLog.create(job=job2, seq=1, ts=NOW, stream="stdout", payload="c")
+    assert sorted((line.job_id, line.payload) for line in m.JobLog.select()) == [
+        (job1.id, "a"),
+        (job2.id, "c"),
+    ]
+
+
+# --- JSONField --------------------------------------------------------------
+
+
+def test_json_field_round_trips(database: pw.SqliteDatabase) -> None:
+    host = make_host()
+    includes = ["/etc", "/home/zoë", "/srv/data with spaces"]
+    retention = {"keep_daily": 7, "keep_within": "30d", "nested": {"a": [1, 2.5, None, True]}}
+    group = m.SourceGroup.create(host=host, name="g", includes=includes, retention=retention)
+
+    again = m.SourceGroup.get_by_id(group.id)
+    assert again.includes == includes
+    assert again.retention == retention
+    assert again.excludes == []  # default=list
+
+    raw = rows(database, "SELECT includes, excludes FROM source_group WHERE id = ?", (group.id,))
+    assert raw == [('["/etc","/home/zo\\u00eb","/srv/data with spaces"]', "[]")]
+
+
+def test_json_field_null_stays_null(database: pw.SqliteDatabase) -> None:
+    host = make_host()
+    job = make_job(host)
+    assert m.Job.get_by_id(job.id).summary is None
+    assert rows(database, "SELECT summary FROM job WHERE id = ?", (job.id,)) == [(None,)]
+    m.Job.update(summary={"files_new": 3}).where(m.Job.id == job.id).execute()
+    assert m.Job.get_by_id(job.id).summary == {"files_new": 3}
+
+
+# --- Store ------------------------------------------------------------------
+
+
+def test_store_runs_every_call_on_one_thread_off_the_loop(db_path: Path) -> None:
+    seen: list[int] = []
+
+    def record() -> int:
+        seen.append(threading.get_ident())
+        return len(seen)
+
+    async def main() -> tuple[int, list[int]]:
+        store = Store(db_path)
+        await store.open()
+        try:
+            results = [await store.run(record) for _ in range(5)]
+            results += await asyncio.gather(*(store.run(record) for _ in range(5)))
+            assert sorted(results) == list(range(1, 11))
+            # A store call that uses the database works on that thread.
+            await store.run(make_host, "web1")
+            assert await store.run(lambda: [h.name for h in m.Host.select()]) == ["web1"]
+            await store.atomic(record)
+        finally:
+            await store.close()
+        return threading.get_ident(), seen
+
+    loop_thread, seen = asyncio.run(main())
+    assert len(seen) == 11
+    assert len(set(seen)) == 1
+    assert seen[0] != loop_thread
+    assert seen[0] != threading.get_ident()
+
+
+def test_store_run_passes_arguments_and_returns_result(db_path: Path) -> None:
+    async def main():
+        store = Store(db_path)
+        await store.open()
+        try:
+            return await store.run(lambda a, b=0: a * 10 + b, 4, b=2)
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == 42
+
+
+def test_store_run_propagates_exceptions(db_path: Path) -> None:
+    def boom() -> None:
+        raise ValueError("boom")
+
+    async def main() -> None:
+        store = Store(db_path)
+        await store.open()
+        try:
+            await store.run(boom)
+        finally:
+            await store.close()
+
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(main())
+
+
+def test_store_atomic_rolls_back_when_fn_raises(db_path: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    def create_then_fail() -> None:
+        make_host("ghost")
+        make_user("ghost")
+        assert m.Host.select().where(m.Host.name == "ghost").exists()
+        raise Boom
+
+    async def main() -> tuple[list[str], list[str]]:
+        store = Store(db_path)
+        await store.open()
+        try:
+            await store.atomic(make_host, "real")
+            with pytest.raises(Boom):
+                await store.atomic(create_then_fail)
+            hosts = await store.run(lambda: sorted(h.name for h in m.Host.select()))
+            users = await store.run(lambda: [u.name for u in m.User.select()])
+            return hosts, users
+        finally:
+            await store.close()
+
+    hosts, users = asyncio.run(main())
+    assert hosts == ["real"]
+    assert users == []
+
+    # And from a separate connection: nothing of the failed call was committed.
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT name FROM host").fetchall() == [("real",)]
+    finally:
+        raw.close()
+
+
+def test_store_close_closes_and_later_calls_fail(db_path: Path) -> None:
+    wal = db_path.with_name(db_path.name + "-wal")
+
+    async def main() -> None:
+        store = Store(db_path)
+        await store.open()
+        await store.run(make_host, "web1")
+        assert await store.run(lambda: not m.db.obj.is_closed())
+        assert wal.exists()
+        await store.close()
+        # The last connection closing checkpoints and removes the WAL file.
+        assert not wal.exists()
+        with pytest.raises(RuntimeError):
+            await store.run(lambda: None)
+
+    asyncio.run(main())
+
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT name FROM host").fetchall() == [("web1",)]
+    finally:
+        raw.close()
