@@ -57,6 +57,20 @@ class App:
 pass_app = click.make_pass_decorator(App, ensure=True)
 
 
+def confirm(yes: bool, question: str) -> None:
+    """Ask before destroying; a 'no' (or no terminal to ask on) changes nothing, exit 1."""
+    if yes:
+        return
+    try:
+        answer = click.confirm(question, err=True)
+    except click.Abort:
+        answer = False
+    if not answer:
+        raise CtlError(
+            "not confirmed, nothing changed (give --yes to skip the question)", Exit.ERROR
+        )
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")

@@ -8,7 +8,7 @@ import click
 
 from .. import retention
 from . import render
-from .app import App, Duration, json_option, pass_app
+from .app import App, Duration, confirm, json_option, pass_app
 
 
 def retention_options(fn: Any) -> Any:
@@ -229,7 +229,6 @@ def groups_delete(app: App, host: str, name: str, yes: bool) -> None:
 
     Its snapshots stay in the repository.
     """
-    if not yes:
-        click.confirm(f"Delete source group {host}/{name}?", abort=True, err=True)
+    confirm(yes, f"Delete source group {host}/{name}?")
     app.call("groups.delete", host=host, name=name)
     app.err.print(f"deleted source group {host}/{name}", markup=False)

@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from . import render
-from .app import App, Duration, json_option, pass_app
+from .app import App, Duration, confirm, json_option, pass_app
 
 
 @click.group()
@@ -91,10 +91,7 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
 
     The restic repository itself and its snapshots are not touched.
     """
-    if not yes:
-        click.confirm(
-            f"Remove host {host} and its whole history from fleetd?", abort=True, err=True
-        )
+    confirm(yes, f"Remove host {host} and its whole history from fleetd?")
     app.call("hosts.remove", host=host)
     app.err.print(f"removed host {host}")
 

@@ -8,7 +8,7 @@ import click
 
 from ..exitcodes import Exit
 from . import render
-from .app import App, CtlError, json_option, pass_app
+from .app import App, CtlError, confirm, json_option, pass_app
 
 ROLES = click.Choice(["viewer", "operator", "admin"])
 
@@ -51,7 +51,13 @@ def users_list(app: App, as_json: bool) -> None:
 
 @users.command("add")
 @click.argument("name")
-@click.option("--role", type=ROLES, default="viewer", show_default=True)
+@click.option(
+    "--role",
+    type=ROLES,
+    default="viewer",
+    show_default=True,
+    help="viewer: read; operator: also run and configure; admin: also users and tokens.",
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @pass_app
 def users_add(app: App, name: str, role: str, password_stdin: bool) -> None:
@@ -86,7 +92,6 @@ def users_role(app: App, name: str, role: str) -> None:
 @pass_app
 def users_remove(app: App, name: str, yes: bool) -> None:
     """Remove a user and revoke all of their tokens."""
-    if not yes:
-        click.confirm(f"Remove user {name} and revoke their tokens?", abort=True, err=True)
+    confirm(yes, f"Remove user {name} and revoke their tokens?")
     app.call("users.remove", name=name)
     app.err.print(f"removed user {name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def init(data_dir: Path, admin_name: str) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="Least severe messages logged on stderr.",
 )
 def serve(
     data_dir: Path, listen: str, tls_cert, tls_key, public_url, insecure: bool, log_level: str
@@ -149,6 +151,8 @@ def serve(
         asyncio.run(run_server(config))
     except SecretError as exc:
         raise Fail(str(exc)) from None
+    except ssl.SSLError as exc:
+        raise Fail(f"cannot load the TLS certificate or key: {exc.reason or exc}") from None
     except OSError as exc:
         raise Fail(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 
