@@ -141,7 +141,9 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("timezone", "str", limit=128),
             _opt("boot_time", _TS),
             _opt("running_job", "int"),  # the job the agent is still running, if any
-            _opt("spool_seq", "int", minimum=0),  # its last spooled seq: fleetd is caught up past it
+            _opt(
+                "spool_seq", "int", minimum=0
+            ),  # its last spooled seq: fleetd is caught up past it
         ),
     ),
     "welcome": MessageSpec(

@@ -9,7 +9,7 @@ import click
 
 from .. import __version__
 from ..exitcodes import Exit
-from . import audit, groups, hosts, repo, session, tokens, users
+from . import audit, groups, hosts, jobs, repo, session, tokens, users
 from .app import App, CtlError
 from .client import Failure
 
@@ -50,6 +50,9 @@ cli.add_command(session.whoami)
 cli.add_command(hosts.enroll)
 cli.add_command(hosts.hosts)
 cli.add_command(repo.repo)
+cli.add_command(jobs.run)
+cli.add_command(jobs.jobs)
+cli.add_command(jobs.snapshots)
 cli.add_command(groups.groups)
 cli.add_command(users.users)
 cli.add_command(tokens.tokens)

@@ -108,6 +108,16 @@ def snapshots(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def add_backup_summary(snaps: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Give the snapshot a backup just made its size and file count: restic
+    before 0.17 keeps no summary in the snapshot itself."""
+    made = str(summary.get("snapshot_id") or "")
+    for snap in snaps:
+        if made and "size_bytes" not in snap and snap["id"].startswith(made):
+            snap["size_bytes"] = _int(summary, "total_bytes_processed")
+            snap["file_count"] = _int(summary, "total_files_processed")
+
+
 def stats(text: str) -> dict[str, int]:
     """`restic stats --json` -> {size_bytes, file_count, snapshot_count}. Raises ParseError."""
     try:

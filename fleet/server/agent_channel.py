@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Optional
 
@@ -10,13 +11,14 @@ from websockets.exceptions import ConnectionClosed
 
 from .. import __version__, protocol
 from ..protocol import ProtocolError
-from . import auth
+from . import auth, jobs
 from .ctl import ServerState
+from .hub import AgentSession
 from .store.models import AuditLog, EnrollmentToken, Host, utcnow
 
 log = logging.getLogger("fleetd.agent")
 
-HEARTBEAT_INTERVAL = 30
+APPLY_BATCH = 1000  # reliable frames applied in one transaction at most
 
 
 class EnrollError(Exception):
@@ -87,55 +89,149 @@ async def serve_enroll(state: ServerState, connection: ServerConnection, address
 
 
 async def serve_agent(state: ServerState, connection: ServerConnection, host: Host) -> None:
-    """The authenticated session: hello first, then the agent's frames.
+    """The authenticated session of one agent.
 
-    Issue-3 work (heartbeats, jobs, delivery) lands here; for now the
-    session validates every frame, answers hello with welcome and keeps the
-    host's online state.
+    hello -> welcome and config.update; then reliable frames are applied in
+    batches by one consumer (a batch is one transaction, acked once it has
+    committed), while heartbeats, progress and command results are handled
+    as they come. Silence for three heartbeat intervals ends the session.
     """
+    hub = state.hub
     try:
-        raw = await connection.recv()
-        try:
-            hello = protocol.decode(raw, expect="agent")
-            if hello.type != "hello":
-                raise ProtocolError(f"the first frame must be hello, not {hello.type}", re=hello.id)
-        except ProtocolError as exc:
-            await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
-            await connection.close(1008, "expected hello")
-            return
-        if hello.data["protocol_version"] != protocol.PROTOCOL_VERSION:
-            message = (
-                f"protocol version {hello.data['protocol_version']} is not supported; "
-                f"this fleetd speaks {protocol.PROTOCOL_VERSION}"
-            )
-            await connection.send(protocol.error_frame("unsupported_version", message, hello.id))
-            await connection.close(1008, "unsupported protocol version")
-            return
-        await state.store.atomic(mark_online, host.id, hello.data)
+        raw = await asyncio.wait_for(connection.recv(), state.heartbeat_interval)
+        hello = protocol.decode(raw, expect="agent")
+        if hello.type != "hello":
+            raise ProtocolError(f"the first frame must be hello, not {hello.type}", re=hello.id)
+    except ProtocolError as exc:
+        await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
+        await connection.close(1008, "expected hello")
+        return
+    except (asyncio.TimeoutError, ConnectionClosed):
+        return
+    if hello.data["protocol_version"] != protocol.PROTOCOL_VERSION:
+        message = (
+            f"protocol version {hello.data['protocol_version']} is not supported; "
+            f"this fleetd speaks {protocol.PROTOCOL_VERSION}"
+        )
+        await connection.send(protocol.error_frame("unsupported_version", message, hello.id))
+        await connection.close(1008, "unsupported protocol version")
+        return
+    session = AgentSession(host.id, host.name, connection)
+    session.running_job = hello.data.get("running_job")
+    session.inflight = session.running_job
+    session.spool_seq = hello.data.get("spool_seq", 0)
+    await state.store.atomic(mark_online, host.id, hello.data)
+    await hub.attach(session)
+    log.info("host %s connected (agent %s)", host.name, hello.data["agent_version"])
+    incoming: asyncio.Queue = asyncio.Queue()
+    consumer = asyncio.ensure_future(apply_loop(state, session, incoming))
+    try:
         await connection.send(
             protocol.encode(
                 "welcome",
                 {
                     "server_version": __version__,
-                    "heartbeat_interval": HEARTBEAT_INTERVAL,
+                    "heartbeat_interval": state.heartbeat_interval,
                     "host_id": host.id,
                     "host_name": host.name,
                 },
                 id=hello.id,
             )
         )
-        async for raw in connection:
+        await hub.push_config(host.id)
+        last_seq = await state.store.run(lambda: Host.get_by_id(host.id).last_seq)
+        await catch_up(state, session, last_seq)
+        while True:
+            try:
+                raw = await asyncio.wait_for(connection.recv(), 3 * state.heartbeat_interval)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "host %s silent for %d s: marking it offline",
+                    host.name,
+                    3 * state.heartbeat_interval,
+                )
+                await connection.close(1001, "no heartbeat")
+                break
             try:
                 frame = protocol.decode(raw, expect="agent")
             except ProtocolError as exc:
+                log.warning("bad frame from %s: %s", host.name, exc)
                 await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
                 continue
-            if frame.type == "heartbeat":
+            if frame.type in protocol.RELIABLE:
+                incoming.put_nowait(frame)
+            elif frame.type == "heartbeat":
                 await state.store.run(touch, host.id)
+            elif frame.type == "job.progress":
+                hub.report_progress(frame.data)
+            elif frame.type == "command.result":
+                await command_result(state, session, frame.data)
+            else:
+                log.info("host %s sent %s; ignored", host.name, frame.type)
     except ConnectionClosed:
         pass
     finally:
-        await state.store.run(mark_offline, host.id)
+        # apply what arrived before the link dropped, then let go
+        incoming.put_nowait(None)
+        await asyncio.gather(consumer, return_exceptions=True)
+        if hub.detach(session):
+            await state.store.run(mark_offline, host.id)
+            log.info("host %s disconnected", host.name)
+
+
+async def apply_loop(state: ServerState, session: AgentSession, incoming: asyncio.Queue) -> None:
+    """Apply reliable frames in batches: one transaction, then one ack."""
+    hub = state.hub
+    while True:
+        first = await incoming.get()
+        batch = [first] if first is not None else []
+        while not incoming.empty() and len(batch) < APPLY_BATCH:
+            frame = incoming.get_nowait()
+            if frame is None:
+                first = None
+                break
+            batch.append(frame)
+        if batch:
+            last, events = await state.store.atomic(jobs.apply_frames, session.host_id, batch)
+            await session.send(protocol.encode("ack", {"seq": last}))
+            ended = False
+            for event in events:
+                hub.publish(event)
+                if event["type"] == "finished":
+                    hub.job_ended(session, event["job_id"])
+                    ended = True
+            if not session.caught_up:
+                await catch_up(state, session, last)
+            elif ended:
+                await hub.dispatch(session.host_id)
+        if first is None:
+            return
+
+
+async def catch_up(state: ServerState, session: AgentSession, applied: int) -> None:
+    """Once fleetd holds everything the agent had spooled at hello, what is
+    still 'running' without the agent running it is lost; then dispatch."""
+    if session.caught_up or applied < session.spool_seq:
+        return
+    session.caught_up = True
+    lost = await state.store.atomic(jobs.mark_lost, session.host_id, session.running_job)
+    for job_id in lost:
+        log.warning("job %s of %s lost: the agent came back without it", job_id, session.host_name)
+        state.hub.publish({"job_id": job_id, "type": "finished", "status": "lost"})
+    await state.hub.dispatch(session.host_id)
+
+
+async def command_result(state: ServerState, session: AgentSession, data: dict) -> None:
+    if data["accepted"]:
+        return
+    job_id = data["job_id"]
+    reason = data.get("error") or "refused"
+    log.warning("host %s refused job %s: %s", session.host_name, job_id, reason)
+    if session.inflight == job_id:
+        session.inflight = None
+    if not reason.startswith("busy"):
+        await state.store.atomic(jobs.fail_job, job_id, f"the agent refused the job: {reason}")
+        state.hub.publish({"job_id": job_id, "type": "finished", "status": "failed"})
 
 
 def mark_online(host_id: int, hello: dict) -> None:

@@ -26,9 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .. import protocol
-from . import agent_channel, ctl
+from . import agent_channel, ctl, ctl_jobs  # noqa: F401 - ctl_jobs registers the job methods
 from .auth import RateLimiter
 from .ctl import Caller, Context, CtlError, ServerState
+from .hub import Hub
 from .secrets import load_key_file
 from .store.db import Store
 from .store.models import Host
@@ -47,6 +48,7 @@ class ServeConfig:
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     public_url: Optional[str] = None
+    heartbeat_interval: int = 30
 
 
 class ConfigError(Exception):
@@ -155,7 +157,7 @@ class FleetServer:
                 host_header = connection.request.headers.get("Host", "")
                 ctx = Context(caller, self.state, host_header)
                 async for raw in connection:
-                    await connection.send(await ctl.dispatch(ctx, raw))
+                    await connection.send(await ctl.dispatch(ctx, raw, connection.send))
             elif path == "/login":
                 await self.serve_login(connection, address)
             elif path == "/enroll":
@@ -211,7 +213,14 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     store = Store(config.data_dir / DB_NAME)
     await store.open()
     await store.run(reset_online)
-    state = ServerState(store=store, box=box, public_url=lambda h: h, tls_fingerprint=fingerprint)
+    state = ServerState(
+        store=store,
+        box=box,
+        public_url=lambda h: h,
+        tls_fingerprint=fingerprint,
+        hub=Hub(store, box),
+        heartbeat_interval=config.heartbeat_interval,
+    )
     app = FleetServer(state, tls=ssl_ctx is not None)
 
     loop = asyncio.get_running_loop()

@@ -113,6 +113,13 @@ def init(data_dir: Path, admin_name: str) -> None:
     "--public-url",
     help="URL agents use to reach this server (default: as the operator reached it).",
 )
+@click.option(
+    "--heartbeat-interval",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Seconds between agent heartbeats; an agent silent for three is offline.",
+)
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
 @click.option(
     "--log-level",
@@ -122,7 +129,14 @@ def init(data_dir: Path, admin_name: str) -> None:
     help="Least severe messages logged on stderr.",
 )
 def serve(
-    data_dir: Path, listen: str, tls_cert, tls_key, public_url, insecure: bool, log_level: str
+    data_dir: Path,
+    listen: str,
+    tls_cert,
+    tls_key,
+    public_url,
+    heartbeat_interval: int,
+    insecure: bool,
+    log_level: str,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -146,7 +160,7 @@ def serve(
         )
     if not (data_dir / DB_NAME).exists():
         raise Fail(f"{data_dir} has no database; run 'fleetd init --data-dir {data_dir}' first")
-    config = ServeConfig(data_dir, host, port, tls_cert, tls_key, public_url)
+    config = ServeConfig(data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval)
     try:
         asyncio.run(run_server(config))
     except SecretError as exc:

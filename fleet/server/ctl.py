@@ -15,10 +15,12 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Optional
+
+from websockets.exceptions import ConnectionClosed
 
 from .. import __version__, protocol, retention
 from ..protocol import Field, ProtocolError
@@ -85,6 +87,8 @@ class ServerState:
     box: SecretBox
     public_url: Callable[[str], str]  # Host header -> the URL agents dial
     tls_fingerprint: Optional[str] = None
+    hub: Any = None  # hub.Hub: agent sessions, dispatch, live tails
+    heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline
     # failed logins: 5 per user, 20 per address (many users may share one NAT)
     user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
     addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
@@ -95,6 +99,9 @@ class Context:
     caller: Caller
     state: ServerState
     host_header: str = ""
+    # set per request by dispatch:
+    emit: Callable[[Any], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+    after: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after commit
 
 
 Handler = Callable[[Context, dict], Any]
@@ -120,12 +127,20 @@ def method(name: str, role: Role = Role.VIEWER, fields: tuple[Field, ...] = ()):
     return register
 
 
-async def dispatch(ctx: Context, raw: str | bytes) -> str:
-    """Answer one request frame with a result or an error frame."""
+async def dispatch(ctx: Context, raw: str | bytes, send: Callable[[str], Awaitable[None]]) -> str:
+    """Answer one request frame with a result or an error frame.
+
+    Streaming methods send `{"id", "event"}` frames through ctx.emit first.
+    """
     try:
         req = protocol.decode_request(raw)
     except ProtocolError as exc:
         return protocol.request_error_frame(exc.re, "bad_request", str(exc))
+
+    async def emit(event: Any) -> None:
+        await send(protocol.event_frame(req.id, event))
+
+    ctx.emit = emit
     try:
         result = await call(ctx, req.method, req.params)
     except CtlError as exc:
@@ -149,11 +164,16 @@ async def call(ctx: Context, name: str, params: dict) -> Any:
         checked = protocol.check_fields(params, m.fields)
     except ProtocolError as exc:
         raise bad_request(f"{name}: {exc}") from None
+    ctx.after = []
     try:
         if m.is_async:
-            return await m.handler(ctx, checked)
-        return await ctx.state.store.atomic(m.handler, ctx, checked)
-    except CtlError:
+            result = await m.handler(ctx, checked)
+        else:
+            result = await ctx.state.store.atomic(m.handler, ctx, checked)
+        for hook in ctx.after:  # pushes to agents, once the change is committed
+            await hook()
+        return result
+    except (CtlError, ConnectionClosed):
         raise
     except Exception:
         log.exception("%s failed", name)
@@ -620,6 +640,10 @@ def repo_set(ctx: Context, p: dict) -> dict:
         preserve=[Repo.url_enc, Repo.password_enc, Repo.env_names, Repo.env_enc, Repo.updated_at],
     ).execute()
     audit(ctx, "repo.set", host.name, {"url": redact_url(url), "env": sorted(env)})
+    if ctx.state.hub is not None:
+        hub, host_id = ctx.state.hub, host.id
+        ctx.after.append(lambda: hub.push_config(host_id))
+        ctx.after.append(lambda: hub.dispatch(host_id))  # auto-init for a new repository
     return repo_json(host, Repo.get_by_id(host.id), box)
 
 
