@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on the embedded default, start to finish.
-# A local fleetd on SQLite in a temp dir, an operator login, a host enrolled,
-# its repository and a source group set up and listed. (The agent and a live
-# restic backup join this script as they land.)
+# A local fleetd on SQLite in a temp dir, an operator login, a local agent
+# enrolled, a repository and a source group, then a real restic backup run
+# now and followed live, and the snapshot it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -10,11 +10,16 @@ work=$(mktemp -d /tmp/fleet-demo.XXXXXX)
 export XDG_CONFIG_HOME="$work/config" FLEETD_DATA_DIR="$work/fleetd"
 unset FLEET_SERVER FLEET_TOKEN
 pid=""
+agent=""
 cleanup() {
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid"; wait "$pid" || true
+  for p in $agent $pid; do
+    if kill -0 "$p" 2>/dev/null; then kill -TERM "$p"; wait "$p" || true; fi
+  done
+  if [ "${KEEP:-}" = 1 ]; then
+    echo "demo files left in $work"
+  else
+    rm -rf "$work"; echo "demo files removed (KEEP=1 make demo keeps them)"
   fi
-  echo "demo files left in $work (fleetd log: $work/fleetd.log)"
 }
 trap cleanup EXIT
 
@@ -40,11 +45,20 @@ step fleetctl login --server "$url" --user admin
 echo "$FLEET_ADMIN_PASSWORD" | $BIN/fleetctl login --server "$url" --user admin --password-stdin
 
 step fleetctl enroll demo-host
-$BIN/fleetctl enroll demo-host
+enroll_line=$($BIN/fleetctl enroll demo-host)
+echo "$enroll_line"
+
+step fleet-agent enroll fleet1:... --state-dir "$work/agent"
+$BIN/fleet-agent enroll "${enroll_line##* }" --state-dir "$work/agent"
+
+step fleet-agent run --state-dir "$work/agent" '&'
+$BIN/fleet-agent run --state-dir "$work/agent" 2>"$work/agent.log" &
+agent=$!
 
 mkdir -p "$work/sample" "$work/repo"
 printf 'hello from fleet\n' >"$work/sample/hello.txt"
-head -c 1048576 /dev/urandom >"$work/sample/random.bin"
+for i in $(seq 1 128); do head -c 4194304 /dev/urandom >"$work/sample/data-$i.bin"; done
+echo "scratch" >"$work/sample/scratch.tmp"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/repo.pass"
 
 step fleetctl repo set demo-host --url "$work/repo" --password-file "$work/repo.pass"
@@ -59,8 +73,23 @@ $BIN/fleetctl groups list demo-host
 step fleetctl repo show demo-host
 $BIN/fleetctl repo show demo-host
 
+for _ in $(seq 100); do  # the agent connects, gets the repository and initialises it
+  $BIN/fleetctl jobs list --kind init --status succeeded --json | grep -q '"id"' && break
+  kill -0 "$agent" 2>/dev/null || { cat "$work/agent.log"; exit 1; }
+  sleep 0.2
+done
+
 step fleetctl hosts list
 $BIN/fleetctl hosts list
 
-step fleetctl audit
-$BIN/fleetctl audit
+step fleetctl run demo-host sample --follow
+$BIN/fleetctl run demo-host sample --follow
+
+step fleetctl snapshots demo-host
+$BIN/fleetctl snapshots demo-host
+
+step fleetctl jobs list
+$BIN/fleetctl jobs list
+
+step restic -r "$work/repo" ls latest "(restic itself: *.tmp excluded)"
+RESTIC_PASSWORD_FILE="$work/repo.pass" restic -r "$work/repo" ls latest | awk 'NR <= 8' 

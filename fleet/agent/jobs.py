@@ -159,11 +159,12 @@ class JobRunner:
             finished["summary"] = joblog.summary
         if error and status not in ("succeeded",):
             finished["error"] = error[:MAX_LINE]
+        if kind == "backup" and status in ("succeeded", "warning"):
+            # before job.finished, so that whoever sees the job end sees its snapshot
+            await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
         await self.reporter.emit("job.finished", finished)
         log.info("job %s (%s) %s", job_id, kind, status)
         self.current = None
-        if kind == "backup" and status in ("succeeded", "warning"):
-            await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
 
     async def _execute(self, kind: str, cmd: dict[str, Any], repo: RepoConfig, joblog: JobLog):
         env = execute.environment(repo.url, repo.password, repo.env)

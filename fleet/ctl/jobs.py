@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Optional
 
 import click
@@ -22,6 +23,8 @@ from ..exitcodes import Exit
 from ..protocol import JOB_KINDS, JOB_STATUSES
 from . import render
 from .app import App, json_option, pass_app
+
+PLAIN_PROGRESS_EVERY = 2.0
 
 
 def outcome_exit(status: str, strict: bool) -> Exit:
@@ -72,6 +75,7 @@ class TailPrinter:
         self.raw = raw
         self.progress: Optional[Progress] = None
         self.task: Any = None
+        self._last_plain = 0.0
 
     def _bar(self) -> Progress:
         if self.progress is None:
@@ -102,8 +106,11 @@ class TailPrinter:
             if line["stream"] == "stderr":
                 text = f"[red]{text}[/]"
             (self.progress.console if self.progress else self.out).print(text, soft_wrap=True)
-        elif event["type"] == "progress" and not self.raw and self.err.is_terminal:
+        elif event["type"] == "progress" and not self.raw:
             p = event["progress"]
+            if not self.err.is_terminal:
+                self._plain_progress(p)
+                return
             bar = self._bar()
             bar.update(
                 self.task,
@@ -111,6 +118,20 @@ class TailPrinter:
                 completed=p["bytes_done"],
                 files=f"{p['files_done']}/{p['total_files']}",
             )
+
+    def _plain_progress(self, p: dict) -> None:
+        """No terminal (a log file, CI): a progress line every few seconds instead of a bar."""
+        now = time.monotonic()
+        if now - self._last_plain < PLAIN_PROGRESS_EVERY and p["percent_done"] < 1:
+            return
+        self._last_plain = now
+        eta = f", ETA {p['eta_seconds']} s" if p["eta_seconds"] else ""
+        self.err.print(
+            f"progress: {p['percent_done'] * 100:.0f}%, {human_bytes(p['bytes_done'])} of "
+            f"{human_bytes(p['total_bytes'])}, {p['files_done']}/{p['total_files']} files, "
+            f"{human_bytes(p['throughput_bps'])}/s{eta}",
+            markup=False,
+        )
 
     def close(self) -> None:
         if self.progress is not None:

@@ -49,7 +49,6 @@ def environment(
     env["RESTIC_REPOSITORY"] = repo_url
     env["RESTIC_PASSWORD"] = password
     env["RESTIC_PROGRESS_FPS"] = "1"  # status lines at most once a second
-    env.setdefault("RESTIC_CACHE_DIR", env.get("XDG_CACHE_HOME", "/var/cache") + "/restic")
     return env
 
 
