@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LINE_LIMIT = 1 << 20  # restic's longest lines are status lines listing current files
 MASK = "********"
 
@@ -96,7 +98,8 @@ async def _pump(
             raw = await stream.read(LINE_LIMIT)
         if not raw:
             return
-        line = mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        # terminal escapes (restic clears its status line with ESC[2K) are noise in a log
+        line = mask(_ANSI.sub("", raw.decode("utf-8", "replace").rstrip("\r\n")))
         if tail is not None and line.strip():
             tail.append(line)
             del tail[:-20]
