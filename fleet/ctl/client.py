@@ -6,6 +6,7 @@ sees, so no command needs to know about sockets.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import ssl
@@ -103,6 +104,7 @@ class Client:
         self.path = path
         self._ids = itertools.count(1)
         self._ws: Optional[ClientConnection] = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Client:
         if self.path == "/ctl" and not self.token:
@@ -111,13 +113,14 @@ class Client:
                 Exit.AUTH,
                 "unauthorized",
             )
-        self._ws = open_socket(self.server, self.path, self.token, self.cafile, self.timeout)
+        ws = open_socket(self.server, self.path, self.token, self.cafile, self.timeout)
+        # entered as a context manager: websockets >= 17.1 warns on a bare connect()
+        self._ws = self._stack.enter_context(ws)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._ws is not None:
-            self._ws.close()
-            self._ws = None
+        self._ws = None
+        self._stack.close()
 
     def _send(self, method: str, params: dict) -> int:
         assert self._ws is not None, "use Client as a context manager"

@@ -15,6 +15,7 @@ from .. import __version__
 from ..exitcodes import Exit
 from . import auth
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
+from .ctl import NAME_RE
 from .secrets import SecretError, create_key_file
 from .store.db import open_database
 from .store.models import AuditLog, User
@@ -63,6 +64,8 @@ def init(data_dir: Path, admin_name: str) -> None:
     The admin password is taken from FLEET_ADMIN_PASSWORD, or generated and
     printed once. Refuses to touch a directory that is already initialised.
     """
+    if not NAME_RE.match(admin_name):
+        raise Fail(f"--admin {admin_name!r}: a user name holds only letters, digits, '.', '_' or '-'", Exit.USAGE)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db_path, key_path = data_dir / DB_NAME, data_dir / KEY_NAME
     if db_path.exists() or key_path.exists():

@@ -152,6 +152,12 @@ async def call(ctx: Context, name: str, params: dict) -> Any:
     m = REGISTRY.get(name)
     if m is None:
         raise CtlError("unknown_method", f"unknown method {name!r}")
+    caller = await ctx.state.store.run(refresh_caller, ctx.caller)
+    if caller is None:
+        raise CtlError(
+            "unauthorized", "this token has been revoked or has expired; run 'fleetctl login'"
+        )
+    ctx.caller = caller
     if not ctx.caller.role.allows(m.role):
         raise CtlError(
             "forbidden",
@@ -251,6 +257,29 @@ def lookup_token(token: str) -> Optional[Caller]:
     return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, "")
 
 
+MAX_LIFETIME = timedelta(days=3660)
+
+
+def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
+    """A token lifetime from seconds; None or 0 for none. Bounded to ten years."""
+    if not seconds:
+        return None
+    if seconds > MAX_LIFETIME.total_seconds():
+        raise bad_request(
+            f"a lifetime of {seconds} s is more than ten years; use no expiry instead"
+        )
+    return timedelta(seconds=seconds)
+
+
+def refresh_caller(caller: Caller) -> Optional[Caller]:
+    """The caller as of now: a token revoked, expired or whose user is gone
+    stops working on connections already open, and a role change applies."""
+    row = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == caller.token_id).first()
+    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
+        return None
+    return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, caller.address)
+
+
 def issue_token(user: User, name: str, ttl: Optional[timedelta]) -> dict:
     token = auth.new_token("fleet")
     now = utcnow()
@@ -299,7 +328,7 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
         raise CtlError("unauthorized", "wrong user name or password")
     state.user_limiter.reset(name)
     expires = checked.get("expires_in")
-    ttl = LOGIN_TTL if expires is None else (timedelta(seconds=expires) if expires else None)
+    ttl = LOGIN_TTL if expires is None else lifetime(expires)
 
     def record() -> dict:
         issued = issue_token(user, checked.get("token_name") or "login", ttl)
@@ -458,7 +487,7 @@ def token_json(t: ApiToken) -> dict:
 def tokens_create(ctx: Context, p: dict) -> dict:
     user = User.get_by_id(ctx.caller.user_id)
     expires = p.get("expires_in")
-    issued = issue_token(user, p["name"], timedelta(seconds=expires) if expires else None)
+    issued = issue_token(user, p["name"], lifetime(expires))
     audit(ctx, "token.create", p["name"], {"id": issued["id"]})
     return {**issued, "user": user.name, "role": user.role}
 
@@ -502,7 +531,7 @@ def enroll_create(ctx: Context, p: dict) -> dict:
     if host is None:
         host = Host.create(name=name)
     token = auth.new_token("enroll")
-    ttl = timedelta(seconds=p["expires_in"]) if p.get("expires_in") else ENROLL_TTL
+    ttl = lifetime(p.get("expires_in")) or ENROLL_TTL
     row = EnrollmentToken.create(
         host=host,
         token_hash=auth.token_hash(token),
