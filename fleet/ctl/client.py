@@ -75,7 +75,7 @@ def open_socket(
         raise Failure(
             f"{server}{path} answered HTTP {status}; is this a fleetd?", Exit.UNREACHABLE
         ) from None
-    except InvalidURI:
+    except (InvalidURI, ValueError):
         raise Failure(
             f"{server!r} is not a server URL (expected ws://HOST:PORT or wss://...)", Exit.USAGE
         ) from None

@@ -65,8 +65,14 @@ def init(data_dir: Path, admin_name: str) -> None:
     printed once. Refuses to touch a directory that is already initialised.
     """
     if not NAME_RE.match(admin_name):
-        raise Fail(f"--admin {admin_name!r}: a user name holds only letters, digits, '.', '_' or '-'", Exit.USAGE)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        raise Fail(
+            f"--admin {admin_name!r}: a user name holds only letters, digits, '.', '_' or '-'",
+            Exit.USAGE,
+        )
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Fail(f"cannot create {data_dir}: {exc.strerror}") from None
     db_path, key_path = data_dir / DB_NAME, data_dir / KEY_NAME
     if db_path.exists() or key_path.exists():
         raise Fail(f"{data_dir} is already initialised (found {DB_NAME} or {KEY_NAME})")

@@ -610,6 +610,9 @@ def hosts_remove(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     host.delete_instance()  # cascades: repo, groups, schedules, jobs, logs, snapshots
     audit(ctx, "host.remove", host.name)
+    if ctx.state.hub is not None:
+        hub, host_id = ctx.state.hub, host.id
+        ctx.after.append(lambda: hub.disconnect(host_id, "host removed from fleetd"))
     return {"removed": host.name}
 
 

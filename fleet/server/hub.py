@@ -87,6 +87,12 @@ class Hub:
             return True
         return False
 
+    async def disconnect(self, host_id: int, reason: str) -> None:
+        session = self.sessions.get(host_id)
+        if session is not None:
+            log.warning("closing the link of host %s: %s", session.host_name, reason)
+            await session.connection.close(4001, reason)
+
     def online(self, host_id: int) -> bool:
         return host_id in self.sessions
 
