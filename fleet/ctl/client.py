@@ -75,12 +75,12 @@ def open_socket(
         raise Failure(
             f"{server}{path} answered HTTP {status}; is this a fleetd?", Exit.UNREACHABLE
         ) from None
+    except ssl.SSLError as exc:  # before ValueError: certificate errors are both
+        raise Failure(f"TLS with {server} failed: {exc.reason or exc}", Exit.UNREACHABLE) from None
     except (InvalidURI, ValueError):
         raise Failure(
             f"{server!r} is not a server URL (expected ws://HOST:PORT or wss://...)", Exit.USAGE
         ) from None
-    except ssl.SSLError as exc:
-        raise Failure(f"TLS with {server} failed: {exc.reason or exc}", Exit.UNREACHABLE) from None
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise Failure(f"cannot reach {server}: {reason}", Exit.UNREACHABLE) from None

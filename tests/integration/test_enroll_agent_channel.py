@@ -265,12 +265,6 @@ def test_a_reconnecting_agent_replaces_its_old_connection_and_stays_online(fleet
     fx.wait_until(lambda: _status(fleet, host) == "offline", timeout=10, what="host offline")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: hosts.remove deletes the host but leaves its connected agent session open "
-    "(fleet/server/ctl.py hosts_remove does not detach/close it in the hub); the removed "
-    "host's agent keeps talking to fleetd until it reconnects",
-)
 def test_removing_a_host_disconnects_its_agent(fleet, fx, enrolled):
     with fx.ws_connect(fleet.url, "/agent", enrolled["agent_token"]) as ws:
         ws.send(_hello())

@@ -611,12 +611,6 @@ def test_fleetctl_launcher_exit_statuses(fleet, fx, tmp_path, pwfile):
     fleet.ctl("hosts", "show", host)  # and nothing happened to the host
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a malformed --server URL (ws://[bad) escapes fleet/ctl/client.open_socket as "
-    "ValueError('Invalid IPv6 URL'): fleetctl prints a traceback and exits 1 instead of one "
-    "error line and exit 2",
-)
 def test_fleetctl_malformed_server_url_is_a_usage_error(fleet, fx, tmp_path):
     code, out, err = fx.finish(
         fx.run_fleetctl_proc(

@@ -227,11 +227,6 @@ def test_serve_with_an_unreadable_certificate_fails_cleanly(tmp_path, fx):
     assert "listening" not in proc.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fleetd init does not catch OSError from creating --data-dir "
-    "(fleet/server/cli.py init: data_dir.mkdir): a path it cannot create prints a traceback",
-)
 def test_init_in_a_directory_that_cannot_be_created_fails_cleanly(tmp_path, fx):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
