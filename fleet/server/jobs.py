@@ -77,16 +77,16 @@ def next_job(host_id: int) -> Optional[dict]:
 
 
 def needs_init(host_id: int) -> bool:
-    """Auto-init: a repository is set and no init has succeeded or is pending."""
-    if Repo.get_or_none(Repo.host == host_id) is None:
+    """Auto-init: a repository is set and no init job was made since it was.
+
+    A failed init is not retried by itself (it would fail again, forever):
+    `fleetctl repo init` or a new `repo set` tries again.
+    """
+    repo = Repo.get_or_none(Repo.host == host_id)
+    if repo is None:
         return False
-    return not (
-        Job.select()
-        .where(
-            (Job.host == host_id) & (Job.kind == "init") & (Job.status.in_(("succeeded", *ACTIVE)))
-        )
-        .exists()
-    )
+    since = (Job.host == host_id) & (Job.kind == "init") & (Job.created_at >= repo.updated_at)
+    return not Job.select().where(since).exists()
 
 
 def mark_lost(host_id: int, still_running: Optional[int]) -> list[int]:
