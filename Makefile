@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint restic venv clean
+.PHONY: demo test lint restic venv clean agent
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: venv restic lint
 
 demo: venv restic
 	bash build/demo.sh
+
+# the agent as one file: dist/fleet-agent.pyz (reproducible, CPython 3.9+)
+agent: venv
+	bash build/build-agent.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist demo-data

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build dist/fleet-agent.pyz: one file, pure Python, CPython 3.9+.
+# Reproducible: timestamps come from the last commit (SOURCE_DATE_EPOCH),
+# nothing machine-specific is packed, so two builds are byte-identical.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${1:-dist/fleet-agent.pyz}
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 315532800)}
+export BUILD_EXTENSION=no PYTHONHASHSEED=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+site="$stage/site-packages"
+
+# third-party code, from source for websockets so no C speedups are built
+"$BIN/pip" install --quiet --no-compile --no-deps --target "$site" \
+  --no-binary websockets -r build/agent-requirements.txt 2>&1 | grep -v '^WARNING: Location' >&2 || true
+# the fleet package itself, without its server and CLI dependencies
+"$BIN/pip" install --quiet --no-compile --no-deps --target "$site/.fleet" . 2>&1 | grep -v '^WARNING: Location' >&2 || true
+mv "$site/.fleet/fleet" "$site/.fleet"/fleet-*.dist-info "$site/"
+rm -rf "$site/.fleet" "$site/bin"
+
+# drop what differs from one build or machine to another
+find "$site" -name __pycache__ -prune -exec rm -rf {} +
+find "$site" -name direct_url.json -delete
+find "$site" -name 'RECORD' -path '*.dist-info/*' -delete
+find "$site" -name 'INSTALLER' -path '*.dist-info/*' -delete
+if find "$site" -name '*.so' | grep -q .; then
+  echo "build-agent: a compiled module slipped in:" >&2; find "$site" -name '*.so' >&2; exit 1
+fi
+
+mkdir -p "$(dirname "$OUT")"
+"$BIN/shiv" --site-packages "$site" --reproducible --compressed \
+  --python '/usr/bin/env python3' -e fleet.agent.cli:main -o "$OUT" --no-modify
+ls -l "$OUT"

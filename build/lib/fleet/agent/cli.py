@@ -1,0 +1,199 @@
+"""`fleet-agent`: enroll, run, status (argparse: the agent carries no click)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Optional
+
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+from .. import __version__
+from ..exitcodes import Exit
+from ..protocol import PROTOCOL_VERSION, ProtocolError
+from .connection import Agent, FatalError, enroll
+from .spool import Spool
+from .state import State, StateError, state_dir
+
+log = logging.getLogger("fleet-agent")
+
+
+def fail(message: str, code: Exit) -> None:
+    print(f"fleet-agent: error: {message}", file=sys.stderr)
+    sys.exit(int(code))
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    state = State(state_dir(args.state_dir))
+    if state.identity_path.exists() and not args.force:
+        fail(
+            f"already enrolled ({state.identity_path} exists); give --force to enroll again",
+            Exit.USAGE,
+        )
+    try:
+        identity = asyncio.run(enroll(state, args.token, args.hostname))
+    except ProtocolError as exc:
+        fail(str(exc), Exit.USAGE)
+    except FatalError as exc:
+        fail(str(exc), Exit(exc.exit_code))
+    except InvalidURI as exc:
+        fail(f"bad server URL in the enrollment string: {exc}", Exit.USAGE)
+    except InvalidStatus as exc:
+        fail(f"the server answered HTTP {exc.response.status_code} to enrollment", Exit.UNREACHABLE)
+    except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+        fail(f"cannot reach the server: {getattr(exc, 'strerror', None) or exc}", Exit.UNREACHABLE)
+    except StateError as exc:
+        fail(str(exc), Exit.ERROR)
+    print(
+        f"enrolled as {identity.host_name} with {identity.server_url}; state saved in {state.root}"
+    )
+    print(
+        "start the agent with: fleet-agent run"
+        + (f" --state-dir {args.state_dir}" if args.state_dir else "")
+    )
+
+
+def lock_state_dir(state: State):
+    """One agent per state dir: a second one would double every job."""
+    fh = open(state.root / "agent.lock", "w")  # noqa: SIM115 - held for the process lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"another fleet-agent is running with {state.root}", Exit.ERROR)
+    return fh
+
+
+async def run_agent(state: State, restic: str, grace: float) -> int:
+    agent = Agent(state, state.load_identity(), restic=restic, cancel_grace=grace)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    main = asyncio.ensure_future(agent.run_forever())
+    done, _ = await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if main in done:
+        agent.spool.close()
+        main.result()  # raises FatalError
+        return 0
+    log.info("received %s: stopping", signal.Signals(stop.result()).name)
+    await agent.shutdown()
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    state = State(state_dir(args.state_dir))
+    try:
+        state.load_identity()
+    except StateError as exc:
+        fail(str(exc), Exit.USAGE)
+    _lock = lock_state_dir(state)  # noqa: F841 - released at exit
+    try:
+        sys.exit(asyncio.run(run_agent(state, args.restic, args.cancel_grace)))
+    except FatalError as exc:
+        fail(str(exc), Exit(exc.exit_code))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    state = State(state_dir(args.state_dir))
+    try:
+        identity = state.load_identity()
+        repo = state.load_repo()
+    except StateError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+    pending = 0
+    if state.spool_path.exists():
+        spool = Spool(state.spool_path)
+        pending = spool.count()
+        spool.close()
+    info = {
+        "host": identity.host_name,
+        "host_id": identity.host_id,
+        "server": identity.server_url,
+        "tls_pinned": bool(identity.tls_sha256),
+        "repository_configured": repo is not None,
+        "unacknowledged_frames": pending,
+        "state_dir": str(state.root),
+        "agent_version": __version__,
+        "protocol_version": PROTOCOL_VERSION,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key.replace('_', ' '):24} {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet-agent",
+        description="The Fleet agent: runs restic for fleetd on this server.",
+        epilog="Exit status: 0 ok, 1 error, 2 usage, 3 enrollment or token refused, 4 not enrolled (status), 5 server unreachable.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fleet-agent {__version__} (protocol {PROTOCOL_VERSION})",
+    )
+    state_help = "state directory (default: $FLEET_AGENT_STATE_DIR or /var/lib/fleet-agent)"
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("enroll", help="exchange an enrollment string for this host's agent token")
+    p.add_argument(
+        "token", metavar="ENROLLMENT", help="the fleet1:... string printed by 'fleetctl enroll'"
+    )
+    p.add_argument("--state-dir", help=state_help)
+    p.add_argument("--hostname", help="name to report (default: this machine's hostname)")
+    p.add_argument("--force", action="store_true", help="enroll again over an existing identity")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("run", help="connect to fleetd and run the jobs it sends, until SIGTERM")
+    p.add_argument("--state-dir", help=state_help)
+    p.add_argument(
+        "--restic",
+        default=os.environ.get("FLEET_RESTIC", "restic"),
+        help="restic binary (default: restic on PATH, or $FLEET_RESTIC)",
+    )
+    p.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=10.0,
+        help="seconds between SIGINT and SIGTERM when cancelling restic (default 10)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show this agent's enrollment and spool")
+    p.add_argument("--state-dir", help=state_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        sys.exit(int(Exit.USAGE))
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(int(Exit.INTERRUPTED))
+
+
+if __name__ == "__main__":
+    main()

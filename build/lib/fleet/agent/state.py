@@ -1,0 +1,118 @@
+"""What the agent keeps on disk, all of it mode 0600 in its state dir.
+
+agent.json    server URL, host id and name, agent token, TLS pin
+server.pem    the server certificate pinned at enrollment (TLS only)
+repo.json     repository URL, password and backend environment
+spool.db      frames not yet acknowledged by fleetd
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_STATE_DIR = "/var/lib/fleet-agent"
+
+
+class StateError(Exception):
+    pass
+
+
+def state_dir(value: Optional[str]) -> Path:
+    return Path(value or os.environ.get("FLEET_AGENT_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically replace `path` with `text`, readable by the owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise StateError(f"{path} is damaged")
+    return doc
+
+
+@dataclass
+class Identity:
+    server_url: str
+    host_id: int
+    host_name: str
+    agent_token: str
+    tls_sha256: Optional[str] = None
+
+    def __repr__(self) -> str:  # never print the token
+        return f"Identity({self.host_name}@{self.server_url})"
+
+
+@dataclass
+class RepoConfig:
+    url: str
+    password: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return "RepoConfig(<redacted>)"
+
+
+class State:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def identity_path(self) -> Path:
+        return self.root / "agent.json"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def repo_path(self) -> Path:
+        return self.root / "repo.json"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.root / "spool.db"
+
+    def load_identity(self) -> Identity:
+        doc = _read_json(self.identity_path)
+        if doc is None:
+            raise StateError(
+                f"not enrolled: {self.identity_path} does not exist; run 'fleet-agent enroll' first"
+            )
+        try:
+            return Identity(**doc)
+        except TypeError:
+            raise StateError(f"{self.identity_path} is damaged") from None
+
+    def save_identity(self, identity: Identity) -> None:
+        write_private(self.identity_path, json.dumps(asdict(identity), indent=2) + "\n")
+
+    def load_repo(self) -> Optional[RepoConfig]:
+        doc = _read_json(self.repo_path)
+        return (
+            None
+            if doc is None
+            else RepoConfig(doc["url"], doc["password"], dict(doc.get("env") or {}))
+        )
+
+    def save_repo(self, repo: RepoConfig) -> None:
+        write_private(self.repo_path, json.dumps(asdict(repo)) + "\n")

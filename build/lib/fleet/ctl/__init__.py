@@ -1,0 +1,1 @@
+"""fleetctl: the operator command line (click + rich)."""

@@ -1,0 +1,103 @@
+"""What every fleetctl command shares: settings, consoles, the client, errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import click
+from rich.console import Console
+
+from ..exitcodes import Exit
+from . import config, render
+from .client import Client
+
+
+class CtlError(click.ClickException):
+    """One line on stderr, and the exit status from Exit."""
+
+    def __init__(self, message: str, exit: Exit = Exit.ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = int(exit)
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"fleetctl: error: {self.message}", err=True)
+
+
+@dataclass
+class App:
+    """Injected into every command as ctx.obj; tests may pass their own."""
+
+    out: Console = field(default_factory=lambda: render.make_consoles()[0])
+    err: Console = field(default_factory=lambda: render.make_consoles()[1])
+    server: Optional[str] = None  # --server, above the config file and FLEET_SERVER
+    _settings: Optional[config.Settings] = None
+
+    @property
+    def settings(self) -> config.Settings:
+        if self._settings is None:
+            try:
+                self._settings = config.load()
+            except ValueError as exc:
+                raise CtlError(str(exc), Exit.USAGE) from None
+            if self.server:
+                self._settings.server = config.normalize_server(self.server)
+        return self._settings
+
+    def client(self, path: str = "/ctl") -> Client:
+        s = self.settings
+        return Client(s.server, s.token, s.cafile, path=path)
+
+    def call(self, method: str, **params: Any) -> Any:
+        with self.client() as c:
+            return c.call(method, **params)
+
+
+pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+def confirm(yes: bool, question: str) -> None:
+    """Ask before destroying; a 'no' (or no terminal to ask on) changes nothing, exit 1."""
+    if yes:
+        return
+    try:
+        answer = click.confirm(question, err=True)
+    except click.Abort:
+        answer = False
+    if not answer:
+        raise CtlError(
+            "not confirmed, nothing changed (give --yes to skip the question)", Exit.ERROR
+        )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str, allow_never: bool = False) -> Optional[int]:
+    """'90s', '15m', '12h', '30d', '2w' -> seconds; 'never' -> None."""
+    text = value.strip().lower()
+    if allow_never and text in ("never", "0"):
+        return None
+    if text.isdigit():
+        return int(text)
+    match = _DURATION.match(text)
+    if not match:
+        hint = " or 'never'" if allow_never else ""
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 15m, 12h, 30d, 2w{hint}")
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def __init__(self, allow_never: bool = False) -> None:
+        self.allow_never = allow_never
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Optional[int]:
+        if value is None or isinstance(value, int):
+            return value
+        return parse_duration(str(value), self.allow_never)

@@ -1,0 +1,77 @@
+"""Where fleetctl keeps its server URL and token.
+
+`$XDG_CONFIG_HOME/fleet/config.json` (default ~/.config), mode 0600.
+FLEET_SERVER and FLEET_TOKEN override the file, so scripts need no file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_SERVER = "ws://127.0.0.1:8433"
+
+
+@dataclass
+class Settings:
+    server: str = DEFAULT_SERVER
+    token: Optional[str] = None
+    cafile: Optional[str] = None
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleet" / "config.json"
+
+
+def normalize_server(url: str) -> str:
+    """Accept ws(s)://, http(s):// or a bare host:port; answer ws(s)://host:port."""
+    url = url.strip().rstrip("/")
+    for plain, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(plain):
+            return ws + url[len(plain) :]
+    if url.startswith(("ws://", "wss://")):
+        return url
+    return "ws://" + url
+
+
+def load() -> Settings:
+    settings = Settings()
+    path = config_path()
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        doc = {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    settings.server = doc.get("server") or settings.server
+    settings.token = doc.get("token")
+    settings.cafile = doc.get("cafile")
+    if os.environ.get("FLEET_SERVER"):
+        settings.server = os.environ["FLEET_SERVER"]
+    if os.environ.get("FLEET_TOKEN"):
+        settings.token = os.environ["FLEET_TOKEN"]
+    if os.environ.get("FLEET_CAFILE"):
+        settings.cafile = os.environ["FLEET_CAFILE"]
+    settings.server = normalize_server(settings.server)
+    return settings
+
+
+def save(settings: Settings) -> Path:
+    """Write the file atomically with mode 0600 (it holds a bearer token)."""
+    path = config_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    doc = {"server": settings.server, "token": settings.token}
+    if settings.cafile:
+        doc["cafile"] = settings.cafile
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path

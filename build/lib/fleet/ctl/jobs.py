@@ -1,0 +1,354 @@
+"""run, jobs list/show/log/tail/cancel, snapshots."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ..exitcodes import Exit
+from ..protocol import JOB_KINDS, JOB_STATUSES
+from . import render
+from .app import App, json_option, pass_app
+
+PLAIN_PROGRESS_EVERY = 2.0
+
+
+def outcome_exit(status: str, strict: bool) -> Exit:
+    """0 succeeded; 1 failed, cancelled or lost; warning is 0 unless --strict."""
+    if status == "succeeded" or (status == "warning" and not strict):
+        return Exit.OK
+    return Exit.ERROR
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def describe_event(line: dict) -> Optional[str]:
+    """A restic JSON event as one readable line; None for status lines (the bar shows them)."""
+    try:
+        doc = json.loads(line["payload"])
+    except ValueError:
+        return escape(line["payload"])
+    kind = doc.get("message_type")
+    if kind == "status":
+        return None
+    if kind == "summary":
+        return (
+            f"[green]snapshot {escape(str(doc.get('snapshot_id', '?')))} saved[/]: "
+            f"{doc.get('files_new', 0)} new, {doc.get('files_changed', 0)} changed, "
+            f"{doc.get('files_unmodified', 0)} unmodified files; "
+            f"{human_bytes(doc.get('data_added'))} added in {doc.get('total_duration', 0):.1f} s"
+        )
+    if kind in ("error", "verbose_status"):
+        return escape(json.dumps(doc))
+    return escape(line["payload"])
+
+
+class TailPrinter:
+    """Prints a job's log as it streams, with a progress bar while it runs."""
+
+    def __init__(self, out: Console, err: Console, raw: bool) -> None:
+        self.out = out
+        self.err = err
+        self.raw = raw
+        self.progress: Optional[Progress] = None
+        self.task: Any = None
+        self._last_plain = 0.0
+
+    def _bar(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]backup"),
+                BarColumn(),
+                TaskProgressColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[files]} files"),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.err,
+                transient=True,
+            )
+            self.task = self.progress.add_task("backup", total=None, files="0")
+            self.progress.start()
+        return self.progress
+
+    def event(self, event: dict) -> None:
+        if event["type"] == "log":
+            line = event["line"]
+            if self.raw:
+                self.out.print(json.dumps(line), markup=False, highlight=False, soft_wrap=True)
+                return
+            text = describe_event(line) if line["stream"] == "event" else escape(line["payload"])
+            if text is None:
+                return
+            if line["stream"] == "stderr":
+                text = f"[red]{text}[/]"
+            (self.progress.console if self.progress else self.out).print(text, soft_wrap=True)
+        elif event["type"] == "progress" and not self.raw:
+            p = event["progress"]
+            if not self.err.is_terminal:
+                self._plain_progress(p)
+                return
+            bar = self._bar()
+            bar.update(
+                self.task,
+                total=p["total_bytes"] or None,
+                completed=p["bytes_done"],
+                files=f"{p['files_done']}/{p['total_files']}",
+            )
+
+    def _plain_progress(self, p: dict) -> None:
+        """No terminal (a log file, CI): a progress line every few seconds instead of a bar."""
+        now = time.monotonic()
+        if now - self._last_plain < PLAIN_PROGRESS_EVERY and p["percent_done"] < 1:
+            return
+        self._last_plain = now
+        eta = f", ETA {p['eta_seconds']} s" if p["eta_seconds"] else ""
+        self.err.print(
+            f"progress: {p['percent_done'] * 100:.0f}%, {human_bytes(p['bytes_done'])} of "
+            f"{human_bytes(p['total_bytes'])}, {p['files_done']}/{p['total_files']} files, "
+            f"{human_bytes(p['throughput_bps'])}/s{eta}",
+            markup=False,
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def follow_job(app: App, job_id: int, raw: bool, strict: bool) -> None:
+    printer = TailPrinter(app.out, app.err, raw)
+    try:
+        with app.client() as c:
+            for kind, payload in c.stream("jobs.tail", id=job_id):
+                if kind == "event":
+                    printer.event(payload)
+                else:
+                    job = payload
+    finally:
+        printer.close()
+    finish(app, job, strict)
+
+
+def finish(app: App, job: dict, strict: bool) -> None:
+    status = job["status"]
+    message = f"job {job['id']} {render.status(status)}"
+    if job.get("error") and status != "succeeded":
+        message += f": {escape(job['error'].splitlines()[-1])}"
+    app.err.print(message)
+    code = outcome_exit(status, strict)
+    if code:
+        raise click.exceptions.Exit(int(code))
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, help="Exit 1 on a warning too (restic could not read some files)."
+)
+
+
+@click.command()
+@click.argument("host")
+@click.argument("group")
+@click.option("--follow", "-f", is_flag=True, help="Tail the job live and exit with its outcome.")
+@strict_option
+@json_option
+@pass_app
+def run(app: App, host: str, group: str, follow: bool, strict: bool, as_json: bool) -> None:
+    """Back up GROUP of HOST now.
+
+    The job waits its turn when HOST is busy or offline. With --follow the
+    exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
+    or lost.
+    """
+    job = app.call("jobs.run", host=host, group=group)
+    if as_json and not follow:
+        render.emit_json(job)
+        return
+    ahead = job.get("queued_behind") or 0
+    note = f", waiting behind {ahead} job(s)" if ahead else ""
+    app.err.print(f"job {job['id']} queued: backup of {escape(host)}/{escape(group)}{note}")
+    if follow:
+        follow_job(app, job["id"], raw=as_json, strict=strict)
+
+
+@click.group()
+def jobs() -> None:
+    """Jobs: every restic operation on every host, queued, running or done."""
+
+
+@jobs.command("list")
+@click.option("--host", help="Only this host.")
+@click.option("--status", type=click.Choice(JOB_STATUSES), help="Only jobs in this state.")
+@click.option("--kind", type=click.Choice(JOB_KINDS), help="Only this kind of job.")
+@click.option(
+    "--since", metavar="TIME", help="Created at or after this UTC time, YYYY-MM-DDTHH:MM:SSZ."
+)
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_app
+def jobs_list(app: App, host, status, kind, since, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    rows = app.call("jobs.list", host=host, status=status, kind=kind, since=since, limit=limit)
+    if as_json:
+        render.emit_json(rows)
+        return
+    render.table(
+        app.out,
+        ("JOB", "HOST", "KIND", "GROUP", "STATUS", "BY", "CREATED", "FINISHED"),
+        (
+            (
+                str(j["id"]),
+                render.cell(j["host"]),
+                render.cell(j["kind"]),
+                render.cell(j["group"]),
+                render.status(j["status"]),
+                render.cell(j["actor"]),
+                render.ago(j["created_at"]),
+                render.ago(j["finished_at"]),
+            )
+            for j in rows
+        ),
+        empty="no jobs",
+    )
+
+
+@jobs.command("show")
+@click.argument("job_id", metavar="JOB", type=int)
+@json_option
+@pass_app
+def jobs_show(app: App, job_id: int, as_json: bool) -> None:
+    """Show one job, with restic's summary when it has one."""
+    j = app.call("jobs.show", id=job_id)
+    if as_json:
+        render.emit_json(j)
+        return
+    c = render.cell
+    pairs = [
+        ("job", c(j["id"])),
+        ("host", c(j["host"])),
+        ("kind", c(j["kind"])),
+        ("group", c(j["group"])),
+        ("status", render.status(j["status"])),
+        ("by", c(j["actor"])),
+        ("created", c(j["created_at"])),
+        ("started", c(j["started_at"])),
+        ("finished", c(j["finished_at"])),
+        ("exit code", c(j["exit_code"])),
+        ("log lines", c(j["log_lines"])),
+    ]
+    s = j.get("summary") or {}
+    if s:
+        pairs += [
+            ("snapshot", c(s.get("snapshot_id"))),
+            (
+                "files",
+                c(
+                    f"{s.get('files_new', 0)} new, {s.get('files_changed', 0)} changed, {s.get('files_unmodified', 0)} unmodified"
+                ),
+            ),
+            ("data added", c(human_bytes(s.get("data_added")))),
+            (
+                "processed",
+                c(
+                    f"{s.get('total_files_processed', 0)} files, {human_bytes(s.get('total_bytes_processed'))}"
+                ),
+            ),
+        ]
+    if j.get("progress"):
+        p = j["progress"]
+        pairs.append(
+            (
+                "progress",
+                c(
+                    f"{p['percent_done'] * 100:.0f}% ({human_bytes(p['bytes_done'])} of {human_bytes(p['total_bytes'])})"
+                ),
+            )
+        )
+    if j.get("error"):
+        pairs.append(("error", f"[red]{escape(j['error'])}[/]"))
+    render.fields(app.out, pairs)
+
+
+@jobs.command("log")
+@click.argument("job_id", metavar="JOB", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (NDJSON).")
+@pass_app
+def jobs_log(app: App, job_id: int, as_json: bool) -> None:
+    """Print a job's stored log."""
+    result = app.call("jobs.log", id=job_id)
+    printer = TailPrinter(app.out, app.err, raw=as_json)
+    for line in result["lines"]:
+        printer.event({"type": "log", "line": line})
+
+
+@jobs.command("tail")
+@click.argument("job_id", metavar="JOB", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Log lines as NDJSON, no progress bar.")
+@strict_option
+@pass_app
+def jobs_tail(app: App, job_id: int, as_json: bool, strict: bool) -> None:
+    """Follow a job live: what came before, then new lines; exit with its outcome."""
+    follow_job(app, job_id, raw=as_json, strict=strict)
+
+
+@jobs.command("cancel")
+@click.argument("job_id", metavar="JOB", type=int)
+@pass_app
+def jobs_cancel(app: App, job_id: int) -> None:
+    """Cancel a queued job, or stop a running one (restic gets SIGINT, then SIGTERM)."""
+    j = app.call("jobs.cancel", id=job_id)
+    if j.get("cancel") == "requested":
+        app.err.print(f"job {j['id']}: cancel sent to {escape(j['host'])}")
+    else:
+        app.err.print(f"job {j['id']} {render.status(j['status'])}")
+
+
+@click.command()
+@click.argument("host")
+@click.option("--group", "-g", help="Only snapshots of this source group (its tag).")
+@json_option
+@pass_app
+def snapshots(app: App, host: str, group: Optional[str], as_json: bool) -> None:
+    """List HOST's snapshots as last reported by its agent."""
+    rows = app.call("snapshots.list", host=host, group=group)
+    if as_json:
+        render.emit_json(rows)
+        return
+    render.table(
+        app.out,
+        ("ID", "TIME", "GROUP", "PATHS", "SIZE"),
+        (
+            (
+                render.cell(s["short_id"]),
+                render.cell(s["time"]),
+                render.cell(s["tags"]),
+                render.cell(s["paths"]),
+                render.cell(human_bytes(s["size_bytes"]) if s["size_bytes"] is not None else None),
+            )
+            for s in rows
+        ),
+        empty="no snapshots reported yet",
+    )

@@ -1,0 +1,111 @@
+"""Output: rich tables for people, JSON for scripts, one line for errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def make_consoles() -> tuple[Console, Console]:
+    # file=None: rich writes to whatever sys.stdout/stderr is at write time,
+    # which is what lets click's test runner capture it.
+    return Console(highlight=False, soft_wrap=False), Console(
+        stderr=True, highlight=False, soft_wrap=True
+    )
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def ago(value: Optional[str], now: Optional[dt.datetime] = None) -> str:
+    """'3m ago', 'in 2h', or '-' for never."""
+    when = parse_time(value)
+    if when is None:
+        return "-"
+    now = now or dt.datetime.now(dt.timezone.utc)
+    seconds = int((now - when).total_seconds())
+    future, seconds = seconds < 0, abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            text = f"{seconds // size}{unit}"
+            break
+    else:
+        text = f"{seconds}s"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def cell(value: Any) -> str:
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, list):
+        return escape(", ".join(map(str, value)))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return escape(str(value))
+
+
+STATUS_STYLE = {
+    "online": "green",
+    "offline": "red",
+    "pending": "yellow",
+    "succeeded": "green",
+    "warning": "yellow",
+    "failed": "red",
+    "lost": "red",
+    "cancelled": "magenta",
+    "running": "cyan",
+    "queued": "blue",
+    "active": "green",
+    "revoked": "red",
+    "expired": "yellow",
+}
+
+
+def status(value: Optional[str]) -> str:
+    if not value:
+        return "-"
+    style = STATUS_STYLE.get(value)
+    return f"[{style}]{escape(value)}[/]" if style else escape(value)
+
+
+def table(
+    console: Console,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    empty: str = "nothing to show",
+) -> None:
+    rows = list(rows)
+    if not rows:
+        console.print(f"[dim]{escape(empty)}[/]")
+        return
+    t = Table(show_edge=False, box=None, pad_edge=False, header_style="bold")
+    for name in columns:
+        t.add_column(name, overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
+def fields(console: Console, pairs: Sequence[tuple[str, str]]) -> None:
+    """A key/value block for `show` commands; values are rich markup (see cell)."""
+    t = Table(show_header=False, show_edge=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    for key, value in pairs:
+        t.add_row(key, value)
+    console.print(t)

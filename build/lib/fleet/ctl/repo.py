@@ -1,0 +1,153 @@
+"""repo set/show: the restic repository of a host. Secrets are never printed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..exitcodes import Exit
+from . import render
+from .app import App, CtlError, json_option, pass_app
+from .jobs import follow_job
+
+
+@click.group()
+def repo() -> None:
+    """The restic repository each host backs up to."""
+
+
+def read_secret_file(path: str) -> str:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CtlError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
+    # a password file conventionally ends in one newline that is not part of it
+    return text[:-1] if text.endswith("\n") else text
+
+
+def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{pair.split('=')[0]!r}: expected KEY=VALUE", param_hint="--env"
+            )
+        env[key] = value
+    return env
+
+
+@repo.command("set")
+@click.argument("host")
+@click.option(
+    "--url", required=True, help="restic repository: /path, sftp:..., rest:..., s3:..., b2:..."
+)
+@click.option(
+    "--password-file",
+    type=str,
+    help="File holding the repository password ('-' for stdin). Prompted for when absent.",
+)
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Backend environment, e.g. AWS_ACCESS_KEY_ID=... (repeatable).",
+)
+@json_option
+@pass_app
+def repo_set(
+    app: App,
+    host: str,
+    url: str,
+    password_file: Optional[str],
+    env_pairs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Set HOST's repository; fleetd keeps the password encrypted."""
+    env = parse_env(env_pairs)
+    if password_file:
+        password = read_secret_file(password_file)
+    else:
+        password = click.prompt(
+            "Repository password", hide_input=True, confirmation_prompt=True, err=True
+        )
+    if not password:
+        raise CtlError("the repository password is empty", Exit.USAGE)
+    result = app.call("repo.set", host=host, url=url, password=password, env=env or None)
+    if as_json:
+        render.emit_json(result)
+        return
+    app.err.print(f"repository of {result['host']} set to {result['url']}", markup=False)
+
+
+@repo.command("show")
+@click.argument("host")
+@json_option
+@pass_app
+def repo_show(app: App, host: str, as_json: bool) -> None:
+    """Show HOST's repository (password and environment values redacted)."""
+    r = app.call("repo.show", host=host)
+    if as_json:
+        render.emit_json(r)
+        return
+    env = ", ".join(f"{k}={v}" for k, v in r["env"].items())
+    render.fields(
+        app.out,
+        [
+            ("host", render.cell(r["host"])),
+            ("url", render.cell(r["url"])),
+            ("password", render.cell(r["password"])),
+            ("environment", render.cell(env)),
+            ("updated", render.cell(r["updated_at"])),
+        ],
+    )
+
+
+def repo_job(app: App, host: str, kind: str, follow: bool, strict: bool, as_json: bool) -> None:
+    job = app.call("jobs.run", host=host, kind=kind)
+    if as_json and not follow:
+        render.emit_json(job)
+        return
+    app.err.print(f"job {job['id']} queued: {kind} of {job['host']}'s repository", markup=False)
+    if follow:
+        follow_job(app, job["id"], raw=as_json, strict=strict)
+
+
+follow_options = [
+    click.option("--follow", "-f", is_flag=True, help="Tail the job and exit with its outcome."),
+    click.option("--strict", is_flag=True, help="With --follow, exit 1 on a warning too."),
+    json_option,
+]
+
+
+def with_follow(fn):
+    for option in reversed(follow_options):
+        fn = option(fn)
+    return fn
+
+
+@repo.command("init")
+@click.argument("host")
+@with_follow
+@pass_app
+def repo_init(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
+    """Run restic init on HOST's repository (again).
+
+    fleetd does this by itself once after each 'repo set'; an existing
+    repository counts as success.
+    """
+    repo_job(app, host, "init", follow, strict, as_json)
+
+
+@repo.command("unlock")
+@click.argument("host")
+@with_follow
+@pass_app
+def repo_unlock(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
+    """Run restic unlock on HOST's repository: remove stale locks left by a
+    killed restic."""
+    repo_job(app, host, "unlock", follow, strict, as_json)

@@ -1,0 +1,17 @@
+"""Exit statuses of every Fleet program, defined once.
+
+Shell scripts and cron wrappers branch on these, so they are an interface:
+never renumber one. The man pages document the same table.
+"""
+
+import enum
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # a job failed, or an error not covered below
+    USAGE = 2  # bad command line or invalid input
+    AUTH = 3  # not authenticated, or not allowed
+    NOT_FOUND = 4
+    UNREACHABLE = 5  # the server could not be reached
+    INTERRUPTED = 130

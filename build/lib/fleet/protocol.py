@@ -1,0 +1,487 @@
+"""The wire protocol: one envelope, every message type, one validating decoder.
+
+Pure: no I/O, stdlib only, importable on Python 3.9 (the agent runs it).
+
+Agent channel frames are JSON text:
+
+    {"v": 1, "type": "job.log", "id": "...", "seq": 12, "data": {...}}
+
+`id` is optional and echoed as `re` in an error frame. `seq` is the per-agent
+delivery sequence number carried by every frame the agent must not lose (see
+RELIABLE); fleetd answers with a cumulative `ack` once that seq is stored.
+Operator (`/ctl`) frames are request/response pairs, validated by
+`decode_request`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional, Union
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused unread
+MAX_STR = 4096  # default bound on a string field
+MAX_LINE = 64 * 1024  # a job log line
+MAX_ITEMS = 10_000  # default bound on a list field
+MAX_ID = 128  # a frame id, echoed back as `re`
+
+JOB_KINDS = (
+    "init",
+    "backup",
+    "forget",
+    "prune",
+    "check",
+    "unlock",
+    "restore",
+    "snapshots",
+    "stats",
+)
+JOB_STATUSES = ("queued", "running", "succeeded", "warning", "failed", "cancelled", "lost")
+FINAL_STATUSES = ("succeeded", "warning", "failed", "cancelled", "lost")
+LOG_STREAMS = ("stdout", "stderr", "event")
+
+
+class ProtocolError(ValueError):
+    """A frame or request that does not follow the protocol.
+
+    `code` goes into the error frame; `re` is the id of the offending frame
+    when it could be read.
+    """
+
+    def __init__(self, message: str, code: str = "bad_frame", re: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.re = re
+
+
+class Field(NamedTuple):
+    """One field of a message: its JSON type and bounds.
+
+    kind: "str", "int", "float" (an int is accepted), "bool", "dict",
+    "list[str]", "list[int]", "list[dict]", "dict[str,str]".
+    For strings `limit` bounds the length; for lists the item count; for
+    ints it is not used (`minimum` bounds them).
+    """
+
+    name: str
+    kind: str
+    required: bool = True
+    limit: int = 0
+    choices: tuple[str, ...] = ()
+    minimum: Optional[int] = None
+    item: Optional[tuple[Field, ...]] = None  # fields of each dict in a list[dict]
+
+
+def F(name: str, kind: str, required: bool = True, **kw: Any) -> Field:
+    return Field(name, kind, required, **kw)
+
+
+def _opt(name: str, kind: str, **kw: Any) -> Field:
+    return Field(name, kind, False, **kw)
+
+
+_TS = "str"  # timestamps travel as RFC 3339 strings
+
+SOURCE_GROUP = (
+    F("id", "int"),
+    F("name", "str", limit=64),
+    F("includes", "list[str]", limit=1000),
+    F("excludes", "list[str]", limit=1000),
+    _opt("retention", "dict"),
+    _opt("pre_hook", "str"),
+    _opt("post_hook", "str"),
+)
+
+SCHEDULE = (
+    F("id", "int"),
+    F("cron", "str", limit=256),
+    F("enabled", "bool"),
+    F("source_groups", "list[dict]", limit=1000, item=SOURCE_GROUP),
+)
+
+SNAPSHOT = (
+    F("id", "str", limit=128),
+    F("short_id", "str", limit=64),
+    F("time", _TS),
+    F("hostname", "str", limit=255),
+    F("paths", "list[str]"),
+    _opt("tags", "list[str]"),
+    _opt("size_bytes", "int", minimum=0),
+    _opt("file_count", "int", minimum=0),
+)
+
+
+class MessageSpec(NamedTuple):
+    direction: str  # "agent" (agent -> fleetd), "server" (fleetd -> agent), "both"
+    fields: tuple[Field, ...]
+
+
+MESSAGES: dict[str, MessageSpec] = {
+    # /enroll, before the agent has a token
+    "enroll": MessageSpec(
+        "agent", (F("token", "str", limit=1024), F("hostname", "str", limit=255))
+    ),
+    "enrolled": MessageSpec(
+        "server",
+        (F("host_id", "int"), F("host_name", "str", limit=255), F("agent_token", "str", limit=256)),
+    ),
+    # /agent session
+    "hello": MessageSpec(
+        "agent",
+        (
+            F("protocol_version", "int"),
+            F("agent_version", "str", limit=64),
+            F("restic_version", "str", limit=128),
+            F("hostname", "str", limit=255),
+            F("os", "str", limit=64),
+            F("arch", "str", limit=64),
+            _opt("timezone", "str", limit=128),
+            _opt("boot_time", _TS),
+            _opt("running_job", "int"),  # the job the agent is still running, if any
+            _opt(
+                "spool_seq", "int", minimum=0
+            ),  # its last spooled seq: fleetd is caught up past it
+        ),
+    ),
+    "welcome": MessageSpec(
+        "server",
+        (
+            F("server_version", "str", limit=64),
+            F("heartbeat_interval", "int", minimum=1),
+            F("host_id", "int"),
+            F("host_name", "str", limit=255),
+        ),
+    ),
+    "heartbeat": MessageSpec("agent", (F("sent_at", _TS),)),
+    "config.update": MessageSpec(
+        "server",
+        (
+            F("repo_url", "str", limit=2048),
+            F("repo_password", "str", limit=4096),
+            _opt("repo_env", "dict[str,str]", limit=100),
+        ),
+    ),
+    "schedule.set": MessageSpec(
+        "server",
+        (F("version", "int", minimum=0), F("schedules", "list[dict]", limit=1000, item=SCHEDULE)),
+    ),
+    "schedule.ack": MessageSpec("agent", (F("version", "int", minimum=0), F("applied_at", _TS))),
+    "schedule.fire": MessageSpec("agent", (F("schedule_id", "int"), F("scheduled_at", _TS))),
+    "command.run": MessageSpec(
+        "server",
+        (
+            F("job_id", "int"),
+            F("kind", "str", choices=JOB_KINDS),
+            _opt("group", "str", limit=64),
+            _opt("includes", "list[str]", limit=1000),
+            _opt("excludes", "list[str]", limit=1000),
+            _opt("tag", "str", limit=64),
+            _opt("retention", "dict"),
+            _opt("pre_hook", "str"),
+            _opt("post_hook", "str"),
+            _opt("args", "list[str]", limit=100),
+        ),
+    ),
+    "command.result": MessageSpec(
+        "agent", (F("job_id", "int"), F("accepted", "bool"), _opt("error", "str"))
+    ),
+    "command.cancel": MessageSpec("server", (F("job_id", "int"),)),
+    "job.started": MessageSpec(
+        "agent", (F("job_id", "int"), F("kind", "str", choices=JOB_KINDS), F("started_at", _TS))
+    ),
+    "job.progress": MessageSpec(
+        "agent",
+        (
+            F("job_id", "int"),
+            F("percent_done", "float"),
+            F("files_done", "int", minimum=0),
+            F("total_files", "int", minimum=0),
+            F("bytes_done", "int", minimum=0),
+            F("total_bytes", "int", minimum=0),
+            F("eta_seconds", "int", minimum=0),
+            F("throughput_bps", "int", minimum=0),
+        ),
+    ),
+    "job.log": MessageSpec(
+        "agent",
+        (
+            F("job_id", "int"),
+            F("seq", "int", minimum=1),  # the line's place in its job's log
+            F("ts", _TS),
+            F("stream", "str", choices=LOG_STREAMS),
+            F("payload", "str", limit=MAX_LINE),
+        ),
+    ),
+    "job.finished": MessageSpec(
+        "agent",
+        (
+            F("job_id", "int"),
+            F("status", "str", choices=FINAL_STATUSES),
+            F("exit_code", "int"),
+            F("finished_at", _TS),
+            _opt("summary", "dict"),
+            _opt("error", "str", limit=MAX_LINE),
+        ),
+    ),
+    "snapshots.report": MessageSpec(
+        "agent", (F("snapshots", "list[dict]", limit=100_000, item=SNAPSHOT),)
+    ),
+    "repo.stats": MessageSpec(
+        "agent",
+        (
+            F("size_bytes", "int", minimum=0),
+            F("snapshot_count", "int", minimum=0),
+            _opt("file_count", "int", minimum=0),
+            _opt("raw_size_bytes", "int", minimum=0),
+            _opt("lock_state", "str", choices=("locked", "unlocked")),
+        ),
+    ),
+    "ack": MessageSpec("server", (F("seq", "int", minimum=0),)),
+    "error": MessageSpec(
+        "both", (F("code", "str", limit=64), F("message", "str", limit=MAX_STR), _opt("re", "str"))
+    ),
+}
+
+# Frames the agent spools and numbers with `seq`; fleetd acks them.
+RELIABLE = frozenset(
+    {"schedule.fire", "job.started", "job.log", "job.finished", "snapshots.report", "repo.stats"}
+)
+
+
+class Envelope(NamedTuple):
+    type: str
+    data: dict[str, Any]
+    id: Optional[str] = None
+    seq: Optional[int] = None
+    v: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        frame: dict[str, Any] = {"v": self.v, "type": self.type}
+        if self.id is not None:
+            frame["id"] = self.id
+        if self.seq is not None:
+            frame["seq"] = self.seq
+        frame["data"] = self.data
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(value: Any, field: Field, where: str) -> Any:
+    kind, name = field.kind, f"{where}{field.name}"
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ProtocolError(f"{name}: expected a string")
+        limit = field.limit or MAX_STR
+        if len(value) > limit:
+            raise ProtocolError(f"{name}: longer than {limit} characters")
+        if field.choices and value not in field.choices:
+            raise ProtocolError(f"{name}: {value!r} is not one of {', '.join(field.choices)}")
+    elif kind == "int":
+        if not _is_int(value):
+            raise ProtocolError(f"{name}: expected an integer")
+        if field.minimum is not None and value < field.minimum:
+            raise ProtocolError(f"{name}: must be at least {field.minimum}")
+        if abs(value) >= 1 << 63:
+            raise ProtocolError(f"{name}: out of range")
+    elif kind == "float":
+        if not (_is_int(value) or (isinstance(value, float) and math.isfinite(value))):
+            raise ProtocolError(f"{name}: expected a finite number")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{name}: expected true or false")
+    elif kind in ("dict", "dict[str,str]"):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{name}: expected an object")
+        if kind == "dict[str,str]":
+            if len(value) > (field.limit or MAX_ITEMS):
+                raise ProtocolError(f"{name}: too many entries")
+            for k, v in value.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise ProtocolError(f"{name}.{k}: expected a string")
+                if len(k) > MAX_STR or len(v) > MAX_STR:
+                    raise ProtocolError(f"{name}.{k}: longer than {MAX_STR} characters")
+    elif kind.startswith("list["):
+        if not isinstance(value, list):
+            raise ProtocolError(f"{name}: expected a list")
+        limit = field.limit or MAX_ITEMS
+        if len(value) > limit:
+            raise ProtocolError(f"{name}: more than {limit} items")
+        item_kind = kind[5:-1]
+        if item_kind == "dict":
+            sub = field.item or ()
+            return [check_fields(v, sub, f"{name}[{i}].") for i, v in enumerate(value)]
+        for i, v in enumerate(value):
+            _check(v, Field(f"{field.name}[{i}]", item_kind), where)
+    else:  # pragma: no cover - a typo in a spec above
+        raise AssertionError(f"unknown field kind {kind}")
+    return value
+
+
+def check_fields(data: Any, fields: Sequence[Field], where: str = "") -> dict[str, Any]:
+    """Validate `data` against `fields`; return it with unknown keys dropped.
+
+    Raises ProtocolError naming the first field that is missing or wrong.
+    Unknown keys are ignored so that a newer peer may add optional fields.
+    """
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where.rstrip('.') or 'data'}: expected an object")
+    out: dict[str, Any] = {}
+    for field in fields:
+        if field.name not in data or data[field.name] is None:
+            if field.required:
+                raise ProtocolError(f"{where}{field.name}: required")
+            continue
+        out[field.name] = _check(data[field.name], field, where)
+    return out
+
+
+def encode(
+    type: str, data: Mapping[str, Any], id: Optional[str] = None, seq: Optional[int] = None
+) -> str:
+    """Build a frame; validates `data` so a sender cannot emit a bad frame."""
+    spec = MESSAGES.get(type)
+    if spec is None:
+        raise ProtocolError(f"unknown message type {type!r}")
+    return Envelope(type, check_fields(dict(data), spec.fields), id, seq).to_json()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load(raw: Union[str, bytes], limit: int) -> Any:
+    if isinstance(raw, bytes):
+        raise ProtocolError("binary frames are not accepted; send JSON text")
+    # cheap character count first; the UTF-8 size only when it could matter
+    if len(raw) > limit or (len(raw) * 4 > limit and len(raw.encode()) > limit):
+        raise ProtocolError(f"frame larger than {limit} bytes")
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+
+
+def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTES) -> Envelope:
+    """Parse and validate one agent-channel frame.
+
+    `expect` is "agent" or "server": the side that is allowed to send it; a
+    frame of the other direction is refused. Raises ProtocolError.
+    """
+    frame = _load(raw, limit)
+    if not isinstance(frame, dict):
+        raise ProtocolError("frame must be a JSON object")
+    frame_id = frame.get("id")
+    re = str(frame_id) if isinstance(frame_id, str) or _is_int(frame_id) else None
+    if re is not None and len(re) > MAX_ID:
+        raise ProtocolError(f"id: longer than {MAX_ID} characters")
+    version = frame.get("v")
+    if not _is_int(version) or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+            code="unsupported_version",
+            re=re,
+        )
+    type_ = frame.get("type")
+    if not isinstance(type_, str) or type_ not in MESSAGES:
+        raise ProtocolError(f"unknown message type {type_!r}", re=re)
+    spec = MESSAGES[type_]
+    if expect and spec.direction not in (expect, "both"):
+        raise ProtocolError(f"{type_} is not sent by the {expect}", re=re)
+    seq = frame.get("seq")
+    if seq is not None and (not _is_int(seq) or seq < 1):
+        raise ProtocolError("seq: expected a positive integer", re=re)
+    if type_ in RELIABLE and expect == "agent" and seq is None:
+        raise ProtocolError(f"{type_} must carry a seq", re=re)
+    try:
+        data = check_fields(frame.get("data", {}), spec.fields, "data.")
+    except ProtocolError as exc:
+        exc.re = re
+        raise
+    return Envelope(type_, data, re, seq)
+
+
+def error_frame(code: str, message: str, re: Optional[str] = None) -> str:
+    data = {"code": code, "message": message[:MAX_STR]}
+    if re is not None:
+        data["re"] = re
+    return Envelope("error", data).to_json()
+
+
+# -- operator channel (/ctl) -----------------------------------------------
+
+
+class Request(NamedTuple):
+    id: Union[int, str]
+    method: str
+    params: dict[str, Any]
+
+
+def decode_request(raw: Union[str, bytes], limit: int = MAX_FRAME_BYTES) -> Request:
+    """Parse `{"id": 7, "method": "hosts.list", "params": {}}`. Raises ProtocolError."""
+    frame = _load(raw, limit)
+    if not isinstance(frame, dict):
+        raise ProtocolError("request must be a JSON object")
+    req_id = frame.get("id")
+    if not (isinstance(req_id, str) or _is_int(req_id)):
+        raise ProtocolError("id: expected an integer or a string")
+    method = frame.get("method")
+    if not isinstance(method, str) or not method or len(method) > 64:
+        raise ProtocolError("method: expected a method name", re=req_id)
+    params = frame.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ProtocolError("params: expected an object", re=req_id)
+    return Request(req_id, method, params)
+
+
+def result_frame(req_id: Any, result: Any) -> str:
+    return json.dumps({"id": req_id, "result": result}, ensure_ascii=False)
+
+
+def event_frame(req_id: Any, event: Any) -> str:
+    return json.dumps({"id": req_id, "event": event}, ensure_ascii=False)
+
+
+def request_error_frame(req_id: Any, code: str, message: str) -> str:
+    return json.dumps(
+        {"id": req_id, "error": {"code": code, "message": message}}, ensure_ascii=False
+    )
+
+
+# -- enrollment strings ------------------------------------------------------
+
+ENROLL_PREFIX = "fleet1:"
+
+
+def format_enrollment(server_url: str, token: str, fingerprint: Optional[str] = None) -> str:
+    """The one string an operator pastes: server URL, token, TLS pin."""
+    doc: dict[str, str] = {"url": server_url, "token": token}
+    if fingerprint:
+        doc["sha256"] = fingerprint
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_enrollment(value: str) -> dict[str, str]:
+    """Inverse of format_enrollment; raises ProtocolError on anything else."""
+    value = value.strip()
+    if not value.startswith(ENROLL_PREFIX):
+        raise ProtocolError(f"an enrollment string starts with {ENROLL_PREFIX!r}")
+    body = value[len(ENROLL_PREFIX) :]
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, TypeError):
+        raise ProtocolError("the enrollment string is damaged (copy it again)") from None
+    fields = (
+        Field("url", "str", limit=2048),
+        Field("token", "str", limit=1024),
+        Field("sha256", "str", False, limit=128),
+    )
+    return check_fields(doc, fields, "enrollment.")

@@ -1,0 +1,1 @@
+"""restic: command builders and output parsers (pure), and one execute module."""

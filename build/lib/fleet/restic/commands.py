@@ -1,0 +1,69 @@
+"""Build restic command lines as tuples. Pure: no I/O, no environment.
+
+The repository and its password never appear here: they travel in the
+environment (RESTIC_REPOSITORY, RESTIC_PASSWORD), which execute builds, so
+they cannot show up in a process list or a logged command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .. import retention
+
+Command = tuple[str, ...]
+
+RESTIC = "restic"
+
+
+def init() -> Command:
+    return (RESTIC, "init", "--json")
+
+
+def backup(includes: Sequence[str], excludes: Sequence[str] = (), tag: str = "") -> Command:
+    if not includes:
+        raise ValueError("a backup needs at least one include path")
+    args = [RESTIC, "backup", "--json"]
+    if tag:
+        args += ["--tag", tag]
+    for pattern in excludes:
+        args += ["--exclude", pattern]
+    # "--" so that an include path starting with "-" is never read as a flag
+    return (*args, "--", *includes)
+
+
+def snapshots() -> Command:
+    return (RESTIC, "snapshots", "--json")
+
+
+def stats(mode: str = "restore-size") -> Command:
+    return (RESTIC, "stats", "--json", "--mode", mode)
+
+
+def forget(tag: str, policy: dict, prune: bool = False) -> Command:
+    flags = retention.forget_args(retention.normalize(policy))
+    if not flags:
+        raise ValueError(f"group {tag!r} has no retention rules; forget would keep everything")
+    args = [RESTIC, "forget", "--json", "--tag", tag, "--group-by", "host,tags", *flags]
+    if prune:
+        args.append("--prune")
+    return tuple(args)
+
+
+def prune() -> Command:
+    return (RESTIC, "prune")
+
+
+def check(read_data_subset: str = "") -> Command:
+    args = [RESTIC, "check"]
+    if read_data_subset:
+        args += ["--read-data-subset", read_data_subset]
+    return tuple(args)
+
+
+def unlock(remove_all: bool = False) -> Command:
+    return (RESTIC, "unlock", "--remove-all") if remove_all else (RESTIC, "unlock")
+
+
+def version() -> Command:
+    return (RESTIC, "version")

@@ -1,0 +1,166 @@
+"""The one place restic (and hook commands) run: environment, streaming,
+secret masking, cancellation and exit-code mapping.
+
+Used by the agent, so stdlib only and Python 3.9+.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LINE_LIMIT = 1 << 20  # restic's longest lines are status lines listing current files
+MASK = "********"
+
+# restic's exit codes: 0 ok, 1 fatal, 3 some source files could not be read
+# (the snapshot exists, incomplete); later releases add 10-12 (no repository,
+# locked, wrong password), all failures for us.
+EXIT_WARNING = 3
+
+OnLine = Callable[[str, str], Awaitable[None]]  # (stream, line)
+
+
+def status_for(exit_code: int, cancelled: bool = False) -> str:
+    if cancelled:
+        return "cancelled"
+    if exit_code == 0:
+        return "succeeded"
+    if exit_code == EXIT_WARNING:
+        return "warning"
+    return "failed"
+
+
+def environment(
+    repo_url: str,
+    password: str,
+    extra: Mapping[str, str],
+    base: Optional[Mapping[str, str]] = None,
+) -> dict[str, str]:
+    """restic's environment: repository and password travel here, never in argv."""
+    env = dict(os.environ if base is None else base)
+    for key in list(env):
+        if key.startswith("RESTIC_") or key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            del env[key]  # nothing of the agent's own environment leaks into a job
+    env.update(extra)
+    env["RESTIC_REPOSITORY"] = repo_url
+    env["RESTIC_PASSWORD"] = password
+    env["RESTIC_PROGRESS_FPS"] = "1"  # status lines at most once a second
+    return env
+
+
+class Masker:
+    """Replaces every known secret in a line before it is logged or sent."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        # longest first, so a secret containing another is masked whole
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, line: str) -> str:
+        for secret in self.secrets:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        return line
+
+
+@dataclass
+class Result:
+    exit_code: int
+    cancelled: bool = False
+    stderr_tail: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return status_for(self.exit_code, self.cancelled)
+
+    @property
+    def error(self) -> str:
+        """restic's own words for a failure: its last non-empty stderr lines."""
+        return "\n".join(self.stderr_tail[-5:])
+
+
+async def _pump(
+    stream: asyncio.StreamReader,
+    name: str,
+    on_line: OnLine,
+    mask: Masker,
+    tail: Optional[list[str]],
+) -> None:
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line over LINE_LIMIT: take what is buffered
+            raw = await stream.read(LINE_LIMIT)
+        if not raw:
+            return
+        # terminal escapes (restic clears its status line with ESC[2K) are noise in a log
+        line = mask(_ANSI.sub("", raw.decode("utf-8", "replace").rstrip("\r\n")))
+        if tail is not None and line.strip():
+            tail.append(line)
+            del tail[:-20]
+        await on_line(name, line)
+
+
+async def run(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    on_line: OnLine,
+    mask: Masker,
+    cancel: Optional[asyncio.Event] = None,
+    grace: float = 10.0,
+    cwd: Optional[str] = None,
+) -> Result:
+    """Run argv, streaming each output line (masked) to on_line as it comes.
+
+    When `cancel` is set: SIGINT (restic removes its lock and exits), then
+    SIGTERM after `grace` seconds, then SIGKILL. A missing binary is exit 127.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+            limit=LINE_LIMIT,
+            start_new_session=True,  # the agent's own signals do not hit restic
+        )
+    except FileNotFoundError:
+        message = f"{argv[0]}: command not found"
+        await on_line("stderr", message)
+        return Result(127, stderr_tail=[message])
+    tail: list[str] = []
+    pumps = asyncio.gather(
+        _pump(proc.stdout, "stdout", on_line, mask, None),  # type: ignore[arg-type]
+        _pump(proc.stderr, "stderr", on_line, mask, tail),  # type: ignore[arg-type]
+    )
+    cancelled = False
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        if cancel is not None:
+            cancel_wait = asyncio.ensure_future(cancel.wait())
+            done, _ = await asyncio.wait({waiter, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+            cancel_wait.cancel()
+            if waiter not in done:
+                cancelled = True
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                    if proc.returncode is not None:
+                        break
+                    proc.send_signal(sig)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(waiter), grace)
+                    except asyncio.TimeoutError:
+                        continue
+        code = await waiter
+        await pumps
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    return Result(code, cancelled, tail)

@@ -1,0 +1,144 @@
+"""Parse restic's output. Pure; each function says what it raises.
+
+Written against restic 0.14 (Debian bookworm) and tolerant of the fields
+later versions add.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any, Optional
+
+_VERSION = re.compile(r"^restic (\d+\.\d+\.\d+\S*)")
+# restic prints times with nanoseconds and a zone: keep seconds, say UTC
+_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+class ParseError(ValueError):
+    """restic printed something other than what we expected."""
+
+
+def version(text: str) -> str:
+    """'restic 0.14.0 compiled with go1.19.8 on linux/amd64' -> '0.14.0'. Raises ParseError."""
+    match = _VERSION.match(text.strip())
+    if not match:
+        raise ParseError(f"not restic's version line: {text.strip()[:80]!r}")
+    return match.group(1)
+
+
+def json_line(line: str) -> Optional[dict[str, Any]]:
+    """One line of `--json` output as a dict, or None when it is not JSON."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    value = doc.get(key) or 0
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
+
+
+def progress(status: dict[str, Any]) -> dict[str, Any]:
+    """A backup `status` message as job.progress fields (without job_id)."""
+    elapsed = status.get("seconds_elapsed") or 0
+    done = _int(status, "bytes_done")
+    percent = status.get("percent_done") or 0
+    return {
+        "percent_done": float(percent) if isinstance(percent, (int, float)) else 0.0,
+        "files_done": _int(status, "files_done"),
+        "total_files": _int(status, "total_files"),
+        "bytes_done": done,
+        "total_bytes": _int(status, "total_bytes"),
+        "eta_seconds": _int(status, "seconds_remaining"),
+        "throughput_bps": int(done / elapsed)
+        if isinstance(elapsed, (int, float)) and elapsed > 0
+        else 0,
+    }
+
+
+def utc_time(value: str) -> str:
+    """restic's '2026-11-22T00:03:19.2047Z' (or with an offset) -> '2026-11-22T00:03:19Z'.
+
+    Offsets other than Z are converted. Raises ParseError.
+    """
+    match = _TIME.match(value)
+    if not match:
+        raise ParseError(f"not a restic time: {value!r}")
+    base, zone = match.groups()
+    when = dt.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S")
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        hours, minutes = int(zone[1:3]), int(zone[4:6])
+        when -= sign * dt.timedelta(hours=hours, minutes=minutes)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def snapshots(text: str) -> list[dict[str, Any]]:
+    """`restic snapshots --json` -> snapshot dicts of the protocol's shape. Raises ParseError."""
+    try:
+        docs = json.loads(text)
+    except ValueError as exc:
+        raise ParseError(f"snapshots output is not JSON: {exc}") from None
+    if not isinstance(docs, list):
+        raise ParseError("snapshots output is not a list")
+    out = []
+    for doc in docs:
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            raise ParseError("a snapshot without an id")
+        snap: dict[str, Any] = {
+            "id": doc["id"],
+            "short_id": doc.get("short_id") or doc["id"][:8],
+            "time": utc_time(doc.get("time", "")),
+            "hostname": doc.get("hostname") or "",
+            "paths": list(doc.get("paths") or []),
+            "tags": list(doc.get("tags") or []),
+        }
+        summary = doc.get("summary")  # restic 0.17+
+        if isinstance(summary, dict):
+            snap["size_bytes"] = _int(summary, "total_bytes_processed")
+            snap["file_count"] = _int(summary, "total_files_processed")
+        out.append(snap)
+    return out
+
+
+def add_backup_summary(snaps: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Give the snapshot a backup just made its size and file count: restic
+    before 0.17 keeps no summary in the snapshot itself."""
+    made = str(summary.get("snapshot_id") or "")
+    for snap in snaps:
+        if made and "size_bytes" not in snap and snap["id"].startswith(made):
+            snap["size_bytes"] = _int(summary, "total_bytes_processed")
+            snap["file_count"] = _int(summary, "total_files_processed")
+
+
+def stats(text: str) -> dict[str, int]:
+    """`restic stats --json` -> {size_bytes, file_count, snapshot_count}. Raises ParseError."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ParseError(f"stats output is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "total_size" not in doc:
+        raise ParseError("stats output has no total_size")
+    return {
+        "size_bytes": _int(doc, "total_size"),
+        "file_count": _int(doc, "total_file_count"),
+        "snapshot_count": _int(doc, "snapshots_count"),
+    }
+
+
+def already_initialized(stderr: str) -> bool:
+    """`restic init` on an existing repository: the soft success of auto-init."""
+    text = stderr.lower()
+    return "config file already exists" in text or "already initialized" in text
+
+
+def locked(stderr: str) -> bool:
+    """restic refused because another process (or a dead one) holds a lock."""
+    return "repository is already locked" in stderr.lower()

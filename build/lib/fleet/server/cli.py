@@ -1,0 +1,188 @@
+"""`fleetd`: initialise a data directory, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..exitcodes import Exit
+from . import auth
+from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
+from .ctl import NAME_RE
+from .secrets import SecretError, create_key_file
+from .store.db import open_database
+from .store.models import AuditLog, User
+
+DEFAULT_DATA_DIR = "/var/lib/fleetd"
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    envvar="FLEETD_DATA_DIR",
+    show_default=True,
+    help="Directory holding the database and the secret key (env FLEETD_DATA_DIR).",
+)
+
+
+class Fail(click.ClickException):
+    """An error line on stderr and a chosen exit status."""
+
+    def __init__(self, message: str, code: Exit = Exit.ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = int(code)
+
+    def show(self, file=None) -> None:
+        click.echo(f"fleetd: error: {self.message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fleetd")
+def cli() -> None:
+    """The Fleet control plane: serves agents (/agent) and operators (/ctl)."""
+
+
+@cli.command()
+@data_dir_option
+@click.option(
+    "--admin",
+    "admin_name",
+    default="admin",
+    show_default=True,
+    help="Name of the first admin user.",
+)
+def init(data_dir: Path, admin_name: str) -> None:
+    """Create the database, the secret key and the first admin.
+
+    The admin password is taken from FLEET_ADMIN_PASSWORD, or generated and
+    printed once. Refuses to touch a directory that is already initialised.
+    """
+    if not NAME_RE.match(admin_name):
+        raise Fail(
+            f"--admin {admin_name!r}: a user name holds only letters, digits, '.', '_' or '-'",
+            Exit.USAGE,
+        )
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Fail(f"cannot create {data_dir}: {exc.strerror}") from None
+    db_path, key_path = data_dir / DB_NAME, data_dir / KEY_NAME
+    if db_path.exists() or key_path.exists():
+        raise Fail(f"{data_dir} is already initialised (found {DB_NAME} or {KEY_NAME})")
+    password = os.environ.get("FLEET_ADMIN_PASSWORD")
+    generated = not password
+    if generated:
+        password = auth.generate_password()
+    elif len(password) < auth.MIN_PASSWORD:
+        raise Fail(
+            f"FLEET_ADMIN_PASSWORD needs at least {auth.MIN_PASSWORD} characters", Exit.USAGE
+        )
+    try:
+        create_key_file(key_path)
+    except SecretError as exc:
+        raise Fail(str(exc)) from None
+    database = open_database(db_path)
+    with database.atomic():
+        User.create(name=admin_name, password_hash=auth.hash_password(password), role="admin")
+        AuditLog.create(actor="system", action="fleetd.init", target=admin_name)
+    database.close()
+    os.chmod(db_path, 0o600)
+    click.echo(f"initialised {data_dir}")
+    click.echo(f"admin user: {admin_name}")
+    if generated:
+        click.echo(f"admin password (shown once): {password}")
+
+
+@cli.command()
+@data_dir_option
+@click.option(
+    "--listen",
+    default="127.0.0.1:8433",
+    show_default=True,
+    help="HOST:PORT to listen on (port 0: any free port).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM certificate chain.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM private key.",
+)
+@click.option(
+    "--public-url",
+    help="URL agents use to reach this server (default: as the operator reached it).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Seconds between agent heartbeats; an agent silent for three is offline.",
+)
+@click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe messages logged on stderr.",
+)
+def serve(
+    data_dir: Path,
+    listen: str,
+    tls_cert,
+    tls_key,
+    public_url,
+    heartbeat_interval: int,
+    insecure: bool,
+    log_level: str,
+) -> None:
+    """Serve agents and operators until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # websockets logs every handshake at INFO; keep its noise down
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        host, port = parse_listen(listen)
+    except ConfigError as exc:
+        raise Fail(str(exc), Exit.USAGE) from None
+    if bool(tls_cert) != bool(tls_key):
+        raise Fail("--tls-cert and --tls-key go together", Exit.USAGE)
+    if not tls_cert and not is_loopback(host) and not insecure:
+        raise Fail(
+            f"refusing to listen on {host} without TLS: tokens and repository passwords would "
+            "cross the network in clear; give --tls-cert/--tls-key, or --insecure",
+            Exit.USAGE,
+        )
+    if not (data_dir / DB_NAME).exists():
+        raise Fail(f"{data_dir} has no database; run 'fleetd init --data-dir {data_dir}' first")
+    config = ServeConfig(data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval)
+    try:
+        asyncio.run(run_server(config))
+    except SecretError as exc:
+        raise Fail(str(exc)) from None
+    except ssl.SSLError as exc:
+        raise Fail(f"cannot load the TLS certificate or key: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise Fail(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+def main() -> None:
+    cli(prog_name="fleetd")
+
+
+if __name__ == "__main__":
+    main()

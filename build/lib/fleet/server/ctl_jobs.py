@@ -1,0 +1,248 @@
+"""Operator methods for jobs and snapshots: run now, list, show, log, tail, cancel."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from ..protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
+from . import jobs
+from .auth import Role
+from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method
+from .store.models import Host, Job, JobLog, Snapshot
+
+GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
+
+
+def get_job(job_id: int) -> Job:
+    job = Job.select(Job, Host).join(Host).where(Job.id == job_id).first()
+    if job is None:
+        raise CtlError("not_found", f"no job {job_id}")
+    return job
+
+
+def job_view(job: Job, ctx: Context) -> dict:
+    out = jobs.job_json(job)
+    progress = ctx.state.hub.progress.get(job.id) if ctx.state.hub else None
+    if progress and job.status == "running":
+        out["progress"] = progress
+    return out
+
+
+@method(
+    "jobs.run",
+    Role.OPERATOR,
+    (
+        Field("host", "str", limit=64),
+        Field("group", "str", False, limit=64),
+        Field("kind", "str", False, choices=JOB_KINDS),
+    ),
+)
+def jobs_run(ctx: Context, p: dict) -> dict:
+    """Create a job now (a backup of a group by default) and dispatch it."""
+    host = get_host(p["host"])
+    kind = p.get("kind") or "backup"
+    group = None
+    params: dict[str, Any] = {}
+    if kind in GROUP_KINDS:
+        if not p.get("group"):
+            raise bad_request(f"a {kind} job needs a source group")
+        group = get_group(host, p["group"])
+        params = (
+            jobs.backup_params(group)
+            if kind == "backup"
+            else {"tag": group.name, "retention": group.retention}
+        )
+        if kind == "forget" and not group.retention:
+            raise bad_request(f"source group {group.name} has no retention rules to forget by")
+    elif p.get("group"):
+        raise bad_request(f"a {kind} job acts on the whole repository, not on a group")
+    job = jobs.create_job(host, kind, "user", ctx.caller.user_id, group, params)
+    audit(
+        ctx,
+        "job.run",
+        f"{host.name}/{group.name}" if group else host.name,
+        {"job": job.id, "kind": kind},
+    )
+    if ctx.state.hub is not None:
+        hub, host_id = ctx.state.hub, host.id
+        ctx.after.append(lambda: hub.dispatch(host_id))
+    queued_behind = (
+        Job.select()
+        .where((Job.host == host) & (Job.status.in_(jobs.ACTIVE)) & (Job.id != job.id))
+        .count()
+    )
+    return {**job_view(get_job(job.id), ctx), "queued_behind": queued_behind}
+
+
+def parse_since(value: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(value.rstrip("Z"), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise bad_request(f"since {value!r}: expected YYYY-MM-DDTHH:MM:SSZ") from None
+
+
+@method(
+    "jobs.list",
+    Role.VIEWER,
+    (
+        Field("host", "str", False, limit=64),
+        Field("status", "str", False, choices=JOB_STATUSES),
+        Field("kind", "str", False, choices=JOB_KINDS),
+        Field("since", "str", False, limit=32),
+        Field("limit", "int", False, minimum=1),
+    ),
+)
+def jobs_list(ctx: Context, p: dict) -> list:
+    query = Job.select(Job, Host).join(Host).order_by(Job.id.desc())
+    if p.get("host"):
+        query = query.where(Job.host == get_host(p["host"]))
+    if p.get("status"):
+        query = query.where(Job.status == p["status"])
+    if p.get("kind"):
+        query = query.where(Job.kind == p["kind"])
+    if p.get("since"):
+        query = query.where(Job.created_at >= parse_since(p["since"]))
+    query = query.limit(min(p.get("limit") or 50, 10_000))
+    return [job_view(j, ctx) for j in query]
+
+
+@method("jobs.show", Role.VIEWER, (Field("id", "int"),))
+def jobs_show(ctx: Context, p: dict) -> dict:
+    job = get_job(p["id"])
+    out = job_view(job, ctx)
+    out["params"] = job.params
+    out["log_lines"] = JobLog.select().where(JobLog.job == job).count()
+    return out
+
+
+def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[dict]:
+    query = (
+        JobLog.select().where((JobLog.job == job_id) & (JobLog.seq > after)).order_by(JobLog.seq)
+    )
+    if limit:
+        query = query.limit(limit)
+    return [jobs.line_json(job_id, r.seq, r.ts, r.stream, r.payload) for r in query]
+
+
+@method(
+    "jobs.log",
+    Role.VIEWER,
+    (
+        Field("id", "int"),
+        Field("after", "int", False, minimum=0),
+        Field("limit", "int", False, minimum=1),
+    ),
+)
+def jobs_log(ctx: Context, p: dict) -> dict:
+    job = get_job(p["id"])
+    return {
+        "job": jobs.job_json(job),
+        "lines": log_lines(job.id, p.get("after") or 0, p.get("limit")),
+    }
+
+
+@method("jobs.tail", Role.VIEWER, (Field("id", "int"), Field("after", "int", False, minimum=0)))
+async def jobs_tail(ctx: Context, p: dict) -> dict:
+    """Stream a job: its stored log first, then live lines and progress,
+    ending with the job itself once it has finished."""
+    store, hub = ctx.state.store, ctx.state.hub
+    job_id = p["id"]
+    queue = hub.subscribe(job_id)  # before reading the store, so nothing falls between
+    try:
+        job = await store.run(get_job, job_id)
+        sent = p.get("after") or 0
+        while True:  # the stored log, in pages
+            page = await store.run(log_lines, job_id, sent, 1000)
+            for line in page:
+                await ctx.emit({"type": "log", "line": line})
+                sent = line["seq"]
+            if len(page) < 1000:
+                break
+        job = await store.run(get_job, job_id)
+        if job.status not in FINAL_STATUSES:
+            await ctx.emit({"type": "status", "status": job.status})
+            progress = hub.progress.get(job_id)
+            if progress:
+                await ctx.emit({"type": "progress", "progress": progress})
+            while True:
+                event = await queue.get()
+                if event["type"] == "log":
+                    if event["line"]["seq"] <= sent:
+                        continue
+                    sent = event["line"]["seq"]
+                    await ctx.emit({"type": "log", "line": event["line"]})
+                elif event["type"] == "progress":
+                    await ctx.emit({"type": "progress", "progress": event["progress"]})
+                elif event["type"] == "status":
+                    await ctx.emit({"type": "status", "status": event["status"]})
+                elif event["type"] == "finished":
+                    break
+            # lines committed in the same batch as the end come first; be sure of it
+            for line in await store.run(log_lines, job_id, sent):
+                await ctx.emit({"type": "log", "line": line})
+            job = await store.run(get_job, job_id)
+        return jobs.job_json(job)
+    finally:
+        hub.unsubscribe(job_id, queue)
+
+
+@method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
+async def jobs_cancel(ctx: Context, p: dict) -> dict:
+    store, hub = ctx.state.store, ctx.state.hub
+    job = await store.run(get_job, p["id"])
+    if job.status in FINAL_STATUSES:
+        raise CtlError("conflict", f"job {job.id} already ended: {job.status}")
+    if await hub.cancel(job.host_id, job.id):
+        await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
+        return {**jobs.job_json(job), "cancel": "requested"}
+    if job.status == "queued":
+
+        def cancel_queued() -> bool:
+            done = (
+                Job.update(
+                    status="cancelled",
+                    finished_at=jobs.utcnow(),
+                    error="cancelled before it started",
+                )
+                .where((Job.id == job.id) & (Job.status == "queued"))
+                .execute()
+            )
+            if done:
+                audit(ctx, "job.cancel", job.host.name, {"job": job.id})
+            return bool(done)
+
+        if await store.atomic(cancel_queued):
+            hub.publish({"job_id": job.id, "type": "finished", "status": "cancelled"})
+            return jobs.job_json(await store.run(get_job, job.id))
+    raise CtlError(
+        "conflict",
+        f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
+    )
+
+
+@method(
+    "snapshots.list",
+    Role.VIEWER,
+    (Field("host", "str", limit=64), Field("group", "str", False, limit=64)),
+)
+def snapshots_list(ctx: Context, p: dict) -> list:
+    host = get_host(p["host"])
+    query = Snapshot.select().where(Snapshot.host == host).order_by(Snapshot.time.desc())
+    rows = []
+    for s in query:
+        if p.get("group") and p["group"] not in (s.tags or []):
+            continue
+        rows.append(
+            {
+                "id": s.snapshot_id,
+                "short_id": s.short_id,
+                "time": jobs.iso(s.time),
+                "hostname": s.hostname,
+                "paths": s.paths,
+                "tags": s.tags,
+                "size_bytes": s.size_bytes,
+                "file_count": s.file_count,
+            }
+        )
+    return rows

@@ -1,0 +1,247 @@
+"""Jobs in the store: creating them, applying what agents report, choosing
+what to dispatch. Every function here runs on the store thread, inside the
+caller's transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any, Optional
+
+from peewee import EXCLUDED, fn
+
+from .. import protocol
+from .store.models import Host, Job, JobLog, Repo, RepoStats, Snapshot, SourceGroup, utcnow
+
+log = logging.getLogger("fleetd.jobs")
+
+ACTIVE = ("queued", "running")
+
+
+def parse_ts(value: str) -> dt.datetime:
+    """An agent's RFC 3339 time; a malformed one becomes now (it is only a label)."""
+    try:
+        return dt.datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return utcnow()
+
+
+def backup_params(group: SourceGroup) -> dict:
+    """What command.run carries for a backup of `group`, frozen at job creation."""
+    return {
+        "group": group.name,
+        "includes": list(group.includes),
+        "excludes": list(group.excludes),
+        "tag": group.name,
+        "pre_hook": group.pre_hook,
+        "post_hook": group.post_hook,
+    }
+
+
+def create_job(
+    host: Host,
+    kind: str,
+    actor_kind: str,
+    actor_user: Optional[int] = None,
+    group: Optional[SourceGroup] = None,
+    params: Optional[dict] = None,
+) -> Job:
+    return Job.create(
+        host=host,
+        kind=kind,
+        status="queued",
+        actor_kind=actor_kind,
+        actor_user=actor_user,
+        group=group,
+        group_name=group.name if group else None,
+        params=params or {},
+    )
+
+
+def command_for(job: Job) -> dict:
+    cmd = {"job_id": job.id, "kind": job.kind}
+    cmd.update({k: v for k, v in (job.params or {}).items() if v not in (None, "", [])})
+    return cmd
+
+
+def next_job(host_id: int) -> Optional[dict]:
+    """The next queued job of a host (init first), as a command.run payload."""
+    job = (
+        Job.select()
+        .where((Job.host == host_id) & (Job.status == "queued"))
+        .order_by((Job.kind != "init"), Job.id)
+        .first()
+    )
+    return None if job is None else command_for(job)
+
+
+def needs_init(host_id: int) -> bool:
+    """Auto-init: a repository is set and no init job was made since it was.
+
+    A failed init is not retried by itself (it would fail again, forever):
+    `fleetctl repo init` or a new `repo set` tries again.
+    """
+    repo = Repo.get_or_none(Repo.host == host_id)
+    if repo is None:
+        return False
+    since = (Job.host == host_id) & (Job.kind == "init") & (Job.created_at >= repo.updated_at)
+    return not Job.select().where(since).exists()
+
+
+def mark_lost(host_id: int, still_running: Optional[int]) -> list[int]:
+    """Jobs the agent no longer knows: it came back, its spool is drained,
+    and it runs none of them."""
+    query = Job.select(Job.id).where((Job.host == host_id) & (Job.status == "running"))
+    if still_running is not None:
+        query = query.where(Job.id != still_running)
+    lost = [j.id for j in query]
+    if lost:
+        Job.update(
+            status="lost",
+            finished_at=utcnow(),
+            error="the agent restarted or lost the job before reporting its end",
+        ).where(Job.id.in_(lost)).execute()
+    return lost
+
+
+def fail_job(job_id: int, error: str) -> None:
+    Job.update(status="failed", finished_at=utcnow(), error=error).where(
+        (Job.id == job_id) & (Job.status.in_(ACTIVE))
+    ).execute()
+
+
+def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, list[dict]]:
+    """Apply an agent's reliable frames in seq order, each at most once.
+
+    Returns the host's last applied seq (what to ack) and the events to
+    publish to live tails once the transaction has committed.
+    """
+    host = Host.get_by_id(host_id)
+    last = host.last_seq
+    events: list[dict] = []
+    log_rows: list[dict] = []
+    owned: dict[int, bool] = {}
+
+    def mine(job_id: int) -> bool:
+        if job_id not in owned:
+            owned[job_id] = Job.select().where((Job.id == job_id) & (Job.host == host_id)).exists()
+            if not owned[job_id]:
+                log.warning("host %s reported on job %s, which is not its own", host.name, job_id)
+        return owned[job_id]
+
+    for frame in frames:
+        if frame.seq is None or frame.seq <= last:
+            continue  # already applied before a reconnect
+        last = frame.seq
+        data = frame.data
+        if frame.type == "job.log":
+            if mine(data["job_id"]):
+                row = {
+                    "job": data["job_id"],
+                    "seq": data["seq"],
+                    "ts": parse_ts(data["ts"]),
+                    "stream": data["stream"],
+                    "payload": data["payload"],
+                }
+                log_rows.append(row)
+                line = line_json(
+                    data["job_id"], data["seq"], row["ts"], data["stream"], data["payload"]
+                )
+                events.append({"job_id": data["job_id"], "type": "log", "line": line})
+        elif frame.type == "job.started":
+            if mine(data["job_id"]):
+                Job.update(status="running", started_at=parse_ts(data["started_at"])).where(
+                    (Job.id == data["job_id"]) & (Job.status.in_(ACTIVE))
+                ).execute()
+                events.append({"job_id": data["job_id"], "type": "status", "status": "running"})
+        elif frame.type == "job.finished":
+            if mine(data["job_id"]):
+                Job.update(
+                    status=data["status"],
+                    finished_at=parse_ts(data["finished_at"]),
+                    exit_code=data["exit_code"],
+                    summary=data.get("summary"),
+                    error=data.get("error"),
+                ).where(Job.id == data["job_id"]).execute()
+                events.append(
+                    {"job_id": data["job_id"], "type": "finished", "status": data["status"]}
+                )
+        elif frame.type == "snapshots.report":
+            replace_snapshots(host_id, data["snapshots"])
+        elif frame.type == "repo.stats":
+            RepoStats.insert(host=host_id, updated_at=utcnow(), **data).on_conflict(
+                conflict_target=[RepoStats.host],
+                preserve=[
+                    RepoStats.size_bytes,
+                    RepoStats.snapshot_count,
+                    RepoStats.file_count,
+                    RepoStats.raw_size_bytes,
+                    RepoStats.lock_state,
+                    RepoStats.updated_at,
+                ],
+            ).execute()
+        else:
+            log.info("host %s sent %s, which this fleetd does not apply", host.name, frame.type)
+    for start in range(0, len(log_rows), 500):  # job logs are written in batches
+        JobLog.insert_many(log_rows[start : start + 500]).on_conflict_ignore().execute()
+    if last != host.last_seq:
+        Host.update(last_seq=last).where(Host.id == host_id).execute()
+    return last, events
+
+
+def replace_snapshots(host_id: int, snapshots: list[dict[str, Any]]) -> None:
+    """fleetd's projection of `restic snapshots`: exactly what the agent saw."""
+    ids = [s["id"] for s in snapshots]
+    Snapshot.delete().where(
+        (Snapshot.host == host_id) & (Snapshot.snapshot_id.not_in(ids))
+    ).execute()
+    for snap in snapshots:
+        row = {
+            "host": host_id,
+            "snapshot_id": snap["id"],
+            "short_id": snap["short_id"],
+            "time": parse_ts(snap["time"]),
+            "hostname": snap["hostname"],
+            "paths": snap["paths"],
+            "tags": snap.get("tags") or [],
+            "size_bytes": snap.get("size_bytes"),
+            "file_count": snap.get("file_count"),
+        }
+        Snapshot.insert(**row).on_conflict(
+            conflict_target=[Snapshot.host, Snapshot.snapshot_id],
+            preserve=[Snapshot.tags, Snapshot.paths],
+            # a size learnt from the backup that made it is kept when later reports lack one
+            update={
+                Snapshot.size_bytes: fn.COALESCE(EXCLUDED.size_bytes, Snapshot.size_bytes),
+                Snapshot.file_count: fn.COALESCE(EXCLUDED.file_count, Snapshot.file_count),
+            },
+        ).execute()
+
+
+def iso(value: Optional[dt.datetime]) -> Optional[str]:
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def line_json(job_id: int, seq: int, ts: dt.datetime, stream: str, payload: str) -> dict:
+    return {"job": job_id, "seq": seq, "ts": iso(ts), "stream": stream, "payload": payload}
+
+
+def job_json(job: Job) -> dict:
+    user = job.actor_user.name if job.actor_user_id else None
+    return {
+        "id": job.id,
+        "host": job.host.name,
+        "kind": job.kind,
+        "group": job.group_name,
+        "status": job.status,
+        "actor": user if job.actor_kind == "user" else job.actor_kind,
+        "actor_kind": job.actor_kind,
+        "schedule": job.schedule_id,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "exit_code": job.exit_code,
+        "summary": job.summary,
+        "error": job.error,
+    }

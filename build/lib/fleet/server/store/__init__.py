@@ -1,0 +1,1 @@
+"""fleetd's store: peewee models over SQLite, migrations, and the store thread."""

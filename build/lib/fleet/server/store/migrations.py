@@ -1,0 +1,89 @@
+"""Numbered schema migrations, applied in order at start.
+
+Each migration is a list of SQL statements, frozen when it was written: the
+models may change later, a migration never does. A new change to the schema
+is a new entry at the end. Applied versions are recorded in schema_version.
+"""
+
+from __future__ import annotations
+
+import peewee as pw
+
+from .models import SchemaVersion, utcnow
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "initial",
+        [
+            'CREATE TABLE "user" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "password_hash" TEXT NOT NULL, "role" TEXT NOT NULL, "created_at" DATETIME NOT NULL)',
+            'CREATE UNIQUE INDEX "user_name" ON "user" ("name")',
+            'CREATE TABLE "api_token" ("id" INTEGER NOT NULL PRIMARY KEY, "user_id" INTEGER NOT NULL, "name" TEXT NOT NULL, "token_hash" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "expires_at" DATETIME, "revoked_at" DATETIME, "last_used_at" DATETIME, FOREIGN KEY ("user_id") REFERENCES "user" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "api_token_user_id" ON "api_token" ("user_id")',
+            'CREATE UNIQUE INDEX "api_token_token_hash" ON "api_token" ("token_hash")',
+            'CREATE TABLE "host" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "agent_token_hash" TEXT, "enrolled_at" DATETIME, "online" INTEGER NOT NULL, "last_seen_at" DATETIME, "hostname" TEXT, "agent_version" TEXT, "restic_version" TEXT, "os" TEXT, "arch" TEXT, "timezone" TEXT, "schedule_version" INTEGER NOT NULL, "applied_schedule_version" INTEGER NOT NULL, "last_seq" INTEGER NOT NULL)',
+            'CREATE UNIQUE INDEX "host_name" ON "host" ("name")',
+            'CREATE UNIQUE INDEX "host_agent_token_hash" ON "host" ("agent_token_hash")',
+            'CREATE TABLE "enrollment_token" ("id" INTEGER NOT NULL PRIMARY KEY, "host_id" INTEGER NOT NULL, "token_hash" TEXT NOT NULL, "created_by_id" INTEGER, "created_at" DATETIME NOT NULL, "expires_at" DATETIME NOT NULL, "used_at" DATETIME, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE, FOREIGN KEY ("created_by_id") REFERENCES "user" ("id") ON DELETE SET NULL)',
+            'CREATE INDEX "enrollment_token_host_id" ON "enrollment_token" ("host_id")',
+            'CREATE UNIQUE INDEX "enrollment_token_token_hash" ON "enrollment_token" ("token_hash")',
+            'CREATE INDEX "enrollment_token_created_by_id" ON "enrollment_token" ("created_by_id")',
+            'CREATE TABLE "repo" ("host_id" INTEGER NOT NULL PRIMARY KEY, "url_enc" BLOB NOT NULL, "password_enc" BLOB NOT NULL, "env_names" TEXT NOT NULL, "env_enc" BLOB, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE TABLE "source_group" ("id" INTEGER NOT NULL PRIMARY KEY, "host_id" INTEGER NOT NULL, "name" TEXT NOT NULL, "includes" TEXT NOT NULL, "excludes" TEXT NOT NULL, "retention" TEXT NOT NULL, "pre_hook" TEXT, "post_hook" TEXT, "retries" INTEGER NOT NULL, "retry_delay" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "source_group_host_id" ON "source_group" ("host_id")',
+            'CREATE UNIQUE INDEX "source_group_host_id_name" ON "source_group" ("host_id", "name")',
+            'CREATE TABLE "schedule" ("id" INTEGER NOT NULL PRIMARY KEY, "host_id" INTEGER NOT NULL, "cron" TEXT NOT NULL, "enabled" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "schedule_host_id" ON "schedule" ("host_id")',
+            'CREATE TABLE "schedule_group" ("schedule_id" INTEGER NOT NULL, "group_id" INTEGER NOT NULL, PRIMARY KEY ("schedule_id", "group_id"), FOREIGN KEY ("schedule_id") REFERENCES "schedule" ("id") ON DELETE CASCADE, FOREIGN KEY ("group_id") REFERENCES "source_group" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "schedule_group_schedule_id" ON "schedule_group" ("schedule_id")',
+            'CREATE INDEX "schedule_group_group_id" ON "schedule_group" ("group_id")',
+            'CREATE TABLE "maintenance" ("host_id" INTEGER NOT NULL PRIMARY KEY, "forget_cron" TEXT, "prune_cron" TEXT, "check_cron" TEXT, "check_subset" TEXT NOT NULL, "last_forget_at" DATETIME, "last_prune_at" DATETIME, "last_check_at" DATETIME, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE TABLE "job" ("id" INTEGER NOT NULL PRIMARY KEY, "host_id" INTEGER NOT NULL, "kind" TEXT NOT NULL, "status" TEXT NOT NULL, "actor_kind" TEXT NOT NULL, "actor_user_id" INTEGER, "schedule_id" INTEGER, "group_id" INTEGER, "group_name" TEXT, "params" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "started_at" DATETIME, "finished_at" DATETIME, "exit_code" INTEGER, "summary" TEXT, "error" TEXT, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE, FOREIGN KEY ("actor_user_id") REFERENCES "user" ("id") ON DELETE SET NULL, FOREIGN KEY ("schedule_id") REFERENCES "schedule" ("id") ON DELETE SET NULL, FOREIGN KEY ("group_id") REFERENCES "source_group" ("id") ON DELETE SET NULL)',
+            'CREATE INDEX "job_host_id" ON "job" ("host_id")',
+            'CREATE INDEX "job_actor_user_id" ON "job" ("actor_user_id")',
+            'CREATE INDEX "job_schedule_id" ON "job" ("schedule_id")',
+            'CREATE INDEX "job_group_id" ON "job" ("group_id")',
+            'CREATE INDEX "job_created_at" ON "job" ("created_at")',
+            'CREATE INDEX "job_host_id_status" ON "job" ("host_id", "status")',
+            'CREATE TABLE "job_log" ("job_id" INTEGER NOT NULL, "seq" INTEGER NOT NULL, "ts" DATETIME NOT NULL, "stream" TEXT NOT NULL, "payload" TEXT NOT NULL, PRIMARY KEY ("job_id", "seq"), FOREIGN KEY ("job_id") REFERENCES "job" ("id") ON DELETE CASCADE)',
+            'CREATE TABLE "snapshot" ("id" INTEGER NOT NULL PRIMARY KEY, "host_id" INTEGER NOT NULL, "snapshot_id" TEXT NOT NULL, "short_id" TEXT NOT NULL, "time" DATETIME NOT NULL, "hostname" TEXT NOT NULL, "paths" TEXT NOT NULL, "tags" TEXT NOT NULL, "size_bytes" INTEGER, "file_count" INTEGER, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "snapshot_host_id" ON "snapshot" ("host_id")',
+            'CREATE UNIQUE INDEX "snapshot_host_id_snapshot_id" ON "snapshot" ("host_id", "snapshot_id")',
+            'CREATE TABLE "repo_stats" ("host_id" INTEGER NOT NULL PRIMARY KEY, "size_bytes" INTEGER NOT NULL, "raw_size_bytes" INTEGER, "snapshot_count" INTEGER NOT NULL, "file_count" INTEGER, "lock_state" TEXT, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE)',
+            'CREATE TABLE "audit_log" ("id" INTEGER NOT NULL PRIMARY KEY, "at" DATETIME NOT NULL, "actor" TEXT NOT NULL, "action" TEXT NOT NULL, "target" TEXT, "detail" TEXT, "address" TEXT)',
+            'CREATE INDEX "audit_log_at" ON "audit_log" ("at")',
+        ],
+    ),
+]
+
+
+def current_version(database: pw.Database) -> int:
+    if not database.table_exists("schema_version"):
+        return 0
+    return SchemaVersion.select(pw.fn.MAX(SchemaVersion.version)).scalar() or 0
+
+
+def migrate(database: pw.Database) -> list[int]:
+    """Apply the migrations not yet recorded; return the versions applied.
+
+    Each one runs in its own transaction together with its version row, so
+    a crash leaves the schema at a recorded version.
+    """
+    database.create_tables([SchemaVersion], safe=True)
+    done = current_version(database)
+    latest = MIGRATIONS[-1][0]
+    if done > latest:
+        raise RuntimeError(
+            f"the database is at schema version {done}, newer than this fleetd knows "
+            f"({latest}); run a newer fleetd"
+        )
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version <= done:
+            continue
+        with database.atomic():
+            for sql in statements:
+                database.execute_sql(sql)
+            SchemaVersion.create(version=version, name=name, applied_at=utcnow())
+        applied.append(version)
+    return applied

@@ -1,0 +1,226 @@
+"""The store's tables as peewee models.
+
+The schema itself is created by the numbered migrations in migrations.py;
+these models describe it, and a test checks that the two agree. Times are
+naive UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import peewee as pw
+
+db = pw.DatabaseProxy()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class JSONField(pw.TextField):
+    """A JSON document in a text column (portable to PostgreSQL as text)."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class Base(pw.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class SchemaVersion(Base):
+    version = pw.IntegerField(primary_key=True)
+    name = pw.TextField()
+    applied_at = pw.DateTimeField(default=utcnow)
+
+
+class User(Base):
+    name = pw.TextField(unique=True)
+    password_hash = pw.TextField()
+    role = pw.TextField()  # viewer | operator | admin
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class ApiToken(Base):
+    user = pw.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    name = pw.TextField()
+    token_hash = pw.TextField(unique=True)  # SHA-256 hex; the token itself is never stored
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField(null=True)
+    revoked_at = pw.DateTimeField(null=True)
+    last_used_at = pw.DateTimeField(null=True)
+
+
+class Host(Base):
+    name = pw.TextField(unique=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    agent_token_hash = pw.TextField(null=True, unique=True)
+    enrolled_at = pw.DateTimeField(null=True)
+    online = pw.BooleanField(default=False)
+    last_seen_at = pw.DateTimeField(null=True)
+    hostname = pw.TextField(null=True)  # what the agent reports, may differ from name
+    agent_version = pw.TextField(null=True)
+    restic_version = pw.TextField(null=True)
+    os = pw.TextField(null=True)
+    arch = pw.TextField(null=True)
+    timezone = pw.TextField(null=True)
+    schedule_version = pw.IntegerField(default=0)  # bumped on every schedule change
+    applied_schedule_version = pw.IntegerField(default=0)  # what the agent acknowledged
+    last_seq = pw.IntegerField(default=0)  # highest delivery seq applied from the agent
+
+
+class EnrollmentToken(Base):
+    host = pw.ForeignKeyField(Host, backref="enrollment_tokens", on_delete="CASCADE")
+    token_hash = pw.TextField(unique=True)
+    created_by = pw.ForeignKeyField(User, null=True, on_delete="SET NULL")
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+
+
+class Repo(Base):
+    # One repository per host; the host id is also the row id bound into
+    # the ciphertexts as associated data.
+    host = pw.ForeignKeyField(Host, primary_key=True, backref="repo", on_delete="CASCADE")
+    url_enc = pw.BlobField()  # encrypted too: a URL may carry credentials
+    password_enc = pw.BlobField()
+    env_names = JSONField(default=list)  # names only; values are in env_enc
+    env_enc = pw.BlobField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class SourceGroup(Base):
+    host = pw.ForeignKeyField(Host, backref="groups", on_delete="CASCADE")
+    name = pw.TextField()
+    includes = JSONField()
+    excludes = JSONField(default=list)
+    retention = JSONField(default=dict)
+    pre_hook = pw.TextField(null=True)
+    post_hook = pw.TextField(null=True)
+    retries = pw.IntegerField(default=0)
+    retry_delay = pw.IntegerField(default=300)  # seconds
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("host", "name"), True),)
+
+
+class Schedule(Base):
+    host = pw.ForeignKeyField(Host, backref="schedules", on_delete="CASCADE")
+    cron = pw.TextField()
+    enabled = pw.BooleanField(default=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class ScheduleGroup(Base):
+    schedule = pw.ForeignKeyField(Schedule, backref="links", on_delete="CASCADE")
+    group = pw.ForeignKeyField(SourceGroup, backref="schedule_links", on_delete="CASCADE")
+
+    class Meta:
+        primary_key = pw.CompositeKey("schedule", "group")
+
+
+class Maintenance(Base):
+    host = pw.ForeignKeyField(Host, primary_key=True, backref="maintenance", on_delete="CASCADE")
+    forget_cron = pw.TextField(null=True)
+    prune_cron = pw.TextField(null=True)
+    check_cron = pw.TextField(null=True)
+    check_subset = pw.TextField(default="5%")  # restic check --read-data-subset
+    last_forget_at = pw.DateTimeField(null=True)
+    last_prune_at = pw.DateTimeField(null=True)
+    last_check_at = pw.DateTimeField(null=True)
+
+
+class Job(Base):
+    host = pw.ForeignKeyField(Host, backref="jobs", on_delete="CASCADE")
+    kind = pw.TextField()
+    status = pw.TextField(default="queued")
+    actor_kind = pw.TextField()  # user | schedule | system
+    actor_user = pw.ForeignKeyField(User, null=True, on_delete="SET NULL")
+    schedule = pw.ForeignKeyField(Schedule, null=True, on_delete="SET NULL")
+    group = pw.ForeignKeyField(SourceGroup, null=True, on_delete="SET NULL")
+    group_name = pw.TextField(null=True)  # kept when the group is deleted
+    params = JSONField(default=dict)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+    started_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True)
+    exit_code = pw.IntegerField(null=True)
+    summary = JSONField(null=True)
+    error = pw.TextField(null=True)
+
+    class Meta:
+        indexes = ((("host", "status"), False),)
+
+
+class JobLog(Base):
+    job = pw.ForeignKeyField(Job, backref="log", on_delete="CASCADE")
+    seq = pw.IntegerField()
+    ts = pw.DateTimeField()
+    stream = pw.TextField()
+    payload = pw.TextField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("job", "seq")
+
+
+class Snapshot(Base):
+    host = pw.ForeignKeyField(Host, backref="snapshots", on_delete="CASCADE")
+    snapshot_id = pw.TextField()
+    short_id = pw.TextField()
+    time = pw.DateTimeField()
+    hostname = pw.TextField()
+    paths = JSONField()
+    tags = JSONField(default=list)
+    size_bytes = pw.BigIntegerField(null=True)
+    file_count = pw.BigIntegerField(null=True)
+
+    class Meta:
+        indexes = ((("host", "snapshot_id"), True),)
+
+
+class RepoStats(Base):
+    host = pw.ForeignKeyField(Host, primary_key=True, backref="repo_stats", on_delete="CASCADE")
+    size_bytes = pw.BigIntegerField()
+    raw_size_bytes = pw.BigIntegerField(null=True)
+    snapshot_count = pw.IntegerField()
+    file_count = pw.BigIntegerField(null=True)
+    lock_state = pw.TextField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class AuditLog(Base):
+    at = pw.DateTimeField(default=utcnow, index=True)
+    actor = pw.TextField()  # user name, "agent:<host>" or "system"
+    action = pw.TextField()  # e.g. "user.add", "repo.set"
+    target = pw.TextField(null=True)
+    detail = JSONField(null=True)  # never holds a secret
+    address = pw.TextField(null=True)
+
+
+MODELS: list[type[Base]] = [
+    SchemaVersion,
+    User,
+    ApiToken,
+    Host,
+    EnrollmentToken,
+    Repo,
+    SourceGroup,
+    Schedule,
+    ScheduleGroup,
+    Maintenance,
+    Job,
+    JobLog,
+    Snapshot,
+    RepoStats,
+    AuditLog,
+]
