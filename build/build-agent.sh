@@ -16,8 +16,12 @@ site="$stage/site-packages"
 # third-party code, from source for websockets so no C speedups are built
 "$BIN/pip" install --quiet --no-compile --no-deps --target "$site" \
   --no-binary websockets -r build/agent-requirements.txt 2>&1 | grep -v '^WARNING: Location' >&2 || true
-# the fleet package itself, without its server and CLI dependencies
-"$BIN/pip" install --quiet --no-compile --no-deps --target "$site/.fleet" . 2>&1 | grep -v '^WARNING: Location' >&2 || true
+# the fleet package itself, without its server and CLI dependencies, from a
+# copy of the tree (setuptools leaves build/ dirs behind in what it builds)
+mkdir "$stage/src"
+cp -r pyproject.toml README.md fleet "$stage/src/"
+find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
+"$BIN/pip" install --quiet --no-compile --no-deps --target "$site/.fleet" "$stage/src" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 mv "$site/.fleet/fleet" "$site/.fleet"/fleet-*.dist-info "$site/"
 rm -rf "$site/.fleet" "$site/bin"
 

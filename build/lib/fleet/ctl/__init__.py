@@ -1,1 +1,0 @@
-"""fleetctl: the operator command line (click + rich)."""

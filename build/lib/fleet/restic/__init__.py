@@ -1,1 +1,0 @@
-"""restic: command builders and output parsers (pure), and one execute module."""

@@ -1,1 +1,0 @@
-"""fleetd's store: peewee models over SQLite, migrations, and the store thread."""
