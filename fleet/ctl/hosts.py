@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from .. import units
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
 
@@ -99,6 +100,11 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
 @click.command()
 @click.argument("host")
 @click.option(
+    "--install",
+    is_flag=True,
+    help="Print a root shell snippet: install the pyz, enroll, enable the systemd unit.",
+)
+@click.option(
     "--expires",
     type=Duration(),
     default="1h",
@@ -107,15 +113,41 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
 )
 @json_option
 @pass_app
-def enroll(app: App, host: str, expires: Optional[int], as_json: bool) -> None:
+def enroll(app: App, host: str, install: bool, expires: Optional[int], as_json: bool) -> None:
     """Print the one-line command that enrolls HOST's agent.
 
     The token inside is single use and expires; HOST is created here if it
     is new, so its repository and groups can be set up before the agent runs.
+    With --install, print the whole root shell snippet for a systemd server.
     """
     result = app.call("enroll.create", host=host, expires_in=expires)
+    if install:
+        result["install"] = install_snippet(result["enrollment"])
     if as_json:
         render.emit_json(result)
         return
-    app.out.print(result["command"], markup=False, soft_wrap=True)
+    app.out.print(result["install"] if install else result["command"], markup=False, soft_wrap=True)
     app.err.print(f"run this on {result['host']} before {result['expires_at']} (single use)")
+
+
+AGENT_PYZ = "/usr/local/lib/fleet/fleet-agent.pyz"
+AGENT_STATE = "/var/lib/fleet-agent"
+
+
+def install_snippet(enrollment: str) -> str:
+    """Root shell commands: user, pyz, enrollment, unit. Copy fleet-agent.pyz
+    (from `make agent`) next to where they run first."""
+    unit = units.unit("fleet-agent.service").rstrip("\n")
+    return f"""# as root on the server, in a directory holding fleet-agent.pyz (built by 'make agent'):
+set -e
+command -v restic >/dev/null || apt-get install -y restic
+id fleet-agent >/dev/null 2>&1 || useradd --system --home-dir {AGENT_STATE} --shell /usr/sbin/nologin fleet-agent
+install -D -m 0755 fleet-agent.pyz {AGENT_PYZ}
+install -d -m 0700 -o fleet-agent -g fleet-agent {AGENT_STATE} /var/cache/fleet-agent
+runuser -u fleet-agent -- env SHIV_ROOT=/var/cache/fleet-agent/shiv python3 {AGENT_PYZ} enroll {enrollment} --state-dir {AGENT_STATE}
+cat > /etc/systemd/system/fleet-agent.service <<'UNIT'
+{unit}
+UNIT
+systemctl daemon-reload
+systemctl enable --now fleet-agent
+systemctl --no-pager status fleet-agent"""

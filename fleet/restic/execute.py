@@ -36,6 +36,15 @@ def status_for(exit_code: int, cancelled: bool = False) -> str:
     return "failed"
 
 
+_REPO_KEYS = (
+    "RESTIC_REPOSITORY",
+    "RESTIC_REPOSITORY_FILE",
+    "RESTIC_PASSWORD",
+    "RESTIC_PASSWORD_FILE",
+    "RESTIC_PASSWORD_COMMAND",
+)
+
+
 def environment(
     repo_url: str,
     password: str,
@@ -44,9 +53,8 @@ def environment(
 ) -> dict[str, str]:
     """restic's environment: repository and password travel here, never in argv."""
     env = dict(os.environ if base is None else base)
-    for key in list(env):
-        if key.startswith("RESTIC_") or key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            del env[key]  # nothing of the agent's own environment leaks into a job
+    for key in _REPO_KEYS:
+        env.pop(key, None)  # the host's repository is fleetd's, never the agent's environment's
     env.update(extra)
     env["RESTIC_REPOSITORY"] = repo_url
     env["RESTIC_PASSWORD"] = password
