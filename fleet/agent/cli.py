@@ -69,8 +69,14 @@ def lock_state_dir(state: State):
     return fh
 
 
-async def run_agent(state: State, restic: str, grace: float) -> int:
-    agent = Agent(state, state.load_identity(), restic=restic, cancel_grace=grace)
+async def run_agent(state: State, args: argparse.Namespace) -> int:
+    agent = Agent(
+        state,
+        state.load_identity(),
+        restic=args.restic,
+        cancel_grace=args.cancel_grace,
+        spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
+    )
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         fail(str(exc), Exit.USAGE)
     _lock = lock_state_dir(state)  # noqa: F841 - released at exit
     try:
-        sys.exit(asyncio.run(run_agent(state, args.restic, args.cancel_grace)))
+        sys.exit(asyncio.run(run_agent(state, args)))
     except FatalError as exc:
         fail(str(exc), Exit(exc.exit_code))
 
@@ -172,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds between SIGINT and SIGTERM when cancelling restic (default 10)",
+    )
+    p.add_argument(
+        "--spool-max-mb",
+        type=float,
+        default=64,
+        help="bound of the spool of unacknowledged reports; past it the oldest log lines go first (default 64)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.set_defaults(func=cmd_run)

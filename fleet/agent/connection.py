@@ -29,7 +29,7 @@ from .. import __version__, protocol
 from ..protocol import ProtocolError
 from ..restic import commands, parse
 from .jobs import JobRunner
-from .spool import Spool
+from .spool import DEFAULT_MAX_BYTES, Spool
 from .state import Identity, RepoConfig, State, write_private
 
 log = logging.getLogger("fleet-agent")
@@ -149,12 +149,17 @@ async def enroll(state: State, enrollment: str, hostname: Optional[str] = None) 
 
 class Agent:
     def __init__(
-        self, state: State, identity: Identity, restic: str = "restic", cancel_grace: float = 10.0
+        self,
+        state: State,
+        identity: Identity,
+        restic: str = "restic",
+        cancel_grace: float = 10.0,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.state = state
         self.identity = identity
         self.restic = restic
-        self.spool = Spool(state.spool_path)
+        self.spool = Spool(state.spool_path, spool_max_bytes)
         self.runner = JobRunner(state, self, restic, cancel_grace)
         self.ws: Optional[ClientConnection] = None
         self.wake = asyncio.Event()
