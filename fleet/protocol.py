@@ -239,6 +239,7 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("lock_state", "str", choices=("locked", "unlocked")),
         ),
     ),
+    "repo.locks": MessageSpec("agent", (F("count", "int", minimum=0),)),
     "ack": MessageSpec("server", (F("seq", "int", minimum=0),)),
     "error": MessageSpec(
         "both", (F("code", "str", limit=64), F("message", "str", limit=MAX_STR), _opt("re", "str"))
@@ -247,7 +248,15 @@ MESSAGES: dict[str, MessageSpec] = {
 
 # Frames the agent spools and numbers with `seq`; fleetd acks them.
 RELIABLE = frozenset(
-    {"schedule.fire", "job.started", "job.log", "job.finished", "snapshots.report", "repo.stats"}
+    {
+        "schedule.fire",
+        "job.started",
+        "job.log",
+        "job.finished",
+        "snapshots.report",
+        "repo.stats",
+        "repo.locks",
+    }
 )
 
 

@@ -165,6 +165,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.acked = 0
         self.acked_event = asyncio.Event()
+        self._locks_checked = False  # once per start, after the first connection
         self.restic_version = "unknown"
         self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
 
@@ -262,6 +263,9 @@ class Agent:
             log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
             self.ws = ws
             self.connected.set()
+            if not self._locks_checked:
+                self._locks_checked = True
+                asyncio.ensure_future(self.runner.check_locks_when_idle())
             tasks = [
                 asyncio.ensure_future(self._receiver(ws)),
                 asyncio.ensure_future(self._sender(ws)),

@@ -164,6 +164,8 @@ class JobRunner:
             await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
         await self.reporter.emit("job.finished", finished)
         log.info("job %s (%s) %s", job_id, kind, status)
+        if repo is not None and (status != "succeeded" or kind == "unlock"):
+            await self.report_locks(repo)  # a failed or stopped restic may have left one
         self.current = None
 
     async def _execute(self, kind: str, cmd: dict[str, Any], repo: RepoConfig, joblog: JobLog):
@@ -234,6 +236,33 @@ class JobRunner:
                 if status == "succeeded":
                     status = "warning"
         return status, result.exit_code, error
+
+    async def report_locks(self, repo: Optional[RepoConfig] = None) -> None:
+        """Tell fleetd how many restic locks the repository holds (stale ones
+        are left by a restic that was killed); `fleetctl repo unlock` clears them."""
+        repo = repo or self.state.load_repo()
+        if repo is None:
+            return
+        env = execute.environment(repo.url, repo.password, repo.env)
+        mask = execute.Masker([repo.password, *repo.env.values()])
+        locks: list[str] = []
+
+        async def collect(stream: str, line: str) -> None:
+            if stream == "stdout" and line.strip():
+                locks.append(line)
+
+        result = await execute.run(self._argv(commands.list_locks()), env, collect, mask)
+        if result.exit_code == 0:
+            if locks:
+                log.warning("the repository holds %d lock(s)", len(locks))
+            await self.reporter.emit("repo.locks", {"count": len(locks)})
+        else:
+            log.warning("restic list locks failed: %s", result.error)
+
+    async def check_locks_when_idle(self) -> None:
+        """At start: a restic killed with the agent leaves its lock behind."""
+        if self.current is None:
+            await self.report_locks()
 
     async def report_repository(self, repo: RepoConfig, summary: Optional[dict] = None) -> None:
         """After a backup: the snapshot list and repository stats for fleetd."""

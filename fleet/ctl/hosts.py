@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import click
+from rich.markup import escape
 
 from .. import units
 from . import render
@@ -14,6 +15,20 @@ from .app import App, Duration, confirm, json_option, pass_app
 @click.group()
 def hosts() -> None:
     """Servers with an agent (or an enrollment pending)."""
+
+
+def locks(host: dict) -> str:
+    n = host.get("repo_locks")
+    if n is None:
+        return "-"
+    if n == 0:
+        return "none"
+    return f"[yellow]{n}[/] (a killed restic leaves one: 'fleetctl repo unlock {escape(host['name'])}')"
+
+
+def status_cell(host: dict) -> str:
+    text = render.status(host["status"])
+    return f"{text} [yellow](repo locked)[/]" if host.get("repo_locks") else text
 
 
 def last_backup(host: dict) -> str:
@@ -38,7 +53,7 @@ def hosts_list(app: App, as_json: bool) -> None:
         (
             (
                 render.cell(h["name"]),
-                render.status(h["status"]),
+                status_cell(h),
                 render.ago(h["last_seen_at"]),
                 render.cell(h["agent_version"]),
                 last_backup(h),
@@ -73,6 +88,7 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
             ("restic", c(h["restic_version"])),
             ("enrolled", c(h["enrolled_at"])),
             ("repository", c(h["repo"])),
+            ("repository locks", locks(h)),
             ("source groups", c(h["groups"])),
             (
                 "schedule version",

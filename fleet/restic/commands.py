@@ -65,5 +65,10 @@ def unlock(remove_all: bool = False) -> Command:
     return (RESTIC, "unlock", "--remove-all") if remove_all else (RESTIC, "unlock")
 
 
+def list_locks() -> Command:
+    # --no-lock: looking at the locks must not add one
+    return (RESTIC, "list", "locks", "--no-lock")
+
+
 def version() -> Command:
     return (RESTIC, "version")

@@ -16,6 +16,7 @@ import logging
 import signal
 import ssl
 from dataclasses import dataclass
+from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Optional
@@ -26,13 +27,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .. import protocol
-from . import agent_channel, ctl, ctl_jobs  # noqa: F401 - ctl_jobs registers the job methods
+from . import agent_channel, ctl, ctl_jobs, jobs  # noqa: F401 - ctl_jobs registers the job methods
 from .auth import RateLimiter
 from .ctl import Caller, Context, CtlError, ServerState
 from .hub import Hub
 from .secrets import load_key_file
 from .store.db import Store
-from .store.models import Host
+from .store.models import Host, utcnow
 
 log = logging.getLogger("fleetd")
 
@@ -49,6 +50,7 @@ class ServeConfig:
     tls_key: Optional[Path] = None
     public_url: Optional[str] = None
     heartbeat_interval: int = 30
+    lost_after: int = 3600  # a running job of a host offline this long is lost
 
 
 class ConfigError(Exception):
@@ -243,7 +245,9 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             print(f"fleetd listening on {scheme}://{config.host}:{port}", flush=True)
             if ready is not None and not ready.done():
                 ready.set_result(port)
+            ticker = asyncio.ensure_future(housekeeping(state, config.lost_after))
             signum = await stop
+            ticker.cancel()
             log.info("received %s, shutting down", signal.Signals(signum).name)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -251,6 +255,22 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         await store.run(reset_online)
         await store.close()
     log.info("stopped")
+
+
+async def housekeeping(state: ServerState, lost_after: int) -> None:
+    """Periodic work: running jobs of hosts gone for longer than lost_after are lost."""
+    every = max(1.0, min(60.0, lost_after / 4))
+    while True:
+        await asyncio.sleep(every)
+        cutoff = utcnow() - timedelta(seconds=lost_after)
+        try:
+            lost = await state.store.atomic(jobs.expire_lost, cutoff)
+        except Exception:  # a failed pass must not stop the next ones
+            log.exception("housekeeping failed")
+            continue
+        for job_id in lost:
+            log.warning("job %s lost: its host has been offline for over %d s", job_id, lost_after)
+            state.hub.publish({"job_id": job_id, "type": "finished", "status": "lost"})
 
 
 def reset_online() -> None:

@@ -129,6 +129,13 @@ def init(data_dir: Path, admin_name: str) -> None:
     show_default=True,
     help="Seconds between agent heartbeats; an agent silent for three is offline.",
 )
+@click.option(
+    "--lost-after",
+    type=click.IntRange(min=1),
+    default=3600,
+    show_default=True,
+    help="Seconds a host may stay offline during a running job before the job counts as lost.",
+)
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
 @click.option(
     "--log-level",
@@ -144,6 +151,7 @@ def serve(
     tls_key,
     public_url,
     heartbeat_interval: int,
+    lost_after: int,
     insecure: bool,
     log_level: str,
 ) -> None:
@@ -169,7 +177,9 @@ def serve(
         )
     if not (data_dir / DB_NAME).exists():
         raise Fail(f"{data_dir} has no database; run 'fleetd init --data-dir {data_dir}' first")
-    config = ServeConfig(data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval)
+    config = ServeConfig(
+        data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval, lost_after
+    )
     try:
         asyncio.run(run_server(config))
     except SecretError as exc:

@@ -567,6 +567,7 @@ def host_json(h: Host, detail: bool = False) -> dict:
         "last_seen_at": iso(h.last_seen_at),
         "agent_version": h.agent_version,
         "restic_version": h.restic_version,
+        "repo_locks": h.repo_locks,
         "last_backup": None
         if backup is None
         else {

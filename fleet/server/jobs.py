@@ -105,6 +105,22 @@ def mark_lost(host_id: int, still_running: Optional[int]) -> list[int]:
     return lost
 
 
+def expire_lost(cutoff: dt.datetime) -> list[int]:
+    """Running jobs of hosts offline since before `cutoff`: their agent never
+    came back to say how they ended."""
+    silent = Host.select(Host.id).where((Host.online == False) & (Host.last_seen_at < cutoff))  # noqa: E712
+    lost = [
+        j.id for j in Job.select(Job.id).where((Job.status == "running") & (Job.host.in_(silent)))
+    ]
+    if lost:
+        Job.update(
+            status="lost",
+            finished_at=utcnow(),
+            error="the host went offline during the job and did not come back in time",
+        ).where(Job.id.in_(lost)).execute()
+    return lost
+
+
 def fail_job(job_id: int, error: str) -> None:
     Job.update(status="failed", finished_at=utcnow(), error=error).where(
         (Job.id == job_id) & (Job.status.in_(ACTIVE))
@@ -169,6 +185,10 @@ def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, li
                 )
         elif frame.type == "snapshots.report":
             replace_snapshots(host_id, data["snapshots"])
+        elif frame.type == "repo.locks":
+            Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
+                Host.id == host_id
+            ).execute()
         elif frame.type == "repo.stats":
             RepoStats.insert(host=host_id, updated_at=utcnow(), **data).on_conflict(
                 conflict_target=[RepoStats.host],

@@ -58,6 +58,7 @@ ALL_TYPES = {
     "job.finished",
     "snapshots.report",
     "repo.stats",
+    "repo.locks",
     "ack",
     "error",
 }
@@ -69,6 +70,7 @@ RELIABLE_TYPES = {
     "job.finished",
     "snapshots.report",
     "repo.stats",
+    "repo.locks",
 }
 
 # type -> (direction, required field names, optional field names), in wire order
@@ -120,6 +122,7 @@ WIRE_FIELDS = {
         ("size_bytes", "snapshot_count"),
         ("file_count", "raw_size_bytes", "lock_state"),
     ),
+    "repo.locks": ("agent", ("count",), ()),
     "ack": ("server", ("seq",), ()),
     "error": ("both", ("code", "message"), ("re",)),
 }
@@ -359,6 +362,12 @@ EXAMPLES = {
         '{"v":1,"type":"repo.stats","id":"st1","seq":6,"data":{"size_bytes":1048576,'
         '"snapshot_count":7,"file_count":1234,"raw_size_bytes":2097152,'
         '"lock_state":"unlocked"}}',
+    ),
+    "repo.locks": (
+        {"count": 1},
+        None,
+        9,
+        '{"v":1,"type":"repo.locks","seq":9,"data":{"count":1}}',
     ),
     "ack": (
         {"seq": 6},

@@ -74,12 +74,12 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1]
+        assert migrate(database) == [1, 2]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
-        assert recorded == [(1, "initial")]
-        (applied_at,) = [v.applied_at for v in m.SchemaVersion.select()]
-        assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 1
+        assert recorded == [(1, "initial"), (2, "host repository locks")]
+        for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
+            assert isinstance(applied_at, dt.datetime)
+        assert current_version(database) == MIGRATIONS[-1][0] == 2
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -89,7 +89,10 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
 
 def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_path: Path) -> None:
     assert db_path.exists()
-    assert rows(database, "SELECT version, name FROM schema_version") == [(1, "initial")]
+    assert rows(database, "SELECT version, name FROM schema_version") == [
+        (1, "initial"),
+        (2, "host repository locks"),
+    ]
     assert m.Host.select().count() == 0
 
 
@@ -125,10 +128,8 @@ def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
     # Nothing was changed by the refused open.
     raw = sqlite3.connect(db_path)
     try:
-        assert raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [
-            (latest,),
-            (latest + 1,),
-        ]
+        versions = raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(v,) for v in range(1, latest + 2)]
         assert raw.execute("SELECT name FROM host").fetchall() == [("survivor",)]
     finally:
         raw.close()
@@ -489,3 +490,29 @@ def test_store_close_closes_and_later_calls_fail(db_path: Path) -> None:
         assert raw.execute("SELECT name FROM host").fetchall() == [("web1",)]
     finally:
         raw.close()
+
+
+def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: Path) -> None:
+    """An older fleetd's database: only migration 1 applied, with data in it."""
+    raw = sqlite3.connect(db_path)
+    raw.execute(
+        'CREATE TABLE "schema_version" ("version" INTEGER NOT NULL PRIMARY KEY, '
+        '"name" TEXT NOT NULL, "applied_at" DATETIME NOT NULL)'
+    )
+    for sql in MIGRATIONS[0][2]:
+        raw.execute(sql)
+    raw.execute("INSERT INTO schema_version VALUES (1, 'initial', '2026-01-01 00:00:00')")
+    raw.execute(
+        "INSERT INTO host (name, created_at, online, schedule_version, applied_schedule_version, last_seq) "
+        "VALUES ('old-host', '2026-01-01 00:00:00', 0, 0, 0, 7)"
+    )
+    raw.commit()
+    raw.close()
+    database = open_database(db_path)
+    try:
+        host = m.Host.get(m.Host.name == "old-host")
+        assert host.last_seq == 7
+        assert host.repo_locks is None
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2]
+    finally:
+        database.close()

@@ -54,6 +54,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "audit_log_at" ON "audit_log" ("at")',
         ],
     ),
+    (
+        2,
+        "host repository locks",
+        [
+            'ALTER TABLE "host" ADD COLUMN "repo_locks" INTEGER',
+            'ALTER TABLE "host" ADD COLUMN "repo_locks_at" DATETIME',
+        ],
+    ),
 ]
 
 

@@ -75,6 +75,8 @@ class Host(Base):
     schedule_version = pw.IntegerField(default=0)  # bumped on every schedule change
     applied_schedule_version = pw.IntegerField(default=0)  # what the agent acknowledged
     last_seq = pw.IntegerField(default=0)  # highest delivery seq applied from the agent
+    repo_locks = pw.IntegerField(null=True)  # restic locks in the repository, as last reported
+    repo_locks_at = pw.DateTimeField(null=True)
 
 
 class EnrollmentToken(Base):
