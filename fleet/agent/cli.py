@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from typing import Optional
 
@@ -111,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(asyncio.run(run_agent(state, args)))
     except FatalError as exc:
         fail(str(exc), Exit(exc.exit_code))
+    except (sqlite3.Error, OSError) as exc:
+        fail(f"cannot open the spool in {state.root}: {exc}", Exit.ERROR)
 
 
 def cmd_status(args: argparse.Namespace) -> None:

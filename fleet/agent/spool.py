@@ -24,16 +24,14 @@ Frame = tuple[int, str, dict[str, Any]]  # (seq, type, data)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-    seq INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL,
-    size INTEGER NOT NULL DEFAULT 0,
-    dropped INTEGER NOT NULL DEFAULT 0  -- > 0: a marker standing for this many log lines
-);
-CREATE INDEX IF NOT EXISTS frames_logs ON frames (type, dropped, seq);
+CREATE TABLE IF NOT EXISTS frames (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# columns added since the first agents; a spool of an older agent gains them in place
+_ADDED = (
+    ("size", "INTEGER NOT NULL DEFAULT 0"),
+    ("dropped", "INTEGER NOT NULL DEFAULT 0"),  # > 0: a marker standing for this many log lines
+)
 
 
 def marker(data: dict[str, Any], count: int) -> dict[str, Any]:
@@ -55,6 +53,13 @@ class Spool:
         # take the last commits, and a job running then is lost anyway.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+        for name, decl in _ADDED:
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {decl}")
+                if name == "size":
+                    self._db.execute("UPDATE frames SET size = length(data)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS frames_logs ON frames (type, seq)")
         path.chmod(0o600)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM frames").fetchone()[0]
         self.dropped_total = 0  # log lines dropped since start, for the agent's own log

@@ -7,9 +7,11 @@ Used by the agent, so stdlib only and Python 3.9+.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
 import signal
+import sys
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -92,6 +94,18 @@ class Result:
         return "\n".join(self.stderr_tail[-5:])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGKILL it if the agent dies, so a
+    killed agent leaves no restic running unseen (its lock then is stale and
+    `restic unlock` clears it). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 async def _pump(
     stream: asyncio.StreamReader,
     name: str,
@@ -138,6 +152,7 @@ async def run(
             cwd=cwd,
             limit=LINE_LIMIT,
             start_new_session=True,  # the agent's own signals do not hit restic
+            preexec_fn=_die_with_parent,
         )
     except FileNotFoundError:
         message = f"{argv[0]}: command not found"
