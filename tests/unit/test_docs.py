@@ -1,9 +1,10 @@
 """The man pages and the README against the code, in the spirit of sqlite-utils'
-docs test: walk every fleetctl and fleetd command, and fail when one lacks help,
-when its --help does not work, or when the man page leaves out the command or
-one of its options. The other way round too: a man page may not document an
-option that does not exist, and its exit status table must be exactly
-fleet.exitcodes.Exit.
+docs test: walk every fleetctl and fleetd command (click) and every fleet-agent
+subcommand (argparse), and fail when one lacks help, when its --help does not
+work, or when the man page leaves out the command or one of its options. The
+other way round too: a man page may not document an option that does not
+exist, and its exit status table must be exactly fleet.exitcodes.Exit (for
+fleet-agent: a part of it holding every status its parser's epilog names).
 
 Man pages are roff: hyphens are written `\\-` and words carry font escapes
 (`\\fB...\\fR`), so the page text is normalised before anything is searched.
@@ -11,6 +12,7 @@ Man pages are roff: hyphens are written `\\-` and words carry font escapes
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleet.agent.cli import build_parser
+from fleet.agent.state import DEFAULT_STATE_DIR, State
 from fleet.ctl.main import cli as fleetctl_cli
 from fleet.exitcodes import Exit
 from fleet.server.cli import cli as fleetd_cli
@@ -121,12 +124,49 @@ OPTIONS = [
 ]
 
 
+# -- walking the argparse tree of fleet-agent --------------------------------
+
+AGENT_PAGE = "fleet-agent.8"
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    """name -> (the help line shown in the parent's usage, the subparser)."""
+    out: dict[str, tuple[str, argparse.ArgumentParser]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                out[name] = (helps.get(name, ""), sub)
+    return out
+
+
+def argparse_options(parser: argparse.ArgumentParser) -> list[str]:
+    return sorted(
+        {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+    )
+
+
+AGENT_COMMANDS = [
+    pytest.param(name, help_line, sub, id=f"fleet-agent {name}")
+    for name, (help_line, sub) in subcommands(build_parser()).items()
+]
+
+AGENT_OPTIONS = [
+    pytest.param(name, option, id=f"fleet-agent {name} {option}")
+    for name, (_, sub) in subcommands(build_parser()).items()
+    for option in argparse_options(sub)
+]
+
+
 def test_the_walk_sees_every_command() -> None:
     """Guards the walk itself: a broken walk would make the tests below vacuous."""
     seen = {" ".join((c.values[0], *c.values[1])) for c in COMMANDS}
     for expected in ("fleetctl groups create", "fleetctl tokens revoke", "fleetd serve"):
         assert expected in seen
     assert len(COMMANDS) > 20
+    agent = {c.values[0] for c in AGENT_COMMANDS}
+    assert {"enroll", "run", "status"} <= agent, agent
+    assert {"--state-dir", "--restic"} <= {o.values[1] for o in AGENT_OPTIONS}
 
 
 # -- every command -----------------------------------------------------------
@@ -166,6 +206,94 @@ def test_option_is_in_man_page(prog: str, path: tuple, option: str, page: str) -
     )
 
 
+# -- every fleet-agent subcommand --------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "help_line", "sub"), AGENT_COMMANDS)
+def test_agent_command_has_help_text(
+    name: str, help_line: str, sub: argparse.ArgumentParser
+) -> None:
+    assert help_line.strip(), f"'fleet-agent {name}' has no help text"
+
+
+@pytest.mark.parametrize(("name", "help_line", "sub"), AGENT_COMMANDS)
+def test_agent_command_help_exits_zero(
+    name: str, help_line: str, sub: argparse.ArgumentParser, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: fleet-agent {name} ")
+
+
+@pytest.mark.parametrize(("name", "help_line", "sub"), AGENT_COMMANDS)
+def test_agent_command_is_in_man_page(
+    name: str, help_line: str, sub: argparse.ArgumentParser
+) -> None:
+    entries = tags(sections(page_source(AGENT_PAGE))["COMMANDS"])
+    assert any(t == name or t.startswith(name + " ") for t in entries), (
+        f"{AGENT_PAGE} has no COMMANDS entry for 'fleet-agent {name}'"
+    )
+
+
+@pytest.mark.parametrize(("name", "option"), AGENT_OPTIONS)
+def test_agent_subcommand_option_is_in_man_page(name: str, option: str) -> None:
+    text = section_text(page_source(AGENT_PAGE), "OPTIONS", "COMMANDS")
+    assert mentions(text, option), (
+        f"{AGENT_PAGE} does not document {option} of 'fleet-agent {name}'"
+    )
+
+
+def test_agent_options_sit_under_their_command() -> None:
+    """Each subcommand's options appear in its own COMMANDS entry, not only in
+    another's: `status --json` is not documented by a `--json` elsewhere."""
+    lines = sections(page_source(AGENT_PAGE))["COMMANDS"]
+    entries: dict[str, list[str]] = {}
+    current = None
+    for i, line in enumerate(lines):
+        if line.strip() == ".TP" and i + 1 < len(lines):
+            tag = normalise(lines[i + 1]).strip()
+            head = tag.split(" ", 1)[0]
+            if head in subcommands(build_parser()):
+                current = head
+                entries[current] = []
+        if current is not None:
+            entries[current].append(line)
+    for name, (_, sub) in subcommands(build_parser()).items():
+        text = normalise("\n".join(entries.get(name, [])))
+        own = [o for o in argparse_options(sub) if o != "--help"]  # under OPTIONS, for all
+        missing = [o for o in own if not mentions(text, o)]
+        assert not missing, f"{AGENT_PAGE}: the entry of '{name}' does not document {missing}"
+
+
+def choices(page: str) -> list[tuple[str, str, str]]:
+    """(command, option, value) for every option restricted to a set of values."""
+    out = []
+    if page == AGENT_PAGE:
+        for name, (_, sub) in subcommands(build_parser()).items():
+            for action in sub._actions:
+                if action.choices and action.option_strings:
+                    out += [(name, action.option_strings[-1], str(c)) for c in action.choices]
+        return out
+    prog = next(p for p, (_, pg) in PROGRAMS.items() if pg == page)
+    for path, cmd in walk(PROGRAMS[prog][0]):
+        for param in cmd.params:
+            if isinstance(param, click.Option) and isinstance(param.type, click.Choice):
+                out += [(" ".join(path), param.opts[-1], str(c)) for c in param.type.choices]
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_man_page_names_every_choice(page: str) -> None:
+    """An option taking one of a set of values (job statuses, kinds, roles,
+    log levels) has each value spelled out in the page."""
+    text = section_text(page_source(page), "OPTIONS", "COMMANDS")
+    missing = [
+        f"{cmd} {opt} {value}" for cmd, opt, value in choices(page) if not mentions(text, value)
+    ]
+    assert not missing, f"{page} does not name these values: {missing}"
+
+
 # -- the pages as a whole ----------------------------------------------------
 
 
@@ -179,8 +307,9 @@ def agent_options() -> list[str]:
 
 
 def known_options(page: str) -> set[str]:
-    if page == "fleet-agent.8":
-        return set(agent_options())
+    if page == AGENT_PAGE:
+        subs = [sub for _, sub in subcommands(build_parser()).values()]
+        return set(agent_options()).union(*(argparse_options(s) for s in subs))
     prog = next(p for p, (_, pg) in PROGRAMS.items() if pg == page)
     return {o for _, cmd in walk(PROGRAMS[prog][0]) for o in long_options(cmd)}
 
@@ -238,7 +367,36 @@ def test_fleetd_page_documents_environment_and_files() -> None:
 
 @pytest.mark.parametrize("option", agent_options())
 def test_agent_option_is_in_man_page(option: str) -> None:
-    assert mentions(section_text(page_source("fleet-agent.8"), "OPTIONS"), option)
+    assert mentions(section_text(page_source(AGENT_PAGE), "OPTIONS"), option)
+
+
+def test_agent_exit_status_table() -> None:
+    """fleet-agent uses part of the shared table: each status its --help epilog
+    names is documented, and nothing outside fleet.exitcodes.Exit."""
+    documented = {
+        int(t) for t in tags(sections(page_source(AGENT_PAGE))["EXIT STATUS"]) if t.isdigit()
+    }
+    epilog = build_parser().epilog or ""
+    named = {int(n) for n in re.findall(r"(?<![\w-])(\d+) [a-z]", epilog)}
+    assert named, f"no exit statuses found in the epilog: {epilog!r}"
+    assert named <= documented, f"{AGENT_PAGE} EXIT STATUS lacks {sorted(named - documented)}"
+    assert documented <= {int(e) for e in Exit}, sorted(documented)
+
+
+def test_agent_page_documents_environment_and_files() -> None:
+    source = page_source(AGENT_PAGE)
+    env = section_text(source, "ENVIRONMENT")
+    for var in ("FLEET_AGENT_STATE_DIR", "FLEET_RESTIC"):
+        assert mentions(env, var), f"{AGENT_PAGE} ENVIRONMENT lacks {var}"
+    files = section_text(source, "FILES")
+    state = State(Path(DEFAULT_STATE_DIR))
+    names = [state.identity_path, state.cert_path, state.repo_path, state.spool_path]
+    for name in [p.name for p in names] + ["agent.lock", DEFAULT_STATE_DIR]:
+        assert mentions(files, name), f"{AGENT_PAGE} FILES lacks {name}"
+    assert "0600" in files
+    text = normalise(source)
+    assert "fleetctl enroll" in text
+    assert "not available" not in text and "not implemented" not in text
 
 
 def test_agent_help_and_version_exit_zero(capsys: pytest.CaptureFixture) -> None:
@@ -268,3 +426,19 @@ def test_readme_mentions_make_targets() -> None:
     text = readme.read_text(encoding="utf-8")
     for target in ("make demo", "make test"):
         assert target in text, f"README.md does not mention `{target}`"
+
+
+def test_readme_shows_a_backup_end_to_end() -> None:
+    readme = ROOT / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md does not exist yet")
+    text = readme.read_text(encoding="utf-8")
+    for command in (
+        "fleet-agent enroll",
+        "fleet-agent run",
+        "fleetctl run",
+        "--follow",
+        "fleetctl jobs list",
+        "fleetctl snapshots",
+    ):
+        assert command in text, f"README.md does not show `{command}`"
