@@ -13,7 +13,7 @@ import sqlite3
 import sys
 from typing import Optional
 
-from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .. import __version__
 from ..exitcodes import Exit
@@ -31,6 +31,7 @@ def fail(message: str, code: Exit) -> None:
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
+    os.umask(0o077)  # everything the agent writes is its own
     state = State(state_dir(args.state_dir))
     if state.identity_path.exists() and not args.force:
         fail(
@@ -47,10 +48,12 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         fail(f"bad server URL in the enrollment string: {exc}", Exit.USAGE)
     except InvalidStatus as exc:
         fail(f"the server answered HTTP {exc.response.status_code} to enrollment", Exit.UNREACHABLE)
-    except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-        fail(f"cannot reach the server: {getattr(exc, 'strerror', None) or exc}", Exit.UNREACHABLE)
     except StateError as exc:
         fail(str(exc), Exit.ERROR)
+    except ConnectionClosed:
+        fail("the server closed the connection without answering the enrollment", Exit.UNREACHABLE)
+    except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+        fail(f"cannot reach the server: {getattr(exc, 'strerror', None) or exc}", Exit.UNREACHABLE)
     print(
         f"enrolled as {identity.host_name} with {identity.server_url}; state saved in {state.root}"
     )
@@ -96,6 +99,7 @@ async def run_agent(state: State, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    os.umask(0o077)  # the lock, the spool and its WAL hold nothing for others
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         stream=sys.stderr,
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cancel-grace",
         type=float,
         default=10.0,
-        help="seconds between SIGINT and SIGTERM when cancelling restic (default 10)",
+        help="seconds to wait after SIGINT, then after SIGTERM, before the next signal when cancelling restic (default 10)",
     )
     p.add_argument(
         "--spool-max-mb",

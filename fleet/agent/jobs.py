@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 from typing import Any, Optional, Protocol
 
@@ -208,8 +209,11 @@ class JobRunner:
         runs whenever the pre-hook succeeded (it often restarts what the
         pre-hook stopped); its failure turns a success into a warning.
         """
-        # hooks get the repository but not its password
-        hook_env = {k: v for k, v in env.items() if k != "RESTIC_PASSWORD"}
+        # hooks get the agent's environment and what the job is, never the
+        # repository's credentials
+        hook_env = {k: v for k, v in os.environ.items() if k not in execute.REPO_KEYS}
+        hook_env["FLEET_JOB_ID"] = str(cmd["job_id"])
+        hook_env["FLEET_GROUP"] = str(cmd.get("group") or cmd.get("tag") or "")
 
         async def hook(name: str, command: str) -> execute.Result:
             await joblog.note(f"running {name}: {command}")

@@ -104,7 +104,10 @@ class State:
             raise StateError(f"{self.identity_path} is damaged") from None
 
     def save_identity(self, identity: Identity) -> None:
-        write_private(self.identity_path, json.dumps(asdict(identity), indent=2) + "\n")
+        try:
+            write_private(self.identity_path, json.dumps(asdict(identity), indent=2) + "\n")
+        except OSError as exc:
+            raise StateError(f"cannot write {self.identity_path}: {exc.strerror}") from None
 
     def load_repo(self) -> Optional[RepoConfig]:
         doc = _read_json(self.repo_path)

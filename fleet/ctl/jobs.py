@@ -108,7 +108,7 @@ class TailPrinter:
             (self.progress.console if self.progress else self.out).print(text, soft_wrap=True)
         elif event["type"] == "progress" and not self.raw:
             p = event["progress"]
-            if not self.err.is_terminal:
+            if not (self.err.is_terminal and self.out.is_terminal):
                 self._plain_progress(p)
                 return
             bar = self._bar()
@@ -183,6 +183,8 @@ def run(app: App, host: str, group: str, follow: bool, strict: bool, as_json: bo
     exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
     or lost.
     """
+    if strict and not follow:
+        raise click.UsageError("--strict goes with --follow")
     job = app.call("jobs.run", host=host, group=group)
     if as_json and not follow:
         render.emit_json(job)

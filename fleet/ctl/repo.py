@@ -108,6 +108,8 @@ def repo_show(app: App, host: str, as_json: bool) -> None:
 
 
 def repo_job(app: App, host: str, kind: str, follow: bool, strict: bool, as_json: bool) -> None:
+    if strict and not follow:
+        raise click.UsageError("--strict goes with --follow")
     job = app.call("jobs.run", host=host, kind=kind)
     if as_json and not follow:
         render.emit_json(job)

@@ -38,7 +38,7 @@ def status_for(exit_code: int, cancelled: bool = False) -> str:
     return "failed"
 
 
-_REPO_KEYS = (
+REPO_KEYS = (
     "RESTIC_REPOSITORY",
     "RESTIC_REPOSITORY_FILE",
     "RESTIC_PASSWORD",
@@ -55,7 +55,7 @@ def environment(
 ) -> dict[str, str]:
     """restic's environment: repository and password travel here, never in argv."""
     env = dict(os.environ if base is None else base)
-    for key in _REPO_KEYS:
+    for key in REPO_KEYS:
         env.pop(key, None)  # the host's repository is fleetd's, never the agent's environment's
     env.update(extra)
     env["RESTIC_REPOSITORY"] = repo_url
@@ -175,7 +175,10 @@ async def run(
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
                     if proc.returncode is not None:
                         break
-                    proc.send_signal(sig)
+                    try:  # the whole process group: a hook's children stop too
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
                     try:
                         await asyncio.wait_for(asyncio.shield(waiter), grace)
                     except asyncio.TimeoutError:
