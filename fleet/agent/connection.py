@@ -168,6 +168,8 @@ class Agent:
         self._locks_checked = False  # once per start, after the first connection
         self.restic_version = "unknown"
         self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
+        self.disconnected = asyncio.Event()  # set while it is not
+        self.disconnected.set()
 
     # -- Reporter: how jobs talk to fleetd -------------------------------
 
@@ -262,6 +264,7 @@ class Agent:
             interval = reply.data["heartbeat_interval"]
             log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
             self.ws = ws
+            self.disconnected.clear()
             self.connected.set()
             if not self._locks_checked:
                 self._locks_checked = True
@@ -278,6 +281,7 @@ class Agent:
             finally:
                 self.ws = None
                 self.connected.clear()
+                self.disconnected.set()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
