@@ -160,14 +160,16 @@ class JobRunner:
             finished["summary"] = joblog.summary
         if error and status not in ("succeeded",):
             finished["error"] = error[:MAX_LINE]
+        # every report of the job before its end: whoever sees the job end sees
+        # its snapshot and the locks it left, and fleetd may dispatch the next
+        # job the moment job.finished arrives, so the runner is idle by then
         if kind == "backup" and status in ("succeeded", "warning"):
-            # before job.finished, so that whoever sees the job end sees its snapshot
             await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
-        await self.reporter.emit("job.finished", finished)
-        log.info("job %s (%s) %s", job_id, kind, status)
         if repo is not None and (status != "succeeded" or kind == "unlock"):
             await self.report_locks(repo)  # a failed or stopped restic may have left one
         self.current = None
+        await self.reporter.emit("job.finished", finished)
+        log.info("job %s (%s) %s", job_id, kind, status)
 
     async def _execute(self, kind: str, cmd: dict[str, Any], repo: RepoConfig, joblog: JobLog):
         env = execute.environment(repo.url, repo.password, repo.env)
