@@ -140,9 +140,8 @@ async def enroll(state: State, enrollment: str, hostname: Optional[str] = None) 
         raise FatalError(f"enrollment refused: {reply.data['message']}", 3)
     if reply.type != "enrolled":
         raise FatalError(f"unexpected answer to enroll: {reply.type}")
-    identity = Identity(
-        url, reply.data["host_id"], reply.data["host_name"], reply.data["agent_token"], pin
-    )
+    data = reply.data
+    identity = Identity(url, data["host_id"], data["host_name"], data["agent_token"], pin, hostname)
     state.save_identity(identity)
     return identity
 
@@ -228,7 +227,7 @@ class Agent:
             "protocol_version": protocol.PROTOCOL_VERSION,
             "agent_version": __version__,
             "restic_version": self.restic_version,
-            "hostname": socket.gethostname(),
+            "hostname": self.identity.hostname or socket.gethostname(),
             "os": platform.system().lower(),
             "arch": ARCH.get(platform.machine(), platform.machine()),
             "timezone": local_timezone(),

@@ -57,6 +57,7 @@ class Identity:
     host_name: str
     agent_token: str
     tls_sha256: Optional[str] = None
+    hostname: Optional[str] = None  # reported instead of the machine's name (enroll --hostname)
 
     def __repr__(self) -> str:  # never print the token
         return f"Identity({self.host_name}@{self.server_url})"

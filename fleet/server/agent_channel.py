@@ -150,7 +150,8 @@ async def serve_agent(state: ServerState, connection: ServerConnection, host: Ho
                     host.name,
                     3 * state.heartbeat_interval,
                 )
-                await connection.close(1001, "no heartbeat")
+                # a silent peer will not answer a closing handshake: drop the link now
+                connection.transport.abort()
                 break
             try:
                 frame = protocol.decode(raw, expect="agent")
@@ -229,7 +230,11 @@ async def command_result(state: ServerState, session: AgentSession, data: dict) 
     log.warning("host %s refused job %s: %s", session.host_name, job_id, reason)
     if session.inflight == job_id:
         session.inflight = None
-    if not reason.startswith("busy"):
+    if reason.startswith("busy"):
+        # it stays queued; try again shortly in case no job end is coming to trigger it
+        loop = asyncio.get_running_loop()
+        loop.call_later(2.0, lambda: asyncio.ensure_future(state.hub.dispatch(session.host_id)))
+    else:
         await state.store.atomic(jobs.fail_job, job_id, f"the agent refused the job: {reason}")
         state.hub.publish({"job_id": job_id, "type": "finished", "status": "failed"})
 
