@@ -1,0 +1,446 @@
+"""Shared harness (tests/integration and tests/e2e): a real fleetd
+subprocess, the real fleetctl.
+
+fleetd is started with `fleetd init` + `fleetd serve --listen 127.0.0.1:0`;
+the port comes from the "fleetd listening on ..." line it prints. Nothing
+here sleeps to synchronise: lines are awaited on a queue with a timeout,
+conditions are polled against a deadline.
+
+fleetctl runs in-process through click's CliRunner (fast), and a few tests
+run the `./fleetctl` launcher as a real subprocess to check exit statuses.
+
+Every helper is reached through a fixture (`fx`, `fleet`, `fleetd_factory`)
+so the test modules import nothing from this file.
+
+fleetd's rate limiters shape the layout: 5 failed logins lock a user and 20
+an address (for 5 minutes), 20 bad bearer tokens block an address for a
+minute. Each test module therefore gets its own fleetd (module-scoped
+`fleet`), and tests that provoke a limiter, change server-wide state or make
+fleetd log a traceback start a dedicated one (`fleetd_factory`). Stopping a
+fleetd checks that SIGTERM exits 0 and that its log holds no traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+from click.testing import CliRunner, Result
+from websockets.sync.client import ClientConnection, connect
+
+from fleet.ctl.main import cli as fleetctl_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLEETCTL = REPO_ROOT / "fleetctl"
+ADMIN_PASSWORD = "integration-admin-pw-1"
+STARTUP_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+LISTEN_RE = re.compile(r"^fleetd listening on (wss?)://(.+):(\d+)$")
+
+_DEFAULT: Any = object()
+
+
+def clean_env(**extra: Optional[str]) -> dict[str, str]:
+    """os.environ without anything Fleet reads, plus `extra` (None removes)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLEET_", "FLEETD_")) and k != "XDG_CONFIG_HOME"
+    }
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def fleetd_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet.server.cli", *map(str, args)]
+
+
+def run_fleetd(
+    *args: str, env: Optional[dict] = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """A short-lived fleetd command (init, or a serve expected to refuse)."""
+    return subprocess.run(
+        fleetd_argv(*args),
+        cwd=REPO_ROOT,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def init_data_dir(
+    data_dir: Path, password: Optional[str] = ADMIN_PASSWORD, admin: str = "admin"
+) -> subprocess.CompletedProcess:
+    env = clean_env(FLEET_ADMIN_PASSWORD=password)
+    proc = run_fleetd("init", "--data-dir", str(data_dir), "--admin", admin, env=env)
+    assert proc.returncode == 0, f"fleetd init failed: {proc.stdout}{proc.stderr}"
+    return proc
+
+
+def uniq(prefix: str) -> str:
+    """A fresh name per call, valid as a host, group, user or token name."""
+    return f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+
+
+_counter = itertools.count(1)
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)  # polling interval, not synchronisation: the deadline decides
+
+
+class Fleetd:
+    """One `fleetd serve` subprocess; stdout lines arrive on a queue."""
+
+    def __init__(
+        self, data_dir: Path, log_path: Path, *extra: str, listen: str = "127.0.0.1:0"
+    ) -> None:
+        self.data_dir = data_dir
+        self.listen = listen
+        self.log_path = log_path
+        self.extra = extra
+        self.proc: Optional[subprocess.Popen] = None
+        self.lines: queue.Queue[Optional[str]] = queue.Queue()
+        self.scheme = ""
+        self.port = 0
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> Fleetd:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            fleetd_argv(
+                "serve", "--data-dir", str(self.data_dir), "--listen", self.listen, *self.extra
+            ),
+            cwd=REPO_ROOT,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        line = self.next_line(timeout)
+        match = LISTEN_RE.match(line or "")
+        if not match:
+            self.kill()
+            raise AssertionError(
+                f"fleetd did not report its address (got {line!r}); log:\n{self.log()}"
+            )
+        self.scheme, self.port = match.group(1), int(match.group(3))
+        return self
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def next_line(self, timeout: float) -> Optional[str]:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signal fleetd and wait for it; returns its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"fleetd did not exit within {timeout} s; log:\n{self.log()}"
+            ) from None
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+# -- raw WebSocket access ------------------------------------------------------
+
+
+def ws_connect(
+    url: str, path: str, token: Optional[str] = None, headers: Optional[dict] = None, **kw: Any
+) -> ClientConnection:
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    return connect(url + path, additional_headers=all_headers, open_timeout=10, **kw)
+
+
+_rpc_ids = itertools.count(1)
+
+
+class RpcError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def rpc_on(ws: ClientConnection, method: str, **params: Any) -> Any:
+    req_id = next(_rpc_ids)
+    ws.send(json.dumps({"id": req_id, "method": method, "params": params}))
+    reply = json.loads(ws.recv(timeout=30))
+    assert reply.get("id") == req_id, reply
+    if "error" in reply:
+        raise RpcError(reply["error"]["code"], reply["error"]["message"])
+    return reply["result"]
+
+
+def api_login(url: str, user: str, password: str, **kw: Any) -> dict:
+    with ws_connect(url, "/login", **kw) as ws:
+        return rpc_on(ws, "auth.login", user=user, password=password, token_name="it")
+
+
+# -- fleetctl ------------------------------------------------------------------
+
+
+def run_ctl(
+    args: tuple,
+    *,
+    server: Optional[str],
+    token: Optional[str],
+    config_dir: Path,
+    input: Optional[str] = None,
+    expect: Optional[int] = 0,
+    env: Optional[dict] = None,
+) -> Result:
+    """fleetctl in-process; asserts the exit status unless expect is None."""
+    full_env = {
+        "XDG_CONFIG_HOME": str(config_dir),
+        "FLEET_SERVER": server,
+        "FLEET_TOKEN": token,
+        "FLEET_CAFILE": None,
+        "COLUMNS": "250",
+        "NO_COLOR": "1",
+    }
+    full_env.update(env or {})
+    result = CliRunner(env=full_env).invoke(fleetctl_cli, [str(a) for a in args], input=input)
+    if expect is not None:
+        assert result.exit_code == expect, (
+            f"fleetctl {' '.join(map(str, args))}: exit {result.exit_code}, expected {expect}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
+        )
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"fleetctl raised {result.exception!r}") from result.exception
+    return result
+
+
+def run_fleetctl_proc(
+    *args: str,
+    server: Optional[str] = None,
+    token: Optional[str] = None,
+    config_dir: Optional[Path] = None,
+    input: Optional[str] = None,
+) -> subprocess.Popen:
+    """The ./fleetctl launcher as a real process (started, not awaited)."""
+    env = clean_env(
+        FLEET_SERVER=server,
+        FLEET_TOKEN=token,
+        XDG_CONFIG_HOME=str(config_dir) if config_dir else None,
+        COLUMNS="250",
+    )
+    proc = subprocess.Popen(
+        [str(FLEETCTL), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.input_text = input  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    out, err = proc.communicate(getattr(proc, "input_text", None), timeout=timeout)
+    return proc.returncode, out, err
+
+
+# -- one running fleetd, logged in as admin ---------------------------------------
+
+
+class FleetEnv:
+    """A running fleetd, an admin token, and shortcuts to drive it."""
+
+    def __init__(
+        self, fleetd: Fleetd, config_dir: Path, admin_token: str, cafile: Optional[Path] = None
+    ) -> None:
+        self.fleetd = fleetd
+        self.config_dir = config_dir
+        self.admin_token = admin_token
+        self.cafile = cafile
+        self.ssl = client_ssl(cafile)
+
+    @property
+    def url(self) -> str:
+        return self.fleetd.url
+
+    @property
+    def data_dir(self) -> Path:
+        return self.fleetd.data_dir
+
+    def ctl(
+        self,
+        *args: Any,
+        token: Optional[str] = _DEFAULT,
+        input: Optional[str] = None,
+        expect: Optional[int] = 0,
+        config_dir: Optional[Path] = None,
+        server: Optional[str] = _DEFAULT,
+        env: Optional[dict] = None,
+    ) -> Result:
+        return run_ctl(
+            args,
+            server=self.url if server is _DEFAULT else server,
+            token=self.admin_token if token is _DEFAULT else token,
+            config_dir=config_dir or self.config_dir,
+            input=input,
+            expect=expect,
+            env={"FLEET_CAFILE": str(self.cafile) if self.cafile else None, **(env or {})},
+        )
+
+    def ctl_json(self, *args: Any, **kw: Any) -> Any:
+        result = self.ctl(*args, "--json", **kw)
+        return json.loads(result.stdout)
+
+    def rpc(self, method: str, token: Optional[str] = _DEFAULT, **params: Any) -> Any:
+        tok = self.admin_token if token is _DEFAULT else token
+        with ws_connect(self.url, "/ctl", tok, ssl=self.ssl) as ws:
+            return rpc_on(ws, method, **params)
+
+    def add_user(self, role: str, password: Optional[str] = None) -> types.SimpleNamespace:
+        """A new user with `role`, logged in: .name, .password, .token."""
+        name = uniq(role)
+        password = password or f"pw-{uuid.uuid4().hex}"
+        self.rpc("users.add", name=name, password=password, role=role)
+        token = api_login(self.url, name, password, ssl=self.ssl)["token"]
+        return types.SimpleNamespace(name=name, password=password, token=token, role=role)
+
+    def enroll(self, host: Optional[str] = None) -> dict:
+        return self.ctl_json("enroll", host or uniq("host"))
+
+
+def client_ssl(cafile: Optional[Path]) -> Optional[ssl.SSLContext]:
+    return ssl.create_default_context(cafile=str(cafile)) if cafile else None
+
+
+def start_fleet(base: Path, *serve_args: str, cafile: Optional[Path] = None) -> FleetEnv:
+    base.mkdir(parents=True, exist_ok=True)
+    data_dir = base / "data"
+    init_data_dir(data_dir)
+    fleetd = Fleetd(data_dir, base / "fleetd.log", *serve_args).start()
+    config_dir = base / "xdg"
+    config_dir.mkdir()
+    try:
+        token = api_login(fleetd.url, "admin", ADMIN_PASSWORD, ssl=client_ssl(cafile))["token"]
+    except BaseException:
+        fleetd.kill()
+        raise
+    return FleetEnv(fleetd, config_dir, token, cafile)
+
+
+def stop_and_check(fleetd: Fleetd) -> None:
+    if fleetd.proc is None or fleetd.proc.returncode is not None:
+        return
+    code = fleetd.stop()
+    assert code == 0, f"fleetd exited {code} on SIGTERM; log:\n{fleetd.log()}"
+    assert "Traceback" not in fleetd.log(), fleetd.log()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetEnv]:
+    """One fleetd per test module; stopped with SIGTERM, which must exit 0."""
+    env = start_fleet(tmp_path_factory.mktemp("fleet"))
+    yield env
+    stop_and_check(env.fleetd)
+
+
+@pytest.fixture
+def fleetd_factory(tmp_path: Path) -> Iterator[Callable[..., FleetEnv]]:
+    """Dedicated fleetds for tests that change server-wide state."""
+    started: list[FleetEnv] = []
+    names = itertools.count()
+
+    def start(*serve_args: str, cafile: Optional[Path] = None) -> FleetEnv:
+        env = start_fleet(tmp_path / f"fleetd{next(names)}", *serve_args, cafile=cafile)
+        started.append(env)
+        return env
+
+    yield start
+    for env in started:
+        stop_and_check(env.fleetd)
+
+
+@pytest.fixture(scope="session")
+def fx() -> types.SimpleNamespace:
+    """The harness's helpers, for test modules (which import nothing from here)."""
+    return types.SimpleNamespace(
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        REPO_ROOT=REPO_ROOT,
+        Fleetd=Fleetd,
+        RpcError=RpcError,
+        api_login=api_login,
+        client_ssl=client_ssl,
+        clean_env=clean_env,
+        finish=finish,
+        init_data_dir=init_data_dir,
+        rpc_on=rpc_on,
+        run_ctl=run_ctl,
+        run_fleetctl_proc=run_fleetctl_proc,
+        run_fleetd=run_fleetd,
+        start_fleet=start_fleet,
+        stop_and_check=stop_and_check,
+        uniq=uniq,
+        wait_until=wait_until,
+        ws_connect=ws_connect,
+    )
