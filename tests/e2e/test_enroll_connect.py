@@ -7,8 +7,6 @@ import signal
 import stat
 import subprocess
 
-import pytest
-
 from fleet import __version__
 from fleet.protocol import format_enrollment
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 
 def running_with_progress(e2e, fleet, job_id: int) -> dict:
     """Wait until restic itself is at work (fleetd holds a progress report)."""
