@@ -26,6 +26,15 @@ def locks(host: dict) -> str:
     return f"[yellow]{n}[/] (a killed restic leaves one: 'fleetctl repo unlock {escape(host['name'])}')"
 
 
+def repo_size(host: dict) -> str:
+    s = host.get("repo_stats")
+    if not s:
+        return "-"
+    return render.cell(
+        f"{render.human_bytes(s['size_bytes'])} in {s['snapshot_count']} snapshot(s), as of {s['updated_at']}"
+    )
+
+
 def status_cell(host: dict) -> str:
     text = render.status(host["status"])
     return f"{text} [yellow](repo locked)[/]" if host.get("repo_locks") else text
@@ -89,6 +98,7 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
             ("enrolled", c(h["enrolled_at"])),
             ("repository", c(h["repo"])),
             ("repository locks", locks(h)),
+            ("repository size", repo_size(h)),
             ("source groups", c(h["groups"])),
             (
                 "schedule version",

@@ -23,6 +23,7 @@ from ..exitcodes import Exit
 from ..protocol import JOB_KINDS, JOB_STATUSES
 from . import render
 from .app import App, json_option, pass_app
+from .render import human_bytes
 
 PLAIN_PROGRESS_EVERY = 2.0
 
@@ -32,17 +33,6 @@ def outcome_exit(status: str, strict: bool) -> Exit:
     if status == "succeeded" or (status == "warning" and not strict):
         return Exit.OK
     return Exit.ERROR
-
-
-def human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def describe_event(line: dict) -> Optional[str]:

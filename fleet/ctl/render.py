@@ -49,6 +49,17 @@ def ago(value: Optional[str], now: Optional[dt.datetime] = None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def cell(value: Any) -> str:
     if value is None or value == "" or value == []:
         return "-"

@@ -35,6 +35,7 @@ from .store.models import (
     Host,
     Job,
     Repo,
+    RepoStats,
     Schedule,
     ScheduleGroup,
     SourceGroup,
@@ -578,6 +579,17 @@ def host_json(h: Host, detail: bool = False) -> dict:
     }
     if detail:
         repo = Repo.get_or_none(Repo.host == h)
+        stats = RepoStats.get_or_none(RepoStats.host == h)
+        out["repo_stats"] = (
+            None
+            if stats is None
+            else {
+                "size_bytes": stats.size_bytes,
+                "snapshot_count": stats.snapshot_count,
+                "file_count": stats.file_count,
+                "updated_at": iso(stats.updated_at),
+            }
+        )
         out.update(
             {
                 "id": h.id,
