@@ -59,16 +59,25 @@ def agent_env(**extra: Optional[str]) -> dict[str, str]:
     return env
 
 
-def agent_argv(*args: Any) -> list[str]:
-    return [sys.executable, "-m", "fleet.agent.cli", *map(str, args)]
+MODULE_AGENT = (sys.executable, "-m", "fleet.agent.cli")
+
+
+def agent_argv(*args: Any, prefix: tuple[str, ...] = MODULE_AGENT) -> list[str]:
+    """fleet-agent's command line: from the checkout, or `prefix` = (python, pyz)."""
+    return [*prefix, *map(str, args)]
 
 
 class Agent:
     """One fleet-agent state dir, and the `fleet-agent run` process on it."""
 
-    def __init__(self, state_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, state_dir: Path, log_path: Path, prefix: tuple[str, ...] = MODULE_AGENT
+    ) -> None:
         self.state_dir = state_dir
         self.log_path = log_path
+        self.prefix = prefix
+        # a zipapp unpacks its dependencies here, not in $HOME
+        self.env = agent_env(SHIV_ROOT=str(state_dir.parent / "shiv"))
         self.proc: Optional[subprocess.Popen] = None
         self._log: Any = None
 
@@ -76,9 +85,9 @@ class Agent:
 
     def cli(self, *args: Any, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
-            agent_argv(*args),
+            agent_argv(*args, prefix=self.prefix),
             cwd=REPO_ROOT,
-            env=agent_env(),
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -109,9 +118,10 @@ class Agent:
                 "--restic",
                 RESTIC,
                 *extra,
+                prefix=self.prefix,
             ),
             cwd=REPO_ROOT,
-            env=agent_env(),
+            env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
@@ -213,10 +223,10 @@ class E2E:
 
     # -- hosts and agents ----------------------------------------------------------
 
-    def agent(self, name: str) -> Agent:
+    def agent(self, name: str, prefix: tuple[str, ...] = MODULE_AGENT) -> Agent:
         base = self.tmp_path / name
         base.mkdir(parents=True, exist_ok=True)
-        agent = Agent(base / "state", base / "agent.log")
+        agent = Agent(base / "state", base / "agent.log", prefix)
         self.agents.append(agent)
         return agent
 
@@ -230,6 +240,7 @@ class E2E:
         set_repo: bool = True,
         start: bool = True,
         wait_init: bool = True,
+        agent_prefix: tuple[str, ...] = MODULE_AGENT,
     ) -> types.SimpleNamespace:
         """A freshly enrolled host with its own repository, source dir and agent.
 
@@ -252,7 +263,7 @@ class E2E:
             password=password or f"repo-pw-{name}-S3cret",
             password_file=base / "repo-password",
             src=base / "src",
-            agent=self.agent(name),
+            agent=self.agent(name, agent_prefix),
         )
         h.password_file.write_text(h.password + "\n")
         h.src.mkdir()

@@ -1,0 +1,102 @@
+"""The agent as one file: build dist/fleet-agent.pyz, check it, run it end to end
+under the oldest and newest Pythons here (3.9, 3.13) and the system python3."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_SIZE = 5 * 1024 * 1024
+
+
+def pyenv_python(version: str) -> str | None:
+    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    found = sorted(glob.glob(f"{root}/versions/{version}*/bin/python{version}"))
+    return found[-1] if found else None
+
+
+def interpreter(name: str) -> str:
+    path = "/usr/bin/python3" if name == "system" else pyenv_python(name)
+    if not path or not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"Python {name} is missing: the zipapp must be tested under it in CI")
+        pytest.skip(f"Python {name} is not installed here")
+    return path
+
+
+def build(out: Path) -> Path:
+    proc = subprocess.run(
+        ["bash", "build/build-agent.sh", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("pyz") / "fleet-agent.pyz")
+
+
+def test_two_builds_are_identical_small_and_pure(pyz: Path, tmp_path: Path) -> None:
+    again = build(tmp_path / "again.pyz")
+    assert (
+        hashlib.sha256(pyz.read_bytes()).hexdigest()
+        == hashlib.sha256(again.read_bytes()).hexdigest()
+    )
+    assert pyz.stat().st_size < MAX_SIZE
+    with zipfile.ZipFile(pyz) as zf:
+        names = zf.namelist()
+    compiled = [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
+    assert not compiled, compiled
+    # the agent carries its own code and its two dependencies, nothing of fleetd or fleetctl's
+    tops = {n.split("/")[1] for n in names if n.startswith("site-packages/") and n.count("/") > 1}
+    assert {"fleet", "websockets", "croniter"} <= tops
+    assert not {"peewee", "rich", "click", "nacl", "argon2"} & tops
+
+
+@pytest.mark.parametrize("python", ["3.9", "3.13", "system"])
+def test_zipapp_runs_the_agent_end_to_end(
+    python: str, pyz: Path, fleet, e2e, tmp_path: Path
+) -> None:
+    py = interpreter(python)
+    version = subprocess.run(
+        [py, str(pyz), "--version"],
+        env={**os.environ, "SHIV_ROOT": str(tmp_path / "shiv")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == "fleet-agent 0.1.0 (protocol 1)"
+
+    h = e2e.host(fleet, agent_prefix=(py, str(pyz)))
+    e2e.write_tree(h.src, {"keep/a.txt": "hello from the zipapp\n", "skip.tmp": "scratch\n"})
+    group = e2e.group(fleet, h, "--exclude", "*.tmp")
+    result = fleet.ctl("run", h.name, group, "--follow")
+    assert "succeeded" in result.stderr
+    job = e2e.jobs(fleet, h.name, kind="backup")[-1]
+    assert job["status"] == "succeeded"
+    snapshot_id = job["summary"]["snapshot_id"]
+
+    listing = e2e.restic(h.repo, h.password, "ls", snapshot_id)
+    assert listing.returncode == 0, listing.stderr
+    assert f"{h.src}/keep/a.txt" in listing.stdout
+    assert "skip.tmp" not in listing.stdout
+    info = e2e.host_info(fleet, h.name)
+    assert info["agent_version"] == "0.1.0"
+    assert h.agent.proc is not None
+    # the process really is the zipapp under that interpreter
+    cmdline = Path(f"/proc/{h.agent.proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[:2] == [py.encode(), str(pyz).encode()]
