@@ -7,6 +7,7 @@ Used by the agent, so stdlib only and Python 3.9+.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import re
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-LINE_LIMIT = 1 << 20  # restic's longest lines are status lines listing current files
+LINE_LIMIT = 1 << 20
+DRAIN_SECONDS = 2.0  # after the command exits, how long its output may stay open  # restic's longest lines are status lines listing current files
 MASK = "********"
 
 # restic's exit codes: 0 ok, 1 fatal, 3 some source files could not be read
@@ -106,6 +108,26 @@ def _die_with_parent() -> None:
             pass
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol, plus a future set the moment the child exits:
+    Process.wait() returns only once its pipes close too, and a daemon a
+    hook started may hold them for ever."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def exit_code(protocol: _Protocol, proc: asyncio.subprocess.Process) -> int:
+    await protocol.exited
+    return proc.returncode if proc.returncode is not None else -1
+
+
 async def _pump(
     stream: asyncio.StreamReader,
     name: str,
@@ -142,15 +164,16 @@ async def run(
     When `cancel` is set: SIGINT (restic removes its lock and exits), then
     SIGTERM after `grace` seconds, then SIGKILL. A missing binary is exit 127.
     """
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(LINE_LIMIT, loop),
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=dict(env),
             cwd=cwd,
-            limit=LINE_LIMIT,
             start_new_session=True,  # the agent's own signals do not hit restic
             preexec_fn=_die_with_parent,
         )
@@ -158,13 +181,14 @@ async def run(
         message = f"{argv[0]}: command not found"
         await on_line("stderr", message)
         return Result(127, stderr_tail=[message])
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     tail: list[str] = []
     pumps = asyncio.gather(
         _pump(proc.stdout, "stdout", on_line, mask, None),  # type: ignore[arg-type]
         _pump(proc.stderr, "stderr", on_line, mask, tail),  # type: ignore[arg-type]
     )
     cancelled = False
-    waiter = asyncio.ensure_future(proc.wait())
+    waiter = asyncio.ensure_future(exit_code(protocol, proc))
     try:
         if cancel is not None:
             cancel_wait = asyncio.ensure_future(cancel.wait())
@@ -184,9 +208,32 @@ async def run(
                     except asyncio.TimeoutError:
                         continue
         code = await waiter
-        await pumps
+        try:
+            await asyncio.wait_for(asyncio.shield(pumps), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            # something the command started (a daemon a hook launched) still
+            # holds its output: stop reading rather than wait on it; after a
+            # cancel, it goes too
+            if cancelled:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            pumps.cancel()
+            await asyncio.gather(pumps, return_exceptions=True)
+            await on_line(
+                "stderr",
+                "fleet-agent: the command ended but a process it started keeps its output open; no longer read",
+            )
     except asyncio.CancelledError:
+        # the agent is going away mid-command: take the child and its readers along
         if proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(protocol.exited), 5)
+        pumps.cancel()
+        waiter.cancel()
+        await asyncio.gather(pumps, waiter, return_exceptions=True)
         raise
+    finally:
+        transport.close()  # its pipes, even those a lingering process held
     return Result(code, cancelled, tail)
