@@ -141,9 +141,10 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("timezone", "str", limit=128),
             _opt("boot_time", _TS),
             _opt("running_job", "int"),  # the job the agent is still running, if any
-            _opt(
-                "spool_seq", "int", minimum=0
-            ),  # its last spooled seq: fleetd is caught up past it
+            # the agent's last spooled seq (fleetd is caught up past it) and its
+            # oldest unacknowledged one (0: none)
+            _opt("spool_seq", "int", minimum=0),
+            _opt("spool_pending", "int", minimum=0),
         ),
     ),
     "welcome": MessageSpec(

@@ -23,7 +23,7 @@ import time
 from typing import Any, Optional
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .. import __version__, protocol
 from ..protocol import ProtocolError
@@ -208,8 +208,17 @@ class Agent:
                         3,
                     ) from None
                 reason = f"HTTP {status}"
-            except (OSError, asyncio.TimeoutError, ConnectionClosed, ProtocolError) as exc:
+            except (
+                OSError,
+                asyncio.TimeoutError,
+                ConnectionClosed,
+                ProtocolError,
+                InvalidHandshake,
+            ) as exc:
                 reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # whatever else: the agent must keep redialling
+                log.exception("session failed")
+                reason = f"{type(exc).__name__}: {exc}"
             if time.monotonic() - started > BACKOFF_MAX:
                 attempt = 0  # the link had been up a while: start over quickly
             delay = backoff(attempt)
@@ -232,6 +241,7 @@ class Agent:
             "arch": ARCH.get(platform.machine(), platform.machine()),
             "timezone": local_timezone(),
             "spool_seq": self.spool.last_seq(),
+            "spool_pending": self.spool.first_pending(),
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current

@@ -134,6 +134,14 @@ class JobRunner:
         return [self.restic, *argv[1:]]
 
     async def _run(self, cmd: dict[str, Any]) -> None:
+        try:
+            await self._run_job(cmd)
+        except Exception:  # the spool failing (disk full): the runner must not stay busy
+            log.exception("job %s could not be reported", cmd["job_id"])
+        finally:
+            self.current = None
+
+    async def _run_job(self, cmd: dict[str, Any]) -> None:
         job_id, kind = cmd["job_id"], cmd["kind"]
         joblog = JobLog(self.reporter, job_id)
         await self.reporter.emit(
@@ -163,11 +171,15 @@ class JobRunner:
         # every report of the job before its end: whoever sees the job end sees
         # its snapshot and the locks it left, and fleetd may dispatch the next
         # job the moment job.finished arrives, so the runner is idle by then
-        if kind == "backup" and status in ("succeeded", "warning"):
-            await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
-        if repo is not None and (status != "succeeded" or kind == "unlock"):
-            await self.report_locks(repo)  # a failed or stopped restic may have left one
-        self.current = None
+        try:
+            if kind == "backup" and status in ("succeeded", "warning"):
+                await self.report_repository(repo, joblog.summary)  # type: ignore[arg-type]
+            if repo is not None and (status != "succeeded" or kind == "unlock"):
+                await self.report_locks(repo)  # a failed or stopped restic may have left one
+        except Exception:  # a report that fails must not keep the runner busy for ever
+            log.exception("reports after job %s failed", job_id)
+        finally:
+            self.current = None
         await self.reporter.emit("job.finished", finished)
         log.info("job %s (%s) %s", job_id, kind, status)
 

@@ -88,10 +88,9 @@ class Spool:
                 "INSERT INTO frames (seq, type, data, size) VALUES (?, ?, ?, ?)",
                 (seq, type_, text, len(text)),
             )
+            # not an upsert: SQLite older than 3.24 (still on some servers) lacks it
             self._db.execute(
-                "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (seq,),
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (seq,)
             )
         self._bytes += len(text)
         return seq
@@ -122,6 +121,11 @@ class Spool:
             )
             self._bytes -= sum(size for _, _, size, _ in lines) - len(stand_in)
             self.dropped_total += sum(1 for _, _, _, n in lines if not n)
+
+    def first_pending(self) -> int:
+        """The oldest unacknowledged seq, or 0 when the spool is empty."""
+        row = self._db.execute("SELECT MIN(seq) FROM frames").fetchone()
+        return row[0] or 0
 
     def pending(self, after: int = 0, limit: int = 1000) -> list[Frame]:
         rows = self._db.execute(

@@ -181,6 +181,10 @@ async def run(
         message = f"{argv[0]}: command not found"
         await on_line("stderr", message)
         return Result(127, stderr_tail=[message])
+    except OSError as exc:  # not executable, wrong architecture, ...
+        message = f"{argv[0]}: cannot run: {exc.strerror or exc}"
+        await on_line("stderr", message)
+        return Result(126, stderr_tail=[message])
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     tail: list[str] = []
     pumps = asyncio.gather(

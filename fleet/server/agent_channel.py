@@ -48,7 +48,10 @@ def redeem_enrollment(token: str, hostname: str, address: str) -> dict:
     host = row.host
     # a re-enrollment replaces the previous agent token: the old one stops working
     Host.update(
-        agent_token_hash=auth.token_hash(agent_token), enrolled_at=now, hostname=hostname
+        agent_token_hash=auth.token_hash(agent_token),
+        enrolled_at=now,
+        hostname=hostname,
+        last_seq=0,  # a new agent numbers its reports from 1 again
     ).where(Host.id == host.id).execute()
     EnrollmentToken.update(used_at=now).where(EnrollmentToken.id == row.id).execute()
     AuditLog.create(
@@ -120,8 +123,8 @@ async def serve_agent(state: ServerState, connection: ServerConnection, host: Ho
     session.running_job = hello.data.get("running_job")
     session.inflight = session.running_job
     session.spool_seq = hello.data.get("spool_seq", 0)
+    await hub.attach(session)  # before marking online: an older session's end then sees it replaced
     await state.store.atomic(mark_online, host.id, hello.data)
-    await hub.attach(session)
     log.info("host %s connected (agent %s)", host.name, hello.data["agent_version"])
     incoming: asyncio.Queue = asyncio.Queue()
     consumer = asyncio.ensure_future(apply_loop(state, session, incoming))
@@ -139,7 +142,9 @@ async def serve_agent(state: ServerState, connection: ServerConnection, host: Ho
             )
         )
         await hub.push_config(host.id)
-        last_seq = await state.store.run(lambda: Host.get_by_id(host.id).last_seq)
+        last_seq = await state.store.atomic(
+            jobs.sync_seq, host.id, session.spool_seq, hello.data.get("spool_pending", 0)
+        )
         await catch_up(state, session, last_seq)
         while True:
             try:
@@ -164,7 +169,8 @@ async def serve_agent(state: ServerState, connection: ServerConnection, host: Ho
             elif frame.type == "heartbeat":
                 await state.store.run(touch, host.id)
             elif frame.type == "job.progress":
-                hub.report_progress(frame.data)
+                if frame.data["job_id"] == session.inflight:  # only its own job
+                    hub.report_progress(frame.data)
             elif frame.type == "command.result":
                 await command_result(state, session, frame.data)
             else:
@@ -193,7 +199,15 @@ async def apply_loop(state: ServerState, session: AgentSession, incoming: asynci
                 break
             batch.append(frame)
         if batch:
-            last, events = await state.store.atomic(jobs.apply_frames, session.host_id, batch)
+            try:
+                last, events = await state.store.atomic(jobs.apply_frames, session.host_id, batch)
+            except Exception:
+                # nothing was acked: drop the link, the agent resends on reconnect
+                log.exception(
+                    "applying frames of host %s failed; closing its link", session.host_name
+                )
+                session.connection.transport.abort()
+                return
             await session.send(protocol.encode("ack", {"seq": last}))
             ended = False
             for event in events:
@@ -223,9 +237,9 @@ async def catch_up(state: ServerState, session: AgentSession, applied: int) -> N
 
 
 async def command_result(state: ServerState, session: AgentSession, data: dict) -> None:
-    if data["accepted"]:
-        return
     job_id = data["job_id"]
+    if data["accepted"] or job_id != session.inflight:
+        return  # an answer about a job this session was not sent counts for nothing
     reason = data.get("error") or "refused"
     log.warning("host %s refused job %s: %s", session.host_name, job_id, reason)
     if session.inflight == job_id:

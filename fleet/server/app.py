@@ -158,6 +158,7 @@ class FleetServer:
                 caller = self.callers[connection]
                 host_header = connection.request.headers.get("Host", "")
                 ctx = Context(caller, self.state, host_header)
+                ctx.closed = asyncio.ensure_future(connection.wait_closed())
                 async for raw in connection:
                     await connection.send(await ctl.dispatch(ctx, raw, connection.send))
             elif path == "/login":
@@ -260,8 +261,11 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
 async def housekeeping(state: ServerState, lost_after: int) -> None:
     """Periodic work: running jobs of hosts gone for longer than lost_after are lost."""
     every = max(1.0, min(60.0, lost_after / 4))
+    started = utcnow()
     while True:
         await asyncio.sleep(every)
+        if utcnow() - started < timedelta(seconds=lost_after):
+            continue  # agents redialling after a fleetd outage get their full grace
         cutoff = utcnow() - timedelta(seconds=lost_after)
         try:
             lost = await state.store.atomic(jobs.expire_lost, cutoff)

@@ -93,6 +93,7 @@ class ServerState:
     # failed logins: 5 per user, 20 per address (many users may share one NAT)
     user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
     addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
+    login_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Context:
     host_header: str = ""
     # set per request by dispatch:
     emit: Callable[[Any], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+    closed: Optional[asyncio.Future] = None  # done when the operator's connection is gone
     after: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after commit
 
 
@@ -307,27 +309,32 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
     )
     name, password = checked["user"], checked["password"]
     limits = ((state.user_limiter, name), (state.addr_limiter, address))
-    for limiter, key in limits:
-        if limiter.blocked(key):
-            raise CtlError(
-                "rate_limited",
-                f"too many failed logins; try again in {limiter.retry_after(key)} s",
-            )
-    user = await state.store.run(User.get_or_none, User.name == name)
-    loop = asyncio.get_running_loop()
-    if user is None:
-        await loop.run_in_executor(None, auth.burn_password_check, password)
-        ok = False
-    else:
-        ok = await loop.run_in_executor(None, auth.verify_password, user.password_hash, password)
-    if not ok:
+    # one password check at a time: parallel attempts cannot slip past the
+    # limits between the check and the count, nor stack 64 MiB argon2 runs
+    async with state.login_lock:
         for limiter, key in limits:
-            limiter.fail(key)
-        await state.store.run(
-            AuditLog.create, actor=name, action="auth.login_failed", address=address
-        )
-        raise CtlError("unauthorized", "wrong user name or password")
-    state.user_limiter.reset(name)
+            if limiter.blocked(key):
+                raise CtlError(
+                    "rate_limited",
+                    f"too many failed logins; try again in {limiter.retry_after(key)} s",
+                )
+        user = await state.store.run(User.get_or_none, User.name == name)
+        loop = asyncio.get_running_loop()
+        if user is None:
+            await loop.run_in_executor(None, auth.burn_password_check, password)
+            ok = False
+        else:
+            ok = await loop.run_in_executor(
+                None, auth.verify_password, user.password_hash, password
+            )
+        if not ok:
+            for limiter, key in limits:
+                limiter.fail(key)
+            await state.store.run(
+                AuditLog.create, actor=name, action="auth.login_failed", address=address
+            )
+            raise CtlError("unauthorized", "wrong user name or password")
+        state.user_limiter.reset(name)
     expires = checked.get("expires_in")
     ttl = LOGIN_TTL if expires is None else lifetime(expires)
 
@@ -638,7 +645,8 @@ def repo_aad(host_id: int, what: str) -> str:
 
 def redact_url(url: str) -> str:
     """Hide a password embedded in a URL (rest:https://user:pw@host/)."""
-    return re.sub(r"(://[^/:@]+:)[^/@]+@", r"\1" + REDACTED + "@", url)
+    # greedy to the last "@" before the path, as restic's URL parser splits
+    return re.sub(r"(://[^/:@]+:)[^/]*@", r"\1" + REDACTED + "@", url)
 
 
 def check_repo_url(url: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any, Optional
+
+from websockets.exceptions import ConnectionClosedOK
 
 from ..protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from . import jobs
@@ -166,7 +169,7 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
             if progress:
                 await ctx.emit({"type": "progress", "progress": progress})
             while True:
-                event = await queue.get()
+                event = await next_event(queue, ctx)
                 if event["type"] == "log":
                     if event["line"]["seq"] <= sent:
                         continue
@@ -187,16 +190,28 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
         hub.unsubscribe(job_id, queue)
 
 
+async def next_event(queue: asyncio.Queue, ctx: Context) -> dict:
+    """The next event for a tail, unless its operator has gone away."""
+    getter = asyncio.ensure_future(queue.get())
+    waits = {getter} if ctx.closed is None else {getter, ctx.closed}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        raise ConnectionClosedOK(None, None)  # nobody left to stream to
+    return getter.result()
+
+
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
     store, hub = ctx.state.store, ctx.state.hub
     job = await store.run(get_job, p["id"])
     if job.status in FINAL_STATUSES:
         raise CtlError("conflict", f"job {job.id} already ended: {job.status}")
-    if await hub.cancel(job.host_id, job.id):
-        await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
-        return {**jobs.job_json(job), "cancel": "requested"}
-    if job.status == "queued":
+    # under the host's dispatch lock: the job is either with the agent or not, not in between
+    async with hub.dispatch_lock(job.host_id):
+        if await hub.cancel(job.host_id, job.id):
+            await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
+            return {**jobs.job_json(job), "cancel": "requested"}
 
         def cancel_queued() -> bool:
             done = (

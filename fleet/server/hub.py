@@ -123,7 +123,13 @@ class Hub:
             if not await session.send(protocol.encode("command.run", command)):
                 session.inflight = None
 
+    def dispatch_lock(self, host_id: int) -> asyncio.Lock:
+        """Held while a job of the host is being chosen and sent: a cancel
+        takes it too, so it never falls between the two."""
+        return self._dispatching[host_id]
+
     async def cancel(self, host_id: int, job_id: int) -> bool:
+        """Ask the agent to stop the job it runs; False when it does not run it."""
         session = self.sessions.get(host_id)
         if session is None or session.inflight != job_id:
             return False
@@ -144,6 +150,8 @@ class Hub:
                 del self.watchers[job_id]
 
     def publish(self, event: dict[str, Any]) -> None:
+        if event["type"] == "finished":
+            self.progress.pop(event["job_id"], None)
         for queue in self.watchers.get(event["job_id"], ()):
             queue.put_nowait(event)
 

@@ -89,6 +89,31 @@ def needs_init(host_id: int) -> bool:
     return not Job.select().where(since).exists()
 
 
+def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
+    """Line fleetd's record of the host's seqs up with the agent's spool at hello.
+
+    The agent's numbering may have restarted (a new state dir after a
+    reinstall) or fleetd's database may be older than the agent's acks (a
+    restore): either way the next seq to apply is the agent's oldest
+    unacknowledged one. Returns the seq fleetd is caught up at.
+    """
+    host = Host.get_by_id(host_id)
+    last = host.last_seq
+    if pending_from == 0:
+        last = spool_seq  # nothing waiting: whatever was sent was acknowledged
+    elif last > spool_seq or last < pending_from - 1:
+        last = pending_from - 1
+    if last != host.last_seq:
+        log.warning(
+            "host %s: seq record moved from %d to %d to follow its agent's spool",
+            host.name,
+            host.last_seq,
+            last,
+        )
+        Host.update(last_seq=last).where(Host.id == host_id).execute()
+    return last
+
+
 def mark_lost(host_id: int, still_running: Optional[int]) -> list[int]:
     """Jobs the agent no longer knows: it came back, its spool is drained,
     and it runs none of them."""
@@ -179,7 +204,11 @@ def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, li
                     exit_code=data["exit_code"],
                     summary=data.get("summary"),
                     error=data.get("error"),
-                ).where(Job.id == data["job_id"]).execute()
+                ).where(
+                    # a job fleetd gave up on (lost) may still report its end; a
+                    # cancelled one stays cancelled
+                    (Job.id == data["job_id"]) & (Job.status.in_(("queued", "running", "lost")))
+                ).execute()
                 events.append(
                     {"job_id": data["job_id"], "type": "finished", "status": data["status"]}
                 )

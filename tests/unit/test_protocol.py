@@ -80,7 +80,7 @@ WIRE_FIELDS = {
     "hello": (
         "agent",
         ("protocol_version", "agent_version", "restic_version", "hostname", "os", "arch"),
-        ("timezone", "boot_time", "running_job", "spool_seq"),
+        ("timezone", "boot_time", "running_job", "spool_seq", "spool_pending"),
     ),
     "welcome": ("server", ("server_version", "heartbeat_interval", "host_id", "host_name"), ()),
     "heartbeat": ("agent", ("sent_at",), ()),
@@ -167,13 +167,14 @@ EXAMPLES = {
             "boot_time": "2024-05-01T08:00:00Z",
             "running_job": 41,
             "spool_seq": 1200,
+            "spool_pending": 1190,
         },
         "h1",
         None,
         '{"v":1,"type":"hello","id":"h1","data":{"protocol_version":1,"agent_version":"0.1.0",'
         '"restic_version":"0.17.3","hostname":"web-01","os":"linux","arch":"amd64",'
         '"timezone":"Europe/Berlin","boot_time":"2024-05-01T08:00:00Z",'
-        '"running_job":41,"spool_seq":1200}}',
+        '"running_job":41,"spool_seq":1200,"spool_pending":1190}}',
     ),
     "welcome": (
         {"server_version": "0.1.0", "heartbeat_interval": 30, "host_id": 3, "host_name": "web-01"},
