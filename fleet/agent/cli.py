@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sqlite3
+import ssl
 import sys
 from typing import Optional
 
@@ -40,8 +41,10 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         )
     try:
         identity = asyncio.run(enroll(state, args.token, args.hostname))
-    except ProtocolError as exc:
-        fail(str(exc), Exit.USAGE)
+    except ssl.SSLError as exc:  # before ValueError, which certificate errors also are
+        fail(f"TLS with the server failed: {exc.reason or exc}", Exit.UNREACHABLE)
+    except (ProtocolError, ValueError, OverflowError) as exc:  # a damaged string or URL
+        fail(f"bad enrollment string: {exc}", Exit.USAGE)
     except FatalError as exc:
         fail(str(exc), Exit(exc.exit_code))
     except InvalidURI as exc:

@@ -45,6 +45,12 @@ class App:
                 self._settings.server = config.normalize_server(self.server)
         return self._settings
 
+    def save_settings(self) -> str:
+        try:
+            return str(config.save(self.settings))
+        except OSError as exc:
+            raise CtlError(f"cannot write {config.config_path()}: {exc.strerror}") from None
+
     def client(self, path: str = "/ctl") -> Client:
         s = self.settings
         return Client(s.server, s.token, s.cafile, path=path)

@@ -47,6 +47,12 @@ def load() -> Settings:
         doc = {}
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(
+        isinstance(doc.get(k), (str, type(None))) for k in ("server", "token", "cafile")
+    ):
+        raise ValueError(
+            f"{path} is damaged: expected an object of strings; run 'fleetctl login' again"
+        )
     settings.server = doc.get("server") or settings.server
     settings.token = doc.get("token")
     settings.cafile = doc.get("cafile")

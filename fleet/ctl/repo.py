@@ -24,6 +24,8 @@ def read_secret_file(path: str) -> str:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CtlError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
+    except UnicodeDecodeError:
+        raise CtlError(f"{path} is not UTF-8 text; is it the password file?", Exit.USAGE) from None
     # a password file conventionally ends in one newline that is not part of it
     return text[:-1] if text.endswith("\n") else text
 

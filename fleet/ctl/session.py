@@ -62,7 +62,7 @@ def login(
     with Client(settings.server, None, settings.cafile, path="/login") as c:
         result = c.call("auth.login", **params)
     settings.token = result["token"]
-    path = config.save(settings)
+    path = app.save_settings()
     expiry = result["expires_at"] or "never"
     app.err.print(
         f"logged in to {settings.server} as {result['user']} ({result['role']}); token saved in {path}, expires {expiry}"
@@ -82,7 +82,7 @@ def logout(app: App) -> None:
             if exc.code != "unauthorized":  # an already dead token needs no revoking
                 raise
     settings.token = None
-    config.save(settings)
+    app.save_settings()
     app.err.print("logged out")
 
 

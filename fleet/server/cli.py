@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import peewee
 
 from .. import __version__
 from ..exitcodes import Exit
@@ -186,6 +187,8 @@ def serve(
         raise Fail(str(exc)) from None
     except ssl.SSLError as exc:
         raise Fail(f"cannot load the TLS certificate or key: {exc.reason or exc}") from None
+    except (RuntimeError, peewee.DatabaseError) as exc:  # a newer schema, a damaged file
+        raise Fail(f"cannot open {data_dir / DB_NAME}: {exc}") from None
     except OSError as exc:
         raise Fail(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 
