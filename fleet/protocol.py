@@ -26,6 +26,7 @@ MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused unread
 MAX_STR = 4096  # default bound on a string field
 MAX_LINE = 64 * 1024  # a job log line
 MAX_ITEMS = 10_000  # default bound on a list field
+SNAPSHOT_PAGE = 500  # snapshots in one snapshots.report frame (~150 KB)
 MAX_ID = 128  # a frame id, echoed back as `re`
 
 JOB_KINDS = (
@@ -227,8 +228,16 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("error", "str", limit=MAX_LINE),
         ),
     ),
+    # a repository's snapshot list, in pages so that no frame grows with it:
+    # every page of one report carries its report_at; the last one says so,
+    # and fleetd then forgets snapshots no page of that report named
     "snapshots.report": MessageSpec(
-        "agent", (F("snapshots", "list[dict]", limit=100_000, item=SNAPSHOT),)
+        "agent",
+        (
+            F("snapshots", "list[dict]", limit=SNAPSHOT_PAGE, item=SNAPSHOT),
+            _opt("report_at", _TS),
+            _opt("last", "bool"),
+        ),
     ),
     "repo.stats": MessageSpec(
         "agent",

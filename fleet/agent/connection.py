@@ -172,8 +172,8 @@ class Agent:
 
     # -- Reporter: how jobs talk to fleetd -------------------------------
 
-    async def emit(self, type_: str, data: dict) -> None:
-        self.spool.append(type_, data)
+    async def emit(self, type_: str, data: dict, supersede: bool = False) -> None:
+        self.spool.append(type_, data, supersede)
         self.wake.set()
 
     async def emit_now(self, type_: str, data: dict) -> None:

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, Optional, Protocol
 
-from ..protocol import MAX_LINE
+from ..protocol import MAX_LINE, SNAPSHOT_PAGE
 from ..restic import commands, execute, parse
 from .state import RepoConfig, State
 
@@ -29,7 +29,7 @@ def now_iso() -> str:
 
 
 class Reporter(Protocol):
-    async def emit(self, type_: str, data: dict[str, Any]) -> None: ...
+    async def emit(self, type_: str, data: dict[str, Any], supersede: bool = False) -> None: ...
 
     async def emit_now(self, type_: str, data: dict[str, Any]) -> None: ...
 
@@ -282,6 +282,14 @@ class JobRunner:
         if self.current is None:
             await self.report_locks()
 
+    async def report_snapshots(self, snaps: list[dict[str, Any]]) -> None:
+        """The snapshot list in pages; a newer report supersedes any still unsent."""
+        report_at = now_iso()
+        pages = [snaps[i : i + SNAPSHOT_PAGE] for i in range(0, len(snaps), SNAPSHOT_PAGE)] or [[]]
+        for n, page in enumerate(pages):
+            data = {"snapshots": page, "report_at": report_at, "last": n == len(pages) - 1}
+            await self.reporter.emit("snapshots.report", data, supersede=(n == 0))
+
     async def report_repository(self, repo: RepoConfig, summary: Optional[dict] = None) -> None:
         """After a backup: the snapshot list and repository stats for fleetd."""
         env = execute.environment(repo.url, repo.password, repo.env)
@@ -298,7 +306,7 @@ class JobRunner:
                 snaps = parse.snapshots("\n".join(out))
                 if summary:
                     parse.add_backup_summary(snaps, summary)
-                await self.reporter.emit("snapshots.report", {"snapshots": snaps})
+                await self.report_snapshots(snaps)
             except parse.ParseError as exc:
                 log.warning("cannot read restic snapshots output: %s", exc)
         else:

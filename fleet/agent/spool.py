@@ -75,11 +75,21 @@ class Spool:
         row = self._db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         return row[0] if row else 0
 
-    def append(self, type_: str, data: dict[str, Any]) -> int:
-        """Store a frame under the next seq; returns that seq once it is committed."""
+    def append(self, type_: str, data: dict[str, Any], supersede: bool = False) -> int:
+        """Store a frame under the next seq; returns that seq once it is committed.
+
+        supersede: frames of the same type still waiting are dropped first
+        (a newer snapshot list makes older ones pointless).
+        """
         text = json.dumps(data, separators=(",", ":"))
         with self._db:  # one transaction
             self._db.execute("BEGIN IMMEDIATE")
+            if supersede:
+                freed = self._db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM frames WHERE type = ?", (type_,)
+                ).fetchone()[0]
+                self._db.execute("DELETE FROM frames WHERE type = ?", (type_,))
+                self._bytes -= freed
             if self._bytes + len(text) > self.max_bytes:
                 # make room for a tenth of the bound at once, not a line at a time
                 self._evict(self._bytes + len(text) - self.max_bytes + self.max_bytes // 10)

@@ -213,7 +213,7 @@ def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, li
                     {"job_id": data["job_id"], "type": "finished", "status": data["status"]}
                 )
         elif frame.type == "snapshots.report":
-            replace_snapshots(host_id, data["snapshots"])
+            apply_snapshot_page(host_id, data)
         elif frame.type == "repo.locks":
             Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
                 Host.id == host_id
@@ -239,13 +239,15 @@ def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, li
     return last, events
 
 
-def replace_snapshots(host_id: int, snapshots: list[dict[str, Any]]) -> None:
-    """fleetd's projection of `restic snapshots`: exactly what the agent saw."""
-    ids = [s["id"] for s in snapshots]
-    Snapshot.delete().where(
-        (Snapshot.host == host_id) & (Snapshot.snapshot_id.not_in(ids))
-    ).execute()
-    for snap in snapshots:
+def apply_snapshot_page(host_id: int, page: dict[str, Any]) -> None:
+    """fleetd's projection of `restic snapshots`: exactly what the agent saw.
+
+    Each page upserts its snapshots stamped with the report's time; the last
+    page removes what no page of that report named. A report from an agent
+    without pages is one last page.
+    """
+    report_at = parse_ts(page["report_at"]) if page.get("report_at") else utcnow()
+    for snap in page["snapshots"]:
         row = {
             "host": host_id,
             "snapshot_id": snap["id"],
@@ -256,15 +258,21 @@ def replace_snapshots(host_id: int, snapshots: list[dict[str, Any]]) -> None:
             "tags": snap.get("tags") or [],
             "size_bytes": snap.get("size_bytes"),
             "file_count": snap.get("file_count"),
+            "reported_at": report_at,
         }
         Snapshot.insert(**row).on_conflict(
             conflict_target=[Snapshot.host, Snapshot.snapshot_id],
-            preserve=[Snapshot.tags, Snapshot.paths],
+            preserve=[Snapshot.tags, Snapshot.paths, Snapshot.reported_at],
             # a size learnt from the backup that made it is kept when later reports lack one
             update={
                 Snapshot.size_bytes: fn.COALESCE(EXCLUDED.size_bytes, Snapshot.size_bytes),
                 Snapshot.file_count: fn.COALESCE(EXCLUDED.file_count, Snapshot.file_count),
             },
+        ).execute()
+    if page.get("last", True):
+        Snapshot.delete().where(
+            (Snapshot.host == host_id)
+            & ((Snapshot.reported_at < report_at) | Snapshot.reported_at.is_null())
         ).execute()
 
 

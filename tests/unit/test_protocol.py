@@ -116,7 +116,7 @@ WIRE_FIELDS = {
         ("job_id", "status", "exit_code", "finished_at"),
         ("summary", "error"),
     ),
-    "snapshots.report": ("agent", ("snapshots",), ()),
+    "snapshots.report": ("agent", ("snapshots",), ("report_at", "last")),
     "repo.stats": (
         "agent",
         ("size_bytes", "snapshot_count"),
@@ -342,13 +342,16 @@ EXAMPLES = {
                     "size_bytes": 1048576,
                     "file_count": 12,
                 }
-            ]
+            ],
+            "report_at": "2024-05-02T03:10:04Z",
+            "last": True,
         },
         None,
         5,
         '{"v":1,"type":"snapshots.report","seq":5,"data":{"snapshots":[{"id":"4f2a9c1e77d0",'
         '"short_id":"4f2a9c1e","time":"2024-05-02T03:09:59Z","hostname":"web-01",'
-        '"paths":["/etc"],"tags":["daily"],"size_bytes":1048576,"file_count":12}]}}',
+        '"paths":["/etc"],"tags":["daily"],"size_bytes":1048576,"file_count":12}],'
+        '"report_at":"2024-05-02T03:10:04Z","last":true}}',
     ),
     "repo.stats": (
         {

@@ -74,12 +74,16 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2]
+        assert migrate(database) == [1, 2, 3]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
-        assert recorded == [(1, "initial"), (2, "host repository locks")]
+        assert recorded == [
+            (1, "initial"),
+            (2, "host repository locks"),
+            (3, "snapshot reports in pages"),
+        ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 2
+        assert current_version(database) == MIGRATIONS[-1][0] == 3
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -92,6 +96,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
     assert rows(database, "SELECT version, name FROM schema_version") == [
         (1, "initial"),
         (2, "host repository locks"),
+        (3, "snapshot reports in pages"),
     ]
     assert m.Host.select().count() == 0
 
@@ -513,6 +518,6 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         host = m.Host.get(m.Host.name == "old-host")
         assert host.last_seq == 7
         assert host.repo_locks is None
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3]
     finally:
         database.close()

@@ -62,6 +62,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "host" ADD COLUMN "repo_locks_at" DATETIME',
         ],
     ),
+    (
+        3,
+        "snapshot reports in pages",
+        ['ALTER TABLE "snapshot" ADD COLUMN "reported_at" DATETIME'],
+    ),
 ]
 
 

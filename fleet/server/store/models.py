@@ -185,6 +185,7 @@ class Snapshot(Base):
     tags = JSONField(default=list)
     size_bytes = pw.BigIntegerField(null=True)
     file_count = pw.BigIntegerField(null=True)
+    reported_at = pw.DateTimeField(null=True)  # the report that last named it
 
     class Meta:
         indexes = ((("host", "snapshot_id"), True),)
