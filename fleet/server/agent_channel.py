@@ -215,6 +215,8 @@ async def apply_loop(state: ServerState, session: AgentSession, incoming: asynci
                 if event["type"] == "finished":
                     hub.job_ended(session, event["job_id"])
                     ended = True
+                elif event["type"] == "retry":  # due after its delay
+                    hub.dispatch_later(session.host_id, event["delay"])
             if not session.caught_up:
                 await catch_up(state, session, last)
             elif ended:

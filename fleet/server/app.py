@@ -259,11 +259,16 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
 
 
 async def housekeeping(state: ServerState, lost_after: int) -> None:
-    """Periodic work: running jobs of hosts gone for longer than lost_after are lost."""
+    """Periodic work: due jobs of idle hosts are dispatched; running jobs of
+    hosts gone for longer than lost_after are lost."""
     every = max(1.0, min(60.0, lost_after / 4))
     started = utcnow()
     while True:
         await asyncio.sleep(every)
+        try:
+            await state.hub.dispatch_all()
+        except Exception:
+            log.exception("dispatching due jobs failed")
         if utcnow() - started < timedelta(seconds=lost_after):
             continue  # agents redialling after a fleetd outage get their full grace
         cutoff = utcnow() - timedelta(seconds=lost_after)

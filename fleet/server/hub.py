@@ -123,6 +123,16 @@ class Hub:
             if not await session.send(protocol.encode("command.run", command)):
                 session.inflight = None
 
+    def dispatch_later(self, host_id: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay + 0.5, lambda: asyncio.ensure_future(self.dispatch(host_id)))
+
+    async def dispatch_all(self) -> None:
+        """Offer every connected idle host its next due job (retries whose delay
+        ran out while fleetd restarted, and any dispatch a race skipped)."""
+        for host_id in list(self.sessions):
+            await self.dispatch(host_id)
+
     def dispatch_lock(self, host_id: int) -> asyncio.Lock:
         """Held while a job of the host is being chosen and sent: a cancel
         takes it too, so it never falls between the two."""

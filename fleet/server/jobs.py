@@ -59,21 +59,79 @@ def create_job(
     )
 
 
-def command_for(job: Job) -> dict:
-    cmd = {"job_id": job.id, "kind": job.kind}
-    cmd.update({k: v for k, v in (job.params or {}).items() if v not in (None, "", [])})
-    return cmd
-
-
 def next_job(host_id: int) -> Optional[dict]:
-    """The next queued job of a host (init first), as a command.run payload."""
-    job = (
+    """The next queued job of a host that is due (init first), as a command.run payload."""
+    now = iso(utcnow()) or ""
+    queued = (
         Job.select()
         .where((Job.host == host_id) & (Job.status == "queued"))
         .order_by((Job.kind != "init"), Job.id)
-        .first()
     )
-    return None if job is None else command_for(job)
+    for job in queued:
+        if (job.params or {}).get("not_before", "") <= now:  # a retry waits out its delay
+            return command_for(job)
+    return None
+
+
+def command_for(job: Job) -> dict:
+    cmd = {"job_id": job.id, "kind": job.kind}
+    cmd.update(
+        {
+            k: v
+            for k, v in (job.params or {}).items()
+            if k in COMMAND_KEYS and v not in (None, "", [])
+        }
+    )
+    return cmd
+
+
+COMMAND_KEYS = (
+    "group",
+    "includes",
+    "excludes",
+    "tag",
+    "retention",
+    "pre_hook",
+    "post_hook",
+    "args",
+)
+
+
+def retry_after_failure(job_id: int) -> Optional[tuple[int, int]]:
+    """A failed backup whose group allows retries is queued again after the
+    group's delay. Returns (new job id, delay in seconds) or None."""
+    job = Job.get_by_id(job_id)
+    if job.kind != "backup" or job.status != "failed" or job.group_id is None:
+        return None
+    group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
+    attempt = int((job.params or {}).get("attempt", 1))
+    if group is None or attempt > group.retries:
+        return None
+    params = {
+        **job.params,
+        "attempt": attempt + 1,
+        "not_before": iso(utcnow() + dt.timedelta(seconds=group.retry_delay)),
+    }
+    retry = Job.create(
+        host=job.host_id,
+        kind="backup",
+        status="queued",
+        actor_kind=job.actor_kind,
+        actor_user=job.actor_user_id,
+        schedule=job.schedule_id,
+        group=job.group_id,
+        group_name=job.group_name,
+        params=params,
+    )
+    log.info(
+        "job %s failed; retry %d of %d is job %s in %d s",
+        job.id,
+        attempt,
+        group.retries,
+        retry.id,
+        group.retry_delay,
+    )
+    return retry.id, group.retry_delay
 
 
 def needs_init(host_id: int) -> bool:
@@ -212,6 +270,10 @@ def apply_frames(host_id: int, frames: list[protocol.Envelope]) -> tuple[int, li
                 events.append(
                     {"job_id": data["job_id"], "type": "finished", "status": data["status"]}
                 )
+                if data["status"] == "failed":
+                    retry = retry_after_failure(data["job_id"])
+                    if retry is not None:
+                        events.append({"job_id": retry[0], "type": "retry", "delay": retry[1]})
         elif frame.type == "snapshots.report":
             apply_snapshot_page(host_id, data)
         elif frame.type == "repo.locks":

@@ -167,3 +167,22 @@ def test_sigterm_during_a_backup_reports_it_cancelled(fleet, e2e):
     assert h.agent.count(f"job {job['id']} (backup) cancelled") == 1
     proc = e2e.restic(h.repo, h.password, "list", "locks", "--no-lock")
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout
+
+
+def test_a_failed_backup_is_retried_as_its_group_says(fleet, e2e):
+    h = e2e.host(fleet)
+    flag = h.base / "second-try"
+    # the first attempt fails in its pre-hook and leaves a mark; the retry then passes
+    hook = f"if [ -e {flag} ]; then exit 0; fi; touch {flag}; exit 1"
+    group = e2e.group(fleet, h, "--pre-hook", hook, "--retries", "2", "--retry-delay", "1s")
+    first = e2e.run(fleet, h.name, group)
+    done = e2e.wait_job(fleet, first["id"])
+    assert done["status"] == "failed"
+    retry = e2e.fx.wait_until(
+        lambda: [j for j in e2e.jobs(fleet, h.name, kind="backup") if j["id"] > first["id"]],
+        timeout=30,
+        what="the retry job",
+    )[0]
+    done = e2e.wait_job(fleet, retry["id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert len(e2e.jobs(fleet, h.name, kind="backup")) == 2  # no third attempt after a success

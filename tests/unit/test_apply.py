@@ -114,3 +114,48 @@ def test_sync_seq_follows_the_agents_spool(host, recorded, spool_seq, pending, e
     Host.update(last_seq=recorded).where(Host.id == host.id).execute()
     assert jobs.sync_seq(host.id, spool_seq, pending) == expected
     assert Host.get_by_id(host.id).last_seq == expected
+
+
+def test_a_failed_backup_is_retried_as_its_group_allows(host) -> None:
+    from fleet.server.store.models import SourceGroup
+
+    group = SourceGroup.create(host=host, name="etc", includes=["/etc"], retries=1, retry_delay=60)
+    job = jobs.create_job(host, "backup", "user", None, group, jobs.backup_params(group))
+    finished = {
+        "job_id": job.id,
+        "status": "failed",
+        "exit_code": 1,
+        "finished_at": "2026-11-22T00:00:00Z",
+    }
+    _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
+    retry = [e for e in events if e["type"] == "retry"]
+    assert len(retry) == 1 and retry[0]["delay"] == 60
+    again = Job.get_by_id(retry[0]["job_id"])
+    assert again.status == "queued" and again.params["attempt"] == 2
+    assert jobs.next_job(host.id) is None  # not due for a minute
+    Job.update(params={**again.params, "not_before": "2000-01-01T00:00:00Z"}).where(
+        Job.id == again.id
+    ).execute()
+    command = jobs.next_job(host.id)
+    assert command is not None and command["job_id"] == again.id
+    assert "attempt" not in command and "not_before" not in command  # not the agent's business
+    # the retry fails too: no third attempt
+    finished = {**finished, "job_id": again.id}
+    _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=2)])
+    assert [e for e in events if e["type"] == "retry"] == []
+
+
+def test_a_succeeded_or_cancelled_backup_is_not_retried(host) -> None:
+    from fleet.server.store.models import SourceGroup
+
+    group = SourceGroup.create(host=host, name="etc", includes=["/etc"], retries=3, retry_delay=0)
+    for seq, status in enumerate(("succeeded", "cancelled", "warning"), start=1):
+        job = jobs.create_job(host, "backup", "user", None, group, jobs.backup_params(group))
+        finished = {
+            "job_id": job.id,
+            "status": status,
+            "exit_code": 0,
+            "finished_at": "2026-11-22T00:00:00Z",
+        }
+        _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=seq)])
+        assert [e for e in events if e["type"] == "retry"] == []
