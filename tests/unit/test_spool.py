@@ -131,11 +131,17 @@ def test_a_spool_of_an_older_agent_is_upgraded_in_place(path: Path) -> None:
 
 def test_a_newer_snapshot_report_supersedes_unsent_ones(path: Path) -> None:
     spool = Spool(path)
-    spool.append("snapshots.report", {"snapshots": [], "report_at": "a", "last": False}, supersede=True)
+    spool.append(
+        "snapshots.report", {"snapshots": [], "report_at": "a", "last": False}, supersede=True
+    )
     spool.append("snapshots.report", {"snapshots": [], "report_at": "a", "last": True})
     spool.append("job.finished", {"job_id": 1, "status": "succeeded"})
-    spool.append("snapshots.report", {"snapshots": [], "report_at": "b", "last": True}, supersede=True)
+    spool.append(
+        "snapshots.report", {"snapshots": [], "report_at": "b", "last": True}, supersede=True
+    )
     kinds = [(t, d.get("report_at")) for _, t, d in spool.pending()]
     assert kinds == [("job.finished", None), ("snapshots.report", "b")]
-    assert spool.size == sum(len(json.dumps(d, separators=(",", ":"))) for _, _, d in spool.pending())
+    assert spool.size == sum(
+        len(json.dumps(d, separators=(",", ":"))) for _, _, d in spool.pending()
+    )
     spool.close()
