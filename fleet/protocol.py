@@ -16,6 +16,7 @@ Operator (`/ctl`) frames are request/response pairs, validated by
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -423,6 +424,11 @@ def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTE
         exc.re = re
         raise
     return Envelope(type_, data, re, seq)
+
+
+def now_iso() -> str:
+    """The protocol's timestamps: UTC, to the second, RFC 3339."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def error_frame(code: str, message: str, re: Optional[str] = None) -> str:

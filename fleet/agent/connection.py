@@ -10,7 +10,6 @@ and the sender starts again from the last acknowledged seq.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -26,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .. import __version__, protocol
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, now_iso
 from ..restic import commands, parse
 from .jobs import JobRunner
 from .spool import DEFAULT_MAX_BYTES, Spool
@@ -47,15 +46,13 @@ class FatalError(Exception):
         self.exit_code = exit_code
 
 
-def backoff(attempt: int, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
-    """Delay before redial number `attempt` (0-based): exponential, capped,
-    jittered, so a fleet coming back after a fleetd restart does not arrive at once."""
-    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * (2**attempt))
-    return max(BACKOFF_MIN, rng.uniform(ceiling / 2, ceiling))
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def backoff(attempt: int, rng: Optional[random.Random] = None) -> float:
+    """Delay before redial number `attempt` (0-based): anywhere from 1 s up to
+    a ceiling that doubles each attempt (2, 4, 8 ... 60 s), so a fleet
+    coming back after a fleetd restart does not arrive at once, even on its
+    first redial."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (attempt + 1))
+    return (rng or random).uniform(BACKOFF_MIN, ceiling)
 
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}

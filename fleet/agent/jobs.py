@@ -9,13 +9,12 @@ resent until acknowledged); progress goes through `Reporter.emit_now`
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import time
 from typing import Any, Optional, Protocol
 
-from ..protocol import MAX_LINE, SNAPSHOT_PAGE
+from ..protocol import MAX_LINE, SNAPSHOT_PAGE, now_iso
 from ..restic import commands, execute, parse
 from .state import RepoConfig, State
 
@@ -24,8 +23,10 @@ log = logging.getLogger("fleet-agent.jobs")
 PROGRESS_EVERY = 1.0  # seconds between job.progress frames
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def restic_env(repo: RepoConfig) -> tuple[dict[str, str], execute.Masker]:
+    """restic's environment for the repository, and the masker of its secrets."""
+    env = execute.environment(repo.url, repo.password, repo.env)
+    return env, execute.Masker([repo.password, *repo.env.values()])
 
 
 class Reporter(Protocol):
@@ -52,31 +53,22 @@ class JobLog:
                 await self._progress(event)
             elif kind == "summary":
                 self.summary = event
-        self.seq += 1
-        await self.reporter.emit(
-            "job.log",
-            {
-                "job_id": self.job_id,
-                "seq": self.seq,
-                "ts": now_iso(),
-                "stream": "event" if event is not None else stream,
-                "payload": text[:MAX_LINE],
-            },
-        )
+        await self._send("event" if event is not None else stream, text)
 
     async def note(self, text: str) -> None:
         """A line of the agent's own (hooks, soft successes), on stdout."""
+        await self._send("stdout", f"fleet-agent: {text}")
+
+    async def _send(self, stream: str, text: str) -> None:
         self.seq += 1
-        await self.reporter.emit(
-            "job.log",
-            {
-                "job_id": self.job_id,
-                "seq": self.seq,
-                "ts": now_iso(),
-                "stream": "stdout",
-                "payload": f"fleet-agent: {text}"[:MAX_LINE],
-            },
-        )
+        line = {
+            "job_id": self.job_id,
+            "seq": self.seq,
+            "ts": now_iso(),
+            "stream": stream,
+            "payload": text[:MAX_LINE],
+        }
+        await self.reporter.emit("job.log", line)
 
     async def _progress(self, status: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -184,8 +176,7 @@ class JobRunner:
         log.info("job %s (%s) %s", job_id, kind, status)
 
     async def _execute(self, kind: str, cmd: dict[str, Any], repo: RepoConfig, joblog: JobLog):
-        env = execute.environment(repo.url, repo.password, repo.env)
-        mask = execute.Masker([repo.password, *repo.env.values()])
+        env, mask = restic_env(repo)
 
         async def restic(argv: tuple) -> execute.Result:
             return await execute.run(
@@ -261,8 +252,7 @@ class JobRunner:
         repo = repo or self.state.load_repo()
         if repo is None:
             return
-        env = execute.environment(repo.url, repo.password, repo.env)
-        mask = execute.Masker([repo.password, *repo.env.values()])
+        env, mask = restic_env(repo)
         locks: list[str] = []
 
         async def collect(stream: str, line: str) -> None:
@@ -292,8 +282,7 @@ class JobRunner:
 
     async def report_repository(self, repo: RepoConfig, summary: Optional[dict] = None) -> None:
         """After a backup: the snapshot list and repository stats for fleetd."""
-        env = execute.environment(repo.url, repo.password, repo.env)
-        mask = execute.Masker([repo.password, *repo.env.values()])
+        env, mask = restic_env(repo)
         out: list[str] = []
 
         async def collect(stream: str, line: str) -> None:

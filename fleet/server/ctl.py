@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Optional
 
 from websockets.exceptions import ConnectionClosed
@@ -26,6 +26,7 @@ from .. import __version__, protocol, retention
 from ..protocol import Field, ProtocolError
 from . import auth
 from .auth import Role
+from .jobs import iso
 from .secrets import SecretBox
 from .store.db import Store
 from .store.models import (
@@ -190,10 +191,6 @@ async def call(ctx: Context, name: str, params: dict) -> Any:
 
 
 # -- helpers that run on the store thread -----------------------------------
-
-
-def iso(value: Optional[datetime]) -> Optional[str]:
-    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def audit(ctx: Context, action: str, target: str | None = None, detail: dict | None = None) -> None:

@@ -427,3 +427,61 @@ def timed_wait(
         if time.monotonic() - start >= timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {condition}")
         time.sleep(interval)  # polling interval; the deadline decides
+
+
+def _load_relay_class() -> Any:
+    """tests/e2e/relay.py's Relay (tests/ is no package: loaded from its path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fleet_e2e_relay", Path(__file__).with_name("relay.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Relay
+
+
+@pytest.fixture
+def relay() -> Iterator[Any]:
+    """A TCP relay (tests/e2e/relay.py) listening before fleetd exists, closed at
+    teardown: start fleetd with `--public-url relay.url`, then
+    `relay.retarget(fleetd.port)`; agents enrolled there dial the relay."""
+    r = _load_relay_class()()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def subreaper() -> Iterator[Any]:
+    """For one test, this process adopts the orphans of what it started
+    (PR_SET_CHILD_SUBREAPER), so `subreaper.reap(pid)` can wait for a restic
+    orphaned by a SIGKILLed agent and collect its exit status.
+
+    Without it the orphan goes to PID 1, and a PID 1 that reaps late (or never,
+    in a container) leaves a zombie: restic's own stale-lock test (kill(pid, 0))
+    takes a zombie for a live process and `restic unlock` keeps its lock.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not sys.platform.startswith("linux") or libc.prctl(36, 1, 0, 0, 0) != 0:
+        pytest.skip("needs Linux's PR_SET_CHILD_SUBREAPER")
+
+    def reap(pid: int, timeout: float = 10.0) -> Optional[int]:
+        """Wait for `pid` to end; its wait status if it was adopted, else None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    return status
+            except ChildProcessError:  # not ours: ended once /proc no longer has it
+                if not Path(f"/proc/{pid}").exists():
+                    return None
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"process {pid} still there after {timeout} s")
+            time.sleep(0.02)  # polling interval; the deadline decides
+
+    yield types.SimpleNamespace(reap=reap)
+    libc.prctl(36, 0, 0, 0, 0)
