@@ -172,36 +172,29 @@ def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
     return last
 
 
+def lose(query: Any, why: str) -> list[int]:
+    """Mark the running jobs `query` selects lost; returns their ids."""
+    lost = [j.id for j in query.where(Job.status == "running")]
+    if lost:
+        Job.update(status="lost", finished_at=utcnow(), error=why).where(Job.id.in_(lost)).execute()
+    return lost
+
+
 def mark_lost(host_id: int, still_running: Optional[int]) -> list[int]:
     """Jobs the agent no longer knows: it came back, its spool is drained,
     and it runs none of them."""
-    query = Job.select(Job.id).where((Job.host == host_id) & (Job.status == "running"))
+    query = Job.select(Job.id).where(Job.host == host_id)
     if still_running is not None:
         query = query.where(Job.id != still_running)
-    lost = [j.id for j in query]
-    if lost:
-        Job.update(
-            status="lost",
-            finished_at=utcnow(),
-            error="the agent restarted or lost the job before reporting its end",
-        ).where(Job.id.in_(lost)).execute()
-    return lost
+    return lose(query, "the agent restarted or lost the job before reporting its end")
 
 
 def expire_lost(cutoff: dt.datetime) -> list[int]:
     """Running jobs of hosts offline since before `cutoff`: their agent never
     came back to say how they ended."""
     silent = Host.select(Host.id).where((Host.online == False) & (Host.last_seen_at < cutoff))  # noqa: E712
-    lost = [
-        j.id for j in Job.select(Job.id).where((Job.status == "running") & (Job.host.in_(silent)))
-    ]
-    if lost:
-        Job.update(
-            status="lost",
-            finished_at=utcnow(),
-            error="the host went offline during the job and did not come back in time",
-        ).where(Job.id.in_(lost)).execute()
-    return lost
+    query = Job.select(Job.id).where(Job.host.in_(silent))
+    return lose(query, "the host went offline during the job and did not come back in time")
 
 
 def fail_job(job_id: int, error: str) -> None:
