@@ -116,10 +116,6 @@ class JobRunner:
             self._cancel.set()
             await self._task
 
-    async def wait_idle(self) -> None:
-        if self._task is not None:
-            await asyncio.shield(self._task)
-
     # -- one job ------------------------------------------------------------
 
     def _argv(self, argv: tuple) -> list[str]:

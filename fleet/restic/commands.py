@@ -40,14 +40,11 @@ def stats(mode: str = "restore-size") -> Command:
     return (RESTIC, "stats", "--json", "--mode", mode)
 
 
-def forget(tag: str, policy: dict, prune: bool = False) -> Command:
+def forget(tag: str, policy: dict) -> Command:
     flags = retention.forget_args(retention.normalize(policy))
     if not flags:
         raise ValueError(f"group {tag!r} has no retention rules; forget would keep everything")
-    args = [RESTIC, "forget", "--json", "--tag", tag, "--group-by", "host,tags", *flags]
-    if prune:
-        args.append("--prune")
-    return tuple(args)
+    return (RESTIC, "forget", "--json", "--tag", tag, "--group-by", "host,tags", *flags)
 
 
 def prune() -> Command:
@@ -61,8 +58,9 @@ def check(read_data_subset: str = "") -> Command:
     return tuple(args)
 
 
-def unlock(remove_all: bool = False) -> Command:
-    return (RESTIC, "unlock", "--remove-all") if remove_all else (RESTIC, "unlock")
+def unlock() -> Command:
+    # stale locks only: a live restic's lock stays (--remove-all would break it)
+    return (RESTIC, "unlock")
 
 
 def list_locks() -> Command:

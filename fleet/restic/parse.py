@@ -137,8 +137,3 @@ def already_initialized(stderr: str) -> bool:
     """`restic init` on an existing repository: the soft success of auto-init."""
     text = stderr.lower()
     return "config file already exists" in text or "already initialized" in text
-
-
-def locked(stderr: str) -> bool:
-    """restic refused because another process (or a dead one) holds a lock."""
-    return "repository is already locked" in stderr.lower()

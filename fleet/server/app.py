@@ -99,11 +99,8 @@ def text_response(connection: ServerConnection, status: HTTPStatus, text: str) -
 
 
 class FleetServer:
-    def __init__(
-        self, state: ServerState, tls: bool, token_limiter: RateLimiter | None = None
-    ) -> None:
+    def __init__(self, state: ServerState, token_limiter: RateLimiter | None = None) -> None:
         self.state = state
-        self.tls = tls
         self.token_limiter = token_limiter or RateLimiter(limit=20, window=60)
         self.callers: dict[ServerConnection, Caller] = {}
         self.agents: dict[ServerConnection, object] = {}
@@ -224,7 +221,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         hub=Hub(store, box),
         heartbeat_interval=config.heartbeat_interval,
     )
-    app = FleetServer(state, tls=ssl_ctx is not None)
+    app = FleetServer(state)
 
     loop = asyncio.get_running_loop()
     stop = loop.create_future()

@@ -93,9 +93,6 @@ class Hub:
             log.warning("closing the link of host %s: %s", session.host_name, reason)
             await session.connection.close(4001, reason)
 
-    def online(self, host_id: int) -> bool:
-        return host_id in self.sessions
-
     # -- pushes -----------------------------------------------------------
 
     async def push_config(self, host_id: int) -> None:
