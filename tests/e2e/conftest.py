@@ -17,6 +17,7 @@ Long-running jobs are made with a pre-hook (`sleep N`), which costs no I/O.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -209,8 +210,13 @@ class E2E:
     """Per-test helpers; remembers the agents it started, for teardown."""
 
     def __init__(
-        self, tmp_path: Path, fx: types.SimpleNamespace, template: types.SimpleNamespace
+        self,
+        tmp_path: Path,
+        fx: types.SimpleNamespace,
+        template: types.SimpleNamespace,
+        prefix: tuple[str, ...] = MODULE_AGENT,
     ) -> None:
+        self.prefix = prefix  # how this test's agents run: the zipapp under some Python
         self.tmp_path = tmp_path
         self.fx = fx
         self.template = template
@@ -223,10 +229,10 @@ class E2E:
 
     # -- hosts and agents ----------------------------------------------------------
 
-    def agent(self, name: str, prefix: tuple[str, ...] = MODULE_AGENT) -> Agent:
+    def agent(self, name: str, prefix: Optional[tuple[str, ...]] = None) -> Agent:
         base = self.tmp_path / name
         base.mkdir(parents=True, exist_ok=True)
-        agent = Agent(base / "state", base / "agent.log", prefix)
+        agent = Agent(base / "state", base / "agent.log", prefix or self.prefix)
         self.agents.append(agent)
         return agent
 
@@ -240,7 +246,7 @@ class E2E:
         set_repo: bool = True,
         start: bool = True,
         wait_init: bool = True,
-        agent_prefix: tuple[str, ...] = MODULE_AGENT,
+        agent_prefix: Optional[tuple[str, ...]] = None,
     ) -> types.SimpleNamespace:
         """A freshly enrolled host with its own repository, source dir and agent.
 
@@ -397,11 +403,62 @@ def repo_template(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNames
     return template
 
 
+def pyenv_python(version: str) -> Optional[str]:
+    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    found = sorted(glob.glob(f"{root}/versions/{version}*/bin/python{version}"))
+    return found[-1] if found else None
+
+
+def interpreter(name: str) -> str:
+    """A Python to run the zipapp under: "3.9", "3.13" (pyenv) or "system"."""
+    path = "/usr/bin/python3" if name == "system" else pyenv_python(name)
+    if not path or not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"Python {name} is missing: the agent must be tested under it in CI")
+        pytest.skip(f"Python {name} is not installed here")
+    return path
+
+
+def build_pyz(out: Path) -> Path:
+    proc = subprocess.run(
+        ["bash", "build/build-agent.sh", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dist/fleet-agent.pyz as `make agent` builds it, once per session."""
+    return build_pyz(tmp_path_factory.mktemp("pyz") / "fleet-agent.pyz")
+
+
+@pytest.fixture(scope="session")
+def zipapp() -> types.SimpleNamespace:
+    """The zipapp helpers, for test modules (which import nothing from here)."""
+    return types.SimpleNamespace(build=build_pyz, interpreter=interpreter)
+
+
+@pytest.fixture
+def agent_prefix(request: pytest.FixtureRequest, pyz: Path) -> tuple[str, ...]:
+    """The end-to-end suite runs its agents from the zipapp: under CPython 3.9
+    unless the module sets AGENT_PYTHON (the failure tests use 3.13)."""
+    return (interpreter(getattr(request.module, "AGENT_PYTHON", "3.9")), str(pyz))
+
+
 @pytest.fixture
 def e2e(
-    tmp_path: Path, fx: types.SimpleNamespace, repo_template: types.SimpleNamespace
+    tmp_path: Path,
+    fx: types.SimpleNamespace,
+    repo_template: types.SimpleNamespace,
+    agent_prefix: tuple[str, ...],
 ) -> Iterator[E2E]:
-    helper = E2E(tmp_path, fx, repo_template)
+    helper = E2E(tmp_path, fx, repo_template, agent_prefix)
     yield helper
     problems = helper.stop_agents()
     assert not problems, "\n\n".join(problems)

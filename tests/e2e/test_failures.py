@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+AGENT_PYTHON = "3.13"  # the agents here run from the zipapp under the newest Python
 HALF = 1000  # hook lines before the gate, and after it
 HOOK_LINE = re.compile(r"line (\d+)")
 SMALL_TREE = {

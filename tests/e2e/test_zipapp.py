@@ -3,7 +3,6 @@ under the oldest and newest Pythons here (3.9, 3.13) and the system python3."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import subprocess
@@ -12,45 +11,11 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_SIZE = 5 * 1024 * 1024
 
 
-def pyenv_python(version: str) -> str | None:
-    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
-    found = sorted(glob.glob(f"{root}/versions/{version}*/bin/python{version}"))
-    return found[-1] if found else None
-
-
-def interpreter(name: str) -> str:
-    path = "/usr/bin/python3" if name == "system" else pyenv_python(name)
-    if not path or not os.path.exists(path):
-        if os.environ.get("CI"):
-            pytest.fail(f"Python {name} is missing: the zipapp must be tested under it in CI")
-        pytest.skip(f"Python {name} is not installed here")
-    return path
-
-
-def build(out: Path) -> Path:
-    proc = subprocess.run(
-        ["bash", "build/build-agent.sh", str(out)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
-@pytest.fixture(scope="session")
-def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("pyz") / "fleet-agent.pyz")
-
-
-def test_two_builds_are_identical_small_and_pure(pyz: Path, tmp_path: Path) -> None:
-    again = build(tmp_path / "again.pyz")
+def test_two_builds_are_identical_small_and_pure(pyz: Path, zipapp, tmp_path: Path) -> None:
+    again = zipapp.build(tmp_path / "again.pyz")
     assert (
         hashlib.sha256(pyz.read_bytes()).hexdigest()
         == hashlib.sha256(again.read_bytes()).hexdigest()
@@ -68,9 +33,9 @@ def test_two_builds_are_identical_small_and_pure(pyz: Path, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("python", ["3.9", "3.13", "system"])
 def test_zipapp_runs_the_agent_end_to_end(
-    python: str, pyz: Path, fleet, e2e, tmp_path: Path
+    python: str, pyz: Path, zipapp, fleet, e2e, tmp_path: Path
 ) -> None:
-    py = interpreter(python)
+    py = zipapp.interpreter(python)
     version = subprocess.run(
         [py, str(pyz), "--version"],
         env={**os.environ, "SHIV_ROOT": str(tmp_path / "shiv")},
