@@ -159,12 +159,36 @@ strict_option = click.option(
 )
 
 
+def follow_options(fn: Any) -> Any:
+    """--follow, --strict and --json of the commands that start a job."""
+    fn = json_option(fn)
+    fn = strict_option(fn)
+    return click.option(
+        "--follow", "-f", is_flag=True, help="Tail the job live and exit with its outcome."
+    )(fn)
+
+
+def start_job(
+    app: App, what: str, follow: bool, strict: bool, as_json: bool, **params: Any
+) -> None:
+    """Queue a job (jobs.run with params), say so, and follow it when asked."""
+    if strict and not follow:
+        raise click.UsageError("--strict goes with --follow")
+    job = app.call("jobs.run", **params)
+    if as_json and not follow:
+        render.emit_json(job)
+        return
+    ahead = job.get("queued_behind") or 0
+    note = f", waiting behind {ahead} job(s)" if ahead else ""
+    app.err.print(f"job {job['id']} queued: {escape(what)}{note}")
+    if follow:
+        follow_job(app, job["id"], raw=as_json, strict=strict)
+
+
 @click.command()
 @click.argument("host")
 @click.argument("group")
-@click.option("--follow", "-f", is_flag=True, help="Tail the job live and exit with its outcome.")
-@strict_option
-@json_option
+@follow_options
 @pass_app
 def run(app: App, host: str, group: str, follow: bool, strict: bool, as_json: bool) -> None:
     """Back up GROUP of HOST now.
@@ -173,17 +197,7 @@ def run(app: App, host: str, group: str, follow: bool, strict: bool, as_json: bo
     exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
     or lost.
     """
-    if strict and not follow:
-        raise click.UsageError("--strict goes with --follow")
-    job = app.call("jobs.run", host=host, group=group)
-    if as_json and not follow:
-        render.emit_json(job)
-        return
-    ahead = job.get("queued_behind") or 0
-    note = f", waiting behind {ahead} job(s)" if ahead else ""
-    app.err.print(f"job {job['id']} queued: backup of {escape(host)}/{escape(group)}{note}")
-    if follow:
-        follow_job(app, job["id"], raw=as_json, strict=strict)
+    start_job(app, f"backup of {host}/{group}", follow, strict, as_json, host=host, group=group)
 
 
 @click.group()

@@ -11,7 +11,7 @@ import click
 from ..exitcodes import Exit
 from . import render
 from .app import App, CtlError, json_option, pass_app
-from .jobs import follow_job
+from .jobs import follow_options, start_job
 
 
 @click.group()
@@ -109,34 +109,9 @@ def repo_show(app: App, host: str, as_json: bool) -> None:
     )
 
 
-def repo_job(app: App, host: str, kind: str, follow: bool, strict: bool, as_json: bool) -> None:
-    if strict and not follow:
-        raise click.UsageError("--strict goes with --follow")
-    job = app.call("jobs.run", host=host, kind=kind)
-    if as_json and not follow:
-        render.emit_json(job)
-        return
-    app.err.print(f"job {job['id']} queued: {kind} of {job['host']}'s repository", markup=False)
-    if follow:
-        follow_job(app, job["id"], raw=as_json, strict=strict)
-
-
-follow_options = [
-    click.option("--follow", "-f", is_flag=True, help="Tail the job and exit with its outcome."),
-    click.option("--strict", is_flag=True, help="With --follow, exit 1 on a warning too."),
-    json_option,
-]
-
-
-def with_follow(fn):
-    for option in reversed(follow_options):
-        fn = option(fn)
-    return fn
-
-
 @repo.command("init")
 @click.argument("host")
-@with_follow
+@follow_options
 @pass_app
 def repo_init(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
     """Run restic init on HOST's repository (again).
@@ -144,14 +119,16 @@ def repo_init(app: App, host: str, follow: bool, strict: bool, as_json: bool) ->
     fleetd does this by itself once after each 'repo set'; an existing
     repository counts as success.
     """
-    repo_job(app, host, "init", follow, strict, as_json)
+    start_job(app, f"init of {host}'s repository", follow, strict, as_json, host=host, kind="init")
 
 
 @repo.command("unlock")
 @click.argument("host")
-@with_follow
+@follow_options
 @pass_app
 def repo_unlock(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
     """Run restic unlock on HOST's repository: remove stale locks left by a
     killed restic."""
-    repo_job(app, host, "unlock", follow, strict, as_json)
+    start_job(
+        app, f"unlock of {host}'s repository", follow, strict, as_json, host=host, kind="unlock"
+    )
