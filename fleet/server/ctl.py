@@ -27,7 +27,7 @@ from ..protocol import Field, ProtocolError
 from . import auth
 from .auth import Role
 from .jobs import iso
-from .secrets import SecretBox
+from .secrets import SecretBox, repo_aad
 from .store.db import Store
 from .store.models import (
     ApiToken,
@@ -634,10 +634,6 @@ def hosts_remove(ctx: Context, p: dict) -> dict:
 
 
 # -- repositories -----------------------------------------------------------
-
-
-def repo_aad(host_id: int, what: str) -> str:
-    return f"repo:{host_id}:{what}"
 
 
 def redact_url(url: str) -> str:

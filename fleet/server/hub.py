@@ -7,6 +7,7 @@ each agent is running, and who is watching which job.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import defaultdict
 from typing import Any, Optional
@@ -16,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .. import protocol
 from . import jobs
-from .secrets import SecretBox
+from .secrets import SecretBox, repo_aad
 from .store.db import Store
 from .store.models import Repo
 
@@ -43,15 +44,11 @@ class AgentSession:
 
 def repo_config(host_id: int, box: SecretBox) -> Optional[dict]:
     """config.update for a host, decrypted on the store thread."""
-    from .ctl import repo_aad  # one definition of the associated data
-
     repo = Repo.get_or_none(Repo.host == host_id)
     if repo is None:
         return None
     env = {}
     if repo.env_enc:
-        import json
-
         env = json.loads(box.decrypt(repo.env_enc, repo_aad(host_id, "env")))
     return {
         "repo_url": box.decrypt(repo.url_enc, repo_aad(host_id, "url")),

@@ -57,6 +57,11 @@ def load_key_file(path: Path) -> SecretBox:
     return SecretBox(key)
 
 
+def repo_aad(host_id: int, what: str) -> str:
+    """The associated data of a repository secret: its host row and field."""
+    return f"repo:{host_id}:{what}"
+
+
 class SecretBox:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
