@@ -6,19 +6,30 @@ import asyncio
 import datetime as dt
 from typing import Any, Optional
 
+import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
 from ..protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from . import jobs
 from .auth import Role
 from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method
-from .store.models import Host, Job, JobLog, Snapshot
+from .store.models import Host, Job, JobLog, Snapshot, User
 
 GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
 
 
+def jobs_with_names() -> Any:
+    """Jobs with their host and user in the same query (a listing shows both)."""
+    return (
+        Job.select(Job, Host, User)
+        .join(Host)
+        .switch(Job)
+        .join(User, pw.JOIN.LEFT_OUTER, on=(Job.actor_user == User.id))
+    )
+
+
 def get_job(job_id: int) -> Job:
-    job = Job.select(Job, Host).join(Host).where(Job.id == job_id).first()
+    job = jobs_with_names().where(Job.id == job_id).first()
     if job is None:
         raise CtlError("not_found", f"no job {job_id}")
     return job
@@ -97,7 +108,7 @@ def parse_since(value: str) -> dt.datetime:
     ),
 )
 def jobs_list(ctx: Context, p: dict) -> list:
-    query = Job.select(Job, Host).join(Host).order_by(Job.id.desc())
+    query = jobs_with_names().order_by(Job.id.desc())
     if p.get("host"):
         query = query.where(Job.host == get_host(p["host"]))
     if p.get("status"):
