@@ -20,6 +20,8 @@ site="$stage/site-packages"
 # copy of the tree (setuptools leaves build/ dirs behind in what it builds)
 mkdir "$stage/src"
 cp -r pyproject.toml README.md fleet "$stage/src/"
+# the agent side only: fleetd and fleetctl stay out of the file dropped on every server
+rm -rf "$stage/src/fleet/server" "$stage/src/fleet/ctl"
 find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
 "$BIN/pip" install --quiet --no-compile --no-deps --target "$site/.fleet" "$stage/src" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 mv "$site/.fleet/fleet" "$site/.fleet"/fleet-*.dist-info "$site/"

@@ -17,8 +17,8 @@ from typing import Optional
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .. import __version__
-from ..exitcodes import Exit
-from ..protocol import PROTOCOL_VERSION, ProtocolError
+from ..common.exitcodes import Exit
+from ..common.protocol import PROTOCOL_VERSION, ProtocolError
 from .connection import Agent, FatalError, enroll
 from .spool import Spool
 from .state import State, StateError, state_dir

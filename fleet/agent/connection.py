@@ -24,9 +24,10 @@ from typing import Any, Optional
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .. import __version__, protocol
-from ..protocol import ProtocolError, now_iso
-from ..restic import commands, parse
+from .. import __version__
+from ..common import protocol
+from ..common.protocol import ProtocolError, now_iso
+from ..common.restic import commands, parse
 from .jobs import JobRunner
 from .spool import DEFAULT_MAX_BYTES, Spool
 from .state import Identity, RepoConfig, State, write_private

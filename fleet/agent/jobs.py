@@ -14,8 +14,8 @@ import os
 import time
 from typing import Any, Optional, Protocol
 
-from ..protocol import MAX_LINE, SNAPSHOT_PAGE, now_iso
-from ..restic import commands, execute, parse
+from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE, now_iso
+from ..common.restic import commands, execute, parse
 from .state import RepoConfig, State
 
 log = logging.getLogger("fleet-agent.jobs")

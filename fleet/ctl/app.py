@@ -9,7 +9,7 @@ from typing import Any, Optional
 import click
 from rich.console import Console
 
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import config, render
 from .client import Client
 

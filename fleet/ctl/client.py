@@ -16,7 +16,7 @@ from typing import Any, Optional
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 
 # fleetd's error codes, and what a script sees for each
 EXIT_FOR_CODE = {

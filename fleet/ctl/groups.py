@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import click
 
-from .. import retention
+from ..common import retention
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
 

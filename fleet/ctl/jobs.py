@@ -19,8 +19,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..exitcodes import Exit
-from ..protocol import JOB_KINDS, JOB_STATUSES
+from ..common.exitcodes import Exit
+from ..common.protocol import JOB_KINDS, JOB_STATUSES
 from . import render
 from .app import App, json_option, pass_app
 from .render import human_bytes

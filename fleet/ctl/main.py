@@ -8,7 +8,7 @@ from typing import Any, Optional
 import click
 
 from .. import __version__
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import audit, groups, hosts, jobs, repo, session, tokens, users
 from .app import App, CtlError
 from .client import Failure

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import render
 from .app import App, CtlError, json_option, pass_app
 from .jobs import follow_options, start_job

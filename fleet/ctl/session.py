@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import config, render
 from .app import App, CtlError, Duration, json_option, pass_app
 from .client import Client, Failure

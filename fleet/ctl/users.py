@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import render
 from .app import App, CtlError, confirm, json_option, pass_app
 

@@ -9,8 +9,9 @@ from typing import Optional
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from .. import __version__, protocol
-from ..protocol import ProtocolError
+from .. import __version__
+from ..common import protocol
+from ..common.protocol import ProtocolError
 from . import auth, jobs
 from .ctl import ServerState
 from .hub import AgentSession

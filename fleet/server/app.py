@@ -26,7 +26,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .. import protocol
+from ..common import protocol
 from . import agent_channel, ctl, ctl_jobs, jobs  # noqa: F401 - ctl_jobs registers the job methods
 from .auth import RateLimiter
 from .ctl import Caller, Context, CtlError, ServerState

@@ -13,7 +13,7 @@ import click
 import peewee
 
 from .. import __version__
-from ..exitcodes import Exit
+from ..common.exitcodes import Exit
 from . import auth
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
 from .ctl import NAME_RE

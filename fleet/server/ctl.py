@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 from websockets.exceptions import ConnectionClosed
 
-from .. import __version__, protocol, retention
-from ..protocol import Field, ProtocolError
+from .. import __version__
+from ..common import protocol, retention
+from ..common.protocol import Field, ProtocolError
 from . import auth
 from .auth import Role
 from .jobs import iso

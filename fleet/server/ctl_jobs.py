@@ -9,7 +9,7 @@ from typing import Any, Optional
 import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
-from ..protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
+from ..common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from . import jobs
 from .auth import Role
 from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method

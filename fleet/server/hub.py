@@ -15,7 +15,7 @@ from typing import Any, Optional
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from .. import protocol
+from ..common import protocol
 from . import jobs
 from .secrets import SecretBox, repo_aad
 from .store.db import Store

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from peewee import EXCLUDED, fn
 
-from .. import protocol
+from ..common import protocol
 from .store.models import Host, Job, JobLog, Repo, RepoStats, Snapshot, SourceGroup, utcnow
 
 log = logging.getLogger("fleetd.jobs")

@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 from fleet import __version__
-from fleet.protocol import format_enrollment
+from fleet.common.protocol import format_enrollment
 
 
 def mode(path) -> int:

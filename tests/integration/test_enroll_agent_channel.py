@@ -7,7 +7,8 @@ import json
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fleet import __version__, protocol
+from fleet import __version__
+from fleet.common import protocol
 
 
 def _hello(hostname="agent-box", version=protocol.PROTOCOL_VERSION, **extra):

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 
-from fleet import __version__, protocol
+from fleet import __version__
+from fleet.common import protocol
 
 
 def _seconds_from_now(stamp: str) -> float:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from fleet import protocol
+from fleet.common import protocol
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet import units
-from fleet.protocol import parse_enrollment
+from fleet.common.protocol import parse_enrollment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("fleetd.service", "fleet-agent.service")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.protocol import Envelope
+from fleet.common.protocol import Envelope
 from fleet.server import jobs
 from fleet.server.store.db import open_database
 from fleet.server.store.models import Host, Job, JobLog, Snapshot

@@ -3,7 +3,7 @@ docs test: walk every fleetctl and fleetd command (click) and every fleet-agent
 subcommand (argparse), and fail when one lacks help, when its --help does not
 work, or when the man page leaves out the command or one of its options. The
 other way round too: a man page may not document an option that does not
-exist, and its exit status table must be exactly fleet.exitcodes.Exit (for
+exist, and its exit status table must be exactly fleet.common.exitcodes.Exit (for
 fleet-agent: a part of it holding every status its parser's epilog names).
 
 Man pages are roff: hyphens are written `\\-` and words carry font escapes
@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from fleet.agent.cli import build_parser
 from fleet.agent.state import DEFAULT_STATE_DIR, State
+from fleet.common.exitcodes import Exit
 from fleet.ctl.main import cli as fleetctl_cli
-from fleet.exitcodes import Exit
 from fleet.server.cli import cli as fleetd_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -338,7 +338,7 @@ def test_exit_status_table_is_exit_enum(page: str) -> None:
     lines = sections(page_source(page))["EXIT STATUS"]
     documented = [int(t) for t in tags(lines) if t.isdigit()]
     assert sorted(documented) == sorted(int(e) for e in Exit), (
-        f"{page} EXIT STATUS lists {documented}; fleet.exitcodes.Exit is {[int(e) for e in Exit]}"
+        f"{page} EXIT STATUS lists {documented}; fleet.common.exitcodes.Exit is {[int(e) for e in Exit]}"
     )
 
 
@@ -372,7 +372,7 @@ def test_agent_option_is_in_man_page(option: str) -> None:
 
 def test_agent_exit_status_table() -> None:
     """fleet-agent uses part of the shared table: each status its --help epilog
-    names is documented, and nothing outside fleet.exitcodes.Exit."""
+    names is documented, and nothing outside fleet.common.exitcodes.Exit."""
     documented = {
         int(t) for t in tags(sections(page_source(AGENT_PAGE))["EXIT STATUS"]) if t.isdigit()
     }

@@ -1,4 +1,4 @@
-"""fleet.restic.execute: the one place commands run (real subprocesses)."""
+"""fleet.common.restic.execute: the one place commands run (real subprocesses)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fleet.restic import execute
+from fleet.common.restic import execute
 
 ENV = {"PATH": "/usr/bin:/bin"}
 

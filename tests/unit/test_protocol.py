@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import protocol
-from fleet.protocol import (
+from fleet.common import protocol
+from fleet.common.protocol import (
     MAX_FRAME_BYTES,
     MAX_LINE,
     MAX_STR,
@@ -1238,7 +1238,7 @@ PY39 = sorted(glob.glob("/root/.pyenv/versions/3.9*/bin/python3.9"))
 @pytest.mark.skipif(not PY39, reason="no Python 3.9 interpreter under /root/.pyenv")
 def test_protocol_imports_and_works_on_bare_python39():
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import fleet.protocol as p; "
+        "import sys; sys.path.insert(0, sys.argv[1]); import fleet.common.protocol as p; "
         "assert sys.version_info[:2] == (3, 9), sys.version; "
         "raw = p.encode('job.log', {'job_id': 1, 'seq': 1, 'ts': 't', 'stream': 'stdout', "
         "'payload': 'x'}, seq=1); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.retention import COUNTS, KEYS, RetentionError, describe, forget_args, normalize
+from fleet.common.retention import COUNTS, KEYS, RetentionError, describe, forget_args, normalize
 
 # --- normalize: what is accepted --------------------------------------------
 
