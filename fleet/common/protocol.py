@@ -41,7 +41,16 @@ JOB_KINDS = (
     "snapshots",
     "stats",
 )
-JOB_STATUSES = ("queued", "running", "succeeded", "warning", "failed", "cancelled", "lost")
+JOB_STATUSES = (
+    "queued",
+    "dispatched",
+    "running",
+    "succeeded",
+    "warning",
+    "failed",
+    "cancelled",
+    "lost",
+)
 FINAL_STATUSES = ("succeeded", "warning", "failed", "cancelled", "lost")
 LOG_STREAMS = ("stdout", "stderr", "event")
 

@@ -16,7 +16,6 @@ import logging
 import signal
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Optional
@@ -27,13 +26,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..common import protocol
-from . import agent_channel, ctl, ctl_jobs, jobs  # noqa: F401 - ctl_jobs registers the job methods
-from .auth import RateLimiter
+from . import ctl, ctl_jobs  # noqa: F401 - ctl_jobs registers the job methods
+from .agents import enroll
+from .agents.session import Agents
+from .clock import Clock
 from .ctl import Caller, Context, CtlError, ServerState
-from .hub import Hub
-from .secrets import load_key_file
+from .events import Bus, JobQueued
+from .scheduling.due import LostJobs, Retries
+from .scheduling.ticker import Ticker
+from .security.auth import RateLimiter
+from .security.secrets import load_key_file
 from .store.db import Store
-from .store.models import Host, utcnow
+from .store.models import Host
 
 log = logging.getLogger("fleetd")
 
@@ -137,7 +141,7 @@ class FleetServer:
                 self.callers[connection] = caller
                 return None
         else:
-            host = await self.state.store.run(agent_channel.lookup_agent, token)
+            host = await self.state.store.run(enroll.lookup_agent, token)
             if host is not None:
                 self.agents[connection] = host
                 return None
@@ -161,9 +165,9 @@ class FleetServer:
             elif path == "/login":
                 await self.serve_login(connection, address)
             elif path == "/enroll":
-                await agent_channel.serve_enroll(self.state, connection, address)
+                await enroll.serve_enroll(self.state.store, connection, address)
             elif path == "/agent":
-                await agent_channel.serve_agent(self.state, connection, self.agents[connection])
+                await self.state.agents.serve(connection, self.agents[connection])
         except ConnectionClosed:
             pass
         finally:
@@ -213,14 +217,27 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     store = Store(config.data_dir / DB_NAME)
     await store.open()
     await store.run(reset_online)
+    clock = Clock()
+    bus = Bus()
+    agents = Agents(store, bus, box, clock, config.heartbeat_interval)
     state = ServerState(
         store=store,
         box=box,
         public_url=lambda h: h,
         tls_fingerprint=fingerprint,
-        hub=Hub(store, box),
+        agents=agents,
+        bus=bus,
         heartbeat_interval=config.heartbeat_interval,
     )
+    ticker = Ticker(
+        clock,
+        [
+            Retries(agents.lifecycle, agents.dispatcher),
+            LostJobs(agents.lifecycle, config.lost_after, clock.now(), agents.connected),
+        ],
+    )
+    bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
+    agents.on_offline.append(lambda host_id: ticker.poke())  # a silent host's jobs may be lost
     app = FleetServer(state)
 
     loop = asyncio.get_running_loop()
@@ -243,40 +260,17 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             print(f"fleetd listening on {scheme}://{config.host}:{port}", flush=True)
             if ready is not None and not ready.done():
                 ready.set_result(port)
-            ticker = asyncio.ensure_future(housekeeping(state, config.lost_after))
+            ticking = asyncio.ensure_future(ticker.run())
             signum = await stop
-            ticker.cancel()
+            ticking.cancel()
             log.info("received %s, shutting down", signal.Signals(signum).name)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await agents.presence.flush()
         await store.run(reset_online)
         await store.close()
     log.info("stopped")
-
-
-async def housekeeping(state: ServerState, lost_after: int) -> None:
-    """Periodic work: due jobs of idle hosts are dispatched; running jobs of
-    hosts gone for longer than lost_after are lost."""
-    every = max(1.0, min(60.0, lost_after / 4))
-    started = utcnow()
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await state.hub.dispatch_all()
-        except Exception:
-            log.exception("dispatching due jobs failed")
-        if utcnow() - started < timedelta(seconds=lost_after):
-            continue  # agents redialling after a fleetd outage get their full grace
-        cutoff = utcnow() - timedelta(seconds=lost_after)
-        try:
-            lost = await state.store.atomic(jobs.expire_lost, cutoff)
-        except Exception:  # a failed pass must not stop the next ones
-            log.exception("housekeeping failed")
-            continue
-        for job_id in lost:
-            log.warning("job %s lost: its host has been offline for over %d s", job_id, lost_after)
-            state.hub.publish({"job_id": job_id, "type": "finished", "status": "lost"})
 
 
 def reset_online() -> None:

@@ -25,10 +25,11 @@ from websockets.exceptions import ConnectionClosed
 from .. import __version__
 from ..common import protocol, retention
 from ..common.protocol import Field, ProtocolError
-from . import auth
-from .auth import Role
-from .jobs import iso
-from .secrets import SecretBox, repo_aad
+from ..common.timefmt import iso
+from .events import HostRemoved, RepoChanged
+from .security import auth
+from .security.auth import Role
+from .security.secrets import SecretBox, repo_aad
 from .store.db import Store
 from .store.models import (
     ApiToken,
@@ -90,7 +91,8 @@ class ServerState:
     box: SecretBox
     public_url: Callable[[str], str]  # Host header -> the URL agents dial
     tls_fingerprint: Optional[str] = None
-    hub: Any = None  # hub.Hub: agent sessions, dispatch, live tails
+    agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
+    bus: Any = None  # events.Bus: domain events, live tails
     heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline
     # failed logins: 5 per user, 20 per address (many users may share one NAT)
     user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
@@ -107,6 +109,7 @@ class Context:
     emit: Callable[[Any], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
     closed: Optional[asyncio.Future] = None  # done when the operator's connection is gone
     after: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after commit
+    events: list[Any] = field(default_factory=list)  # domain events, published after commit
 
 
 Handler = Callable[[Context, dict], Any]
@@ -176,11 +179,14 @@ async def call(ctx: Context, name: str, params: dict) -> Any:
     except ProtocolError as exc:
         raise bad_request(f"{name}: {exc}") from None
     ctx.after = []
+    ctx.events = []
     try:
         if m.is_async:
             result = await m.handler(ctx, checked)
         else:
             result = await ctx.state.store.atomic(m.handler, ctx, checked)
+        if ctx.events and ctx.state.bus is not None:
+            ctx.state.bus.publish(ctx.events)
         for hook in ctx.after:  # pushes to agents, once the change is committed
             await hook()
         return result
@@ -628,9 +634,7 @@ def hosts_remove(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     host.delete_instance()  # cascades: repo, groups, schedules, jobs, logs, snapshots
     audit(ctx, "host.remove", host.name)
-    if ctx.state.hub is not None:
-        hub, host_id = ctx.state.hub, host.id
-        ctx.after.append(lambda: hub.disconnect(host_id, "host removed from fleetd"))
+    ctx.events.append(HostRemoved(host.id))  # its agent's link closes, its tails end
     return {"removed": host.name}
 
 
@@ -687,10 +691,7 @@ def repo_set(ctx: Context, p: dict) -> dict:
         preserve=[Repo.url_enc, Repo.password_enc, Repo.env_names, Repo.env_enc, Repo.updated_at],
     ).execute()
     audit(ctx, "repo.set", host.name, {"url": redact_url(url), "env": sorted(env)})
-    if ctx.state.hub is not None:
-        hub, host_id = ctx.state.hub, host.id
-        ctx.after.append(lambda: hub.push_config(host_id))
-        ctx.after.append(lambda: hub.dispatch(host_id))  # auto-init for a new repository
+    ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
     return repo_json(host, Repo.get_by_id(host.id), box)
 
 

@@ -10,10 +10,13 @@ import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
 from ..common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
-from . import jobs
-from .auth import Role
+from ..common.timefmt import iso
+from .agents.ingest import line_json
 from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method
-from .store.models import Host, Job, JobLog, Snapshot, User
+from .events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
+from .jobs import lifecycle
+from .security.auth import Role
+from .store.models import Host, Job, JobLog, Snapshot, SourceGroup, User, utcnow
 
 GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
 
@@ -35,12 +38,46 @@ def get_job(job_id: int) -> Job:
     return job
 
 
+def job_json(job: Job) -> dict:
+    user = job.actor_user.name if job.actor_user_id else None
+    return {
+        "id": job.id,
+        "uid": job.uid,
+        "host": job.host.name,
+        "kind": job.kind,
+        "group": job.group_name,
+        "status": job.status,
+        "actor": user if job.actor_kind == "user" else job.actor_kind,
+        "actor_kind": job.actor_kind,
+        "schedule": job.schedule_id,
+        "created_at": iso(job.created_at),
+        "not_before": iso(job.not_before),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "exit_code": job.exit_code,
+        "summary": job.summary,
+        "error": job.error,
+    }
+
+
 def job_view(job: Job, ctx: Context) -> dict:
-    out = jobs.job_json(job)
-    progress = ctx.state.hub.progress.get(job.id) if ctx.state.hub else None
+    out = job_json(job)
+    progress = ctx.state.bus.progress.get(job.id) if ctx.state.bus else None
     if progress and job.status == "running":
         out["progress"] = progress
     return out
+
+
+def backup_params(group: SourceGroup) -> dict:
+    """What command.run carries for a backup of `group`, frozen at job creation."""
+    return {
+        "group": group.name,
+        "includes": list(group.includes),
+        "excludes": list(group.excludes),
+        "tag": group.name,
+        "pre_hook": group.pre_hook,
+        "post_hook": group.post_hook,
+    }
 
 
 @method(
@@ -63,7 +100,7 @@ def jobs_run(ctx: Context, p: dict) -> dict:
             raise bad_request(f"a {kind} job needs a source group")
         group = get_group(host, p["group"])
         params = (
-            jobs.backup_params(group)
+            backup_params(group)
             if kind == "backup"
             else {"tag": group.name, "retention": group.retention}
         )
@@ -71,19 +108,16 @@ def jobs_run(ctx: Context, p: dict) -> dict:
             raise bad_request(f"source group {group.name} has no retention rules to forget by")
     elif p.get("group"):
         raise bad_request(f"a {kind} job acts on the whole repository, not on a group")
-    job = jobs.create_job(host, kind, "user", ctx.caller.user_id, group, params)
+    job = lifecycle.create(ctx.events, host.id, kind, "user", ctx.caller.user_id, group, params)
     audit(
         ctx,
         "job.run",
         f"{host.name}/{group.name}" if group else host.name,
         {"job": job.id, "kind": kind},
     )
-    if ctx.state.hub is not None:
-        hub, host_id = ctx.state.hub, host.id
-        ctx.after.append(lambda: hub.dispatch(host_id))
     queued_behind = (
         Job.select()
-        .where((Job.host == host) & (Job.status.in_(jobs.ACTIVE)) & (Job.id != job.id))
+        .where((Job.host == host) & (Job.status.in_(lifecycle.ACTIVE)) & (Job.id != job.id))
         .count()
     )
     return {**job_view(get_job(job.id), ctx), "queued_behind": queued_behind}
@@ -136,7 +170,7 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
     )
     if limit:
         query = query.limit(limit)
-    return [jobs.line_json(job_id, r.seq, r.ts, r.stream, r.payload) for r in query]
+    return [line_json(job_id, r.seq, r.ts, r.stream, r.payload) for r in query]
 
 
 @method(
@@ -151,7 +185,7 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
 def jobs_log(ctx: Context, p: dict) -> dict:
     job = get_job(p["id"])
     return {
-        "job": jobs.job_json(job),
+        "job": job_json(job),
         "lines": log_lines(job.id, p.get("after") or 0, p.get("limit")),
     }
 
@@ -160,50 +194,68 @@ def jobs_log(ctx: Context, p: dict) -> dict:
 async def jobs_tail(ctx: Context, p: dict) -> dict:
     """Stream a job: its stored log first, then live lines and progress,
     ending with the job itself once it has finished."""
-    store, hub = ctx.state.store, ctx.state.hub
+    store, bus = ctx.state.store, ctx.state.bus
     job_id = p["id"]
-    queue = hub.subscribe(job_id)  # before reading the store, so nothing falls between
+    job = await store.run(get_job, job_id)
+    watch = bus.watch(job_id, job.host_id)  # before reading the log, so nothing falls between
     try:
-        job = await store.run(get_job, job_id)
-        sent = p.get("after") or 0
-        while True:  # the stored log, in pages
-            page = await store.run(log_lines, job_id, sent, 1000)
-            for line in page:
-                await ctx.emit({"type": "log", "line": line})
-                sent = line["seq"]
-            if len(page) < 1000:
-                break
+        sent = await emit_stored(ctx, job_id, p.get("after") or 0)
         job = await store.run(get_job, job_id)
         if job.status not in FINAL_STATUSES:
             await ctx.emit({"type": "status", "status": job.status})
-            progress = hub.progress.get(job_id)
+            progress = bus.progress.get(job_id)
             if progress:
                 await ctx.emit({"type": "progress", "progress": progress})
             while True:
-                event = await next_event(queue, ctx)
-                if event["type"] == "log":
-                    if event["line"]["seq"] <= sent:
-                        continue
-                    sent = event["line"]["seq"]
-                    await ctx.emit({"type": "log", "line": event["line"]})
-                elif event["type"] == "progress":
-                    await ctx.emit({"type": "progress", "progress": event["progress"]})
-                elif event["type"] == "status":
-                    await ctx.emit({"type": "status", "status": event["status"]})
-                elif event["type"] == "finished":
+                event = await next_event(watch, ctx)
+                if event is None:  # fell behind, or the host was removed
+                    if watch.gone:
+                        break
+                    # too far behind for the queue: catch up from the store
+                    bus.unwatch(watch)
+                    watch = bus.watch(job_id, job.host_id)
+                    sent = await emit_stored(ctx, job_id, sent)
+                    job = await store.run(get_job, job_id)
+                    if job.status in FINAL_STATUSES:
+                        break
+                elif isinstance(event, JobLogged):
+                    for line in event.lines:
+                        if line["seq"] > sent:
+                            sent = line["seq"]
+                            await ctx.emit({"type": "log", "line": line})
+                elif isinstance(event, JobProgressed):
+                    await ctx.emit({"type": "progress", "progress": event.progress})
+                elif isinstance(event, JobStarted):
+                    await ctx.emit({"type": "status", "status": "running"})
+                elif isinstance(event, JobDispatched):
+                    await ctx.emit({"type": "status", "status": "dispatched"})
+                elif isinstance(event, JobEnded):
                     break
+            if watch.gone:
+                raise CtlError("not_found", f"job {job_id} is gone: its host was removed")
             # lines committed in the same batch as the end come first; be sure of it
-            for line in await store.run(log_lines, job_id, sent):
-                await ctx.emit({"type": "log", "line": line})
+            await emit_stored(ctx, job_id, sent)
             job = await store.run(get_job, job_id)
-        return jobs.job_json(job)
+        return job_json(job)
     finally:
-        hub.unsubscribe(job_id, queue)
+        bus.unwatch(watch)
 
 
-async def next_event(queue: asyncio.Queue, ctx: Context) -> dict:
+async def emit_stored(ctx: Context, job_id: int, after: int) -> int:
+    """Send the stored log after line `after`, in pages; returns the last seq sent."""
+    sent = after
+    while True:
+        page = await ctx.state.store.run(log_lines, job_id, sent, 1000)
+        for line in page:
+            await ctx.emit({"type": "log", "line": line})
+            sent = line["seq"]
+        if len(page) < 1000:
+            return sent
+
+
+async def next_event(watch: Watch, ctx: Context) -> Any:
     """The next event for a tail, unless its operator has gone away."""
-    getter = asyncio.ensure_future(queue.get())
+    getter = asyncio.ensure_future(watch.queue.get())
     waits = {getter} if ctx.closed is None else {getter, ctx.closed}
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if not getter.done():
@@ -214,37 +266,26 @@ async def next_event(queue: asyncio.Queue, ctx: Context) -> dict:
 
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
-    store, hub = ctx.state.store, ctx.state.hub
+    store, agents = ctx.state.store, ctx.state.agents
     job = await store.run(get_job, p["id"])
     if job.status in FINAL_STATUSES:
         raise CtlError("conflict", f"job {job.id} already ended: {job.status}")
-    # under the host's dispatch lock: the job is either with the agent or not, not in between
-    async with hub.dispatch_lock(job.host_id):
-        if await hub.cancel(job.host_id, job.id):
-            await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
-            return {**jobs.job_json(job), "cancel": "requested"}
-
-        def cancel_queued() -> bool:
-            done = (
-                Job.update(
-                    status="cancelled",
-                    finished_at=jobs.utcnow(),
-                    error="cancelled before it started",
-                )
-                .where((Job.id == job.id) & (Job.status == "queued"))
-                .execute()
-            )
-            if done:
-                audit(ctx, "job.cancel", job.host.name, {"job": job.id})
-            return bool(done)
-
-        if await store.atomic(cancel_queued):
-            hub.publish({"job_id": job.id, "type": "finished", "status": "cancelled"})
-            return jobs.job_json(await store.run(get_job, job.id))
-    raise CtlError(
-        "conflict",
-        f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
-    )
+    if job.status in lifecycle.WITH_AGENT and not agents.connected(job.host_id):
+        raise CtlError(
+            "conflict",
+            f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
+        )
+    outcome = await agents.lifecycle.apply(lifecycle.cancel, job.id, utcnow())
+    if outcome == "requested":
+        # the agent stops it and reports the end; a job it has not started yet
+        # is refused or cancelled by it in the same order
+        await agents.cancel(job.host_id, job.id)
+        await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
+        return {**job_json(job), "cancel": "requested"}
+    if outcome == "cancelled":
+        await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
+        return job_json(await store.run(get_job, job.id))
+    raise CtlError("conflict", f"job {job.id} already ended: {outcome}")
 
 
 @method(
@@ -263,7 +304,7 @@ def snapshots_list(ctx: Context, p: dict) -> list:
             {
                 "id": s.snapshot_id,
                 "short_id": s.short_id,
-                "time": jobs.iso(s.time),
+                "time": iso(s.time),
                 "hostname": s.hostname,
                 "paths": s.paths,
                 "tags": s.tags,

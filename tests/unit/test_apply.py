@@ -1,16 +1,35 @@
 """fleetd applying what agents report: each seq once, paged snapshot lists,
-following the agent's spool at hello (fleet.server.jobs, real SQLite)."""
+following the agent's spool at hello (fleet.server.agents.ingest and the job
+lifecycle, real SQLite)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
 
 from fleet.common.protocol import Envelope
-from fleet.server import jobs
+from fleet.server.agents.ingest import apply_frames as _apply_frames
+from fleet.server.agents.ingest import sync_seq
+from fleet.server.ctl_jobs import backup_params
+from fleet.server.events import JobEnded, JobLogged, JobQueued
+from fleet.server.jobs import lifecycle
 from fleet.server.store.db import open_database
 from fleet.server.store.models import Host, Job, JobLog, Snapshot
+
+
+def create_job(host, kind, actor, user=None, group=None, params=None):
+    return lifecycle.create([], host.id, kind, actor, user, group, params)
+
+
+def apply_frames(host_id, frames):
+    events: list = []
+    return _apply_frames(events, host_id, frames), events
+
+
+def claim(host_id, now=None):
+    return lifecycle.claim([], host_id, now or dt.datetime.utcnow())
 
 
 @pytest.fixture
@@ -43,33 +62,32 @@ def log(job: int, line: int, seq: int) -> Envelope:
 
 
 def test_each_seq_is_applied_once(host) -> None:
-    job = jobs.create_job(host, "backup", "user")
-    last, events = jobs.apply_frames(host.id, [log(job.id, 1, 1), log(job.id, 2, 2)])
-    assert last == 2 and len(events) == 2
+    job = create_job(host, "backup", "user")
+    last, events = apply_frames(host.id, [log(job.id, 1, 1), log(job.id, 2, 2)])
+    assert last == 2 and [len(e.lines) for e in events] == [2]
     # a resend after a reconnect: the same seqs again, and one new
-    last, events = jobs.apply_frames(
-        host.id, [log(job.id, 1, 1), log(job.id, 2, 2), log(job.id, 3, 3)]
-    )
-    assert last == 3 and [e["line"]["seq"] for e in events] == [3]
+    last, events = apply_frames(host.id, [log(job.id, 1, 1), log(job.id, 2, 2), log(job.id, 3, 3)])
+    assert last == 3 and [line["seq"] for e in events for line in e.lines] == [3]
+    assert all(isinstance(e, JobLogged) for e in events)
     assert [r.seq for r in JobLog.select().order_by(JobLog.seq)] == [1, 2, 3]
 
 
 def test_frames_about_another_hosts_job_are_ignored(host) -> None:
     other = Host.create(name="db-01")
-    theirs = jobs.create_job(other, "backup", "user")
+    theirs = create_job(other, "backup", "user")
     finished = {
         "job_id": theirs.id,
         "status": "failed",
         "exit_code": 1,
         "finished_at": "2026-11-22T00:00:00Z",
     }
-    jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=1), log(theirs.id, 1, 2)])
+    apply_frames(host.id, [Envelope("job.finished", finished, seq=1), log(theirs.id, 1, 2)])
     assert Job.get_by_id(theirs.id).status == "queued"
     assert JobLog.select().count() == 0
 
 
 def test_a_cancelled_job_stays_cancelled(host) -> None:
-    job = jobs.create_job(host, "backup", "user")
+    job = create_job(host, "backup", "user")
     Job.update(status="cancelled").where(Job.id == job.id).execute()
     finished = {
         "job_id": job.id,
@@ -77,7 +95,7 @@ def test_a_cancelled_job_stays_cancelled(host) -> None:
         "exit_code": 0,
         "finished_at": "2026-11-22T00:00:00Z",
     }
-    jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
+    apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
     assert Job.get_by_id(job.id).status == "cancelled"
 
 
@@ -87,14 +105,14 @@ def test_snapshot_reports_in_pages_replace_the_list_on_the_last_page(host) -> No
         "report_at": "2026-11-22T01:00:00Z",
         "last": True,
     }
-    jobs.apply_frames(host.id, [Envelope("snapshots.report", first, seq=1)])
+    apply_frames(host.id, [Envelope("snapshots.report", first, seq=1)])
     assert Snapshot.select().count() == 3
     # snapshot 1 was forgotten; the new report comes in two pages
     page1 = {"snapshots": [snap(2)], "report_at": "2026-11-22T02:00:00Z", "last": False}
     page2 = {"snapshots": [snap(3), snap(4)], "report_at": "2026-11-22T02:00:00Z", "last": True}
-    jobs.apply_frames(host.id, [Envelope("snapshots.report", page1, seq=2)])
+    apply_frames(host.id, [Envelope("snapshots.report", page1, seq=2)])
     assert Snapshot.select().count() == 3  # nothing removed before the last page
-    jobs.apply_frames(host.id, [Envelope("snapshots.report", page2, seq=3)])
+    apply_frames(host.id, [Envelope("snapshots.report", page2, seq=3)])
     ids = sorted(int(s.snapshot_id, 16) for s in Snapshot.select())
     assert ids == [2, 3, 4]
 
@@ -112,7 +130,7 @@ def test_snapshot_reports_in_pages_replace_the_list_on_the_last_page(host) -> No
 )
 def test_sync_seq_follows_the_agents_spool(host, recorded, spool_seq, pending, expected) -> None:
     Host.update(last_seq=recorded).where(Host.id == host.id).execute()
-    assert jobs.sync_seq(host.id, spool_seq, pending) == expected
+    assert sync_seq(host.id, spool_seq, pending) == expected
     assert Host.get_by_id(host.id).last_seq == expected
 
 
@@ -120,29 +138,49 @@ def test_a_failed_backup_is_retried_as_its_group_allows(host) -> None:
     from fleet.server.store.models import SourceGroup
 
     group = SourceGroup.create(host=host, name="etc", includes=["/etc"], retries=1, retry_delay=60)
-    job = jobs.create_job(host, "backup", "user", None, group, jobs.backup_params(group))
+    job = create_job(host, "backup", "user", None, group, backup_params(group))
+    assert claim(host.id).id == job.id
     finished = {
         "job_id": job.id,
         "status": "failed",
         "exit_code": 1,
         "finished_at": "2026-11-22T00:00:00Z",
     }
-    _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
-    retry = [e for e in events if e["type"] == "retry"]
-    assert len(retry) == 1 and retry[0]["delay"] == 60
-    again = Job.get_by_id(retry[0]["job_id"])
+    _, events = apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
+    assert events[0] == JobEnded(job.id, host.id, "failed")
+    retry = [e for e in events if isinstance(e, JobQueued)]
+    assert len(retry) == 1 and retry[0].due is False  # it waits for its due time
+    again = Job.get_by_id(retry[0].job_id)
     assert again.status == "queued" and again.params["attempt"] == 2
-    assert jobs.next_job(host.id) is None  # not due for a minute
-    Job.update(params={**again.params, "not_before": "2000-01-01T00:00:00Z"}).where(
-        Job.id == again.id
-    ).execute()
-    command = jobs.next_job(host.id)
-    assert command is not None and command["job_id"] == again.id
-    assert "attempt" not in command and "not_before" not in command  # not the agent's business
+    delay = (again.not_before - dt.datetime.utcnow()).total_seconds()
+    assert 55 < delay <= 60
+    assert claim(host.id) is None  # not due for a minute
+    command = claim(host.id, again.not_before)
+    assert command is not None and command.id == again.id
+    from fleet.server.jobs.dispatch import command_for
+
+    payload = command_for(command)
+    assert "attempt" not in payload and "not_before" not in payload  # not the agent's business
     # the retry fails too: no third attempt
     finished = {**finished, "job_id": again.id}
-    _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=2)])
-    assert [e for e in events if e["type"] == "retry"] == []
+    _, events = apply_frames(host.id, [Envelope("job.finished", finished, seq=2)])
+    assert [e for e in events if isinstance(e, JobQueued)] == []
+
+
+def test_a_huge_retry_delay_is_bounded(host) -> None:
+    """A retry delay of 10**12 s once overflowed a date inside the ingest and
+    wedged the host's stream: it is capped at a week."""
+    from fleet.server.store.models import SourceGroup
+
+    group = SourceGroup.create(
+        host=host, name="etc", includes=["/etc"], retries=1, retry_delay=10**12
+    )
+    job = create_job(host, "backup", "user", None, group, backup_params(group))
+    finished = {"job_id": job.id, "status": "failed", "exit_code": 1, "finished_at": "x"}
+    last, events = apply_frames(host.id, [Envelope("job.finished", finished, seq=1)])
+    assert last == 1
+    again = Job.get_by_id([e for e in events if isinstance(e, JobQueued)][0].job_id)
+    assert (again.not_before - dt.datetime.utcnow()).days <= 7
 
 
 def test_a_succeeded_or_cancelled_backup_is_not_retried(host) -> None:
@@ -150,12 +188,12 @@ def test_a_succeeded_or_cancelled_backup_is_not_retried(host) -> None:
 
     group = SourceGroup.create(host=host, name="etc", includes=["/etc"], retries=3, retry_delay=0)
     for seq, status in enumerate(("succeeded", "cancelled", "warning"), start=1):
-        job = jobs.create_job(host, "backup", "user", None, group, jobs.backup_params(group))
+        job = create_job(host, "backup", "user", None, group, backup_params(group))
         finished = {
             "job_id": job.id,
             "status": status,
             "exit_code": 0,
             "finished_at": "2026-11-22T00:00:00Z",
         }
-        _, events = jobs.apply_frames(host.id, [Envelope("job.finished", finished, seq=seq)])
-        assert [e for e in events if e["type"] == "retry"] == []
+        _, events = apply_frames(host.id, [Envelope("job.finished", finished, seq=seq)])
+        assert [e for e in events if isinstance(e, JobQueued)] == []

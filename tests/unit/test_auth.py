@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from fleet.server import auth
-from fleet.server.auth import (
+from fleet.server.security import auth
+from fleet.server.security.auth import (
     RateLimiter,
     Role,
     hash_password,

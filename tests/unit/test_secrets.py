@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.server.secrets import (
+from fleet.server.security.secrets import (
     KEY_BYTES,
     NONCE_BYTES,
     SecretBox,

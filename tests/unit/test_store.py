@@ -74,16 +74,20 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3]
+        assert migrate(database) == [1, 2, 3, 4]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
             (2, "host repository locks"),
             (3, "snapshot reports in pages"),
+            (
+                4,
+                "jobs: ids never reused, a uid either side can mint, dispatch and due times as columns",
+            ),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 3
+        assert current_version(database) == MIGRATIONS[-1][0] == 4
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -97,6 +101,10 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (1, "initial"),
         (2, "host repository locks"),
         (3, "snapshot reports in pages"),
+        (
+            4,
+            "jobs: ids never reused, a uid either side can mint, dispatch and due times as columns",
+        ),
     ]
     assert m.Host.select().count() == 0
 
@@ -518,6 +526,57 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         host = m.Host.get(m.Host.name == "old-host")
         assert host.last_seq == 7
         assert host.repo_locks is None
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4]
+    finally:
+        database.close()
+
+
+def test_migration_4_keeps_jobs_and_logs_and_ids_are_never_reused(db_path: Path) -> None:
+    """The job table is rebuilt (AUTOINCREMENT, uid, due and dispatch times):
+    jobs and their log lines survive, a retry's delay moves from its params
+    into not_before, and a deleted job's id is not handed out again."""
+    raw = sqlite3.connect(db_path)
+    raw.execute("PRAGMA foreign_keys = ON")
+    raw.execute(
+        'CREATE TABLE "schema_version" ("version" INTEGER NOT NULL PRIMARY KEY, '
+        '"name" TEXT NOT NULL, "applied_at" DATETIME NOT NULL)'
+    )
+    for version, name, statements in MIGRATIONS[:3]:
+        for sql in statements:
+            raw.execute(sql)
+        raw.execute(
+            "INSERT INTO schema_version VALUES (?, ?, '2026-01-01 00:00:00')", (version, name)
+        )
+    raw.execute(
+        "INSERT INTO host (id, name, created_at, online, schedule_version, applied_schedule_version, last_seq) "
+        "VALUES (1, 'h', '2026-01-01 00:00:00', 0, 0, 0, 0)"
+    )
+    for job_id, params in (
+        (1, "{}"),
+        (2, '{"attempt":2,"not_before":"2026-01-02T03:04:05Z"}'),
+        (3, "{}"),
+    ):
+        raw.execute(
+            "INSERT INTO job (id, host_id, kind, status, actor_kind, params, created_at) "
+            "VALUES (?, 1, 'backup', 'queued', 'user', ?, '2026-01-01 00:00:00')",
+            (job_id, params),
+        )
+    raw.execute("INSERT INTO job_log VALUES (2, 1, '2026-01-01 00:00:00', 'stdout', 'kept')")
+    raw.commit()
+    raw.close()
+    database = open_database(db_path)
+    try:
+        assert [j.id for j in m.Job.select().order_by(m.Job.id)] == [1, 2, 3]
+        retry = m.Job.get_by_id(2)
+        assert retry.not_before == dt.datetime(2026, 1, 2, 3, 4, 5)
+        assert m.Job.get_by_id(1).not_before is None
+        assert [r.payload for r in m.JobLog.select()] == ["kept"]
+        uids = {j.uid for j in m.Job.select()}
+        assert len(uids) == 3 and all(len(u) == 32 for u in uids)
+        assert database.execute_sql("PRAGMA foreign_keys").fetchone() == (1,)
+        m.Job.delete().where(m.Job.id == 3).execute()
+        again = m.Job.create(host=1, kind="backup", actor_kind="user")
+        assert again.id == 4  # not 3: ids are never reused
+        assert len(again.uid) == 32 and again.uid not in uids
     finally:
         database.close()

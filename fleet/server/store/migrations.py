@@ -67,7 +67,31 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "snapshot reports in pages",
         ['ALTER TABLE "snapshot" ADD COLUMN "reported_at" DATETIME'],
     ),
+    (
+        4,
+        "jobs: ids never reused, a uid either side can mint, dispatch and due times as columns",
+        [
+            # SQLite's way to change a table: build the new one, copy, swap
+            # (run with foreign keys off, checked before commit)
+            'CREATE TABLE "job_new" ("id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "uid" TEXT NOT NULL, "host_id" INTEGER NOT NULL, "kind" TEXT NOT NULL, "status" TEXT NOT NULL, "actor_kind" TEXT NOT NULL, "actor_user_id" INTEGER, "schedule_id" INTEGER, "group_id" INTEGER, "group_name" TEXT, "params" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "not_before" DATETIME, "dispatched_at" DATETIME, "started_at" DATETIME, "finished_at" DATETIME, "cancel_requested_at" DATETIME, "exit_code" INTEGER, "summary" TEXT, "error" TEXT, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE, FOREIGN KEY ("actor_user_id") REFERENCES "user" ("id") ON DELETE SET NULL, FOREIGN KEY ("schedule_id") REFERENCES "schedule" ("id") ON DELETE SET NULL, FOREIGN KEY ("group_id") REFERENCES "source_group" ("id") ON DELETE SET NULL)',
+            """INSERT INTO "job_new" ("id", "uid", "host_id", "kind", "status", "actor_kind", "actor_user_id", "schedule_id", "group_id", "group_name", "params", "created_at", "not_before", "started_at", "finished_at", "exit_code", "summary", "error") SELECT "id", lower(hex(randomblob(16))), "host_id", "kind", "status", "actor_kind", "actor_user_id", "schedule_id", "group_id", "group_name", "params", "created_at", replace(replace(json_extract("params", '$.not_before'), 'T', ' '), 'Z', ''), "started_at", "finished_at", "exit_code", "summary", "error" FROM "job" """,
+            'DROP TABLE "job"',
+            'ALTER TABLE "job_new" RENAME TO "job"',
+            'CREATE UNIQUE INDEX "job_uid" ON "job" ("uid")',
+            'CREATE INDEX "job_host_id" ON "job" ("host_id")',
+            'CREATE INDEX "job_actor_user_id" ON "job" ("actor_user_id")',
+            'CREATE INDEX "job_schedule_id" ON "job" ("schedule_id")',
+            'CREATE INDEX "job_group_id" ON "job" ("group_id")',
+            'CREATE INDEX "job_created_at" ON "job" ("created_at")',
+            'CREATE INDEX "job_host_id_status" ON "job" ("host_id", "status")',
+            'CREATE INDEX "job_status_not_before" ON "job" ("status", "not_before")',
+        ],
+    ),
 ]
+
+# migrations that rebuild a table: foreign keys are off while they run (a
+# DROP would otherwise cascade), and checked before they commit
+REBUILDS = {4}
 
 
 def current_version(database: pw.Database) -> int:
@@ -94,9 +118,18 @@ def migrate(database: pw.Database) -> list[int]:
     for version, name, statements in MIGRATIONS:
         if version <= done:
             continue
-        with database.atomic():
-            for sql in statements:
-                database.execute_sql(sql)
-            SchemaVersion.create(version=version, name=name, applied_at=utcnow())
+        rebuild = version in REBUILDS
+        if rebuild:
+            database.execute_sql("PRAGMA foreign_keys = OFF")
+        try:
+            with database.atomic():
+                for sql in statements:
+                    database.execute_sql(sql)
+                if rebuild and database.execute_sql("PRAGMA foreign_key_check").fetchall():
+                    raise RuntimeError(f"migration {version} ({name}) broke a foreign key")
+                SchemaVersion.create(version=version, name=name, applied_at=utcnow())
+        finally:
+            if rebuild:
+                database.execute_sql("PRAGMA foreign_keys = ON")
         applied.append(version)
     return applied

@@ -7,17 +7,17 @@ naive UTC datetimes.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import uuid
 from typing import Any
 
 import peewee as pw
 
+from ...common.timefmt import utcnow
+
 db = pw.DatabaseProxy()
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+__all__ = ["db", "utcnow"]  # utcnow is re-exported: the store's times
 
 
 class JSONField(pw.TextField):
@@ -144,6 +144,11 @@ class Maintenance(Base):
 
 
 class Job(Base):
+    # AUTOINCREMENT: an id is never handed out twice, even after its job is deleted
+    id = pw.AutoField()
+    # globally unique, so that fleetd or an agent (a run it starts on its own)
+    # may mint it; the id is fleetd's short handle for operators
+    uid = pw.TextField(unique=True, default=lambda: uuid.uuid4().hex)
     host = pw.ForeignKeyField(Host, backref="jobs", on_delete="CASCADE")
     kind = pw.TextField()
     status = pw.TextField(default="queued")
@@ -154,14 +159,17 @@ class Job(Base):
     group_name = pw.TextField(null=True)  # kept when the group is deleted
     params = JSONField(default=dict)
     created_at = pw.DateTimeField(default=utcnow, index=True)
+    not_before = pw.DateTimeField(null=True)  # due time of a retry
+    dispatched_at = pw.DateTimeField(null=True)
     started_at = pw.DateTimeField(null=True)
     finished_at = pw.DateTimeField(null=True)
+    cancel_requested_at = pw.DateTimeField(null=True)
     exit_code = pw.IntegerField(null=True)
     summary = JSONField(null=True)
     error = pw.TextField(null=True)
 
     class Meta:
-        indexes = ((("host", "status"), False),)
+        indexes = ((("host", "status"), False), (("status", "not_before"), False))
 
 
 class JobLog(Base):

@@ -1,0 +1,1 @@
+"""The agent side of fleetd: enrollment, sessions (sockets only), ingest of reports."""

@@ -1,0 +1,256 @@
+"""What agents report, applied to the store: each reliable frame at most
+once, in seq order, and the frames of every agent that has something
+waiting in one transaction (heartbeats, acks and log lines are coalesced
+into few commits, not one per frame or per agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any, Optional
+
+from peewee import EXCLUDED, fn
+
+from ...common import protocol
+from ...common.timefmt import iso, parse_ts
+from ..events import Bus, Event, JobLogged
+from ..jobs import lifecycle
+from ..store.db import Store
+from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
+
+log = logging.getLogger("fleetd.ingest")
+
+MAX_FRAMES = 5000  # frames applied in one transaction at most (across agents)
+LOG_INSERT = 500  # job log rows per INSERT
+
+
+def line_json(job_id: int, seq: int, ts: Any, stream: str, payload: str) -> dict:
+    return {"job": job_id, "seq": seq, "ts": iso(ts), "stream": stream, "payload": payload}
+
+
+def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
+    """Line fleetd's record of the host's seqs up with the agent's spool at hello.
+
+    The agent's numbering may have restarted (a new state dir after a
+    reinstall) or fleetd's database may be older than the agent's acks (a
+    restore): either way the next seq to apply is the agent's oldest
+    unacknowledged one. Returns the seq fleetd is caught up at.
+    """
+    host = Host.get_by_id(host_id)
+    last = host.last_seq
+    if pending_from == 0:
+        last = spool_seq  # nothing waiting: whatever was sent was acknowledged
+    elif last > spool_seq or last < pending_from - 1:
+        last = pending_from - 1
+    if last != host.last_seq:
+        log.warning(
+            "host %s: seq record moved from %d to %d to follow its agent's spool",
+            host.name,
+            host.last_seq,
+            last,
+        )
+        Host.update(last_seq=last).where(Host.id == host_id).execute()
+    return last
+
+
+def apply_frames(events: list[Event], host_id: int, frames: list[protocol.Envelope]) -> int:
+    """Apply an agent's reliable frames in seq order, each at most once.
+
+    Returns the host's last applied seq (what to ack); appends the events to
+    publish once the transaction has committed.
+    """
+    host = Host.get_by_id(host_id)
+    last = host.last_seq
+    log_rows: list[dict] = []
+    lines: dict[int, list[dict]] = defaultdict(list)
+    owned: dict[int, bool] = {}
+
+    def mine(job_id: int) -> bool:
+        if job_id not in owned:
+            owned[job_id] = Job.select().where((Job.id == job_id) & (Job.host == host_id)).exists()
+            if not owned[job_id]:
+                log.warning("host %s reported on job %s, which is not its own", host.name, job_id)
+        return owned[job_id]
+
+    def flush_lines() -> None:
+        # log lines go before a job's end in the event order, as they were sent
+        for job_id, batch in lines.items():
+            events.append(JobLogged(job_id, host_id, tuple(batch)))
+        lines.clear()
+
+    for frame in frames:
+        if frame.seq is None or frame.seq <= last:
+            continue  # already applied before a reconnect
+        last = frame.seq
+        data = frame.data
+        kind = frame.type
+        if kind == "job.log":
+            if mine(data["job_id"]):
+                ts = parse_ts(data["ts"])
+                row = {
+                    "job": data["job_id"],
+                    "seq": data["seq"],
+                    "ts": ts,
+                    "stream": data["stream"],
+                    "payload": data["payload"],
+                }
+                log_rows.append(row)
+                lines[data["job_id"]].append(
+                    line_json(data["job_id"], data["seq"], ts, data["stream"], data["payload"])
+                )
+        elif kind == "job.started":
+            if mine(data["job_id"]):
+                flush_lines()
+                lifecycle.start(events, host_id, data["job_id"], parse_ts(data["started_at"]))
+        elif kind == "job.finished":
+            if mine(data["job_id"]):
+                flush_lines()
+                lifecycle.end(
+                    events,
+                    host_id,
+                    data["job_id"],
+                    data["status"],
+                    finished_at=parse_ts(data["finished_at"]),
+                    exit_code=data["exit_code"],
+                    summary=data.get("summary"),
+                    error=data.get("error"),
+                )
+        elif kind == "snapshots.report":
+            apply_snapshot_page(host_id, data)
+        elif kind == "repo.locks":
+            Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
+                Host.id == host_id
+            ).execute()
+        elif kind == "repo.stats":
+            RepoStats.insert(host=host_id, updated_at=utcnow(), **data).on_conflict(
+                conflict_target=[RepoStats.host],
+                preserve=[
+                    RepoStats.size_bytes,
+                    RepoStats.snapshot_count,
+                    RepoStats.file_count,
+                    RepoStats.raw_size_bytes,
+                    RepoStats.lock_state,
+                    RepoStats.updated_at,
+                ],
+            ).execute()
+        else:
+            log.info("host %s sent %s, which this fleetd does not apply", host.name, kind)
+    for start in range(0, len(log_rows), LOG_INSERT):  # job logs are written in batches
+        JobLog.insert_many(log_rows[start : start + LOG_INSERT]).on_conflict_ignore().execute()
+    flush_lines()
+    if last != host.last_seq:
+        Host.update(last_seq=last).where(Host.id == host_id).execute()
+    return last
+
+
+def apply_snapshot_page(host_id: int, page: dict[str, Any]) -> None:
+    """fleetd's projection of `restic snapshots`: exactly what the agent saw.
+
+    Each page upserts its snapshots stamped with the report's time; the last
+    page removes what no page of that report named. A report from an agent
+    without pages is one last page.
+    """
+    report_at = parse_ts(page["report_at"]) if page.get("report_at") else utcnow()
+    for snap in page["snapshots"]:
+        row = {
+            "host": host_id,
+            "snapshot_id": snap["id"],
+            "short_id": snap["short_id"],
+            "time": parse_ts(snap["time"]),
+            "hostname": snap["hostname"],
+            "paths": snap["paths"],
+            "tags": snap.get("tags") or [],
+            "size_bytes": snap.get("size_bytes"),
+            "file_count": snap.get("file_count"),
+            "reported_at": report_at,
+        }
+        Snapshot.insert(**row).on_conflict(
+            conflict_target=[Snapshot.host, Snapshot.snapshot_id],
+            preserve=[Snapshot.tags, Snapshot.paths, Snapshot.reported_at],
+            # a size learnt from the backup that made it is kept when later reports lack one
+            update={
+                Snapshot.size_bytes: fn.COALESCE(EXCLUDED.size_bytes, Snapshot.size_bytes),
+                Snapshot.file_count: fn.COALESCE(EXCLUDED.file_count, Snapshot.file_count),
+            },
+        ).execute()
+    if page.get("last", True):
+        Snapshot.delete().where(
+            (Snapshot.host == host_id)
+            & ((Snapshot.reported_at < report_at) | Snapshot.reported_at.is_null())
+        ).execute()
+
+
+class _Batch:
+    def __init__(self, host_id: int, frames: list[protocol.Envelope]) -> None:
+        self.host_id = host_id
+        self.frames = frames
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+
+class Ingest:
+    """One writer for every agent's reports: batches that wait while a
+    transaction commits go together into the next one. Each host's frames
+    are applied under a savepoint, so one host's bad batch fails only that
+    host (its link is dropped and it resends), never the others'."""
+
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+        self._waiting: list[_Batch] = []
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+
+    async def submit(self, host_id: int, frames: list[protocol.Envelope]) -> int:
+        """Apply `frames` of one host; returns its last applied seq once committed."""
+        batch = _Batch(host_id, frames)
+        self._waiting.append(batch)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        return await batch.done
+
+    async def _run(self) -> None:
+        while self._waiting:
+            taken: list[_Batch] = []
+            count = 0
+            while self._waiting and (
+                not taken or count + len(self._waiting[0].frames) <= MAX_FRAMES
+            ):
+                batch = self._waiting.pop(0)
+                taken.append(batch)
+                count += len(batch.frames)
+            try:
+                results, events = await self.store.run(self._apply, taken)
+            except Exception as exc:  # the commit itself failed: nobody is acked
+                log.exception("applying agents' reports failed")
+                for batch in taken:
+                    if not batch.done.done():
+                        batch.done.set_exception(exc)
+                continue
+            self.bus.publish(events)
+            for batch, result in zip(taken, results):
+                if batch.done.done():
+                    continue
+                if isinstance(result, Exception):
+                    batch.done.set_exception(result)
+                else:
+                    batch.done.set_result(result)
+
+    @staticmethod
+    def _apply(taken: list[_Batch]) -> tuple[list[Any], list[Event]]:
+        results: list[Any] = []
+        events: list[Event] = []
+        with db.atomic():
+            for batch in taken:
+                mine: list[Event] = []
+                try:
+                    with db.atomic():  # a savepoint per host
+                        results.append(apply_frames(mine, batch.host_id, batch.frames))
+                except Exception as exc:
+                    log.exception("applying frames of host %s failed", batch.host_id)
+                    results.append(exc)
+                    continue
+                events.extend(mine)
+        return results, events

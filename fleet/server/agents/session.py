@@ -1,0 +1,442 @@
+"""The authenticated /agent session, and the registry of who is connected.
+
+Memory holds sockets; the store holds every fact. A session knows its
+socket, whether fleetd has caught up with the agent's spool, and the job
+it sent down that socket. Reliable frames go through the shared Ingest
+(batched with other agents' into one transaction, acked after commit);
+liveness is written in batches too (Presence), not one commit per
+heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ... import __version__
+from ...common import protocol
+from ...common.protocol import ProtocolError
+from ..clock import Clock
+from ..events import Bus, HostRemoved, JobEnded, JobProgressed, JobStarted, RepoChanged
+from ..jobs import lifecycle
+from ..jobs.dispatch import BUSY_RETRY, Dispatcher
+from ..security.secrets import SecretBox, repo_aad
+from ..store.db import Store
+from ..store.models import Host, Repo, utcnow
+from .ingest import Ingest, sync_seq
+
+log = logging.getLogger("fleetd.agent")
+
+APPLY_BATCH = 1000  # reliable frames of one agent handed to the ingest at once
+INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
+PRESENCE_EVERY = 1.0  # seconds over which liveness writes are coalesced
+
+
+class AgentSession:
+    def __init__(self, host_id: int, host_name: str, connection: ServerConnection) -> None:
+        self.host_id = host_id
+        self.host_name = host_name
+        self.connection = connection
+        self.inflight: Optional[int] = None  # the job sent down this socket
+        self.caught_up = False  # the agent's spool, as of hello, is applied
+        self.spool_seq = 0
+        self.running_job: Optional[int] = None
+
+    async def send(self, frame: str) -> bool:
+        try:
+            await self.connection.send(frame)
+            return True
+        except ConnectionClosed:
+            return False
+
+
+def repo_config(host_id: int, box: SecretBox) -> Optional[dict]:
+    """config.update for a host, decrypted on the store thread."""
+    repo = Repo.get_or_none(Repo.host == host_id)
+    if repo is None:
+        return None
+    env = {}
+    if repo.env_enc:
+        env = json.loads(box.decrypt(repo.env_enc, repo_aad(host_id, "env")))
+    return {
+        "repo_url": box.decrypt(repo.url_enc, repo_aad(host_id, "url")),
+        "repo_password": box.decrypt(repo.password_enc, repo_aad(host_id, "password")),
+        "repo_env": env,
+    }
+
+
+class Presence:
+    """Who is online and when each host was last heard, written in batches.
+
+    Connects and disconnects are group-committed: written at once, together
+    with whatever arrived while the previous write was committing, and a
+    connect is welcomed once its host shows online. Heartbeats only move
+    last_seen_at, so they wait up to PRESENCE_EVERY to share a commit.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._online: dict[int, Optional[dict]] = {}  # host -> hello (None: went offline)
+        self._seen: set[int] = set()
+        self._waiters: list[asyncio.Future] = []
+        self._task: Optional[asyncio.Task] = None
+        self._urgent = asyncio.Event()
+
+    def online(self, host_id: int, hello: dict) -> asyncio.Future:
+        """Mark the host online; the future is done once that is committed."""
+        self._online[host_id] = hello
+        return self._kick(urgent=True)
+
+    def offline(self, host_id: int) -> asyncio.Future:
+        self._online[host_id] = None
+        return self._kick(urgent=True)
+
+    def seen(self, host_id: int) -> None:
+        self._seen.add(host_id)
+        self._kick(urgent=False)
+
+    def _kick(self, urgent: bool) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        if urgent:
+            self._urgent.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        return done
+
+    async def _run(self) -> None:
+        while self._online or self._seen:
+            if not self._online:
+                # only heartbeats: a short window to share one commit, unless a
+                # connect or disconnect comes first
+                try:
+                    await asyncio.wait_for(self._urgent.wait(), PRESENCE_EVERY)
+                except asyncio.TimeoutError:
+                    pass
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._online or self._seen:
+            self._urgent.clear()
+            online, self._online = self._online, {}
+            seen, self._seen = self._seen, set()
+            waiters, self._waiters = self._waiters, []
+            try:
+                await self.store.atomic(self._write, online, seen)
+            except Exception:
+                log.exception("writing the presence of %d host(s) failed", len(online) + len(seen))
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    @staticmethod
+    def _write(online: dict[int, Optional[dict]], seen: set[int]) -> None:
+        now = utcnow()
+        for host_id, hello in online.items():
+            if hello is None:
+                Host.update(online=False, last_seen_at=now).where(Host.id == host_id).execute()
+                continue
+            Host.update(
+                online=True,
+                last_seen_at=now,
+                hostname=hello["hostname"],
+                agent_version=hello["agent_version"],
+                restic_version=hello["restic_version"],
+                os=hello["os"],
+                arch=hello["arch"],
+                timezone=hello.get("timezone"),
+            ).where(Host.id == host_id).execute()
+        rest = sorted(seen - set(online))
+        for start in range(0, len(rest), 500):
+            Host.update(last_seen_at=now).where(Host.id.in_(rest[start : start + 500])).execute()
+
+
+@dataclass
+class Agents:
+    """Everything an agent session touches: the registry of sessions, and
+    the services it hands frames to."""
+
+    store: Store
+    bus: Bus
+    box: SecretBox
+    clock: Clock
+    heartbeat_interval: int = 30
+
+    def __post_init__(self) -> None:
+        self.sessions: dict[int, AgentSession] = {}
+        self.lifecycle = lifecycle.Lifecycle(self.store, self.bus)
+        self.ingest = Ingest(self.store, self.bus)
+        self.presence = Presence(self.store)
+        self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
+        self.on_offline: list[Any] = []  # callables(host_id): e.g. the ticker's poke
+        self.bus.subscribe(JobEnded, self._job_ended)
+        self.bus.subscribe(JobStarted, self._job_started)
+        self.bus.subscribe(HostRemoved, self._host_removed)
+        self.bus.subscribe(RepoChanged, self._repo_changed)
+
+    # -- the registry (dispatch and the API use these) ---------------------
+
+    def connected(self, host_id: int) -> bool:
+        return host_id in self.sessions
+
+    def ready(self, host_id: int) -> bool:
+        session = self.sessions.get(host_id)
+        return session is not None and session.caught_up
+
+    async def send_command(self, host_id: int, job_id: int, frame: str) -> bool:
+        session = self.sessions.get(host_id)
+        if session is None:
+            return False
+        session.inflight = job_id
+        return await session.send(frame)
+
+    async def cancel(self, host_id: int, job_id: int) -> bool:
+        """Ask the agent to stop the job; False when its link is down."""
+        session = self.sessions.get(host_id)
+        if session is None:
+            return False
+        return await session.send(protocol.encode("command.cancel", {"job_id": job_id}))
+
+    async def push_config(self, host_id: int) -> None:
+        session = self.sessions.get(host_id)
+        if session is None:
+            return  # sent on its next hello
+        config = await self.store.run(repo_config, host_id, self.box)
+        if config is not None:
+            await session.send(protocol.encode("config.update", config))
+
+    async def disconnect(self, host_id: int, reason: str) -> None:
+        session = self.sessions.get(host_id)
+        if session is not None:
+            log.warning("closing the link of host %s: %s", session.host_name, reason)
+            await session.connection.close(4001, reason)
+
+    def _job_ended(self, event: JobEnded) -> None:
+        session = self.sessions.get(event.host_id)
+        if session is not None and session.inflight == event.job_id:
+            session.inflight = None
+
+    def _job_started(self, event: JobStarted) -> None:
+        if event.cancel_requested:  # the cancel may have reached the agent before the job
+            asyncio.ensure_future(self.cancel(event.host_id, event.job_id))
+
+    def _host_removed(self, event: HostRemoved) -> None:
+        asyncio.ensure_future(self.disconnect(event.host_id, "host removed from fleetd"))
+
+    def _repo_changed(self, event: RepoChanged) -> None:
+        async def push_then_init() -> None:
+            await self.push_config(event.host_id)  # the agent has it before any job needs it
+            self.dispatcher.offer(event.host_id)  # auto-init for a new repository
+
+        asyncio.ensure_future(push_then_init())
+
+    async def _attach(self, session: AgentSession) -> None:
+        old = self.sessions.get(session.host_id)
+        self.sessions[session.host_id] = session
+        if old is not None and old.connection is not session.connection:
+            log.warning(
+                "host %s connected again; closing its previous connection", session.host_name
+            )
+            await old.connection.close(4000, "replaced by a newer connection of the same host")
+
+    def _detach(self, session: AgentSession) -> bool:
+        """Forget the session; False when a newer one already replaced it."""
+        if self.sessions.get(session.host_id) is session:
+            del self.sessions[session.host_id]
+            return True
+        return False
+
+    # -- one session --------------------------------------------------------
+
+    async def serve(self, connection: ServerConnection, host: Host) -> None:
+        """hello -> welcome and config.update; then reliable frames go to the
+        ingest in batches (acked once committed), while heartbeats, progress
+        and command results are handled as they come. Silence for three
+        heartbeat intervals ends the session."""
+        hello = await self._hello(connection)
+        if hello is None:
+            return
+        session = AgentSession(host.id, host.name, connection)
+        session.running_job = hello.data.get("running_job")
+        session.inflight = session.running_job
+        session.spool_seq = hello.data.get("spool_seq", 0)
+        await self._attach(session)  # an older session's end then sees it replaced
+        marked = self.presence.online(host.id, hello.data)
+        log.info("host %s connected (agent %s)", host.name, hello.data["agent_version"])
+        inbox: asyncio.Queue = asyncio.Queue(INBOX)
+        consumer = asyncio.ensure_future(self._apply_loop(session, inbox))
+        try:
+            last_seq, config = await self.store.atomic(
+                self._open,
+                host.id,
+                session.spool_seq,
+                hello.data.get("spool_pending", 0),
+            )
+            await marked
+            await connection.send(
+                protocol.encode(
+                    "welcome",
+                    {
+                        "server_version": __version__,
+                        "heartbeat_interval": self.heartbeat_interval,
+                        "host_id": host.id,
+                        "host_name": host.name,
+                    },
+                    id=hello.id,
+                )
+            )
+            if config is not None:
+                await connection.send(protocol.encode("config.update", config))
+            await self._catch_up(session, last_seq)
+            await self._receive(session, inbox)
+        except ConnectionClosed:
+            pass
+        finally:
+            # apply what arrived before the link dropped, then let go
+            await inbox.put(None)
+            await asyncio.gather(consumer, return_exceptions=True)
+            if self._detach(session):
+                self.presence.offline(host.id)
+                for callback in self.on_offline:
+                    callback(host.id)
+                log.info("host %s disconnected", host.name)
+
+    def _open(self, host_id: int, spool_seq: int, pending: int) -> tuple[int, Optional[dict]]:
+        return sync_seq(host_id, spool_seq, pending), repo_config(host_id, self.box)
+
+    async def _hello(self, connection: ServerConnection) -> Optional[protocol.Envelope]:
+        try:
+            raw = await asyncio.wait_for(connection.recv(), self.heartbeat_interval)
+            hello = protocol.decode(raw, expect="agent")
+            if hello.type != "hello":
+                raise ProtocolError(f"the first frame must be hello, not {hello.type}", re=hello.id)
+        except ProtocolError as exc:
+            await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
+            await connection.close(1008, "expected hello")
+            return None
+        except (asyncio.TimeoutError, ConnectionClosed):
+            return None
+        if hello.data["protocol_version"] != protocol.PROTOCOL_VERSION:
+            message = (
+                f"protocol version {hello.data['protocol_version']} is not supported; "
+                f"this fleetd speaks {protocol.PROTOCOL_VERSION}"
+            )
+            await connection.send(protocol.error_frame("unsupported_version", message, hello.id))
+            await connection.close(1008, "unsupported protocol version")
+            return None
+        return hello
+
+    async def _receive(self, session: AgentSession, inbox: asyncio.Queue) -> None:
+        connection = session.connection
+        silence = 3 * self.heartbeat_interval
+        while True:
+            try:
+                raw = await asyncio.wait_for(connection.recv(), silence)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "host %s silent for %d s: marking it offline", session.host_name, silence
+                )
+                # a silent peer will not answer a closing handshake: drop the link now
+                connection.transport.abort()
+                return
+            try:
+                frame = protocol.decode(raw, expect="agent")
+            except ProtocolError as exc:
+                log.warning("bad frame from %s: %s", session.host_name, exc)
+                await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
+                continue
+            handler = FRAME_HANDLERS.get(frame.type)
+            if frame.type in protocol.RELIABLE:
+                await inbox.put(frame)  # waits when the ingest is behind: backpressure
+            elif handler is not None:
+                await handler(self, session, frame.data)
+            else:
+                log.info("host %s sent %s; ignored", session.host_name, frame.type)
+
+    async def _apply_loop(self, session: AgentSession, inbox: asyncio.Queue) -> None:
+        """Hand reliable frames to the ingest in batches; ack each once committed."""
+        while True:
+            first = await inbox.get()
+            batch = [first] if first is not None else []
+            while not inbox.empty() and len(batch) < APPLY_BATCH:
+                frame = inbox.get_nowait()
+                if frame is None:
+                    first = None
+                    break
+                batch.append(frame)
+            if batch:
+                try:
+                    last = await self.ingest.submit(session.host_id, batch)
+                except Exception:
+                    # nothing was acked: drop the link, the agent resends on reconnect
+                    log.warning(
+                        "frames of host %s not applied; closing its link", session.host_name
+                    )
+                    session.connection.transport.abort()
+                    return
+                await session.send(protocol.encode("ack", {"seq": last}))
+                if not session.caught_up:
+                    await self._catch_up(session, last)
+            if first is None:
+                return
+
+    async def _catch_up(self, session: AgentSession, applied: int) -> None:
+        """Once fleetd holds everything the agent had spooled at hello, what is
+        still with the agent in the store but not running there is lost (or
+        back in the queue if it never started); then dispatch."""
+        if session.caught_up or applied < session.spool_seq:
+            return
+        lost = await self.lifecycle.apply(
+            lifecycle.lose,
+            session.host_id,
+            session.running_job,
+            "the agent restarted or lost the job before reporting its end",
+        )
+        for job_id in lost:
+            log.warning(
+                "job %s of %s lost: the agent came back without it", job_id, session.host_name
+            )
+        session.caught_up = True
+        self.dispatcher.offer(session.host_id)
+
+
+# -- frames handled as they come (reliable ones go to the ingest) -------------
+
+
+async def on_heartbeat(agents: Agents, session: AgentSession, data: dict) -> None:
+    agents.presence.seen(session.host_id)
+
+
+async def on_progress(agents: Agents, session: AgentSession, data: dict) -> None:
+    if data["job_id"] == session.inflight:  # only its own job
+        agents.bus.publish([JobProgressed(data["job_id"], session.host_id, data)])
+
+
+async def on_command_result(agents: Agents, session: AgentSession, data: dict) -> None:
+    job_id = data["job_id"]
+    if data["accepted"] or job_id != session.inflight:
+        return  # an answer about a job this session was not sent counts for nothing
+    reason = data.get("error") or "refused"
+    log.warning("host %s refused job %s: %s", session.host_name, job_id, reason)
+    session.inflight = None
+    if data.get("code") == "busy" or reason.startswith("busy"):
+        # it stays queued; offered again shortly in case no job end is coming to trigger it
+        await agents.lifecycle.apply(lifecycle.requeue, job_id, reason, False)
+        agents.dispatcher.offer_later(session.host_id, BUSY_RETRY)
+    else:
+        await agents.lifecycle.apply(
+            lifecycle.fail, session.host_id, job_id, f"the agent refused the job: {reason}"
+        )
+
+
+FRAME_HANDLERS = {
+    "heartbeat": on_heartbeat,
+    "job.progress": on_progress,
+    "command.result": on_command_result,
+}

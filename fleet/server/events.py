@@ -1,0 +1,166 @@
+"""Domain events and the bus that carries them.
+
+Events are published once the transaction that made them has committed, so
+a subscriber that reads the store sees what the event says. Subscribers are
+plain callables that must not block (they schedule work); live tails watch
+one job through a bounded queue. On one node the bus is in-process; across
+replicas it becomes a wake-up pointing at an events table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+log = logging.getLogger("fleetd.events")
+
+
+@dataclass(frozen=True)
+class JobQueued:
+    job_id: int
+    host_id: int
+    due: bool = True  # False: it waits for a due time (a retry's delay)
+
+
+@dataclass(frozen=True)
+class JobDispatched:
+    job_id: int
+    host_id: int
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: int
+    host_id: int
+    cancel_requested: bool = False  # a cancel crossed the command on its way
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    job_id: int
+    host_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class JobLogged:
+    """Log lines of a job, committed."""
+
+    job_id: int
+    host_id: int
+    lines: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class JobProgressed:
+    """Ephemeral: the latest progress of a running job (never stored)."""
+
+    job_id: int
+    host_id: int
+    progress: dict[str, Any] = field(hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class HostRemoved:
+    host_id: int
+
+
+@dataclass(frozen=True)
+class RepoChanged:
+    """A host's repository was set or changed."""
+
+    host_id: int
+
+
+Event = Union[
+    JobQueued,
+    JobDispatched,
+    JobStarted,
+    JobEnded,
+    JobLogged,
+    JobProgressed,
+    HostRemoved,
+    RepoChanged,
+]
+
+TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store
+
+
+class Watch:
+    """One follower of one job. When it falls TAIL_QUEUE events behind, the
+    queue is dropped and `overflowed` set: the follower re-reads the store."""
+
+    def __init__(self, job_id: int, host_id: Optional[int]) -> None:
+        self.job_id = job_id
+        self.host_id = host_id
+        self.queue: asyncio.Queue = asyncio.Queue(TAIL_QUEUE)
+        self.overflowed = False
+        self.gone = False  # the job's host was removed
+
+    def offer(self, event: Event) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._wake()
+
+    def end(self) -> None:
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # a marker the follower's get() returns; the flags say what happened
+        while True:
+            try:
+                self.queue.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self.queue.get_nowait()
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._subscribers: dict[type, list[Callable[[Any], None]]] = defaultdict(list)
+        self._watches: dict[int, set[Watch]] = defaultdict(set)
+        self.progress: dict[int, dict[str, Any]] = {}  # latest progress per running job
+
+    def subscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
+        self._subscribers[kind].append(fn)
+
+    def watch(self, job_id: int, host_id: Optional[int] = None) -> Watch:
+        w = Watch(job_id, host_id)
+        self._watches[job_id].add(w)
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        watches = self._watches.get(w.job_id)
+        if watches is not None:
+            watches.discard(w)
+            if not watches:
+                del self._watches[w.job_id]
+
+    def publish(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if isinstance(event, JobProgressed):
+                self.progress[event.job_id] = event.progress
+            elif isinstance(event, JobEnded):
+                self.progress.pop(event.job_id, None)
+            if isinstance(event, HostRemoved):
+                for watches in list(self._watches.values()):
+                    for w in list(watches):
+                        if w.host_id == event.host_id:
+                            w.end()
+            elif hasattr(event, "job_id"):
+                for w in list(self._watches.get(event.job_id, ())):
+                    w.offer(event)
+            for fn in self._subscribers.get(type(event), ()):
+                try:
+                    fn(event)
+                except Exception:  # one subscriber's bug must not stop the others
+                    log.exception("subscriber %r failed on %r", fn, event)

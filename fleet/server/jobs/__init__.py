@@ -1,0 +1,1 @@
+"""Jobs: one lifecycle, dispatch by claiming rows, retries as due times."""

@@ -1,0 +1,245 @@
+"""Every transition of a job, in one place.
+
+    queued -> dispatched -> running -> succeeded | warning | failed | cancelled
+       |          |            '-> lost (the agent came back without it, or never came back)
+       |          '-> queued (the agent was busy or the link dropped before it started)
+       '-> cancelled (before it was dispatched)
+
+Each function runs on the store thread inside the caller's transaction and
+appends the domain events it causes to `events`; the caller publishes them
+once the transaction has committed (`Lifecycle.apply` does both). Nothing
+else changes a job's status or publishes its end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
+
+from peewee import fn
+
+from ...common.protocol import FINAL_STATUSES
+from ..events import Bus, Event, JobDispatched, JobEnded, JobQueued, JobStarted
+from ..store.db import Store
+from ..store.models import Job, Repo, SourceGroup, utcnow
+from . import retry
+
+log = logging.getLogger("fleetd.jobs")
+
+Events = list[Event]
+T = TypeVar("T")
+
+QUEUED = "queued"
+DISPATCHED = "dispatched"
+RUNNING = "running"
+ACTIVE = (QUEUED, DISPATCHED, RUNNING)
+WITH_AGENT = (DISPATCHED, RUNNING)  # at most one per host
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def create(
+    events: Events,
+    host_id: int,
+    kind: str,
+    actor_kind: str,
+    actor_user: Optional[int] = None,
+    group: Optional[SourceGroup] = None,
+    params: Optional[dict[str, Any]] = None,
+    schedule: Optional[int] = None,
+    not_before: Optional[dt.datetime] = None,
+    uid: Optional[str] = None,
+) -> Job:
+    job = Job.create(
+        uid=uid or new_uid(),
+        host=host_id,
+        kind=kind,
+        status=QUEUED,
+        actor_kind=actor_kind,
+        actor_user=actor_user,
+        schedule=schedule,
+        group=group,
+        group_name=group.name if group else None,
+        params=params or {},
+        not_before=not_before,
+    )
+    events.append(JobQueued(job.id, host_id, due=not_before is None))
+    return job
+
+
+def needs_init(host_id: int) -> bool:
+    """Auto-init: a repository is set and no init job was made since it was.
+
+    A failed init is not retried by itself (it would fail again, forever):
+    `fleetctl repo init` or a new `repo set` tries again.
+    """
+    repo = Repo.get_or_none(Repo.host == host_id)
+    if repo is None:
+        return False
+    since = (Job.host == host_id) & (Job.kind == "init") & (Job.created_at >= repo.updated_at)
+    return not Job.select().where(since).exists()
+
+
+def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
+    """The host's next due job, moved queued -> dispatched in one statement,
+    and only when the host has no job with its agent already. Init first."""
+    if needs_init(host_id):
+        create(events, host_id, "init", "system")
+    with_agent = Job.select(Job.id).where((Job.host == host_id) & Job.status.in_(WITH_AGENT))
+    due = (
+        Job.select(Job.id)
+        .where(
+            (Job.host == host_id)
+            & (Job.status == QUEUED)
+            & (Job.not_before.is_null() | (Job.not_before <= now))
+        )
+        .order_by(Job.kind != "init", Job.id)
+        .limit(1)
+    )
+    claimed = (
+        Job.update(status=DISPATCHED, dispatched_at=now)
+        .where((Job.id == due) & ~fn.EXISTS(with_agent))
+        .returning(Job.id)
+        .execute()
+    )
+    ids = [row.id for row in claimed]
+    if not ids:
+        return None
+    events.append(JobDispatched(ids[0], host_id))
+    return Job.get_by_id(ids[0])
+
+
+def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
+    """dispatched -> queued: the agent did not take it (busy, or the link
+    dropped first). A job whose cancel was asked for ends cancelled instead.
+    due=False: nobody offers it at once (the caller offers it later)."""
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None or job.status != DISPATCHED:
+        return False
+    if job.cancel_requested_at is not None:
+        return end(events, job.host_id, job_id, "cancelled", error="cancelled before it started")
+    Job.update(status=QUEUED, dispatched_at=None).where(
+        (Job.id == job_id) & (Job.status == DISPATCHED)
+    ).execute()
+    log.info("job %s back in the queue: %s", job_id, why)
+    events.append(JobQueued(job_id, job.host_id, due=due))
+    return True
+
+
+def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) -> bool:
+    done = (
+        Job.update(status=RUNNING, started_at=started_at)
+        .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_((QUEUED, DISPATCHED)))
+        .execute()
+    )
+    if done:
+        asked = Job.select().where((Job.id == job_id) & Job.cancel_requested_at.is_null(False))
+        events.append(JobStarted(job_id, host_id, cancel_requested=asked.exists()))
+    return bool(done)
+
+
+def end(
+    events: Events,
+    host_id: int,
+    job_id: int,
+    status: str,
+    finished_at: Optional[dt.datetime] = None,
+    exit_code: Optional[int] = None,
+    summary: Optional[dict] = None,
+    error: Optional[str] = None,
+    now: Optional[dt.datetime] = None,
+) -> bool:
+    """Any active job -> a final status. A job fleetd gave up on (lost) may
+    still report how it really ended; a cancelled or finished one stays so."""
+    assert status in FINAL_STATUSES, status
+    endable = ACTIVE + ("lost",) if status != "lost" else WITH_AGENT
+    done = (
+        Job.update(
+            status=status,
+            finished_at=finished_at or utcnow(),
+            exit_code=exit_code,
+            summary=summary,
+            error=error,
+        )
+        .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_(endable))
+        .execute()
+    )
+    if not done:
+        return False
+    events.append(JobEnded(job_id, host_id, status))
+    if status == "failed":
+        again = retry.after_failure(Job.get_by_id(job_id), now or utcnow())
+        if again is not None:
+            params, not_before = again
+            job = Job.get_by_id(job_id)
+            create(
+                events,
+                host_id,
+                job.kind,
+                job.actor_kind,
+                job.actor_user_id,
+                SourceGroup.get_or_none(SourceGroup.id == job.group_id),
+                params,
+                schedule=job.schedule_id,
+                not_before=not_before,
+            )
+    return True
+
+
+def cancel(events: Events, job_id: int, now: dt.datetime) -> str:
+    """'cancelled' when it had not left fleetd, 'requested' when it is with
+    the agent (the caller tells the agent; its report ends the job), or the
+    final status it already has."""
+    job = Job.get_by_id(job_id)
+    if job.status == QUEUED:
+        end(events, job.host_id, job_id, "cancelled", error="cancelled before it started")
+        return "cancelled"
+    if job.status in WITH_AGENT:
+        Job.update(cancel_requested_at=now).where(Job.id == job_id).execute()
+        return "requested"
+    return job.status
+
+
+def lose(events: Events, host_id: int, keep: Optional[int], why: str) -> list[int]:
+    """The agent of `host_id` no longer has these jobs: running ones are
+    lost; dispatched ones never started and go back in the queue. `keep` is
+    the job the agent says it still runs."""
+    query = Job.select(Job.id, Job.status).where((Job.host == host_id) & Job.status.in_(WITH_AGENT))
+    if keep is not None:
+        query = query.where(Job.id != keep)
+    lost = []
+    for job in list(query):
+        if job.status == DISPATCHED:
+            requeue(events, job.id, "its agent came back without it")
+        elif end(events, host_id, job.id, "lost", error=why):
+            lost.append(job.id)
+    return lost
+
+
+def fail(events: Events, host_id: int, job_id: int, error: str) -> bool:
+    return end(events, host_id, job_id, "failed", error=error)
+
+
+class Lifecycle:
+    """Runs transitions in one transaction, then publishes their events."""
+
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+
+    async def apply(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(events, *args)` inside one transaction; events after commit."""
+        events: Events = []
+
+        def call() -> T:
+            del events[:]  # a retried transaction starts clean
+            return fn(events, *args)
+
+        result = await self.store.atomic(call)
+        self.bus.publish(events)
+        return result

@@ -1,0 +1,1 @@
+"""Due times: one ticker, and the sources of what becomes due."""
