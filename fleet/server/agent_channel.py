@@ -13,7 +13,7 @@ from .. import __version__
 from ..common import protocol
 from ..common.protocol import ProtocolError
 from . import auth, jobs
-from .ctl import ServerState
+from .api.context import ServerState
 from .hub import AgentSession
 from .store.models import AuditLog, EnrollmentToken, Host, utcnow
 

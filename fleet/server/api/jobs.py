@@ -1,4 +1,4 @@
-"""Operator methods for jobs and snapshots: run now, list, show, log, tail, cancel."""
+"""Operator methods for jobs: run now, list, show, log, tail, cancel."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ from typing import Any, Optional
 import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
-from ..common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
-from . import jobs
-from .auth import Role
-from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method
-from .store.models import Host, Job, JobLog, Snapshot, User
+from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
+from .. import jobs
+from ..auth import Role
+from ..store.models import Host, Job, JobLog, User
+from . import views
+from .common import audit, get_group, get_host
+from .context import Context
+from .errors import Conflict, Invalid, NotFound
+from .registry import Method, collect
+
+METHODS: list[Method] = []
+method = collect(METHODS)
 
 GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
 
@@ -31,16 +38,13 @@ def jobs_with_names() -> Any:
 def get_job(job_id: int) -> Job:
     job = jobs_with_names().where(Job.id == job_id).first()
     if job is None:
-        raise CtlError("not_found", f"no job {job_id}")
+        raise NotFound(f"no job {job_id}")
     return job
 
 
 def job_view(job: Job, ctx: Context) -> dict:
-    out = jobs.job_json(job)
     progress = ctx.state.hub.progress.get(job.id) if ctx.state.hub else None
-    if progress and job.status == "running":
-        out["progress"] = progress
-    return out
+    return views.job_view(job, progress)
 
 
 @method(
@@ -60,7 +64,7 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     params: dict[str, Any] = {}
     if kind in GROUP_KINDS:
         if not p.get("group"):
-            raise bad_request(f"a {kind} job needs a source group")
+            raise Invalid(f"a {kind} job needs a source group")
         group = get_group(host, p["group"])
         params = (
             jobs.backup_params(group)
@@ -68,9 +72,9 @@ def jobs_run(ctx: Context, p: dict) -> dict:
             else {"tag": group.name, "retention": group.retention}
         )
         if kind == "forget" and not group.retention:
-            raise bad_request(f"source group {group.name} has no retention rules to forget by")
+            raise Invalid(f"source group {group.name} has no retention rules to forget by")
     elif p.get("group"):
-        raise bad_request(f"a {kind} job acts on the whole repository, not on a group")
+        raise Invalid(f"a {kind} job acts on the whole repository, not on a group")
     job = jobs.create_job(host, kind, "user", ctx.caller.user_id, group, params)
     audit(
         ctx,
@@ -93,7 +97,7 @@ def parse_since(value: str) -> dt.datetime:
     try:
         return dt.datetime.strptime(value.rstrip("Z"), "%Y-%m-%dT%H:%M:%S")
     except ValueError:
-        raise bad_request(f"since {value!r}: expected YYYY-MM-DDTHH:MM:SSZ") from None
+        raise Invalid(f"since {value!r}: expected YYYY-MM-DDTHH:MM:SSZ") from None
 
 
 @method(
@@ -108,6 +112,7 @@ def parse_since(value: str) -> dt.datetime:
     ),
 )
 def jobs_list(ctx: Context, p: dict) -> list:
+    """Jobs, newest first: by host, status, kind, since a time; 50 by default."""
     query = jobs_with_names().order_by(Job.id.desc())
     if p.get("host"):
         query = query.where(Job.host == get_host(p["host"]))
@@ -123,6 +128,7 @@ def jobs_list(ctx: Context, p: dict) -> list:
 
 @method("jobs.show", Role.VIEWER, (Field("id", "int"),))
 def jobs_show(ctx: Context, p: dict) -> dict:
+    """One job: status, params, summary and how many log lines it has."""
     job = get_job(p["id"])
     out = job_view(job, ctx)
     out["params"] = job.params
@@ -149,6 +155,7 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
     ),
 )
 def jobs_log(ctx: Context, p: dict) -> dict:
+    """A job and its stored log lines, after a seq, at most `limit`."""
     job = get_job(p["id"])
     return {
         "job": jobs.job_json(job),
@@ -214,10 +221,11 @@ async def next_event(queue: asyncio.Queue, ctx: Context) -> dict:
 
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
+    """Cancel a job: a queued one at once, a running one through its agent."""
     store, hub = ctx.state.store, ctx.state.hub
     job = await store.run(get_job, p["id"])
     if job.status in FINAL_STATUSES:
-        raise CtlError("conflict", f"job {job.id} already ended: {job.status}")
+        raise Conflict(f"job {job.id} already ended: {job.status}")
     # under the host's dispatch lock: the job is either with the agent or not, not in between
     async with hub.dispatch_lock(job.host_id):
         if await hub.cancel(job.host_id, job.id):
@@ -241,34 +249,6 @@ async def jobs_cancel(ctx: Context, p: dict) -> dict:
         if await store.atomic(cancel_queued):
             hub.publish({"job_id": job.id, "type": "finished", "status": "cancelled"})
             return jobs.job_json(await store.run(get_job, job.id))
-    raise CtlError(
-        "conflict",
+    raise Conflict(
         f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
     )
-
-
-@method(
-    "snapshots.list",
-    Role.VIEWER,
-    (Field("host", "str", limit=64), Field("group", "str", False, limit=64)),
-)
-def snapshots_list(ctx: Context, p: dict) -> list:
-    host = get_host(p["host"])
-    query = Snapshot.select().where(Snapshot.host == host).order_by(Snapshot.time.desc())
-    rows = []
-    for s in query:
-        if p.get("group") and p["group"] not in (s.tags or []):
-            continue
-        rows.append(
-            {
-                "id": s.snapshot_id,
-                "short_id": s.short_id,
-                "time": jobs.iso(s.time),
-                "hostname": s.hostname,
-                "paths": s.paths,
-                "tags": s.tags,
-                "size_bytes": s.size_bytes,
-                "file_count": s.file_count,
-            }
-        )
-    return rows
