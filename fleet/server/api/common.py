@@ -30,6 +30,13 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def at_most(name: str, value: int, maximum: int) -> int:
+    """An upper bound for an int param (protocol.Field bounds them from below only)."""
+    if value > maximum:
+        raise Invalid(f"{name}: must be at most {maximum}")
+    return value
+
+
 def get_host(name: str) -> Host:
     host = Host.get_or_none(Host.name == name)
     if host is None:

@@ -8,7 +8,7 @@ from ...common import retention
 from ...common.protocol import Field
 from ..auth import Role
 from ..store.models import Schedule, ScheduleGroup, SourceGroup, utcnow
-from .common import audit, check_name, get_group, get_host
+from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
 from .errors import Conflict, Invalid
 from .registry import Method, collect
@@ -26,6 +26,8 @@ GROUP_FIELDS = (
     Field("retries", "int", False, minimum=0),
     Field("retry_delay", "int", False, minimum=0),
 )
+# protocol.Field bounds ints from below only; the upper bounds are checked here
+MAXIMUM = {"retries": 100, "retry_delay": 7 * 24 * 3600}  # retry_delay in seconds: 7 days
 
 
 def check_includes(paths: list[str]) -> list[str]:
@@ -61,7 +63,7 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
             setattr(g, hook, p[hook].strip() or None)
     for number in ("retries", "retry_delay"):
         if number in p:
-            setattr(g, number, p[number])
+            setattr(g, number, at_most(number, p[number], MAXIMUM[number]))
 
 
 @method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),))
