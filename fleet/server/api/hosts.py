@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import peewee as pw
 
 from ...common.protocol import Field
 from ..auth import Role
 from ..store.models import Host, Job, Repo, RepoStats, SourceGroup
-from .common import audit, get_host
+from .common import at_most, audit, get_host
 from .context import Context
 from .registry import Method, collect
 from .views import host_detail_json, host_json
@@ -16,19 +18,58 @@ METHODS: list[Method] = []
 method = collect(METHODS)
 
 
-def last_job(host: Host, kind: str) -> Optional[Job]:
+MAX_PAGE = 1000
+
+
+def newest_job_id(host_id: Any, kind: str) -> pw.SelectQuery:
+    """A scalar subquery: the id of the host's newest job of `kind`.
+    `host_id` may be a column of the outer query (correlated)."""
+    newest = Job.alias("newest")
     return (
-        Job.select()
-        .where((Job.host == host) & (Job.kind == kind))
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .first()
+        newest.select(newest.id)
+        .where((newest.host == host_id) & (newest.kind == kind))
+        .order_by(newest.created_at.desc(), newest.id.desc())
+        .limit(1)
     )
 
 
-@method("hosts.list")
+def last_job(host: Host, kind: str) -> Optional[Job]:
+    return Job.select().where(Job.id == newest_job_id(host.id, kind)).first()
+
+
+def hosts_page(after: Optional[str], limit: Optional[int]) -> list[tuple[Host, Optional[Job]]]:
+    """Hosts by name after `after`, at most `limit`, each with its newest
+    backup job: one query, whatever the number of hosts."""
+    query = (
+        Host.select(Host, Job)
+        .join(
+            Job,
+            pw.JOIN.LEFT_OUTER,
+            on=(Job.id == newest_job_id(Host.id, "backup")),
+            attr="backup",
+        )
+        .order_by(Host.name)
+    )
+    if after is not None:
+        query = query.where(Host.name > after)
+    if limit is not None:
+        query = query.limit(limit)
+    return [(h, h.backup) for h in query]  # None: no backup job (the LEFT JOIN found none)
+
+
+@method(
+    "hosts.list",
+    Role.VIEWER,
+    (Field("limit", "int", False, minimum=1), Field("after", "str", False, limit=64)),
+)
 def hosts_list(ctx: Context, p: dict) -> list:
-    """Every host by name: status, versions and its latest backup."""
-    return [host_json(h, last_job(h, "backup")) for h in Host.select().order_by(Host.name)]
+    """Hosts by name: status, versions and the latest backup of each. Every
+    host, or a page: at most `limit` (1..1000) hosts whose names sort after
+    `after` (pass the last name of a page to get the next)."""
+    limit = p.get("limit")
+    if limit is not None:
+        at_most("limit", limit, MAX_PAGE)
+    return [host_json(h, backup) for h, backup in hosts_page(p.get("after"), limit)]
 
 
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),))
