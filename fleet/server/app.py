@@ -26,11 +26,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..common import protocol
-from . import ctl, ctl_jobs  # noqa: F401 - ctl_jobs registers the job methods
 from .agents import enroll
 from .agents.session import Agents
+from .api import build_registry
+from .api.auth import login, lookup_token
+from .api.context import Caller, Context, ServerState
+from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
-from .ctl import Caller, Context, CtlError, ServerState
 from .events import Bus, JobQueued
 from .scheduling.due import LostJobs, Retries
 from .scheduling.ticker import Ticker
@@ -106,6 +108,7 @@ class FleetServer:
     def __init__(self, state: ServerState, token_limiter: RateLimiter | None = None) -> None:
         self.state = state
         self.token_limiter = token_limiter or RateLimiter(limit=20, window=60)
+        self.api = build_registry()
         self.callers: dict[ServerConnection, Caller] = {}
         self.agents: dict[ServerConnection, object] = {}
 
@@ -135,7 +138,7 @@ class FleetServer:
                 connection, HTTPStatus.UNAUTHORIZED, "missing 'Authorization: Bearer <token>'"
             )
         if path == "/ctl":
-            caller = await self.state.store.atomic(ctl.lookup_token, token)
+            caller = await self.state.store.atomic(lookup_token, token)
             if caller is not None:
                 caller.address = address
                 self.callers[connection] = caller
@@ -161,7 +164,7 @@ class FleetServer:
                 ctx = Context(caller, self.state, host_header)
                 ctx.closed = asyncio.ensure_future(connection.wait_closed())
                 async for raw in connection:
-                    await connection.send(await ctl.dispatch(ctx, raw, connection.send))
+                    await connection.send(await self.api.dispatch(ctx, raw, connection.send))
             elif path == "/login":
                 await self.serve_login(connection, address)
             elif path == "/enroll":
@@ -179,16 +182,16 @@ class FleetServer:
             try:
                 req = protocol.decode_request(raw)
             except protocol.ProtocolError as exc:
-                await connection.send(protocol.request_error_frame(exc.re, "bad_request", str(exc)))
+                await connection.send(Invalid(str(exc)).frame(exc.re))
                 continue
             try:
                 if req.method != "auth.login":
-                    raise CtlError("unknown_method", "/login answers auth.login only")
-                result = await ctl.login(self.state, req.params, address)
+                    raise UnknownMethod("/login answers auth.login only")
+                result = await login(self.state, req.params, address)
             except protocol.ProtocolError as exc:
-                await connection.send(protocol.request_error_frame(req.id, "bad_request", str(exc)))
-            except CtlError as exc:
-                await connection.send(protocol.request_error_frame(req.id, exc.code, exc.message))
+                await connection.send(Invalid(str(exc)).frame(req.id))
+            except ApiError as exc:
+                await connection.send(exc.frame(req.id))
             else:
                 await connection.send(protocol.result_frame(req.id, result))
 

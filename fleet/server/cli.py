@@ -14,8 +14,8 @@ import peewee
 
 from .. import __version__
 from ..common.exitcodes import Exit
+from .api.common import NAME_RE
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
-from .ctl import NAME_RE
 from .security import auth
 from .security.secrets import SecretError, create_key_file
 from .store.db import open_database

@@ -458,6 +458,7 @@ def test_wire_enumerations():
     )
     assert protocol.JOB_STATUSES == (
         "queued",
+        "dispatched",
         "running",
         "succeeded",
         "warning",

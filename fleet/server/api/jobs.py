@@ -1,4 +1,4 @@
-"""Operator methods for jobs and snapshots: run now, list, show, log, tail, cancel."""
+"""Operator methods for jobs: run now, list, show, log, tail, cancel."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ from typing import Any, Optional
 import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
-from ..common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
-from ..common.timefmt import iso
-from .agents.ingest import line_json
-from .ctl import Context, CtlError, audit, bad_request, get_group, get_host, method
-from .events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
-from .jobs import lifecycle
-from .security.auth import Role
-from .store.models import Host, Job, JobLog, Snapshot, SourceGroup, User, utcnow
+from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
+from ..agents.ingest import line_json
+from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
+from ..jobs import lifecycle
+from ..security.auth import Role
+from ..store.models import Host, Job, JobLog, SourceGroup, User, utcnow
+from . import views
+from .common import audit, get_group, get_host
+from .context import Context
+from .errors import Conflict, Invalid, NotFound
+from .registry import Method, collect
+
+METHODS: list[Method] = []
+method = collect(METHODS)
 
 GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
 
@@ -34,38 +40,13 @@ def jobs_with_names() -> Any:
 def get_job(job_id: int) -> Job:
     job = jobs_with_names().where(Job.id == job_id).first()
     if job is None:
-        raise CtlError("not_found", f"no job {job_id}")
+        raise NotFound(f"no job {job_id}")
     return job
 
 
-def job_json(job: Job) -> dict:
-    user = job.actor_user.name if job.actor_user_id else None
-    return {
-        "id": job.id,
-        "uid": job.uid,
-        "host": job.host.name,
-        "kind": job.kind,
-        "group": job.group_name,
-        "status": job.status,
-        "actor": user if job.actor_kind == "user" else job.actor_kind,
-        "actor_kind": job.actor_kind,
-        "schedule": job.schedule_id,
-        "created_at": iso(job.created_at),
-        "not_before": iso(job.not_before),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "exit_code": job.exit_code,
-        "summary": job.summary,
-        "error": job.error,
-    }
-
-
 def job_view(job: Job, ctx: Context) -> dict:
-    out = job_json(job)
     progress = ctx.state.bus.progress.get(job.id) if ctx.state.bus else None
-    if progress and job.status == "running":
-        out["progress"] = progress
-    return out
+    return views.job_view(job, progress)
 
 
 def backup_params(group: SourceGroup) -> dict:
@@ -97,7 +78,7 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     params: dict[str, Any] = {}
     if kind in GROUP_KINDS:
         if not p.get("group"):
-            raise bad_request(f"a {kind} job needs a source group")
+            raise Invalid(f"a {kind} job needs a source group")
         group = get_group(host, p["group"])
         params = (
             backup_params(group)
@@ -105,9 +86,9 @@ def jobs_run(ctx: Context, p: dict) -> dict:
             else {"tag": group.name, "retention": group.retention}
         )
         if kind == "forget" and not group.retention:
-            raise bad_request(f"source group {group.name} has no retention rules to forget by")
+            raise Invalid(f"source group {group.name} has no retention rules to forget by")
     elif p.get("group"):
-        raise bad_request(f"a {kind} job acts on the whole repository, not on a group")
+        raise Invalid(f"a {kind} job acts on the whole repository, not on a group")
     job = lifecycle.create(ctx.events, host.id, kind, "user", ctx.caller.user_id, group, params)
     audit(
         ctx,
@@ -127,7 +108,7 @@ def parse_since(value: str) -> dt.datetime:
     try:
         return dt.datetime.strptime(value.rstrip("Z"), "%Y-%m-%dT%H:%M:%S")
     except ValueError:
-        raise bad_request(f"since {value!r}: expected YYYY-MM-DDTHH:MM:SSZ") from None
+        raise Invalid(f"since {value!r}: expected YYYY-MM-DDTHH:MM:SSZ") from None
 
 
 @method(
@@ -142,6 +123,7 @@ def parse_since(value: str) -> dt.datetime:
     ),
 )
 def jobs_list(ctx: Context, p: dict) -> list:
+    """Jobs, newest first: by host, status, kind, since a time; 50 by default."""
     query = jobs_with_names().order_by(Job.id.desc())
     if p.get("host"):
         query = query.where(Job.host == get_host(p["host"]))
@@ -157,6 +139,7 @@ def jobs_list(ctx: Context, p: dict) -> list:
 
 @method("jobs.show", Role.VIEWER, (Field("id", "int"),))
 def jobs_show(ctx: Context, p: dict) -> dict:
+    """One job: status, params, summary and how many log lines it has."""
     job = get_job(p["id"])
     out = job_view(job, ctx)
     out["params"] = job.params
@@ -183,9 +166,10 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
     ),
 )
 def jobs_log(ctx: Context, p: dict) -> dict:
+    """A job and its stored log lines, after a seq, at most `limit`."""
     job = get_job(p["id"])
     return {
-        "job": job_json(job),
+        "job": views.job_json(job),
         "lines": log_lines(job.id, p.get("after") or 0, p.get("limit")),
     }
 
@@ -232,11 +216,11 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
                 elif isinstance(event, JobEnded):
                     break
             if watch.gone:
-                raise CtlError("not_found", f"job {job_id} is gone: its host was removed")
+                raise NotFound(f"job {job_id} is gone: its host was removed")
             # lines committed in the same batch as the end come first; be sure of it
             await emit_stored(ctx, job_id, sent)
             job = await store.run(get_job, job_id)
-        return job_json(job)
+        return views.job_json(job)
     finally:
         bus.unwatch(watch)
 
@@ -266,50 +250,23 @@ async def next_event(watch: Watch, ctx: Context) -> Any:
 
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
+    """Cancel a job: a queued one at once, a running one through its agent."""
     store, agents = ctx.state.store, ctx.state.agents
     job = await store.run(get_job, p["id"])
     if job.status in FINAL_STATUSES:
-        raise CtlError("conflict", f"job {job.id} already ended: {job.status}")
+        raise Conflict(f"job {job.id} already ended: {job.status}")
     if job.status in lifecycle.WITH_AGENT and not agents.connected(job.host_id):
-        raise CtlError(
-            "conflict",
+        raise Conflict(
             f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
         )
     outcome = await agents.lifecycle.apply(lifecycle.cancel, job.id, utcnow())
     if outcome == "requested":
-        # the agent stops it and reports the end; a job it has not started yet
-        # is refused or cancelled by it in the same order
+        # the agent stops it and reports the end; a cancel that crosses the
+        # command is sent again when the job starts
         await agents.cancel(job.host_id, job.id)
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
-        return {**job_json(job), "cancel": "requested"}
+        return {**views.job_json(job), "cancel": "requested"}
     if outcome == "cancelled":
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
-        return job_json(await store.run(get_job, job.id))
-    raise CtlError("conflict", f"job {job.id} already ended: {outcome}")
-
-
-@method(
-    "snapshots.list",
-    Role.VIEWER,
-    (Field("host", "str", limit=64), Field("group", "str", False, limit=64)),
-)
-def snapshots_list(ctx: Context, p: dict) -> list:
-    host = get_host(p["host"])
-    query = Snapshot.select().where(Snapshot.host == host).order_by(Snapshot.time.desc())
-    rows = []
-    for s in query:
-        if p.get("group") and p["group"] not in (s.tags or []):
-            continue
-        rows.append(
-            {
-                "id": s.snapshot_id,
-                "short_id": s.short_id,
-                "time": iso(s.time),
-                "hostname": s.hostname,
-                "paths": s.paths,
-                "tags": s.tags,
-                "size_bytes": s.size_bytes,
-                "file_count": s.file_count,
-            }
-        )
-    return rows
+        return views.job_json(await store.run(get_job, job.id))
+    raise Conflict(f"job {job.id} already ended: {outcome}")

@@ -1,0 +1,145 @@
+"""Who a bearer token stands for, logging in and out."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Optional
+
+from ... import __version__
+from ...common import protocol
+from ...common.protocol import Field
+from ...common.timefmt import iso
+from ..security import auth
+from ..security.auth import Role
+from ..store.models import ApiToken, AuditLog, User, utcnow
+from .common import audit
+from .context import Caller, Context, ServerState
+from .errors import Invalid, RateLimited, Unauthorized
+from .registry import Method, collect
+
+METHODS: list[Method] = []
+method = collect(METHODS)
+
+LOGIN_TTL = timedelta(days=30)
+MAX_LIFETIME = timedelta(days=3660)
+
+
+def lookup_token(token: str) -> Optional[Caller]:
+    """The caller a bearer token stands for, or None (unknown, revoked, expired)."""
+    row = (
+        ApiToken.select(ApiToken, User)
+        .join(User)
+        .where(ApiToken.token_hash == auth.token_hash(token))
+        .first()
+    )
+    now = utcnow()
+    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
+        return None
+    ApiToken.update(last_used_at=now).where(ApiToken.id == row.id).execute()
+    return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, "")
+
+
+def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
+    """A token lifetime from seconds; None or 0 for none. Bounded to ten years."""
+    if not seconds:
+        return None
+    if seconds > MAX_LIFETIME.total_seconds():
+        raise Invalid(f"a lifetime of {seconds} s is more than ten years; use no expiry instead")
+    return timedelta(seconds=seconds)
+
+
+def refresh_caller(caller: Caller) -> Optional[Caller]:
+    """The caller as of now: a token revoked, expired or whose user is gone
+    stops working on connections already open, and a role change applies."""
+    row = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == caller.token_id).first()
+    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
+        return None
+    return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, caller.address)
+
+
+def issue_token(user: User, name: str, ttl: Optional[timedelta]) -> dict:
+    token = auth.new_token("fleet")
+    now = utcnow()
+    row = ApiToken.create(
+        user=user,
+        name=name,
+        token_hash=auth.token_hash(token),
+        created_at=now,
+        expires_at=now + ttl if ttl else None,
+    )
+    return {"id": row.id, "name": name, "token": token, "expires_at": iso(row.expires_at)}
+
+
+async def login(state: ServerState, params: dict, address: str) -> dict:
+    """`auth.login` on /login: user and password in, a new API token out.
+
+    Raises ApiError, and ProtocolError for params of the wrong shape."""
+    checked = protocol.check_fields(
+        params,
+        (
+            Field("user", "str", limit=64),
+            Field("password", "str", limit=1024),
+            Field("token_name", "str", False, limit=128),
+            Field("expires_in", "int", False, minimum=0),
+        ),
+    )
+    name, password = checked["user"], checked["password"]
+    limits = ((state.user_limiter, name), (state.addr_limiter, address))
+    # one password check at a time: parallel attempts cannot slip past the
+    # limits between the check and the count, nor stack 64 MiB argon2 runs
+    async with state.login_lock:
+        for limiter, key in limits:
+            if limiter.blocked(key):
+                raise RateLimited(
+                    f"too many failed logins; try again in {limiter.retry_after(key)} s"
+                )
+        user = await state.store.run(User.get_or_none, User.name == name)
+        loop = asyncio.get_running_loop()
+        if user is None:
+            await loop.run_in_executor(None, auth.burn_password_check, password)
+            ok = False
+        else:
+            ok = await loop.run_in_executor(
+                None, auth.verify_password, user.password_hash, password
+            )
+        if not ok:
+            for limiter, key in limits:
+                limiter.fail(key)
+            await state.store.run(
+                AuditLog.create, actor=name, action="auth.login_failed", address=address
+            )
+            raise Unauthorized("wrong user name or password")
+        state.user_limiter.reset(name)
+    expires = checked.get("expires_in")
+    ttl = LOGIN_TTL if expires is None else lifetime(expires)
+
+    def record() -> dict:
+        issued = issue_token(user, checked.get("token_name") or "login", ttl)
+        AuditLog.create(actor=name, action="auth.login", target=issued["name"], address=address)
+        return issued
+
+    issued = await state.store.atomic(record)
+    return {**issued, "user": user.name, "role": user.role}
+
+
+@method("auth.whoami")
+def whoami(ctx: Context, p: dict) -> dict:
+    """The caller: user, role, the token in use and fleetd's version."""
+    user = User.get_by_id(ctx.caller.user_id)
+    token = ApiToken.get_or_none(ApiToken.id == ctx.caller.token_id)
+    return {
+        "user": user.name,
+        "role": user.role,
+        "token": token.name if token else None,
+        "token_expires_at": iso(token.expires_at) if token else None,
+        "server_version": __version__,
+    }
+
+
+@method("auth.logout")
+def logout(ctx: Context, p: dict) -> dict:
+    """Revoke the token this request came with."""
+    ApiToken.update(revoked_at=utcnow()).where(ApiToken.id == ctx.caller.token_id).execute()
+    audit(ctx, "auth.logout")
+    return {"revoked": True}

@@ -1,0 +1,52 @@
+"""Who is calling, what of the running server a handler may use, and the
+per-request context that dispatch hands every handler."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..security import auth
+from ..security.auth import Role
+from ..security.secrets import SecretBox
+from ..store.db import Store
+
+
+@dataclass
+class Caller:
+    user_id: int
+    name: str
+    role: Role
+    token_id: Optional[int]
+    address: str
+
+
+@dataclass
+class ServerState:
+    """What handlers need of the running server."""
+
+    store: Store
+    box: SecretBox
+    public_url: Callable[[str], str]  # Host header -> the URL agents dial
+    tls_fingerprint: Optional[str] = None
+    agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
+    bus: Any = None  # events.Bus: domain events, live tails
+    heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline
+    # failed logins: 5 per user, 20 per address (many users may share one NAT)
+    user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
+    addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
+    login_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Context:
+    caller: Caller
+    state: ServerState
+    host_header: str = ""
+    # set per request by dispatch:
+    emit: Callable[[Any], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+    closed: Optional[asyncio.Future] = None  # done when the operator's connection is gone
+    after: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after commit
+    events: list[Any] = field(default_factory=list)  # domain events, published after commit

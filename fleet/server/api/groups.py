@@ -1,0 +1,154 @@
+"""Source groups: what to back up on a host, how long to keep it, retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...common import retention
+from ...common.protocol import Field
+from ..security.auth import Role
+from ..store.models import Schedule, ScheduleGroup, SourceGroup, utcnow
+from .common import at_most, audit, check_name, get_group, get_host
+from .context import Context
+from .errors import Conflict, Invalid
+from .registry import Method, collect
+from .views import group_json
+
+METHODS: list[Method] = []
+method = collect(METHODS)
+
+GROUP_FIELDS = (
+    Field("includes", "list[str]", False, limit=1000),
+    Field("excludes", "list[str]", False, limit=1000),
+    Field("retention", "dict", False),
+    Field("pre_hook", "str", False),
+    Field("post_hook", "str", False),
+    Field("retries", "int", False, minimum=0),
+    Field("retry_delay", "int", False, minimum=0),
+)
+# protocol.Field bounds ints from below only; the upper bounds are checked here
+MAXIMUM = {"retries": 100, "retry_delay": 7 * 24 * 3600}  # retry_delay in seconds: 7 days
+
+
+def check_includes(paths: list[str]) -> list[str]:
+    if not paths:
+        raise Invalid("a source group needs at least one --include path")
+    for path in paths:
+        if not path.startswith("/"):
+            raise Invalid(f"include path {path!r} is not absolute")
+    return list(dict.fromkeys(paths))
+
+
+def check_excludes(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not pattern.strip():
+            raise Invalid("an exclude pattern is empty")
+    return list(dict.fromkeys(patterns))
+
+
+def check_retention(policy: Any) -> dict:
+    try:
+        return retention.normalize(policy)
+    except retention.RetentionError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def apply_group_fields(g: SourceGroup, p: dict) -> None:
+    if "includes" in p:
+        g.includes = check_includes(p["includes"])
+    if "excludes" in p:
+        g.excludes = check_excludes(p["excludes"])
+    for hook in ("pre_hook", "post_hook"):
+        if hook in p:
+            setattr(g, hook, p[hook].strip() or None)
+    for number in ("retries", "retry_delay"):
+        if number in p:
+            setattr(g, number, at_most(number, p[number], MAXIMUM[number]))
+
+
+@method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),))
+def groups_list(ctx: Context, p: dict) -> list:
+    """A host's source groups, by name."""
+    host = get_host(p["host"])
+    return [group_json(g) for g in host.groups.order_by(SourceGroup.name)]
+
+
+@method(
+    "groups.show", Role.VIEWER, (Field("host", "str", limit=64), Field("name", "str", limit=64))
+)
+def groups_show(ctx: Context, p: dict) -> dict:
+    """One source group of a host."""
+    return group_json(get_group(get_host(p["host"]), p["name"]))
+
+
+@method(
+    "groups.create",
+    Role.OPERATOR,
+    (Field("host", "str", limit=64), Field("name", "str", limit=64), *GROUP_FIELDS),
+)
+def groups_create(ctx: Context, p: dict) -> dict:
+    """Create a source group: include paths, excludes, retention, hooks, retries."""
+    host = get_host(p["host"])
+    name = check_name("group", p["name"])
+    if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == name)):
+        raise Conflict(f"host {host.name} already has a source group {name!r}")
+    group = SourceGroup(host=host, name=name, includes=[], excludes=[])
+    apply_group_fields(group, p)
+    group.includes = check_includes(group.includes)
+    group.retention = check_retention(p.get("retention"))
+    group.save()
+    audit(ctx, "group.create", f"{host.name}/{name}")
+    return group_json(group)
+
+
+@method(
+    "groups.edit",
+    Role.OPERATOR,
+    (
+        Field("host", "str", limit=64),
+        Field("name", "str", limit=64),
+        Field("new_name", "str", False, limit=64),
+        Field("clear_retention", "bool", False),
+        *GROUP_FIELDS,
+    ),
+)
+def groups_edit(ctx: Context, p: dict) -> dict:
+    """Change a source group: the fields given, retention merged (or cleared)."""
+    host = get_host(p["host"])
+    group = get_group(host, p["name"])
+    if p.get("new_name") and p["new_name"] != group.name:
+        new = check_name("group", p["new_name"])
+        if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == new)):
+            raise Conflict(f"host {host.name} already has a source group {new!r}")
+        group.name = new
+    apply_group_fields(group, p)
+    if p.get("clear_retention") or "retention" in p:
+        merged = {} if p.get("clear_retention") else dict(group.retention)
+        merged.update(p.get("retention") or {})
+        group.retention = check_retention(merged)
+    group.updated_at = utcnow()
+    group.save()
+    changed = sorted(k for k in p if k not in ("host", "name"))
+    audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed})
+    return group_json(group)
+
+
+@method(
+    "groups.delete", Role.OPERATOR, (Field("host", "str", limit=64), Field("name", "str", limit=64))
+)
+def groups_delete(ctx: Context, p: dict) -> dict:
+    """Delete a source group that no schedule uses."""
+    host = get_host(p["host"])
+    group = get_group(host, p["name"])
+    used = [
+        link.schedule_id
+        for link in ScheduleGroup.select().join(Schedule).where(ScheduleGroup.group == group)
+    ]
+    if used:
+        raise Conflict(
+            f"source group {group.name} is used by schedule(s) {', '.join(map(str, used))}; "
+            "remove it from them first",
+        )
+    group.delete_instance()
+    audit(ctx, "group.delete", f"{host.name}/{group.name}")
+    return {"removed": group.name, "host": host.name}

@@ -1,0 +1,97 @@
+"""Hosts: list, show, remove."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import peewee as pw
+
+from ...common.protocol import Field
+from ..events import HostRemoved
+from ..security.auth import Role
+from ..store.models import Host, Job, Repo, RepoStats, SourceGroup
+from .common import at_most, audit, get_host
+from .context import Context
+from .registry import Method, collect
+from .views import host_detail_json, host_json
+
+METHODS: list[Method] = []
+method = collect(METHODS)
+
+
+MAX_PAGE = 1000
+
+
+def newest_job_id(host_id: Any, kind: str) -> pw.SelectQuery:
+    """A scalar subquery: the id of the host's newest job of `kind`.
+    `host_id` may be a column of the outer query (correlated)."""
+    newest = Job.alias("newest")
+    return (
+        newest.select(newest.id)
+        .where((newest.host == host_id) & (newest.kind == kind))
+        .order_by(newest.created_at.desc(), newest.id.desc())
+        .limit(1)
+    )
+
+
+def last_job(host: Host, kind: str) -> Optional[Job]:
+    return Job.select().where(Job.id == newest_job_id(host.id, kind)).first()
+
+
+def hosts_page(after: Optional[str], limit: Optional[int]) -> list[tuple[Host, Optional[Job]]]:
+    """Hosts by name after `after`, at most `limit`, each with its newest
+    backup job: one query, whatever the number of hosts."""
+    query = (
+        Host.select(Host, Job)
+        .join(
+            Job,
+            pw.JOIN.LEFT_OUTER,
+            on=(Job.id == newest_job_id(Host.id, "backup")),
+            attr="backup",
+        )
+        .order_by(Host.name)
+    )
+    if after is not None:
+        query = query.where(Host.name > after)
+    if limit is not None:
+        query = query.limit(limit)
+    return [(h, h.backup) for h in query]  # None: no backup job (the LEFT JOIN found none)
+
+
+@method(
+    "hosts.list",
+    Role.VIEWER,
+    (Field("limit", "int", False, minimum=1), Field("after", "str", False, limit=64)),
+)
+def hosts_list(ctx: Context, p: dict) -> list:
+    """Hosts by name: status, versions and the latest backup of each. Every
+    host, or a page: at most `limit` (1..1000) hosts whose names sort after
+    `after` (pass the last name of a page to get the next)."""
+    limit = p.get("limit")
+    if limit is not None:
+        at_most("limit", limit, MAX_PAGE)
+    return [host_json(h, backup) for h, backup in hosts_page(p.get("after"), limit)]
+
+
+@method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),))
+def hosts_show(ctx: Context, p: dict) -> dict:
+    """One host in detail: the listing's fields, its repository's stats,
+    platform, groups and schedule versions."""
+    h = get_host(p["host"])
+    return host_detail_json(
+        h,
+        last_job(h, "backup"),
+        Repo.get_or_none(Repo.host == h),
+        RepoStats.get_or_none(RepoStats.host == h),
+        [g.name for g in h.groups.order_by(SourceGroup.name)],
+    )
+
+
+@method("hosts.remove", Role.OPERATOR, (Field("host", "str", limit=64),))
+def hosts_remove(ctx: Context, p: dict) -> dict:
+    """Remove a host and everything of it; its agent is disconnected."""
+    host = get_host(p["host"])
+    host.delete_instance()  # cascades: repo, groups, schedules, jobs, logs, snapshots
+    audit(ctx, "host.remove", host.name)
+    ctx.events.append(HostRemoved(host.id))  # its agent's link closes, its tails end
+    return {"removed": host.name}

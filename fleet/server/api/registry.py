@@ -1,0 +1,158 @@
+"""The operator channel: one registry from method name to handler.
+
+Every `/ctl` request is `{"id", "method", "params"}`. A method declares the
+role it needs and the fields of its params; `Registry.call` checks both
+before the handler runs, and `Registry.dispatch` (the edge) turns every
+ApiError into an error reply, so a bad request never costs the connection.
+Plain (sync) handlers run on the store thread inside one transaction; async
+handlers orchestrate work that must not hold the store thread (password
+hashing, pushes to agents).
+
+Noun modules collect their methods explicitly:
+
+    METHODS: list[Method] = []
+    method = collect(METHODS)
+
+    @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),))
+    def hosts_show(ctx, p): ...
+
+and `fleet.server.api.build_registry()` builds one Registry from them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from websockets.exceptions import ConnectionClosed
+
+from ...common import protocol
+from ...common.protocol import Field, ProtocolError
+from ..security.auth import Role
+from .context import Caller, Context
+from .errors import ApiError, Forbidden, Internal, Invalid, Unauthorized, UnknownMethod
+
+log = logging.getLogger("fleetd.ctl")
+
+Handler = Callable[[Context, dict], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    handler: Handler
+    role: Role
+    fields: tuple[Field, ...]
+    is_async: bool
+
+    @property
+    def help(self) -> str:
+        """The handler's docstring: what the method does."""
+        return inspect.getdoc(self.handler) or ""
+
+
+def collect(into: list[Method]):
+    """A `@method(name, role, fields)` decorator that appends to `into`."""
+
+    def method(name: str, role: Role = Role.VIEWER, fields: tuple[Field, ...] = ()):
+        def register(fn: Handler) -> Handler:
+            into.append(Method(name, fn, role, tuple(fields), inspect.iscoroutinefunction(fn)))
+            return fn
+
+        return register
+
+    return method
+
+
+class Registry:
+    """Method name -> Method, and the request path through them."""
+
+    def __init__(
+        self, methods: Iterable[Method], refresh: Callable[[Caller], Optional[Caller]]
+    ) -> None:
+        """`refresh` runs on the store thread before every request: the caller
+        as of now, or None when its token no longer works."""
+        self._methods: dict[str, Method] = {}
+        self._refresh = refresh
+        for m in methods:
+            if m.name in self._methods:
+                raise ValueError(f"method {m.name!r} is registered twice")
+            self._methods[m.name] = m
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._methods
+
+    def __iter__(self) -> Iterator[Method]:
+        return iter(self._methods.values())
+
+    def __len__(self) -> int:
+        return len(self._methods)
+
+    def get(self, name: str) -> Optional[Method]:
+        return self._methods.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
+
+    async def dispatch(
+        self, ctx: Context, raw: str | bytes, send: Callable[[str], Awaitable[None]]
+    ) -> str:
+        """Answer one request frame with a result or an error frame.
+
+        Streaming methods send `{"id", "event"}` frames through ctx.emit first.
+        """
+        try:
+            req = protocol.decode_request(raw)
+        except ProtocolError as exc:
+            return Invalid(str(exc)).frame(exc.re)
+
+        async def emit(event: Any) -> None:
+            await send(protocol.event_frame(req.id, event))
+
+        ctx.emit = emit
+        try:
+            result = await self.call(ctx, req.method, req.params)
+        except ApiError as exc:
+            return exc.frame(req.id)
+        return protocol.result_frame(req.id, result)
+
+    async def call(self, ctx: Context, name: str, params: dict) -> Any:
+        """Run method `name` for ctx's caller; raises ApiError."""
+        m = self._methods.get(name)
+        if m is None:
+            raise UnknownMethod(f"unknown method {name!r}")
+        caller = await ctx.state.store.run(self._refresh, ctx.caller)
+        if caller is None:
+            raise Unauthorized("this token has been revoked or has expired; run 'fleetctl login'")
+        ctx.caller = caller
+        if not ctx.caller.role.allows(m.role):
+            raise Forbidden(
+                f"{name} needs the {m.role.value} role; {ctx.caller.name} is {ctx.caller.role.value}"
+            )
+        unknown = sorted(set(params) - {f.name for f in m.fields})
+        if unknown:
+            raise Invalid(f"{name}: unknown parameter {unknown[0]!r}")
+        try:
+            checked = protocol.check_fields(params, m.fields)
+        except ProtocolError as exc:
+            raise Invalid(f"{name}: {exc}") from None
+        ctx.after = []
+        ctx.events = []
+        try:
+            if m.is_async:
+                result = await m.handler(ctx, checked)
+            else:
+                result = await ctx.state.store.atomic(m.handler, ctx, checked)
+            if ctx.events and ctx.state.bus is not None:
+                ctx.state.bus.publish(ctx.events)
+            for hook in ctx.after:  # pushes to agents, once the change is committed
+                await hook()
+            return result
+        except (ApiError, ConnectionClosed):
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            raise Internal(f"{name} failed inside fleetd; see its log") from None

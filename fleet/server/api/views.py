@@ -1,0 +1,205 @@
+"""The JSON the operator API answers with: functions of rows already loaded.
+
+Nothing here queries the store on its own, except where noted (group_json
+follows the group's schedule links and host).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from ...common.timefmt import iso
+from ..security.secrets import SecretBox, repo_aad
+from ..store.models import (
+    ApiToken,
+    AuditLog,
+    Host,
+    Job,
+    Repo,
+    RepoStats,
+    Snapshot,
+    SourceGroup,
+    User,
+    utcnow,
+)
+
+REDACTED = "********"
+
+
+def redact_url(url: str) -> str:
+    """Hide a password embedded in a URL (rest:https://user:pw@host/)."""
+    # greedy to the last "@" before the path, as restic's URL parser splits
+    return re.sub(r"(://[^/:@]+:)[^/]*@", r"\1" + REDACTED + "@", url)
+
+
+def user_json(u: User) -> dict:
+    return {"id": u.id, "name": u.name, "role": u.role, "created_at": iso(u.created_at)}
+
+
+def token_json(t: ApiToken) -> dict:
+    """A token with its user (joined by the caller's query)."""
+    now = utcnow()
+    if t.revoked_at:
+        state = "revoked"
+    elif t.expires_at and t.expires_at <= now:
+        state = "expired"
+    else:
+        state = "active"
+    return {
+        "id": t.id,
+        "name": t.name,
+        "user": t.user.name,
+        "state": state,
+        "created_at": iso(t.created_at),
+        "expires_at": iso(t.expires_at),
+        "last_used_at": iso(t.last_used_at),
+    }
+
+
+def host_status(host: Host) -> str:
+    if host.agent_token_hash is None:
+        return "pending"  # enrollment token issued, agent never enrolled
+    return "online" if host.online else "offline"
+
+
+def host_json(h: Host, backup: Optional[Job]) -> dict:
+    """A host as listed, with its latest backup job (None if it has none)."""
+    return {
+        "name": h.name,
+        "status": host_status(h),
+        "last_seen_at": iso(h.last_seen_at),
+        "agent_version": h.agent_version,
+        "restic_version": h.restic_version,
+        "repo_locks": h.repo_locks,
+        "last_backup": None
+        if backup is None
+        else {
+            "job": backup.id,
+            "status": backup.status,
+            "at": iso(backup.finished_at or backup.created_at),
+        },
+    }
+
+
+def host_detail_json(
+    h: Host,
+    backup: Optional[Job],
+    repo: Optional[Repo],
+    stats: Optional[RepoStats],
+    groups: list[str],
+) -> dict:
+    """A host as shown: the listing's fields and what only `hosts.show` reads."""
+    out = host_json(h, backup)
+    out["repo_stats"] = (
+        None
+        if stats is None
+        else {
+            "size_bytes": stats.size_bytes,
+            "snapshot_count": stats.snapshot_count,
+            "file_count": stats.file_count,
+            "updated_at": iso(stats.updated_at),
+        }
+    )
+    out.update(
+        {
+            "id": h.id,
+            "created_at": iso(h.created_at),
+            "enrolled_at": iso(h.enrolled_at),
+            "hostname": h.hostname,
+            "os": h.os,
+            "arch": h.arch,
+            "timezone": h.timezone,
+            "repo": repo is not None,
+            "groups": groups,
+            "schedule_version": h.schedule_version,
+            "applied_schedule_version": h.applied_schedule_version,
+        }
+    )
+    return out
+
+
+def repo_json(host: Host, repo: Repo, box: SecretBox) -> dict:
+    """A repository with every secret redacted (the URL's password too)."""
+    return {
+        "host": host.name,
+        "url": redact_url(box.decrypt(repo.url_enc, repo_aad(host.id, "url"))),
+        "password": REDACTED,
+        "env": {name: REDACTED for name in repo.env_names},
+        "updated_at": iso(repo.updated_at),
+    }
+
+
+def group_json(g: SourceGroup) -> dict:
+    """A source group; reads its schedule links (one query)."""
+    schedules = [link.schedule_id for link in g.schedule_links]
+    return {
+        "id": g.id,
+        "host": g.host.name,
+        "name": g.name,
+        "includes": g.includes,
+        "excludes": g.excludes,
+        "retention": g.retention,
+        "pre_hook": g.pre_hook,
+        "post_hook": g.post_hook,
+        "retries": g.retries,
+        "retry_delay": g.retry_delay,
+        "schedules": schedules,
+        "created_at": iso(g.created_at),
+        "updated_at": iso(g.updated_at),
+    }
+
+
+def job_json(job: Job) -> dict:
+    user = job.actor_user.name if job.actor_user_id else None
+    return {
+        "id": job.id,
+        "uid": job.uid,
+        "host": job.host.name,
+        "kind": job.kind,
+        "group": job.group_name,
+        "status": job.status,
+        "actor": user if job.actor_kind == "user" else job.actor_kind,
+        "actor_kind": job.actor_kind,
+        "schedule": job.schedule_id,
+        "created_at": iso(job.created_at),
+        "not_before": iso(job.not_before),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "exit_code": job.exit_code,
+        "summary": job.summary,
+        "error": job.error,
+    }
+
+
+def job_view(job: Job, progress: Optional[dict]) -> dict:
+    """A job (with host and user joined), and its live progress while it runs."""
+    out = job_json(job)
+    if progress and job.status == "running":
+        out["progress"] = progress
+    return out
+
+
+def snapshot_json(s: Snapshot) -> dict:
+    return {
+        "id": s.snapshot_id,
+        "short_id": s.short_id,
+        "time": iso(s.time),
+        "hostname": s.hostname,
+        "paths": s.paths,
+        "tags": s.tags,
+        "size_bytes": s.size_bytes,
+        "file_count": s.file_count,
+    }
+
+
+def audit_json(a: AuditLog) -> dict:
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "target": a.target,
+        "detail": a.detail,
+        "address": a.address,
+    }

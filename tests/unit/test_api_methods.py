@@ -1,0 +1,199 @@
+"""Operator API methods through the real registry against real SQLite, with
+the store thread replaced by inline calls: group retry bounds, hosts.list in
+pages and in a constant number of queries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.common.timefmt import iso
+from fleet.server import api
+from fleet.server.api.auth import issue_token, lookup_token
+from fleet.server.api.context import Context
+from fleet.server.jobs import lifecycle
+from fleet.server.security import auth
+from fleet.server.store.db import open_database
+from fleet.server.store.models import Host, Job, User, db
+
+
+class InlineStore:
+    """Store's interface, run on the calling thread (the test's loop)."""
+
+    async def run(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    async def atomic(self, fn, *args, **kwargs):
+        with db.atomic():
+            return fn(*args, **kwargs)
+
+
+class State:
+    store = InlineStore()
+    agents = None
+    bus = None
+
+
+class Api:
+    def __init__(self) -> None:
+        self.registry = api.build_registry()
+        user = User.create(name="admin", password_hash=auth.hash_password("x" * 12), role="admin")
+        token = issue_token(user, "test", None)["token"]
+        self.ctx = Context(lookup_token(token), State())  # type: ignore[arg-type]
+
+    def reply(self, method: str, **params: Any) -> dict:
+        frame = json.dumps({"id": 1, "method": method, "params": params})
+
+        async def send(_: str) -> None:
+            pass
+
+        return json.loads(asyncio.run(self.registry.dispatch(self.ctx, frame, send)))
+
+    def __call__(self, method: str, **params: Any) -> Any:
+        reply = self.reply(method, **params)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def error(self, method: str, **params: Any) -> dict:
+        reply = self.reply(method, **params)
+        assert "error" in reply, reply
+        return reply["error"]
+
+
+@pytest.fixture
+def rpc(tmp_path: Path):
+    database = open_database(tmp_path / "fleet.db")
+    yield Api()
+    database.close()
+
+
+# -- source group retry bounds ------------------------------------------------
+
+
+def test_group_retries_and_retry_delay_are_bounded(rpc: Api) -> None:
+    Host.create(name="web-01")
+    group = rpc("groups.create", host="web-01", name="etc", includes=["/etc"], retries=100)
+    assert group["retries"] == 100
+    group = rpc("groups.edit", host="web-01", name="etc", retry_delay=604800)
+    assert group["retry_delay"] == 604800  # 7 days is allowed
+
+    assert rpc.error("groups.edit", host="web-01", name="etc", retries=101) == {
+        "code": "bad_request",
+        "message": "retries: must be at most 100",
+    }
+    # 10**12 s used to be stored, and overflowed a datetime at the first retry
+    for delay in (604801, 10**12):
+        error = rpc.error("groups.edit", host="web-01", name="etc", retry_delay=delay)
+        assert error == {"code": "bad_request", "message": "retry_delay: must be at most 604800"}
+    error = rpc.error("groups.create", host="web-01", name="var", includes=["/var"], retries=10**6)
+    assert error["code"] == "bad_request"
+    assert rpc.error("groups.edit", host="web-01", name="etc", retries=-1) == {
+        "code": "bad_request",
+        "message": "groups.edit: retries: must be at least 0",
+    }
+    shown = rpc("groups.show", host="web-01", name="etc")
+    assert (shown["retries"], shown["retry_delay"]) == (100, 604800)  # refusals changed nothing
+    assert [g["name"] for g in rpc("groups.list", host="web-01")] == ["etc"]
+
+
+# -- hosts.list: pages, one query ---------------------------------------------
+
+
+@pytest.fixture
+def fleet_of_50(rpc: Api) -> list[Host]:
+    hosts = [Host.create(name=f"h{i:02d}") for i in range(50)]
+    for i, host in enumerate(hosts):
+        for _ in range(i % 3):  # 0, 1 or 2 backups, and an init job that must not count
+            lifecycle.create([], host.id, "backup", "user")
+        lifecycle.create([], host.id, "init", "system")
+    return hosts
+
+
+class QueryCounter:
+    def __init__(self) -> None:
+        self.sql: list[str] = []
+
+    def __enter__(self) -> QueryCounter:
+        self.conn = db.connection()
+        self.conn.set_trace_callback(self.sql.append)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.set_trace_callback(None)
+
+    @property
+    def selects(self) -> list[str]:
+        return [s for s in self.sql if s.lstrip().upper().startswith("SELECT")]
+
+
+def test_hosts_list_is_a_constant_number_of_queries(rpc: Api, fleet_of_50) -> None:
+    rpc("hosts.list")  # warm up: the caller refresh and any lazy setup
+    with QueryCounter() as everything:
+        listed = rpc("hosts.list")
+    with QueryCounter() as page:
+        rpc("hosts.list", limit=10)
+    assert len(listed) == 50
+    # one for the caller's token (every request), one for the listing
+    assert 2 <= len(everything.selects) <= 3, everything.selects
+    assert len(page.selects) == len(everything.selects)
+
+
+def test_hosts_list_shows_each_hosts_latest_backup(rpc: Api, fleet_of_50) -> None:
+    by_name = {h["name"]: h for h in rpc("hosts.list")}
+    for host in fleet_of_50:
+        backups = [j for j in host.jobs.order_by(-Job.id) if j.kind == "backup"]
+        shown = by_name[host.name]["last_backup"]
+        if not backups:
+            assert shown is None
+        else:
+            assert shown == {
+                "job": backups[0].id,
+                "status": "queued",
+                "at": iso(backups[0].created_at),
+            }
+    # hosts.show agrees with the listing
+    shown = rpc("hosts.show", host="h02")
+    assert shown["last_backup"] == by_name["h02"]["last_backup"]
+    assert shown["repo"] is False and shown["repo_stats"] is None and shown["groups"] == []
+
+
+def test_hosts_list_pages_by_name(rpc: Api, fleet_of_50) -> None:
+    everything = rpc("hosts.list")
+    names = [h["name"] for h in everything]
+    assert names == sorted(names) and len(names) == 50
+
+    pages, after = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 7}
+        if after is not None:
+            params["after"] = after
+        page = rpc("hosts.list", **params)
+        if not page:
+            break
+        assert len(page) <= 7
+        pages.append(page)
+        after = page[-1]["name"]
+    assert [h for page in pages for h in page] == everything
+    assert [len(p) for p in pages] == [7] * 7 + [1]
+
+    assert [h["name"] for h in rpc("hosts.list", after="h47")] == ["h48", "h49"]
+    assert [h["name"] for h in rpc("hosts.list", after="h10x", limit=2)] == ["h11", "h12"]
+    assert rpc("hosts.list", after="zzz") == []
+    assert len(rpc("hosts.list", limit=1000)) == 50
+
+
+def test_hosts_list_refuses_bad_page_sizes(rpc: Api) -> None:
+    assert rpc.error("hosts.list", limit=0) == {
+        "code": "bad_request",
+        "message": "hosts.list: limit: must be at least 1",
+    }
+    assert rpc.error("hosts.list", limit=1001) == {
+        "code": "bad_request",
+        "message": "limit: must be at most 1000",
+    }
+    assert rpc.error("hosts.list", after=5)["code"] == "bad_request"
+    assert rpc.error("hosts.list", page=2)["message"] == "hosts.list: unknown parameter 'page'"
