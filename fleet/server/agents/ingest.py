@@ -7,6 +7,7 @@ into few commits, not one per frame or per agent).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections import defaultdict
 from typing import Any, Optional
@@ -15,6 +16,7 @@ from peewee import EXCLUDED, fn
 
 from ...common import protocol
 from ...common.timefmt import iso, parse_ts
+from ..clock import Clock
 from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
 from ..store.db import Store
@@ -55,7 +57,12 @@ def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
     return last
 
 
-def apply_frames(events: list[Event], host_id: int, frames: list[protocol.Envelope]) -> int:
+def apply_frames(
+    events: list[Event],
+    host_id: int,
+    frames: list[protocol.Envelope],
+    now: Optional[dt.datetime] = None,
+) -> int:
     """Apply an agent's reliable frames in seq order, each at most once.
 
     Returns the host's last applied seq (what to ack); appends the events to
@@ -116,6 +123,7 @@ def apply_frames(events: list[Event], host_id: int, frames: list[protocol.Envelo
                     exit_code=data["exit_code"],
                     summary=data.get("summary"),
                     error=data.get("error"),
+                    now=now,
                 )
         elif kind == "snapshots.report":
             apply_snapshot_page(host_id, data)
@@ -195,9 +203,10 @@ class Ingest:
     are applied under a savepoint, so one host's bad batch fails only that
     host (its link is dropped and it resends), never the others'."""
 
-    def __init__(self, store: Store, bus: Bus) -> None:
+    def __init__(self, store: Store, bus: Bus, clock: Optional[Clock] = None) -> None:
         self.store = store
         self.bus = bus
+        self.clock = clock or Clock()
         self._waiting: list[_Batch] = []
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
@@ -222,7 +231,7 @@ class Ingest:
                 taken.append(batch)
                 count += len(batch.frames)
             try:
-                results, events = await self.store.run(self._apply, taken)
+                results, events = await self.store.run(self._apply, taken, self.clock.now())
             except Exception as exc:  # the commit itself failed: nobody is acked
                 log.exception("applying agents' reports failed")
                 for batch in taken:
@@ -239,7 +248,7 @@ class Ingest:
                     batch.done.set_result(result)
 
     @staticmethod
-    def _apply(taken: list[_Batch]) -> tuple[list[Any], list[Event]]:
+    def _apply(taken: list[_Batch], now: dt.datetime) -> tuple[list[Any], list[Event]]:
         results: list[Any] = []
         events: list[Event] = []
         with db.atomic():
@@ -247,7 +256,7 @@ class Ingest:
                 mine: list[Event] = []
                 try:
                     with db.atomic():  # a savepoint per host
-                        results.append(apply_frames(mine, batch.host_id, batch.frames))
+                        results.append(apply_frames(mine, batch.host_id, batch.frames, now))
                 except Exception as exc:
                     log.exception("applying frames of host %s failed", batch.host_id)
                     results.append(exc)

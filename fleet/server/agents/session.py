@@ -36,6 +36,7 @@ log = logging.getLogger("fleetd.agent")
 APPLY_BATCH = 1000  # reliable frames of one agent handed to the ingest at once
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
 PRESENCE_EVERY = 1.0  # seconds over which liveness writes are coalesced
+PRESENCE_RETRY = 1.0  # seconds before a failed liveness write is tried again
 
 
 class AgentSession:
@@ -131,6 +132,12 @@ class Presence:
                 await self.store.atomic(self._write, online, seen)
             except Exception:
                 log.exception("writing the presence of %d host(s) failed", len(online) + len(seen))
+                # keep it for the next try, under anything newer; nobody is told it is done
+                self._online = {**online, **self._online}
+                self._seen |= seen
+                self._waiters = waiters + self._waiters
+                await asyncio.sleep(PRESENCE_RETRY)
+                continue
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -171,7 +178,7 @@ class Agents:
     def __post_init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
         self.lifecycle = lifecycle.Lifecycle(self.store, self.bus)
-        self.ingest = Ingest(self.store, self.bus)
+        self.ingest = Ingest(self.store, self.bus, self.clock)
         self.presence = Presence(self.store)
         self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
         self.on_offline: list[Any] = []  # callables(host_id): e.g. the ticker's poke
@@ -302,7 +309,7 @@ class Agents:
             await inbox.put(None)
             await asyncio.gather(consumer, return_exceptions=True)
             if self._detach(session):
-                self.presence.offline(host.id)
+                await self.presence.offline(host.id)  # committed before anyone looks
                 for callback in self.on_offline:
                     callback(host.id)
                 log.info("host %s disconnected", host.name)

@@ -156,12 +156,14 @@ def end(
 ) -> bool:
     """Any active job -> a final status. A job fleetd gave up on (lost) may
     still report how it really ended; a cancelled or finished one stays so."""
-    assert status in FINAL_STATUSES, status
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"{status!r} is not a final job status")
+    now = now or utcnow()
     endable = ACTIVE + ("lost",) if status != "lost" else WITH_AGENT
     done = (
         Job.update(
             status=status,
-            finished_at=finished_at or utcnow(),
+            finished_at=finished_at or now,
             exit_code=exit_code,
             summary=summary,
             error=error,
@@ -173,7 +175,7 @@ def end(
         return False
     events.append(JobEnded(job_id, host_id, status))
     if status == "failed":
-        again = retry.after_failure(Job.get_by_id(job_id), now or utcnow())
+        again = retry.after_failure(Job.get_by_id(job_id), now)
         if again is not None:
             params, not_before = again
             job = Job.get_by_id(job_id)

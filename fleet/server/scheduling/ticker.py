@@ -34,6 +34,7 @@ class Ticker:
         self.clock = clock
         self.sources = list(sources)
         self._poked = asyncio.Event()
+        self._backoff: dict[int, dt.datetime] = {}  # a source that raised rests until then
         self.rounds = 0  # tests: how many times due work ran
 
     def poke(self) -> None:
@@ -46,11 +47,16 @@ class Ticker:
             now = self.clock.now()
             earliest: Optional[dt.datetime] = None
             for source in self.sources:
+                resting = self._backoff.get(id(source))
+                if resting is not None and resting > now:
+                    earliest = resting if earliest is None else min(earliest, resting)
+                    continue  # pokes do not cut a failed source's rest short
+                self._backoff.pop(id(source), None)
                 try:
                     due = await source.next_due(now)
                 except Exception:
                     log.exception("%s: cannot tell when it is due", source.name)
-                    due = now + dt.timedelta(seconds=FAILURE_BACKOFF)
+                    due = self._rest(source, now)
                 if due is None:
                     continue
                 if due <= now:
@@ -58,7 +64,7 @@ class Ticker:
                         await source.run_due(now)
                     except Exception:  # one failed pass must not stop the next ones
                         log.exception("%s failed", source.name)
-                        due = now + dt.timedelta(seconds=FAILURE_BACKOFF)
+                        due = self._rest(source, now)
                     else:
                         self.rounds += 1
                         self._poked.set()  # what it did may have moved its next due time
@@ -67,6 +73,11 @@ class Ticker:
             if self._poked.is_set():
                 continue
             await self._sleep(earliest)
+
+    def _rest(self, source: Source, now: dt.datetime) -> dt.datetime:
+        until = now + dt.timedelta(seconds=FAILURE_BACKOFF)
+        self._backoff[id(source)] = until
+        return until
 
     async def _sleep(self, until: Optional[dt.datetime]) -> None:
         poked = asyncio.ensure_future(self._poked.wait())
