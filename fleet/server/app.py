@@ -33,7 +33,7 @@ from .api.auth import login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
-from .events import Bus, JobQueued
+from .events import Bus, CredentialsChanged, JobQueued
 from .scheduling.due import LostJobs, Retries
 from .scheduling.ticker import Ticker
 from .security.auth import RateLimiter
@@ -109,6 +109,8 @@ class FleetServer:
         self.state = state
         self.token_limiter = token_limiter or RateLimiter(limit=20, window=60)
         self.api = build_registry()
+        if state.bus is not None:  # a revocation drops cached token checks at once
+            state.bus.subscribe(CredentialsChanged, self.api.forget)
         self.callers: dict[ServerConnection, Caller] = {}
         self.agents: dict[ServerConnection, object] = {}
 

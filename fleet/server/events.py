@@ -70,6 +70,15 @@ class HostRemoved:
 
 
 @dataclass(frozen=True)
+class CredentialsChanged:
+    """A token was revoked, or a user's role changed or the user was removed:
+    cached token checks of them are dropped at once."""
+
+    user_id: Optional[int] = None
+    token_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class RepoChanged:
     """A host's repository was set or changed."""
 
@@ -85,6 +94,7 @@ Event = Union[
     JobProgressed,
     HostRemoved,
     RepoChanged,
+    CredentialsChanged,
 ]
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store

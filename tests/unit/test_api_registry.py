@@ -16,6 +16,7 @@ from fleet.server import api
 from fleet.server.api import errors
 from fleet.server.api.context import Caller, Context
 from fleet.server.api.registry import Method, Registry, collect
+from fleet.server.events import CredentialsChanged
 from fleet.server.security.auth import Role
 
 # every /ctl method of fleet/server/ctl.py and ctl_jobs.py before the split
@@ -135,6 +136,8 @@ class _FakeState:
 
 def _dispatch(registry: Registry, frame: dict, role: Role = Role.VIEWER) -> dict:
     ctx = Context(Caller(1, "ann", role, 1, "127.0.0.1"), _FakeState())  # type: ignore[arg-type]
+    # these fake callers change role without the event a real role change publishes
+    registry.forget(CredentialsChanged(user_id=1))
 
     async def send(_: str) -> None:
         pass

@@ -10,6 +10,7 @@ from ... import __version__
 from ...common import protocol
 from ...common.protocol import Field
 from ...common.timefmt import iso
+from ..events import CredentialsChanged
 from ..security import auth
 from ..security.auth import Role
 from ..store.models import ApiToken, AuditLog, User, utcnow
@@ -55,7 +56,9 @@ def refresh_caller(caller: Caller) -> Optional[Caller]:
     row = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == caller.token_id).first()
     if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
         return None
-    return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, caller.address)
+    return Caller(
+        row.user.id, row.user.name, Role(row.user.role), row.id, caller.address, row.expires_at
+    )
 
 
 def issue_token(user: User, name: str, ttl: Optional[timedelta]) -> dict:
@@ -141,5 +144,6 @@ def whoami(ctx: Context, p: dict) -> dict:
 def logout(ctx: Context, p: dict) -> dict:
     """Revoke the token this request came with."""
     ApiToken.update(revoked_at=utcnow()).where(ApiToken.id == ctx.caller.token_id).execute()
+    ctx.events.append(CredentialsChanged(token_id=ctx.caller.token_id))
     audit(ctx, "auth.logout")
     return {"revoked": True}

@@ -4,6 +4,7 @@ per-request context that dispatch hands every handler."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -21,6 +22,7 @@ class Caller:
     role: Role
     token_id: Optional[int]
     address: str
+    expires_at: Optional[dt.datetime] = None  # the token's
 
 
 @dataclass

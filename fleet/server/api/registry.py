@@ -21,8 +21,10 @@ and `fleet.server.api.build_registry()` builds one Registry from them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -31,6 +33,8 @@ from websockets.exceptions import ConnectionClosed
 
 from ...common import protocol
 from ...common.protocol import Field, ProtocolError
+from ...common.timefmt import utcnow
+from ..events import CredentialsChanged
 from ..security.auth import Role
 from .context import Caller, Context
 from .errors import ApiError, Forbidden, Internal, Invalid, Unauthorized, UnknownMethod
@@ -67,6 +71,10 @@ def collect(into: list[Method]):
     return method
 
 
+CALLER_TTL = 5.0  # seconds a token check is reused; revocations on this fleetd act at once
+MAX_CACHED_CALLERS = 10_000
+
+
 class Registry:
     """Method name -> Method, and the request path through them."""
 
@@ -77,6 +85,8 @@ class Registry:
         as of now, or None when its token no longer works."""
         self._methods: dict[str, Method] = {}
         self._refresh = refresh
+        # token checks, reused for CALLER_TTL seconds unless their credentials change
+        self._callers: dict[int, tuple[float, Caller]] = {}
         for m in methods:
             if m.name in self._methods:
                 raise ValueError(f"method {m.name!r} is registered twice")
@@ -119,15 +129,38 @@ class Registry:
             return exc.frame(req.id)
         return protocol.result_frame(req.id, result)
 
+    def forget(self, event: CredentialsChanged) -> None:
+        """Drop cached checks of a revoked token or a changed user (bus subscriber)."""
+        for token_id, (_, caller) in list(self._callers.items()):
+            if token_id == event.token_id or caller.user_id == event.user_id:
+                del self._callers[token_id]
+
+    async def _check(self, ctx: Context) -> Caller:
+        """The caller as of now: a token revoked, expired or whose user is gone
+        stops working at once, also on connections already open."""
+        token_id = ctx.caller.token_id
+        cached = self._callers.get(token_id) if token_id is not None else None
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CALLER_TTL:
+            caller = cached[1]
+            if caller.expires_at is None or caller.expires_at > utcnow():
+                return dataclasses.replace(caller, address=ctx.caller.address)
+        caller = await ctx.state.store.run(self._refresh, ctx.caller)
+        if caller is None:
+            self._callers.pop(token_id, None)
+            raise Unauthorized("this token has been revoked or has expired; run 'fleetctl login'")
+        if token_id is not None:
+            if len(self._callers) >= MAX_CACHED_CALLERS:
+                self._callers.clear()  # crude, and rare: many tokens in a few seconds
+            self._callers[token_id] = (now, caller)
+        return caller
+
     async def call(self, ctx: Context, name: str, params: dict) -> Any:
         """Run method `name` for ctx's caller; raises ApiError."""
         m = self._methods.get(name)
         if m is None:
             raise UnknownMethod(f"unknown method {name!r}")
-        caller = await ctx.state.store.run(self._refresh, ctx.caller)
-        if caller is None:
-            raise Unauthorized("this token has been revoked or has expired; run 'fleetctl login'")
-        ctx.caller = caller
+        ctx.caller = await self._check(ctx)
         if not ctx.caller.role.allows(m.role):
             raise Forbidden(
                 f"{name} needs the {m.role.value} role; {ctx.caller.name} is {ctx.caller.role.value}"

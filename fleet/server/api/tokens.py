@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...common.protocol import Field
+from ..events import CredentialsChanged
 from ..security.auth import Role
 from ..store.models import ApiToken, User, utcnow
 from .auth import issue_token, lifetime
@@ -53,5 +54,6 @@ def tokens_revoke(ctx: Context, p: dict) -> dict:
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         token.save()
+        ctx.events.append(CredentialsChanged(token_id=token.id))
         audit(ctx, "token.revoke", token.name, {"id": token.id})
     return token_json(token)

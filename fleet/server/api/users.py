@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ...common.protocol import Field
+from ..events import CredentialsChanged
 from ..security import auth
 from ..security.auth import Role
 from ..store.models import User
@@ -97,6 +98,7 @@ def users_role(ctx: Context, p: dict) -> dict:
         raise Conflict(f"{user.name} is the last admin; make another admin first")
     user.role = role.value
     user.save()
+    ctx.events.append(CredentialsChanged(user_id=user.id))
     audit(ctx, "user.role", user.name, {"role": role.value})
     return user_json(user)
 
@@ -110,5 +112,6 @@ def users_remove(ctx: Context, p: dict) -> dict:
     if user.role == "admin" and admins_left_without(user) == 0:
         raise Conflict(f"{user.name} is the last admin")
     user.delete_instance()  # cascades to the user's tokens
+    ctx.events.append(CredentialsChanged(user_id=user.id))
     audit(ctx, "user.remove", user.name)
     return {"removed": user.name}
