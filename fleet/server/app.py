@@ -43,6 +43,7 @@ from .store.models import Host
 
 log = logging.getLogger("fleetd")
 
+CTL_CONCURRENCY = 64  # requests of one /ctl connection in flight at once
 DB_NAME = "fleet.db"
 KEY_NAME = "secret.key"
 
@@ -161,12 +162,7 @@ class FleetServer:
         address = self.address(connection)
         try:
             if path == "/ctl":
-                caller = self.callers[connection]
-                host_header = connection.request.headers.get("Host", "")
-                ctx = Context(caller, self.state, host_header)
-                ctx.closed = asyncio.ensure_future(connection.wait_closed())
-                async for raw in connection:
-                    await connection.send(await self.api.dispatch(ctx, raw, connection.send))
+                await self.serve_ctl(connection, self.callers[connection])
             elif path == "/login":
                 await self.serve_login(connection, address)
             elif path == "/enroll":
@@ -178,6 +174,36 @@ class FleetServer:
         finally:
             self.callers.pop(connection, None)
             self.agents.pop(connection, None)
+
+    async def serve_ctl(self, connection: ServerConnection, caller: Caller) -> None:
+        """Requests on one connection run side by side (a tail does not hold
+        up the rest), at most CTL_CONCURRENCY at a time: past that the
+        socket is not read until one finishes."""
+        host_header = connection.request.headers.get("Host", "")
+        closed = asyncio.ensure_future(connection.wait_closed())
+        slots = asyncio.Semaphore(CTL_CONCURRENCY)
+        running: set[asyncio.Task] = set()
+
+        async def answer(raw: str | bytes) -> None:
+            try:
+                ctx = Context(caller, self.state, host_header, closed=closed)
+                await connection.send(await self.api.dispatch(ctx, raw, connection.send))
+            except ConnectionClosed:
+                pass
+            finally:
+                slots.release()
+
+        try:
+            async for raw in connection:
+                await slots.acquire()
+                task = asyncio.ensure_future(answer(raw))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in list(running):
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            closed.cancel()
 
     async def serve_login(self, connection: ServerConnection, address: str) -> None:
         async for raw in connection:
