@@ -748,7 +748,7 @@ class Figures:
 
 def seed_hosts(data_dir: Path, n: int) -> list[tuple[int, str, str]]:
     """N enrolled hosts written straight into fleetd's database (before serve)."""
-    from fleet.server.auth import token_hash
+    from fleet.server.security.auth import token_hash
 
     agents = []
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
