@@ -73,6 +73,7 @@ FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
 MAX_QUEUE = 8  # incoming frames buffered per connection before reading pauses
 WRITE_LIMIT = 64 * 1024  # outgoing bytes buffered per connection before send() waits
 UNAUTHENTICATED = ("/login", "/enroll")
+SHUTDOWN_GRACE = 1.0  # seconds peers get to finish the closing handshake at SIGTERM
 
 
 def raise_fd_limit() -> int:
@@ -110,6 +111,7 @@ class ConnectionLimits:
         self.hard_limit = max_connections + max(8, FD_RESERVE // 2)
         self.per_address = per_address
         self.open = 0
+        self.live: set[Any] = set()  # every connection with its TCP socket still open
         self.unauth: collections.Counter[str] = collections.Counter()
         self.refused = 0
         self._last_report = 0.0
@@ -123,10 +125,12 @@ class ConnectionLimits:
 
     def opened(self, connection: Any) -> bool:
         self.open += 1
+        self.live.add(connection)
         return self.open <= self.hard_limit
 
     def closed(self, connection: Any) -> None:
         self.open -= 1
+        self.live.discard(connection)
         address = getattr(connection, "fleet_unauth", None)
         if address is not None:
             connection.fleet_unauth = None
@@ -444,6 +448,15 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             signum = await stop
             ticker.cancel()
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            # 1001 to everyone; a peer that does not finish the closing handshake
+            # promptly (one pipelining requests, whose reads fleetd has paused,
+            # cannot even see the close) is cut off rather than waited for
+            server.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(server.wait_closed()), SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                for connection in list(limits.live):
+                    connection.transport.abort()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
