@@ -228,7 +228,7 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(fleetd_factory, 
     try:
         for _ in range(80):
             try:
-                opened.append(fx.ws_connect(fleet.url, "/login"))
+                opened.append(fx.ws_connect(fleet.url, "/login").__enter__())
             except InvalidStatus as exc:
                 refused.append(exc.response.status_code)
         assert len(opened) == 64 and refused == [429] * 16
@@ -258,7 +258,7 @@ def test_connections_past_the_budget_get_503(fleetd_factory, fx):
     try:
         for _ in range(30):
             try:
-                opened.append(fx.ws_connect(fleet.url, "/ctl", fleet.admin_token))
+                opened.append(fx.ws_connect(fleet.url, "/ctl", fleet.admin_token).__enter__())
             except InvalidStatus as exc:
                 refused.append(exc.response.status_code)
         assert refused and set(refused) == {503}
