@@ -197,15 +197,34 @@ class FirstFrameWithin:
         return getattr(self._connection, name)
 
 
-def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """The loop's exception handler: out of descriptors at accept() is one
-    warning line (asyncio retries accepting a second later), not a traceback."""
-    message = str(context.get("message", ""))
-    if message.startswith("socket.accept() out of system resource"):
+class QuietAcceptErrors:
+    """The loop's exception handler: out of descriptors at accept() is a
+    warning line at most every 5 s, not a traceback each time. (asyncio
+    retries accepting a second later, but Python's loop keeps calling
+    accept() up to `backlog` times per wake-up and schedules one retry per
+    failure, so the failures multiply; fleetd's connection budget keeps it
+    away from the limit, this is the fallback.)"""
+
+    def __init__(self) -> None:
+        self.suppressed = 0
+        self.last = -1e9
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = str(context.get("message", ""))
+        if not message.startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last < 5.0:
+            self.suppressed += 1
+            return
         exc = context.get("exception")
-        log.warning("cannot accept connections: %s", getattr(exc, "strerror", None) or exc)
-        return
-    loop.default_exception_handler(context)
+        log.warning(
+            "cannot accept connections: %s (%d more since the last report)",
+            getattr(exc, "strerror", None) or exc,
+            self.suppressed,
+        )
+        self.suppressed, self.last = 0, now
 
 
 class ConfigError(Exception):
@@ -420,7 +439,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     app = FleetServer(state, config=config, limits=limits)
 
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(quiet_accept_errors)
+    loop.set_exception_handler(QuietAcceptErrors())
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))

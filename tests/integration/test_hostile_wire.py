@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -379,3 +380,39 @@ def test_sigterm_during_a_store_flood_exits_within_2_s(fleetd_factory, fx):
     assert proc.returncode == 0, fleet.fleetd.log()
     assert took < 2.0, f"fleetd took {took:.2f} s to stop"
     assert "Traceback" not in fleet.fleetd.log()
+
+
+def test_out_of_descriptors_is_a_warning_not_a_traceback(fleetd_factory, fx):
+    """Even past the budget (the fd limit lowered under a running fleetd),
+    accept() failing is one warning line, and fleetd recovers once sockets close."""
+    import resource
+    import socket
+
+    fleet = fleetd_factory()
+    pid = fleet.fleetd.proc.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    limit = in_use + 40
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    socks = []
+    try:
+        for _ in range(120):
+            sock = socket.socket()
+            sock.settimeout(2)
+            try:
+                sock.connect(("127.0.0.1", fleet.fleetd.port))
+            except OSError:
+                sock.close()
+                break
+            socks.append(sock)
+        fx.wait_until(
+            lambda: "cannot accept connections" in fleet.fleetd.log(),
+            timeout=10,
+            what="fleetd to report it is out of descriptors",
+        )
+    finally:
+        for sock in socks:
+            sock.close()
+    fx.wait_until(lambda: _rpc_ok(fleet), timeout=20, what="fleetd serving again")
+    log = fleet.fleetd.log()
+    assert "Traceback" not in log, log
+    assert log.count("cannot accept connections") <= 10
