@@ -64,7 +64,9 @@ class ServeConfig:
     open_timeout: float = 10.0  # TCP accepted -> WebSocket handshake done
     enroll_timeout: float = 10.0  # /enroll: the enroll frame must arrive within this
     login_idle_timeout: float = 30.0  # /login: closed after this long without a frame
-    unauth_per_address: int = 64  # concurrent /login + /enroll connections per address
+    # concurrent /login + /enroll connections per address (an enrollment burst of
+    # a hundred hosts behind one NAT address fits)
+    unauth_per_address: int = 128
     unauth_max_size: int = protocol.MAX_UNAUTH_FRAME_BYTES
     max_connections: Optional[int] = None  # default: from the file descriptor limit
 

@@ -224,7 +224,7 @@ def test_huge_retry_delay_is_a_bad_request(fleet, fx):
 
 
 def test_idle_unauthenticated_connections_are_capped_and_closed(fleetd_factory, fx):
-    fleet = fleetd_factory("--idle-timeout", "3")
+    fleet = fleetd_factory("--idle-timeout", "3", "--per-address-limit", "64")
     opened, refused = [], []
     try:
         for _ in range(80):
