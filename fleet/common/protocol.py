@@ -491,7 +491,8 @@ def _load(raw: Union[str, bytes], limit: int) -> tuple[Any, bool]:
         raise ProtocolError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
-    return value, bool(odd) or ("\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None)
+    escapes = "\\" in raw and "\\u" in raw  # one memchr first: most frames have no backslash
+    return value, bool(odd) or (escapes and _SURROGATE_ESCAPE.search(raw) is not None)
 
 
 def _safe_re(re: Any) -> Any:

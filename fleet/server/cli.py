@@ -190,6 +190,7 @@ def serve(
     )
     if idle_timeout:
         config.enroll_timeout = config.login_idle_timeout = idle_timeout
+        config.open_timeout = min(config.open_timeout, idle_timeout)
     config.max_connections = max_connections
     config.unauth_per_address = per_address_limit or config.unauth_per_address
     try:

@@ -250,6 +250,14 @@ def test_idle_unauthenticated_connections_are_capped_and_closed(fleetd_factory, 
     assert fx.api_login(fleet.url, "admin", fx.ADMIN_PASSWORD)["token"]
     with fx.ws_connect(fleet.url, "/enroll") as ws:
         assert closed_code(ws, timeout=15) == 1008  # no enroll frame in time
+    # a socket that never finishes the opening handshake is dropped too
+    import socket
+
+    with socket.create_connection(("127.0.0.1", fleet.fleetd.port), timeout=15) as sock:
+        sock.sendall(b"GET /login HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by fleetd
+        assert time.monotonic() - started < 10
     assert "Traceback" not in fleet.fleetd.log()
 
 
