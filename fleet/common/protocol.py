@@ -19,6 +19,7 @@ import base64
 import datetime
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
@@ -29,6 +30,11 @@ MAX_LINE = 64 * 1024  # a job log line
 MAX_ITEMS = 10_000  # default bound on a list field
 SNAPSHOT_PAGE = 500  # snapshots in one snapshots.report frame (~150 KB)
 MAX_ID = 128  # a frame id, echoed back as `re`
+MAX_DEPTH = 32  # arrays and objects nested deeper than this are refused unparsed
+INT_MAX = (1 << 63) - 1  # every integer fits SQLite's signed 64 bits (|n| < 2**63)
+INT_MIN = -INT_MAX
+MAX_SEQ = 1 << 62  # delivery and log seqs: room left for arithmetic on them
+MAX_UNAUTH_FRAME_BYTES = 64 * 1024  # /login and /enroll frames (fleetd's websockets limit)
 
 JOB_KINDS = (
     "init",
@@ -74,7 +80,8 @@ class Field(NamedTuple):
     kind: "str", "int", "float" (an int is accepted), "bool", "dict",
     "list[str]", "list[int]", "list[dict]", "dict[str,str]".
     For strings `limit` bounds the length; for lists the item count; for
-    ints it is not used (`minimum` bounds them).
+    ints it is not used (`minimum` and `maximum` bound them, and every int
+    fits a signed 64-bit integer whatever they say).
     """
 
     name: str
@@ -84,6 +91,7 @@ class Field(NamedTuple):
     choices: tuple[str, ...] = ()
     minimum: Optional[int] = None
     item: Optional[tuple[Field, ...]] = None  # fields of each dict in a list[dict]
+    maximum: Optional[int] = None
 
 
 def F(name: str, kind: str, required: bool = True, **kw: Any) -> Field:
@@ -143,7 +151,7 @@ MESSAGES: dict[str, MessageSpec] = {
     "hello": MessageSpec(
         "agent",
         (
-            F("protocol_version", "int"),
+            F("protocol_version", "int", maximum=1 << 16),
             F("agent_version", "str", limit=64),
             F("restic_version", "str", limit=128),
             F("hostname", "str", limit=255),
@@ -154,8 +162,8 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("running_job", "int"),  # the job the agent is still running, if any
             # the agent's last spooled seq (fleetd is caught up past it) and its
             # oldest unacknowledged one (0: none)
-            _opt("spool_seq", "int", minimum=0),
-            _opt("spool_pending", "int", minimum=0),
+            _opt("spool_seq", "int", minimum=0, maximum=MAX_SEQ),
+            _opt("spool_pending", "int", minimum=0, maximum=MAX_SEQ),
         ),
     ),
     "welcome": MessageSpec(
@@ -180,7 +188,9 @@ MESSAGES: dict[str, MessageSpec] = {
         "server",
         (F("version", "int", minimum=0), F("schedules", "list[dict]", limit=1000, item=SCHEDULE)),
     ),
-    "schedule.ack": MessageSpec("agent", (F("version", "int", minimum=0), F("applied_at", _TS))),
+    "schedule.ack": MessageSpec(
+        "agent", (F("version", "int", minimum=0, maximum=MAX_SEQ), F("applied_at", _TS))
+    ),
     "schedule.fire": MessageSpec("agent", (F("schedule_id", "int"), F("scheduled_at", _TS))),
     "command.run": MessageSpec(
         "server",
@@ -221,7 +231,7 @@ MESSAGES: dict[str, MessageSpec] = {
         "agent",
         (
             F("job_id", "int"),
-            F("seq", "int", minimum=1),  # the line's place in its job's log
+            F("seq", "int", minimum=1, maximum=MAX_SEQ),  # the line's place in its job's log
             F("ts", _TS),
             F("stream", "str", choices=LOG_STREAMS),
             F("payload", "str", limit=MAX_LINE),
@@ -232,7 +242,7 @@ MESSAGES: dict[str, MessageSpec] = {
         (
             F("job_id", "int"),
             F("status", "str", choices=FINAL_STATUSES),
-            F("exit_code", "int"),
+            F("exit_code", "int", minimum=-(1 << 31), maximum=(1 << 31) - 1),
             F("finished_at", _TS),
             _opt("summary", "dict"),
             _opt("error", "str", limit=MAX_LINE),
@@ -260,7 +270,7 @@ MESSAGES: dict[str, MessageSpec] = {
         ),
     ),
     "repo.locks": MessageSpec("agent", (F("count", "int", minimum=0),)),
-    "ack": MessageSpec("server", (F("seq", "int", minimum=0),)),
+    "ack": MessageSpec("server", (F("seq", "int", minimum=0, maximum=MAX_SEQ),)),
     "error": MessageSpec(
         "both", (F("code", "str", limit=64), F("message", "str", limit=MAX_STR), _opt("re", "str"))
     ),
@@ -314,10 +324,12 @@ def _check(value: Any, field: Field, where: str) -> Any:
     elif kind == "int":
         if not _is_int(value):
             raise ProtocolError(f"{name}: expected an integer")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError(f"{name}: out of range")
         if field.minimum is not None and value < field.minimum:
             raise ProtocolError(f"{name}: must be at least {field.minimum}")
-        if abs(value) >= 1 << 63:
-            raise ProtocolError(f"{name}: out of range")
+        if field.maximum is not None and value > field.maximum:
+            raise ProtocolError(f"{name}: must be at most {field.maximum}")
     elif kind == "float":
         if not (_is_int(value) or (isinstance(value, float) and math.isfinite(value))):
             raise ProtocolError(f"{name}: expected a finite number")
@@ -384,16 +396,121 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _load(raw: Union[str, bytes], limit: int) -> Any:
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal, escapes included
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SQUARE = str.maketrans("{}", "[]")
+# an escape that may decode to a lone surrogate (\uD800-\uDFFF)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _too_deep(raw: str) -> bool:
+    """Whether arrays/objects nest deeper than MAX_DEPTH, without parsing.
+
+    The usual frame has few brackets and costs two counts. Otherwise strings
+    are cut out and only brackets kept; then each pass removes the innermost
+    pairs (one level), and a run of opening brackets long enough to exceed
+    the bound with the levels already removed ends it early. At most
+    MAX_DEPTH passes of str.replace: O(n), in C. Unbalanced text is not
+    "too deep": json.loads refuses it next.
+    """
+    if raw.count("[") + raw.count("{") <= MAX_DEPTH:
+        return False
+    # without escapes every other piece between quotes is a string
+    outside = _STRING.sub("", raw) if "\\" in raw else "".join(raw.split('"')[::2])
+    brackets = _NOT_BRACKET.sub("", outside).translate(_SQUARE)
+    for removed in range(MAX_DEPTH):
+        if not brackets:
+            return False
+        if "[" * (MAX_DEPTH + 1 - removed) in brackets:
+            return True
+        shorter = brackets.replace("[]", "")
+        if shorter == brackets:
+            return False
+        brackets = shorter
+    return bool(brackets)
+
+
+def _check_values(value: Any, path: str = "") -> None:
+    """Refuse, anywhere in a parsed frame, strings (keys too) holding a lone
+    surrogate (UTF-8 cannot carry one, so no reply or row could), integers
+    beyond 64 bits and infinite numbers. The walk is only taken when the
+    text hints at one of them; depth is already bounded."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ProtocolError(f"{path or 'frame'}: holds a lone surrogate")
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError(f"{path or 'frame'}: out of range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(f"{path or 'frame'}: out of range")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if _SURROGATE.search(k):
+                raise ProtocolError(f"{path or 'frame'}: a key holds a lone surrogate")
+            _check_values(v, f"{path}.{k}" if path else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_values(v, f"{path}[{i}]")
+
+
+def _load(raw: Union[str, bytes], limit: int) -> tuple[Any, bool]:
+    """Parse one frame within `limit` bytes and MAX_DEPTH levels.
+
+    Returns the value and whether it must go through _check_values (the
+    caller runs it, once it knows which id an error answers)."""
     if isinstance(raw, bytes):
         raise ProtocolError("binary frames are not accepted; send JSON text")
+    if not isinstance(raw, str):
+        raise ProtocolError("a frame is JSON text")
     # cheap character count first; the UTF-8 size only when it could matter
-    if len(raw) > limit or (len(raw) * 4 > limit and len(raw.encode()) > limit):
+    if len(raw) > limit:
         raise ProtocolError(f"frame larger than {limit} bytes")
+    if not raw.isascii():
+        try:
+            size = len(raw.encode("utf-8"))
+        except UnicodeEncodeError:  # only from a caller: websockets decodes strict UTF-8
+            raise ProtocolError("the frame holds a lone surrogate") from None
+        if size > limit:
+            raise ProtocolError(f"frame larger than {limit} bytes")
+    if _too_deep(raw):
+        raise ProtocolError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    odd: list[str] = []  # numbers that do not fit: checked by the walk, with a path
+
+    def parse_int(text: str) -> int:
+        value = int(text)
+        if len(text) > 18 and not INT_MIN <= value <= INT_MAX:
+            odd.append(text)
+        return value
+
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            odd.append(text)
+        return value
+
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(
+            raw, parse_constant=_no_constant, parse_int=parse_int, parse_float=parse_float
+        )
+    except RecursionError:  # pragma: no cover - _too_deep refuses these first
+        raise ProtocolError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    escapes = "\\" in raw and "\\u" in raw  # one memchr first: most frames have no backslash
+    return value, bool(odd) or (escapes and _SURROGATE_ESCAPE.search(raw) is not None)
+
+
+def _safe_re(re: Any) -> Any:
+    """An id that an error frame can echo (no surrogate, in range), else None."""
+    if isinstance(re, str):
+        return None if _SURROGATE.search(re) or len(re) > MAX_ID else re
+    if _is_int(re):
+        return re if 0 <= re <= INT_MAX else None
+    return None
 
 
 def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTES) -> Envelope:
@@ -402,12 +519,19 @@ def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTE
     `expect` is "agent" or "server": the side that is allowed to send it; a
     frame of the other direction is refused. Raises ProtocolError.
     """
-    frame = _load(raw, limit)
+    frame, suspect = _load(raw, limit)
     if not isinstance(frame, dict):
         raise ProtocolError("frame must be a JSON object")
-    frame_id = frame.get("id")
-    re = str(frame_id) if isinstance(frame_id, str) or _is_int(frame_id) else None
-    if re is not None and len(re) > MAX_ID:
+    frame_id = _safe_re(frame.get("id"))
+    re = None if frame_id is None else str(frame_id)
+    if suspect:
+        try:
+            _check_values(frame)
+        except ProtocolError as exc:
+            exc.re = re
+            raise
+    raw_id = frame.get("id")
+    if isinstance(raw_id, str) and len(raw_id) > MAX_ID:
         raise ProtocolError(f"id: longer than {MAX_ID} characters")
     version = frame.get("v")
     if not _is_int(version) or version != PROTOCOL_VERSION:
@@ -425,6 +549,8 @@ def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTE
     seq = frame.get("seq")
     if seq is not None and (not _is_int(seq) or seq < 1):
         raise ProtocolError("seq: expected a positive integer", re=re)
+    if seq is not None and seq > MAX_SEQ:
+        raise ProtocolError(f"seq: must be at most {MAX_SEQ}", re=re)
     if type_ in RELIABLE and expect == "agent" and seq is None:
         raise ProtocolError(f"{type_} must carry a seq", re=re)
     try:
@@ -458,11 +584,22 @@ class Request(NamedTuple):
 
 def decode_request(raw: Union[str, bytes], limit: int = MAX_FRAME_BYTES) -> Request:
     """Parse `{"id": 7, "method": "hosts.list", "params": {}}`. Raises ProtocolError."""
-    frame = _load(raw, limit)
+    frame, suspect = _load(raw, limit)
     if not isinstance(frame, dict):
         raise ProtocolError("request must be a JSON object")
-    req_id = frame.get("id")
-    if not (isinstance(req_id, str) or _is_int(req_id)):
+    req_id = _safe_re(frame.get("id"))
+    if suspect:
+        try:
+            _check_values(frame)
+        except ProtocolError as exc:
+            exc.re = req_id
+            raise
+    if req_id is None:
+        raw_id = frame.get("id")
+        if isinstance(raw_id, str) or _is_int(raw_id):
+            raise ProtocolError(
+                f"id: expected an integer from 0 to 2**63-1 or a string of at most {MAX_ID} characters"
+            )
         raise ProtocolError("id: expected an integer or a string")
     method = frame.get("method")
     if not isinstance(method, str) or not method or len(method) > 64:
@@ -510,8 +647,10 @@ def parse_enrollment(value: str) -> dict[str, str]:
         raise ProtocolError(f"an enrollment string starts with {ENROLL_PREFIX!r}")
     body = value[len(ENROLL_PREFIX) :]
     try:
-        doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (ValueError, TypeError):
+        doc, suspect = _load(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode(), 8192)
+        if suspect:
+            _check_values(doc)
+    except (ValueError, TypeError):  # ProtocolError is a ValueError too
         raise ProtocolError("the enrollment string is damaged (copy it again)") from None
     fields = (
         Field("url", "str", limit=2048),

@@ -5,20 +5,30 @@
 /enroll    unauthenticated; one enroll frame, then close
 /ctl       operators; Bearer API token checked before the upgrade
 /agent     agents; Bearer agent token checked before the upgrade
+
+Bounded everything: the handshake must finish within open_timeout; /login
+and /enroll take small frames (64 KiB), a few connections per address
+(429 past the cap) and no idle sockets (/enroll: the first frame within
+enroll_timeout, /login: a frame every login_idle_timeout); every connection
+buffers a few frames at most (max_queue, write_limit); and fleetd refuses
+connections (503, or a bare close when too close to its file descriptor
+limit) rather than running out of descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import ipaddress
 import logging
 import signal
 import ssl
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -58,6 +68,172 @@ class ServeConfig:
     public_url: Optional[str] = None
     heartbeat_interval: int = 30
     lost_after: int = 3600  # a running job of a host offline this long is lost
+    open_timeout: float = 10.0  # TCP accepted -> WebSocket handshake done
+    enroll_timeout: float = 10.0  # /enroll: the enroll frame must arrive within this
+    login_idle_timeout: float = 30.0  # /login: closed after this long without a frame
+    # concurrent /login + /enroll connections per address (an enrollment burst of
+    # a hundred hosts behind one NAT address fits)
+    unauth_per_address: int = 128
+    unauth_max_size: int = protocol.MAX_UNAUTH_FRAME_BYTES
+    max_connections: Optional[int] = None  # default: from the file descriptor limit
+
+
+FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
+MAX_QUEUE = 8  # incoming frames buffered per connection before reading pauses
+WRITE_LIMIT = 64 * 1024  # outgoing bytes buffered per connection before send() waits
+UNAUTHENTICATED = ("/login", "/enroll")
+SHUTDOWN_GRACE = 1.0  # seconds peers get to finish the closing handshake at SIGTERM
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return min(soft, hard) if soft != resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def connection_budget(fd_limit: int) -> int:
+    """Connections fleetd serves at most under a descriptor limit."""
+    return max(16, fd_limit - FD_RESERVE)
+
+
+class ConnectionLimits:
+    """Counts open TCP connections (all of them) and unauthenticated ones per
+    address; updated from the connections' own callbacks, so nothing leaks
+    whichever way a connection ends."""
+
+    def __init__(self, max_connections: int, per_address: int) -> None:
+        self.max_connections = max_connections
+        # beyond this a new TCP connection is dropped unanswered, before it
+        # can cost more than its own descriptor
+        self.hard_limit = max_connections + max(8, FD_RESERVE // 2)
+        self.per_address = per_address
+        self.open = 0
+        self.live: set[Any] = set()  # every connection with its TCP socket still open
+        self.unauth: collections.Counter[str] = collections.Counter()
+        self.refused = 0
+        self._last_report = 0.0
+
+    def claim_unauthenticated(self, connection: Any, address: str) -> bool:
+        if self.unauth[address] >= self.per_address:
+            return False
+        self.unauth[address] += 1
+        connection.fleet_unauth = address
+        return True
+
+    def opened(self, connection: Any) -> bool:
+        self.open += 1
+        self.live.add(connection)
+        return self.open <= self.hard_limit
+
+    def closed(self, connection: Any) -> None:
+        self.open -= 1
+        self.live.discard(connection)
+        address = getattr(connection, "fleet_unauth", None)
+        if address is not None:
+            connection.fleet_unauth = None
+            self.unauth[address] -= 1
+            if self.unauth[address] <= 0:
+                del self.unauth[address]
+
+    def note_refusal(self, why: str) -> None:
+        """One warning line per 10 s at most, however many are refused."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_report >= 10.0:
+            log.warning(
+                "refusing connections: %s (%d refused since the last report)", why, self.refused
+            )
+            self.refused = 0
+            self._last_report = now
+
+
+def connection_class(limits: ConnectionLimits) -> type[ServerConnection]:
+    class FleetConnection(ServerConnection):
+        fleet_unauth: Optional[str] = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if not limits.opened(self):
+                limits.note_refusal(f"over {limits.hard_limit} connections open")
+                transport.abort()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                limits.closed(self)
+
+    return FleetConnection
+
+
+def limit_unauthenticated(connection: ServerConnection, max_size: int) -> None:
+    """Small frames and a short queue for a connection nobody has vouched for
+    (set before the upgrade completes: no frame has been read yet)."""
+    proto: Any = connection.protocol
+    if hasattr(proto, "max_message_size"):
+        proto.max_message_size = max_size
+    else:  # pragma: no cover - websockets < 14
+        proto.max_size = max_size
+    messages = getattr(connection, "recv_messages", None)
+    if messages is not None and getattr(messages, "high", None) is not None:
+        messages.high, messages.low = 2, 0
+
+
+class FirstFrameWithin:
+    """A connection whose recv() gives up after `timeout` seconds (raising
+    TimeoutError); the rest is the connection's own."""
+
+    def __init__(self, connection: ServerConnection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+
+    async def recv(self, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wait_for(self._connection.recv(*args, **kwargs), self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+class QuietAcceptErrors:
+    """The loop's exception handler: out of descriptors at accept() is a
+    warning line at most every 5 s, not a traceback each time. (asyncio
+    retries accepting a second later, but Python's loop keeps calling
+    accept() up to `backlog` times per wake-up and schedules one retry per
+    failure, so the failures multiply; fleetd's connection budget keeps it
+    away from the limit, this is the fallback.)"""
+
+    def __init__(self) -> None:
+        self.suppressed = 0
+        self.last = -1e9
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = str(context.get("message", ""))
+        if not message.startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last < 5.0:
+            self.suppressed += 1
+            return
+        exc = context.get("exception")
+        log.warning(
+            "cannot accept connections: %s (%d more since the last report)",
+            getattr(exc, "strerror", None) or exc,
+            self.suppressed,
+        )
+        self.suppressed, self.last = 0, now
 
 
 class ConfigError(Exception):
@@ -106,12 +282,20 @@ def text_response(connection: ServerConnection, status: HTTPStatus, text: str) -
 
 
 class FleetServer:
-    def __init__(self, state: ServerState, token_limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        token_limiter: RateLimiter | None = None,
+        config: Optional[ServeConfig] = None,
+        limits: Optional[ConnectionLimits] = None,
+    ) -> None:
         self.state = state
         self.token_limiter = token_limiter or RateLimiter(limit=20, window=60)
         self.api = build_registry()
         if state.bus is not None:  # a revocation drops cached token checks at once
             state.bus.subscribe(CredentialsChanged, self.api.forget)
+        self.config = config or ServeConfig(Path("."))
+        self.limits = limits or ConnectionLimits(1 << 30, self.config.unauth_per_address)
         self.callers: dict[ServerConnection, Caller] = {}
         self.agents: dict[ServerConnection, object] = {}
 
@@ -126,11 +310,26 @@ class FleetServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return text_response(connection, HTTPStatus.OK, "ok")
-        if path in ("/login", "/enroll"):
-            return None
-        if path not in ("/ctl", "/agent"):
+        if path not in ("/ctl", "/agent", *UNAUTHENTICATED):
             return text_response(connection, HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         address = self.address(connection)
+        if self.limits.open > self.limits.max_connections:
+            self.limits.note_refusal(f"{self.limits.max_connections} connections open")
+            return text_response(
+                connection, HTTPStatus.SERVICE_UNAVAILABLE, "fleetd is at its connection limit"
+            )
+        if path in UNAUTHENTICATED:
+            if not self.limits.claim_unauthenticated(connection, address):
+                self.limits.note_refusal(
+                    f"{address} holds {self.limits.per_address} unauthenticated connections"
+                )
+                return text_response(
+                    connection,
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    f"at most {self.limits.per_address} connections to {path} per address",
+                )
+            limit_unauthenticated(connection, self.config.unauth_max_size)
+            return None
         if self.token_limiter.blocked(address):
             return text_response(
                 connection, HTTPStatus.TOO_MANY_REQUESTS, "too many bad tokens; wait"
@@ -166,7 +365,15 @@ class FleetServer:
             elif path == "/login":
                 await self.serve_login(connection, address)
             elif path == "/enroll":
-                await enroll.serve_enroll(self.state.store, connection, address)
+                timeout = self.config.enroll_timeout
+                try:
+                    await enroll.serve_enroll(
+                        self.state.store,
+                        FirstFrameWithin(connection, timeout),  # type: ignore[arg-type]
+                        address,
+                    )
+                except asyncio.TimeoutError:
+                    await connection.close(1008, f"no enroll frame within {timeout:g} s")
             elif path == "/agent":
                 await self.state.agents.serve(connection, self.agents[connection])
         except ConnectionClosed:
@@ -195,7 +402,14 @@ class FleetServer:
 
         try:
             async for raw in connection:
-                await slots.acquire()
+                if slots.locked():  # full: wait for a slot, unless the link goes first
+                    acquire = asyncio.ensure_future(slots.acquire())
+                    await asyncio.wait({acquire, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    if not acquire.done():
+                        acquire.cancel()
+                        break
+                else:
+                    await slots.acquire()
                 task = asyncio.ensure_future(answer(raw))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -206,12 +420,20 @@ class FleetServer:
             closed.cancel()
 
     async def serve_login(self, connection: ServerConnection, address: str) -> None:
-        async for raw in connection:
+        idle = self.config.login_idle_timeout
+        while True:
             try:
-                req = protocol.decode_request(raw)
+                raw = await asyncio.wait_for(connection.recv(), idle)
+            except asyncio.TimeoutError:
+                await connection.close(1008, f"idle for {idle:g} s")
+                return
+            try:
+                req = protocol.decode_request(raw, limit=self.config.unauth_max_size)
             except protocol.ProtocolError as exc:
                 await connection.send(Invalid(str(exc)).frame(exc.re))
                 continue
+            finally:
+                del raw  # not held while queued on the login lock
             try:
                 if req.method != "auth.login":
                     raise UnknownMethod("/login answers auth.login only")
@@ -269,9 +491,12 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
     agents.on_offline.append(lambda host_id: ticker.poke())  # a silent host's jobs may be lost
-    app = FleetServer(state)
+    max_connections = config.max_connections or connection_budget(raise_fd_limit())
+    limits = ConnectionLimits(max_connections, config.unauth_per_address)
+    app = FleetServer(state, config=config, limits=limits)
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietAcceptErrors())
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
@@ -283,6 +508,10 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             process_request=app.process_request,
             ssl=ssl_ctx,
             max_size=4 * protocol.MAX_FRAME_BYTES,  # so decode() can answer an oversized frame
+            max_queue=MAX_QUEUE,
+            write_limit=WRITE_LIMIT,
+            open_timeout=config.open_timeout,
+            create_connection=connection_class(limits),
             server_header=None,
         ) as server:
             port = server.sockets[0].getsockname()[1]
@@ -295,6 +524,15 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             signum = await stop
             ticking.cancel()
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            # 1001 to everyone; a peer that does not finish the closing handshake
+            # promptly (one pipelining requests, whose reads fleetd has paused,
+            # cannot even see the close) is cut off rather than waited for
+            server.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(server.wait_closed()), SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                for connection in list(limits.live):
+                    connection.transport.abort()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

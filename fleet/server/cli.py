@@ -145,6 +145,10 @@ def init(data_dir: Path, admin_name: str) -> None:
     show_default=True,
     help="Least severe messages logged on stderr.",
 )
+# hidden: bounds a test wants small (the defaults are ServeConfig's)
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), hidden=True)
+@click.option("--max-connections", type=click.IntRange(min=1), hidden=True)
+@click.option("--per-address-limit", type=click.IntRange(min=1), hidden=True)
 def serve(
     data_dir: Path,
     listen: str,
@@ -155,6 +159,9 @@ def serve(
     lost_after: int,
     insecure: bool,
     log_level: str,
+    idle_timeout: float | None = None,
+    max_connections: int | None = None,
+    per_address_limit: int | None = None,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -181,6 +188,11 @@ def serve(
     config = ServeConfig(
         data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval, lost_after
     )
+    if idle_timeout:
+        config.enroll_timeout = config.login_idle_timeout = idle_timeout
+        config.open_timeout = min(config.open_timeout, idle_timeout)
+    config.max_connections = max_connections
+    config.unauth_per_address = per_address_limit or config.unauth_per_address
     try:
         asyncio.run(run_server(config))
     except SecretError as exc:

@@ -580,3 +580,56 @@ def test_migration_4_keeps_jobs_and_logs_and_ids_are_never_reused(db_path: Path)
         assert len(again.uid) == 32 and again.uid not in uids
     finally:
         database.close()
+
+
+def test_store_results_reach_the_loop_through_coalesced_wakeups(db_path: Path) -> None:
+    """Thousands of store calls cost a handful of self-pipe writes, so a
+    signal's wake-up byte always fits (see Store.run)."""
+
+    async def main() -> tuple[list[int], int, int]:
+        store = Store(db_path)
+        await store.open()
+        loop = asyncio.get_running_loop()
+        writes = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal writes
+            writes += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        before = store.wakeups
+        try:
+            results = await asyncio.gather(*(store.run(lambda i=i: i * 2) for i in range(5000)))
+        finally:
+            loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        wakeups = store.wakeups - before
+        await store.close()
+        return results, writes, wakeups
+
+    results, writes, wakeups = asyncio.run(main())
+    assert results == [i * 2 for i in range(5000)]
+    assert writes == wakeups
+    assert writes < 500, f"{writes} wake-ups for 5000 calls"
+
+
+def test_store_errors_and_cancellation(db_path: Path) -> None:
+    async def main() -> None:
+        store = Store(db_path)
+        await store.open()
+        with pytest.raises(ZeroDivisionError):
+            await store.run(lambda: 1 / 0)
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(store.run(gate.wait, 10))
+        ran: list[int] = []
+        queued = asyncio.ensure_future(store.run(ran.append, 1))
+        await asyncio.sleep(0)
+        queued.cancel()
+        gate.set()
+        assert await blocker is True
+        assert await store.run(lambda: 7) == 7
+        assert ran == []  # the cancelled call never ran
+        await store.close()
+
+    asyncio.run(main())
