@@ -189,7 +189,14 @@ MESSAGES: dict[str, MessageSpec] = {
         ),
     ),
     "command.result": MessageSpec(
-        "agent", (F("job_id", "int"), F("accepted", "bool"), _opt("error", "str"))
+        "agent",
+        (
+            F("job_id", "int"),
+            F("accepted", "bool"),
+            _opt("error", "str"),
+            # why a job was refused, for machines (`error` says it for people)
+            _opt("code", "str", choices=("busy", "unknown_kind", "bad_params", "no_repo")),
+        ),
     ),
     "command.cancel": MessageSpec("server", (F("job_id", "int"),)),
     "job.started": MessageSpec(

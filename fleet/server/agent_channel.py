@@ -247,7 +247,7 @@ async def command_result(state: ServerState, session: AgentSession, data: dict) 
     log.warning("host %s refused job %s: %s", session.host_name, job_id, reason)
     if session.inflight == job_id:
         session.inflight = None
-    if reason.startswith("busy"):
+    if data.get("code") == "busy" or reason.startswith("busy"):  # older agents: no code
         # it stays queued; try again shortly in case no job end is coming to trigger it
         loop = asyncio.get_running_loop()
         loop.call_later(2.0, lambda: asyncio.ensure_future(state.hub.dispatch(session.host_id)))

@@ -93,7 +93,7 @@ WIRE_FIELDS = {
         ("job_id", "kind"),
         ("group", "includes", "excludes", "tag", "retention", "pre_hook", "post_hook", "args"),
     ),
-    "command.result": ("agent", ("job_id", "accepted"), ("error",)),
+    "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
     "command.cancel": ("server", ("job_id",), ()),
     "job.started": ("agent", ("job_id", "kind", "started_at"), ()),
     "job.progress": (
@@ -265,11 +265,11 @@ EXAMPLES = {
         '"args":["--verbose"]}}',
     ),
     "command.result": (
-        {"job_id": 42, "accepted": False, "error": "a job is already running"},
+        {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},
         "r42",
         None,
         '{"v":1,"type":"command.result","id":"r42","data":'
-        '{"job_id":42,"accepted":false,"error":"a job is already running"}}',
+        '{"job_id":42,"accepted":false,"error":"busy with job 41","code":"busy"}}',
     ),
     "command.cancel": (
         {"job_id": 42},
@@ -808,6 +808,7 @@ def test_data_must_be_an_object(data):
         ("heartbeat", "sent_at", 5, "expected a string"),
         ("heartbeat", "sent_at", ["t"], "expected a string"),
         ("command.result", "error", False, "expected a string"),
+        ("command.result", "code", 7, "expected a string"),
         # dict fields
         ("command.run", "retention", "keep-last=3", "expected an object"),
         ("job.finished", "summary", [], "expected an object"),
