@@ -1,0 +1,86 @@
+"""What the agent does with each frame fleetd sends: ONE table, frame type
+-> handler. A type without a handler (one a newer fleetd added) is logged at
+debug level and otherwise ignored.
+
+Handlers get the agent, the decoded frame (its data validated against the
+protocol's spec) and the raw frame text, which command.run reads again for
+the parameters only its job kind's schema knows (the protocol's decoder
+drops keys it does not know).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..common.protocol import Envelope
+from .kinds import Refused
+from .state import RepoConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .link import Agent
+
+log = logging.getLogger("fleet-agent")
+
+Handler = Callable[["Agent", Envelope, str], Awaitable[None]]
+
+
+async def on_ack(agent: Agent, frame: Envelope, raw: str) -> None:
+    agent.acknowledge(frame.data["seq"])
+
+
+async def on_config_update(agent: Agent, frame: Envelope, raw: str) -> None:
+    data = frame.data
+    agent.state.save_repo(
+        RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))
+    )
+    log.info("repository configuration updated")
+
+
+def command_params(frame: Envelope, raw: str) -> dict[str, Any]:
+    """command.run's data with every key fleetd sent: the kind's schema checks them."""
+    try:
+        doc = json.loads(raw).get("data")
+    except (ValueError, AttributeError):  # pragma: no cover - decode read it already
+        doc = None
+    params = dict(doc) if isinstance(doc, dict) else {}
+    params.update(frame.data)  # what the protocol validated wins
+    return params
+
+
+async def on_command_run(agent: Agent, frame: Envelope, raw: str) -> None:
+    job_id = frame.data["job_id"]
+    result: dict[str, Any] = {"job_id": job_id, "accepted": True}
+    try:
+        agent.runner.submit(command_params(frame, raw))
+    except Refused as exc:
+        log.warning("refused job %s (%s): %s", job_id, exc.code, exc.message)
+        result.update(accepted=False, code=exc.code, error=exc.message)
+    await agent.emit_now("command.result", result)
+
+
+async def on_command_cancel(agent: Agent, frame: Envelope, raw: str) -> None:
+    agent.runner.cancel(frame.data["job_id"])
+
+
+async def on_error(agent: Agent, frame: Envelope, raw: str) -> None:
+    log.warning("fleetd: %s (%s)", frame.data["message"], frame.data["code"])
+
+
+HANDLERS: dict[str, Handler] = {
+    "ack": on_ack,
+    "config.update": on_config_update,
+    "command.run": on_command_run,
+    "command.cancel": on_command_cancel,
+    "error": on_error,
+}
+
+
+async def dispatch(agent: Agent, frame: Envelope, raw: str) -> None:
+    handler = HANDLERS.get(frame.type)
+    if handler is None:
+        log.debug("ignoring %s", frame.type)
+        return
+    await handler(agent, frame, raw)

@@ -1,0 +1,319 @@
+"""The agent's link to fleetd: dial /agent for ever.
+
+One session: connect with the agent token, hello -> welcome, then three
+tasks until the link drops: heartbeats, the receiver (each frame goes to
+its handler, see handlers.py) and the sender, which drains the spool in seq
+order with at most a window of frames sent and not yet acknowledged (so a
+slow fleetd pushes back instead of buffering without bound). After a drop
+the agent redials with exponential backoff and jitter (1 s to 60 s) and the
+sender starts again from the last acknowledged seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+from typing import Any, Optional
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .. import __version__
+from ..common import protocol
+from ..common.protocol import ProtocolError, now_iso
+from ..common.restic import commands, parse
+from .enroll import FatalError, tls_context
+from .handlers import dispatch
+from .runner import REFRESH_DELAY, JobRunner
+from .spool import DEFAULT_MAX_BYTES, Spool
+from .state import Identity, State
+
+log = logging.getLogger("fleet-agent")
+
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+SEND_BATCH = 500  # frames read from the spool at once
+WINDOW_FRAMES = 1000  # frames sent and not yet acknowledged, at most
+WINDOW_BYTES = 1 << 20  # ... and their size (one larger frame still goes alone)
+
+
+def backoff(attempt: int, rng: Optional[random.Random] = None) -> float:
+    """Delay before redial number `attempt` (0-based): anywhere from 1 s up to
+    a ceiling that doubles each attempt (2, 4, 8 ... 60 s), so a fleet
+    coming back after a fleetd restart does not arrive at once, even on its
+    first redial."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (attempt + 1))
+    return (rng or random).uniform(BACKOFF_MIN, ceiling)
+
+
+ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+
+
+def local_timezone() -> str:
+    try:
+        link = os.readlink("/etc/localtime")
+        if "zoneinfo/" in link:
+            return link.split("zoneinfo/", 1)[1]
+    except OSError:
+        pass
+    return time.tzname[0]
+
+
+def restic_version(restic: str) -> str:
+    try:
+        out = subprocess.run(
+            [restic, *commands.version()[1:]], capture_output=True, text=True, timeout=30
+        )
+        return parse.version(out.stdout)
+    except (OSError, subprocess.SubprocessError, parse.ParseError):
+        return "missing"
+
+
+class Window:
+    """The frames sent on one session and not yet acknowledged."""
+
+    def __init__(self, frames: int = WINDOW_FRAMES, size: int = WINDOW_BYTES) -> None:
+        self.max_frames = frames
+        self.max_bytes = size
+        self._sent: collections.deque = collections.deque()  # (seq, size)
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def add(self, seq: int, size: int) -> None:
+        self._sent.append((seq, size))
+        self.bytes += size
+
+    def acked(self, seq: int) -> None:
+        while self._sent and self._sent[0][0] <= seq:
+            self.bytes -= self._sent.popleft()[1]
+
+    def full(self, size: int) -> bool:
+        """Would sending a frame of `size` overfill it? Never when it is empty."""
+        if not self._sent:
+            return False
+        return len(self._sent) >= self.max_frames or self.bytes + size > self.max_bytes
+
+
+class Agent:
+    def __init__(
+        self,
+        state: State,
+        identity: Identity,
+        restic: str = "restic",
+        cancel_grace: float = 10.0,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
+        window_frames: int = WINDOW_FRAMES,
+        window_bytes: int = WINDOW_BYTES,
+        refresh_delay: float = REFRESH_DELAY,
+    ) -> None:
+        self.state = state
+        self.identity = identity
+        self.restic = restic
+        self.spool = Spool(state.spool_path, spool_max_bytes)
+        self.runner = JobRunner(state, self, restic, cancel_grace, refresh_delay)
+        self.ws: Optional[ClientConnection] = None
+        self.window_frames = window_frames
+        self.window_bytes = window_bytes
+        self.wake = asyncio.Event()  # something was spooled
+        self.acked = 0
+        self.acked_event = asyncio.Event()  # an ack arrived (shutdown's drain)
+        self._ack_wake = asyncio.Event()  # an ack arrived (the sender's window)
+        self._locks_checked = False  # once per start, after the first connection
+        self.restic_version = "unknown"
+        self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
+        self.disconnected = asyncio.Event()  # set while it is not
+        self.disconnected.set()
+
+    # -- Reporter: how jobs talk to fleetd -------------------------------
+
+    async def emit(self, type_: str, data: dict, supersede: bool = False) -> None:
+        self.spool.append(type_, data, supersede)
+        self.wake.set()
+
+    async def emit_now(self, type_: str, data: dict) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        try:
+            await ws.send(protocol.encode(type_, data))
+        except ConnectionClosed:
+            pass
+
+    def acknowledge(self, seq: int) -> None:
+        """fleetd stored everything up to seq (acks are cumulative)."""
+        if seq > self.acked:
+            self.acked = seq
+            self.spool.ack(seq)
+            self.acked_event.set()
+            self._ack_wake.set()
+
+    # -- the link ---------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        self.restic_version = await asyncio.get_running_loop().run_in_executor(
+            None, restic_version, self.restic
+        )
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self.session()
+                reason = "connection closed"
+            except FatalError:
+                raise
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status == 401:
+                    raise FatalError(
+                        "fleetd refused this agent's token (host removed or re-enrolled elsewhere); "
+                        "enroll again with a new 'fleetctl enroll' token",
+                        3,
+                    ) from None
+                reason = f"HTTP {status}"
+            except (
+                OSError,
+                asyncio.TimeoutError,
+                ConnectionClosed,
+                ProtocolError,
+                InvalidHandshake,
+            ) as exc:
+                reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # whatever else: the agent must keep redialling
+                log.exception("session failed")
+                reason = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - started > BACKOFF_MAX:
+                attempt = 0  # the link had been up a while: start over quickly
+            delay = backoff(attempt)
+            attempt += 1
+            log.warning(
+                "link to %s down (%s); redialling in %.1f s",
+                self.identity.server_url,
+                reason,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    def hello(self) -> dict:
+        data: dict[str, Any] = {
+            "protocol_version": protocol.PROTOCOL_VERSION,
+            "agent_version": __version__,
+            "restic_version": self.restic_version,
+            "hostname": self.identity.hostname or socket.gethostname(),
+            "os": platform.system().lower(),
+            "arch": ARCH.get(platform.machine(), platform.machine()),
+            "timezone": local_timezone(),
+            "spool_seq": self.spool.last_seq(),
+            "spool_pending": self.spool.first_pending(),
+        }
+        if self.runner.current is not None:
+            data["running_job"] = self.runner.current
+        return data
+
+    async def session(self) -> None:
+        url = self.identity.server_url + "/agent"
+        ssl_ctx = (
+            tls_context(self.state, self.identity.tls_sha256) if url.startswith("wss://") else None
+        )
+        headers = {"Authorization": f"Bearer {self.identity.agent_token}"}
+        async with connect(
+            url,
+            additional_headers=headers,
+            ssl=ssl_ctx,
+            open_timeout=15,
+            compression=None,
+            max_size=4 * protocol.MAX_FRAME_BYTES,
+            user_agent_header=f"fleet-agent/{__version__}",
+        ) as ws:
+            await ws.send(protocol.encode("hello", self.hello(), id="hello"))
+            reply = protocol.decode(await asyncio.wait_for(ws.recv(), 30), expect="server")
+            if reply.type == "error":
+                if reply.data["code"] == "unsupported_version":
+                    raise FatalError(f"fleetd: {reply.data['message']}", 1)
+                raise ProtocolError(f"fleetd refused hello: {reply.data['message']}")
+            if reply.type != "welcome":
+                raise ProtocolError(f"expected welcome, got {reply.type}")
+            interval = reply.data["heartbeat_interval"]
+            log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
+            self.ws = ws
+            self.disconnected.clear()
+            self.connected.set()
+            if not self._locks_checked:
+                self._locks_checked = True
+                asyncio.ensure_future(self.runner.check_locks_when_idle())
+            tasks = [
+                asyncio.ensure_future(self._receiver(ws)),
+                asyncio.ensure_future(self._sender(ws)),
+                asyncio.ensure_future(self._heartbeat(ws, interval)),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # re-raise what ended the session
+            finally:
+                self.ws = None
+                self.connected.clear()
+                self.disconnected.set()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _heartbeat(self, ws: ClientConnection, interval: int) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await ws.send(protocol.encode("heartbeat", {"sent_at": now_iso()}))
+
+    async def _sender(self, ws: Any) -> None:
+        """Send the spool in seq order, resending after the last ack; wait for
+        acks whenever the window of unacknowledged frames is full."""
+        sent = self.acked  # everything after the last ack is resent
+        window = Window(self.window_frames, self.window_bytes)
+        while True:
+            frames = self.spool.pending(after=sent, limit=SEND_BATCH)
+            if not frames:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            for seq, type_, data in frames:
+                text = protocol.Envelope(type_, data, seq=seq).to_json()
+                window.acked(self.acked)
+                if window.full(len(text)):
+                    self._ack_wake.clear()
+                    await self._ack_wake.wait()
+                    break  # read the spool again: it may have changed meanwhile
+                await ws.send(text)
+                window.add(seq, len(text))
+                sent = seq
+
+    async def _receiver(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                frame = protocol.decode(raw, expect="server")
+            except ProtocolError as exc:
+                log.warning("bad frame from fleetd: %s", exc)
+                continue
+            await dispatch(self, frame, raw)  # type: ignore[arg-type]  # text frames only
+
+    async def shutdown(self) -> None:
+        """Stop: cancel a running job, try to deliver its end, close the spool."""
+        await self.runner.shutdown()
+        if self.ws is not None and self.spool.count():
+            try:
+                await asyncio.wait_for(self._drain(), 5)
+            except asyncio.TimeoutError:
+                pass  # the spool keeps it for the next start
+        self.spool.close()
+
+    async def _drain(self) -> None:
+        while self.spool.count() and self.ws is not None:
+            self.acked_event.clear()
+            self.wake.set()
+            await self.acked_event.wait()
