@@ -18,7 +18,7 @@ Scale part (`--only scale`):
   websockets clients (compression=None) speaking the real agent protocol:
   hello -> welcome, heartbeats, command.run -> command.result, reliable
   job.started / job.log / job.finished with seq and cumulative acks, and
-  redial with fleet-agent's own backoff (fleet.agent.connection.backoff).
+  redial with fleet-agent's own backoff (fleet.agent.link.backoff).
   Workers report when each command.run arrived (time.time()) to the parent.
 
 Backups part (`--only backups`): raw `restic backup` vs a real fleet-agent
@@ -346,7 +346,7 @@ class Worker:
     async def session(self, a: SimAgent, url: str, sem, first_result, heartbeat: int) -> None:
         from websockets.asyncio.client import connect
 
-        from fleet.agent.connection import backoff
+        from fleet.agent.link import backoff
 
         attempt = 0
         headers = {"Authorization": f"Bearer {a.token}"}

@@ -19,7 +19,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .. import __version__
 from ..common.exitcodes import Exit
 from ..common.protocol import PROTOCOL_VERSION, ProtocolError
-from .connection import Agent, FatalError, enroll
+from .enroll import FatalError, enroll
+from .link import Agent
 from .spool import Spool
 from .state import State, StateError, state_dir
 

@@ -72,6 +72,10 @@ class ProtocolError(ValueError):
         super().__init__(message)
         self.code = code
         self.re = re
+        # the frame's delivery seq when it could be read: fleetd then records
+        # the frame as refused in seq order, so one bad frame cannot wedge
+        # the agent's stream (it would otherwise resend it for ever)
+        self.seq: Optional[int] = None
 
 
 class Field(NamedTuple):
@@ -204,11 +208,19 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("retention", "dict"),
             _opt("pre_hook", "str"),
             _opt("post_hook", "str"),
-            _opt("args", "list[str]", limit=100),
+            _opt("read_data_subset", "str", limit=32),  # check: "5%", "1/10", "100M"
+            _opt("args", "list[str]", limit=100),  # an older fleetd's check subset
         ),
     ),
     "command.result": MessageSpec(
-        "agent", (F("job_id", "int"), F("accepted", "bool"), _opt("error", "str"))
+        "agent",
+        (
+            F("job_id", "int"),
+            F("accepted", "bool"),
+            _opt("error", "str"),
+            # why a job was refused, for machines (`error` says it for people)
+            _opt("code", "str", choices=("busy", "unknown_kind", "bad_params", "no_repo")),
+        ),
     ),
     "command.cancel": MessageSpec("server", (F("job_id", "int"),)),
     "job.started": MessageSpec(
@@ -522,6 +534,16 @@ def decode(raw: Union[str, bytes], expect: str = "", limit: int = MAX_FRAME_BYTE
     frame, suspect = _load(raw, limit)
     if not isinstance(frame, dict):
         raise ProtocolError("frame must be a JSON object")
+    try:
+        return _decode_frame(frame, suspect, expect)
+    except ProtocolError as exc:
+        seq = frame.get("seq")
+        if _is_int(seq) and 1 <= seq <= MAX_SEQ:
+            exc.seq = seq
+        raise
+
+
+def _decode_frame(frame: dict, suspect: bool, expect: str) -> Envelope:
     frame_id = _safe_re(frame.get("id"))
     re = None if frame_id is None else str(frame_id)
     if suspect:

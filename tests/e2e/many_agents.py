@@ -1,4 +1,4 @@
-"""Run many real agents (fleet.agent.connection.Agent) in one process.
+"""Run many real agents (fleet.agent.link.Agent) in one process.
 
     python many_agents.py SPEC.json
 
@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from fleet.agent.connection import Agent, enroll
+from fleet.agent.enroll import enroll
+from fleet.agent.link import Agent
 from fleet.agent.state import State
 
 # which agent the running task belongs to (tasks inherit it from run())

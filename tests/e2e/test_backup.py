@@ -78,9 +78,19 @@ def test_run_now_makes_a_restic_snapshot(fleet, e2e):
     assert str(h.src / "data/blob.bin") in paths
     assert not [p for p in paths if p.endswith(".tmp")], paths
 
-    # fleetd's projection of it
-    listed = fleet.ctl_json("snapshots", h.name)
-    assert [s["id"] for s in listed] == [snap["id"]]
+    # fleetd's projection of it: the agent reports the job's end first, the
+    # snapshot from restic's summary with it, and refreshes the whole list
+    # (the full ids, restic 0.14 names the new one by its short id) just after
+    listed = e2e.fx.wait_until(
+        lambda: (
+            (ls := fleet.ctl_json("snapshots", h.name))
+            and [s["id"] for s in ls] == [snap["id"]]
+            and ls
+        ),
+        timeout=20,
+        interval=0.1,
+        what="fleetd to list the backup's snapshot",
+    )
     assert listed[0]["tags"] == [group] and listed[0]["paths"] == [str(h.src)]
     assert listed[0]["size_bytes"] == summary["total_bytes_processed"]
     assert listed[0]["file_count"] == summary["total_files_processed"] == 2
@@ -90,15 +100,17 @@ def test_run_now_makes_a_restic_snapshot(fleet, e2e):
     assert info["last_backup"] == {"job": job_id, "status": "succeeded", "at": job["finished_at"]}
 
     # repository stats: no fleetctl command shows them (gap); read the store
-    db = sqlite3.connect(f"file:{fleet.data_dir / 'fleet.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute(
-            "SELECT snapshot_count, size_bytes, file_count FROM repo_stats WHERE host_id = ?",
-            (info["id"],),
-        ).fetchone()
-    finally:
-        db.close()
-    assert row is not None, "no repo_stats row after a backup"
+    def repo_stats():
+        db = sqlite3.connect(f"file:{fleet.data_dir / 'fleet.db'}?mode=ro", uri=True)
+        try:
+            return db.execute(
+                "SELECT snapshot_count, size_bytes, file_count FROM repo_stats WHERE host_id = ?",
+                (info["id"],),
+            ).fetchone()
+        finally:
+            db.close()
+
+    row = e2e.fx.wait_until(repo_stats, timeout=20, interval=0.1, what="a repo_stats row")
     assert row[0] == 1 and row[1] > 0 and row[2] >= 2
 
 

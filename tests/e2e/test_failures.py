@@ -100,8 +100,13 @@ def assert_snapshot_reported(e2e, fleet, h, job: dict) -> None:
     assert proc.returncode == 0, proc.stderr
     snaps = json.loads(proc.stdout)
     assert len(snaps) == 1 and snaps[0]["id"].startswith(job["summary"]["snapshot_id"]), snaps
-    reported = fleet.ctl_json("snapshots", h.name)
-    assert [s["id"] for s in reported] == [snaps[0]["id"]], reported
+    # job.finished comes first; the full snapshot list follows it
+    e2e.fx.wait_until(
+        lambda: [s["id"] for s in fleet.ctl_json("snapshots", h.name)] == [snaps[0]["id"]],
+        timeout=20,
+        interval=0.1,
+        what="fleetd to list the job's snapshot",
+    )
 
 
 def gated_backup(e2e, fleet, h) -> tuple[int, Path]:

@@ -129,7 +129,13 @@ def test_second_run_waits_behind_the_first(fleet, e2e):
     snaps = json.loads(e2e.restic(h.repo, h.password, "snapshots", "--json").stdout)
     made = {a["summary"]["snapshot_id"], b["summary"]["snapshot_id"]}
     assert {s["short_id"] for s in snaps} == made
-    assert {s["id"] for s in fleet.ctl_json("snapshots", h.name)} == {s["id"] for s in snaps}
+    # the list is refreshed after the jobs end, not before
+    e2e.fx.wait_until(
+        lambda: {s["id"] for s in fleet.ctl_json("snapshots", h.name)} == {s["id"] for s in snaps},
+        timeout=20,
+        interval=0.1,
+        what="fleetd to list both snapshots",
+    )
 
 
 def test_job_for_an_offline_host_waits_for_its_agent(fleet, e2e):

@@ -169,6 +169,34 @@ def test_lone_surrogates_on_every_endpoint(fleet, fx):
     assert_healthy(fleet)
 
 
+def test_a_refused_report_does_not_wedge_the_agents_stream(fleet, fx):
+    """A reliable frame fleetd cannot decode (a lone surrogate in a log line)
+    gets an error reply and is passed in seq order: the frames after it are
+    applied and acked, instead of the agent resending the bad one for ever."""
+    token = agent_token(fleet, fx)
+    with fx.ws_connect(fleet.url, "/agent", token) as ws:
+        ws.send(hello())
+        assert recv_reply(ws)["type"] == "welcome"
+        line = '{"job_id":1,"seq":1,"ts":"t","stream":"stdout","payload":"bad \\udcff line"}'
+        ws.send('{"v":1,"type":"job.log","id":"l1","seq":1,"data":' + line + "}")
+        ws.send(json.dumps({"v": 1, "type": "repo.locks", "seq": 2, "data": {"count": 3}}))
+        acked, error = 0, None
+        deadline = time.monotonic() + 10
+        while acked < 2 and time.monotonic() < deadline:
+            frame = json.loads(ws.recv(timeout=10))
+            if frame["type"] == "ack":
+                acked = frame["data"]["seq"]
+            elif frame["type"] == "error":
+                error = frame
+        assert error is not None and error["data"]["re"] == "l1", error
+        assert acked == 2
+    # the frame after the refused one was applied
+    hosts = fleet.ctl_json("hosts", "list")
+    assert any(h["repo_locks"] == 3 for h in hosts)
+    assert "refused and skipped" in fleet.fleetd.log()
+    assert_healthy(fleet)
+
+
 # -- 3 and 4. integers ---------------------------------------------------------------
 
 

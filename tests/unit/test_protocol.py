@@ -91,9 +91,19 @@ WIRE_FIELDS = {
     "command.run": (
         "server",
         ("job_id", "kind"),
-        ("group", "includes", "excludes", "tag", "retention", "pre_hook", "post_hook", "args"),
+        (
+            "group",
+            "includes",
+            "excludes",
+            "tag",
+            "retention",
+            "pre_hook",
+            "post_hook",
+            "read_data_subset",
+            "args",
+        ),
     ),
-    "command.result": ("agent", ("job_id", "accepted"), ("error",)),
+    "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
     "command.cancel": ("server", ("job_id",), ()),
     "job.started": ("agent", ("job_id", "kind", "started_at"), ()),
     "job.progress": (
@@ -255,6 +265,7 @@ EXAMPLES = {
             "retention": {"keep_last": 3},
             "pre_hook": "sync",
             "post_hook": "true",
+            "read_data_subset": "5%",
             "args": ["--verbose"],
         },
         "r42",
@@ -262,14 +273,14 @@ EXAMPLES = {
         '{"v":1,"type":"command.run","id":"r42","data":{"job_id":42,"kind":"backup",'
         '"group":"etc","includes":["/etc"],"excludes":["/etc/shadow"],"tag":"manual",'
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
-        '"args":["--verbose"]}}',
+        '"read_data_subset":"5%","args":["--verbose"]}}',
     ),
     "command.result": (
-        {"job_id": 42, "accepted": False, "error": "a job is already running"},
+        {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},
         "r42",
         None,
         '{"v":1,"type":"command.result","id":"r42","data":'
-        '{"job_id":42,"accepted":false,"error":"a job is already running"}}',
+        '{"job_id":42,"accepted":false,"error":"busy with job 41","code":"busy"}}',
     ),
     "command.cancel": (
         {"job_id": 42},
@@ -809,6 +820,7 @@ def test_data_must_be_an_object(data):
         ("heartbeat", "sent_at", 5, "expected a string"),
         ("heartbeat", "sent_at", ["t"], "expected a string"),
         ("command.result", "error", False, "expected a string"),
+        ("command.result", "code", 7, "expected a string"),
         # dict fields
         ("command.run", "retention", "keep-last=3", "expected an object"),
         ("job.finished", "summary", [], "expected an object"),

@@ -32,12 +32,17 @@ def backup(includes: Sequence[str], excludes: Sequence[str] = (), tag: str = "")
     return (*args, "--", *includes)
 
 
-def snapshots() -> Command:
-    return (RESTIC, "snapshots", "--json")
+def _no_lock(no_lock: bool) -> tuple[str, ...]:
+    # read-only commands may skip the lock: then they never keep a job waiting
+    return ("--no-lock",) if no_lock else ()
 
 
-def stats(mode: str = "restore-size") -> Command:
-    return (RESTIC, "stats", "--json", "--mode", mode)
+def snapshots(no_lock: bool = False) -> Command:
+    return (RESTIC, "snapshots", "--json", *_no_lock(no_lock))
+
+
+def stats(mode: str = "restore-size", no_lock: bool = False) -> Command:
+    return (RESTIC, "stats", "--json", "--mode", mode, *_no_lock(no_lock))
 
 
 def forget(tag: str, policy: dict) -> Command:

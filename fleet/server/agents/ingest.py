@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from peewee import EXCLUDED, fn
 
@@ -81,6 +81,112 @@ def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
     return last
 
 
+REFUSED = "refused"  # fleetd's own marker for a reliable frame it could not decode
+
+
+class _Apply:
+    """The state of applying one host's batch: the job log rows and live
+    lines gathered so far, and which jobs are the host's own."""
+
+    def __init__(self, events: list[Event], host: Host, now: Optional[dt.datetime]) -> None:
+        self.events = events
+        self.host = host
+        self.now = now
+        self.log_rows: list[tuple] = []
+        self.lines: dict[int, list[dict]] = defaultdict(list)
+        self._owned: dict[int, bool] = {}
+
+    def mine(self, job_id: int) -> bool:
+        if job_id not in self._owned:
+            self._owned[job_id] = (
+                Job.select().where((Job.id == job_id) & (Job.host == self.host.id)).exists()
+            )
+            if not self._owned[job_id]:
+                log.warning(
+                    "host %s reported on job %s, which is not its own", self.host.name, job_id
+                )
+        return self._owned[job_id]
+
+    def flush_lines(self) -> None:
+        # log lines go before a job's end in the event order, as they were sent
+        for job_id, batch in self.lines.items():
+            self.events.append(JobLogged(job_id, self.host.id, tuple(batch)))
+        self.lines.clear()
+
+
+def _job_log(a: _Apply, data: dict) -> None:
+    if a.mine(data["job_id"]):
+        ts = line_time(data["ts"])
+        a.log_rows.append((data["job_id"], data["seq"], str(ts), data["stream"], data["payload"]))
+        a.lines[data["job_id"]].append(
+            line_json(data["job_id"], data["seq"], ts, data["stream"], data["payload"])
+        )
+
+
+def _job_started(a: _Apply, data: dict) -> None:
+    if a.mine(data["job_id"]):
+        a.flush_lines()
+        lifecycle.start(a.events, a.host.id, data["job_id"], parse_ts(data["started_at"]))
+
+
+def _job_finished(a: _Apply, data: dict) -> None:
+    if a.mine(data["job_id"]):
+        a.flush_lines()
+        lifecycle.end(
+            a.events,
+            a.host.id,
+            data["job_id"],
+            data["status"],
+            finished_at=parse_ts(data["finished_at"]),
+            exit_code=data["exit_code"],
+            summary=data.get("summary"),
+            error=data.get("error"),
+            now=a.now,
+        )
+
+
+def _snapshots(a: _Apply, data: dict) -> None:
+    apply_snapshot_page(a.host.id, data)
+
+
+def _locks(a: _Apply, data: dict) -> None:
+    Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
+        Host.id == a.host.id
+    ).execute()
+
+
+def _stats(a: _Apply, data: dict) -> None:
+    RepoStats.insert(host=a.host.id, updated_at=utcnow(), **data).on_conflict(
+        conflict_target=[RepoStats.host],
+        preserve=[
+            RepoStats.size_bytes,
+            RepoStats.snapshot_count,
+            RepoStats.file_count,
+            RepoStats.raw_size_bytes,
+            RepoStats.lock_state,
+            RepoStats.updated_at,
+        ],
+    ).execute()
+
+
+def _refused(a: _Apply, data: dict) -> None:
+    # the agent is told (an error frame) and the seq is passed: resending a
+    # frame that can never be applied would stop everything behind it
+    log.warning("host %s: a report was refused and skipped: %s", a.host.name, data["error"])
+
+
+# reliable frame type -> how it is applied (schedule.fire joins with schedules)
+APPLY: dict[str, Callable[[_Apply, dict], None]] = {
+    "job.log": _job_log,
+    "job.started": _job_started,
+    "job.finished": _job_finished,
+    "snapshots.report": _snapshots,
+    "repo.locks": _locks,
+    "repo.stats": _stats,
+    REFUSED: _refused,
+}
+
+
 def apply_frames(
     events: list[Event],
     host_id: int,
@@ -93,79 +199,19 @@ def apply_frames(
     publish once the transaction has committed.
     """
     host = Host.get_by_id(host_id)
+    a = _Apply(events, host, now)
     last = host.last_seq
-    log_rows: list[tuple] = []
-    lines: dict[int, list[dict]] = defaultdict(list)
-    owned: dict[int, bool] = {}
-
-    def mine(job_id: int) -> bool:
-        if job_id not in owned:
-            owned[job_id] = Job.select().where((Job.id == job_id) & (Job.host == host_id)).exists()
-            if not owned[job_id]:
-                log.warning("host %s reported on job %s, which is not its own", host.name, job_id)
-        return owned[job_id]
-
-    def flush_lines() -> None:
-        # log lines go before a job's end in the event order, as they were sent
-        for job_id, batch in lines.items():
-            events.append(JobLogged(job_id, host_id, tuple(batch)))
-        lines.clear()
-
     for frame in frames:
         if frame.seq is None or frame.seq <= last:
             continue  # already applied before a reconnect
         last = frame.seq
-        data = frame.data
-        kind = frame.type
-        if kind == "job.log":
-            if mine(data["job_id"]):
-                ts = line_time(data["ts"])
-                log_rows.append(
-                    (data["job_id"], data["seq"], str(ts), data["stream"], data["payload"])
-                )
-                lines[data["job_id"]].append(
-                    line_json(data["job_id"], data["seq"], ts, data["stream"], data["payload"])
-                )
-        elif kind == "job.started":
-            if mine(data["job_id"]):
-                flush_lines()
-                lifecycle.start(events, host_id, data["job_id"], parse_ts(data["started_at"]))
-        elif kind == "job.finished":
-            if mine(data["job_id"]):
-                flush_lines()
-                lifecycle.end(
-                    events,
-                    host_id,
-                    data["job_id"],
-                    data["status"],
-                    finished_at=parse_ts(data["finished_at"]),
-                    exit_code=data["exit_code"],
-                    summary=data.get("summary"),
-                    error=data.get("error"),
-                    now=now,
-                )
-        elif kind == "snapshots.report":
-            apply_snapshot_page(host_id, data)
-        elif kind == "repo.locks":
-            Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
-                Host.id == host_id
-            ).execute()
-        elif kind == "repo.stats":
-            RepoStats.insert(host=host_id, updated_at=utcnow(), **data).on_conflict(
-                conflict_target=[RepoStats.host],
-                preserve=[
-                    RepoStats.size_bytes,
-                    RepoStats.snapshot_count,
-                    RepoStats.file_count,
-                    RepoStats.raw_size_bytes,
-                    RepoStats.lock_state,
-                    RepoStats.updated_at,
-                ],
-            ).execute()
+        apply = APPLY.get(frame.type)
+        if apply is None:
+            log.info("host %s sent %s, which this fleetd does not apply", host.name, frame.type)
         else:
-            log.info("host %s sent %s, which this fleetd does not apply", host.name, kind)
-    insert_log_lines(log_rows)
-    flush_lines()
+            apply(a, frame.data)
+    insert_log_lines(a.log_rows)
+    a.flush_lines()
     if last != host.last_seq:
         Host.update(last_seq=last).where(Host.id == host_id).execute()
     return last

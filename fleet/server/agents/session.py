@@ -29,7 +29,7 @@ from ..jobs.dispatch import BUSY_RETRY, Dispatcher
 from ..security.secrets import SecretBox, repo_aad
 from ..store.db import Store
 from ..store.models import Host, Repo, utcnow
-from .ingest import Ingest, sync_seq
+from .ingest import REFUSED, Ingest, sync_seq
 
 log = logging.getLogger("fleetd.agent")
 
@@ -357,6 +357,8 @@ class Agents:
             except ProtocolError as exc:
                 log.warning("bad frame from %s: %s", session.host_name, exc)
                 await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
+                if exc.seq is not None:  # passed in seq order, so it wedges nothing
+                    await inbox.put(protocol.Envelope(REFUSED, {"error": str(exc)}, seq=exc.seq))
                 continue
             handler = FRAME_HANDLERS.get(frame.type)
             if frame.type in protocol.RELIABLE:

@@ -1,22 +1,23 @@
-"""The agent's link to fleetd: enroll once, then dial /agent for ever.
+"""The agent's link to fleetd: dial /agent for ever.
 
 One session: connect with the agent token, hello -> welcome, then three
-tasks until the link drops: heartbeats, the receiver (acks, config,
-commands) and the sender, which drains the spool in seq order. After a
-drop the agent redials with exponential backoff and jitter (1 s to 60 s)
-and the sender starts again from the last acknowledged seq.
+tasks until the link drops: heartbeats, the receiver (each frame goes to
+its handler, see handlers.py) and the sender, which drains the spool in seq
+order with at most a window of frames sent and not yet acknowledged (so a
+slow fleetd pushes back instead of buffering without bound). After a drop
+the agent redials with exponential backoff and jitter (1 s to 60 s) and the
+sender starts again from the last acknowledged seq.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import collections
 import logging
 import os
 import platform
 import random
 import socket
-import ssl
 import subprocess
 import time
 from typing import Any, Optional
@@ -28,23 +29,19 @@ from .. import __version__
 from ..common import protocol
 from ..common.protocol import ProtocolError, now_iso
 from ..common.restic import commands, parse
-from .jobs import JobRunner
+from .enroll import FatalError, tls_context
+from .handlers import dispatch
+from .runner import REFRESH_DELAY, JobRunner
 from .spool import DEFAULT_MAX_BYTES, Spool
-from .state import Identity, RepoConfig, State, write_private
+from .state import Identity, State
 
 log = logging.getLogger("fleet-agent")
 
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
-SEND_BATCH = 500
-
-
-class FatalError(Exception):
-    """Retrying cannot help (token refused, protocol unsupported): exit non-zero."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+SEND_BATCH = 500  # frames read from the spool at once
+WINDOW_FRAMES = 1000  # frames sent and not yet acknowledged, at most
+WINDOW_BYTES = 1 << 20  # ... and their size (one larger frame still goes alone)
 
 
 def backoff(attempt: int, rng: Optional[random.Random] = None) -> float:
@@ -79,69 +76,31 @@ def restic_version(restic: str) -> str:
         return "missing"
 
 
-def fingerprint(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
+class Window:
+    """The frames sent on one session and not yet acknowledged."""
 
+    def __init__(self, frames: int = WINDOW_FRAMES, size: int = WINDOW_BYTES) -> None:
+        self.max_frames = frames
+        self.max_bytes = size
+        self._sent: collections.deque = collections.deque()  # (seq, size)
+        self.bytes = 0
 
-def tls_context(state: State, identity_pin: Optional[str]) -> ssl.SSLContext:
-    """Trust exactly the certificate pinned at enrollment, or the system CAs."""
-    if identity_pin and state.cert_path.exists():
-        ctx = ssl.create_default_context(cafile=str(state.cert_path))
-        ctx.check_hostname = False  # the pin, not the name, identifies fleetd
-        ctx.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0x80000)
-        return ctx
-    return ssl.create_default_context()
+    def __len__(self) -> int:
+        return len(self._sent)
 
+    def add(self, seq: int, size: int) -> None:
+        self._sent.append((seq, size))
+        self.bytes += size
 
-async def fetch_certificate(url: str) -> bytes:
-    """The server's certificate (DER), read without trusting it, to check a pin."""
-    rest = url.split("://", 1)[1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    if not host:
-        host, port = rest, "443"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host.strip("[]"), int(port), ssl=ctx), 15
-    )
-    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.close()
-    return der
+    def acked(self, seq: int) -> None:
+        while self._sent and self._sent[0][0] <= seq:
+            self.bytes -= self._sent.popleft()[1]
 
-
-async def enroll(state: State, enrollment: str, hostname: Optional[str] = None) -> Identity:
-    """Exchange the enrollment string for an agent token and save the identity."""
-    doc = protocol.parse_enrollment(enrollment)
-    url, pin = doc["url"].rstrip("/"), doc.get("sha256")
-    ssl_ctx = None
-    if url.startswith("wss://"):
-        if pin:
-            der = await fetch_certificate(url)
-            if fingerprint(der) != pin.lower():
-                raise FatalError(
-                    f"{url} presented a certificate with SHA-256 {fingerprint(der)}, not the pinned {pin}: refusing",
-                    3,
-                )
-            write_private(state.cert_path, ssl.DER_cert_to_PEM_cert(der))
-        ssl_ctx = tls_context(state, pin)
-    async with connect(url + "/enroll", ssl=ssl_ctx, open_timeout=15, compression=None) as ws:
-        await ws.send(
-            protocol.encode(
-                "enroll",
-                {"token": doc["token"], "hostname": hostname or socket.gethostname()},
-                id="1",
-            )
-        )
-        reply = protocol.decode(await asyncio.wait_for(ws.recv(), 30), expect="server")
-    if reply.type == "error":
-        raise FatalError(f"enrollment refused: {reply.data['message']}", 3)
-    if reply.type != "enrolled":
-        raise FatalError(f"unexpected answer to enroll: {reply.type}")
-    data = reply.data
-    identity = Identity(url, data["host_id"], data["host_name"], data["agent_token"], pin, hostname)
-    state.save_identity(identity)
-    return identity
+    def full(self, size: int) -> bool:
+        """Would sending a frame of `size` overfill it? Never when it is empty."""
+        if not self._sent:
+            return False
+        return len(self._sent) >= self.max_frames or self.bytes + size > self.max_bytes
 
 
 class Agent:
@@ -152,16 +111,22 @@ class Agent:
         restic: str = "restic",
         cancel_grace: float = 10.0,
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
+        window_frames: int = WINDOW_FRAMES,
+        window_bytes: int = WINDOW_BYTES,
+        refresh_delay: float = REFRESH_DELAY,
     ) -> None:
         self.state = state
         self.identity = identity
         self.restic = restic
         self.spool = Spool(state.spool_path, spool_max_bytes)
-        self.runner = JobRunner(state, self, restic, cancel_grace)
+        self.runner = JobRunner(state, self, restic, cancel_grace, refresh_delay)
         self.ws: Optional[ClientConnection] = None
-        self.wake = asyncio.Event()
+        self.window_frames = window_frames
+        self.window_bytes = window_bytes
+        self.wake = asyncio.Event()  # something was spooled
         self.acked = 0
-        self.acked_event = asyncio.Event()
+        self.acked_event = asyncio.Event()  # an ack arrived (shutdown's drain)
+        self._ack_wake = asyncio.Event()  # an ack arrived (the sender's window)
         self._locks_checked = False  # once per start, after the first connection
         self.restic_version = "unknown"
         self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
@@ -182,6 +147,14 @@ class Agent:
             await ws.send(protocol.encode(type_, data))
         except ConnectionClosed:
             pass
+
+    def acknowledge(self, seq: int) -> None:
+        """fleetd stored everything up to seq (acks are cumulative)."""
+        if seq > self.acked:
+            self.acked = seq
+            self.spool.ack(seq)
+            self.acked_event.set()
+            self._ack_wake.set()
 
     # -- the link ---------------------------------------------------------
 
@@ -298,8 +271,11 @@ class Agent:
             await asyncio.sleep(interval)
             await ws.send(protocol.encode("heartbeat", {"sent_at": now_iso()}))
 
-    async def _sender(self, ws: ClientConnection) -> None:
+    async def _sender(self, ws: Any) -> None:
+        """Send the spool in seq order, resending after the last ack; wait for
+        acks whenever the window of unacknowledged frames is full."""
         sent = self.acked  # everything after the last ack is resent
+        window = Window(self.window_frames, self.window_bytes)
         while True:
             frames = self.spool.pending(after=sent, limit=SEND_BATCH)
             if not frames:
@@ -307,7 +283,14 @@ class Agent:
                 await self.wake.wait()
                 continue
             for seq, type_, data in frames:
-                await ws.send(protocol.Envelope(type_, data, seq=seq).to_json())
+                text = protocol.Envelope(type_, data, seq=seq).to_json()
+                window.acked(self.acked)
+                if window.full(len(text)):
+                    self._ack_wake.clear()
+                    await self._ack_wake.wait()
+                    break  # read the spool again: it may have changed meanwhile
+                await ws.send(text)
+                window.add(seq, len(text))
                 sent = seq
 
     async def _receiver(self, ws: ClientConnection) -> None:
@@ -317,33 +300,7 @@ class Agent:
             except ProtocolError as exc:
                 log.warning("bad frame from fleetd: %s", exc)
                 continue
-            await self.handle(ws, frame)
-
-    async def handle(self, ws: ClientConnection, frame: protocol.Envelope) -> None:
-        data = frame.data
-        if frame.type == "ack":
-            if data["seq"] > self.acked:
-                self.acked = data["seq"]
-                self.spool.ack(self.acked)
-                self.acked_event.set()
-        elif frame.type == "config.update":
-            repo = RepoConfig(
-                data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {})
-            )
-            self.state.save_repo(repo)
-            log.info("repository configuration updated")
-        elif frame.type == "command.run":
-            refused = self.runner.submit(data)
-            result = {"job_id": data["job_id"], "accepted": refused is None}
-            if refused:
-                result["error"] = refused
-            await ws.send(protocol.encode("command.result", result))
-        elif frame.type == "command.cancel":
-            self.runner.cancel(data["job_id"])
-        elif frame.type == "error":
-            log.warning("fleetd: %s (%s)", data["message"], data["code"])
-        else:
-            log.debug("ignoring %s", frame.type)
+            await dispatch(self, frame)
 
     async def shutdown(self) -> None:
         """Stop: cancel a running job, try to deliver its end, close the spool."""

@@ -1,0 +1,73 @@
+"""What the agent does with each frame fleetd sends: ONE table, frame type
+-> handler. A type without a handler (one a newer fleetd added) is logged at
+debug level and otherwise ignored.
+
+Handlers get the agent and the decoded frame (its data validated against
+the protocol's spec; command.run's parameters are then checked again by its
+job kind's schema).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..common.protocol import Envelope
+from .kinds import Refused
+from .state import RepoConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .link import Agent
+
+log = logging.getLogger("fleet-agent")
+
+Handler = Callable[["Agent", Envelope], Awaitable[None]]
+
+
+async def on_ack(agent: Agent, frame: Envelope) -> None:
+    agent.acknowledge(frame.data["seq"])
+
+
+async def on_config_update(agent: Agent, frame: Envelope) -> None:
+    data = frame.data
+    agent.state.save_repo(
+        RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))
+    )
+    log.info("repository configuration updated")
+
+
+async def on_command_run(agent: Agent, frame: Envelope) -> None:
+    job_id = frame.data["job_id"]
+    result: dict[str, Any] = {"job_id": job_id, "accepted": True}
+    try:
+        agent.runner.submit(dict(frame.data))
+    except Refused as exc:
+        log.warning("refused job %s (%s): %s", job_id, exc.code, exc.message)
+        result.update(accepted=False, code=exc.code, error=exc.message)
+    await agent.emit_now("command.result", result)
+
+
+async def on_command_cancel(agent: Agent, frame: Envelope) -> None:
+    agent.runner.cancel(frame.data["job_id"])
+
+
+async def on_error(agent: Agent, frame: Envelope) -> None:
+    log.warning("fleetd: %s (%s)", frame.data["message"], frame.data["code"])
+
+
+HANDLERS: dict[str, Handler] = {
+    "ack": on_ack,
+    "config.update": on_config_update,
+    "command.run": on_command_run,
+    "command.cancel": on_command_cancel,
+    "error": on_error,
+}
+
+
+async def dispatch(agent: Agent, frame: Envelope) -> None:
+    handler = HANDLERS.get(frame.type)
+    if handler is None:
+        log.debug("ignoring %s", frame.type)
+        return
+    await handler(agent, frame)

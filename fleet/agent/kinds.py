@@ -1,0 +1,232 @@
+"""The job kinds this agent runs: ONE table, kind -> (parameter schema,
+restic command builder, runner coroutine).
+
+A command.run is checked against its kind's schema and its restic command
+built before the job starts, so a bad one is refused (code `bad_params`)
+instead of failing half-way. A kind missing from the table (`restore`, for
+now) is refused with code `unknown_kind`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+from ..common.protocol import MAX_STR, Field, ProtocolError, check_fields
+from ..common.restic import commands, parse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import Job
+
+
+class Outcome(NamedTuple):
+    status: str  # one of protocol.FINAL_STATUSES
+    exit_code: int
+    error: Optional[str] = None
+
+
+class Kind(NamedTuple):
+    params: tuple  # of protocol.Field: what command.run may carry for this kind
+    command: Callable[[dict], tuple]  # checked params -> restic command (raises ValueError)
+    run: Callable[[Job], Awaitable[Outcome]]  # runs the job on the agent
+    # after the job, before job.finished: cheap reports only (no restic run)
+    after: Optional[Callable[[Job, Outcome], Awaitable[None]]] = None
+    locks_after: bool = False  # report the repository's locks after a success too
+
+
+class Refused(Exception):
+    """A command.run the agent will not start; `code` goes into command.result."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _req(name: str, kind: str, **kw: Any) -> Field:
+    return Field(name, kind, True, **kw)
+
+
+def _opt(name: str, kind: str, **kw: Any) -> Field:
+    return Field(name, kind, False, **kw)
+
+
+# -- parameters ----------------------------------------------------------------
+
+# restic check --read-data-subset: n/t, a percentage, or a size (K, M, G, T)
+_FRACTION = re.compile(r"^([1-9]\d{0,8})/([1-9]\d{0,8})$")
+_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,6})?)%$")
+_SIZE = re.compile(r"^[1-9]\d{0,15}[KMGTkmgt]?$")
+
+
+def read_data_subset(value: str) -> str:
+    """Validate a `--read-data-subset` value such as 5%, 1/10 or 100M. Raises ValueError."""
+    match = _FRACTION.match(value)
+    if match:
+        n, t = int(match.group(1)), int(match.group(2))
+        if n > t:
+            raise ValueError(f"read_data_subset {value!r}: {n} is more than {t}")
+        return value
+    match = _PERCENT.match(value)
+    if match:
+        if not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"read_data_subset {value!r}: a percentage is above 0 and at most 100")
+        return value
+    if _SIZE.match(value):
+        return value
+    raise ValueError(f"read_data_subset {value!r} is not n/t, a percentage (5%) or a size (100M)")
+
+
+def _check_command(params: dict) -> tuple:
+    subset = params.get("read_data_subset")
+    if subset is None and params.get("args"):
+        subset = params["args"][0]  # an older fleetd passes it positionally
+    return commands.check(read_data_subset(subset) if subset else "")
+
+
+def check_params(kind: Kind, command: dict) -> dict:
+    """command.run's data, checked against the kind's schema (unknown keys
+    dropped). Raises Refused(bad_params)."""
+    try:
+        return check_fields(command, kind.params)
+    except ProtocolError as exc:
+        raise Refused("bad_params", f"bad parameters: {exc}") from None
+
+
+def prepare(command: dict) -> tuple[Kind, dict, tuple]:
+    """The kind, checked parameters and restic command of a command.run.
+
+    Raises Refused with code unknown_kind or bad_params."""
+    name = command.get("kind")
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise Refused("unknown_kind", f"this agent cannot run {name} jobs")
+    params = check_params(kind, command)
+    try:
+        argv = kind.command(params)
+    except ValueError as exc:
+        raise Refused("bad_params", f"bad parameters: {exc}") from None
+    return kind, params, argv
+
+
+# -- runners -------------------------------------------------------------------
+
+
+async def run_restic(job: Job) -> Outcome:
+    result = await job.restic(job.command)
+    return Outcome(result.status, result.exit_code, result.error)
+
+
+async def run_init(job: Job) -> Outcome:
+    result = await job.restic(job.command)
+    if result.exit_code != 0 and parse.already_initialized(result.error):
+        await job.log.note("repository already initialized")
+        return Outcome("succeeded", result.exit_code)
+    return Outcome(result.status, result.exit_code, result.error)
+
+
+async def run_backup(job: Job) -> Outcome:
+    """pre-hook, restic backup, post-hook.
+
+    A failing pre-hook fails the job before restic runs. The post-hook runs
+    whenever the pre-hook succeeded (it often restarts what the pre-hook
+    stopped); its failure turns a success into a warning.
+    """
+    p = job.params
+    if p.get("pre_hook"):
+        pre = await job.hook("pre-hook", p["pre_hook"])
+        if pre.cancelled:
+            return Outcome("cancelled", pre.exit_code)
+        if pre.exit_code != 0:
+            return Outcome(
+                "failed", pre.exit_code, f"pre-hook exited {pre.exit_code}; backup not run"
+            )
+    job.restic_started = job.now()
+    result = await job.restic(job.command)
+    status, error = result.status, result.error
+    if p.get("post_hook") and not result.cancelled:
+        post = await job.hook("post-hook", p["post_hook"])
+        if post.exit_code != 0:
+            error = f"{error}\npost-hook exited {post.exit_code}".strip()
+            if status == "succeeded":
+                status = "warning"
+    return Outcome(status, result.exit_code, error)
+
+
+def _count(doc: dict, key: str) -> int:
+    value = doc.get(key)
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
+
+
+def new_snapshot(job: Job) -> Optional[dict[str, Any]]:
+    """The snapshot a backup just made, as far as restic's summary and the
+    job tell it (restic 0.14 names it by its short id; the full refresh that
+    follows replaces it)."""
+    summary = job.log.summary or {}
+    snapshot_id = summary.get("snapshot_id")
+    if not isinstance(snapshot_id, str) or not snapshot_id or job.restic_started is None:
+        return None
+    p = job.params
+    return {
+        "id": snapshot_id,
+        "short_id": snapshot_id[:8],
+        "time": job.restic_started,
+        "hostname": socket.gethostname(),  # what restic records without --host
+        "paths": sorted(os.path.abspath(path) for path in p["includes"]),
+        "tags": [p["tag"]] if p.get("tag") else [],
+        "size_bytes": _count(summary, "total_bytes_processed"),
+        "file_count": _count(summary, "total_files_processed"),
+    }
+
+
+async def after_backup(job: Job, outcome: Outcome) -> None:
+    """The new snapshot as a partial report (an upsert, `last: false`) right
+    away; the full snapshot list and stats later, off the job's path."""
+    if outcome.status not in ("succeeded", "warning"):
+        return
+    snap = new_snapshot(job)
+    if snap is not None:
+        await job.reporter.emit(
+            "snapshots.report",
+            {"snapshots": [snap], "report_at": job.restic_started, "last": False},
+        )
+    job.refresh(job.log.summary)
+
+
+# -- the table -------------------------------------------------------------------
+
+_HOOK = MAX_STR
+
+KINDS: dict[str, Kind] = {
+    "init": Kind((), lambda p: commands.init(), run_init),
+    "backup": Kind(
+        (
+            _req("includes", "list[str]", limit=1000),
+            _opt("excludes", "list[str]", limit=1000),
+            _opt("tag", "str", limit=64),
+            _opt("group", "str", limit=64),
+            _opt("pre_hook", "str", limit=_HOOK),
+            _opt("post_hook", "str", limit=_HOOK),
+        ),
+        lambda p: commands.backup(p["includes"], p.get("excludes") or (), p.get("tag") or ""),
+        run_backup,
+        after=after_backup,
+    ),
+    "forget": Kind(
+        (_req("tag", "str", limit=64), _req("retention", "dict"), _opt("group", "str", limit=64)),
+        lambda p: commands.forget(p["tag"], p["retention"]),
+        run_restic,
+    ),
+    "prune": Kind((), lambda p: commands.prune(), run_restic),
+    "check": Kind(
+        (_opt("read_data_subset", "str", limit=32), _opt("args", "list[str]", limit=100)),
+        _check_command,
+        run_restic,
+    ),
+    "unlock": Kind((), lambda p: commands.unlock(), run_restic, locks_after=True),
+    "snapshots": Kind((), lambda p: commands.snapshots(), run_restic),
+    "stats": Kind((), lambda p: commands.stats(), run_restic),
+}

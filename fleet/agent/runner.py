@@ -1,0 +1,404 @@
+"""Running one job at a time (the kinds table says how), and reporting it.
+
+Every log line and the start and end of a job go through `Reporter.emit`
+(spooled, numbered, resent until acknowledged); progress goes through
+`Reporter.emit_now` (ephemeral: a progress update lost with a link is not
+worth resending).
+
+A job's end is reported as soon as restic (and the post-hook) exits. The
+snapshot list and repository stats a backup changed are refreshed later by
+the `Refresher`, when the runner is idle: several backups in a row make one
+refresh, and a job arriving meanwhile kills it (it runs again afterwards),
+so a refresh never delays a job or makes one be refused as busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Optional, Protocol
+
+from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE, now_iso
+from ..common.restic import commands, execute, parse
+from .kinds import Kind, Outcome, Refused, prepare
+from .state import RepoConfig, State, StateError
+
+log = logging.getLogger("fleet-agent.jobs")
+
+PROGRESS_EVERY = 1.0  # seconds between job.progress frames
+# after the last job ends, before the snapshot list and stats are refreshed;
+# at least a second, so the refresh's report_at is later than the partial
+# report of the backup that asked for it (timestamps have whole seconds)
+REFRESH_DELAY = 1.0
+MAX_SUMMARIES = 100  # backup summaries kept for the next refresh
+
+
+def restic_env(repo: RepoConfig) -> tuple[dict[str, str], execute.Masker]:
+    """restic's environment for the repository, and the masker of its secrets."""
+    env = execute.environment(repo.url, repo.password, repo.env)
+    return env, execute.Masker([repo.password, *repo.env.values()])
+
+
+class Reporter(Protocol):
+    async def emit(self, type_: str, data: dict[str, Any], supersede: bool = False) -> None: ...
+
+    async def emit_now(self, type_: str, data: dict[str, Any]) -> None: ...
+
+
+class JobLog:
+    """Numbers a job's lines from 1 and sends each as job.log.
+
+    restic's status lines (`message_type: status`, about once a second) go
+    to job.progress only: the summary says where the job ended.
+    """
+
+    def __init__(self, reporter: Reporter, job_id: int) -> None:
+        self.reporter = reporter
+        self.job_id = job_id
+        self.seq = 0
+        self.summary: Optional[dict[str, Any]] = None
+        self._last_progress = 0.0
+
+    async def line(self, stream: str, text: str) -> None:
+        event = parse.json_line(text) if stream == "stdout" else None
+        if event is not None:
+            kind = event.get("message_type")
+            if kind == "status":
+                await self._progress(event)
+                return
+            if kind == "summary":
+                self.summary = event
+        await self._send("event" if event is not None else stream, text)
+
+    async def note(self, text: str) -> None:
+        """A line of the agent's own (hooks, soft successes), on stdout."""
+        await self._send("stdout", f"fleet-agent: {text}")
+
+    async def _send(self, stream: str, text: str) -> None:
+        self.seq += 1
+        line = {
+            "job_id": self.job_id,
+            "seq": self.seq,
+            "ts": now_iso(),
+            "stream": stream,
+            "payload": text[:MAX_LINE],
+        }
+        await self.reporter.emit("job.log", line)
+
+    async def _progress(self, status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        final = (status.get("percent_done") or 0) >= 1
+        if now - self._last_progress < PROGRESS_EVERY and not final:
+            return
+        self._last_progress = now
+        await self.reporter.emit_now(
+            "job.progress", {"job_id": self.job_id, **parse.progress(status)}
+        )
+
+
+class Job:
+    """One job as its kind's runner sees it: parameters, the restic command
+    built from them, and ways to run restic and hooks into the job's log."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        job_id: int,
+        kind: Kind,
+        params: dict[str, Any],
+        command: tuple,
+        repo: RepoConfig,
+    ) -> None:
+        self.runner = runner
+        self.id = job_id
+        self.kind = kind
+        self.params = params
+        self.command = command
+        self.repo = repo
+        self.reporter = runner.reporter
+        self.log = JobLog(runner.reporter, job_id)
+        self.cancel = asyncio.Event()
+        self.env, self.mask = restic_env(repo)
+        self.restic_started: Optional[str] = None  # when restic backup began (its snapshot's time)
+
+    @staticmethod
+    def now() -> str:
+        return now_iso()
+
+    async def restic(self, argv: tuple) -> execute.Result:
+        return await execute.run(
+            self.runner.argv(argv),
+            self.env,
+            self.log.line,
+            self.mask,
+            self.cancel,
+            self.runner.grace,
+        )
+
+    async def hook(self, name: str, command: str) -> execute.Result:
+        # hooks get the agent's environment and what the job is, never the
+        # repository's credentials
+        env = {k: v for k, v in os.environ.items() if k not in execute.REPO_KEYS}
+        env["FLEET_JOB_ID"] = str(self.id)
+        env["FLEET_GROUP"] = str(self.params.get("group") or self.params.get("tag") or "")
+        await self.log.note(f"running {name}: {command}")
+        return await execute.run(
+            ["/bin/sh", "-c", command],
+            env,
+            self.log.line,
+            self.mask,
+            self.cancel,
+            self.runner.grace,
+        )
+
+    def refresh(self, summary: Optional[dict[str, Any]] = None) -> None:
+        """Ask for the snapshot list and stats to be refreshed once the runner is idle."""
+        self.runner.refresher.request(summary)
+
+
+class Refresher:
+    """The snapshot list and stats, refreshed in the background when idle.
+
+    Requests coalesce: one refresh covers every backup since the last one.
+    `preempt` (a job starts) kills a running refresh; it runs again when the
+    runner is idle. The backup summaries asked with are kept until a refresh
+    reported the list: restic before 0.17 keeps no size in a snapshot.
+    """
+
+    def __init__(self, runner: JobRunner, delay: float = REFRESH_DELAY) -> None:
+        self.runner = runner
+        self.delay = delay
+        self.due = False
+        self.summaries: list[dict[str, Any]] = []
+        self.runs = 0  # refreshes started (tests count them)
+        self._task: Optional[asyncio.Task] = None
+
+    def request(self, summary: Optional[dict[str, Any]] = None) -> None:
+        self.due = True
+        if summary:
+            self.summaries.append(summary)
+            del self.summaries[:-MAX_SUMMARIES]
+        self.kick()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def kick(self) -> None:
+        """Start the refresh if one is due and the runner is idle."""
+        if self.due and self.runner.current is None and not self.running:
+            self._task = asyncio.ensure_future(self._refresh())
+
+    def preempt(self) -> None:
+        if self.running:
+            log.debug("a job starts: the snapshot refresh waits for it")
+            self._task.cancel()  # type: ignore[union-attr]  # restic is killed with it
+
+    async def idle(self) -> None:
+        """Wait until no refresh is due or running (tests)."""
+        while self.due or self.running:
+            if self.running:
+                await asyncio.gather(self._task, return_exceptions=True)  # type: ignore[arg-type]
+            elif self.runner.current is None:
+                self.kick()
+            else:
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.running:
+            self._task.cancel()  # type: ignore[union-attr]
+            await asyncio.wait({self._task}, timeout=10)  # type: ignore[arg-type]
+
+    async def _refresh(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.runs += 1
+        used = list(self.summaries)
+        try:
+            repo = self.runner.state.load_repo()
+            if repo is not None:
+                await self.runner.report_repository(repo, used)
+        except asyncio.CancelledError:
+            raise  # pre-empted: still due
+        except Exception:  # a failing refresh must not take the agent down, nor loop
+            log.exception("refreshing the snapshot list failed")
+        self.due = False
+        self.summaries = [s for s in self.summaries if s not in used]
+
+
+class JobRunner:
+    """Runs the jobs fleetd dispatches, one at a time."""
+
+    def __init__(
+        self,
+        state: State,
+        reporter: Reporter,
+        restic: str = "restic",
+        grace: float = 10.0,
+        refresh_delay: float = REFRESH_DELAY,
+    ) -> None:
+        self.state = state
+        self.reporter = reporter
+        self.restic = restic
+        self.grace = grace
+        self.current: Optional[int] = None
+        self.job: Optional[Job] = None
+        self.refresher = Refresher(self, refresh_delay)
+        self._task: Optional[asyncio.Task] = None
+
+    def submit(self, command: dict[str, Any]) -> None:
+        """Start a job. Raises Refused (code unknown_kind, bad_params, no_repo or busy)."""
+        kind, params, argv = prepare(command)
+        if self.current is not None:
+            raise Refused("busy", f"busy with job {self.current}")
+        try:
+            repo = self.state.load_repo()
+        except (StateError, KeyError, TypeError) as exc:
+            raise Refused("no_repo", f"the repository configuration is unreadable: {exc}") from None
+        if repo is None:
+            raise Refused(
+                "no_repo", "no repository configured for this host: run 'fleetctl repo set'"
+            )
+        self.refresher.preempt()
+        self.current = command["job_id"]
+        self.job = Job(self, command["job_id"], kind, params, argv, repo)
+        self._task = asyncio.ensure_future(self._run(command["kind"], self.job))
+
+    def cancel(self, job_id: int) -> bool:
+        if self.current != job_id or self.job is None:
+            return False
+        self.job.cancel.set()
+        return True
+
+    async def shutdown(self) -> None:
+        """Cancel the running job (restic removes its lock) and wait for its report."""
+        await self.refresher.stop()
+        if self._task is not None and not self._task.done():
+            if self.job is not None:
+                self.job.cancel.set()
+            await self._task
+
+    def argv(self, argv: tuple) -> list[str]:
+        return [self.restic, *argv[1:]]
+
+    # -- one job ------------------------------------------------------------
+
+    async def _run(self, name: str, job: Job) -> None:
+        try:
+            await self._run_job(name, job)
+        except Exception:  # the spool failing (disk full): the runner must not stay busy
+            log.exception("job %s could not be reported", job.id)
+        finally:
+            if self.job is job:  # not a job submitted since this one ended
+                self.current = None
+                self.job = None
+            self.refresher.kick()
+
+    async def _run_job(self, name: str, job: Job) -> None:
+        await self.reporter.emit(
+            "job.started", {"job_id": job.id, "kind": name, "started_at": now_iso()}
+        )
+        outcome = Outcome("failed", -1)
+        try:
+            outcome = await job.kind.run(job)
+        except Exception as exc:  # a bug must still end the job, not leave it running
+            log.exception("job %s crashed", job.id)
+            outcome = Outcome("failed", -1, f"agent error: {exc}")
+        finished: dict[str, Any] = {
+            "job_id": job.id,
+            "status": outcome.status,
+            "exit_code": outcome.exit_code,
+            "finished_at": now_iso(),
+        }
+        if job.log.summary is not None:
+            finished["summary"] = job.log.summary
+        if outcome.error and outcome.status != "succeeded":
+            finished["error"] = outcome.error[:MAX_LINE]
+        # cheap reports before the end, so that whoever sees the job end sees
+        # them: the snapshot a backup made (from its summary), and the locks a
+        # failed or stopped restic may have left (one quick `restic list locks`)
+        try:
+            if job.kind.after is not None:
+                await job.kind.after(job, outcome)
+            if outcome.status != "succeeded" or job.kind.locks_after:
+                await self.report_locks(job.repo)
+        except Exception:  # a report that fails must not keep the runner busy for ever
+            log.exception("reports after job %s failed", job.id)
+        finally:
+            # fleetd may dispatch the next job the moment job.finished arrives
+            if self.job is job:
+                self.current = None
+                self.job = None
+        await self.reporter.emit("job.finished", finished)
+        log.info("job %s (%s) %s", job.id, name, outcome.status)
+
+    # -- reports ------------------------------------------------------------
+
+    async def report_locks(self, repo: Optional[RepoConfig] = None) -> None:
+        """Tell fleetd how many restic locks the repository holds (stale ones
+        are left by a restic that was killed); `fleetctl repo unlock` clears them."""
+        repo = repo or self.state.load_repo()
+        if repo is None:
+            return
+        env, mask = restic_env(repo)
+        locks: list[str] = []
+
+        async def collect(stream: str, line: str) -> None:
+            if stream == "stdout" and line.strip():
+                locks.append(line)
+
+        result = await execute.run(self.argv(commands.list_locks()), env, collect, mask)
+        if result.exit_code == 0:
+            if locks:
+                log.warning("the repository holds %d lock(s)", len(locks))
+            await self.reporter.emit("repo.locks", {"count": len(locks)})
+        else:
+            log.warning("restic list locks failed: %s", result.error)
+
+    async def check_locks_when_idle(self) -> None:
+        """At start: a restic killed with the agent leaves its lock behind."""
+        if self.current is None:
+            await self.report_locks()
+
+    async def report_snapshots(self, snaps: list[dict[str, Any]]) -> None:
+        """The snapshot list in pages; a newer report supersedes any still unsent."""
+        report_at = now_iso()
+        pages = [snaps[i : i + SNAPSHOT_PAGE] for i in range(0, len(snaps), SNAPSHOT_PAGE)] or [[]]
+        for n, page in enumerate(pages):
+            data = {"snapshots": page, "report_at": report_at, "last": n == len(pages) - 1}
+            await self.reporter.emit("snapshots.report", data, supersede=(n == 0))
+
+    async def report_repository(
+        self, repo: RepoConfig, summaries: Optional[list[dict[str, Any]]] = None
+    ) -> None:
+        """The snapshot list and repository stats for fleetd (read without a
+        lock: a job starting meanwhile is never kept waiting by them)."""
+        env, mask = restic_env(repo)
+        out: list[str] = []
+
+        async def collect(stream: str, line: str) -> None:
+            if stream == "stdout":
+                out.append(line)
+
+        argv = self.argv(commands.snapshots(no_lock=True))
+        result = await execute.run(argv, env, collect, mask)
+        if result.exit_code == 0:
+            try:
+                snaps = parse.snapshots("\n".join(out))
+                for summary in summaries or ():
+                    parse.add_backup_summary(snaps, summary)
+                await self.report_snapshots(snaps)
+            except parse.ParseError as exc:
+                log.warning("cannot read restic snapshots output: %s", exc)
+        else:
+            log.warning("restic snapshots failed: %s", result.error)
+        out.clear()
+        result = await execute.run(self.argv(commands.stats(no_lock=True)), env, collect, mask)
+        if result.exit_code == 0:
+            try:
+                await self.reporter.emit("repo.stats", parse.stats("\n".join(out)))
+            except parse.ParseError as exc:
+                log.warning("cannot read restic stats output: %s", exc)
+        else:
+            log.warning("restic stats failed: %s", result.error)
