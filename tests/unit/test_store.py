@@ -633,3 +633,45 @@ def test_store_errors_and_cancellation(db_path: Path) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_transactions_waiting_together_commit_together(db_path: Path) -> None:
+    """Group commit: 300 transactions queued at once take a few commits; one
+    that raises rolls back only its own writes, and each caller hears of its
+    own outcome."""
+
+    class Boom(Exception):
+        pass
+
+    def add(i: int) -> int:
+        make_host(f"h{i}")
+        if i == 150:
+            raise Boom(i)
+        return i
+
+    async def main() -> tuple[list, int]:
+        store = Store(db_path)
+        await store.open()
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(store.run(gate.wait, 10))  # hold the thread
+        await asyncio.sleep(0)
+        calls = [asyncio.ensure_future(store.atomic(add, i)) for i in range(300)]
+        await asyncio.sleep(0)
+        before = store.commits
+        gate.set()
+        await blocker
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        commits = store.commits - before
+        await store.close()
+        return results, commits
+
+    results, commits = asyncio.run(main())
+    assert [r for r in results if isinstance(r, Boom)] == [results[150]]
+    assert [r for r in results if not isinstance(r, Boom)] == [i for i in range(300) if i != 150]
+    assert commits <= 3, commits
+    raw = sqlite3.connect(db_path)
+    try:
+        names = {n for (n,) in raw.execute("SELECT name FROM host")}
+    finally:
+        raw.close()
+    assert len(names) == 299 and "h150" not in names
