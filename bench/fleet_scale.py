@@ -1187,10 +1187,12 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         fleet.disconnect()
         bare2.sigterm()
 
-        # -- fleetd
+        # -- fleetd (FLEET_BENCH_PROFILE=FILE: under cProfile, for finding where time goes)
+        profile = os.environ.get("FLEET_BENCH_PROFILE")
         fleetd = Server(
             "fleetd",
             [
+                *(["-m", "cProfile", "-o", profile] if profile else []),
                 "-m",
                 "fleet.server.cli",
                 "serve",

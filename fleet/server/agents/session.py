@@ -342,31 +342,43 @@ class Agents:
     async def _receive(self, session: AgentSession, inbox: asyncio.Queue) -> None:
         connection = session.connection
         silence = 3 * self.heartbeat_interval
-        while True:
-            try:
-                raw = await asyncio.wait_for(connection.recv(), silence)
-            except asyncio.TimeoutError:
-                log.warning(
-                    "host %s silent for %d s: marking it offline", session.host_name, silence
-                )
-                # a silent peer will not answer a closing handshake: drop the link now
-                connection.transport.abort()
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+
+        def watchdog() -> None:
+            # one timer per session, moved only when it fires: not one per frame
+            nonlocal timer
+            quiet = loop.time() - heard
+            if quiet < silence:
+                timer = loop.call_later(silence - quiet, watchdog)
                 return
-            try:
-                frame = protocol.decode(raw, expect="agent")
-            except ProtocolError as exc:
-                log.warning("bad frame from %s: %s", session.host_name, exc)
-                await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
-                if exc.seq is not None:  # passed in seq order, so it wedges nothing
-                    await inbox.put(protocol.Envelope(REFUSED, {"error": str(exc)}, seq=exc.seq))
-                continue
-            handler = FRAME_HANDLERS.get(frame.type)
-            if frame.type in protocol.RELIABLE:
-                await inbox.put(frame)  # waits when the ingest is behind: backpressure
-            elif handler is not None:
-                await handler(self, session, frame.data)
-            else:
-                log.info("host %s sent %s; ignored", session.host_name, frame.type)
+            log.warning("host %s silent for %d s: marking it offline", session.host_name, silence)
+            # a silent peer will not answer a closing handshake: drop the link now
+            connection.transport.abort()
+
+        timer = loop.call_later(silence, watchdog)
+        try:
+            async for raw in connection:
+                heard = loop.time()
+                try:
+                    frame = protocol.decode(raw, expect="agent")
+                except ProtocolError as exc:
+                    log.warning("bad frame from %s: %s", session.host_name, exc)
+                    await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
+                    if exc.seq is not None:  # passed in seq order, so it wedges nothing
+                        refused = protocol.Envelope(REFUSED, {"error": str(exc)}, seq=exc.seq)
+                        await inbox.put(refused)
+                    continue
+                if frame.type in protocol.RELIABLE:
+                    await inbox.put(frame)  # waits when the ingest is behind: backpressure
+                    continue
+                handler = FRAME_HANDLERS.get(frame.type)
+                if handler is not None:
+                    await handler(self, session, frame.data)
+                else:
+                    log.info("host %s sent %s; ignored", session.host_name, frame.type)
+        finally:
+            timer.cancel()
 
     async def _apply_loop(self, session: AgentSession, inbox: asyncio.Queue) -> None:
         """Hand reliable frames to the ingest in batches; ack each once committed."""

@@ -63,14 +63,28 @@ def hosts_page(after: Optional[str], limit: Optional[int]) -> list[tuple[Host, O
     Role.VIEWER,
     (Field("limit", "int", False, minimum=1), Field("after", "str", False, limit=64)),
 )
-def hosts_list(ctx: Context, p: dict) -> list:
+async def hosts_list(ctx: Context, p: dict) -> list:
     """Hosts by name: status, versions and the latest backup of each. Every
     host, or a page: at most `limit` (1..1000) hosts whose names sort after
     `after` (pass the last name of a page to get the next)."""
     limit = p.get("limit")
     if limit is not None:
         at_most("limit", limit, MAX_PAGE)
-    return [host_json(h, backup) for h, backup in hosts_page(p.get("after"), limit)]
+        return await ctx.state.store.run(page_json, p.get("after"), limit)
+    # every host: read a page per store call, so a big fleet's listing never
+    # holds the store for long (dispatch and ingest go in between)
+    out: list = []
+    after = p.get("after")
+    while True:
+        page = await ctx.state.store.run(page_json, after, MAX_PAGE)
+        out += page
+        if len(page) < MAX_PAGE:
+            return out
+        after = page[-1]["name"]
+
+
+def page_json(after: Optional[str], limit: int) -> list:
+    return [host_json(h, backup) for h, backup in hosts_page(after, limit)]
 
 
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),))
