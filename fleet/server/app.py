@@ -45,11 +45,12 @@ from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
 from .events import Bus, CredentialsChanged, JobQueued
 from .scheduling.due import LostJobs, Retries
+from .scheduling.heap import HeapKeeper
 from .scheduling.ticker import Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
 from .store.db import Store
-from .store.models import Host
+from .store.models import Host, utcnow
 
 log = logging.getLogger("fleetd")
 
@@ -487,6 +488,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         [
             Retries(agents.lifecycle, agents.dispatcher),
             LostJobs(agents.lifecycle, config.lost_after, clock.now(), agents.connected),
+            HeapKeeper(clock.now()),
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
@@ -524,6 +526,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             signum = await stop
             ticking.cancel()
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            agents.stopping = True  # one statement marks every host offline, below
             # 1001 to everyone; a peer that does not finish the closing handshake
             # promptly (one pipelining requests, whose reads fleetd has paused,
             # cannot even see the close) is cut off rather than waited for
@@ -543,5 +546,6 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
 
 
 def reset_online() -> None:
-    """Nobody is connected to a fleetd that is starting or stopping."""
-    Host.update(online=False).where(Host.online == True).execute()  # noqa: E712
+    """Nobody is connected to a fleetd that is starting or stopping; those
+    that were were last seen now."""
+    Host.update(online=False, last_seen_at=utcnow()).where(Host.online == True).execute()  # noqa: E712

@@ -562,6 +562,16 @@ class FakeConnection:
         await self.dropped.wait()
         raise ConnectionClosed(None, None)
 
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        # websockets ends `async for` quietly when the link closes
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
     async def send(self, frame: str) -> None:
         self.sent.append(frame)
         if '"welcome"' in frame:

@@ -182,6 +182,7 @@ class Agents:
         self.presence = Presence(self.store)
         self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
         self.on_offline: list[Any] = []  # callables(host_id): e.g. the ticker's poke
+        self.stopping = False  # fleetd is shutting down: everyone goes offline at once
         self.bus.subscribe(JobEnded, self._job_ended)
         self.bus.subscribe(JobStarted, self._job_started)
         self.bus.subscribe(HostRemoved, self._host_removed)
@@ -308,7 +309,7 @@ class Agents:
             # apply what arrived before the link dropped, then let go
             await inbox.put(None)
             await asyncio.gather(consumer, return_exceptions=True)
-            if self._detach(session):
+            if self._detach(session) and not self.stopping:
                 await self.presence.offline(host.id)  # committed before anyone looks
                 for callback in self.on_offline:
                     callback(host.id)
