@@ -298,7 +298,7 @@ class FleetServer:
         self.config = config or ServeConfig(Path("."))
         self.limits = limits or ConnectionLimits(1 << 30, self.config.unauth_per_address)
         self.callers: dict[ServerConnection, Caller] = {}
-        self.agents: dict[ServerConnection, object] = {}
+        self.agents: dict[ServerConnection, tuple[int, str]] = {}  # (host id, name)
 
     @staticmethod
     def address(connection: ServerConnection) -> str:
@@ -376,7 +376,7 @@ class FleetServer:
                 except asyncio.TimeoutError:
                     await connection.close(1008, f"no enroll frame within {timeout:g} s")
             elif path == "/agent":
-                await self.state.agents.serve(connection, self.agents[connection])
+                await self.state.agents.serve(connection, *self.agents[connection])
         except ConnectionClosed:
             pass
         finally:

@@ -634,7 +634,7 @@ def test_a_disconnect_during_a_presence_write_still_arms_the_lost_job_timer(
             )
             conn = FakeConnection(hello)
             host = await store.run(Host.get_by_id, host_id)
-            serving = asyncio.ensure_future(agents.serve(conn, host))  # type: ignore[arg-type]
+            serving = asyncio.ensure_future(agents.serve(conn, host.id, host.name))  # type: ignore[arg-type]
             await asyncio.wait_for(conn.welcomed.wait(), TIMEOUT)
             await asyncio.wait_for(agents.presence._task, TIMEOUT)
             async with running(ticker):

@@ -13,6 +13,7 @@ from ...common.protocol import ProtocolError
 from ..security import auth
 from ..store.db import Store
 from ..store.models import AuditLog, EnrollmentToken, Host, utcnow
+from ..store.queries import hot
 
 log = logging.getLogger("fleetd.agent")
 
@@ -60,8 +61,9 @@ def redeem_enrollment(token: str, hostname: str, address: str) -> dict:
     return {"host_id": host.id, "host_name": host.name, "agent_token": agent_token}
 
 
-def lookup_agent(token: str) -> Optional[Host]:
-    return Host.get_or_none(Host.agent_token_hash == auth.token_hash(token))
+def lookup_agent(token: str) -> Optional[tuple[int, str]]:
+    """(host id, host name) of an agent token, or None."""
+    return hot.agent_by_token(auth.token_hash(token))
 
 
 async def serve_enroll(store: Store, connection: ServerConnection, address: str) -> None:

@@ -21,6 +21,7 @@ from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
 from ..store.db import Store
 from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
+from ..store.queries import hot
 
 log = logging.getLogger("fleetd.ingest")
 
@@ -64,20 +65,20 @@ def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
     restore): either way the next seq to apply is the agent's oldest
     unacknowledged one. Returns the seq fleetd is caught up at.
     """
-    host = Host.get_by_id(host_id)
-    last = host.last_seq
+    name, recorded = hot.host_seq(host_id)
+    last = recorded
     if pending_from == 0:
         last = spool_seq  # nothing waiting: whatever was sent was acknowledged
     elif last > spool_seq or last < pending_from - 1:
         last = pending_from - 1
-    if last != host.last_seq:
+    if last != recorded:
         log.warning(
             "host %s: seq record moved from %d to %d to follow its agent's spool",
-            host.name,
-            host.last_seq,
+            name,
+            recorded,
             last,
         )
-        Host.update(last_seq=last).where(Host.id == host_id).execute()
+        hot.set_seq(host_id, last)
     return last
 
 

@@ -28,7 +28,8 @@ from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
 from ..security.secrets import SecretBox, repo_aad
 from ..store.db import Store
-from ..store.models import Host, Repo, utcnow
+from ..store.models import Host, utcnow
+from ..store.queries import hot
 from .ingest import REFUSED, Ingest, sync_seq
 
 log = logging.getLogger("fleetd.agent")
@@ -59,15 +60,16 @@ class AgentSession:
 
 def repo_config(host_id: int, box: SecretBox) -> Optional[dict]:
     """config.update for a host, decrypted on the store thread."""
-    repo = Repo.get_or_none(Repo.host == host_id)
-    if repo is None:
+    row = hot.repo_secrets(host_id)
+    if row is None:
         return None
+    url_enc, password_enc, env_enc = row
     env = {}
-    if repo.env_enc:
-        env = json.loads(box.decrypt(repo.env_enc, repo_aad(host_id, "env")))
+    if env_enc:
+        env = json.loads(box.decrypt(bytes(env_enc), repo_aad(host_id, "env")))
     return {
-        "repo_url": box.decrypt(repo.url_enc, repo_aad(host_id, "url")),
-        "repo_password": box.decrypt(repo.password_enc, repo_aad(host_id, "password")),
+        "repo_url": box.decrypt(bytes(url_enc), repo_aad(host_id, "url")),
+        "repo_password": box.decrypt(bytes(password_enc), repo_aad(host_id, "password")),
         "repo_env": env,
     }
 
@@ -262,7 +264,7 @@ class Agents:
 
     # -- one session --------------------------------------------------------
 
-    async def serve(self, connection: ServerConnection, host: Host) -> None:
+    async def serve(self, connection: ServerConnection, host_id: int, host_name: str) -> None:
         """hello -> welcome and config.update; then reliable frames go to the
         ingest in batches (acked once committed), while heartbeats, progress
         and command results are handled as they come. Silence for three
@@ -270,19 +272,19 @@ class Agents:
         hello = await self._hello(connection)
         if hello is None:
             return
-        session = AgentSession(host.id, host.name, connection)
+        session = AgentSession(host_id, host_name, connection)
         session.running_job = hello.data.get("running_job")
         session.inflight = session.running_job
         session.spool_seq = hello.data.get("spool_seq", 0)
         await self._attach(session)  # an older session's end then sees it replaced
-        marked = self.presence.online(host.id, hello.data)
-        log.info("host %s connected (agent %s)", host.name, hello.data["agent_version"])
+        marked = self.presence.online(host_id, hello.data)
+        log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])
         inbox: asyncio.Queue = asyncio.Queue(INBOX)
         consumer = asyncio.ensure_future(self._apply_loop(session, inbox))
         try:
             last_seq, config = await self.store.atomic(
                 self._open,
-                host.id,
+                host_id,
                 session.spool_seq,
                 hello.data.get("spool_pending", 0),
             )
@@ -293,8 +295,8 @@ class Agents:
                     {
                         "server_version": __version__,
                         "heartbeat_interval": self.heartbeat_interval,
-                        "host_id": host.id,
-                        "host_name": host.name,
+                        "host_id": host_id,
+                        "host_name": host_name,
                     },
                     id=hello.id,
                 )
@@ -310,10 +312,10 @@ class Agents:
             await inbox.put(None)
             await asyncio.gather(consumer, return_exceptions=True)
             if self._detach(session) and not self.stopping:
-                await self.presence.offline(host.id)  # committed before anyone looks
+                await self.presence.offline(host_id)  # committed before anyone looks
                 for callback in self.on_offline:
-                    callback(host.id)
-                log.info("host %s disconnected", host.name)
+                    callback(host_id)
+                log.info("host %s disconnected", host_name)
 
     def _open(self, host_id: int, spool_seq: int, pending: int) -> tuple[int, Optional[dict]]:
         return sync_seq(host_id, spool_seq, pending), repo_config(host_id, self.box)

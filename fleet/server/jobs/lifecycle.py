@@ -14,17 +14,17 @@ else changes a job's status or publishes its end.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
-from peewee import fn
-
 from ...common.protocol import FINAL_STATUSES
 from ..events import Bus, Event, JobDispatched, JobEnded, JobQueued, JobStarted
 from ..store.db import Store
-from ..store.models import Job, Repo, SourceGroup, utcnow
+from ..store.models import Job, SourceGroup, utcnow
+from ..store.queries import hot
 from . import retry
 
 log = logging.getLogger("fleetd.jobs")
@@ -78,11 +78,7 @@ def needs_init(host_id: int) -> bool:
     A failed init is not retried by itself (it would fail again, forever):
     `fleetctl repo init` or a new `repo set` tries again.
     """
-    repo = Repo.get_or_none(Repo.host == host_id)
-    if repo is None:
-        return False
-    since = (Job.host == host_id) & (Job.kind == "init") & (Job.created_at >= repo.updated_at)
-    return not Job.select().where(since).exists()
+    return hot.needs_init(host_id)
 
 
 def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
@@ -90,28 +86,13 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
     and only when the host has no job with its agent already. Init first."""
     if needs_init(host_id):
         create(events, host_id, "init", "system")
-    with_agent = Job.select(Job.id).where((Job.host == host_id) & Job.status.in_(WITH_AGENT))
-    due = (
-        Job.select(Job.id)
-        .where(
-            (Job.host == host_id)
-            & (Job.status == QUEUED)
-            & (Job.not_before.is_null() | (Job.not_before <= now))
-        )
-        .order_by(Job.kind != "init", Job.id)
-        .limit(1)
-    )
-    claimed = (
-        Job.update(status=DISPATCHED, dispatched_at=now)
-        .where((Job.id == due) & ~fn.EXISTS(with_agent))
-        .returning(Job.id)
-        .execute()
-    )
-    ids = [row.id for row in claimed]
-    if not ids:
+    row = hot.claim(host_id, now)
+    if row is None:
         return None
-    events.append(JobDispatched(ids[0], host_id))
-    return Job.get_by_id(ids[0])
+    job_id, kind, params = row
+    events.append(JobDispatched(job_id, host_id))
+    # what a command.run needs, without reading the row back
+    return Job(id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED)
 
 
 def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
@@ -211,15 +192,14 @@ def lose(events: Events, host_id: int, keep: Optional[int], why: str) -> list[in
     """The agent of `host_id` no longer has these jobs: running ones are
     lost; dispatched ones never started and go back in the queue. `keep` is
     the job the agent says it still runs."""
-    query = Job.select(Job.id, Job.status).where((Job.host == host_id) & Job.status.in_(WITH_AGENT))
-    if keep is not None:
-        query = query.where(Job.id != keep)
     lost = []
-    for job in list(query):
-        if job.status == DISPATCHED:
-            requeue(events, job.id, "its agent came back without it")
-        elif end(events, host_id, job.id, "lost", error=why):
-            lost.append(job.id)
+    for job_id, status in hot.jobs_with_agent(host_id):
+        if job_id == keep:
+            continue
+        if status == DISPATCHED:
+            requeue(events, job_id, "its agent came back without it")
+        elif end(events, host_id, job_id, "lost", error=why):
+            lost.append(job_id)
     return lost
 
 

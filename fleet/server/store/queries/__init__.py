@@ -1,0 +1,35 @@
+"""Hot queries as plain SQL: the statements every agent connect or dispatch
+runs, where building the query through the ORM cost more than running it.
+Each function runs on the store thread; placeholders are written `?` and
+turned into the database's own style."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..models import db
+
+
+@functools.cache
+def _paramed(sql: str, param: str) -> str:
+    return sql if param == "?" else sql.replace("?", param)
+
+
+def execute(sql: str, *params: Any) -> Any:
+    """Run one statement on the store's connection; returns the cursor."""
+    database = db.obj
+    return database.execute_sql(_paramed(sql, database.param), params)
+
+
+def one(sql: str, *params: Any) -> Any:
+    return execute(sql, *params).fetchone()
+
+
+def rows(sql: str, *params: Any) -> list:
+    return execute(sql, *params).fetchall()
+
+
+def when(value: Any) -> Any:
+    """A datetime as the store keeps it (the form peewee writes)."""
+    return None if value is None else str(value)

@@ -1,0 +1,74 @@
+"""The statements of an agent's connect and of a dispatch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Optional
+
+from . import one, rows, when
+
+WITH_AGENT = ("dispatched", "running")
+
+
+def agent_by_token(token_hash: str) -> Optional[tuple[int, str]]:
+    """(host id, host name) of an agent token's hash, or None."""
+    return one('SELECT "id", "name" FROM "host" WHERE "agent_token_hash" = ?', token_hash)
+
+
+def host_seq(host_id: int) -> tuple[str, int]:
+    """(host name, last applied delivery seq)."""
+    return one('SELECT "name", "last_seq" FROM "host" WHERE "id" = ?', host_id)
+
+
+def set_seq(host_id: int, seq: int) -> None:
+    one('UPDATE "host" SET "last_seq" = ? WHERE "id" = ?', seq, host_id)
+
+
+def repo_secrets(host_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes]]]:
+    """(url, password, env) ciphertexts of the host's repository, or None."""
+    return one(
+        'SELECT "url_enc", "password_enc", "env_enc" FROM "repo" WHERE "host_id" = ?', host_id
+    )
+
+
+def jobs_with_agent(host_id: int) -> list[tuple[int, str]]:
+    """(id, status) of the host's dispatched and running jobs."""
+    return rows(
+        'SELECT "id", "status" FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)',
+        host_id,
+        *WITH_AGENT,
+    )
+
+
+def needs_init(host_id: int) -> bool:
+    """A repository is set and no init job was made since it was."""
+    row = one(
+        'SELECT NOT EXISTS (SELECT 1 FROM "job" AS "j" WHERE "j"."host_id" = "r"."host_id" '
+        'AND "j"."kind" = ? AND "j"."created_at" >= "r"."updated_at") '
+        'FROM "repo" AS "r" WHERE "r"."host_id" = ?',
+        "init",
+        host_id,
+    )
+    return bool(row and row[0])
+
+
+def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str]]:
+    """queued -> dispatched for the host's next due job, in one statement and
+    only when none is with its agent; (id, kind, params JSON) or None."""
+    stamp = when(now)
+    return one(
+        'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "id" = ('
+        'SELECT "id" FROM "job" WHERE "host_id" = ? AND "status" = ? '
+        'AND ("not_before" IS NULL OR "not_before" <= ?) '
+        'ORDER BY "kind" <> ?, "id" LIMIT 1) '
+        'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
+        'RETURNING "id", "kind", "params"',
+        "dispatched",
+        stamp,
+        host_id,
+        "queued",
+        stamp,
+        "init",
+        host_id,
+        *WITH_AGENT,
+    )
