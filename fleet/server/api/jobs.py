@@ -101,7 +101,10 @@ def jobs_run(ctx: Context, p: dict) -> dict:
         .where((Job.host == host) & (Job.status.in_(lifecycle.ACTIVE)) & (Job.id != job.id))
         .count()
     )
-    return {**job_view(get_job(job.id), ctx), "queued_behind": queued_behind}
+    # the view from what is at hand, not from reading the new row back
+    job.host = host
+    job.actor_user = User(id=ctx.caller.user_id, name=ctx.caller.name)
+    return {**job_view(job, ctx), "queued_behind": queued_behind}
 
 
 def parse_since(value: str) -> dt.datetime:
