@@ -27,6 +27,8 @@ class InlineStore:
     async def run(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
+    bulk = run
+
     async def atomic(self, fn, *args, **kwargs):
         with db.atomic():
             return fn(*args, **kwargs)
@@ -219,3 +221,27 @@ def test_a_revoked_token_stops_at_once_despite_the_check_cache(rpc: Api) -> None
         assert error["code"] == "unauthorized", error
     finally:
         rpc.ctx.state.bus = None
+
+
+def test_read_only_methods_write_nothing(rpc: Api, fleet_of_50) -> None:
+    """Methods marked readonly run without a transaction: each must only read
+    (every statement they run is a SELECT)."""
+    from fleet.server.api import build_registry
+
+    readonly = {m.name for m in build_registry()._methods.values() if m.readonly}
+    assert {"hosts.show", "jobs.list", "audit.list"} <= readonly
+    calls = {
+        "users.list": {},
+        "tokens.list": {},
+        "hosts.show": {"host": "h01"},
+        "groups.list": {"host": "h01"},
+        "jobs.list": {},
+        "audit.list": {},
+        "snapshots.list": {"host": "h01"},
+    }
+    for name, params in calls.items():
+        assert name in readonly, name
+        with QueryCounter() as counter:
+            rpc(name, **params)
+        writes = [q for q in counter.sql if not q.lstrip().upper().startswith("SELECT")]
+        assert writes == [], (name, writes)

@@ -88,11 +88,15 @@ class Counting:
         self.atomics = 0
         self.gate: asyncio.Event | None = None  # when set: writes wait for it
         self.fail_next = 0
-        real_run, real_atomic = store.run, store.atomic
+        real_run, real_atomic, real_bulk = store.run, store.atomic, store.bulk
 
         async def run(fn, *args: Any, **kw: Any):
             self.runs += 1
             return await real_run(fn, *args, **kw)
+
+        async def bulk(fn, *args: Any, **kw: Any):  # the ingest's batches
+            self.runs += 1
+            return await real_bulk(fn, *args, **kw)
 
         async def atomic(fn, *args: Any, **kw: Any):
             self.atomics += 1
@@ -105,6 +109,7 @@ class Counting:
 
         store.run = run  # type: ignore[method-assign]
         store.atomic = atomic  # type: ignore[method-assign]
+        store.bulk = bulk  # type: ignore[method-assign]
 
 
 @pytest.fixture

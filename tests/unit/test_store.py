@@ -675,3 +675,26 @@ def test_transactions_waiting_together_commit_together(db_path: Path) -> None:
     finally:
         raw.close()
     assert len(names) == 299 and "h150" not in names
+
+
+def test_bulk_work_waits_while_smaller_calls_are_queued(db_path: Path) -> None:
+    """A batch of reports or a listing page (bulk) queued first still runs
+    after a dispatch or an operator's request queued behind it."""
+
+    async def main() -> list[str]:
+        store = Store(db_path)
+        await store.open()
+        order: list[str] = []
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(store.run(gate.wait, 10))
+        await asyncio.sleep(0)
+        bulk = [asyncio.ensure_future(store.bulk(order.append, f"bulk{i}")) for i in range(3)]
+        small = asyncio.ensure_future(store.atomic(order.append, "claim"))
+        read = asyncio.ensure_future(store.run(order.append, "request"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(blocker, small, read, *bulk)
+        await store.close()
+        return order
+
+    assert asyncio.run(main()) == ["claim", "request", "bulk0", "bulk1", "bulk2"]

@@ -296,7 +296,7 @@ class Ingest:
                 taken.append(batch)
                 count += len(batch.frames)
             try:
-                results, events = await self.store.run(self._apply, taken, self.clock.now())
+                results, events = await self.store.bulk(self._apply, taken, self.clock.now())
             except Exception as exc:  # the commit itself failed: nobody is acked
                 log.exception("applying agents' reports failed")
                 for batch in taken:

@@ -21,6 +21,7 @@ method = collect(METHODS)
         Field("actor", "str", False),
         Field("action", "str", False),
     ),
+    readonly=True,
 )
 def audit_list(ctx: Context, p: dict) -> list:
     """Audit entries, newest first; by actor, or by action prefix."""

@@ -38,7 +38,9 @@ def lookup_token(token: str) -> Optional[Caller]:
     if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
         return None
     ApiToken.update(last_used_at=now).where(ApiToken.id == row.id).execute()
-    return Caller(row.user.id, row.user.name, Role(row.user.role), row.id, "")
+    return Caller(
+        row.user.id, row.user.name, Role(row.user.role), row.id, "", row.expires_at, row.name
+    )
 
 
 def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
@@ -57,7 +59,13 @@ def refresh_caller(caller: Caller) -> Optional[Caller]:
     if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
         return None
     return Caller(
-        row.user.id, row.user.name, Role(row.user.role), row.id, caller.address, row.expires_at
+        row.user.id,
+        row.user.name,
+        Role(row.user.role),
+        row.id,
+        caller.address,
+        row.expires_at,
+        row.name,
     )
 
 
@@ -127,15 +135,15 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
 
 
 @method("auth.whoami")
-def whoami(ctx: Context, p: dict) -> dict:
-    """The caller: user, role, the token in use and fleetd's version."""
-    user = User.get_by_id(ctx.caller.user_id)
-    token = ApiToken.get_or_none(ApiToken.id == ctx.caller.token_id)
+async def whoami(ctx: Context, p: dict) -> dict:
+    """The caller: user, role, the token in use and fleetd's version (as
+    checked for this very request: no further store work)."""
+    caller = ctx.caller
     return {
-        "user": user.name,
-        "role": user.role,
-        "token": token.name if token else None,
-        "token_expires_at": iso(token.expires_at) if token else None,
+        "user": caller.name,
+        "role": caller.role.value,
+        "token": caller.token_name,
+        "token_expires_at": iso(caller.expires_at),
         "server_version": __version__,
     }
 

@@ -23,6 +23,7 @@ class Caller:
     token_id: Optional[int]
     address: str
     expires_at: Optional[dt.datetime] = None  # the token's
+    token_name: Optional[str] = None
 
 
 @dataclass

@@ -66,7 +66,7 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
             setattr(g, number, at_most(number, p[number], MAXIMUM[number]))
 
 
-@method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),))
+@method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def groups_list(ctx: Context, p: dict) -> list:
     """A host's source groups, by name."""
     host = get_host(p["host"])
@@ -74,7 +74,10 @@ def groups_list(ctx: Context, p: dict) -> list:
 
 
 @method(
-    "groups.show", Role.VIEWER, (Field("host", "str", limit=64), Field("name", "str", limit=64))
+    "groups.show",
+    Role.VIEWER,
+    (Field("host", "str", limit=64), Field("name", "str", limit=64)),
+    readonly=True,
 )
 def groups_show(ctx: Context, p: dict) -> dict:
     """One source group of a host."""

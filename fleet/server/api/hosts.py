@@ -76,7 +76,7 @@ async def hosts_list(ctx: Context, p: dict) -> list:
     out: list = []
     after = p.get("after")
     while True:
-        page = await ctx.state.store.run(page_json, after, MAX_PAGE)
+        page = await ctx.state.store.bulk(page_json, after, MAX_PAGE)
         out += page
         if len(page) < MAX_PAGE:
             return out
@@ -87,7 +87,7 @@ def page_json(after: Optional[str], limit: int) -> list:
     return [host_json(h, backup) for h, backup in hosts_page(after, limit)]
 
 
-@method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),))
+@method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def hosts_show(ctx: Context, p: dict) -> dict:
     """One host in detail: the listing's fields, its repository's stats,
     platform, groups and schedule versions."""

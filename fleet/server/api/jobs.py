@@ -124,6 +124,7 @@ def parse_since(value: str) -> dt.datetime:
         Field("since", "str", False, limit=32),
         Field("limit", "int", False, minimum=1),
     ),
+    readonly=True,
 )
 def jobs_list(ctx: Context, p: dict) -> list:
     """Jobs, newest first: by host, status, kind, since a time; 50 by default."""
@@ -140,7 +141,7 @@ def jobs_list(ctx: Context, p: dict) -> list:
     return [job_view(j, ctx) for j in query]
 
 
-@method("jobs.show", Role.VIEWER, (Field("id", "int"),))
+@method("jobs.show", Role.VIEWER, (Field("id", "int"),), readonly=True)
 def jobs_show(ctx: Context, p: dict) -> dict:
     """One job: status, params, summary and how many log lines it has."""
     job = get_job(p["id"])
@@ -167,6 +168,7 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
         Field("after", "int", False, minimum=0),
         Field("limit", "int", False, minimum=1),
     ),
+    readonly=True,
 )
 def jobs_log(ctx: Context, p: dict) -> dict:
     """A job and its stored log lines, after a seq, at most `limit`."""

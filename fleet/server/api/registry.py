@@ -51,6 +51,7 @@ class Method:
     role: Role
     fields: tuple[Field, ...]
     is_async: bool
+    readonly: bool = False  # a sync handler that only reads: no transaction
 
     @property
     def help(self) -> str:
@@ -61,9 +62,12 @@ class Method:
 def collect(into: list[Method]):
     """A `@method(name, role, fields)` decorator that appends to `into`."""
 
-    def method(name: str, role: Role = Role.VIEWER, fields: tuple[Field, ...] = ()):
+    def method(
+        name: str, role: Role = Role.VIEWER, fields: tuple[Field, ...] = (), readonly: bool = False
+    ):
         def register(fn: Handler) -> Handler:
-            into.append(Method(name, fn, role, tuple(fields), inspect.iscoroutinefunction(fn)))
+            is_async = inspect.iscoroutinefunction(fn)
+            into.append(Method(name, fn, role, tuple(fields), is_async, readonly))
             return fn
 
         return register
@@ -178,7 +182,9 @@ class Registry:
             if m.is_async:
                 result = await m.handler(ctx, checked)
             else:
-                result = await ctx.state.store.atomic(m.handler, ctx, checked)
+                store = ctx.state.store
+                run = store.run if m.readonly else store.atomic
+                result = await run(m.handler, ctx, checked)
             if ctx.events and ctx.state.bus is not None:
                 ctx.state.bus.publish(ctx.events)
             for hook in ctx.after:  # pushes to agents, once the change is committed

@@ -74,7 +74,7 @@ def repo_set(ctx: Context, p: dict) -> dict:
     return repo_json(host, Repo.get_by_id(host.id), box)
 
 
-@method("repo.show", Role.VIEWER, (Field("host", "str", limit=64),))
+@method("repo.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def repo_show(ctx: Context, p: dict) -> dict:
     """A host's repository, with its password and environment redacted."""
     host = get_host(p["host"])

@@ -18,6 +18,7 @@ method = collect(METHODS)
     "snapshots.list",
     Role.VIEWER,
     (Field("host", "str", limit=64), Field("group", "str", False, limit=64)),
+    readonly=True,
 )
 def snapshots_list(ctx: Context, p: dict) -> list:
     """A host's snapshots, newest first; those tagged with one group's name."""

@@ -31,7 +31,7 @@ def tokens_create(ctx: Context, p: dict) -> dict:
     return {**issued, "user": user.name, "role": user.role}
 
 
-@method("tokens.list", Role.VIEWER, (Field("all", "bool", False),))
+@method("tokens.list", Role.VIEWER, (Field("all", "bool", False),), readonly=True)
 def tokens_list(ctx: Context, p: dict) -> list:
     """The caller's tokens; every user's with `all` (admin)."""
     query = ApiToken.select(ApiToken, User).join(User).order_by(ApiToken.id)

@@ -36,7 +36,7 @@ def admins_left_without(user: User) -> int:
     return User.select().where((User.role == "admin") & (User.id != user.id)).count()
 
 
-@method("users.list", Role.ADMIN)
+@method("users.list", Role.ADMIN, readonly=True)
 def users_list(ctx: Context, p: dict) -> list:
     """Every user, by name."""
     return [user_json(u) for u in User.select().order_by(User.name)]

@@ -79,6 +79,7 @@ class Store:
         self.path = path
         self._database: pw.SqliteDatabase | None = None
         self._calls: collections.deque[_Call] = collections.deque()
+        self._bulk: collections.deque[_Call] = collections.deque()  # served when nothing else waits
         self._ready = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -92,7 +93,7 @@ class Store:
         self._database = await self.run(open_database, self.path)
 
     def _submit(
-        self, fn: Callable[..., Any], args: Any, kwargs: Any, atomic: bool
+        self, fn: Callable[..., Any], args: Any, kwargs: Any, atomic: bool, bulk: bool = False
     ) -> asyncio.Future:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         with self._ready:
@@ -101,7 +102,8 @@ class Store:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="store", daemon=True)
                 self._thread.start()
-            self._calls.append(_Call(future, functools.partial(fn, *args, **kwargs), atomic))
+            queue = self._bulk if bulk else self._calls
+            queue.append(_Call(future, functools.partial(fn, *args, **kwargs), atomic))
             self._ready.notify()
         return future
 
@@ -112,16 +114,22 @@ class Store:
         """Run fn inside one transaction on the store thread."""
         return await self._submit(fn, args, kwargs, atomic=True)
 
+    async def bulk(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Like run, for big work (a batch of reports, a page of a listing):
+        it waits while smaller calls (a dispatch, an operator's request)
+        are queued, so those are not held up behind it."""
+        return await self._submit(fn, args, kwargs, atomic=False, bulk=True)
+
     # -- the store thread ---------------------------------------------------
 
     def _work(self) -> None:
         while True:
             with self._ready:
-                while not self._calls and not self._closed:
+                while not self._calls and not self._bulk and not self._closed:
                     self._ready.wait()
-                if not self._calls:
+                if not self._calls and not self._bulk:
                     return  # closed and drained
-                first = self._calls.popleft()
+                first = self._calls.popleft() if self._calls else self._bulk.popleft()
                 group = [first]
                 if first.atomic:  # every transaction already waiting joins it
                     while self._calls and self._calls[0].atomic and len(group) < GROUP_MAX:
