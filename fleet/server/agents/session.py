@@ -49,6 +49,8 @@ class AgentSession:
         self.caught_up = False  # the agent's spool, as of hello, is applied
         self.spool_seq = 0
         self.running_job: Optional[int] = None
+        self.inbox: Optional[asyncio.Queue] = None  # reliable frames for the apply loop
+        self.consumer: Optional[asyncio.Task] = None
 
     async def send(self, frame: str) -> bool:
         try:
@@ -279,8 +281,6 @@ class Agents:
         await self._attach(session)  # an older session's end then sees it replaced
         marked = self.presence.online(host_id, hello.data)
         log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])
-        inbox: asyncio.Queue = asyncio.Queue(INBOX)
-        consumer = asyncio.ensure_future(self._apply_loop(session, inbox))
         try:
             last_seq, config = await self.store.atomic(
                 self._open,
@@ -304,13 +304,14 @@ class Agents:
             if config is not None:
                 await connection.send(protocol.encode("config.update", config))
             await self._catch_up(session, last_seq)
-            await self._receive(session, inbox)
+            await self._receive(session)
         except ConnectionClosed:
             pass
         finally:
             # apply what arrived before the link dropped, then let go
-            await inbox.put(None)
-            await asyncio.gather(consumer, return_exceptions=True)
+            if session.inbox is not None:
+                await session.inbox.put(None)
+                await asyncio.gather(session.consumer, return_exceptions=True)
             if self._detach(session) and not self.stopping:
                 await self.presence.offline(host_id)  # committed before anyone looks
                 for callback in self.on_offline:
@@ -342,7 +343,15 @@ class Agents:
             return None
         return hello
 
-    async def _receive(self, session: AgentSession, inbox: asyncio.Queue) -> None:
+    async def _enqueue(self, session: AgentSession, frame: protocol.Envelope) -> None:
+        """Hand a reliable frame to the session's apply loop, which starts with
+        the first one (an idle agent costs no queue and no task)."""
+        if session.inbox is None:
+            session.inbox = asyncio.Queue(INBOX)
+            session.consumer = asyncio.ensure_future(self._apply_loop(session, session.inbox))
+        await session.inbox.put(frame)  # waits when the ingest is behind: backpressure
+
+    async def _receive(self, session: AgentSession) -> None:
         connection = session.connection
         silence = 3 * self.heartbeat_interval
         loop = asyncio.get_running_loop()
@@ -370,10 +379,10 @@ class Agents:
                     await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
                     if exc.seq is not None:  # passed in seq order, so it wedges nothing
                         refused = protocol.Envelope(REFUSED, {"error": str(exc)}, seq=exc.seq)
-                        await inbox.put(refused)
+                        await self._enqueue(session, refused)
                     continue
                 if frame.type in protocol.RELIABLE:
-                    await inbox.put(frame)  # waits when the ingest is behind: backpressure
+                    await self._enqueue(session, frame)
                     continue
                 handler = FRAME_HANDLERS.get(frame.type)
                 if handler is not None:
