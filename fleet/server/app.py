@@ -85,7 +85,7 @@ FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
 MAX_QUEUE = 8  # incoming frames buffered per connection before reading pauses
 WRITE_LIMIT = 64 * 1024  # outgoing bytes buffered per connection before send() waits
 UNAUTHENTICATED = ("/login", "/enroll")
-SHUTDOWN_GRACE = 1.0  # seconds connection handlers get to finish at SIGTERM
+SHUTDOWN_GRACE = 0.5  # seconds connection handlers get to finish at SIGTERM
 
 
 def raise_fd_limit() -> int:
