@@ -389,3 +389,29 @@ def test_online_is_not_done_when_its_write_failed(db_path: Path) -> None:
         return raw(db_path, "SELECT online FROM host WHERE id = ?", (host,))
 
     assert run_with_store(db_path, body) in ("raised", [(1,)])
+
+
+def test_small_batches_go_ahead_of_agents_streaming_at_full_speed() -> None:
+    """A follower's job at restic's pace (a few lines a batch) is applied in
+    the next transaction, not behind every batch of the agents streaming as
+    fast as they can; the big ones follow in arrival order."""
+    from fleet.server.agents.ingest import MAX_FRAMES, Ingest, _Batch
+
+    async def main() -> list[list[int]]:
+        ingest = Ingest(None, None)  # type: ignore[arg-type]  # only its queue is used
+        sizes = [1000] * 12 + [3] + [1000] * 3 + [1]
+        ingest._waiting = [_Batch(host, [None] * n) for host, n in enumerate(sizes)]  # type: ignore[list-item]
+        rounds = []
+        while ingest._waiting:
+            rounds.append([b.host_id for b in ingest._take()])
+        return rounds
+
+    rounds = asyncio.run(main())
+    assert rounds[0][:2] == [12, 16]  # the small ones, first of all
+    assert [h for r in rounds for h in r if h not in (12, 16)] == [
+        *range(12),
+        13,
+        14,
+        15,
+    ]  # the rest in arrival order
+    assert all(len(r) <= MAX_FRAMES // 1000 + 2 for r in rounds)

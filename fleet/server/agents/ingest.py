@@ -26,6 +26,7 @@ from ..store.queries import hot
 log = logging.getLogger("fleetd.ingest")
 
 MAX_FRAMES = 5000  # frames applied in one transaction at most (across agents)
+SMALL_BATCH = 50  # a batch this small goes ahead of the big ones
 
 
 def line_json(job_id: int, seq: int, ts: Any, stream: str, payload: str) -> dict:
@@ -287,14 +288,7 @@ class Ingest:
 
     async def _run(self) -> None:
         while self._waiting:
-            taken: list[_Batch] = []
-            count = 0
-            while self._waiting and (
-                not taken or count + len(self._waiting[0].frames) <= MAX_FRAMES
-            ):
-                batch = self._waiting.pop(0)
-                taken.append(batch)
-                count += len(batch.frames)
+            taken = self._take()
             try:
                 results, events = await self.store.bulk(self._apply, taken, self.clock.now())
             except Exception as exc:  # the commit itself failed: nobody is acked
@@ -311,6 +305,24 @@ class Ingest:
                     batch.done.set_exception(result)
                 else:
                     batch.done.set_result(result)
+
+    def _take(self) -> list[_Batch]:
+        """The batches for the next transaction: every small one first (a
+        follower's job at restic's pace must not wait behind agents that
+        stream as fast as they can), then the others in arrival order, up
+        to MAX_FRAMES frames (at least one batch)."""
+        small = [b for b in self._waiting if len(b.frames) <= SMALL_BATCH]
+        rest = [b for b in self._waiting if len(b.frames) > SMALL_BATCH]
+        taken: list[_Batch] = []
+        count = 0
+        for batch in small + rest:
+            if taken and count + len(batch.frames) > MAX_FRAMES:
+                break
+            taken.append(batch)
+            count += len(batch.frames)
+        chosen = set(map(id, taken))
+        self._waiting = [b for b in self._waiting if id(b) not in chosen]
+        return taken
 
     @staticmethod
     def _apply(taken: list[_Batch], now: dt.datetime) -> tuple[list[Any], list[Event]]:
