@@ -45,7 +45,7 @@ from .api.auth import login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
-from .events import Bus, CredentialsChanged, JobQueued
+from .events import Bus, CredentialsChanged, HostOffline, JobQueued
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
 from .scheduling.ticker import Ticker
@@ -111,6 +111,25 @@ def connection_budget(fd_limit: int) -> int:
     return max(16, fd_limit - FD_RESERVE)
 
 
+class Throttle:
+    """When a warning that repeats may be logged again: at most once every
+    `seconds`, saying how many were held back since."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.held = 0
+        self.last = -1e9
+
+    def ready(self) -> Optional[int]:
+        """The number held back since the last one when it is time, else None."""
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            self.held += 1
+            return None
+        held, self.held, self.last = self.held, 0, now
+        return held
+
+
 class ConnectionLimits:
     """Counts open TCP connections (all of them) and unauthenticated ones per
     address; updated from the connections' own callbacks, so nothing leaks
@@ -125,8 +144,7 @@ class ConnectionLimits:
         self.open = 0
         self.live: set[Any] = set()  # every connection with its TCP socket still open
         self.unauth: collections.Counter[str] = collections.Counter()
-        self.refused = 0
-        self._last_report = 0.0
+        self._refusals = Throttle(10.0)
 
     def claim_unauthenticated(self, connection: Any, address: str) -> bool:
         if self.unauth[address] >= self.per_address:
@@ -152,14 +170,9 @@ class ConnectionLimits:
 
     def note_refusal(self, why: str) -> None:
         """One warning line per 10 s at most, however many are refused."""
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_report >= 10.0:
-            log.warning(
-                "refusing connections: %s (%d refused since the last report)", why, self.refused
-            )
-            self.refused = 0
-            self._last_report = now
+        held = self._refusals.ready()
+        if held is not None:
+            log.warning("refusing connections: %s (%d more since the last report)", why, held)
 
 
 def connection_class(limits: ConnectionLimits) -> type[ServerConnection]:
@@ -218,25 +231,22 @@ class QuietAcceptErrors:
     away from the limit, this is the fallback.)"""
 
     def __init__(self) -> None:
-        self.suppressed = 0
-        self.last = -1e9
+        self._throttle = Throttle(5.0)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         message = str(context.get("message", ""))
         if not message.startswith("socket.accept() out of system resource"):
             loop.default_exception_handler(context)
             return
-        now = time.monotonic()
-        if now - self.last < 5.0:
-            self.suppressed += 1
+        held = self._throttle.ready()
+        if held is None:
             return
         exc = context.get("exception")
         log.warning(
             "cannot accept connections: %s (%d more since the last report)",
             getattr(exc, "strerror", None) or exc,
-            self.suppressed,
+            held,
         )
-        self.suppressed, self.last = 0, now
 
 
 class ConfigError(Exception):
@@ -494,7 +504,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
-    agents.on_offline.append(lambda host_id: ticker.poke())  # a silent host's jobs may be lost
+    bus.subscribe(HostOffline, lambda e: ticker.poke())  # a silent host's jobs may be lost
     max_connections = config.max_connections or connection_budget(raise_fd_limit())
     limits = ConnectionLimits(max_connections, config.unauth_per_address)
     app = FleetServer(state, config=config, limits=limits)

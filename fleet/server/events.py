@@ -70,6 +70,13 @@ class HostRemoved:
 
 
 @dataclass(frozen=True)
+class HostOffline:
+    """A host's connection ended (written to the store)."""
+
+    host_id: int
+
+
+@dataclass(frozen=True)
 class CredentialsChanged:
     """A token was revoked, or a user's role changed or the user was removed:
     cached token checks of them are dropped at once."""
@@ -93,6 +100,7 @@ Event = Union[
     JobLogged,
     JobProgressed,
     HostRemoved,
+    HostOffline,
     RepoChanged,
     CredentialsChanged,
 ]
@@ -139,6 +147,9 @@ class Bus:
         self._subscribers: dict[type, list[Callable[[Any], None]]] = defaultdict(list)
         self._watches: dict[int, set[Watch]] = defaultdict(set)
         self.progress: dict[int, dict[str, Any]] = {}  # latest progress per running job
+        self.subscribe(JobProgressed, self._track_progress)
+        self.subscribe(JobEnded, self._track_progress)
+        self.subscribe(HostRemoved, self._end_watches)
 
     def subscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
         self._subscribers[kind].append(fn)
@@ -155,19 +166,23 @@ class Bus:
             if not watches:
                 del self._watches[w.job_id]
 
+    def _track_progress(self, event: JobProgressed | JobEnded) -> None:
+        if isinstance(event, JobProgressed):
+            self.progress[event.job_id] = event.progress
+        else:
+            self.progress.pop(event.job_id, None)
+
+    def _end_watches(self, event: HostRemoved) -> None:
+        for watches in list(self._watches.values()):
+            for w in list(watches):
+                if w.host_id == event.host_id:
+                    w.end()
+
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
-            if isinstance(event, JobProgressed):
-                self.progress[event.job_id] = event.progress
-            elif isinstance(event, JobEnded):
-                self.progress.pop(event.job_id, None)
-            if isinstance(event, HostRemoved):
-                for watches in list(self._watches.values()):
-                    for w in list(watches):
-                        if w.host_id == event.host_id:
-                            w.end()
-            elif hasattr(event, "job_id"):
-                for w in list(self._watches.get(event.job_id, ())):
+            job_id = getattr(event, "job_id", None)
+            if job_id is not None:
+                for w in list(self._watches.get(job_id, ())):
                     w.offer(event)
             for fn in self._subscribers.get(type(event), ()):
                 try:

@@ -19,7 +19,7 @@ from fleet.common import protocol
 from fleet.common.timefmt import utcnow
 from fleet.server.agents.session import Agents
 from fleet.server.clock import FakeClock
-from fleet.server.events import Bus, JobEnded, JobQueued
+from fleet.server.events import Bus, HostOffline, JobEnded, JobQueued
 from fleet.server.jobs import lifecycle
 from fleet.server.scheduling import ticker as ticker_mod
 from fleet.server.scheduling.due import LostJobs, Retries
@@ -615,7 +615,7 @@ def test_a_disconnect_during_a_presence_write_still_arms_the_lost_job_timer(
             agents.presence.store = gated  # type: ignore[assignment]
             source = Observed(LostJobs(agents.lifecycle, 90, clock.now(), agents.connected))
             ticker = Ticker(clock, [source])
-            agents.on_offline.append(lambda host_id: ticker.poke())  # as app.py wires it
+            agents.bus.subscribe(HostOffline, lambda e: ticker.poke())  # as app.py wires it
             other = await store.run(make_host, "other")
             host_id = await store.run(make_host, "web-01")
             job = await store.run(make_job, host_id, "running")

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -23,7 +23,15 @@ from ... import __version__
 from ...common import protocol
 from ...common.protocol import ProtocolError
 from ..clock import Clock
-from ..events import Bus, HostRemoved, JobEnded, JobProgressed, JobStarted, RepoChanged
+from ..events import (
+    Bus,
+    HostOffline,
+    HostRemoved,
+    JobEnded,
+    JobProgressed,
+    JobStarted,
+    RepoChanged,
+)
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
 from ..security.secrets import SecretBox, repo_aad
@@ -96,24 +104,27 @@ class Presence:
     def online(self, host_id: int, hello: dict) -> asyncio.Future:
         """Mark the host online; the future is done once that is committed."""
         self._online[host_id] = hello
-        return self._kick(urgent=True)
+        return self._urgently()
 
     def offline(self, host_id: int) -> asyncio.Future:
         self._online[host_id] = None
-        return self._kick(urgent=True)
+        return self._urgently()
 
     def seen(self, host_id: int) -> None:
+        """A heartbeat: nobody waits for it to be written."""
         self._seen.add(host_id)
-        self._kick(urgent=False)
+        self._start()
 
-    def _kick(self, urgent: bool) -> asyncio.Future:
+    def _urgently(self) -> asyncio.Future:
         done = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
-        if urgent:
-            self._urgent.set()
+        self._urgent.set()
+        self._start()
+        return done
+
+    def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
-        return done
 
     async def _run(self) -> None:
         while self._online or self._seen:
@@ -185,7 +196,6 @@ class Agents:
         self.ingest = Ingest(self.store, self.bus, self.clock)
         self.presence = Presence(self.store)
         self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
-        self.on_offline: list[Any] = []  # callables(host_id): e.g. the ticker's poke
         self.stopping = False  # fleetd is shutting down: everyone goes offline at once
         self.bus.subscribe(JobEnded, self._job_ended)
         self.bus.subscribe(JobStarted, self._job_started)
@@ -314,8 +324,7 @@ class Agents:
                 await asyncio.gather(session.consumer, return_exceptions=True)
             if self._detach(session) and not self.stopping:
                 await self.presence.offline(host_id)  # committed before anyone looks
-                for callback in self.on_offline:
-                    callback(host_id)
+                self.bus.publish([HostOffline(host_id)])
                 log.info("host %s disconnected", host_name)
 
     def _open(self, host_id: int, spool_seq: int, pending: int) -> tuple[int, Optional[dict]]:

@@ -60,12 +60,12 @@ class Dispatcher:
         self.clock = clock
         self._hosts: set[int] = set()
         self._task: Optional[asyncio.Task] = None
-        lifecycle_.bus.subscribe(JobQueued, self._on_job)
-        lifecycle_.bus.subscribe(JobEnded, self._on_job)
+        lifecycle_.bus.subscribe(JobQueued, self._queued)
+        lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id))  # the host is free
 
-    def _on_job(self, event: Event) -> None:
-        if getattr(event, "due", True):
-            self.offer(event.host_id)  # type: ignore[union-attr]
+    def _queued(self, event: JobQueued) -> None:
+        if event.due:  # a retry waits for its due time (the ticker offers it then)
+            self.offer(event.host_id)
 
     def offer(self, *host_ids: int) -> None:
         """Look at these hosts soon; coalesced with whatever else is waiting."""
