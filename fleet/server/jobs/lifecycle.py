@@ -16,14 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 from ...common.protocol import FINAL_STATUSES
 from ..events import Bus, Event, JobDispatched, JobEnded, JobQueued, JobStarted
 from ..store.db import Store
-from ..store.models import Job, SourceGroup, utcnow
+from ..store.models import Job, SourceGroup, new_uid, utcnow
 from ..store.queries import hot
 from . import retry
 
@@ -36,11 +35,7 @@ QUEUED = "queued"
 DISPATCHED = "dispatched"
 RUNNING = "running"
 ACTIVE = (QUEUED, DISPATCHED, RUNNING)
-WITH_AGENT = (DISPATCHED, RUNNING)  # at most one per host
-
-
-def new_uid() -> str:
-    return uuid.uuid4().hex
+WITH_AGENT = hot.WITH_AGENT  # (dispatched, running): at most one per host
 
 
 def create(
@@ -56,7 +51,7 @@ def create(
     uid: Optional[str] = None,
 ) -> Job:
     job = Job.create(
-        uid=uid or new_uid(),
+        uid=uid or new_uid(),  # fleetd's own jobs get a fresh one
         host=host_id,
         kind=kind,
         status=QUEUED,
@@ -113,15 +108,16 @@ def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
 
 
 def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) -> bool:
-    done = (
+    started = list(
         Job.update(status=RUNNING, started_at=started_at)
         .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_((QUEUED, DISPATCHED)))
+        .returning(Job.cancel_requested_at)
         .execute()
     )
-    if done:
-        asked = Job.select().where((Job.id == job_id) & Job.cancel_requested_at.is_null(False))
-        events.append(JobStarted(job_id, host_id, cancel_requested=asked.exists()))
-    return bool(done)
+    if started:
+        asked = started[0].cancel_requested_at is not None
+        events.append(JobStarted(job_id, host_id, cancel_requested=asked))
+    return bool(started)
 
 
 def end(
@@ -156,17 +152,17 @@ def end(
         return False
     events.append(JobEnded(job_id, host_id, status))
     if status == "failed":
-        again = retry.after_failure(Job.get_by_id(job_id), now)
+        job = Job.get_by_id(job_id)
+        again = retry.after_failure(job, now)
         if again is not None:
-            params, not_before = again
-            job = Job.get_by_id(job_id)
+            group, params, not_before = again
             create(
                 events,
                 host_id,
                 job.kind,
                 job.actor_kind,
                 job.actor_user_id,
-                SourceGroup.get_or_none(SourceGroup.id == job.group_id),
+                group,
                 params,
                 schedule=job.schedule_id,
                 not_before=not_before,
@@ -217,11 +213,6 @@ class Lifecycle:
     async def apply(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(events, *args)` inside one transaction; events after commit."""
         events: Events = []
-
-        def call() -> T:
-            del events[:]  # a retried transaction starts clean
-            return fn(events, *args)
-
-        result = await self.store.atomic(call)
+        result = await self.store.atomic(fn, events, *args)
         self.bus.publish(events)
         return result

@@ -15,8 +15,10 @@ log = logging.getLogger("fleetd.jobs")
 MAX_DELAY = 7 * 24 * 3600  # a retry delay never overflows a date, whatever the row says
 
 
-def after_failure(job: Job, now: dt.datetime) -> Optional[tuple[dict[str, Any], dt.datetime]]:
-    """(params, due time) of the retry of a failed job, or None."""
+def after_failure(
+    job: Job, now: dt.datetime
+) -> Optional[tuple[SourceGroup, dict[str, Any], dt.datetime]]:
+    """(group, params, due time) of the retry of a failed job, or None."""
     if job.kind != "backup" or job.group_id is None:
         return None
     group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
@@ -27,4 +29,4 @@ def after_failure(job: Job, now: dt.datetime) -> Optional[tuple[dict[str, Any], 
     params = {k: v for k, v in (job.params or {}).items() if k != "not_before"}
     params["attempt"] = attempt + 1
     log.info("job %s failed; retry %d of %d in %d s", job.id, attempt, group.retries, delay)
-    return params, now + dt.timedelta(seconds=delay)
+    return group, params, now + dt.timedelta(seconds=delay)

@@ -17,7 +17,10 @@ from ...common.timefmt import utcnow
 
 db = pw.DatabaseProxy()
 
-__all__ = ["db", "utcnow"]  # utcnow is re-exported: the store's times
+
+def new_uid() -> str:
+    """A job's globally unique id (fleetd or an agent may mint one)."""
+    return uuid.uuid4().hex
 
 
 class JSONField(pw.TextField):
@@ -148,7 +151,7 @@ class Job(Base):
     id = pw.AutoField()
     # globally unique, so that fleetd or an agent (a run it starts on its own)
     # may mint it; the id is fleetd's short handle for operators
-    uid = pw.TextField(unique=True, default=lambda: uuid.uuid4().hex)
+    uid = pw.TextField(unique=True, default=new_uid)
     host = pw.ForeignKeyField(Host, backref="jobs", on_delete="CASCADE")
     kind = pw.TextField()
     status = pw.TextField(default="queued")
