@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import defaultdict
 from typing import Any, Callable, Optional
@@ -19,7 +20,7 @@ from ...common.timefmt import iso, parse_ts
 from ..clock import Clock
 from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
-from ..store.db import Store
+from ..store.db import Store, in_savepoints
 from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
 from ..store.queries import hot
 
@@ -274,14 +275,12 @@ class Ingest:
         self.bus = bus
         self.clock = clock or Clock()
         self._waiting: list[_Batch] = []
-        self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
 
     async def submit(self, host_id: int, frames: list[protocol.Envelope]) -> int:
         """Apply `frames` of one host; returns its last applied seq once committed."""
         batch = _Batch(host_id, frames)
         self._waiting.append(batch)
-        self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
         return await batch.done
@@ -326,17 +325,19 @@ class Ingest:
 
     @staticmethod
     def _apply(taken: list[_Batch], now: dt.datetime) -> tuple[list[Any], list[Event]]:
+        per_host: list[list[Event]] = [[] for _ in taken]
+        outcomes = in_savepoints(
+            [
+                functools.partial(apply_frames, mine, batch.host_id, batch.frames, now)
+                for mine, batch in zip(per_host, taken)
+            ]
+        )
         results: list[Any] = []
         events: list[Event] = []
-        with db.atomic():
-            for batch in taken:
-                mine: list[Event] = []
-                try:
-                    with db.atomic():  # a savepoint per host
-                        results.append(apply_frames(mine, batch.host_id, batch.frames, now))
-                except Exception as exc:
-                    log.exception("applying frames of host %s failed", batch.host_id)
-                    results.append(exc)
-                    continue
+        for batch, mine, (ok, value) in zip(taken, per_host, outcomes):
+            results.append(value)
+            if ok:
                 events.extend(mine)
+            else:
+                log.error("applying frames of host %s failed", batch.host_id, exc_info=value)
         return results, events

@@ -51,6 +51,21 @@ def open_database(path: Path) -> pw.SqliteDatabase:
     return database
 
 
+def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+    """Run each call under its own savepoint, all in one transaction: a call
+    that raises undoes its own writes only. Returns (ok, result or
+    exception) per call; raises when the commit itself fails."""
+    outcomes: list[tuple[bool, Any]] = []
+    with db.atomic():
+        for call in calls:
+            try:
+                with db.atomic():
+                    outcomes.append((True, call()))
+            except Exception as exc:
+                outcomes.append((False, exc))
+    return outcomes
+
+
 class _Call:
     __slots__ = ("future", "call", "atomic")
 
@@ -150,15 +165,8 @@ class Store:
             return False, exc
 
     def _transactions(self, group: list[_Call]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            with db.atomic():
-                for c in group:
-                    try:
-                        with db.atomic():  # a savepoint: a failure undoes this call only
-                            outcomes.append((True, c.call()))
-                    except Exception as exc:
-                        outcomes.append((False, exc))
+            outcomes = in_savepoints([c.call for c in group])
             self.commits += 1
         except BaseException as exc:  # the commit itself failed: nobody's write happened
             outcomes = [(False, exc)] * len(group)
