@@ -290,10 +290,14 @@ class JobRunner:
         except Exception:  # the spool failing (disk full): the runner must not stay busy
             log.exception("job %s could not be reported", job.id)
         finally:
-            if self.job is job:  # not a job submitted since this one ended
-                self.current = None
-                self.job = None
+            self._release(job)
             self.refresher.kick()
+
+    def _release(self, job: Job) -> None:
+        """The runner is free, unless a job was submitted since this one ended."""
+        if self.job is job:
+            self.current = None
+            self.job = None
 
     async def _run_job(self, name: str, job: Job) -> None:
         await self.reporter.emit(
@@ -326,10 +330,7 @@ class JobRunner:
         except Exception:  # a report that fails must not keep the runner busy for ever
             log.exception("reports after job %s failed", job.id)
         finally:
-            # fleetd may dispatch the next job the moment job.finished arrives
-            if self.job is job:
-                self.current = None
-                self.job = None
+            self._release(job)  # fleetd may dispatch the next job the moment it hears the end
         await self.reporter.emit("job.finished", finished)
         log.info("job %s (%s) %s", job.id, name, outcome.status)
 
@@ -341,20 +342,26 @@ class JobRunner:
         repo = repo or self.state.load_repo()
         if repo is None:
             return
-        env, mask = restic_env(repo)
-        locks: list[str] = []
-
-        async def collect(stream: str, line: str) -> None:
-            if stream == "stdout" and line.strip():
-                locks.append(line)
-
-        result = await execute.run(self.argv(commands.list_locks()), env, collect, mask)
+        result, out = await self._stdout(commands.list_locks(), repo)
+        locks = [line for line in out if line.strip()]
         if result.exit_code == 0:
             if locks:
                 log.warning("the repository holds %d lock(s)", len(locks))
             await self.reporter.emit("repo.locks", {"count": len(locks)})
         else:
             log.warning("restic list locks failed: %s", result.error)
+
+    async def _stdout(self, argv: tuple, repo: RepoConfig) -> tuple[execute.Result, list[str]]:
+        """Run a restic command of the agent's own (not a job's) and keep its
+        standard output lines."""
+        env, mask = restic_env(repo)
+        out: list[str] = []
+
+        async def collect(stream: str, line: str) -> None:
+            if stream == "stdout":
+                out.append(line)
+
+        return await execute.run(self.argv(argv), env, collect, mask), out
 
     async def check_locks_when_idle(self) -> None:
         """At start: a restic killed with the agent leaves its lock behind."""
@@ -374,15 +381,7 @@ class JobRunner:
     ) -> None:
         """The snapshot list and repository stats for fleetd (read without a
         lock: a job starting meanwhile is never kept waiting by them)."""
-        env, mask = restic_env(repo)
-        out: list[str] = []
-
-        async def collect(stream: str, line: str) -> None:
-            if stream == "stdout":
-                out.append(line)
-
-        argv = self.argv(commands.snapshots(no_lock=True))
-        result = await execute.run(argv, env, collect, mask)
+        result, out = await self._stdout(commands.snapshots(no_lock=True), repo)
         if result.exit_code == 0:
             try:
                 snaps = parse.snapshots("\n".join(out))
@@ -393,8 +392,7 @@ class JobRunner:
                 log.warning("cannot read restic snapshots output: %s", exc)
         else:
             log.warning("restic snapshots failed: %s", result.error)
-        out.clear()
-        result = await execute.run(self.argv(commands.stats(no_lock=True)), env, collect, mask)
+        result, out = await self._stdout(commands.stats(no_lock=True), repo)
         if result.exit_code == 0:
             try:
                 await self.reporter.emit("repo.stats", parse.stats("\n".join(out)))
