@@ -25,17 +25,10 @@ log = logging.getLogger("fleetd.dispatch")
 BATCH = 1000  # hosts claimed for in one transaction
 BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
 
-# command.run keys taken from a job's params, frozen when the job was made
-COMMAND_KEYS = (
-    "group",
-    "includes",
-    "excludes",
-    "tag",
-    "retention",
-    "pre_hook",
-    "post_hook",
-    "read_data_subset",
-    "args",
+# command.run keys taken from a job's params (frozen when the job was made):
+# every field the protocol gives command.run, but the two fleetd sets itself
+COMMAND_KEYS = frozenset(
+    f.name for f in protocol.MESSAGES["command.run"].fields if f.name not in ("job_id", "kind")
 )
 
 
