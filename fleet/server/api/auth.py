@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 from ... import __version__
 from ...common import protocol
@@ -26,21 +26,24 @@ LOGIN_TTL = timedelta(days=30)
 MAX_LIFETIME = timedelta(days=3660)
 
 
+def _tokens() -> Any:
+    return ApiToken.select(ApiToken, User).join(User)
+
+
+def _caller(row: Optional[ApiToken], address: str) -> Optional[Caller]:
+    """The caller a token row stands for, or None (unknown, revoked, expired)."""
+    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
+        return None
+    user = row.user
+    return Caller(user.id, user.name, Role(user.role), row.id, address, row.expires_at, row.name)
+
+
 def lookup_token(token: str) -> Optional[Caller]:
     """The caller a bearer token stands for, or None (unknown, revoked, expired)."""
-    row = (
-        ApiToken.select(ApiToken, User)
-        .join(User)
-        .where(ApiToken.token_hash == auth.token_hash(token))
-        .first()
-    )
-    now = utcnow()
-    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
-        return None
-    ApiToken.update(last_used_at=now).where(ApiToken.id == row.id).execute()
-    return Caller(
-        row.user.id, row.user.name, Role(row.user.role), row.id, "", row.expires_at, row.name
-    )
+    caller = _caller(_tokens().where(ApiToken.token_hash == auth.token_hash(token)).first(), "")
+    if caller is not None:
+        ApiToken.update(last_used_at=utcnow()).where(ApiToken.id == caller.token_id).execute()
+    return caller
 
 
 def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
@@ -55,18 +58,7 @@ def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
 def refresh_caller(caller: Caller) -> Optional[Caller]:
     """The caller as of now: a token revoked, expired or whose user is gone
     stops working on connections already open, and a role change applies."""
-    row = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == caller.token_id).first()
-    if row is None or row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
-        return None
-    return Caller(
-        row.user.id,
-        row.user.name,
-        Role(row.user.role),
-        row.id,
-        caller.address,
-        row.expires_at,
-        row.name,
-    )
+    return _caller(_tokens().where(ApiToken.id == caller.token_id).first(), caller.address)
 
 
 def issue_token(user: User, name: str, ttl: Optional[timedelta]) -> dict:
