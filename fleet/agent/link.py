@@ -27,8 +27,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .. import __version__
 from ..common import protocol
-from ..common.protocol import ProtocolError, now_iso
+from ..common.protocol import ProtocolError
 from ..common.restic import commands, parse
+from ..common.timefmt import now_iso
 from .enroll import FatalError, tls_context
 from .handlers import dispatch
 from .runner import REFRESH_DELAY, JobRunner

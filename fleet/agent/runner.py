@@ -20,8 +20,9 @@ import os
 import time
 from typing import Any, Optional, Protocol
 
-from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE, now_iso
+from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE
 from ..common.restic import commands, execute, parse
+from ..common.timefmt import now_iso
 from .kinds import Kind, Outcome, Refused, prepare
 from .state import RepoConfig, State, StateError
 

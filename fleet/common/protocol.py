@@ -16,7 +16,6 @@ Operator (`/ctl`) frames are request/response pairs, validated by
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import math
 import re
@@ -581,11 +580,6 @@ def _decode_frame(frame: dict, suspect: bool, expect: str) -> Envelope:
         exc.re = re
         raise
     return Envelope(type_, data, re, seq)
-
-
-def now_iso() -> str:
-    """The protocol's timestamps: UTC, to the second, RFC 3339."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def error_frame(code: str, message: str, re: Optional[str] = None) -> str:

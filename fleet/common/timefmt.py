@@ -14,6 +14,7 @@ def utcnow() -> dt.datetime:
 
 
 def now_iso() -> str:
+    """The protocol's timestamps: UTC, to the second, RFC 3339."""
     return utcnow().strftime(WIRE)
 
 

@@ -21,6 +21,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleet.common import protocol
+from fleet.common.timefmt import now_iso
 
 DEEP = "[" * 1000 + "]" * 1000
 
@@ -126,7 +127,7 @@ def test_deep_json_on_every_endpoint(fleet, fx):
         ws.send('{"v":1,"type":"job.log","seq":1,"data":{"payload":' + DEEP + "}}")
         reply = recv_reply(ws)
         assert reply["type"] == "error" and "nested deeper" in reply["data"]["message"]
-        ws.send(json.dumps({"v": 1, "type": "heartbeat", "data": {"sent_at": protocol.now_iso()}}))
+        ws.send(json.dumps({"v": 1, "type": "heartbeat", "data": {"sent_at": now_iso()}}))
     assert_healthy(fleet)
 
 
