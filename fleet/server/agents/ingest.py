@@ -201,9 +201,10 @@ def apply_frames(
     Returns the host's last applied seq (what to ack); appends the events to
     publish once the transaction has committed.
     """
-    host = Host.get_by_id(host_id)
+    name, recorded = hot.host_seq(host_id)
+    host = Host(id=host_id, name=name)  # what the appliers need of it, not read again
     a = _Apply(events, host, now)
-    last = host.last_seq
+    last = recorded
     for frame in frames:
         if frame.seq is None or frame.seq <= last:
             continue  # already applied before a reconnect
@@ -215,8 +216,8 @@ def apply_frames(
             apply(a, frame.data)
     insert_log_lines(a.log_rows)
     a.flush_lines()
-    if last != host.last_seq:
-        Host.update(last_seq=last).where(Host.id == host_id).execute()
+    if last != recorded:
+        hot.set_seq(host_id, last)
     return last
 
 
