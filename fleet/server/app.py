@@ -359,7 +359,7 @@ class FleetServer:
                 self.callers[connection] = caller
                 return None
         else:
-            host = await self.state.store.run(enroll.lookup_agent, token)
+            host = await self.state.store.read(enroll.lookup_agent, token)
             if host is not None:
                 self.agents[connection] = host
                 return None

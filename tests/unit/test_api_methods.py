@@ -27,7 +27,7 @@ class InlineStore:
     async def run(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
-    bulk = run
+    bulk = read = run
 
     async def atomic(self, fn, *args, **kwargs):
         with db.atomic():

@@ -698,3 +698,57 @@ def test_bulk_work_waits_while_smaller_calls_are_queued(db_path: Path) -> None:
         return order
 
     assert asyncio.run(main()) == ["claim", "request", "bulk0", "bulk1", "bulk2"]
+
+
+def test_store_read_runs_beside_the_writer_on_its_own_read_only_connection(db_path: Path) -> None:
+    """Reads see every write that has returned, never wait for a write in
+    progress (a page of hosts does not queue behind a batch of log lines),
+    and cannot write."""
+    wal = db_path.with_name(db_path.name + "-wal")
+
+    async def main() -> None:
+        store = Store(db_path)
+        await store.open()
+        try:
+            await store.atomic(make_host, "web1")
+            names = await store.read(lambda: [h.name for h in m.Host.select()])
+            assert names == ["web1"]  # the committed write is visible at once
+            reader = await store.read(threading.get_ident)
+            writer = await store.run(threading.get_ident)
+            assert reader != writer
+
+            # a write holds the writer (and its transaction) open: reads go on
+            release = threading.Event()
+            entered = threading.Event()
+
+            def slow_write() -> None:
+                make_host("web2")
+                entered.set()
+                if not release.wait(10):
+                    raise TimeoutError("never released")
+
+            writing = asyncio.ensure_future(store.atomic(slow_write))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            during = await asyncio.wait_for(
+                store.read(lambda: sorted(h.name for h in m.Host.select())), 5
+            )
+            assert during == ["web1"]  # the uncommitted row is not seen
+            release.set()
+            await writing
+            assert await store.read(lambda: m.Host.select().count()) == 2
+
+            refused = ""
+            try:
+                await store.read(make_host, "sneaky")
+            except pw.OperationalError as exc:
+                refused = str(exc)  # (the exception is not kept: its frames hold a cursor)
+            assert "readonly" in refused
+            assert await store.run(lambda: m.Host.select().count()) == 2
+        finally:
+            await store.close()
+        assert not wal.exists()  # both connections closed: the WAL was checkpointed away
+        with pytest.raises(RuntimeError):
+            await store.read(lambda: None)
+
+    asyncio.run(main())

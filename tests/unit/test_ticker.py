@@ -595,6 +595,9 @@ class GatedStore:
     async def run(self, fn, *args, **kw):
         return await self._store.run(fn, *args, **kw)
 
+    async def read(self, fn, *args, **kw):
+        return await self._store.read(fn, *args, **kw)
+
     async def atomic(self, fn, *args, **kw):
         await self.gate.wait()
         return await self._store.atomic(fn, *args, **kw)

@@ -26,12 +26,16 @@ from ..store.queries import hot
 
 log = logging.getLogger("fleetd.ingest")
 
-MAX_FRAMES = 5000  # frames applied in one transaction at most (across agents)
+# frames applied in one transaction at most (across agents): a dispatch or a
+# follower's next line waits behind one such transaction, tens of ms, at most
+MAX_FRAMES = 250
 SMALL_BATCH = 50  # a batch this small goes ahead of the big ones
+INSERT_ROWS = 100  # job log rows per INSERT statement
 
 
-def line_json(job_id: int, seq: int, ts: Any, stream: str, payload: str) -> dict:
-    return {"job": job_id, "seq": seq, "ts": iso(ts), "stream": stream, "payload": payload}
+def line_json(job_id: int, seq: int, ts: str, stream: str, payload: str) -> dict:
+    """A job log line as followers and `jobs.log` get it (ts: RFC 3339 text)."""
+    return {"job": job_id, "seq": seq, "ts": ts, "stream": stream, "payload": payload}
 
 
 def line_time(value: str) -> dt.datetime:
@@ -43,20 +47,41 @@ def line_time(value: str) -> dt.datetime:
         return parse_ts(value)
 
 
+@functools.lru_cache(maxsize=8)
+def _insert_sql(table: str, param: str, rows: int) -> str:
+    values = ", ".join([f"({param}, {param}, {param}, {param}, {param})"] * rows)
+    return (
+        f'INSERT INTO "{table}" ("job_id", "seq", "ts", "stream", "payload") '
+        f"VALUES {values} ON CONFLICT DO NOTHING"
+    )
+
+
 def insert_log_lines(rows: list[tuple]) -> None:
-    """Job log rows (job, seq, ts, stream, payload) in one executemany: a
-    line already stored (a resend) is skipped. Plain SQL: building a
-    500-row INSERT through the ORM cost more than the write itself."""
+    """Job log rows (job, seq, ts, stream, payload), INSERT_ROWS to a
+    statement: a line already stored (a resend) is skipped. Plain SQL:
+    building the INSERT through the ORM cost more than the write itself,
+    and few statements mean few GIL hand-offs between the store thread and
+    the loop (sqlite3 drops the GIL for every statement it steps)."""
     if not rows:
         return
     database = db.obj
-    p = database.param
     table = JobLog._meta.table_name
-    database.cursor().executemany(
-        f'INSERT INTO "{table}" ("job_id", "seq", "ts", "stream", "payload") '
-        f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT DO NOTHING",
-        rows,
-    )
+    cursor = database.cursor()
+    full = len(rows) - len(rows) % INSERT_ROWS
+    if full:
+        sql = _insert_sql(table, database.param, INSERT_ROWS)
+        cursor.executemany(
+            sql,
+            [
+                [v for row in rows[i : i + INSERT_ROWS] for v in row]
+                for i in range(0, full, INSERT_ROWS)
+            ],
+        )
+    if full < len(rows):
+        rest = rows[full:]
+        cursor.execute(
+            _insert_sql(table, database.param, len(rest)), [v for row in rest for v in row]
+        )
 
 
 def sync_seq(host_id: int, spool_seq: int, pending_from: int) -> int:
@@ -98,6 +123,7 @@ class _Apply:
         self.log_rows: list[tuple] = []
         self.lines: dict[int, list[dict]] = defaultdict(list)
         self._owned: dict[int, bool] = {}
+        self._times: dict[str, tuple[str, str]] = {}
 
     def mine(self, job_id: int) -> bool:
         if job_id not in self._owned:
@@ -110,6 +136,15 @@ class _Apply:
                 )
         return self._owned[job_id]
 
+    def line_times(self, value: str) -> tuple[str, str]:
+        """A line's time as stored and as sent to followers: lines come many
+        to the second, so each distinct value is parsed once a batch."""
+        times = self._times.get(value)
+        if times is None:
+            ts = line_time(value)
+            times = self._times[value] = (str(ts), iso(ts))
+        return times
+
     def flush_lines(self) -> None:
         # log lines go before a job's end in the event order, as they were sent
         for job_id, batch in self.lines.items():
@@ -118,12 +153,12 @@ class _Apply:
 
 
 def _job_log(a: _Apply, data: dict) -> None:
-    if a.mine(data["job_id"]):
-        ts = line_time(data["ts"])
-        a.log_rows.append((data["job_id"], data["seq"], str(ts), data["stream"], data["payload"]))
-        a.lines[data["job_id"]].append(
-            line_json(data["job_id"], data["seq"], ts, data["stream"], data["payload"])
-        )
+    job_id = data["job_id"]
+    if a.mine(job_id):
+        stored, sent = a.line_times(data["ts"])
+        seq, stream, payload = data["seq"], data["stream"], data["payload"]
+        a.log_rows.append((job_id, seq, stored, stream, payload))
+        a.lines[job_id].append(line_json(job_id, seq, sent, stream, payload))
 
 
 def _job_started(a: _Apply, data: dict) -> None:

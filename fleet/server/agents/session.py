@@ -42,8 +42,12 @@ from .ingest import REFUSED, Ingest, sync_seq
 
 log = logging.getLogger("fleetd.agent")
 
-APPLY_BATCH = 1000  # reliable frames of one agent handed to the ingest at once
+APPLY_BATCH = 250  # reliable frames of one agent handed to the ingest at once
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
+# frames of one agent handled in a row before the loop goes round: frames
+# already buffered are read without a suspension, so an agent streaming as
+# fast as it can would otherwise hold the loop for a whole socket read
+YIELD_EVERY = 64
 PRESENCE_EVERY = 1.0  # seconds over which liveness writes are coalesced
 PRESENCE_RETRY = 1.0  # seconds before a failed liveness write is tried again
 
@@ -229,7 +233,7 @@ class Agents:
         session = self.sessions.get(host_id)
         if session is None:
             return  # sent on its next hello
-        config = await self.store.run(repo_config, host_id, self.box)
+        config = await self.store.read(repo_config, host_id, self.box)
         if config is not None:
             await session.send(protocol.encode("config.update", config))
 
@@ -378,9 +382,14 @@ class Agents:
             connection.transport.abort()
 
         timer = loop.call_later(silence, watchdog)
+        in_a_row = 0
         try:
             async for raw in connection:
                 heard = loop.time()
+                in_a_row += 1
+                if in_a_row == YIELD_EVERY:
+                    in_a_row = 0
+                    await asyncio.sleep(0)  # let the others have the loop
                 try:
                     frame = protocol.decode(raw, expect="agent")
                 except ProtocolError as exc:

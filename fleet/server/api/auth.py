@@ -97,7 +97,7 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
                 raise RateLimited(
                     f"too many failed logins; try again in {limiter.retry_after(key)} s"
                 )
-        user = await state.store.run(User.get_or_none, User.name == name)
+        user = await state.store.read(User.get_or_none, User.name == name)
         loop = asyncio.get_running_loop()
         if user is None:
             await loop.run_in_executor(None, auth.burn_password_check, password)

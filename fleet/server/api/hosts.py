@@ -70,13 +70,12 @@ async def hosts_list(ctx: Context, p: dict) -> list:
     limit = p.get("limit")
     if limit is not None:
         at_most("limit", limit, MAX_PAGE)
-        return await ctx.state.store.run(page_json, p.get("after"), limit)
-    # every host: read a page per store call, so a big fleet's listing never
-    # holds the store for long (dispatch and ingest go in between)
+        return await ctx.state.store.read(page_json, p.get("after"), limit)
+    # every host: a page per read, so that other reads go in between
     out: list = []
     after = p.get("after")
     while True:
-        page = await ctx.state.store.bulk(page_json, after, MAX_PAGE)
+        page = await ctx.state.store.read(page_json, after, MAX_PAGE)
         out += page
         if len(page) < MAX_PAGE:
             return out

@@ -10,6 +10,7 @@ import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
 from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
+from ...common.timefmt import iso
 from ..agents.ingest import line_json
 from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
 from ..jobs import lifecycle
@@ -157,7 +158,7 @@ def log_lines(job_id: int, after: int = 0, limit: Optional[int] = None) -> list[
     )
     if limit:
         query = query.limit(limit)
-    return [line_json(job_id, r.seq, r.ts, r.stream, r.payload) for r in query]
+    return [line_json(job_id, r.seq, iso(r.ts), r.stream, r.payload) for r in query]
 
 
 @method(
@@ -185,11 +186,11 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
     ending with the job itself once it has finished."""
     store, bus = ctx.state.store, ctx.state.bus
     job_id = p["id"]
-    job = await store.run(get_job, job_id)
+    job = await store.read(get_job, job_id)
     watch = bus.watch(job_id, job.host_id)  # before reading the log, so nothing falls between
     try:
         sent = await emit_stored(ctx, job_id, p.get("after") or 0)
-        job = await store.run(get_job, job_id)
+        job = await store.read(get_job, job_id)
         if job.status not in FINAL_STATUSES:
             await ctx.emit({"type": "status", "status": job.status})
             progress = bus.progress.get(job_id)
@@ -204,7 +205,7 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
                     bus.unwatch(watch)
                     watch = bus.watch(job_id, job.host_id)
                     sent = await emit_stored(ctx, job_id, sent)
-                    job = await store.run(get_job, job_id)
+                    job = await store.read(get_job, job_id)
                     if job.status in FINAL_STATUSES:
                         break
                 elif isinstance(event, JobLogged):
@@ -224,7 +225,7 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
                 raise NotFound(f"job {job_id} is gone: its host was removed")
             # lines committed in the same batch as the end come first; be sure of it
             await emit_stored(ctx, job_id, sent)
-            job = await store.run(get_job, job_id)
+            job = await store.read(get_job, job_id)
         return views.job_json(job)
     finally:
         bus.unwatch(watch)
@@ -234,7 +235,7 @@ async def emit_stored(ctx: Context, job_id: int, after: int) -> int:
     """Send the stored log after line `after`, in pages; returns the last seq sent."""
     sent = after
     while True:
-        page = await ctx.state.store.run(log_lines, job_id, sent, 1000)
+        page = await ctx.state.store.read(log_lines, job_id, sent, 1000)
         for line in page:
             await ctx.emit({"type": "log", "line": line})
             sent = line["seq"]
@@ -257,7 +258,7 @@ async def next_event(watch: Watch, ctx: Context) -> Any:
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
     """Cancel a job: a queued one at once, a running one through its agent."""
     store, agents = ctx.state.store, ctx.state.agents
-    job = await store.run(get_job, p["id"])
+    job = await store.read(get_job, p["id"])
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already ended: {job.status}")
     if job.status in lifecycle.WITH_AGENT and not agents.connected(job.host_id):
@@ -273,5 +274,5 @@ async def jobs_cancel(ctx: Context, p: dict) -> dict:
         return {**views.job_json(job), "cancel": "requested"}
     if outcome == "cancelled":
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
-        return views.job_json(await store.run(get_job, job.id))
+        return views.job_json(await store.read(get_job, job.id))
     raise Conflict(f"job {job.id} already ended: {outcome}")

@@ -149,7 +149,7 @@ class Registry:
             caller = cached[1]
             if caller.expires_at is None or caller.expires_at > utcnow():
                 return dataclasses.replace(caller, address=ctx.caller.address)
-        caller = await ctx.state.store.run(self._refresh, ctx.caller)
+        caller = await ctx.state.store.read(self._refresh, ctx.caller)
         if caller is None:
             self._callers.pop(token_id, None)
             raise Unauthorized("this token has been revoked or has expired; run 'fleetctl login'")
@@ -183,7 +183,7 @@ class Registry:
                 result = await m.handler(ctx, checked)
             else:
                 store = ctx.state.store
-                run = store.run if m.readonly else store.atomic
+                run = store.read if m.readonly else store.atomic
                 result = await run(m.handler, ctx, checked)
             if ctx.events and ctx.state.bus is not None:
                 ctx.state.bus.publish(ctx.events)

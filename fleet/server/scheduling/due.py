@@ -32,13 +32,13 @@ class Retries:
 
     async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
         cond = self._after()
-        return await self.lifecycle.store.run(
+        return await self.lifecycle.store.read(
             lambda: Job.select(fn.MIN(Job.not_before)).where(cond).scalar()
         )
 
     async def run_due(self, now: dt.datetime) -> None:
         cond = self._after() & (Job.not_before <= now)
-        hosts = await self.lifecycle.store.run(
+        hosts = await self.lifecycle.store.read(
             lambda: [r.host_id for r in Job.select(Job.host).where(cond).distinct()]
         )
         self.horizon = now
@@ -81,7 +81,7 @@ class LostJobs:
             seen = [self._seen(row) for row in self._silent() if not self.connected(row.id)]
             return min(seen) + self.lost_after if seen else None
 
-        return await self.lifecycle.store.run(earliest)
+        return await self.lifecycle.store.read(earliest)
 
     async def run_due(self, now: dt.datetime) -> None:
         cutoff = now - self.lost_after

@@ -1,9 +1,13 @@
 """Opening the database and running store work off the event loop.
 
-fleetd's event loop never waits on disk: every store call runs on one
+fleetd's event loop never waits on disk: every write runs on one
 dedicated thread (SQLite allows one writer at a time anyway, and one
-thread means one connection and no lock contention inside the process),
-and transactions that queue up behind one another commit together.
+writing thread means no lock contention inside the process), and
+transactions that queue up behind one another commit together. Reads that
+need no transaction (listings, `jobs.show`, a log page) run on a second
+thread with its own read-only connection: under WAL they see the last
+commit and never wait for the writer, so a dispatch does not queue behind
+a page of 500 hosts, nor a listing behind a batch of log lines.
 
 Results come back to the loop through one coalesced wake-up: the store
 thread appends finished calls to a deque and calls call_soon_threadsafe
@@ -18,6 +22,7 @@ import asyncio
 import collections
 import functools
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,6 +71,13 @@ def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return outcomes
 
 
+def _snapshot(call: Callable[[], T]) -> T:
+    """A read in one transaction: its queries see one state of the store,
+    whatever the writer commits meanwhile."""
+    with db.atomic():
+        return call()
+
+
 class _Call:
     __slots__ = ("future", "call", "atomic")
 
@@ -98,6 +110,10 @@ class Store:
         self._ready = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._reads: collections.deque[_Call] = collections.deque()
+        self._reads_ready = threading.Condition()
+        self._reads_closed = False
+        self._reader: threading.Thread | None = None
         # (future, ok, value) of finished calls, delivered to the loop in bulk
         self._done: collections.deque[tuple[asyncio.Future, bool, Any]] = collections.deque()
         self._done_lock = threading.Lock()
@@ -135,7 +151,42 @@ class Store:
         are queued, so those are not held up behind it."""
         return await self._submit(fn, args, kwargs, atomic=False, bulk=True)
 
-    # -- the store thread ---------------------------------------------------
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run fn on the reader thread: it may only read (the connection is
+        query_only), and it sees every write whose call has returned."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        with self._reads_ready:
+            if self._reads_closed or self._database is None:
+                raise RuntimeError("the store is closed")
+            if self._reader is None:
+                self._reader = threading.Thread(
+                    target=self._read_work, name="store-read", daemon=True
+                )
+                self._reader.start()
+            self._reads.append(_Call(future, functools.partial(fn, *args, **kwargs), False))
+            self._reads_ready.notify()
+        return await future
+
+    # -- the store threads --------------------------------------------------
+
+    def _read_work(self) -> None:
+        database = db.obj
+        database.connect(
+            reuse_if_open=True
+        )  # this thread's own connection (peewee keeps one per thread)
+        try:
+            database.execute_sql("PRAGMA query_only = 1")
+            while True:
+                with self._reads_ready:
+                    while not self._reads and not self._reads_closed:
+                        self._reads_ready.wait()
+                    if not self._reads:
+                        return  # closed and drained
+                    call = self._reads.popleft()
+                if not call.future.cancelled():
+                    self._finish(call, *self._outcome(functools.partial(_snapshot, call.call)))
+        finally:
+            database.close()
 
     def _work(self) -> None:
         while True:
@@ -162,6 +213,9 @@ class Store:
         try:
             return True, call()
         except BaseException as exc:  # handed to the awaiting coroutine
+            # without the frames' locals: a cursor they hold would keep its
+            # connection open after close (and the WAL file with it)
+            traceback.clear_frames(exc.__traceback__)
             return False, exc
 
     def _transactions(self, group: list[_Call]) -> None:
@@ -197,6 +251,11 @@ class Store:
                 future.set_exception(value)
 
     async def close(self) -> None:
+        with self._reads_ready:  # the reader closes its connection as it ends
+            self._reads_closed = True
+            self._reads_ready.notify()
+        if self._reader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._reader.join)
         if self._database is not None:
             await self.run(self._database.close)
             self._database = None
