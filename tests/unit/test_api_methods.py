@@ -5,6 +5,7 @@ pages and in a constant number of queries."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,33 @@ def test_hosts_list_shows_each_hosts_latest_backup(rpc: Api, fleet_of_50) -> Non
     shown = rpc("hosts.show", host="h02")
     assert shown["last_backup"] == by_name["h02"]["last_backup"]
     assert shown["repo"] is False and shown["repo_stats"] is None and shown["groups"] == []
+
+
+def test_the_listing_read_without_the_orm_says_what_the_orm_would(rpc: Api, fleet_of_50) -> None:
+    """hosts.list reads plain rows; hosts.show (and every other view) the
+    models: the same host must come out the same, in every state."""
+    from fleet.server.api.hosts import last_job
+    from fleet.server.api.views import host_json
+
+    seen = dt.datetime(2026, 3, 4, 5, 6, 7, 891011)  # microseconds are not shown
+    for name, online in (("h01", True), ("h02", True), ("h04", False)):
+        Host.update(
+            agent_token_hash=f"hash-{name}",
+            online=online,
+            last_seen_at=seen,
+            agent_version="1.2",
+            restic_version="0.14.0",
+            repo_locks=2,
+        ).where(Host.name == name).execute()
+    ended = Job.select().where(Job.kind == "backup").first()
+    Job.update(status="failed", finished_at=dt.datetime(2026, 3, 4, 6, 0, 0)).where(
+        Job.id == ended.id
+    ).execute()
+    listed = {h["name"]: h for h in rpc("hosts.list")}
+    for host in Host.select():
+        assert listed[host.name] == host_json(host, last_job(host, "backup")), host.name
+    assert {listed[n]["status"] for n in ("h00", "h01", "h04")} == {"pending", "online", "offline"}
+    assert listed["h01"]["last_seen_at"] == "2026-03-04T05:06:07Z"
 
 
 def test_hosts_list_pages_by_name(rpc: Api, fleet_of_50) -> None:

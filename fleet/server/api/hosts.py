@@ -10,10 +10,11 @@ from ...common.protocol import Field
 from ..events import HostRemoved
 from ..security.auth import Role
 from ..store.models import Host, Job, Repo, RepoStats, SourceGroup
+from ..store.queries import listing
 from .common import at_most, audit, get_host
 from .context import Context
 from .registry import Method, collect
-from .views import host_detail_json, host_json
+from .views import host_detail_json, host_row_json
 
 METHODS: list[Method] = []
 method = collect(METHODS)
@@ -36,26 +37,6 @@ def newest_job_id(host_id: Any, kind: str) -> pw.SelectQuery:
 
 def last_job(host: Host, kind: str) -> Optional[Job]:
     return Job.select().where(Job.id == newest_job_id(host.id, kind)).first()
-
-
-def hosts_page(after: Optional[str], limit: Optional[int]) -> list[tuple[Host, Optional[Job]]]:
-    """Hosts by name after `after`, at most `limit`, each with its newest
-    backup job: one query, whatever the number of hosts."""
-    query = (
-        Host.select(Host, Job)
-        .join(
-            Job,
-            pw.JOIN.LEFT_OUTER,
-            on=(Job.id == newest_job_id(Host.id, "backup")),
-            attr="backup",
-        )
-        .order_by(Host.name)
-    )
-    if after is not None:
-        query = query.where(Host.name > after)
-    if limit is not None:
-        query = query.limit(limit)
-    return [(h, h.backup) for h in query]  # None: no backup job (the LEFT JOIN found none)
 
 
 @method(
@@ -83,7 +64,7 @@ async def hosts_list(ctx: Context, p: dict) -> list:
 
 
 def page_json(after: Optional[str], limit: int) -> list:
-    return [host_json(h, backup) for h, backup in hosts_page(after, limit)]
+    return [host_row_json(r) for r in listing.hosts_page(after, limit)]
 
 
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)

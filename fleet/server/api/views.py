@@ -23,6 +23,7 @@ from ..store.models import (
     User,
     utcnow,
 )
+from ..store.queries.listing import HostRow, wire_time
 
 REDACTED = "********"
 
@@ -65,20 +66,55 @@ def host_status(host: Host) -> str:
 
 def host_json(h: Host, backup: Optional[Job]) -> dict:
     """A host as listed, with its latest backup job (None if it has none)."""
-    return {
-        "name": h.name,
-        "status": host_status(h),
-        "last_seen_at": iso(h.last_seen_at),
-        "agent_version": h.agent_version,
-        "restic_version": h.restic_version,
-        "repo_locks": h.repo_locks,
-        "last_backup": None
+    return listed_host(
+        h.name,
+        host_status(h),
+        iso(h.last_seen_at),
+        h.agent_version,
+        h.restic_version,
+        h.repo_locks,
+        None
         if backup is None
         else {
             "job": backup.id,
             "status": backup.status,
             "at": iso(backup.finished_at or backup.created_at),
         },
+    )
+
+
+def host_row_json(r: HostRow) -> dict:
+    """host_json of a listing's row (the same fields, read without the ORM)."""
+    return listed_host(
+        r.name,
+        ("online" if r.online else "offline") if r.enrolled else "pending",
+        wire_time(r.last_seen_at),
+        r.agent_version,
+        r.restic_version,
+        r.repo_locks,
+        None
+        if r.backup_id is None
+        else {"job": r.backup_id, "status": r.backup_status, "at": wire_time(r.backup_at)},
+    )
+
+
+def listed_host(
+    name: str,
+    status: str,
+    last_seen_at: Optional[str],
+    agent_version: Optional[str],
+    restic_version: Optional[str],
+    repo_locks: Optional[int],
+    last_backup: Optional[dict],
+) -> dict:
+    return {
+        "name": name,
+        "status": status,
+        "last_seen_at": last_seen_at,
+        "agent_version": agent_version,
+        "restic_version": restic_version,
+        "repo_locks": repo_locks,
+        "last_backup": last_backup,
     }
 
 
