@@ -213,7 +213,18 @@ async def bare_server_main() -> None:
 
 
 class SimAgent:
-    __slots__ = ("idx", "token", "name", "seq", "acked", "ack_event", "plan", "ws", "busy")
+    __slots__ = (
+        "idx",
+        "token",
+        "name",
+        "seq",
+        "acked",
+        "ack_event",
+        "plan",
+        "ws",
+        "busy",
+        "packs",
+    )
 
     def __init__(self, idx: int, token: str, name: str) -> None:
         self.idx = idx
@@ -225,6 +236,7 @@ class SimAgent:
         self.plan: Optional[dict] = None  # what to do with the next command.run
         self.ws = None
         self.busy = False
+        self.packs = False  # fleetd takes job.logs (as fleet-agent, from welcome's features)
 
 
 class Worker:
@@ -367,6 +379,7 @@ class Worker:
                 if reply.get("type") == "error":
                     raise RuntimeError(f"refused: {reply['data']}")
                 interval = (reply.get("data") or {}).get("heartbeat_interval") or heartbeat
+                a.packs = "job.logs" in ((reply.get("data") or {}).get("features") or ())
                 now = time.time()
                 first_result(a.idx, True)
                 self.ups.append((a.idx, now))
@@ -455,6 +468,8 @@ class Worker:
         """job.log lines for `duration` s: as fast as `window` unacked frames allow,
         or at `rate` lines/s (still within the window). With `gate`, the lines
         start when the parent says go, so that every stream covers one window."""
+        from fleet.agent.link import pack_logs
+
         window = plan.get("window", 1000)
         rate = plan.get("rate")
         stop = self.stop_streams
@@ -485,13 +500,25 @@ class Worker:
                     await asyncio.sleep(min(0.01, 1.0 / rate))
                     continue
                 room = min(room, due)
+            # the lines restic printed since the last send: what fleet-agent's
+            # sender finds in its spool, and frames as it does (pack_logs)
+            spooled = []
             for _ in range(min(room, 200)):
                 line += 1
                 a.seq += 1
-                payload = f"{time.time():.6f} line {line} {pad}"
+                data = {
+                    "job_id": job_id,
+                    "seq": line,
+                    "ts": ts,
+                    "stream": "stdout",
+                    "payload": f"{time.time():.6f} line {line} {pad}",
+                }
+                spooled.append((a.seq, "job.log", data))
+            for seq, type_, data in pack_logs(spooled) if a.packs else spooled:
                 await ws.send(
-                    f'{{"v":1,"type":"job.log","seq":{a.seq},"data":{{"job_id":{job_id},'
-                    f'"seq":{line},"ts":"{ts}","stream":"stdout","payload":"{payload}"}}}}'
+                    json.dumps(
+                        {"v": 1, "type": type_, "seq": seq, "data": data}, separators=(",", ":")
+                    )
                 )
         t_end = time.time()
         return {

@@ -77,6 +77,59 @@ def restic_version(restic: str) -> str:
         return "missing"
 
 
+Frame = tuple[int, str, dict]  # (seq, type, data), as the spool gives them
+
+
+def pack_logs(
+    frames: list[Frame], lines: int = protocol.LOG_PACK, size: int = protocol.LOG_PACK_BYTES
+) -> list[Frame]:
+    """Runs of job.log frames of one job with consecutive seqs become one
+    job.logs frame each (at most `lines` lines and about `size` bytes),
+    under the run's last seq: fleetd then pays one frame for a burst of
+    restic's output, not one per line. Everything else, and a lone line,
+    goes as it was spooled."""
+    out: list[Frame] = []
+    run: list[Frame] = []
+    run_bytes = 0
+
+    def close_run() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            first_seq, _, first = run[0]
+            packed = [{k: v for k, v in data.items() if k != "job_id"} for _, _, data in run]
+            out.append(
+                (
+                    run[-1][0],
+                    "job.logs",
+                    {"job_id": first["job_id"], "first": first_seq, "lines": packed},
+                )
+            )
+        run.clear()
+
+    for frame in frames:
+        seq, type_, data = frame
+        cost = len(data.get("payload", "")) + 100
+        joins = (
+            type_ == "job.log"
+            and run
+            and seq == run[-1][0] + 1
+            and data["job_id"] == run[-1][2]["job_id"]
+            and len(run) < lines
+            and run_bytes + cost <= size
+        )
+        if not joins:
+            close_run()
+            run_bytes = 0
+        if type_ == "job.log":
+            run.append(frame)
+            run_bytes += cost
+        else:
+            out.append(frame)
+    close_run()
+    return out
+
+
 class Window:
     """The frames sent on one session and not yet acknowledged."""
 
@@ -252,7 +305,9 @@ class Agent:
                 asyncio.ensure_future(self.runner.check_locks_when_idle())
             tasks = [
                 asyncio.ensure_future(self._receiver(ws)),
-                asyncio.ensure_future(self._sender(ws)),
+                asyncio.ensure_future(
+                    self._sender(ws, "job.logs" in reply.data.get("features", ()))
+                ),
                 asyncio.ensure_future(self._heartbeat(ws, interval)),
             ]
             try:
@@ -272,9 +327,10 @@ class Agent:
             await asyncio.sleep(interval)
             await ws.send(protocol.encode("heartbeat", {"sent_at": now_iso()}))
 
-    async def _sender(self, ws: Any) -> None:
+    async def _sender(self, ws: Any, packs: bool = False) -> None:
         """Send the spool in seq order, resending after the last ack; wait for
-        acks whenever the window of unacknowledged frames is full."""
+        acks whenever the window of unacknowledged frames is full. `packs`:
+        this fleetd takes job log lines packed (job.logs)."""
         sent = self.acked  # everything after the last ack is resent
         window = Window(self.window_frames, self.window_bytes)
         while True:
@@ -283,6 +339,8 @@ class Agent:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            if packs:
+                frames = pack_logs(frames)
             for seq, type_, data in frames:
                 text = protocol.Envelope(type_, data, seq=seq).to_json()
                 window.acked(self.acked)

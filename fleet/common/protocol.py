@@ -28,6 +28,8 @@ MAX_STR = 4096  # default bound on a string field
 MAX_LINE = 64 * 1024  # a job log line
 MAX_ITEMS = 10_000  # default bound on a list field
 SNAPSHOT_PAGE = 500  # snapshots in one snapshots.report frame (~150 KB)
+LOG_PACK = 500  # job log lines in one job.logs frame
+LOG_PACK_BYTES = 256 * 1024  # and their spooled size at most (a line may be 64 KiB)
 MAX_ID = 128  # a frame id, echoed back as `re`
 MAX_DEPTH = 32  # arrays and objects nested deeper than this are refused unparsed
 INT_MAX = (1 << 63) - 1  # every integer fits SQLite's signed 64 bits (|n| < 2**63)
@@ -124,6 +126,12 @@ SCHEDULE = (
     F("source_groups", "list[dict]", limit=1000, item=SOURCE_GROUP),
 )
 
+LOG_LINE = (
+    F("seq", "int", minimum=1, maximum=MAX_SEQ),  # the line's place in its job's log
+    F("ts", _TS),
+    F("stream", "str", choices=LOG_STREAMS),
+    F("payload", "str", limit=MAX_LINE),
+)
 SNAPSHOT = (
     F("id", "str", limit=128),
     F("short_id", "str", limit=64),
@@ -176,6 +184,8 @@ MESSAGES: dict[str, MessageSpec] = {
             F("heartbeat_interval", "int", minimum=1),
             F("host_id", "int"),
             F("host_name", "str", limit=255),
+            # what this fleetd accepts beyond protocol 1's first frames: "job.logs"
+            _opt("features", "list[str]", limit=32),
         ),
     ),
     "heartbeat": MessageSpec("agent", (F("sent_at", _TS),)),
@@ -238,14 +248,16 @@ MESSAGES: dict[str, MessageSpec] = {
             F("throughput_bps", "int", minimum=0),
         ),
     ),
-    "job.log": MessageSpec(
+    "job.log": MessageSpec("agent", (F("job_id", "int"), *LOG_LINE)),
+    # consecutive job.log frames of one job in one frame (an agent streaming
+    # fast pays one frame, not one per line): line i was spooled under seq
+    # first + i, and the frame's own seq is the last of them
+    "job.logs": MessageSpec(
         "agent",
         (
             F("job_id", "int"),
-            F("seq", "int", minimum=1, maximum=MAX_SEQ),  # the line's place in its job's log
-            F("ts", _TS),
-            F("stream", "str", choices=LOG_STREAMS),
-            F("payload", "str", limit=MAX_LINE),
+            F("first", "int", minimum=1, maximum=MAX_SEQ),
+            F("lines", "list[dict]", limit=LOG_PACK, item=LOG_LINE),
         ),
     ),
     "job.finished": MessageSpec(
@@ -293,6 +305,7 @@ RELIABLE = frozenset(
         "schedule.fire",
         "job.started",
         "job.log",
+        "job.logs",
         "job.finished",
         "snapshots.report",
         "repo.stats",

@@ -360,6 +360,69 @@ def test_big_frames_to_unauthenticated_endpoints_close_1009_and_cost_no_memory(f
     assert "Traceback" not in fleet.fleetd.log()
 
 
+def test_an_agent_pipelining_big_frames_is_read_at_the_ingests_pace(fleetd_factory, fx):
+    """300 frames of ~1 MiB (job.logs of 15 lines of 64 KiB) sent without
+    waiting for acks: fleetd stops reading the socket once its inbox holds
+    2 MiB, so its memory stays flat (367 MiB before), and every frame is
+    still applied and acked, in order."""
+    fleet = fleetd_factory()
+    token = agent_token(fleet, fx)
+    pid = fleet.fleetd.proc.pid
+    before = vm_rss_kib(pid)
+    count, per = 300, 15
+    payload = "x" * 65_000
+
+    def frame(k: int) -> str:
+        first = (k - 1) * per + 1
+        lines = [
+            {"seq": first + i, "ts": now_iso(), "stream": "stdout", "payload": payload}
+            for i in range(per)
+        ]
+        data = {"job_id": 999_999, "first": first, "lines": lines}
+        return json.dumps({"v": 1, "type": "job.logs", "seq": first + per - 1, "data": data})
+
+    async def main() -> tuple[int, int]:
+        peak = 0
+        async with websockets.connect(
+            fleet.url + "/agent",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=10,
+            max_size=None,
+        ) as ws:
+            await ws.send(hello())
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "welcome":
+                pass
+            acked = 0
+
+            async def read_acks() -> None:
+                nonlocal acked
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg["type"] == "ack":
+                        assert msg["data"]["seq"] >= acked  # in order
+                        acked = msg["data"]["seq"]
+                        if acked == count * per:
+                            return
+
+            reading = asyncio.ensure_future(read_acks())
+            sending = asyncio.ensure_future(
+                asyncio.gather(*[ws.send(frame(k)) for k in range(1, count + 1)])
+            )
+            deadline = time.monotonic() + 120
+            while not reading.done() and time.monotonic() < deadline:
+                peak = max(peak, vm_rss_kib(pid))
+                await asyncio.wait({reading}, timeout=0.05)  # sampling fleetd's memory meanwhile
+            await sending
+            await asyncio.wait_for(reading, 1)
+        return acked, peak
+
+    acked, peak = asyncio.run(main())
+    print(f"fleetd VmRSS {before / 1024:.1f} MiB, at most {peak / 1024:.1f} MiB")
+    assert acked == count * per
+    assert peak - before < 100 * 1024, f"RSS grew by {(peak - before) / 1024:.1f} MiB"
+    assert_healthy(fleet)
+
+
 # -- 8. SIGTERM while the store is flooded ------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fleet.agent.link import Agent, Window
+from fleet.agent.link import Agent, Window, pack_logs
 from fleet.agent.state import Identity, State
 
 
@@ -139,3 +139,42 @@ def test_window():
     assert len(w) == 1 and w.bytes == 10 and not w.full(90)
     w.acked(100)
     assert len(w) == 0 and w.bytes == 0
+
+
+def spooled(seq: int, job: int = 1, line: int = 0, size: int = 10) -> tuple:
+    return (seq, "job.log", {**log_line(line or seq, size), "job_id": job})
+
+
+def test_pack_logs_packs_runs_of_one_jobs_consecutive_lines():
+    started = (1, "job.started", {"job_id": 1, "kind": "backup", "started_at": "t"})
+    finished = (9, "job.finished", {"job_id": 1})
+    frames = [started, *(spooled(s) for s in range(2, 6)), spooled(7), spooled(8, job=2), finished]
+    out = pack_logs(frames)
+    assert [(seq, type_) for seq, type_, _ in out] == [
+        (1, "job.started"),
+        (5, "job.logs"),  # seqs 2..5: a run, under its last seq
+        (7, "job.log"),  # seq 6 is gone (the spool evicted it): a new run, of one line
+        (8, "job.log"),  # another job's line
+        (9, "job.finished"),
+    ]
+    pack = out[1][2]
+    assert pack["job_id"] == 1 and pack["first"] == 2
+    assert [line["seq"] for line in pack["lines"]] == [2, 3, 4, 5]
+    assert all("job_id" not in line for line in pack["lines"])
+    assert pack_logs([spooled(3)]) == [spooled(3)]  # a lone line goes as it was
+
+
+def test_pack_logs_bounds_lines_and_bytes_and_every_pack_decodes():
+    frames = [spooled(s) for s in range(1, 1201)]
+    out = pack_logs(frames)
+    assert [len(d["lines"]) for _, _, d in out] == [500, 500, 200]
+    assert [d["first"] for _, _, d in out] == [1, 501, 1001]
+    big = [spooled(s, size=60_000) for s in range(1, 11)]
+    sizes = [len(d["lines"]) for _, t, d in pack_logs(big)]
+    assert sizes == [4, 4, 2]  # 256 KiB a pack at most
+    from fleet.common import protocol
+
+    for seq, type_, data in out + pack_logs(big):
+        text = protocol.Envelope(type_, data, seq=seq).to_json()
+        assert len(text.encode()) < protocol.MAX_FRAME_BYTES
+        assert protocol.decode(text, expect="agent").seq == seq

@@ -27,6 +27,7 @@ from fleet.server.store.models import Host
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0)
 TS = "2026-01-01T12:00:00Z"
 TIMEOUT = 5.0
+LINE = Envelope("job.log", {}, seq=1)  # what the queue tests weigh (one line each)
 HELLO = {
     "hostname": "web-01.example",
     "agent_version": "1.2.3",
@@ -400,7 +401,7 @@ def test_small_batches_go_ahead_of_agents_streaming_at_full_speed() -> None:
     async def main() -> list[list[int]]:
         ingest = Ingest(None, None)  # type: ignore[arg-type]  # only its queue is used
         sizes = [1000] * 12 + [3] + [1000] * 3 + [1]
-        ingest._waiting = [_Batch(host, [None] * n) for host, n in enumerate(sizes)]  # type: ignore[list-item]
+        ingest._waiting = [_Batch(host, [LINE] * n) for host, n in enumerate(sizes)]
         rounds = []
         while ingest._waiting:
             rounds.append([b.host_id for b in ingest._take()])
@@ -415,3 +416,113 @@ def test_small_batches_go_ahead_of_agents_streaming_at_full_speed() -> None:
         15,
     ]  # the rest in arrival order
     assert all(len(r) <= MAX_FRAMES // 1000 + 2 for r in rounds)
+
+
+def test_a_batch_whose_caller_is_gone_is_not_applied() -> None:
+    """While fleetd stops, sessions stop waiting for their reports to be
+    applied (the agents resend what was not acked): those batches leave the
+    queue instead of holding the stop up for seconds."""
+    from fleet.server.agents.ingest import Ingest, _Batch
+
+    async def main() -> tuple[list[int], list[int]]:
+        ingest = Ingest(None, None)  # type: ignore[arg-type]  # only its queue is used
+        ingest._waiting = [_Batch(host, [LINE] * 2) for host in range(6)]
+        for batch in ingest._waiting[1::2]:
+            batch.done.cancel()
+        first = [b.host_id for b in ingest._take()]
+        return first, [b.host_id for b in ingest._waiting]
+
+    taken, left = asyncio.run(main())
+    assert taken == [0, 2, 4]
+    assert left == []
+
+
+def logs_pack(job_id: int, first: int, lines: list[int]) -> Envelope:
+    """job.logs of job log lines `lines`, spooled under seqs first, first+1, ..."""
+    data = {
+        "job_id": job_id,
+        "first": first,
+        "lines": [{"seq": n, "ts": TS, "stream": "stdout", "payload": f"l{n}"} for n in lines],
+    }
+    return Envelope("job.logs", data, seq=first + len(lines) - 1)
+
+
+def test_a_pack_of_log_lines_is_applied_once_even_when_it_straddles_an_ack(db_path: Path) -> None:
+    """After a reconnect the agent may pack differently: a job.logs frame
+    that starts below what was applied adds only its new lines, to the log
+    and to followers; one whose numbering does not add up is skipped."""
+    seen: list[int] = []
+
+    async def body(store: Store):
+        host, job = await store.run(dispatched_host, "web-01")
+        bus = Bus()
+        bus.subscribe(JobLogged, lambda e: seen.extend(line["seq"] for line in e.lines))
+        ingest = Ingest(store, bus)
+        # seqs 1 (started), 2..4 (lines 1..3) applied one frame at a time
+        first = await ingest.submit(
+            host, [started(job, 1), *[logline(job, n - 1, n) for n in (2, 3, 4)]]
+        )
+        # then one pack of seqs 3..7 (lines 2..6): lines 2 and 3 are already in
+        second = await ingest.submit(host, [logs_pack(job, 3, [2, 3, 4, 5, 6])])
+        # a pack claiming seqs 8..9 but sent as seq 12: refused, passed over
+        bad = logs_pack(job, 8, [7, 8])._replace(seq=12)
+        third = await ingest.submit(host, [bad, logs_pack(job, 13, [9]), finished(job, 14)])
+        return first, second, third
+
+    assert run_with_store(db_path, body) == (4, 7, 14)
+    assert raw(db_path, "SELECT seq FROM job_log ORDER BY seq") == [
+        (n,) for n in (1, 2, 3, 4, 5, 6, 9)
+    ]
+    assert seen == [1, 2, 3, 4, 5, 6, 9]  # every line once, in order
+    assert raw(db_path, "SELECT status FROM job") == [("succeeded",)]
+
+
+def test_a_pack_weighs_its_lines_in_the_ingest_queue() -> None:
+    from fleet.server.agents.ingest import _Batch
+
+    async def main() -> list[int]:
+        return [
+            _Batch(1, [logs_pack(1, 1, list(range(1, 201)))]).weight,
+            _Batch(2, [started(1, 1), logline(1, 1, 2)]).weight,
+        ]
+
+    assert asyncio.run(main()) == [200, 2]
+
+
+def test_the_inbox_is_bounded_in_bytes_as_well_as_frames() -> None:
+    """A rogue agent pipelining big frames waits (fleetd stops reading its
+    socket) once 2 MiB are queued, however few frames that is; one frame
+    bigger than the bound still goes, alone."""
+    from fleet.server.agents.session import Inbox
+
+    async def main() -> list[str]:
+        inbox = Inbox(frames=100, size=2 << 20)
+        steps: list[str] = []
+
+        async def producer() -> None:
+            for n in range(1, 5):
+                await inbox.put(Envelope("job.log", {}, seq=n), 1 << 20)
+                steps.append(f"put {n} ({inbox.bytes >> 20} MiB)")
+
+        task = asyncio.ensure_future(producer())
+        await settle()
+        steps.append("full")
+        assert (await inbox.get()).seq == 1
+        await settle()
+        assert (await inbox.get()).seq == 2
+        assert (await inbox.get()).seq == 3
+        await settle()
+        await asyncio.wait_for(task, TIMEOUT)
+        huge = Inbox(frames=100, size=1 << 20)
+        await asyncio.wait_for(huge.put(Envelope("job.log", {}, seq=9), 5 << 20), TIMEOUT)
+        steps.append(f"huge alone {huge.bytes >> 20} MiB")
+        return steps
+
+    assert asyncio.run(main()) == [
+        "put 1 (1 MiB)",
+        "put 2 (2 MiB)",
+        "full",
+        "put 3 (2 MiB)",  # only once one was taken
+        "put 4 (1 MiB)",
+        "huge alone 5 MiB",
+    ]

@@ -55,6 +55,7 @@ ALL_TYPES = {
     "job.started",
     "job.progress",
     "job.log",
+    "job.logs",
     "job.finished",
     "snapshots.report",
     "repo.stats",
@@ -67,6 +68,7 @@ RELIABLE_TYPES = {
     "schedule.fire",
     "job.started",
     "job.log",
+    "job.logs",
     "job.finished",
     "snapshots.report",
     "repo.stats",
@@ -82,7 +84,11 @@ WIRE_FIELDS = {
         ("protocol_version", "agent_version", "restic_version", "hostname", "os", "arch"),
         ("timezone", "boot_time", "running_job", "spool_seq", "spool_pending"),
     ),
-    "welcome": ("server", ("server_version", "heartbeat_interval", "host_id", "host_name"), ()),
+    "welcome": (
+        "server",
+        ("server_version", "heartbeat_interval", "host_id", "host_name"),
+        ("features",),
+    ),
     "heartbeat": ("agent", ("sent_at",), ()),
     "config.update": ("server", ("repo_url", "repo_password"), ("repo_env",)),
     "schedule.set": ("server", ("version", "schedules"), ()),
@@ -121,6 +127,7 @@ WIRE_FIELDS = {
         (),
     ),
     "job.log": ("agent", ("job_id", "seq", "ts", "stream", "payload"), ()),
+    "job.logs": ("agent", ("job_id", "first", "lines"), ()),
     "job.finished": (
         "agent",
         ("job_id", "status", "exit_code", "finished_at"),
@@ -187,11 +194,17 @@ EXAMPLES = {
         '"running_job":41,"spool_seq":1200,"spool_pending":1190}}',
     ),
     "welcome": (
-        {"server_version": "0.1.0", "heartbeat_interval": 30, "host_id": 3, "host_name": "web-01"},
+        {
+            "server_version": "0.1.0",
+            "heartbeat_interval": 30,
+            "host_id": 3,
+            "host_name": "web-01",
+            "features": ["job.logs"],
+        },
         None,
         None,
         '{"v":1,"type":"welcome","data":{"server_version":"0.1.0","heartbeat_interval":30,'
-        '"host_id":3,"host_name":"web-01"}}',
+        '"host_id":3,"host_name":"web-01","features":["job.logs"]}}',
     ),
     "heartbeat": (
         {"sent_at": "2024-05-01T12:00:00Z"},
@@ -324,6 +337,21 @@ EXAMPLES = {
         3,
         '{"v":1,"type":"job.log","id":"l1","seq":3,"data":{"job_id":42,"seq":1,'
         '"ts":"2024-05-02T03:00:02Z","stream":"stdout","payload":"naïve café ✓"}}',
+    ),
+    "job.logs": (
+        {
+            "job_id": 42,
+            "first": 4,
+            "lines": [
+                {"seq": 2, "ts": "2024-05-02T03:00:02Z", "stream": "stdout", "payload": "a"},
+                {"seq": 3, "ts": "2024-05-02T03:00:03Z", "stream": "stderr", "payload": "b"},
+            ],
+        },
+        None,
+        5,
+        '{"v":1,"type":"job.logs","seq":5,"data":{"job_id":42,"first":4,"lines":['
+        '{"seq":2,"ts":"2024-05-02T03:00:02Z","stream":"stdout","payload":"a"},'
+        '{"seq":3,"ts":"2024-05-02T03:00:03Z","stream":"stderr","payload":"b"}]}}',
     ),
     "job.finished": (
         {

@@ -26,8 +26,9 @@ from ..store.queries import hot
 
 log = logging.getLogger("fleetd.ingest")
 
-# frames applied in one transaction at most (across agents): a dispatch or a
-# follower's next line waits behind one such transaction, tens of ms, at most
+# frames (job log lines, of a job.logs frame) applied in one transaction at
+# most, across agents: a dispatch or a follower's next line waits behind one
+# such transaction, a few ms
 MAX_FRAMES = 250
 SMALL_BATCH = 50  # a batch this small goes ahead of the big ones
 INSERT_ROWS = 100  # job log rows per INSERT statement
@@ -124,6 +125,8 @@ class _Apply:
         self.lines: dict[int, list[dict]] = defaultdict(list)
         self._owned: dict[int, bool] = {}
         self._times: dict[str, tuple[str, str]] = {}
+        self.frame_seq = 0  # the seq of the frame being applied
+        self.applied = 0  # and the last one applied before it
 
     def mine(self, job_id: int) -> bool:
         if job_id not in self._owned:
@@ -152,13 +155,33 @@ class _Apply:
         self.lines.clear()
 
 
+def _add_line(a: _Apply, job_id: int, line: dict) -> None:
+    stored, sent = a.line_times(line["ts"])
+    seq, stream, payload = line["seq"], line["stream"], line["payload"]
+    a.log_rows.append((job_id, seq, stored, stream, payload))
+    a.lines[job_id].append(line_json(job_id, seq, sent, stream, payload))
+
+
 def _job_log(a: _Apply, data: dict) -> None:
-    job_id = data["job_id"]
-    if a.mine(job_id):
-        stored, sent = a.line_times(data["ts"])
-        seq, stream, payload = data["seq"], data["stream"], data["payload"]
-        a.log_rows.append((job_id, seq, stored, stream, payload))
-        a.lines[job_id].append(line_json(job_id, seq, sent, stream, payload))
+    if a.mine(data["job_id"]):
+        _add_line(a, data["job_id"], data)
+
+
+def _job_logs(a: _Apply, data: dict) -> None:
+    first, lines = data["first"], data["lines"]
+    if first + len(lines) - 1 != a.frame_seq:
+        log.warning(
+            "host %s: job.logs of seqs %d.. (%d lines) came as seq %d; skipped",
+            a.host.name,
+            first,
+            len(lines),
+            a.frame_seq,
+        )
+        return
+    if a.mine(data["job_id"]):
+        # a pack resent after a reconnect may straddle what was applied
+        for line in lines[max(0, a.applied + 1 - first) :]:
+            _add_line(a, data["job_id"], line)
 
 
 def _job_started(a: _Apply, data: dict) -> None:
@@ -216,6 +239,7 @@ def _refused(a: _Apply, data: dict) -> None:
 # reliable frame type -> how it is applied (schedule.fire joins with schedules)
 APPLY: dict[str, Callable[[_Apply, dict], None]] = {
     "job.log": _job_log,
+    "job.logs": _job_logs,
     "job.started": _job_started,
     "job.finished": _job_finished,
     "snapshots.report": _snapshots,
@@ -243,6 +267,7 @@ def apply_frames(
     for frame in frames:
         if frame.seq is None or frame.seq <= last:
             continue  # already applied before a reconnect
+        a.applied, a.frame_seq = last, frame.seq
         last = frame.seq
         apply = APPLY.get(frame.type)
         if apply is None:
@@ -293,10 +318,16 @@ def apply_snapshot_page(host_id: int, page: dict[str, Any]) -> None:
         ).execute()
 
 
+def weight(frame: protocol.Envelope) -> int:
+    """What a frame costs to apply, in job log lines (a job.logs frame holds many)."""
+    return len(frame.data["lines"]) if frame.type == "job.logs" else 1
+
+
 class _Batch:
     def __init__(self, host_id: int, frames: list[protocol.Envelope]) -> None:
         self.host_id = host_id
         self.frames = frames
+        self.weight = sum(map(weight, frames))
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
 
 
@@ -324,6 +355,8 @@ class Ingest:
     async def _run(self) -> None:
         while self._waiting:
             taken = self._take()
+            if not taken:
+                return
             try:
                 results, events = await self.store.bulk(self._apply, taken, self.clock.now())
             except Exception as exc:  # the commit itself failed: nobody is acked
@@ -346,15 +379,18 @@ class Ingest:
         follower's job at restic's pace must not wait behind agents that
         stream as fast as they can), then the others in arrival order, up
         to MAX_FRAMES frames (at least one batch)."""
-        small = [b for b in self._waiting if len(b.frames) <= SMALL_BATCH]
-        rest = [b for b in self._waiting if len(b.frames) > SMALL_BATCH]
+        # a batch whose caller is gone (its link dropped while fleetd stops)
+        # is not applied: unacked, it comes again
+        self._waiting = [b for b in self._waiting if not b.done.cancelled()]
+        small = [b for b in self._waiting if b.weight <= SMALL_BATCH]
+        rest = [b for b in self._waiting if b.weight > SMALL_BATCH]
         taken: list[_Batch] = []
         count = 0
         for batch in small + rest:
-            if taken and count + len(batch.frames) > MAX_FRAMES:
+            if taken and count + batch.weight > MAX_FRAMES:
                 break
             taken.append(batch)
-            count += len(batch.frames)
+            count += batch.weight
         chosen = set(map(id, taken))
         self._waiting = [b for b in self._waiting if id(b) not in chosen]
         return taken

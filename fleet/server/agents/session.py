@@ -11,6 +11,7 @@ heartbeat.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from dataclasses import dataclass
@@ -38,18 +39,62 @@ from ..security.secrets import SecretBox, repo_aad
 from ..store.db import Store
 from ..store.models import Host, utcnow
 from ..store.queries import hot
-from .ingest import REFUSED, Ingest, sync_seq
+from .ingest import REFUSED, Ingest, sync_seq, weight
 
 log = logging.getLogger("fleetd.agent")
 
-APPLY_BATCH = 250  # reliable frames of one agent handed to the ingest at once
+APPLY_BATCH = 250  # job log lines (or other frames) of one agent handed to the ingest at once
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
+FEATURES = ["job.logs"]  # told to agents in welcome: they may pack log lines
+INBOX_BYTES = 2 << 20  # and bytes: an agent's send window is 1 MiB, so only a rogue one waits
 # frames of one agent handled in a row before the loop goes round: frames
 # already buffered are read without a suspension, so an agent streaming as
 # fast as it can would otherwise hold the loop for a whole socket read
 YIELD_EVERY = 64
 PRESENCE_EVERY = 1.0  # seconds over which liveness writes are coalesced
 PRESENCE_RETRY = 1.0  # seconds before a failed liveness write is tried again
+
+
+class Inbox:
+    """Reliable frames read ahead of the ingest, bounded in frames and in
+    bytes: `put` waits while either is full, and the socket is not read
+    meanwhile (300 pipelined frames of 1 MiB are not 300 MiB of fleetd).
+    One producer (the session's reader), one consumer (its apply loop)."""
+
+    def __init__(self, frames: int = INBOX, size: int = INBOX_BYTES) -> None:
+        self.max_frames = frames
+        self.max_bytes = size
+        self.bytes = 0
+        self._items: collections.deque[tuple[Optional[protocol.Envelope], int]] = (
+            collections.deque()
+        )
+        self._put = asyncio.Event()
+        self._taken = asyncio.Event()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def put(self, frame: Optional[protocol.Envelope], size: int) -> None:
+        while self._items and (
+            len(self._items) >= self.max_frames or self.bytes + size > self.max_bytes
+        ):
+            self._taken.clear()
+            await self._taken.wait()
+        self._items.append((frame, size))
+        self.bytes += size
+        self._put.set()
+
+    async def get(self) -> Optional[protocol.Envelope]:
+        while not self._items:
+            self._put.clear()
+            await self._put.wait()
+        return self.get_nowait()
+
+    def get_nowait(self) -> Optional[protocol.Envelope]:
+        frame, size = self._items.popleft()
+        self.bytes -= size
+        self._taken.set()
+        return frame
 
 
 class AgentSession:
@@ -61,7 +106,7 @@ class AgentSession:
         self.caught_up = False  # the agent's spool, as of hello, is applied
         self.spool_seq = 0
         self.running_job: Optional[int] = None
-        self.inbox: Optional[asyncio.Queue] = None  # reliable frames for the apply loop
+        self.inbox: Optional[Inbox] = None  # reliable frames for the apply loop
         self.consumer: Optional[asyncio.Task] = None
 
     async def send(self, frame: str) -> bool:
@@ -311,6 +356,7 @@ class Agents:
                         "heartbeat_interval": self.heartbeat_interval,
                         "host_id": host_id,
                         "host_name": host_name,
+                        "features": FEATURES,
                     },
                     id=hello.id,
                 )
@@ -322,9 +368,14 @@ class Agents:
         except ConnectionClosed:
             pass
         finally:
-            # apply what arrived before the link dropped, then let go
+            # apply what arrived before the link dropped, then let go; but
+            # not while fleetd stops: the agent resends what was not acked,
+            # so a backlog of reports does not hold the stop up
             if session.inbox is not None:
-                await session.inbox.put(None)
+                if self.stopping:
+                    session.consumer.cancel()
+                else:
+                    await session.inbox.put(None, 0)
                 await asyncio.gather(session.consumer, return_exceptions=True)
             if self._detach(session) and not self.stopping:
                 await self.presence.offline(host_id)  # committed before anyone looks
@@ -356,13 +407,14 @@ class Agents:
             return None
         return hello
 
-    async def _enqueue(self, session: AgentSession, frame: protocol.Envelope) -> None:
-        """Hand a reliable frame to the session's apply loop, which starts with
-        the first one (an idle agent costs no queue and no task)."""
+    async def _enqueue(self, session: AgentSession, frame: protocol.Envelope, size: int) -> None:
+        """Hand a reliable frame (`size` bytes on the wire) to the session's
+        apply loop, which starts with the first one (an idle agent costs no
+        queue and no task)."""
         if session.inbox is None:
-            session.inbox = asyncio.Queue(INBOX)
+            session.inbox = Inbox()
             session.consumer = asyncio.ensure_future(self._apply_loop(session, session.inbox))
-        await session.inbox.put(frame)  # waits when the ingest is behind: backpressure
+        await session.inbox.put(frame, size)  # waits when the ingest is behind: backpressure
 
     async def _receive(self, session: AgentSession) -> None:
         connection = session.connection
@@ -397,10 +449,10 @@ class Agents:
                     await connection.send(protocol.error_frame(exc.code, str(exc), exc.re))
                     if exc.seq is not None:  # passed in seq order, so it wedges nothing
                         refused = protocol.Envelope(REFUSED, {"error": str(exc)}, seq=exc.seq)
-                        await self._enqueue(session, refused)
+                        await self._enqueue(session, refused, len(raw))
                     continue
                 if frame.type in protocol.RELIABLE:
-                    await self._enqueue(session, frame)
+                    await self._enqueue(session, frame, len(raw))
                     continue
                 handler = FRAME_HANDLERS.get(frame.type)
                 if handler is not None:
@@ -410,17 +462,19 @@ class Agents:
         finally:
             timer.cancel()
 
-    async def _apply_loop(self, session: AgentSession, inbox: asyncio.Queue) -> None:
+    async def _apply_loop(self, session: AgentSession, inbox: Inbox) -> None:
         """Hand reliable frames to the ingest in batches; ack each once committed."""
         while True:
             first = await inbox.get()
             batch = [first] if first is not None else []
-            while not inbox.empty() and len(batch) < APPLY_BATCH:
+            lines = weight(first) if first is not None else 0
+            while not inbox.empty() and lines < APPLY_BATCH:
                 frame = inbox.get_nowait()
                 if frame is None:
                     first = None
                     break
                 batch.append(frame)
+                lines += weight(frame)
             if batch:
                 try:
                     last = await self.ingest.submit(session.host_id, batch)
