@@ -12,13 +12,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def audit(ctx: Context, action: str, target: str | None = None, detail: dict | None = None) -> None:
-    AuditLog.create(
+    AuditLog.insert(
         actor=ctx.caller.name,
         action=action,
         target=target,
         detail=detail,
         address=ctx.caller.address,
-    )
+    ).execute()
 
 
 def check_name(kind: str, name: str) -> str:
