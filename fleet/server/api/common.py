@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from ..store.models import AuditLog, Host, SourceGroup, User
+from ..store.models import Host, SourceGroup, User, utcnow
+from ..store.queries import hot
 from .context import Context
 from .errors import Invalid, NotFound
 
@@ -12,13 +13,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def audit(ctx: Context, action: str, target: str | None = None, detail: dict | None = None) -> None:
-    AuditLog.insert(
-        actor=ctx.caller.name,
-        action=action,
-        target=target,
-        detail=detail,
-        address=ctx.caller.address,
-    ).execute()
+    hot.insert_audit(utcnow(), ctx.caller.name, action, target, detail, ctx.caller.address)
 
 
 def check_name(kind: str, name: str) -> str:

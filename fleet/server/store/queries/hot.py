@@ -1,10 +1,11 @@
-"""The statements of an agent's connect and of a dispatch."""
+"""The statements of an agent's connect, of a run-now and of a dispatch."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Optional
 
+from ..models import AuditLog, Job
 from . import one, rows, when
 
 WITH_AGENT = ("dispatched", "running")
@@ -72,3 +73,67 @@ def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str]]:
         host_id,
         *WITH_AGENT,
     )
+
+
+def host_by_name(name: str) -> Optional[tuple[int, str]]:
+    return one('SELECT "id", "name" FROM "host" WHERE "name" = ?', name)
+
+
+JOB_COLUMNS = (
+    "uid",
+    "host_id",
+    "kind",
+    "status",
+    "actor_kind",
+    "actor_user_id",
+    "schedule_id",
+    "group_id",
+    "group_name",
+    "params",
+    "created_at",
+    "not_before",
+)
+
+
+def insert_job(values: dict) -> int:
+    """A new job row from JOB_COLUMNS' values (params as a dict, times as
+    datetimes); returns its id."""
+    row = {**values, "params": Job.params.db_value(values["params"])}
+    row["created_at"], row["not_before"] = when(row["created_at"]), when(row["not_before"])
+    columns = ", ".join(f'"{c}"' for c in JOB_COLUMNS)
+    marks = ", ".join("?" for _ in JOB_COLUMNS)
+    return one(
+        f'INSERT INTO "job" ({columns}) VALUES ({marks}) RETURNING "id"',
+        *(row[c] for c in JOB_COLUMNS),
+    )[0]
+
+
+def insert_audit(
+    at: dt.datetime,
+    actor: str,
+    action: str,
+    target: Optional[str],
+    detail: Optional[dict],
+    address: Optional[str],
+) -> None:
+    one(
+        'INSERT INTO "audit_log" ("at", "actor", "action", "target", "detail", "address") '
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        when(at),
+        actor,
+        action,
+        target,
+        AuditLog.detail.db_value(detail),
+        address,
+    )
+
+
+def active_jobs(host_id: int, but: int, statuses: tuple[str, ...]) -> int:
+    """How many of the host's jobs other than `but` are in `statuses`."""
+    marks = ", ".join("?" for _ in statuses)
+    return one(
+        f'SELECT COUNT(*) FROM "job" WHERE "host_id" = ? AND "id" <> ? AND "status" IN ({marks})',
+        host_id,
+        but,
+        *statuses,
+    )[0]
