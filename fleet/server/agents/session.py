@@ -209,20 +209,10 @@ class Presence:
     @staticmethod
     def _write(online: dict[int, Optional[dict]], seen: set[int]) -> None:
         now = utcnow()
-        for host_id, hello in online.items():
-            if hello is None:
-                Host.update(online=False, last_seen_at=now).where(Host.id == host_id).execute()
-                continue
-            Host.update(
-                online=True,
-                last_seen_at=now,
-                hostname=hello["hostname"],
-                agent_version=hello["agent_version"],
-                restic_version=hello["restic_version"],
-                os=hello["os"],
-                arch=hello["arch"],
-                timezone=hello.get("timezone"),
-            ).where(Host.id == host_id).execute()
+        # plain SQL, one prepared statement each: 10,000 agents connecting
+        # spent a fifth of fleetd's time building these UPDATEs in peewee
+        hot.mark_online(now, [(h, hello) for h, hello in online.items() if hello is not None])
+        hot.mark_offline(now, [h for h, hello in online.items() if hello is None])
         rest = sorted(seen - set(online))
         for start in range(0, len(rest), 500):
             Host.update(last_seen_at=now).where(Host.id.in_(rest[start : start + 500])).execute()

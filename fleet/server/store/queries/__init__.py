@@ -22,6 +22,12 @@ def execute(sql: str, *params: Any) -> Any:
     return database.execute_sql(_paramed(sql, database.param), params)
 
 
+def execute_many(sql: str, params: list) -> None:
+    """One statement for each parameter tuple, prepared once."""
+    database = db.obj
+    database.cursor().executemany(_paramed(sql, database.param), params)
+
+
 def one(sql: str, *params: Any) -> Any:
     return execute(sql, *params).fetchone()
 

@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Optional
 
 from ..models import AuditLog, Job
-from . import one, rows, when
+from . import execute_many, one, rows, when
 
 WITH_AGENT = ("dispatched", "running")
 
@@ -137,3 +137,34 @@ def active_jobs(host_id: int, but: int, statuses: tuple[str, ...]) -> int:
         but,
         *statuses,
     )[0]
+
+
+def mark_online(now: dt.datetime, hellos: list[tuple[int, dict]]) -> None:
+    """Hosts whose agents said hello: online, seen now, with what they told."""
+    stamp = when(now)
+    execute_many(
+        'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "hostname" = ?, "agent_version" = ?, '
+        '"restic_version" = ?, "os" = ?, "arch" = ?, "timezone" = ? WHERE "id" = ?',
+        [
+            (
+                True,
+                stamp,
+                h["hostname"],
+                h["agent_version"],
+                h["restic_version"],
+                h["os"],
+                h["arch"],
+                h.get("timezone"),
+                host_id,
+            )
+            for host_id, h in hellos
+        ],
+    )
+
+
+def mark_offline(now: dt.datetime, host_ids: list[int]) -> None:
+    stamp = when(now)
+    execute_many(
+        'UPDATE "host" SET "online" = ?, "last_seen_at" = ? WHERE "id" = ?',
+        [(False, stamp, host_id) for host_id in host_ids],
+    )
