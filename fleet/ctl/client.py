@@ -25,6 +25,7 @@ EXIT_FOR_CODE = {
     "rate_limited": Exit.AUTH,
     "not_found": Exit.NOT_FOUND,
     "bad_request": Exit.USAGE,
+    "unavailable": Exit.UNREACHABLE,  # fleetd is stopping
 }
 
 

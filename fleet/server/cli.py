@@ -193,8 +193,13 @@ def serve(
         config.open_timeout = min(config.open_timeout, idle_timeout)
     config.max_connections = max_connections
     config.unauth_per_address = per_address_limit or config.unauth_per_address
+    # not asyncio.run: at the end it would cancel and unwind every connection
+    # handler (seconds, for 10,000), after the store is closed and the
+    # sockets told 1001 anyway
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        asyncio.run(run_server(config))
+        loop.run_until_complete(run_server(config))
     except SecretError as exc:
         raise Fail(str(exc)) from None
     except ssl.SSLError as exc:

@@ -18,6 +18,7 @@ from fleet.server.api.context import Caller, Context
 from fleet.server.api.registry import Method, Registry, collect
 from fleet.server.events import CredentialsChanged
 from fleet.server.security.auth import Role
+from fleet.server.store.db import StoreClosed
 
 # every /ctl method of fleet/server/ctl.py and ctl_jobs.py before the split
 METHODS_BEFORE = {
@@ -112,6 +113,7 @@ def test_typed_errors_carry_the_wire_codes() -> None:
         "NotFound": "not_found",
         "Conflict": "conflict",
         "RateLimited": "rate_limited",
+        "Unavailable": "unavailable",
         "UnknownMethod": "unknown_method",
         "Internal": "internal",
     }
@@ -183,3 +185,45 @@ def test_dispatch_is_the_edge_that_turns_typed_errors_into_frames(caplog) -> Non
     assert reply["error"] == {"code": "bad_request", "message": "t.missing: unknown parameter 'x'"}
     gone = Registry(collected, refresh=lambda caller: None)
     assert _dispatch(gone, {"id": 7, "method": "t.admin"})["error"]["code"] == "unauthorized"
+
+
+class _ClosedStore:
+    async def run(self, fn, *args):
+        raise StoreClosed()
+
+    read = atomic = run
+
+
+def test_a_request_read_as_fleetd_stops_is_unavailable_not_a_failure(caplog) -> None:
+    """fleetd closes its store before the sockets: a request that gets to it
+    meanwhile is told `unavailable` (fleetctl: exit 5, try again), and
+    fleetd logs no traceback for it."""
+    collected: list[Method] = []
+    method = collect(collected)
+
+    @method("t.read", readonly=True)
+    def read(ctx, p):
+        """Reads."""
+        return "never"
+
+    registry = Registry(collected, refresh=lambda caller: caller)
+
+    class Closed(_FakeState):
+        store = _ClosedStore()
+
+    def dispatch(state, frame: dict) -> dict:
+        ctx = Context(Caller(1, "ann", Role.VIEWER, 1, "127.0.0.1"), state)
+
+        async def send(_: str) -> None:
+            pass
+
+        return json.loads(asyncio.run(registry.dispatch(ctx, json.dumps(frame), send)))
+
+    registry.forget(CredentialsChanged(user_id=1))
+    assert dispatch(_FakeState(), {"id": 1, "method": "t.read"})["result"] == "never"
+    # the caller's check is cached: the method's own read meets the closed store
+    assert dispatch(Closed(), {"id": 2, "method": "t.read"})["error"]["code"] == "unavailable"
+    # and with the check due again, the check meets it
+    registry.forget(CredentialsChanged(user_id=1))
+    assert dispatch(Closed(), {"id": 3, "method": "t.read"})["error"]["code"] == "unavailable"
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text

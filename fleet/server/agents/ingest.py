@@ -20,7 +20,7 @@ from ...common.timefmt import iso, parse_ts
 from ..clock import Clock
 from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
-from ..store.db import Store, in_savepoints
+from ..store.db import Store, StoreClosed, in_savepoints
 from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
 from ..store.queries import hot
 
@@ -360,7 +360,8 @@ class Ingest:
             try:
                 results, events = await self.store.bulk(self._apply, taken, self.clock.now())
             except Exception as exc:  # the commit itself failed: nobody is acked
-                log.exception("applying agents' reports failed")
+                if not isinstance(exc, StoreClosed):  # fleetd stops: the agents resend
+                    log.exception("applying agents' reports failed")
                 for batch in taken:
                     if not batch.done.done():
                         batch.done.set_exception(exc)

@@ -36,7 +36,7 @@ from ..events import (
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
 from ..security.secrets import SecretBox, repo_aad
-from ..store.db import Store
+from ..store.db import Store, StoreClosed
 from ..store.models import Host, utcnow
 from ..store.queries import hot
 from .ingest import REFUSED, Ingest, sync_seq, weight
@@ -194,6 +194,8 @@ class Presence:
             waiters, self._waiters = self._waiters, []
             try:
                 await self.store.atomic(self._write, online, seen)
+            except StoreClosed:
+                return  # fleetd stops: every host is marked offline as it does
             except Exception:
                 log.exception("writing the presence of %d host(s) failed", len(online) + len(seen))
                 # keep it for the next try, under anything newer; nobody is told it is done

@@ -11,6 +11,7 @@ knows nothing of frames; only the edge (`Registry.dispatch`, fleetd's
     NotFound       not_found        the named thing does not exist
     Conflict       conflict         the current state does not allow it
     RateLimited    rate_limited     too many attempts; wait
+    Unavailable    unavailable      fleetd is shutting down; try again
     UnknownMethod  unknown_method   no such method
     Internal       internal         fleetd failed; see its log
 """
@@ -60,6 +61,10 @@ class NotFound(_Coded):
     CODE = "not_found"
 
 
+class Unavailable(_Coded):
+    CODE = "unavailable"
+
+
 class Conflict(_Coded):
     CODE = "conflict"
 
@@ -83,6 +88,7 @@ ERRORS: tuple[type[_Coded], ...] = (
     NotFound,
     Conflict,
     RateLimited,
+    Unavailable,
     UnknownMethod,
     Internal,
 )

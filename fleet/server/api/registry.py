@@ -36,8 +36,19 @@ from ...common.protocol import Field, ProtocolError
 from ...common.timefmt import utcnow
 from ..events import CredentialsChanged
 from ..security.auth import Role
+from ..store.db import StoreClosed
 from .context import Caller, Context
-from .errors import ApiError, Forbidden, Internal, Invalid, Unauthorized, UnknownMethod
+from .errors import (
+    ApiError,
+    Forbidden,
+    Internal,
+    Invalid,
+    Unauthorized,
+    Unavailable,
+    UnknownMethod,
+)
+
+STOPPING = "fleetd is shutting down; try again in a moment"
 
 log = logging.getLogger("fleetd.ctl")
 
@@ -131,6 +142,8 @@ class Registry:
             result = await self.call(ctx, req.method, req.params)
         except ApiError as exc:
             return exc.frame(req.id)
+        except StoreClosed:  # the caller check, as fleetd stops
+            return Unavailable(STOPPING).frame(req.id)
         return protocol.result_frame(req.id, result)
 
     def forget(self, event: CredentialsChanged) -> None:
@@ -192,6 +205,8 @@ class Registry:
             return result
         except (ApiError, ConnectionClosed):
             raise
+        except StoreClosed:  # a request read as fleetd stops: not a failure of fleetd's
+            raise Unavailable(STOPPING) from None
         except Exception:
             log.exception("%s failed", name)
             raise Internal(f"{name} failed inside fleetd; see its log") from None

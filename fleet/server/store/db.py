@@ -71,6 +71,13 @@ def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return outcomes
 
 
+class StoreClosed(RuntimeError):
+    """The store was closed: fleetd is stopping."""
+
+    def __init__(self) -> None:
+        super().__init__("the store is closed")
+
+
 def _snapshot(call: Callable[[], T]) -> T:
     """A read in one transaction: its queries see one state of the store,
     whatever the writer commits meanwhile."""
@@ -129,7 +136,7 @@ class Store:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._closed:
-                raise RuntimeError("the store is closed")
+                raise StoreClosed()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="store", daemon=True)
                 self._thread.start()
@@ -157,7 +164,7 @@ class Store:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         with self._reads_ready:
             if self._reads_closed or self._database is None:
-                raise RuntimeError("the store is closed")
+                raise StoreClosed()
             if self._reader is None:
                 self._reader = threading.Thread(
                     target=self._read_work, name="store-read", daemon=True
