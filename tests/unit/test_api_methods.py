@@ -216,6 +216,20 @@ def test_hosts_list_pages_by_name(rpc: Api, fleet_of_50) -> None:
     assert len(rpc("hosts.list", limit=1000)) == 50
 
 
+def test_the_whole_list_is_stitched_from_pages_without_a_gap_or_a_repeat(rpc: Api) -> None:
+    """Past one page (1,000) the listing is read and encoded a page at a
+    time and spliced together: every host once, in order, also when the
+    fleet is an exact number of pages."""
+    from fleet.server.api.hosts import MAX_PAGE
+
+    Host.insert_many([{"name": f"n{i:05d}"} for i in range(2 * MAX_PAGE)]).execute()
+    names = [h["name"] for h in rpc("hosts.list")]
+    assert names == [f"n{i:05d}" for i in range(2 * MAX_PAGE)]
+    Host.create(name="zz-last")
+    assert [h["name"] for h in rpc("hosts.list")][-2:] == [f"n{2 * MAX_PAGE - 1:05d}", "zz-last"]
+    assert [h["name"] for h in rpc("hosts.list", after="n01998")] == ["n01999", "zz-last"]
+
+
 def test_hosts_list_refuses_bad_page_sizes(rpc: Api) -> None:
     assert rpc.error("hosts.list", limit=0) == {
         "code": "bad_request",

@@ -1343,3 +1343,12 @@ def test_regression_frame_limit_counts_bytes():
     assert len(raw.encode("utf-8")) > limit
     err = refused(raw, limit=limit)
     assert "larger than" in str(err)
+
+
+def test_a_result_encoded_ahead_is_spliced_in_as_the_same_json():
+    from fleet.common.protocol import Encoded, result_frame
+
+    hosts = [{"name": "web-01", "status": "online"}, {"name": "café", "status": "pending"}]
+    spliced = result_frame(7, Encoded(json.dumps(hosts, ensure_ascii=False)))
+    assert spliced == result_frame(7, hosts)
+    assert json.loads(result_frame("a-1", Encoded("[]"))) == {"id": "a-1", "result": []}

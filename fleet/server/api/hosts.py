@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 import peewee as pw
 
-from ...common.protocol import Field
+from ...common.protocol import Encoded, Field
 from ..events import HostRemoved
 from ..security.auth import Role
 from ..store.models import Host, Job, Repo, RepoStats, SourceGroup
@@ -44,27 +45,35 @@ def last_job(host: Host, kind: str) -> Optional[Job]:
     Role.VIEWER,
     (Field("limit", "int", False, minimum=1), Field("after", "str", False, limit=64)),
 )
-async def hosts_list(ctx: Context, p: dict) -> list:
+async def hosts_list(ctx: Context, p: dict) -> Encoded:
     """Hosts by name: status, versions and the latest backup of each. Every
     host, or a page: at most `limit` (1..1000) hosts whose names sort after
     `after` (pass the last name of a page to get the next)."""
     limit = p.get("limit")
     if limit is not None:
         at_most("limit", limit, MAX_PAGE)
-        return await ctx.state.store.read(page_json, p.get("after"), limit)
-    # every host: a page per read, so that other reads go in between
-    out: list = []
+        count, last, text = await ctx.state.store.read(page_text, p.get("after"), limit)
+        return Encoded(f"[{text}]")
+    # every host: a page per read, so that other reads go in between, each
+    # encoded on the reader thread as it is read (a short hold of the GIL
+    # each, not one long one for the whole fleet)
+    parts: list[str] = []
     after = p.get("after")
     while True:
-        page = await ctx.state.store.read(page_json, after, MAX_PAGE)
-        out += page
-        if len(page) < MAX_PAGE:
-            return out
-        after = page[-1]["name"]
+        count, last, text = await ctx.state.store.read(page_text, after, MAX_PAGE)
+        if count:
+            parts.append(text)
+        if count < MAX_PAGE:
+            return Encoded("[" + ", ".join(parts) + "]")
+        after = last
 
 
-def page_json(after: Optional[str], limit: int) -> list:
-    return [host_row_json(r) for r in listing.hosts_page(after, limit)]
+def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str]:
+    """A page of hosts as JSON list items (the text between the brackets):
+    (how many, the last name, the text)."""
+    page = [host_row_json(r) for r in listing.hosts_page(after, limit)]
+    text = json.dumps(page, ensure_ascii=False)[1:-1]
+    return len(page), page[-1]["name"] if page else None, text
 
 
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
