@@ -361,15 +361,17 @@ def test_big_frames_to_unauthenticated_endpoints_close_1009_and_cost_no_memory(f
 
 
 def test_an_agent_pipelining_big_frames_is_read_at_the_ingests_pace(fleetd_factory, fx):
-    """300 frames of ~1 MiB (job.logs of 15 lines of 64 KiB) sent without
+    """600 frames of ~1 MiB (job.logs of 15 lines of 64 KiB) sent without
     waiting for acks: fleetd stops reading the socket once its inbox holds
-    2 MiB, so its memory stays flat (367 MiB before), and every frame is
-    still applied and acked, in order."""
+    2 MiB, so its memory stays bounded (+107 to +132 MiB in three runs,
+    what websockets' read buffers and the allocator keep; +549 MiB with an
+    inbox bounded in frames only), and every frame is still applied and
+    acked, in order."""
     fleet = fleetd_factory()
     token = agent_token(fleet, fx)
     pid = fleet.fleetd.proc.pid
     before = vm_rss_kib(pid)
-    count, per = 300, 15
+    count, per = 600, 15
     payload = "x" * 65_000
 
     def frame(k: int) -> str:
@@ -419,7 +421,7 @@ def test_an_agent_pipelining_big_frames_is_read_at_the_ingests_pace(fleetd_facto
     acked, peak = asyncio.run(main())
     print(f"fleetd VmRSS {before / 1024:.1f} MiB, at most {peak / 1024:.1f} MiB")
     assert acked == count * per
-    assert peak - before < 100 * 1024, f"RSS grew by {(peak - before) / 1024:.1f} MiB"
+    assert peak - before < 250 * 1024, f"RSS grew by {(peak - before) / 1024:.1f} MiB"
     assert_healthy(fleet)
 
 

@@ -507,10 +507,10 @@ def test_the_inbox_is_bounded_in_bytes_as_well_as_frames() -> None:
         task = asyncio.ensure_future(producer())
         await settle()
         steps.append("full")
-        assert (await inbox.get()).seq == 1
+        assert (await inbox.get())[0].seq == 1
         await settle()
-        assert (await inbox.get()).seq == 2
-        assert (await inbox.get()).seq == 3
+        assert (await inbox.get())[0].seq == 2
+        assert (await inbox.get())[0].seq == 3
         await settle()
         await asyncio.wait_for(task, TIMEOUT)
         huge = Inbox(frames=100, size=1 << 20)

@@ -44,6 +44,7 @@ from .ingest import REFUSED, Ingest, sync_seq, weight
 log = logging.getLogger("fleetd.agent")
 
 APPLY_BATCH = 250  # job log lines (or other frames) of one agent handed to the ingest at once
+APPLY_BYTES = 1 << 20  # ... and their size on the wire, at most (one bigger frame goes alone)
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
 FEATURES = ["job.logs"]  # told to agents in welcome: they may pack log lines
 INBOX_BYTES = 2 << 20  # and bytes: an agent's send window is 1 MiB, so only a rogue one waits
@@ -84,17 +85,18 @@ class Inbox:
         self.bytes += size
         self._put.set()
 
-    async def get(self) -> Optional[protocol.Envelope]:
+    async def get(self) -> tuple[Optional[protocol.Envelope], int]:
+        """The next frame and its size on the wire."""
         while not self._items:
             self._put.clear()
             await self._put.wait()
         return self.get_nowait()
 
-    def get_nowait(self) -> Optional[protocol.Envelope]:
+    def get_nowait(self) -> tuple[Optional[protocol.Envelope], int]:
         frame, size = self._items.popleft()
         self.bytes -= size
         self._taken.set()
-        return frame
+        return frame, size
 
 
 class AgentSession:
@@ -457,16 +459,17 @@ class Agents:
     async def _apply_loop(self, session: AgentSession, inbox: Inbox) -> None:
         """Hand reliable frames to the ingest in batches; ack each once committed."""
         while True:
-            first = await inbox.get()
+            first, size = await inbox.get()
             batch = [first] if first is not None else []
             lines = weight(first) if first is not None else 0
-            while not inbox.empty() and lines < APPLY_BATCH:
-                frame = inbox.get_nowait()
+            while not inbox.empty() and lines < APPLY_BATCH and size < APPLY_BYTES:
+                frame, more = inbox.get_nowait()
                 if frame is None:
                     first = None
                     break
                 batch.append(frame)
                 lines += weight(frame)
+                size += more
             if batch:
                 try:
                     last = await self.ingest.submit(session.host_id, batch)

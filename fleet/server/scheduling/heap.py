@@ -4,9 +4,10 @@ CPython's full (generation 2) collection walks every tracked object; with
 10,000 agent connections that is a pause of 0.5-2 s, every few seconds
 while the heap grows and every few tens of seconds after (0.2 s every 2.5 s
 with 3,000 agents streaming logs). So what survives a full collection is
-moved into the permanent generation (gc.freeze) at once, and every minute
-so is whatever survived since: automatic collections only walk what is
-new. Once an hour this source unfreezes and runs one full collection, so
+moved into the permanent generation (gc.freeze) at once, and every ten
+seconds so is whatever survived since (10,000 connections made at start
+are frozen before a full collection walks them): automatic collections
+only walk what is new. Once an hour this source unfreezes and runs one full collection, so
 garbage cycles that were frozen (a connection that closed) are freed at last.
 """
 
@@ -20,7 +21,7 @@ from typing import Optional
 
 log = logging.getLogger("fleetd.heap")
 
-FREEZE_EVERY = dt.timedelta(seconds=60)
+FREEZE_EVERY = dt.timedelta(seconds=10)
 FULL_EVERY = dt.timedelta(hours=1)
 
 
