@@ -474,6 +474,8 @@ class Agents:
                 try:
                     last = await self.ingest.submit(session.host_id, batch)
                 except Exception:
+                    if self.stopping:
+                        return  # nothing was acked: the agent resends after the restart
                     # nothing was acked: drop the link, the agent resends on reconnect
                     log.warning(
                         "frames of host %s not applied; closing its link", session.host_name

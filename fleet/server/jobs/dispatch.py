@@ -17,6 +17,7 @@ from typing import Any, Optional, Protocol
 from ...common import protocol
 from ..clock import Clock
 from ..events import Event, JobEnded, JobQueued
+from ..store.db import StoreClosed
 from ..store.models import Job
 from . import lifecycle
 
@@ -77,6 +78,8 @@ class Dispatcher:
             hosts = [self._hosts.pop() for _ in range(min(BATCH, len(self._hosts)))]
             try:
                 claimed = await self.lifecycle.apply(self._claim, hosts, self.clock.now())
+            except StoreClosed:
+                return  # fleetd stops: the jobs stay queued in the store
             except Exception:
                 log.exception("dispatching to %d host(s) failed", len(hosts))
                 continue
