@@ -541,7 +541,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         ticking.cancel()
         log.info("received %s, shutting down", signal.Signals(signum).name)
         agents.stopping = True  # one statement marks every host offline, below
-        server.server.close()  # no new connections
+        server.server.close()  # no new connections (the finally below is for a failed start)
         for connection in list(limits.live):
             connection.transport.pause_reading()  # and no new requests or reports
     finally:

@@ -59,9 +59,13 @@ def token_json(t: ApiToken) -> dict:
 
 
 def host_status(host: Host) -> str:
-    if host.agent_token_hash is None:
+    return status_of(host.agent_token_hash is not None, host.online)
+
+
+def status_of(enrolled: bool, online: bool) -> str:
+    if not enrolled:
         return "pending"  # enrollment token issued, agent never enrolled
-    return "online" if host.online else "offline"
+    return "online" if online else "offline"
 
 
 def host_json(h: Host, backup: Optional[Job]) -> dict:
@@ -87,7 +91,7 @@ def host_row_json(r: HostRow) -> dict:
     """host_json of a listing's row (the same fields, read without the ORM)."""
     return listed_host(
         r.name,
-        ("online" if r.online else "offline") if r.enrolled else "pending",
+        status_of(r.enrolled, r.online),
         wire_time(r.last_seen_at),
         r.agent_version,
         r.restic_version,

@@ -178,9 +178,8 @@ class Store:
 
     def _read_work(self) -> None:
         database = db.obj
-        database.connect(
-            reuse_if_open=True
-        )  # this thread's own connection (peewee keeps one per thread)
+        # this thread's own connection: peewee keeps one per thread
+        database.connect(reuse_if_open=True)
         try:
             database.execute_sql("PRAGMA query_only = 1")
             while True:
