@@ -15,7 +15,9 @@ Scale part (`--only scale`):
   a generated token, as /enroll would leave them): enrolling 10,000 hosts
   over /enroll costs minutes and is not what is measured here.
 - The agents are simulated in --workers processes, each an asyncio loop of
-  websockets clients (compression=None) speaking the real agent protocol:
+  lean websocket clients (bench/simws.py: a real RFC 6455 client without
+  websockets' per-connection machinery, so the load generator does not eat
+  the cores the servers are measured on) speaking the real agent protocol:
   hello -> welcome, heartbeats, command.run -> command.result, reliable
   job.started / job.log / job.finished with seq and cumulative acks, and
   redial with fleet-agent's own backoff (fleet.agent.link.backoff); log
@@ -366,9 +368,8 @@ class Worker:
         return json.dumps({"v": 1, "type": "hello", "id": "hello", "data": data})
 
     async def session(self, a: SimAgent, url: str, sem, first_result, heartbeat: int) -> None:
-        from websockets.asyncio.client import connect
-
         from fleet.agent.link import backoff
+        from simws import connect
 
         attempt = 0
         headers = {"Authorization": f"Bearer {a.token}"}
@@ -377,13 +378,7 @@ class Worker:
             hb = None
             try:
                 async with sem:
-                    ws = await connect(
-                        url,
-                        additional_headers=headers,
-                        open_timeout=30,
-                        compression=None,
-                        max_size=1 << 22,
-                    )
+                    ws = await connect(url, headers, open_timeout=30, max_size=1 << 22)
                     await ws.send(self.hello(a))
                     reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
                 if reply.get("type") == "error":
@@ -1206,8 +1201,13 @@ def run_scale(args, figs: Figures, work: Path) -> None:
             "bare", [str(Path(__file__).resolve()), "_bare"], work / "bare.log", clean_env()
         ).start()
         burl = f"ws://127.0.0.1:{bare.port}"
+        c0, w0 = cpu_seconds(bare.pid), fleet.worker_cpu()
         bconn = fleet.connect(burl + "/agent", conc)
-        print(f"bare: {bconn['ok']}/{n} connected in {bconn['seconds']:.2f} s", flush=True)
+        print(
+            f"bare: {bconn['ok']}/{n} connected in {bconn['seconds']:.2f} s"
+            f" (server {cpu_seconds(bare.pid) - c0:.2f} s CPU, simulators {fleet.worker_cpu() - w0:.2f} s)",
+            flush=True,
+        )
         time.sleep(1.0)
         b_cpu, b_rss = idle_window(bare.pid, args.idle_seconds)
         args._bare_rtt = asyncio.run(bare_roundtrip(burl, args.rtt_count))
@@ -1245,8 +1245,13 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         ).start()
         url = f"ws://127.0.0.1:{fleetd.port}"
         token = asyncio.run(login(url))
+        c0, w0 = cpu_seconds(fleetd.pid), fleet.worker_cpu()
         conn = fleet.connect(url + "/agent", conc)
-        print(f"fleetd: {conn['ok']}/{n} connected in {conn['seconds']:.2f} s", flush=True)
+        print(
+            f"fleetd: {conn['ok']}/{n} connected in {conn['seconds']:.2f} s"
+            f" (server {cpu_seconds(fleetd.pid) - c0:.2f} s CPU, simulators {fleet.worker_cpu() - w0:.2f} s)",
+            flush=True,
+        )
         print(
             "\nfigures (fleetd | bare websockets server or reference | ratio | target):", flush=True
         )
