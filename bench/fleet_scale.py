@@ -368,8 +368,9 @@ class Worker:
         return json.dumps({"v": 1, "type": "hello", "id": "hello", "data": data})
 
     async def session(self, a: SimAgent, url: str, sem, first_result, heartbeat: int) -> None:
-        from fleet.agent.link import backoff
         from simws import connect
+
+        from fleet.agent.link import backoff
 
         attempt = 0
         headers = {"Authorization": f"Bearer {a.token}"}

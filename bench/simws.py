@@ -240,7 +240,10 @@ class SimLink(asyncio.Protocol):
 
 
 async def connect(
-    url: str, headers: Optional[dict[str, str]] = None, open_timeout: float = 30, max_size: int = 1 << 22
+    url: str,
+    headers: Optional[dict[str, str]] = None,
+    open_timeout: float = 30,
+    max_size: int = 1 << 22,
 ) -> SimLink:
     """Dial ws://host:port/path and complete the upgrade; raises ConnectionClosed or OSError."""
     parts = urlsplit(url)

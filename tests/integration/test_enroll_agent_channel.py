@@ -276,3 +276,49 @@ def test_removing_a_host_disconnects_its_agent(fleet, fx, enrolled):
         except ConnectionClosed:
             return
         _assert_closed_by_server(ws)
+
+
+def _next_of(ws, kind):
+    """The next frame of this type fleetd sends, skipping the others."""
+    while True:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame.get("type") == kind:
+            return frame
+
+
+def _finish(ws, job_id, seq):
+    """Take the job, run it and end it as fleet-agent would; wait for the ack."""
+    ts = "2026-12-02T00:00:00Z"
+    ws.send(protocol.encode("command.result", {"job_id": job_id, "accepted": True}))
+    started = {"job_id": job_id, "kind": "check", "started_at": ts}
+    ws.send(protocol.encode("job.started", started, seq=seq))
+    ended = {"job_id": job_id, "status": "succeeded", "exit_code": 0, "finished_at": ts}
+    ws.send(protocol.encode("job.finished", ended, seq=seq + 1))
+    while _next_of(ws, "ack")["data"]["seq"] < seq + 1:
+        pass
+
+
+def test_a_run_now_on_a_ready_host_is_claimed_as_it_is_made(fleet, fx, enrolled):
+    """jobs.run on a connected, idle host claims the job in its own
+    transaction (one store trip): the reply already says dispatched and the
+    command goes out. While the agent has it, the next run-now waits."""
+    host = enrolled["host"]
+    with fx.ws_connect(fleet.url, "/agent", enrolled["agent_token"]) as ws:
+        ws.send(_hello())
+        assert _recv(ws)["type"] == "welcome"
+        # the first one may meet the host before it is caught up: queued, then offered
+        first = fleet.rpc("jobs.run", host=host, kind="check")
+        assert _next_of(ws, "command.run")["data"]["job_id"] == first["id"]
+        _finish(ws, first["id"], seq=1)
+
+        second = fleet.rpc("jobs.run", host=host, kind="check")
+        assert second["status"] == "dispatched", second
+        assert _next_of(ws, "command.run")["data"] == {"job_id": second["id"], "kind": "check"}
+        assert fleet.rpc("jobs.show", id=second["id"])["status"] == "dispatched"
+
+        third = fleet.rpc("jobs.run", host=host, kind="check")
+        assert third["status"] == "queued" and third["queued_behind"] == 1, third
+        _finish(ws, second["id"], seq=3)
+        # the end of the second frees the host: the third goes out, once
+        assert _next_of(ws, "command.run")["data"]["job_id"] == third["id"]
+        assert fleet.rpc("jobs.show", id=third["id"])["status"] == "dispatched"

@@ -159,7 +159,7 @@ def test_a_failed_backup_is_retried_as_its_group_allows(host) -> None:
     assert command is not None and command.id == again.id
     from fleet.server.jobs.dispatch import command_for
 
-    payload = command_for(command)
+    payload = command_for(command.id, command.kind, command.params)
     assert "attempt" not in payload and "not_before" not in payload  # not the agent's business
     # the retry fails too: no third attempt
     finished = {**finished, "job_id": again.id}

@@ -46,6 +46,12 @@ def status(job: Job) -> str:
     return Job.get_by_id(job.id).status
 
 
+def dispatched(job: Job) -> JobDispatched:
+    """The event a claim of this job publishes: what command.run needs."""
+    row = Job.get_by_id(job.id)
+    return JobDispatched(row.id, row.host_id, row.kind, row.params)
+
+
 def set_status(job: Job, value: str) -> None:
     Job.update(status=value).where(Job.id == job.id).execute()
 
@@ -98,7 +104,7 @@ def test_claim_takes_the_oldest_due_job(host) -> None:
     assert job is not None and job.id == first.id
     row = Job.get_by_id(first.id)
     assert row.status == "dispatched" and row.dispatched_at == NOW
-    assert events == [JobDispatched(first.id, host.id)]
+    assert events == [dispatched(first)]
     assert [status(second), status(third)] == ["queued", "queued"]
 
 
@@ -127,7 +133,7 @@ def test_claim_never_hands_out_a_second_job_while_one_is_with_the_agent(host) ->
     assert lifecycle.end([], host.id, first.id, "succeeded", finished_at=NOW)
     job, events = claim(host)
     assert job.id == second.id
-    assert events == [JobDispatched(second.id, host.id)]
+    assert events == [dispatched(second)]
 
 
 def test_claim_is_per_host(host, other) -> None:
@@ -154,14 +160,14 @@ def test_auto_init_once_per_repository_setting(host) -> None:
     job, events = claim(host)
     init = Job.get_by_id(job.id)
     assert (init.kind, init.actor_kind, init.status) == ("init", "system", "dispatched")
-    assert events == [JobQueued(init.id, host.id, due=True), JobDispatched(init.id, host.id)]
+    assert events == [JobQueued(init.id, host.id, due=True), dispatched(init)]
 
     # while it is with the agent, and after it ended, no second init
     backup = new_job(host)
     assert claim(host) == (None, [])
     lifecycle.end([], host.id, init.id, "failed", error="wrong password")
     job, events = claim(host)  # a failed init is not retried by itself
-    assert job.id == backup.id and events == [JobDispatched(backup.id, host.id)]
+    assert job.id == backup.id and events == [dispatched(backup)]
     lifecycle.end([], host.id, backup.id, "succeeded")
     assert claim(host) == (None, [])
     assert Job.select().where(Job.kind == "init").count() == 1
@@ -170,7 +176,7 @@ def test_auto_init_once_per_repository_setting(host) -> None:
     set_repo(host, init.created_at + dt.timedelta(microseconds=1))
     job, events = claim(host)
     assert job.kind == "init" and job.id not in (init.id, backup.id)
-    assert events == [JobQueued(job.id, host.id, due=True), JobDispatched(job.id, host.id)]
+    assert events == [JobQueued(job.id, host.id, due=True), dispatched(job)]
     assert Job.select().where(Job.kind == "init").count() == 2
 
 
@@ -493,7 +499,73 @@ def test_apply_publishes_after_commit_and_nothing_on_rollback(tmp_path: Path) ->
             assert committed_status(job.id) == "queued"
             claimed = await life.apply(lifecycle.claim, host_id, NOW)
             assert claimed.id == job.id
-            assert seen[1:] == [(JobDispatched(job.id, host_id), "dispatched")]
+            assert seen[1:] == [(JobDispatched(job.id, host_id, "backup", {}), "dispatched")]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_dispatch_sends_on_the_committed_claim_and_requeues_a_failed_send(tmp_path) -> None:
+    """The command goes out from the claim's JobDispatched, whoever claimed
+    (the dispatcher, or a run-now in its own transaction); a send that finds
+    the link gone puts the job back in the queue."""
+    from fleet.server.clock import FakeClock
+    from fleet.server.jobs.dispatch import Dispatcher
+
+    class Sessions:
+        def __init__(self) -> None:
+            self.link_up = True
+            self.sent: list[tuple[int, int, str]] = []
+            self.done = asyncio.Event()
+
+        def ready(self, host_id: int) -> bool:
+            return self.link_up
+
+        async def send_command(self, host_id: int, job_id: int, frame: str) -> bool:
+            self.sent.append((host_id, job_id, frame))
+            self.done.set()
+            return self.link_up
+
+    async def main() -> None:
+        store = Store(tmp_path / "fleet.db")
+        await store.open()
+        try:
+            bus = Bus()
+            life = lifecycle.Lifecycle(store, bus)
+            sessions = Sessions()
+            dispatcher = Dispatcher(life, sessions, FakeClock(NOW))
+            host_id = await store.run(lambda: Host.create(name="web-01").id)
+
+            def run_now(events: list, host_id: int) -> int:
+                job = lifecycle.create(events, host_id, "check", "user")
+                claimed = dispatcher.claim_now(events, host_id)
+                assert claimed is not None and claimed.id == job.id
+                return job.id
+
+            first = await life.apply(run_now, host_id)
+            await asyncio.wait_for(sessions.done.wait(), 10)
+            assert [(h, j) for h, j, _ in sessions.sent] == [(host_id, first)]
+            assert '"kind":"check"' in sessions.sent[0][2].replace(" ", "")
+            await store.run(lifecycle.end, [], host_id, first, "succeeded")
+
+            # the link goes between the claim and the send: back in the queue
+            requeued = asyncio.Event()
+            bus.subscribe(JobQueued, lambda e: requeued.set())
+
+            def run_now_then_drop(events: list, host_id: int) -> int:
+                job_id = run_now(events, host_id)
+                sessions.link_up = False
+                return job_id
+
+            sessions.done = asyncio.Event()
+            second = await life.apply(run_now_then_drop, host_id)
+            await asyncio.wait_for(sessions.done.wait(), 10)
+            requeued.clear()  # the run-now's own JobQueued
+            await asyncio.wait_for(requeued.wait(), 10)
+            row = await store.run(lambda: Job.get_by_id(second))
+            assert (row.status, row.dispatched_at) == ("queued", None)
+            assert len(sessions.sent) == 2  # sent once, not twice
         finally:
             await store.close()
 

@@ -101,6 +101,11 @@ def jobs_run(ctx: Context, p: dict) -> dict:
         f"{host.name}/{group.name}" if group else host.name,
         {"job": job.id, "kind": kind},
     )
+    agents = ctx.state.agents
+    if agents is not None:  # a host that is ready gets it at once: one store trip, not two
+        claimed = agents.dispatcher.claim_now(ctx.events, host.id)
+        if claimed is not None and claimed.id == job.id:
+            job.status = claimed.status
     queued_behind = hot.active_jobs(host.id, job.id, lifecycle.ACTIVE)
     # the view from what is at hand, not from reading the new row back
     job.host = host

@@ -3,20 +3,25 @@
 Hosts to offer are collected as events arrive (a job queued, a job ended,
 an agent caught up, a retry due) and claimed together: one transaction
 claims the next job of every waiting host (`lifecycle.claim`, one
-statement each), then the command.run frames go out. The store decides
-who gets what, so a dispatch can neither be lost between two awaits nor
-given twice; the dispatcher itself holds only the set of hosts to look at.
+statement each). A run-now claims its job in the transaction that makes it
+(`claim_now`): one trip through the store instead of two. Whoever claimed,
+the command.run goes out when the claim's JobDispatched is published, that
+is once the claim is committed. The store decides who gets what, so a
+dispatch can neither be lost between two awaits nor given twice; the
+dispatcher itself holds only the set of hosts to look at and the commands
+to send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Optional, Protocol
 
 from ...common import protocol
 from ..clock import Clock
-from ..events import Event, JobEnded, JobQueued
+from ..events import Event, JobDispatched, JobEnded, JobQueued
 from ..store.db import StoreClosed
 from ..store.models import Job
 from . import lifecycle
@@ -33,9 +38,9 @@ COMMAND_KEYS = frozenset(
 )
 
 
-def command_for(job: Job) -> dict[str, Any]:
-    cmd: dict[str, Any] = {"job_id": job.id, "kind": job.kind}
-    for key, value in (job.params or {}).items():
+def command_for(job_id: int, kind: str, params: Optional[dict[str, Any]]) -> dict[str, Any]:
+    cmd: dict[str, Any] = {"job_id": job_id, "kind": kind}
+    for key, value in (params or {}).items():
         if key in COMMAND_KEYS and value not in (None, "", []):
             cmd[key] = value
     return cmd
@@ -54,8 +59,11 @@ class Dispatcher:
         self.clock = clock
         self._hosts: set[int] = set()
         self._task: Optional[asyncio.Task] = None
+        self._outbox: collections.deque[JobDispatched] = collections.deque()
+        self._sender: Optional[asyncio.Task] = None
         lifecycle_.bus.subscribe(JobQueued, self._queued)
         lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id))  # the host is free
+        lifecycle_.bus.subscribe(JobDispatched, self._dispatched)
 
     def _queued(self, event: JobQueued) -> None:
         if event.due:  # a retry waits for its due time (the ticker offers it then)
@@ -70,6 +78,16 @@ class Dispatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
+    def claim_now(self, events: list[Event], host_id: int) -> Optional[Job]:
+        """On the store thread, in the transaction that just queued a job for
+        the host: claim its next job there and then when the host is ready.
+        (Reading the sessions from this thread is a race that costs nothing:
+        a host seen ready that just dropped gets its job requeued when the
+        send fails, and one not yet seen ready is offered when it is.)"""
+        if not self.sessions.ready(host_id):
+            return None
+        return lifecycle.claim(events, host_id, self.clock.now())
+
     def offer_later(self, host_id: int, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self.offer, host_id)
 
@@ -77,17 +95,32 @@ class Dispatcher:
         while self._hosts:
             hosts = [self._hosts.pop() for _ in range(min(BATCH, len(self._hosts)))]
             try:
-                claimed = await self.lifecycle.apply(self._claim, hosts, self.clock.now())
+                await self.lifecycle.apply(self._claim, hosts, self.clock.now())
             except StoreClosed:
                 return  # fleetd stops: the jobs stay queued in the store
             except Exception:
                 log.exception("dispatching to %d host(s) failed", len(hosts))
+
+    def _dispatched(self, event: JobDispatched) -> None:
+        self._hosts.discard(event.host_id)  # claimed already: nothing to look at
+        self._outbox.append(event)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        while self._outbox:
+            event = self._outbox.popleft()
+            frame = protocol.encode(
+                "command.run", command_for(event.job_id, event.kind, event.params)
+            )
+            if await self.sessions.send_command(event.host_id, event.job_id, frame):
                 continue
-            for job in claimed:
-                frame = protocol.encode("command.run", command_for(job))
-                if not await self.sessions.send_command(job.host_id, job.id, frame):
-                    # the link went between the claim and the send
-                    await self.lifecycle.apply(lifecycle.requeue, job.id, "its link dropped")
+            try:  # the link went between the claim and the send
+                await self.lifecycle.apply(lifecycle.requeue, event.job_id, "its link dropped")
+            except StoreClosed:
+                return  # the agent finds the job dispatched when it is back: requeued then
+            except Exception:
+                log.exception("requeueing job %s failed", event.job_id)
 
     @staticmethod
     def _claim(events: list[Event], hosts: list[int], now: Any) -> list[Job]:

@@ -91,9 +91,10 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
     if row is None:
         return None
     job_id, kind, params = row
-    events.append(JobDispatched(job_id, host_id))
     # what a command.run needs, without reading the row back
-    return Job(id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED)
+    job = Job(id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED)
+    events.append(JobDispatched(job_id, host_id, kind, job.params))
+    return job
 
 
 def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
