@@ -74,7 +74,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4]
+        assert migrate(database) == [1, 2, 3, 4, 5]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -84,10 +84,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
                 4,
                 "jobs: ids never reused, a uid either side can mint, dispatch and due times as columns",
             ),
+            (5, "schedules: a name per host and a time zone"),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 4
+        assert current_version(database) == MIGRATIONS[-1][0] == 5
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -105,6 +106,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
             4,
             "jobs: ids never reused, a uid either side can mint, dispatch and due times as columns",
         ),
+        (5, "schedules: a name per host and a time zone"),
     ]
     assert m.Host.select().count() == 0
 
@@ -519,6 +521,10 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         "INSERT INTO host (name, created_at, online, schedule_version, applied_schedule_version, last_seq) "
         "VALUES ('old-host', '2026-01-01 00:00:00', 0, 0, 0, 7)"
     )
+    raw.execute(
+        "INSERT INTO schedule (host_id, cron, enabled, created_at, updated_at) "
+        "VALUES (1, '0 2 * * *', 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+    )
     raw.commit()
     raw.close()
     database = open_database(db_path)
@@ -526,7 +532,10 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         host = m.Host.get(m.Host.name == "old-host")
         assert host.last_seq == 7
         assert host.repo_locks is None
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4]
+        # schedules from before names: named after their id, in the host's zone
+        old = m.Schedule.get()
+        assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5]
     finally:
         database.close()
 

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import audit, auth, enroll, groups, hosts, jobs, repos, snapshots, tokens, users
+from . import (
+    audit,
+    auth,
+    enroll,
+    groups,
+    hosts,
+    jobs,
+    repos,
+    schedules,
+    snapshots,
+    tokens,
+    users,
+)
 from .registry import Registry
 
 NOUNS: tuple[ModuleType, ...] = (
@@ -21,6 +33,7 @@ NOUNS: tuple[ModuleType, ...] = (
     hosts,
     repos,
     groups,
+    schedules,
     jobs,
     snapshots,
     audit,

@@ -144,12 +144,15 @@ def groups_delete(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     group = get_group(host, p["name"])
     used = [
-        link.schedule_id
-        for link in ScheduleGroup.select().join(Schedule).where(ScheduleGroup.group == group)
+        s.name
+        for s in Schedule.select(Schedule.name)
+        .join(ScheduleGroup)
+        .where(ScheduleGroup.group == group)
+        .order_by(Schedule.name)
     ]
     if used:
         raise Conflict(
-            f"source group {group.name} is used by schedule(s) {', '.join(map(str, used))}; "
+            f"source group {group.name} is used by schedule(s) {', '.join(used)}; "
             "remove it from them first",
         )
     group.delete_instance()

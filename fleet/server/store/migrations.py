@@ -87,6 +87,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "job_status_not_before" ON "job" ("status", "not_before")',
         ],
     ),
+    (
+        5,
+        "schedules: a name per host and a time zone",
+        [
+            # NOT NULL needs a default to be added; every row gets its name next
+            """ALTER TABLE "schedule" ADD COLUMN "name" TEXT NOT NULL DEFAULT ''""",
+            'ALTER TABLE "schedule" ADD COLUMN "timezone" TEXT',
+            """UPDATE "schedule" SET "name" = 'schedule-' || "id" WHERE "name" = ''""",
+            'CREATE UNIQUE INDEX "schedule_host_id_name" ON "schedule" ("host_id", "name")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -121,10 +121,15 @@ class SourceGroup(Base):
 
 class Schedule(Base):
     host = pw.ForeignKeyField(Host, backref="schedules", on_delete="CASCADE")
-    cron = pw.TextField()
+    name = pw.TextField()
+    cron = pw.TextField()  # as fleet.common.cron.normalize left it
+    timezone = pw.TextField(null=True)  # an IANA name; NULL: the host's own zone
     enabled = pw.BooleanField(default=True)
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("host", "name"), True),)
 
 
 class ScheduleGroup(Base):

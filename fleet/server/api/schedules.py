@@ -1,0 +1,257 @@
+"""Schedules: when a host backs up which of its source groups.
+
+A schedule is a cron expression (fleet.common.cron decides what is accepted
+and when it fires), a time zone (none: the host's own, as its agent
+reports it), an enabled flag and one or more of the host's source groups.
+Every change bumps the host's schedule version, which is what the agent
+acknowledges once it holds the new set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from ...common import cron
+from ...common.protocol import Field
+from ...common.timefmt import iso
+from ..security.auth import Role
+from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
+from .common import audit, check_name, get_group, get_host
+from .context import Context
+from .errors import Conflict, Invalid, NotFound
+from .registry import Method, collect
+
+METHODS: list[Method] = []
+method = collect(METHODS)
+
+MAX_GROUPS = 100  # source groups one schedule backs up
+MAX_SCHEDULES = 100  # schedules per host
+SHOWN_FIRES = 3
+
+HOST = Field("host", "str", limit=64)
+NAME = Field("name", "str", limit=64)
+SCHEDULE_FIELDS = (
+    Field("cron", "str", False, limit=cron.MAX_LEN),
+    Field("groups", "list[str]", False, limit=MAX_GROUPS),
+    Field("timezone", "str", False, limit=64),  # "" goes back to the host's zone
+)
+
+
+def check_cron(expr: str) -> str:
+    try:
+        return cron.normalize(expr)
+    except cron.CronError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def check_timezone(name: str) -> Optional[str]:
+    if not name:
+        return None  # the host's zone
+    try:
+        cron.zone(name)
+    except cron.CronError as exc:
+        raise Invalid(str(exc)) from None
+    return name
+
+
+def effective_zone(s: Schedule, host: Host) -> tuple[str, str]:
+    """(zone name, where it comes from): the schedule's, the host's, or UTC
+    while the host has not reported one (or reported one unknown here)."""
+    if s.timezone:
+        return s.timezone, "schedule"
+    if host.timezone:
+        try:
+            cron.zone(host.timezone)
+            return host.timezone, "host"
+        except cron.CronError:
+            pass
+    return "UTC", "default"
+
+
+def next_fires(s: Schedule, host: Host, now: dt.datetime, count: int) -> list[dict[str, str]]:
+    name, _ = effective_zone(s, host)
+    tz = cron.zone(name)
+    return [
+        {"utc": iso(w), "local": cron.to_local(w, tz).isoformat()}
+        for w in cron.next_fires(s.cron, tz, now, count)
+    ]
+
+
+def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) -> dict[str, Any]:
+    zone, source = effective_zone(s, host)
+    return {
+        "id": s.id,
+        "host": host.name,
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": zone,
+        "timezone_from": source,
+        "groups": groups,
+        "enabled": s.enabled,
+        "next_fires": next_fires(s, host, now, SHOWN_FIRES) if s.enabled else [],
+        "created_at": iso(s.created_at),
+        "updated_at": iso(s.updated_at),
+    }
+
+
+def group_names(s: Schedule) -> list[str]:
+    return [
+        g.name
+        for g in SourceGroup.select(SourceGroup.name)
+        .join(ScheduleGroup)
+        .where(ScheduleGroup.schedule == s)
+        .order_by(SourceGroup.name)
+    ]
+
+
+def get_schedule(host: Host, name: str) -> Schedule:
+    s = Schedule.get_or_none((Schedule.host == host) & (Schedule.name == name))
+    if s is None:
+        raise NotFound(f"host {host.name} has no schedule {name!r}")
+    return s
+
+
+def check_groups(host: Host, names: list[str]) -> list[SourceGroup]:
+    if not names:
+        raise Invalid("a schedule needs at least one source group (--group)")
+    return [get_group(host, n) for n in dict.fromkeys(names)]
+
+
+def bump(host: Host) -> None:
+    """The host's schedule set changed: a new version for the agent to apply."""
+    Host.update(schedule_version=Host.schedule_version + 1).where(Host.id == host.id).execute()
+
+
+def link(s: Schedule, groups: list[SourceGroup]) -> None:
+    ScheduleGroup.delete().where(ScheduleGroup.schedule == s).execute()
+    ScheduleGroup.insert_many([{"schedule": s.id, "group": g.id} for g in groups]).execute()
+
+
+def free_name(host: Host) -> str:
+    taken = {s.name for s in Schedule.select(Schedule.name).where(Schedule.host == host)}
+    n = 1
+    while f"schedule-{n}" in taken:
+        n += 1
+    return f"schedule-{n}"
+
+
+@method("schedules.list", Role.VIEWER, (HOST,), readonly=True)
+def schedules_list(ctx: Context, p: dict) -> list:
+    """A host's schedules by name, each with its next fire times (local and UTC)."""
+    host = get_host(p["host"])
+    now = utcnow()
+    return [
+        schedule_json(s, host, group_names(s), now)
+        for s in Schedule.select().where(Schedule.host == host).order_by(Schedule.name)
+    ]
+
+
+@method("schedules.show", Role.VIEWER, (HOST, NAME), readonly=True)
+def schedules_show(ctx: Context, p: dict) -> dict:
+    """One schedule of a host."""
+    host = get_host(p["host"])
+    s = get_schedule(host, p["name"])
+    return schedule_json(s, host, group_names(s), utcnow())
+
+
+@method(
+    "schedules.create",
+    Role.OPERATOR,
+    (
+        HOST,
+        Field("name", "str", False, limit=64),
+        Field("enabled", "bool", False),
+        *SCHEDULE_FIELDS,
+    ),
+)
+def schedules_create(ctx: Context, p: dict) -> dict:
+    """Create a schedule: a cron expression, the groups it backs up, a time zone."""
+    host = get_host(p["host"])
+    if "cron" not in p:
+        raise Invalid("a schedule needs a cron expression (--cron)")
+    expr = check_cron(p["cron"])
+    groups = check_groups(host, p.get("groups") or [])
+    zone = check_timezone(p.get("timezone") or "")
+    if Schedule.select().where(Schedule.host == host).count() >= MAX_SCHEDULES:
+        raise Invalid(f"host {host.name} has {MAX_SCHEDULES} schedules already, the most it may")
+    name = check_name("schedule", p["name"]) if p.get("name") else free_name(host)
+    if Schedule.get_or_none((Schedule.host == host) & (Schedule.name == name)):
+        raise Conflict(f"host {host.name} already has a schedule {name!r}")
+    now = utcnow()
+    s = Schedule.create(
+        host=host,
+        name=name,
+        cron=expr,
+        timezone=zone,
+        enabled=p.get("enabled", True),
+        created_at=now,
+        updated_at=now,
+    )
+    link(s, groups)
+    bump(host)
+    audit(ctx, "schedule.create", f"{host.name}/{name}", {"cron": expr})
+    return schedule_json(s, host, sorted(g.name for g in groups), now)
+
+
+@method(
+    "schedules.edit",
+    Role.OPERATOR,
+    (HOST, NAME, Field("new_name", "str", False, limit=64), *SCHEDULE_FIELDS),
+)
+def schedules_edit(ctx: Context, p: dict) -> dict:
+    """Change a schedule: the fields given; --group replaces its groups."""
+    host = get_host(p["host"])
+    s = get_schedule(host, p["name"])
+    if p.get("new_name") and p["new_name"] != s.name:
+        new = check_name("schedule", p["new_name"])
+        if Schedule.get_or_none((Schedule.host == host) & (Schedule.name == new)):
+            raise Conflict(f"host {host.name} already has a schedule {new!r}")
+        s.name = new
+    if "cron" in p:
+        s.cron = check_cron(p["cron"])
+    if "timezone" in p:
+        s.timezone = check_timezone(p["timezone"])
+    if "groups" in p:
+        link(s, check_groups(host, p["groups"]))
+    s.updated_at = utcnow()
+    s.save()
+    bump(host)
+    changed = sorted(k for k in p if k not in ("host", "name"))
+    audit(ctx, "schedule.edit", f"{host.name}/{p['name']}", {"changed": changed})
+    return schedule_json(s, host, group_names(s), s.updated_at)
+
+
+def set_enabled(ctx: Context, p: dict, enabled: bool) -> dict:
+    host = get_host(p["host"])
+    s = get_schedule(host, p["name"])
+    if s.enabled != enabled:
+        s.enabled = enabled
+        s.updated_at = utcnow()
+        s.save()
+        bump(host)
+        audit(ctx, "schedule.enable" if enabled else "schedule.disable", f"{host.name}/{s.name}")
+    return schedule_json(s, host, group_names(s), utcnow())
+
+
+@method("schedules.enable", Role.OPERATOR, (HOST, NAME))
+def schedules_enable(ctx: Context, p: dict) -> dict:
+    """Let a schedule fire again."""
+    return set_enabled(ctx, p, True)
+
+
+@method("schedules.disable", Role.OPERATOR, (HOST, NAME))
+def schedules_disable(ctx: Context, p: dict) -> dict:
+    """Stop a schedule from firing; it is kept, with its groups."""
+    return set_enabled(ctx, p, False)
+
+
+@method("schedules.delete", Role.OPERATOR, (HOST, NAME))
+def schedules_delete(ctx: Context, p: dict) -> dict:
+    """Delete a schedule; its past jobs stay, without it."""
+    host = get_host(p["host"])
+    s = get_schedule(host, p["name"])
+    s.delete_instance()  # cascades to its group links; jobs keep schedule_id NULL
+    bump(host)
+    audit(ctx, "schedule.delete", f"{host.name}/{s.name}")
+    return {"removed": s.name, "host": host.name}

@@ -1,0 +1,147 @@
+"""schedules.* on a real fleetd: create, list with next fire times, show,
+edit, enable, disable, delete; validation; version bumps; the group guard."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+
+@pytest.fixture
+def host(fleet, fx):
+    name = fx.uniq("sched")
+    fleet.ctl("enroll", name)
+    for group in ("etc", "home"):
+        fleet.rpc("groups.create", host=name, name=group, includes=[f"/{group}"])
+    return name
+
+
+def version(fleet, host) -> int:
+    return fleet.rpc("hosts.show", host=host)["schedule_version"]
+
+
+def test_create_list_show_and_the_next_fire_times(fleet, fx, host):
+    before = version(fleet, host)
+    made = fleet.rpc(
+        "schedules.create",
+        host=host,
+        name="nightly",
+        cron="30  2 * * *",
+        groups=["home", "etc", "etc"],
+        timezone="Europe/Paris",
+    )
+    assert made["name"] == "nightly" and made["cron"] == "30 2 * * *"
+    assert made["groups"] == ["etc", "home"]
+    assert (made["timezone"], made["timezone_from"], made["enabled"]) == (
+        "Europe/Paris",
+        "schedule",
+        True,
+    )
+    assert version(fleet, host) == before + 1
+    fires = made["next_fires"]
+    assert len(fires) == 3
+    for fire in fires:
+        local = dt.datetime.fromisoformat(fire["local"])
+        utc = dt.datetime.strptime(fire["utc"], "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=dt.timezone.utc
+        )
+        assert local == utc  # the same instant, shown twice
+        assert (local.hour, local.minute) == (2, 30) or (local.hour, local.minute) == (3, 0)
+    assert [fleet.rpc("schedules.show", host=host, name="nightly")] == fleet.rpc(
+        "schedules.list", host=host
+    )
+
+
+def test_without_a_zone_it_follows_the_hosts_and_gets_a_free_name(fleet, fx, host):
+    made = fleet.rpc("schedules.create", host=host, cron="@hourly", groups=["etc"])
+    assert made["name"] == "schedule-1"
+    # the host never connected: no zone reported, so UTC until it does
+    assert (made["timezone"], made["timezone_from"]) == ("UTC", "default")
+    second = fleet.rpc("schedules.create", host=host, cron="@daily", groups=["etc"])
+    assert second["name"] == "schedule-2"
+    first_fire = dt.datetime.strptime(second["next_fires"][0]["utc"], "%Y-%m-%dT%H:%M:%SZ")
+    assert (first_fire.hour, first_fire.minute, first_fire.second) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "params, code, words",
+    [
+        ({"cron": "* * * *"}, "bad_request", "expected 5"),
+        ({"cron": "0 0 L * *"}, "bad_request", "not accepted"),
+        ({"cron": "@reboot"}, "bad_request", "@hourly"),
+        ({"cron": "0 0 31 2 *"}, "bad_request", "never matches"),
+        ({"cron": "@daily", "timezone": "Mars/Olympus"}, "bad_request", "unknown time zone"),
+        ({"cron": "@daily", "groups": []}, "bad_request", "at least one source group"),
+        ({"cron": "@daily", "groups": ["nope"]}, "not_found", "no source group 'nope'"),
+        ({"groups": ["etc"]}, "bad_request", "cron expression"),
+        ({"cron": "@daily", "name": "bad name!"}, "bad_request", "schedule name"),
+    ],
+)
+def test_bad_schedules_are_refused_and_change_nothing(fleet, fx, host, params, code, words):
+    before = version(fleet, host)
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.create", host=host, **{"groups": ["etc"], **params})
+    assert err.value.code == code and words in err.value.message, err.value
+    assert fleet.rpc("schedules.list", host=host) == []
+    assert version(fleet, host) == before
+
+
+def test_edit_enable_disable_delete(fleet, fx, host):
+    fleet.rpc("schedules.create", host=host, name="n", cron="0 1 * * *", groups=["etc"])
+    v = version(fleet, host)
+    edited = fleet.rpc(
+        "schedules.edit",
+        host=host,
+        name="n",
+        new_name="night",
+        cron="15 4 * * mon",
+        groups=["home"],
+    )
+    assert (edited["name"], edited["cron"], edited["groups"]) == ("night", "15 4 * * mon", ["home"])
+    assert version(fleet, host) == v + 1
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.edit", host=host, name="night", cron="99 * * * *")
+    assert err.value.code == "bad_request"
+    assert fleet.rpc("schedules.show", host=host, name="night")["cron"] == "15 4 * * mon"
+
+    off = fleet.rpc("schedules.disable", host=host, name="night")
+    assert off["enabled"] is False and off["next_fires"] == []
+    assert version(fleet, host) == v + 2
+    fleet.rpc("schedules.disable", host=host, name="night")  # already: no new version
+    assert version(fleet, host) == v + 2
+    on = fleet.rpc("schedules.enable", host=host, name="night")
+    assert on["enabled"] is True and len(on["next_fires"]) == 3
+
+    # a group a schedule uses cannot be deleted, and the error names it
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("groups.delete", host=host, name="home")
+    assert err.value.code == "conflict" and "schedule(s) night" in err.value.message
+    assert fleet.rpc("schedules.delete", host=host, name="night") == {
+        "removed": "night",
+        "host": host,
+    }
+    assert fleet.rpc("schedules.list", host=host) == []
+    fleet.rpc("groups.delete", host=host, name="home")  # free now
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.show", host=host, name="night")
+    assert err.value.code == "not_found"
+
+
+def test_names_are_unique_per_host(fleet, fx, host):
+    fleet.rpc("schedules.create", host=host, name="a", cron="@daily", groups=["etc"])
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.create", host=host, name="a", cron="@weekly", groups=["etc"])
+    assert err.value.code == "conflict"
+    fleet.rpc("schedules.create", host=host, name="b", cron="@weekly", groups=["etc"])
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.edit", host=host, name="b", new_name="a")
+    assert err.value.code == "conflict"
+
+
+def test_viewers_read_operators_write(fleet, fx, host):
+    viewer = fleet.add_user("viewer")
+    assert fleet.rpc("schedules.list", token=viewer.token, host=host) == []
+    with pytest.raises(fx.RpcError) as err:
+        fleet.rpc("schedules.create", token=viewer.token, host=host, cron="@daily", groups=["etc"])
+    assert err.value.code == "forbidden"
