@@ -9,7 +9,7 @@ import click
 
 from .. import __version__
 from ..common.exitcodes import Exit
-from . import audit, groups, hosts, jobs, repo, session, tokens, users
+from . import audit, groups, hosts, jobs, repo, schedules, session, tokens, users
 from .app import App, CtlError
 from .client import Failure
 
@@ -54,6 +54,7 @@ cli.add_command(jobs.run)
 cli.add_command(jobs.jobs)
 cli.add_command(jobs.snapshots)
 cli.add_command(groups.groups)
+cli.add_command(schedules.schedules)
 cli.add_command(users.users)
 cli.add_command(tokens.tokens)
 cli.add_command(audit.audit)

@@ -145,3 +145,53 @@ def test_viewers_read_operators_write(fleet, fx, host):
     with pytest.raises(fx.RpcError) as err:
         fleet.rpc("schedules.create", token=viewer.token, host=host, cron="@daily", groups=["etc"])
     assert err.value.code == "forbidden"
+
+
+# -- fleetctl schedules --------------------------------------------------------
+
+
+def test_fleetctl_schedules_end_to_end(fleet, fx, host):
+    made = fleet.ctl(
+        "schedules",
+        "create",
+        host,
+        "--cron",
+        "0 3 * * *",
+        "--group",
+        "etc",
+        "--name",
+        "n3",
+        "--timezone",
+        "America/New_York",
+    )
+    assert f"created schedule {host}/n3, first at " in made.stderr
+    assert "T03:00:00-0" in made.stderr  # New York, local
+    table = fleet.ctl("schedules", "list", host).stdout
+    assert "n3" in table and "0 3 * * *" in table and "America/New_York" in table
+    shown = fleet.ctl_json("schedules", "show", host, "n3")
+    assert shown["groups"] == ["etc"] and len(shown["next_fires"]) == 3
+    assert "next fires" in fleet.ctl("schedules", "show", host, "n3").stdout
+
+    fleet.ctl("schedules", "edit", host, "n3", "--group", "home", "--timezone", "")
+    edited = fleet.ctl_json("schedules", "show", host, "n3")
+    assert (edited["groups"], edited["timezone_from"]) == (["home"], "default")
+    fleet.ctl("schedules", "edit", host, "n3", expect=2)  # nothing to change
+    fleet.ctl("schedules", "disable", host, "n3")
+    assert fleet.ctl_json("schedules", "list", host)[0]["enabled"] is False
+    assert "disabled" in fleet.ctl("schedules", "list", host).stdout
+    fleet.ctl("schedules", "enable", host, "n3")
+
+    bad = fleet.ctl(
+        "schedules", "create", host, "--cron", "0 0 * * 5#2", "--group", "etc", expect=2
+    )
+    assert "only numbers" in bad.stderr
+    missing = fleet.ctl("schedules", "create", host, "--cron", "@daily", "--group", "x", expect=4)
+    assert "no source group 'x'" in missing.stderr
+    refused = fleet.ctl("groups", "delete", host, "home", "--yes", expect=1)
+    assert "schedule(s) n3" in refused.stderr
+
+    fleet.ctl("schedules", "delete", host, "n3", expect=1)  # no terminal to confirm on
+    assert len(fleet.ctl_json("schedules", "list", host)) == 1
+    fleet.ctl("schedules", "delete", host, "n3", "--yes")
+    assert fleet.ctl_json("schedules", "list", host) == []
+    assert "no schedules" in fleet.ctl("schedules", "list", host).stdout
