@@ -1175,6 +1175,20 @@ async def log_ingest(
     )
 
 
+def connect_fleet(fleet: Fleet, server: Server, url: str, concurrency: int) -> dict:
+    """Connect every simulated agent; say how long, and the CPU the server
+    and the simulators spent on it (they share the cores)."""
+    c0, w0 = cpu_seconds(server.pid), fleet.worker_cpu()
+    conn = fleet.connect(url, concurrency)
+    print(
+        f"{server.name}: {conn['ok']}/{fleet.n} connected in {conn['seconds']:.2f} s"
+        f" (server {cpu_seconds(server.pid) - c0:.2f} s CPU,"
+        f" simulators {fleet.worker_cpu() - w0:.2f} s)",
+        flush=True,
+    )
+    return conn
+
+
 def run_scale(args, figs: Figures, work: Path) -> None:
     n = args.agents
     notes: list[str] = []
@@ -1202,13 +1216,7 @@ def run_scale(args, figs: Figures, work: Path) -> None:
             "bare", [str(Path(__file__).resolve()), "_bare"], work / "bare.log", clean_env()
         ).start()
         burl = f"ws://127.0.0.1:{bare.port}"
-        c0, w0 = cpu_seconds(bare.pid), fleet.worker_cpu()
-        bconn = fleet.connect(burl + "/agent", conc)
-        print(
-            f"bare: {bconn['ok']}/{n} connected in {bconn['seconds']:.2f} s"
-            f" (server {cpu_seconds(bare.pid) - c0:.2f} s CPU, simulators {fleet.worker_cpu() - w0:.2f} s)",
-            flush=True,
-        )
+        bconn = connect_fleet(fleet, bare, burl + "/agent", conc)
         time.sleep(1.0)
         b_cpu, b_rss = idle_window(bare.pid, args.idle_seconds)
         args._bare_rtt = asyncio.run(bare_roundtrip(burl, args.rtt_count))
@@ -1246,13 +1254,7 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         ).start()
         url = f"ws://127.0.0.1:{fleetd.port}"
         token = asyncio.run(login(url))
-        c0, w0 = cpu_seconds(fleetd.pid), fleet.worker_cpu()
-        conn = fleet.connect(url + "/agent", conc)
-        print(
-            f"fleetd: {conn['ok']}/{n} connected in {conn['seconds']:.2f} s"
-            f" (server {cpu_seconds(fleetd.pid) - c0:.2f} s CPU, simulators {fleet.worker_cpu() - w0:.2f} s)",
-            flush=True,
-        )
+        conn = connect_fleet(fleet, fleetd, url + "/agent", conc)
         print(
             "\nfigures (fleetd | bare websockets server or reference | ratio | target):", flush=True
         )

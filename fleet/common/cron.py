@@ -46,6 +46,7 @@ FIELD = re.compile(r"^[0-9a-z*,/-]+$")
 NAMES = re.compile(r"[a-z]+")
 MONTHS = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"}
 DAYS = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"}
+ZONE_NAME = re.compile(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$")
 FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 # the longest a matching time can be away: 29 February of a leap year 8 years on
 HORIZON = dt.timedelta(days=366 * 8 + 2)
@@ -103,14 +104,13 @@ def zone(name: str) -> dt.tzinfo:
     """The time zone of that IANA name; raises CronError."""
     if name in ("UTC", "Etc/UTC"):
         return dt.timezone.utc
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$", name):
-        raise CronError(f"unknown time zone {name!r}: give an IANA name such as Europe/Paris")
+    unknown = CronError(f"unknown time zone {name!r}: give an IANA name such as Europe/Paris")
+    if not isinstance(name, str) or not ZONE_NAME.match(name):
+        raise unknown  # and no path outside the zone database is opened
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise CronError(
-            f"unknown time zone {name!r}: give an IANA name such as Europe/Paris"
-        ) from None
+        raise unknown from None
 
 
 def next_local(expr: str, after: dt.datetime) -> dt.datetime:
@@ -132,13 +132,9 @@ def _exists(local: dt.datetime, tz: dt.tzinfo) -> bool:
 def _first_instant(local: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
     """UTC (naive) of the first time the wall clock shows `local`, or of
     the end of the gap it falls in."""
-    if _exists(local, tz):
-        return local.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc).replace(tzinfo=None)
-    # in a gap: the first existing minute after it (gaps are whole minutes)
-    probe = local
-    while not _exists(probe, tz):
-        probe += dt.timedelta(minutes=1)
-    return probe.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc).replace(tzinfo=None)
+    while not _exists(local, tz):  # in a gap: on to its end (gaps are whole minutes)
+        local += dt.timedelta(minutes=1)
+    return local.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc).replace(tzinfo=None)
 
 
 def next_fires(expr: str, tz: dt.tzinfo, after: dt.datetime, count: int = 1) -> list[dt.datetime]:

@@ -28,10 +28,13 @@ def schedules() -> None:
     """
 
 
+def fires_text(fires: list) -> str:
+    """Fire times one a line: local, then UTC."""
+    return "\n".join(f"{f['local']}  ({f['utc']})" for f in fires)
+
+
 def fires_cell(s: dict) -> str:
-    if not s["enabled"]:
-        return "disabled"
-    return "\n".join(f"{f['local']}  ({f['utc']})" for f in s["next_fires"][:2])
+    return fires_text(s["next_fires"][:2]) if s["enabled"] else "disabled"
 
 
 @schedules.command("list")
@@ -69,7 +72,6 @@ def schedules_show(app: App, host: str, name: str, as_json: bool) -> None:
         return
     c = render.cell
     zone = s["timezone"] + ("" if s["timezone_from"] == "schedule" else f" ({s['timezone_from']})")
-    fires = [f"{f['local']}  ({f['utc']})" for f in s["next_fires"]]
     render.fields(
         app.out,
         [
@@ -78,7 +80,7 @@ def schedules_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("timezone", c(zone)),
             ("groups", c(s["groups"])),
             ("enabled", c("yes" if s["enabled"] else "no")),
-            ("next fires", c("\n".join(fires) if fires else "-")),
+            ("next fires", c(fires_text(s["next_fires"]) or "-")),
             ("updated", c(s["updated_at"])),
         ],
     )

@@ -30,8 +30,8 @@ class JobQueued:
 class JobDispatched:
     job_id: int
     host_id: int
-    kind: str = ""
-    params: Optional[dict[str, Any]] = None  # frozen when the job was made: command.run's
+    kind: str
+    params: dict[str, Any]  # frozen when the job was made: what command.run carries
 
 
 @dataclass(frozen=True)

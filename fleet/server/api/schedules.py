@@ -55,54 +55,63 @@ def check_timezone(name: str) -> Optional[str]:
     return name
 
 
-def effective_zone(s: Schedule, host: Host) -> tuple[str, str]:
-    """(zone name, where it comes from): the schedule's, the host's, or UTC
-    while the host has not reported one (or reported one unknown here)."""
+def effective_zone(s: Schedule, host: Host) -> tuple[str, str, dt.tzinfo]:
+    """(zone name, where it comes from, the zone): the schedule's, the
+    host's, or UTC while the host has not reported one (or reported one
+    unknown here)."""
     if s.timezone:
-        return s.timezone, "schedule"
+        return s.timezone, "schedule", cron.zone(s.timezone)
     if host.timezone:
         try:
-            cron.zone(host.timezone)
-            return host.timezone, "host"
+            return host.timezone, "host", cron.zone(host.timezone)
         except cron.CronError:
             pass
-    return "UTC", "default"
-
-
-def next_fires(s: Schedule, host: Host, now: dt.datetime, count: int) -> list[dict[str, str]]:
-    name, _ = effective_zone(s, host)
-    tz = cron.zone(name)
-    return [
-        {"utc": iso(w), "local": cron.to_local(w, tz).isoformat()}
-        for w in cron.next_fires(s.cron, tz, now, count)
-    ]
+    return "UTC", "default", dt.timezone.utc
 
 
 def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) -> dict[str, Any]:
-    zone, source = effective_zone(s, host)
+    name, source, tz = effective_zone(s, host)
+    fires = cron.next_fires(s.cron, tz, now, SHOWN_FIRES) if s.enabled else []
     return {
         "id": s.id,
         "host": host.name,
         "name": s.name,
         "cron": s.cron,
-        "timezone": zone,
+        "timezone": name,
         "timezone_from": source,
         "groups": groups,
         "enabled": s.enabled,
-        "next_fires": next_fires(s, host, now, SHOWN_FIRES) if s.enabled else [],
+        "next_fires": [{"utc": iso(w), "local": cron.to_local(w, tz).isoformat()} for w in fires],
         "created_at": iso(s.created_at),
         "updated_at": iso(s.updated_at),
     }
 
 
-def group_names(s: Schedule) -> list[str]:
-    return [
-        g.name
-        for g in SourceGroup.select(SourceGroup.name)
-        .join(ScheduleGroup)
-        .where(ScheduleGroup.schedule == s)
+def group_names(*schedule_ids: int) -> dict[int, list[str]]:
+    """The source group names of these schedules, by schedule id: one query."""
+    out: dict[int, list[str]] = {sid: [] for sid in schedule_ids}
+    rows = (
+        ScheduleGroup.select(ScheduleGroup.schedule, SourceGroup.name)
+        .join(SourceGroup)
+        .where(ScheduleGroup.schedule.in_(schedule_ids))
         .order_by(SourceGroup.name)
-    ]
+        .tuples()
+    )
+    for sid, name in rows:
+        out[sid].append(name)
+    return out
+
+
+def one_json(s: Schedule, host: Host, now: dt.datetime) -> dict[str, Any]:
+    return schedule_json(s, host, group_names(s.id)[s.id], now)
+
+
+def check_free(host: Host, name: str) -> str:
+    """A valid schedule name no other schedule of the host has."""
+    check_name("schedule", name)
+    if Schedule.get_or_none((Schedule.host == host) & (Schedule.name == name)):
+        raise Conflict(f"host {host.name} already has a schedule {name!r}")
+    return name
 
 
 def get_schedule(host: Host, name: str) -> Schedule:
@@ -141,18 +150,16 @@ def schedules_list(ctx: Context, p: dict) -> list:
     """A host's schedules by name, each with its next fire times (local and UTC)."""
     host = get_host(p["host"])
     now = utcnow()
-    return [
-        schedule_json(s, host, group_names(s), now)
-        for s in Schedule.select().where(Schedule.host == host).order_by(Schedule.name)
-    ]
+    rows = list(Schedule.select().where(Schedule.host == host).order_by(Schedule.name))
+    groups = group_names(*(s.id for s in rows))
+    return [schedule_json(s, host, groups[s.id], now) for s in rows]
 
 
 @method("schedules.show", Role.VIEWER, (HOST, NAME), readonly=True)
 def schedules_show(ctx: Context, p: dict) -> dict:
     """One schedule of a host."""
     host = get_host(p["host"])
-    s = get_schedule(host, p["name"])
-    return schedule_json(s, host, group_names(s), utcnow())
+    return one_json(get_schedule(host, p["name"]), host, utcnow())
 
 
 @method(
@@ -175,9 +182,7 @@ def schedules_create(ctx: Context, p: dict) -> dict:
     zone = check_timezone(p.get("timezone") or "")
     if Schedule.select().where(Schedule.host == host).count() >= MAX_SCHEDULES:
         raise Invalid(f"host {host.name} has {MAX_SCHEDULES} schedules already, the most it may")
-    name = check_name("schedule", p["name"]) if p.get("name") else free_name(host)
-    if Schedule.get_or_none((Schedule.host == host) & (Schedule.name == name)):
-        raise Conflict(f"host {host.name} already has a schedule {name!r}")
+    name = check_free(host, p["name"]) if p.get("name") else free_name(host)
     now = utcnow()
     s = Schedule.create(
         host=host,
@@ -204,10 +209,7 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
     if p.get("new_name") and p["new_name"] != s.name:
-        new = check_name("schedule", p["new_name"])
-        if Schedule.get_or_none((Schedule.host == host) & (Schedule.name == new)):
-            raise Conflict(f"host {host.name} already has a schedule {new!r}")
-        s.name = new
+        s.name = check_free(host, p["new_name"])
     if "cron" in p:
         s.cron = check_cron(p["cron"])
     if "timezone" in p:
@@ -219,19 +221,20 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     bump(host)
     changed = sorted(k for k in p if k not in ("host", "name"))
     audit(ctx, "schedule.edit", f"{host.name}/{p['name']}", {"changed": changed})
-    return schedule_json(s, host, group_names(s), s.updated_at)
+    return one_json(s, host, s.updated_at)
 
 
 def set_enabled(ctx: Context, p: dict, enabled: bool) -> dict:
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
+    now = utcnow()
     if s.enabled != enabled:
         s.enabled = enabled
-        s.updated_at = utcnow()
+        s.updated_at = now
         s.save()
         bump(host)
         audit(ctx, "schedule.enable" if enabled else "schedule.disable", f"{host.name}/{s.name}")
-    return schedule_json(s, host, group_names(s), utcnow())
+    return one_json(s, host, now)
 
 
 @method("schedules.enable", Role.OPERATOR, (HOST, NAME))

@@ -123,10 +123,6 @@ class Dispatcher:
                 log.exception("requeueing job %s failed", event.job_id)
 
     @staticmethod
-    def _claim(events: list[Event], hosts: list[int], now: Any) -> list[Job]:
-        out = []
-        for host_id in hosts:
-            job = lifecycle.claim(events, host_id, now)
-            if job is not None:
-                out.append(job)
-        return out
+    def _claim(events: list[Event], hosts: list[int], now: Any) -> None:
+        for host_id in hosts:  # each claim appends its JobDispatched: sent from there
+            lifecycle.claim(events, host_id, now)
