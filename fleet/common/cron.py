@@ -28,7 +28,9 @@ sixth field (seconds or years), L, W, #, ?, H and R. Pure, CPython 3.9+.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
+from collections.abc import Iterator
 from typing import Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -137,22 +139,45 @@ def _first_instant(local: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
     return local.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc).replace(tzinfo=None)
 
 
-def next_fires(expr: str, tz: dt.tzinfo, after: dt.datetime, count: int = 1) -> list[dt.datetime]:
-    """The next `count` fire instants strictly after `after`, as naive UTC
-    (the store's times), by the rule of this module's docstring."""
-    out: list[dt.datetime] = []
+def fires(expr: str, tz: dt.tzinfo, after: dt.datetime) -> Iterator[dt.datetime]:
+    """Fire instants strictly after `after`, as naive UTC (the store's
+    times), for ever, by the rule of this module's docstring."""
     # from the wall-clock time at `after`; during a repeated hour's second
     # pass its matches map back to the first pass, before `after`: skipped
     local = after.replace(tzinfo=dt.timezone.utc).astimezone(tz).replace(tzinfo=None)
     last: Optional[dt.datetime] = None
-    while len(out) < count:
+    while True:
         local = next_local(expr, local)
         when = _first_instant(local, tz)
         if when <= after or (last is not None and when <= last):
             continue  # before the start, or a gap's end already fired
-        out.append(when)
+        yield when
         last = when
-    return out
+
+
+def next_fires(expr: str, tz: dt.tzinfo, after: dt.datetime, count: int = 1) -> list[dt.datetime]:
+    """The next `count` fire instants strictly after `after`, as naive UTC."""
+    return list(itertools.islice(fires(expr, tz, after), count))
+
+
+def latest_fire(
+    expr: str, tz: dt.tzinfo, after: dt.datetime, upto: dt.datetime
+) -> Optional[dt.datetime]:
+    """The last fire instant in (after, upto], or None: the one window that a
+    run of missed ones comes down to. Looks back from `upto` over a span that
+    grows eightfold, so a minutely schedule missed for a year costs an hour
+    of fires, not a year of them."""
+    span = dt.timedelta(hours=1)
+    while True:
+        start = max(after, upto - span)
+        found = None
+        for when in fires(expr, tz, start):
+            if when > upto:
+                break
+            found = when
+        if found is not None or start == after:
+            return found
+        span *= 8
 
 
 def next_fire(expr: str, tz: dt.tzinfo, after: dt.datetime) -> dt.datetime:

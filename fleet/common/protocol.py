@@ -35,6 +35,7 @@ MAX_DEPTH = 32  # arrays and objects nested deeper than this are refused unparse
 INT_MAX = (1 << 63) - 1  # every integer fits SQLite's signed 64 bits (|n| < 2**63)
 INT_MIN = -INT_MAX
 MAX_SEQ = 1 << 62  # delivery and log seqs: room left for arithmetic on them
+MAX_COALESCED = 20  # fire times a waiting scheduled backup remembers having absorbed
 MAX_UNAUTH_FRAME_BYTES = 64 * 1024  # /login and /enroll frames (fleetd's websockets limit)
 
 JOB_KINDS = (
@@ -124,6 +125,18 @@ SCHEDULE = (
     F("cron", "str", limit=256),
     F("enabled", "bool"),
     F("source_groups", "list[dict]", limit=1000, item=SOURCE_GROUP),
+    _opt("name", "str", limit=64),
+    # the IANA zone its cron is read in, as fleetd resolved it (the
+    # schedule's own, or the host's as its agent reported it); none: UTC
+    _opt("timezone", "str", limit=64),
+)
+# a job an agent runs on its own from a fire (fleetd unreachable): its id is
+# the agent's (negative, so it never meets one of fleetd's), its uid the one
+# fleetd gives a job of that fire and group, so either side may make it
+LOCAL_JOB = (
+    F("group_id", "int"),
+    F("job_id", "int", maximum=-1),
+    F("uid", "str", limit=128),
 )
 
 LOG_LINE = (
@@ -175,6 +188,9 @@ MESSAGES: dict[str, MessageSpec] = {
             # oldest unacknowledged one (0: none)
             _opt("spool_seq", "int", minimum=0, maximum=MAX_SEQ),
             _opt("spool_pending", "int", minimum=0, maximum=MAX_SEQ),
+            # the version of the schedule set the agent holds (fleetd pushes
+            # schedule.set after welcome when it has another)
+            _opt("schedule_version", "int", minimum=0, maximum=MAX_SEQ),
         ),
     ),
     "welcome": MessageSpec(
@@ -204,12 +220,25 @@ MESSAGES: dict[str, MessageSpec] = {
     "schedule.ack": MessageSpec(
         "agent", (F("version", "int", minimum=0, maximum=MAX_SEQ), F("applied_at", _TS))
     ),
-    "schedule.fire": MessageSpec("agent", (F("schedule_id", "int"), F("scheduled_at", _TS))),
+    "schedule.fire": MessageSpec(
+        "agent",
+        (
+            F("schedule_id", "int"),
+            F("scheduled_at", _TS),  # the cron time it fires for (UTC)
+            _opt("catch_up", "bool"),  # a window missed while the agent was down or asleep
+            # present when the agent runs the fire's backups itself, having
+            # waited for fleetd in vain
+            _opt("jobs", "list[dict]", limit=1000, item=LOCAL_JOB),
+        ),
+    ),
     "command.run": MessageSpec(
         "server",
         (
             F("job_id", "int"),
             F("kind", "str", choices=JOB_KINDS),
+            _opt(
+                "uid", "str", limit=128
+            ),  # the job's global id: a scheduled one may be the agent's too
             _opt("group", "str", limit=64),
             _opt("includes", "list[str]", limit=1000),
             _opt("excludes", "list[str]", limit=1000),
@@ -219,6 +248,12 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("post_hook", "str"),
             _opt("read_data_subset", "str", limit=32),  # check: "5%", "1/10", "100M"
             _opt("args", "list[str]", limit=100),  # an older fleetd's check subset
+            # a backup a schedule fired: for what time, whether it catches up
+            # a window missed while the agent was down, and the later fires
+            # folded into it while it waited (each said in the job's log)
+            _opt("scheduled_at", _TS),
+            _opt("catch_up", "bool"),
+            _opt("coalesced", "list[str]", limit=MAX_COALESCED),
         ),
     ),
     "command.result": MessageSpec(
@@ -231,9 +266,26 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("code", "str", choices=("busy", "unknown_kind", "bad_params", "no_repo")),
         ),
     ),
-    "command.cancel": MessageSpec("server", (F("job_id", "int"),)),
+    "command.cancel": MessageSpec(
+        "server",
+        # uid: a job the agent made itself from a fire, which it knows by that
+        (F("job_id", "int"), _opt("uid", "str", limit=128)),
+    ),
     "job.started": MessageSpec(
-        "agent", (F("job_id", "int"), F("kind", "str", choices=JOB_KINDS), F("started_at", _TS))
+        "agent",
+        (
+            F("job_id", "int"),
+            F("kind", "str", choices=JOB_KINDS),
+            F("started_at", _TS),
+            # a job the agent made itself from a fire (negative job_id): what
+            # fleetd needs to record it, or to find the job it made of the fire
+            _opt("uid", "str", limit=128),
+            _opt("group_id", "int"),
+            _opt("group", "str", limit=64),
+            _opt("schedule_id", "int"),
+            _opt("scheduled_at", _TS),
+            _opt("catch_up", "bool"),
+        ),
     ),
     "job.progress": MessageSpec(
         "agent",
@@ -312,6 +364,35 @@ RELIABLE = frozenset(
         "repo.locks",
     }
 )
+
+
+FIRE_UID_PREFIX = "fire-"
+
+
+def fire_uid(host_id: int, schedule_id: int, scheduled_at: str, group_id: int) -> str:
+    """The uid of the backup of one group that one schedule fire makes,
+    whoever makes it: fleetd from the fire, or the agent on its own while
+    fleetd is out of reach. Both then name the same job."""
+    return f"{FIRE_UID_PREFIX}{host_id}-{schedule_id}-{scheduled_at}-{group_id}"
+
+
+def backup_params(
+    group: str,
+    includes: Sequence[str],
+    excludes: Sequence[str],
+    pre_hook: Optional[str] = None,
+    post_hook: Optional[str] = None,
+) -> dict[str, Any]:
+    """What command.run carries for a backup of a source group: the same
+    whether fleetd sends it or an agent runs a scheduled one on its own."""
+    return {
+        "group": group,
+        "includes": list(includes),
+        "excludes": list(excludes),
+        "tag": group,
+        "pre_hook": pre_hook,
+        "post_hook": post_hook,
+    }
 
 
 class Envelope(NamedTuple):

@@ -37,7 +37,11 @@ def repo_size(host: dict) -> str:
 
 def status_cell(host: dict) -> str:
     text = render.status(host["status"])
-    return f"{text} [yellow](repo locked)[/]" if host.get("repo_locks") else text
+    if host.get("repo_locks"):
+        text += " [yellow](repo locked)[/]"
+    if host.get("schedule_lagging"):
+        text += " [yellow](schedules not applied)[/]"
+    return text
 
 
 def last_backup(host: dict) -> str:
@@ -102,7 +106,10 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
             ("source groups", c(h["groups"])),
             (
                 "schedule version",
-                c(f"{h['applied_schedule_version']} applied of {h['schedule_version']}"),
+                c(
+                    f"{h['applied_schedule_version']} applied of {h['schedule_version']}"
+                    + (" (the agent has not applied the latest)" if h["schedule_lagging"] else "")
+                ),
             ),
             ("last backup", last_backup(h)),
         ],

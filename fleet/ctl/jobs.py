@@ -259,6 +259,15 @@ def jobs_show(app: App, job_id: int, as_json: bool) -> None:
         ("group", c(j["group"])),
         ("status", render.status(j["status"])),
         ("by", c(j["actor"])),
+    ]
+    if j.get("scheduled_at"):
+        fire = j["scheduled_at"] + (" (catch-up of a missed window)" if j.get("catch_up") else "")
+        if j.get("run_by_agent"):
+            fire += ", run by the agent on its own (fleetd was out of reach)"
+        pairs.append(("scheduled for", c(fire)))
+    if j.get("coalesced"):
+        pairs.append(("also covers", c(", ".join(j["coalesced"]) + " (fires while it waited)")))
+    pairs += [
         ("created", c(j["created_at"])),
         ("started", c(j["started_at"])),
         ("finished", c(j["finished_at"])),

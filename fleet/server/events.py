@@ -32,6 +32,7 @@ class JobDispatched:
     host_id: int
     kind: str
     params: dict[str, Any]  # frozen when the job was made: what command.run carries
+    uid: Optional[str] = None  # told to the agent: a scheduled job may be its own already
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class JobProgressed:
     job_id: int
     host_id: int
     progress: dict[str, Any] = field(hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class SchedulesChanged:
+    """A host's schedule set has a new version, for its agent."""
+
+    host_id: int
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def status(job: Job) -> str:
 def dispatched(job: Job) -> JobDispatched:
     """The event a claim of this job publishes: what command.run needs."""
     row = Job.get_by_id(job.id)
-    return JobDispatched(row.id, row.host_id, row.kind, row.params)
+    return JobDispatched(row.id, row.host_id, row.kind, row.params, row.uid)
 
 
 def set_status(job: Job, value: str) -> None:
@@ -499,7 +499,9 @@ def test_apply_publishes_after_commit_and_nothing_on_rollback(tmp_path: Path) ->
             assert committed_status(job.id) == "queued"
             claimed = await life.apply(lifecycle.claim, host_id, NOW)
             assert claimed.id == job.id
-            assert seen[1:] == [(JobDispatched(job.id, host_id, "backup", {}), "dispatched")]
+            assert seen[1:] == [
+                (JobDispatched(job.id, host_id, "backup", {}, job.uid), "dispatched")
+            ]
         finally:
             await store.close()
 

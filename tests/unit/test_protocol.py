@@ -82,7 +82,14 @@ WIRE_FIELDS = {
     "hello": (
         "agent",
         ("protocol_version", "agent_version", "restic_version", "hostname", "os", "arch"),
-        ("timezone", "boot_time", "running_job", "spool_seq", "spool_pending"),
+        (
+            "timezone",
+            "boot_time",
+            "running_job",
+            "spool_seq",
+            "spool_pending",
+            "schedule_version",
+        ),
     ),
     "welcome": (
         "server",
@@ -93,11 +100,12 @@ WIRE_FIELDS = {
     "config.update": ("server", ("repo_url", "repo_password"), ("repo_env",)),
     "schedule.set": ("server", ("version", "schedules"), ()),
     "schedule.ack": ("agent", ("version", "applied_at"), ()),
-    "schedule.fire": ("agent", ("schedule_id", "scheduled_at"), ()),
+    "schedule.fire": ("agent", ("schedule_id", "scheduled_at"), ("catch_up", "jobs")),
     "command.run": (
         "server",
         ("job_id", "kind"),
         (
+            "uid",
             "group",
             "includes",
             "excludes",
@@ -107,11 +115,18 @@ WIRE_FIELDS = {
             "post_hook",
             "read_data_subset",
             "args",
+            "scheduled_at",
+            "catch_up",
+            "coalesced",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
-    "command.cancel": ("server", ("job_id",), ()),
-    "job.started": ("agent", ("job_id", "kind", "started_at"), ()),
+    "command.cancel": ("server", ("job_id",), ("uid",)),
+    "job.started": (
+        "agent",
+        ("job_id", "kind", "started_at"),
+        ("uid", "group_id", "group", "schedule_id", "scheduled_at", "catch_up"),
+    ),
     "job.progress": (
         "agent",
         (
@@ -146,7 +161,11 @@ WIRE_FIELDS = {
 
 # (type, list[dict] field) -> (required, optional) names of each item
 WIRE_ITEM_FIELDS = {
-    ("schedule.set", "schedules"): (("id", "cron", "enabled", "source_groups"), ()),
+    ("schedule.set", "schedules"): (
+        ("id", "cron", "enabled", "source_groups"),
+        ("name", "timezone"),
+    ),
+    ("schedule.fire", "jobs"): (("group_id", "job_id", "uid"), ()),
     ("snapshots.report", "snapshots"): (
         ("id", "short_id", "time", "hostname", "paths"),
         ("tags", "size_bytes", "file_count"),
@@ -185,13 +204,14 @@ EXAMPLES = {
             "running_job": 41,
             "spool_seq": 1200,
             "spool_pending": 1190,
+            "schedule_version": 4,
         },
         "h1",
         None,
         '{"v":1,"type":"hello","id":"h1","data":{"protocol_version":1,"agent_version":"0.1.0",'
         '"restic_version":"0.17.3","hostname":"web-01","os":"linux","arch":"amd64",'
         '"timezone":"Europe/Berlin","boot_time":"2024-05-01T08:00:00Z",'
-        '"running_job":41,"spool_seq":1200,"spool_pending":1190}}',
+        '"running_job":41,"spool_seq":1200,"spool_pending":1190,"schedule_version":4}}',
     ),
     "welcome": (
         {
@@ -243,6 +263,8 @@ EXAMPLES = {
                             "post_hook": "rm /var/dump.sql",
                         }
                     ],
+                    "name": "nightly",
+                    "timezone": "Europe/Berlin",
                 }
             ],
         },
@@ -251,7 +273,8 @@ EXAMPLES = {
         '{"v":1,"type":"schedule.set","id":"s1","data":{"version":4,"schedules":[{"id":1,'
         '"cron":"0 3 * * *","enabled":true,"source_groups":[{"id":10,"name":"etc",'
         '"includes":["/etc"],"excludes":["/etc/shadow"],"retention":{"keep_daily":7},'
-        '"pre_hook":"pg_dumpall -f /var/dump.sql","post_hook":"rm /var/dump.sql"}]}]}}',
+        '"pre_hook":"pg_dumpall -f /var/dump.sql","post_hook":"rm /var/dump.sql"}],'
+        '"name":"nightly","timezone":"Europe/Berlin"}]}}',
     ),
     "schedule.ack": (
         {"version": 4, "applied_at": "2024-05-01T12:00:01Z"},
@@ -261,16 +284,23 @@ EXAMPLES = {
         '{"version":4,"applied_at":"2024-05-01T12:00:01Z"}}',
     ),
     "schedule.fire": (
-        {"schedule_id": 1, "scheduled_at": "2024-05-02T03:00:00Z"},
+        {
+            "schedule_id": 1,
+            "scheduled_at": "2024-05-02T03:00:00Z",
+            "catch_up": True,
+            "jobs": [{"group_id": 10, "job_id": -3, "uid": "fire-3-1-2024-05-02T03:00:00Z-10"}],
+        },
         "sf1",
         1,
         '{"v":1,"type":"schedule.fire","id":"sf1","seq":1,"data":'
-        '{"schedule_id":1,"scheduled_at":"2024-05-02T03:00:00Z"}}',
+        '{"schedule_id":1,"scheduled_at":"2024-05-02T03:00:00Z","catch_up":true,'
+        '"jobs":[{"group_id":10,"job_id":-3,"uid":"fire-3-1-2024-05-02T03:00:00Z-10"}]}}',
     ),
     "command.run": (
         {
             "job_id": 42,
             "kind": "backup",
+            "uid": "fire-3-1-2024-05-02T03:00:00Z-10",
             "group": "etc",
             "includes": ["/etc"],
             "excludes": ["/etc/shadow"],
@@ -280,13 +310,17 @@ EXAMPLES = {
             "post_hook": "true",
             "read_data_subset": "5%",
             "args": ["--verbose"],
+            "scheduled_at": "2024-05-02T03:00:00Z",
+            "catch_up": True,
+            "coalesced": ["2024-05-02T04:00:00Z"],
         },
         "r42",
         None,
         '{"v":1,"type":"command.run","id":"r42","data":{"job_id":42,"kind":"backup",'
-        '"group":"etc","includes":["/etc"],"excludes":["/etc/shadow"],"tag":"manual",'
+        '"uid":"fire-3-1-2024-05-02T03:00:00Z-10","group":"etc","includes":["/etc"],"excludes":["/etc/shadow"],"tag":"manual",'
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
-        '"read_data_subset":"5%","args":["--verbose"]}}',
+        '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
+        '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"]}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},
@@ -296,17 +330,30 @@ EXAMPLES = {
         '{"job_id":42,"accepted":false,"error":"busy with job 41","code":"busy"}}',
     ),
     "command.cancel": (
-        {"job_id": 42},
+        {"job_id": 42, "uid": "fire-3-1-2024-05-02T03:00:00Z-10"},
         None,
         None,
-        '{"v":1,"type":"command.cancel","data":{"job_id":42}}',
+        '{"v":1,"type":"command.cancel","data":{"job_id":42,'
+        '"uid":"fire-3-1-2024-05-02T03:00:00Z-10"}}',
     ),
     "job.started": (
-        {"job_id": 42, "kind": "backup", "started_at": "2024-05-02T03:00:01Z"},
+        {
+            "job_id": -3,
+            "kind": "backup",
+            "started_at": "2024-05-02T03:00:01Z",
+            "uid": "fire-3-1-2024-05-02T03:00:00Z-10",
+            "group_id": 10,
+            "group": "etc",
+            "schedule_id": 1,
+            "scheduled_at": "2024-05-02T03:00:00Z",
+            "catch_up": True,
+        },
         None,
         2,
         '{"v":1,"type":"job.started","seq":2,"data":'
-        '{"job_id":42,"kind":"backup","started_at":"2024-05-02T03:00:01Z"}}',
+        '{"job_id":-3,"kind":"backup","started_at":"2024-05-02T03:00:01Z",'
+        '"uid":"fire-3-1-2024-05-02T03:00:00Z-10","group_id":10,"group":"etc",'
+        '"schedule_id":1,"scheduled_at":"2024-05-02T03:00:00Z","catch_up":true}}',
     ),
     "job.progress": (
         {

@@ -20,6 +20,7 @@ from ...common.timefmt import iso, parse_ts
 from ..clock import Clock
 from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
+from ..scheduling import schedules
 from ..store.db import Store, StoreClosed, in_savepoints
 from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
 from ..store.queries import hot
@@ -123,21 +124,31 @@ class _Apply:
         self.now = now
         self.log_rows: list[tuple] = []
         self.lines: dict[int, list[dict]] = defaultdict(list)
-        self._owned: dict[int, bool] = {}
+        self._owned: dict[int, Optional[int]] = {}
         self._times: dict[str, tuple[str, str]] = {}
         self.frame_seq = 0  # the seq of the frame being applied
         self.applied = 0  # and the last one applied before it
 
-    def mine(self, job_id: int) -> bool:
+    def job(self, job_id: int) -> Optional[int]:
+        """fleetd's id of a job the host reports on, or None when it is not
+        the host's. A negative id is the agent's own, for a job it made of a
+        fire (see scheduling.schedules)."""
         if job_id not in self._owned:
-            self._owned[job_id] = (
-                Job.select().where((Job.id == job_id) & (Job.host == self.host.id)).exists()
-            )
-            if not self._owned[job_id]:
+            if job_id < 0:
+                row = Job.get_or_none((Job.host == self.host.id) & (Job.agent_job == job_id))
+                found = row.id if row is not None else None
+            else:
+                mine = Job.select().where((Job.id == job_id) & (Job.host == self.host.id)).exists()
+                found = job_id if mine else None
+            self._owned[job_id] = found
+            if found is None:
                 log.warning(
                     "host %s reported on job %s, which is not its own", self.host.name, job_id
                 )
         return self._owned[job_id]
+
+    def bind(self, agent_job: int, job_id: int) -> None:
+        self._owned[agent_job] = job_id
 
     def line_times(self, value: str) -> tuple[str, str]:
         """A line's time as stored and as sent to followers: lines come many
@@ -163,8 +174,9 @@ def _add_line(a: _Apply, job_id: int, line: dict) -> None:
 
 
 def _job_log(a: _Apply, data: dict) -> None:
-    if a.mine(data["job_id"]):
-        _add_line(a, data["job_id"], data)
+    job_id = a.job(data["job_id"])
+    if job_id is not None:
+        _add_line(a, job_id, data)
 
 
 def _job_logs(a: _Apply, data: dict) -> None:
@@ -178,25 +190,30 @@ def _job_logs(a: _Apply, data: dict) -> None:
             a.frame_seq,
         )
         return
-    if a.mine(data["job_id"]):
+    job_id = a.job(data["job_id"])
+    if job_id is not None:
         # a pack resent after a reconnect may straddle what was applied
         for line in lines[max(0, a.applied + 1 - first) :]:
-            _add_line(a, data["job_id"], line)
+            _add_line(a, job_id, line)
 
 
 def _job_started(a: _Apply, data: dict) -> None:
-    if a.mine(data["job_id"]):
+    if data["job_id"] < 0 and data.get("kind") == "backup":  # a run of the agent's own
+        a.bind(data["job_id"], schedules.started_local(a.events, a.host.id, data))
+    job_id = a.job(data["job_id"])
+    if job_id is not None:
         a.flush_lines()
-        lifecycle.start(a.events, a.host.id, data["job_id"], parse_ts(data["started_at"]))
+        lifecycle.start(a.events, a.host.id, job_id, parse_ts(data["started_at"]))
 
 
 def _job_finished(a: _Apply, data: dict) -> None:
-    if a.mine(data["job_id"]):
+    job_id = a.job(data["job_id"])
+    if job_id is not None:
         a.flush_lines()
         lifecycle.end(
             a.events,
             a.host.id,
-            data["job_id"],
+            job_id,
             data["status"],
             finished_at=parse_ts(data["finished_at"]),
             exit_code=data["exit_code"],
@@ -230,14 +247,22 @@ def _stats(a: _Apply, data: dict) -> None:
     ).execute()
 
 
+def _fire(a: _Apply, data: dict) -> None:
+    a.flush_lines()
+    for job in data.get("jobs", ()):
+        a._owned.pop(job["job_id"], None)  # bound by the fire, read again when needed
+    schedules.apply_fire(a.events, a.host.id, a.host.name, data, a.now or utcnow())
+
+
 def _refused(a: _Apply, data: dict) -> None:
     # the agent is told (an error frame) and the seq is passed: resending a
     # frame that can never be applied would stop everything behind it
     log.warning("host %s: a report was refused and skipped: %s", a.host.name, data["error"])
 
 
-# reliable frame type -> how it is applied (schedule.fire joins with schedules)
+# reliable frame type -> how it is applied
 APPLY: dict[str, Callable[[_Apply, dict], None]] = {
+    "schedule.fire": _fire,
     "job.log": _job_log,
     "job.logs": _job_logs,
     "job.started": _job_started,

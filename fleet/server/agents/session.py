@@ -32,9 +32,11 @@ from ..events import (
     JobProgressed,
     JobStarted,
     RepoChanged,
+    SchedulesChanged,
 )
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
+from ..scheduling import schedules
 from ..security.secrets import SecretBox, repo_aad
 from ..store.db import Store, StoreClosed
 from ..store.models import Host, utcnow
@@ -244,6 +246,7 @@ class Agents:
         self.bus.subscribe(JobStarted, self._job_started)
         self.bus.subscribe(HostRemoved, self._host_removed)
         self.bus.subscribe(RepoChanged, self._repo_changed)
+        self.bus.subscribe(SchedulesChanged, self._schedules_changed)
 
     # -- the registry (dispatch and the API use these) ---------------------
 
@@ -261,12 +264,16 @@ class Agents:
         session.inflight = job_id
         return await session.send(frame)
 
-    async def cancel(self, host_id: int, job_id: int) -> bool:
-        """Ask the agent to stop the job; False when its link is down."""
+    async def cancel(self, host_id: int, job_id: int, uid: Optional[str] = None) -> bool:
+        """Ask the agent to stop the job; False when its link is down. A job
+        the agent made itself (from a schedule fire) it knows by its uid."""
         session = self.sessions.get(host_id)
         if session is None:
             return False
-        return await session.send(protocol.encode("command.cancel", {"job_id": job_id}))
+        data: dict = {"job_id": job_id}
+        if uid is not None:
+            data["uid"] = uid
+        return await session.send(protocol.encode("command.cancel", data))
 
     async def push_config(self, host_id: int) -> None:
         session = self.sessions.get(host_id)
@@ -275,6 +282,22 @@ class Agents:
         config = await self.store.read(repo_config, host_id, self.box)
         if config is not None:
             await session.send(protocol.encode("config.update", config))
+
+    async def push_schedules(self, host_id: int) -> None:
+        """The host's current schedule set, to its agent if connected (an
+        agent that misses it gets it after its next hello)."""
+        session = self.sessions.get(host_id)
+        if session is None:
+            return
+        try:
+            data = await self.store.read(schedules.schedule_set, host_id)
+        except StoreClosed:
+            return
+        except Exception:
+            log.exception("reading the schedule set of host %s failed", session.host_name)
+            return
+        if self.sessions.get(host_id) is session:  # not replaced meanwhile
+            await session.send(protocol.encode("schedule.set", data))
 
     async def disconnect(self, host_id: int, reason: str) -> None:
         session = self.sessions.get(host_id)
@@ -290,6 +313,10 @@ class Agents:
     def _job_started(self, event: JobStarted) -> None:
         if event.cancel_requested:  # the cancel may have reached the agent before the job
             asyncio.ensure_future(self.cancel(event.host_id, event.job_id))
+
+    def _schedules_changed(self, event: SchedulesChanged) -> None:
+        if event.host_id in self.sessions:
+            asyncio.ensure_future(self.push_schedules(event.host_id))
 
     def _host_removed(self, event: HostRemoved) -> None:
         asyncio.ensure_future(self.disconnect(event.host_id, "host removed from fleetd"))
@@ -335,11 +362,8 @@ class Agents:
         marked = self.presence.online(host_id, hello.data)
         log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])
         try:
-            last_seq, config = await self.store.atomic(
-                self._open,
-                host_id,
-                session.spool_seq,
-                hello.data.get("spool_pending", 0),
+            last_seq, config, schedule_set = await self.store.atomic(
+                self._open, host_id, hello.data
             )
             await marked
             await connection.send(
@@ -357,6 +381,8 @@ class Agents:
             )
             if config is not None:
                 await connection.send(protocol.encode("config.update", config))
+            if schedule_set is not None:
+                await connection.send(protocol.encode("schedule.set", schedule_set))
             await self._catch_up(session, last_seq)
             await self._receive(session)
         except ConnectionClosed:
@@ -376,8 +402,15 @@ class Agents:
                 self.bus.publish([HostOffline(host_id)])
                 log.info("host %s disconnected", host_name)
 
-    def _open(self, host_id: int, spool_seq: int, pending: int) -> tuple[int, Optional[dict]]:
-        return sync_seq(host_id, spool_seq, pending), repo_config(host_id, self.box)
+    def _open(self, host_id: int, hello: dict) -> tuple[int, Optional[dict], Optional[dict]]:
+        """At hello, in one transaction: the seq fleetd is caught up at, the
+        repository configuration and the schedule set (None: the agent holds
+        the current one)."""
+        last = sync_seq(host_id, hello.get("spool_seq", 0), hello.get("spool_pending", 0))
+        pushed = schedules.on_hello(
+            [], host_id, hello.get("schedule_version", 0), hello.get("timezone")
+        )
+        return last, repo_config(host_id, self.box), pushed
 
     async def _hello(self, connection: ServerConnection) -> Optional[protocol.Envelope]:
         try:
@@ -520,6 +553,19 @@ async def on_progress(agents: Agents, session: AgentSession, data: dict) -> None
         agents.bus.publish([JobProgressed(data["job_id"], session.host_id, data)])
 
 
+async def on_schedule_ack(agents: Agents, session: AgentSession, data: dict) -> None:
+    try:
+        known = await agents.store.atomic(schedules.acknowledged, session.host_id, data["version"])
+    except StoreClosed:
+        return
+    if not known:
+        log.warning(
+            "host %s acknowledged schedule version %s, which fleetd never made",
+            session.host_name,
+            data["version"],
+        )
+
+
 async def on_command_result(agents: Agents, session: AgentSession, data: dict) -> None:
     job_id = data["job_id"]
     if data["accepted"] or job_id != session.inflight:
@@ -541,4 +587,5 @@ FRAME_HANDLERS = {
     "heartbeat": on_heartbeat,
     "job.progress": on_progress,
     "command.result": on_command_result,
+    "schedule.ack": on_schedule_ack,
 }

@@ -6,6 +6,7 @@ from typing import Any
 
 from ...common import retention
 from ...common.protocol import Field
+from ..scheduling.schedules import bump
 from ..security.auth import Role
 from ..store.models import Schedule, ScheduleGroup, SourceGroup, utcnow
 from .common import at_most, audit, check_name, get_group, get_host
@@ -131,6 +132,8 @@ def groups_edit(ctx: Context, p: dict) -> dict:
         group.retention = check_retention(merged)
     group.updated_at = utcnow()
     group.save()
+    if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
+        bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
     changed = sorted(k for k in p if k not in ("host", "name"))
     audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed})
     return group_json(group)

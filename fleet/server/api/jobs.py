@@ -9,6 +9,7 @@ from typing import Any, Optional
 import peewee as pw
 from websockets.exceptions import ConnectionClosedOK
 
+from ...common import protocol
 from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from ...common.timefmt import iso
 from ..agents.ingest import line_json
@@ -53,14 +54,9 @@ def job_view(job: Job, ctx: Context) -> dict:
 
 def backup_params(group: SourceGroup) -> dict:
     """What command.run carries for a backup of `group`, frozen at job creation."""
-    return {
-        "group": group.name,
-        "includes": list(group.includes),
-        "excludes": list(group.excludes),
-        "tag": group.name,
-        "pre_hook": group.pre_hook,
-        "post_hook": group.post_hook,
-    }
+    return protocol.backup_params(
+        group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
+    )
 
 
 @method(
@@ -266,15 +262,17 @@ async def jobs_cancel(ctx: Context, p: dict) -> dict:
     job = await store.read(get_job, p["id"])
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already ended: {job.status}")
-    if job.status in lifecycle.WITH_AGENT and not agents.connected(job.host_id):
+    with_agent = job.status in lifecycle.WITH_AGENT or job.agent_job is not None
+    if with_agent and not agents.connected(job.host_id):
         raise Conflict(
-            f"job {job.id} is running on {job.host.name}, which is offline: it cannot be stopped now",
+            f"job {job.id} is with the agent of {job.host.name}, which is offline: "
+            "it cannot be stopped now",
         )
     outcome = await agents.lifecycle.apply(lifecycle.cancel, job.id, utcnow())
     if outcome == "requested":
         # the agent stops it and reports the end; a cancel that crosses the
         # command is sent again when the job starts
-        await agents.cancel(job.host_id, job.id)
+        await agents.cancel(job.host_id, job.id, job.uid if job.agent_job is not None else None)
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
         return {**views.job_json(job), "cancel": "requested"}
     if outcome == "cancelled":

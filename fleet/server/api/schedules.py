@@ -15,6 +15,7 @@ from typing import Any, Optional
 from ...common import cron
 from ...common.protocol import Field
 from ...common.timefmt import iso
+from ..scheduling.schedules import bump, zone_of
 from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
 from .common import audit, check_name, get_group, get_host
@@ -56,17 +57,7 @@ def check_timezone(name: str) -> Optional[str]:
 
 
 def effective_zone(s: Schedule, host: Host) -> tuple[str, str, dt.tzinfo]:
-    """(zone name, where it comes from, the zone): the schedule's, the
-    host's, or UTC while the host has not reported one (or reported one
-    unknown here)."""
-    if s.timezone:
-        return s.timezone, "schedule", cron.zone(s.timezone)
-    if host.timezone:
-        try:
-            return host.timezone, "host", cron.zone(host.timezone)
-        except cron.CronError:
-            pass
-    return "UTC", "default", dt.timezone.utc
+    return zone_of(s.timezone, host.timezone)
 
 
 def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) -> dict[str, Any]:
@@ -125,11 +116,6 @@ def check_groups(host: Host, names: list[str]) -> list[SourceGroup]:
     if not names:
         raise Invalid("a schedule needs at least one source group (--group)")
     return [get_group(host, n) for n in dict.fromkeys(names)]
-
-
-def bump(host: Host) -> None:
-    """The host's schedule set changed: a new version for the agent to apply."""
-    Host.update(schedule_version=Host.schedule_version + 1).where(Host.id == host.id).execute()
 
 
 def link(s: Schedule, groups: list[SourceGroup]) -> None:
@@ -194,7 +180,7 @@ def schedules_create(ctx: Context, p: dict) -> dict:
         updated_at=now,
     )
     link(s, groups)
-    bump(host)
+    bump(ctx.events, host.id)
     audit(ctx, "schedule.create", f"{host.name}/{name}", {"cron": expr})
     return schedule_json(s, host, sorted(g.name for g in groups), now)
 
@@ -218,7 +204,7 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
         link(s, check_groups(host, p["groups"]))
     s.updated_at = utcnow()
     s.save()
-    bump(host)
+    bump(ctx.events, host.id)
     changed = sorted(k for k in p if k not in ("host", "name"))
     audit(ctx, "schedule.edit", f"{host.name}/{p['name']}", {"changed": changed})
     return one_json(s, host, s.updated_at)
@@ -232,7 +218,7 @@ def set_enabled(ctx: Context, p: dict, enabled: bool) -> dict:
         s.enabled = enabled
         s.updated_at = now
         s.save()
-        bump(host)
+        bump(ctx.events, host.id)
         audit(ctx, "schedule.enable" if enabled else "schedule.disable", f"{host.name}/{s.name}")
     return one_json(s, host, now)
 
@@ -255,6 +241,6 @@ def schedules_delete(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
     s.delete_instance()  # cascades to its group links; jobs keep schedule_id NULL
-    bump(host)
+    bump(ctx.events, host.id)
     audit(ctx, "schedule.delete", f"{host.name}/{s.name}")
     return {"removed": s.name, "host": host.name}

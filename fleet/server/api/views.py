@@ -84,6 +84,7 @@ def host_json(h: Host, backup: Optional[Job]) -> dict:
             "status": backup.status,
             "at": iso(backup.finished_at or backup.created_at),
         },
+        h.applied_schedule_version < h.schedule_version,
     )
 
 
@@ -99,6 +100,7 @@ def host_row_json(r: HostRow) -> dict:
         None
         if r.backup_id is None
         else {"job": r.backup_id, "status": r.backup_status, "at": wire_time(r.backup_at)},
+        bool(r.schedule_lagging),
     )
 
 
@@ -110,6 +112,7 @@ def listed_host(
     restic_version: Optional[str],
     repo_locks: Optional[int],
     last_backup: Optional[dict],
+    schedule_lagging: bool = False,
 ) -> dict:
     return {
         "name": name,
@@ -119,6 +122,9 @@ def listed_host(
         "restic_version": restic_version,
         "repo_locks": repo_locks,
         "last_backup": last_backup,
+        # the agent has not acknowledged the latest schedule set (offline, or
+        # an agent too old to apply it): it fires from an older one
+        "schedule_lagging": schedule_lagging,
     }
 
 
@@ -209,6 +215,21 @@ def job_json(job: Job) -> dict:
         "exit_code": job.exit_code,
         "summary": job.summary,
         "error": job.error,
+        **fire_json(job),
+    }
+
+
+def fire_json(job: Job) -> dict:
+    """What a scheduled job says of its fire: the cron time it ran for,
+    whether it caught up a window missed while its agent was down, the later
+    fires folded into it while it waited, and whether the agent ran it on
+    its own (fleetd out of reach)."""
+    params = job.params or {}
+    return {
+        "scheduled_at": params.get("scheduled_at"),
+        "catch_up": bool(params.get("catch_up")),
+        "coalesced": list(params.get("coalesced") or []),
+        "run_by_agent": job.agent_job is not None,
     }
 
 

@@ -34,12 +34,20 @@ BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
 # command.run keys taken from a job's params (frozen when the job was made):
 # every field the protocol gives command.run, but the two fleetd sets itself
 COMMAND_KEYS = frozenset(
-    f.name for f in protocol.MESSAGES["command.run"].fields if f.name not in ("job_id", "kind")
+    f.name
+    for f in protocol.MESSAGES["command.run"].fields
+    if f.name not in ("job_id", "kind", "uid")
 )
 
 
-def command_for(job_id: int, kind: str, params: Optional[dict[str, Any]]) -> dict[str, Any]:
+def command_for(
+    job_id: int, kind: str, params: Optional[dict[str, Any]], uid: Optional[str] = None
+) -> dict[str, Any]:
     cmd: dict[str, Any] = {"job_id": job_id, "kind": kind}
+    if uid and uid.startswith(protocol.FIRE_UID_PREFIX):
+        # a job of a schedule fire: the agent may have made it already,
+        # having run the fire on its own while fleetd was out of reach
+        cmd["uid"] = uid
     for key, value in (params or {}).items():
         if key in COMMAND_KEYS and value not in (None, "", []):
             cmd[key] = value
@@ -111,7 +119,7 @@ class Dispatcher:
         while self._outbox:
             event = self._outbox.popleft()
             frame = protocol.encode(
-                "command.run", command_for(event.job_id, event.kind, event.params)
+                "command.run", command_for(event.job_id, event.kind, event.params, event.uid)
             )
             if await self.sessions.send_command(event.host_id, event.job_id, frame):
                 continue

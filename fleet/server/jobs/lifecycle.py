@@ -49,6 +49,7 @@ def create(
     schedule: Optional[int] = None,
     not_before: Optional[dt.datetime] = None,
     uid: Optional[str] = None,
+    agent_job: Optional[int] = None,
 ) -> Job:
     values = {
         "uid": uid or new_uid(),  # fleetd's own jobs get a fresh one
@@ -63,6 +64,7 @@ def create(
         "params": params or {},
         "created_at": utcnow(),
         "not_before": not_before,
+        "agent_job": agent_job,  # the agent's own job: never dispatched
     }
     # plain SQL, and the model built from what was inserted: building the
     # INSERT through peewee cost more than the write (3,000 run-nows at once)
@@ -90,10 +92,12 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
     row = hot.claim(host_id, now)
     if row is None:
         return None
-    job_id, kind, params = row
+    job_id, kind, params, uid = row
     # what a command.run needs, without reading the row back
-    job = Job(id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED)
-    events.append(JobDispatched(job_id, host_id, kind, job.params))
+    job = Job(
+        id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED, uid=uid
+    )
+    events.append(JobDispatched(job_id, host_id, kind, job.params, uid))
     return job
 
 
@@ -182,10 +186,10 @@ def cancel(events: Events, job_id: int, now: dt.datetime) -> str:
     the agent (the caller tells the agent; its report ends the job), or the
     final status it already has."""
     job = Job.get_by_id(job_id)
-    if job.status == QUEUED:
+    if job.status == QUEUED and job.agent_job is None:
         end(events, job.host_id, job_id, "cancelled", error="cancelled before it started")
         return "cancelled"
-    if job.status in WITH_AGENT:
+    if job.status in WITH_AGENT or job.status == QUEUED:  # queued: in the agent's own queue
         Job.update(cancel_requested_at=now).where(Job.id == job_id).execute()
         return "requested"
     return job.status
@@ -196,6 +200,8 @@ def lose(events: Events, host_id: int, keep: Optional[int], why: str) -> list[in
     lost; dispatched ones never started and go back in the queue. `keep` is
     the job the agent says it still runs."""
     lost = []
+    if keep is not None and keep < 0:  # a job the agent made itself, by its own id
+        keep = hot.job_of_agent(host_id, keep)
     for job_id, status in hot.jobs_with_agent(host_id):
         if job_id == keep:
             continue

@@ -98,6 +98,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE UNIQUE INDEX "schedule_host_id_name" ON "schedule" ("host_id", "name")',
         ],
     ),
+    (
+        6,
+        "jobs an agent ran on its own: the agent's id for them",
+        [
+            'ALTER TABLE "job" ADD COLUMN "agent_job" INTEGER',
+            'CREATE UNIQUE INDEX "job_host_id_agent_job" ON "job" ("host_id", "agent_job")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

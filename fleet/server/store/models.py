@@ -175,9 +175,16 @@ class Job(Base):
     exit_code = pw.IntegerField(null=True)
     summary = JSONField(null=True)
     error = pw.TextField(null=True)
+    # the agent's own (negative) id of a job it made from a fire while fleetd
+    # was out of reach; such a job is the agent's to run, never dispatched
+    agent_job = pw.IntegerField(null=True)
 
     class Meta:
-        indexes = ((("host", "status"), False), (("status", "not_before"), False))
+        indexes = (
+            (("host", "status"), False),
+            (("status", "not_before"), False),
+            (("host", "agent_job"), True),
+        )
 
 
 class JobLog(Base):

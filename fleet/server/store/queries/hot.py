@@ -41,6 +41,12 @@ def jobs_with_agent(host_id: int) -> list[tuple[int, str]]:
     )
 
 
+def job_of_agent(host_id: int, agent_job: int) -> Optional[int]:
+    """fleetd's id of the job the host's agent runs under its own id."""
+    row = one('SELECT "id" FROM "job" WHERE "host_id" = ? AND "agent_job" = ?', host_id, agent_job)
+    return row[0] if row else None
+
+
 def needs_init(host_id: int) -> bool:
     """A repository is set and no init job was made since it was."""
     row = one(
@@ -53,17 +59,18 @@ def needs_init(host_id: int) -> bool:
     return bool(row and row[0])
 
 
-def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str]]:
+def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]:
     """queued -> dispatched for the host's next due job, in one statement and
-    only when none is with its agent; (id, kind, params JSON) or None."""
+    only when none is with its agent; (id, kind, params JSON, uid) or None.
+    A job an agent made itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
     return one(
         'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "id" = ('
-        'SELECT "id" FROM "job" WHERE "host_id" = ? AND "status" = ? '
+        'SELECT "id" FROM "job" WHERE "host_id" = ? AND "status" = ? AND "agent_job" IS NULL '
         'AND ("not_before" IS NULL OR "not_before" <= ?) '
         'ORDER BY "kind" <> ?, "id" LIMIT 1) '
         'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
-        'RETURNING "id", "kind", "params"',
+        'RETURNING "id", "kind", "params", "uid"',
         "dispatched",
         stamp,
         host_id,
@@ -92,6 +99,7 @@ JOB_COLUMNS = (
     "params",
     "created_at",
     "not_before",
+    "agent_job",
 )
 
 

@@ -20,6 +20,7 @@ class HostRow(NamedTuple):
     backup_id: Optional[int]  # the newest backup job, if any
     backup_status: Optional[str]
     backup_at: Optional[str]  # its end, or its creation while it has not ended
+    schedule_lagging: bool  # its agent has not acknowledged the latest schedule set
 
 
 def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
@@ -32,7 +33,8 @@ def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
         for row in rows(
             'SELECT "h"."name", "h"."agent_token_hash" IS NOT NULL, "h"."online", '
             '"h"."last_seen_at", "h"."agent_version", "h"."restic_version", "h"."repo_locks", '
-            '"j"."id", "j"."status", COALESCE("j"."finished_at", "j"."created_at") '
+            '"j"."id", "j"."status", COALESCE("j"."finished_at", "j"."created_at"), '
+            '"h"."applied_schedule_version" < "h"."schedule_version" '
             'FROM "host" AS "h" LEFT OUTER JOIN "job" AS "j" ON "j"."id" = ('
             'SELECT "n"."id" FROM "job" AS "n" WHERE "n"."host_id" = "h"."id" '
             'AND "n"."kind" = ? ORDER BY "n"."created_at" DESC, "n"."id" DESC LIMIT 1) '
