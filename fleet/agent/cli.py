@@ -17,10 +17,13 @@ from typing import Optional
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .. import __version__
+from ..common import cron
 from ..common.exitcodes import Exit
 from ..common.protocol import PROTOCOL_VERSION, ProtocolError
+from ..common.timefmt import iso, parse_ts
 from .enroll import FatalError, enroll
 from .link import Agent
+from .scheduler import Clock, entries
 from .spool import Spool
 from .state import State, StateError, state_dir
 
@@ -84,6 +87,7 @@ async def run_agent(state: State, args: argparse.Namespace) -> int:
         restic=args.restic,
         cancel_grace=args.cancel_grace,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
+        clock=Clock(clock_offset()),
     )
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -100,6 +104,17 @@ async def run_agent(state: State, args: argparse.Namespace) -> int:
     main.cancel()
     await asyncio.gather(main, return_exceptions=True)
     return 0
+
+
+def clock_offset() -> float:
+    """FLEET_AGENT_CLOCK_OFFSET: seconds added to the scheduler's clock. For
+    tests, which put a schedule's fire a moment away instead of waiting."""
+    value = os.environ.get("FLEET_AGENT_CLOCK_OFFSET", "")
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        fail(f"FLEET_AGENT_CLOCK_OFFSET={value!r} is not a number of seconds", Exit.USAGE)
+        raise  # not reached
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -131,11 +146,32 @@ def cmd_status(args: argparse.Namespace) -> None:
         repo = state.load_repo()
     except StateError as exc:
         fail(str(exc), Exit.NOT_FOUND)
-    pending = 0
+    pending, marks, local = 0, {}, []
     if state.spool_path.exists():
         spool = Spool(state.spool_path)
-        pending = spool.count()
+        pending, marks, local = spool.count(), spool.marks(), spool.local_jobs()
         spool.close()
+    try:
+        schedule_set = state.load_schedules() or {}
+    except StateError as exc:
+        fail(str(exc), Exit.ERROR)
+    now = Clock(clock_offset()).now()
+    schedules = []
+    for e in entries(schedule_set):
+        last = parse_ts(marks[e.id][1], now) if e.id in marks else now
+        schedules.append(
+            {
+                "name": e.name,
+                "cron": e.cron,
+                "timezone": e.zone_name,
+                "enabled": e.enabled,
+                "groups": [g["name"] for g in e.groups],
+                "last_fire": marks[e.id][1] if e.id in marks else None,
+                "next_fire": iso(cron.next_fire(e.cron, e.tz, max(last, now)))
+                if e.enabled
+                else None,
+            }
+        )
     info = {
         "host": identity.host_name,
         "host_id": identity.host_id,
@@ -143,6 +179,13 @@ def cmd_status(args: argparse.Namespace) -> None:
         "tls_pinned": bool(identity.tls_sha256),
         "repository_configured": repo is not None,
         "unacknowledged_frames": pending,
+        "schedule_version": schedule_set.get("version", 0),
+        "schedules": schedules,
+        # backups of schedule fires the agent runs itself (fleetd out of reach), not yet started
+        "queued_local_jobs": [
+            {"job": j["job_id"], "group": j["group"], "scheduled_at": j["scheduled_at"]}
+            for j in local
+        ],
         "state_dir": str(state.root),
         "agent_version": __version__,
         "protocol_version": PROTOCOL_VERSION,
@@ -151,6 +194,17 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
+        if key == "schedules":
+            for s in value:
+                state_ = "enabled" if s["enabled"] else "disabled"
+                print(
+                    f"{'schedule ' + s['name']:24} {s['cron']} ({s['timezone']}, {state_}) "
+                    f"groups {', '.join(s['groups'])}; last fire {s['last_fire'] or '-'}, "
+                    f"next {s['next_fire'] or '-'} UTC"
+                )
+            continue
+        if key == "queued_local_jobs":
+            value = len(value)
         print(f"{key.replace('_', ' '):24} {value}")
 
 

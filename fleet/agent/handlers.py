@@ -14,7 +14,9 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..common.protocol import Envelope
+from ..common.timefmt import now_iso
 from .kinds import Refused
+from .scheduler import started_fields
 from .state import RepoConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +42,12 @@ async def on_config_update(agent: Agent, frame: Envelope) -> None:
 async def on_command_run(agent: Agent, frame: Envelope) -> None:
     job_id = frame.data["job_id"]
     result: dict[str, Any] = {"job_id": job_id, "accepted": True}
+    if agent.scheduler.owns(frame.data.get("uid")):
+        # a fire's backup the agent took on itself while fleetd was away:
+        # its reports (under the agent's id) name the same job
+        log.info("job %s is a scheduled backup this agent already runs or ran", job_id)
+        await agent.emit_now("command.result", result)
+        return
     try:
         agent.runner.submit(dict(frame.data))
     except Refused as exc:
@@ -49,7 +57,26 @@ async def on_command_run(agent: Agent, frame: Envelope) -> None:
 
 
 async def on_command_cancel(agent: Agent, frame: Envelope) -> None:
-    agent.runner.cancel(frame.data["job_id"])
+    """Stop a job; a fire's backup the agent made itself comes by its uid
+    (running: stopped; still queued: it ends cancelled without running)."""
+    uid = frame.data.get("uid")
+    runner = agent.runner
+    if uid is not None and runner.current_uid == uid:
+        runner.cancel(runner.current)  # type: ignore[arg-type]
+        return
+    if runner.cancel(frame.data["job_id"]) or uid is None:
+        return
+    job = agent.scheduler.cancel_local(uid)
+    if job is not None:
+        log.info("scheduled job %s cancelled before it started", job["job_id"])
+        await agent.runner.end_local(
+            job["job_id"], started_fields(job), "cancelled", "cancelled before it started"
+        )
+
+
+async def on_schedule_set(agent: Agent, frame: Envelope) -> None:
+    version = agent.scheduler.apply(frame.data)
+    await agent.emit_now("schedule.ack", {"version": version, "applied_at": now_iso()})
 
 
 async def on_error(agent: Agent, frame: Envelope) -> None:
@@ -61,6 +88,7 @@ HANDLERS: dict[str, Handler] = {
     "config.update": on_config_update,
     "command.run": on_command_run,
     "command.cancel": on_command_cancel,
+    "schedule.set": on_schedule_set,
     "error": on_error,
 }
 

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
-from ..common.protocol import MAX_STR, Field, ProtocolError, check_fields
+from ..common.protocol import MAX_COALESCED, MAX_STR, Field, ProtocolError, check_fields
 from ..common.restic import commands, parse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,6 +128,24 @@ async def run_init(job: Job) -> Outcome:
     return Outcome(result.status, result.exit_code, result.error)
 
 
+async def note_fire(job: Job) -> None:
+    """A scheduled backup says in its log what it runs for."""
+    p = job.params
+    if p.get("scheduled_at"):
+        text = f"scheduled backup for {p['scheduled_at']}"
+        if p.get("catch_up"):
+            text += " (catch-up: that time was missed while the host or its agent was down)"
+        if job.id < 0:
+            text += "; run by the agent on its own, fleetd being out of reach"
+        await job.log.note(text)
+    if p.get("coalesced"):
+        await job.log.note(
+            "this backup also covers the schedule's fire(s) at "
+            + ", ".join(p["coalesced"])
+            + ", which came while it waited to run (coalesced, not queued twice)"
+        )
+
+
 async def run_backup(job: Job) -> Outcome:
     """pre-hook, restic backup, post-hook.
 
@@ -136,6 +154,7 @@ async def run_backup(job: Job) -> Outcome:
     stopped); its failure turns a success into a warning.
     """
     p = job.params
+    await note_fire(job)
     if p.get("pre_hook"):
         pre = await job.hook("pre-hook", p["pre_hook"])
         if pre.cancelled:
@@ -210,6 +229,9 @@ KINDS: dict[str, Kind] = {
             _opt("group", "str", limit=64),
             _opt("pre_hook", "str", limit=_HOOK),
             _opt("post_hook", "str", limit=_HOOK),
+            _opt("scheduled_at", "str", limit=32),
+            _opt("catch_up", "bool"),
+            _opt("coalesced", "list[str]", limit=MAX_COALESCED),
         ),
         lambda p: commands.backup(p["includes"], p.get("excludes") or (), p.get("tag") or ""),
         run_backup,

@@ -33,6 +33,7 @@ from ..common.timefmt import now_iso
 from .enroll import FatalError, tls_context
 from .handlers import dispatch
 from .runner import REFRESH_DELAY, JobRunner
+from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
 from .spool import DEFAULT_MAX_BYTES, Spool
 from .state import Identity, State
 
@@ -168,6 +169,8 @@ class Agent:
         window_frames: int = WINDOW_FRAMES,
         window_bytes: int = WINDOW_BYTES,
         refresh_delay: float = REFRESH_DELAY,
+        clock: Optional[Clock] = None,
+        autonomy_after: float = AUTONOMY_AFTER,
     ) -> None:
         self.state = state
         self.identity = identity
@@ -186,11 +189,16 @@ class Agent:
         self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
         self.disconnected = asyncio.Event()  # set while it is not
         self.disconnected.set()
+        self.scheduler = Scheduler(self, clock, autonomy_after)
+        self.runner.on_idle = self.scheduler.kick
+        self.scheduler.load()
 
     # -- Reporter: how jobs talk to fleetd -------------------------------
 
-    async def emit(self, type_: str, data: dict, supersede: bool = False) -> None:
-        self.spool.append(type_, data, supersede)
+    async def emit(
+        self, type_: str, data: dict, supersede: bool = False, drop_local: Optional[int] = None
+    ) -> None:
+        self.spool.append(type_, data, supersede, drop_local)
         self.wake.set()
 
     async def emit_now(self, type_: str, data: dict) -> None:
@@ -207,15 +215,27 @@ class Agent:
         if seq > self.acked:
             self.acked = seq
             self.spool.ack(seq)
+            self.scheduler.acked(seq)
             self.acked_event.set()
             self._ack_wake.set()
 
     # -- the link ---------------------------------------------------------
 
     async def run_forever(self) -> None:
+        """The scheduler (which fires with or without fleetd), the local jobs
+        left queued by a previous run, and the link, redialled for ever."""
         self.restic_version = await asyncio.get_running_loop().run_in_executor(
             None, restic_version, self.restic
         )
+        scheduler = asyncio.ensure_future(self.scheduler.run())
+        self.scheduler.kick()
+        self.scheduler.link_down()
+        try:
+            await self._dial_forever()
+        finally:
+            scheduler.cancel()
+
+    async def _dial_forever(self) -> None:
         attempt = 0
         while True:
             started = time.monotonic()
@@ -267,6 +287,7 @@ class Agent:
             "timezone": local_timezone(),
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
+            "schedule_version": self.scheduler.version,
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current
@@ -300,6 +321,7 @@ class Agent:
             self.ws = ws
             self.disconnected.clear()
             self.connected.set()
+            self.scheduler.link_up()
             if not self._locks_checked:
                 self._locks_checked = True
                 asyncio.ensure_future(self.runner.check_locks_when_idle())
@@ -318,6 +340,7 @@ class Agent:
                 self.ws = None
                 self.connected.clear()
                 self.disconnected.set()
+                self.scheduler.link_down()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE
 from ..common.restic import commands, execute, parse
@@ -43,7 +43,13 @@ def restic_env(repo: RepoConfig) -> tuple[dict[str, str], execute.Masker]:
 
 
 class Reporter(Protocol):
-    async def emit(self, type_: str, data: dict[str, Any], supersede: bool = False) -> None: ...
+    async def emit(
+        self,
+        type_: str,
+        data: dict[str, Any],
+        supersede: bool = False,
+        drop_local: Optional[int] = None,
+    ) -> None: ...
 
     async def emit_now(self, type_: str, data: dict[str, Any]) -> None: ...
 
@@ -111,9 +117,13 @@ class Job:
         params: dict[str, Any],
         command: tuple,
         repo: RepoConfig,
+        extra: Optional[dict[str, Any]] = None,
+        local: Optional[int] = None,
     ) -> None:
         self.runner = runner
         self.id = job_id
+        self.extra = extra or {}  # job.started's fields for a job the agent made itself
+        self.local = local  # its id in the spool's queue of local jobs
         self.kind = kind
         self.params = params
         self.command = command
@@ -247,9 +257,20 @@ class JobRunner:
         self.job: Optional[Job] = None
         self.refresher = Refresher(self, refresh_delay)
         self._task: Optional[asyncio.Task] = None
+        self.on_idle: Callable[[], None] = lambda: None  # the scheduler's queue
 
-    def submit(self, command: dict[str, Any]) -> None:
-        """Start a job. Raises Refused (code unknown_kind, bad_params, no_repo or busy)."""
+    @property
+    def current_uid(self) -> Optional[str]:
+        return self.job.extra.get("uid") if self.job is not None else None
+
+    def submit(
+        self,
+        command: dict[str, Any],
+        extra: Optional[dict[str, Any]] = None,
+        local: Optional[int] = None,
+    ) -> None:
+        """Start a job. Raises Refused (code unknown_kind, bad_params, no_repo or busy).
+        extra, local: a job the agent made itself (see scheduler.py)."""
         kind, params, argv = prepare(command)
         if self.current is not None:
             raise Refused("busy", f"busy with job {self.current}")
@@ -263,7 +284,7 @@ class JobRunner:
             )
         self.refresher.preempt()
         self.current = command["job_id"]
-        self.job = Job(self, command["job_id"], kind, params, argv, repo)
+        self.job = Job(self, command["job_id"], kind, params, argv, repo, extra, local)
         self._task = asyncio.ensure_future(self._run(command["kind"], self.job))
 
     def cancel(self, job_id: int) -> bool:
@@ -292,6 +313,7 @@ class JobRunner:
             log.exception("job %s could not be reported", job.id)
         finally:
             self._release(job)
+            self.on_idle()  # a local job waiting goes first
             self.refresher.kick()
 
     def _release(self, job: Job) -> None:
@@ -302,7 +324,9 @@ class JobRunner:
 
     async def _run_job(self, name: str, job: Job) -> None:
         await self.reporter.emit(
-            "job.started", {"job_id": job.id, "kind": name, "started_at": now_iso()}
+            "job.started",
+            {"job_id": job.id, "kind": name, "started_at": now_iso(), **job.extra},
+            drop_local=job.local,
         )
         outcome = Outcome("failed", -1)
         try:
@@ -334,6 +358,25 @@ class JobRunner:
             self._release(job)  # fleetd may dispatch the next job the moment it hears the end
         await self.reporter.emit("job.finished", finished)
         log.info("job %s (%s) %s", job.id, name, outcome.status)
+
+    async def end_local(self, job_id: int, extra: dict[str, Any], status: str, error: str) -> None:
+        """A local job that never runs (no repository yet, or cancelled in
+        the queue) starts and ends at once, so fleetd shows it instead of a
+        backup that silently never happened."""
+        await self.reporter.emit(
+            "job.started",
+            {"job_id": job_id, "kind": "backup", "started_at": now_iso(), **extra},
+        )
+        await self.reporter.emit(
+            "job.finished",
+            {
+                "job_id": job_id,
+                "status": status,
+                "exit_code": -1,
+                "finished_at": now_iso(),
+                "error": error[:MAX_LINE],
+            },
+        )
 
     # -- reports ------------------------------------------------------------
 

@@ -9,6 +9,12 @@ and the last one dropped of each job becomes a marker line saying how many
 went. Job starts and ends, snapshot reports and schedule fires are never
 dropped, even when that means going over the bound.
 
+Beside the frames it keeps what the scheduler must not lose with them: the
+last fire of each schedule (`fires`), written in the transaction that
+spools the fire, so a restart neither fires twice nor skips; and the
+backups the agent runs on its own while fleetd is out of reach
+(`local_jobs`), until their start is spooled.
+
 stdlib sqlite3, so the agent stays free of compiled dependencies.
 """
 
@@ -16,8 +22,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 Frame = tuple[int, str, dict[str, Any]]  # (seq, type, data)
 
@@ -26,6 +33,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fires (schedule_id INTEGER PRIMARY KEY, key TEXT NOT NULL, last TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS local_jobs (job_id INTEGER PRIMARY KEY, data TEXT NOT NULL);
 """
 # columns added since the first agents; a spool of an older agent gains them in place
 _ADDED = (
@@ -75,33 +84,44 @@ class Spool:
         row = self._db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         return row[0] if row else 0
 
-    def append(self, type_: str, data: dict[str, Any], supersede: bool = False) -> int:
+    def append(
+        self,
+        type_: str,
+        data: dict[str, Any],
+        supersede: bool = False,
+        drop_local: Optional[int] = None,
+    ) -> int:
         """Store a frame under the next seq; returns that seq once it is committed.
 
         supersede: frames of the same type still waiting are dropped first
-        (a newer snapshot list makes older ones pointless).
+        (a newer snapshot list makes older ones pointless). drop_local: the
+        local job this frame starts leaves the queue in the same transaction.
         """
-        text = json.dumps(data, separators=(",", ":"))
         with self._db:  # one transaction
             self._db.execute("BEGIN IMMEDIATE")
-            if supersede:
-                freed = self._db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM frames WHERE type = ?", (type_,)
-                ).fetchone()[0]
-                self._db.execute("DELETE FROM frames WHERE type = ?", (type_,))
-                self._bytes -= freed
-            if self._bytes + len(text) > self.max_bytes:
-                # make room for a tenth of the bound at once, not a line at a time
-                self._evict(self._bytes + len(text) - self.max_bytes + self.max_bytes // 10)
-            seq = self.last_seq() + 1
-            self._db.execute(
-                "INSERT INTO frames (seq, type, data, size) VALUES (?, ?, ?, ?)",
-                (seq, type_, text, len(text)),
-            )
-            # not an upsert: SQLite older than 3.24 (still on some servers) lacks it
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (seq,)
-            )
+            if drop_local is not None:
+                self._db.execute("DELETE FROM local_jobs WHERE job_id = ?", (drop_local,))
+            return self._insert(type_, data, supersede)
+
+    def _insert(self, type_: str, data: dict[str, Any], supersede: bool = False) -> int:
+        """append's work, inside the caller's transaction."""
+        text = json.dumps(data, separators=(",", ":"))
+        if supersede:
+            freed = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM frames WHERE type = ?", (type_,)
+            ).fetchone()[0]
+            self._db.execute("DELETE FROM frames WHERE type = ?", (type_,))
+            self._bytes -= freed
+        if self._bytes + len(text) > self.max_bytes:
+            # make room for a tenth of the bound at once, not a line at a time
+            self._evict(self._bytes + len(text) - self.max_bytes + self.max_bytes // 10)
+        seq = self.last_seq() + 1
+        self._db.execute(
+            "INSERT INTO frames (seq, type, data, size) VALUES (?, ?, ?, ?)",
+            (seq, type_, text, len(text)),
+        )
+        # not an upsert: SQLite older than 3.24 (still on some servers) lacks it
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (seq,))
         self._bytes += len(text)
         return seq
 
@@ -131,6 +151,84 @@ class Spool:
             )
             self._bytes -= sum(size for _, _, size, _ in lines) - len(stand_in)
             self.dropped_total += sum(1 for _, _, _, n in lines if not n)
+
+    # -- the scheduler's state ------------------------------------------------
+
+    def marks(self) -> dict[int, tuple[str, str]]:
+        """schedule id -> (key, last): the last fire (or the time the schedule
+        took its present form) of each schedule, and that form's key."""
+        rows = self._db.execute("SELECT schedule_id, key, last FROM fires")
+        return {sid: (key, last) for sid, key, last in rows}
+
+    def set_marks(self, marks: dict[int, tuple[str, str]]) -> None:
+        """Replace every mark (a new schedule set: gone schedules lose theirs)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM fires")
+            self._db.executemany(
+                "INSERT INTO fires (schedule_id, key, last) VALUES (?, ?, ?)",
+                [(sid, key, last) for sid, (key, last) in marks.items()],
+            )
+
+    def fire(
+        self,
+        schedule_id: int,
+        key: str,
+        last: str,
+        frame: dict[str, Any],
+        local: Sequence[dict[str, Any]] = (),
+        coalesce: Optional[dict[int, dict[str, Any]]] = None,
+    ) -> int:
+        """One fire, in one transaction: the schedule's new mark, the
+        schedule.fire frame, the local jobs it makes (each with its job_id)
+        and the queued local jobs it was folded into (job_id -> new data).
+        Returns the frame's seq."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO fires (schedule_id, key, last) VALUES (?, ?, ?)",
+                (schedule_id, key, last),
+            )
+            for job in local:
+                self._db.execute(
+                    "INSERT INTO local_jobs (job_id, data) VALUES (?, ?)",
+                    (job["job_id"], json.dumps(job, separators=(",", ":"))),
+                )
+            for job_id, data in (coalesce or {}).items():
+                self._db.execute(
+                    "UPDATE local_jobs SET data = ? WHERE job_id = ?",
+                    (json.dumps(data, separators=(",", ":")), job_id),
+                )
+            return self._insert("schedule.fire", frame)
+
+    def new_local_ids(self, count: int) -> list[int]:
+        """Ids for jobs the agent makes itself: negative, never reused."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT value FROM meta WHERE key='local_job'").fetchone()
+            last = row[0] if row else 0
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('local_job', ?)", (last + count,)
+            )
+        return [-(last + n) for n in range(1, count + 1)]
+
+    def local_jobs(self) -> list[dict[str, Any]]:
+        """The local jobs not yet started, oldest first."""
+        rows = self._db.execute("SELECT data FROM local_jobs ORDER BY job_id DESC")
+        return [json.loads(data) for (data,) in rows]
+
+    def add_local(self, jobs: list[dict[str, Any]]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO local_jobs (job_id, data) VALUES (?, ?)",
+                [(j["job_id"], json.dumps(j, separators=(",", ":"))) for j in jobs],
+            )
+
+    def drop_local(self, job_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM local_jobs WHERE job_id = ?", (job_id,))
+
+    # -- frames -----------------------------------------------------------------
 
     def first_pending(self) -> int:
         """The oldest unacknowledged seq, or 0 when the spool is empty."""

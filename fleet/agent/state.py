@@ -3,7 +3,9 @@
 agent.json    server URL, host id and name, agent token, TLS pin
 server.pem    the server certificate pinned at enrollment (TLS only)
 repo.json     repository URL, password and backend environment
-spool.db      frames not yet acknowledged by fleetd
+schedules.json  the schedule set fleetd last sent (its version, crons, groups)
+spool.db      frames not yet acknowledged by fleetd; each schedule's last fire;
+              the backups the agent runs on its own while fleetd is away
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class State:
         return self.root / "repo.json"
 
     @property
+    def schedules_path(self) -> Path:
+        return self.root / "schedules.json"
+
+    @property
     def spool_path(self) -> Path:
         return self.root / "spool.db"
 
@@ -120,3 +126,10 @@ class State:
 
     def save_repo(self, repo: RepoConfig) -> None:
         write_private(self.repo_path, json.dumps(asdict(repo)) + "\n")
+
+    def load_schedules(self) -> Optional[dict[str, Any]]:
+        """The schedule.set data last applied, or None before the first."""
+        return _read_json(self.schedules_path)
+
+    def save_schedules(self, data: dict[str, Any]) -> None:
+        write_private(self.schedules_path, json.dumps(data) + "\n")

@@ -36,7 +36,7 @@ class Recorder:
         self.events: list[tuple[str, dict]] = []
         self.now: list[tuple[str, dict]] = []
 
-    async def emit(self, type_: str, data: dict, supersede: bool = False) -> None:
+    async def emit(self, type_: str, data: dict, supersede: bool = False, drop_local=None) -> None:
         self.events.append((type_, data))
 
     async def emit_now(self, type_: str, data: dict) -> None:

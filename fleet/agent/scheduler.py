@@ -1,0 +1,418 @@
+"""The agent's scheduler: fires the schedules fleetd sent, with or without fleetd.
+
+fleetd owns the schedule set and pushes it (`schedule.set`, a version every
+change bumps); the agent stores it (schedules.json), acknowledges the version,
+and from then on decides alone when each schedule fires:
+
+- It sleeps until the earliest next fire, reading the wall clock again at
+  least every MAX_NAP seconds: asyncio sleeps on the monotonic clock, which
+  stops during a suspend and ignores clock steps.
+- Each schedule has a mark in the spool: the cron time of its last fire, or
+  the time the schedule took its present form (a new, edited or re-enabled
+  schedule fires from then on, never for the past). A fire moves the mark
+  and spools `schedule.fire` in one transaction, so a restart neither fires
+  twice nor skips.
+- On each wake, a schedule whose cron matched in (mark, now] fires once, for
+  the latest of those times; later than LATE after it, it is a catch-up (the
+  agent was down, asleep, or its clock jumped forward). A clock set back
+  fires nothing until it passes the mark again. DST: see common/cron.py.
+
+Who runs the backups of a fire: with the link up, fleetd (it makes one job
+per group and dispatches them; a fire while the host is busy queues behind
+the running job, and fires of a group whose backup still waits fold into
+it). With the link down, the agent itself: it mints negative job ids, lists
+them in the fire (`jobs`), runs them one after the other from the
+repository and groups it last received, and reports them like any job when
+fleetd is back. A fire spooled while connected that fleetd never
+acknowledged becomes the agent's own after AUTONOMY_AFTER seconds without a
+link; both sides name a fire's job by the same uid (protocol.fire_uid), so
+fleetd records one job whoever ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..common import cron, protocol
+from ..common.timefmt import iso, parse_ts, utcnow
+from .kinds import Refused
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .link import Agent
+
+log = logging.getLogger("fleet-agent.scheduler")
+
+LATE = dt.timedelta(seconds=60)  # a fire this much after its time is a catch-up
+MAX_NAP = 60.0  # seconds between two readings of the wall clock, at most
+AUTONOMY_AFTER = 60.0  # seconds without a link before an unacknowledged fire is run locally
+RECENT_UIDS = 200  # uids of local jobs remembered once started (fleetd may dispatch them late)
+
+
+class Clock:
+    """The wall clock as naive UTC. `offset` (seconds) shifts it: tests set
+    FLEET_AGENT_CLOCK_OFFSET to put a fire a moment away."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = dt.timedelta(seconds=offset)
+
+    def now(self) -> dt.datetime:
+        return utcnow() + self.offset
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One schedule as the agent runs it."""
+
+    id: int
+    name: str
+    cron: str
+    zone_name: str
+    tz: dt.tzinfo
+    enabled: bool
+    groups: tuple[dict[str, Any], ...]
+
+    @property
+    def key(self) -> str:
+        """What a fire time depends on: a change starts the schedule afresh."""
+        return f"{self.cron}|{self.zone_name}|{int(self.enabled)}"
+
+
+def entries(data: dict[str, Any]) -> list[Entry]:
+    """The schedules of a schedule.set. One whose cron this agent cannot read
+    is left out (and said so); an unknown zone falls back to UTC, loudly: a
+    backup at the wrong hour beats none."""
+    out = []
+    for s in data.get("schedules", ()):
+        name = s.get("name") or f"schedule-{s['id']}"
+        try:
+            expr = cron.normalize(s["cron"])
+        except cron.CronError as exc:
+            log.error("schedule %s left out: %s", name, exc)
+            continue
+        zone_name = s.get("timezone") or "UTC"
+        try:
+            tz = cron.zone(zone_name)
+        except cron.CronError:
+            log.error("schedule %s: time zone %s unknown on this host; using UTC", name, zone_name)
+            zone_name, tz = "UTC", dt.timezone.utc
+        groups = tuple(s.get("source_groups", ()))
+        out.append(Entry(s["id"], name, expr, zone_name, tz, bool(s["enabled"]), groups))
+    return out
+
+
+def due(entry: Entry, last: dt.datetime, now: dt.datetime) -> Optional[tuple[dt.datetime, bool]]:
+    """The fire due at `now`: the latest time the cron matched in (last,
+    now] (however many it missed, one fire), and whether it is a catch-up."""
+    if not entry.enabled:
+        return None
+    when = cron.latest_fire(entry.cron, entry.tz, last, now)
+    if when is None:
+        return None
+    return when, now - when > LATE
+
+
+def next_wake(
+    schedules: list[Entry], marks: dict[int, tuple[str, str]], now: dt.datetime
+) -> Optional[dt.datetime]:
+    """The earliest next fire of the enabled schedules, or None."""
+    found: Optional[dt.datetime] = None
+    for e in schedules:
+        if not e.enabled:
+            continue
+        last = parse_ts(marks[e.id][1], now) if e.id in marks else now
+        when = cron.next_fire(e.cron, e.tz, max(last, now))
+        if found is None or when < found:
+            found = when
+    return found
+
+
+def local_job(host_id: int, e: Entry, group: dict[str, Any], at: str, catch_up: bool) -> dict:
+    """A fire's backup of one group, as the agent runs it on its own (its
+    job_id is minted when it is queued)."""
+    command = {
+        "kind": "backup",
+        **protocol.backup_params(
+            group["name"],
+            group["includes"],
+            group.get("excludes") or (),
+            group.get("pre_hook") or None,
+            group.get("post_hook") or None,
+        ),
+        "scheduled_at": at,
+        "catch_up": catch_up,
+    }
+    return {
+        "job_id": 0,
+        "uid": protocol.fire_uid(host_id, e.id, at, group["id"]),
+        "group_id": group["id"],
+        "group": group["name"],
+        "schedule_id": e.id,
+        "scheduled_at": at,
+        "catch_up": catch_up,
+        "command": command,
+    }
+
+
+def started_fields(job: dict[str, Any]) -> dict[str, Any]:
+    """What job.started carries for a local job, for fleetd to record it."""
+    keys = ("uid", "group_id", "group", "schedule_id", "scheduled_at", "catch_up")
+    return {k: job[k] for k in keys}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        agent: Agent,
+        clock: Optional[Clock] = None,
+        autonomy_after: float = AUTONOMY_AFTER,
+    ) -> None:
+        self.agent = agent
+        self.spool = agent.spool
+        self.clock = clock or Clock()
+        self.autonomy_after = autonomy_after
+        self.version = 0
+        self.schedules: list[Entry] = []
+        self.marks: dict[int, tuple[str, str]] = {}
+        self.pending: dict[int, list[dict[str, Any]]] = {}  # fire seq -> its jobs, until acked
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_UIDS)
+        self.fires = 0  # fires since start (tests count them)
+        self._wake = asyncio.Event()
+        self._autonomy: Optional[asyncio.Task] = None
+
+    # -- the set --------------------------------------------------------------
+
+    def load(self) -> None:
+        """At start: the set last received, and the fires fleetd never acknowledged."""
+        data = self.agent.state.load_schedules()
+        if data is not None:
+            self._install(data)
+        for seq, type_, frame in self.spool.pending(after=0, limit=1_000_000):
+            if type_ == "schedule.fire" and "jobs" not in frame:
+                jobs = self._jobs_of(frame)
+                if jobs:
+                    self.pending[seq] = jobs
+
+    def apply(self, data: dict[str, Any]) -> int:
+        """A schedule.set from fleetd: stored, then in force at once."""
+        self.agent.state.save_schedules(data)
+        self._install(data)
+        log.info(
+            "schedule set version %s applied: %d schedule(s), %d enabled",
+            self.version,
+            len(self.schedules),
+            sum(e.enabled for e in self.schedules),
+        )
+        return self.version
+
+    def _install(self, data: dict[str, Any]) -> None:
+        now = iso(self.clock.now())
+        old = self.spool.marks()
+        self.schedules = entries(data)
+        self.marks = {}
+        for e in self.schedules:
+            kept = old.get(e.id)
+            # new, edited or re-enabled: it fires from now on, not for the past
+            self.marks[e.id] = kept if kept and kept[0] == e.key else (e.key, now)
+        self.spool.set_marks(self.marks)
+        self.version = int(data.get("version", 0))
+        self._wake.set()
+
+    def _entry(self, schedule_id: int) -> Optional[Entry]:
+        return next((e for e in self.schedules if e.id == schedule_id), None)
+
+    def _jobs_of(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        e = self._entry(frame["schedule_id"])
+        if e is None:
+            return []
+        at, catch_up = frame["scheduled_at"], bool(frame.get("catch_up"))
+        return [local_job(self.agent.identity.host_id, e, g, at, catch_up) for g in e.groups]
+
+    # -- firing -----------------------------------------------------------------
+
+    def tick(self, now: dt.datetime) -> Optional[dt.datetime]:
+        """Fire what is due at `now` (each schedule at most once); the time
+        of the next fire, or None when nothing is enabled."""
+        for e in list(self.schedules):
+            mark = self.marks.get(e.id)
+            if mark is None:
+                continue
+            found = due(e, parse_ts(mark[1], now), now)
+            if found is not None:
+                self.fire(e, *found)
+        return next_wake(self.schedules, self.marks, now)
+
+    async def run(self) -> None:
+        """Fire what is due, sleep until the next fire (or a new set); for ever."""
+        while True:
+            now = self.clock.now()
+            wake = self.tick(now)
+            self._wake.clear()
+            timeout = None
+            if wake is not None:
+                timeout = min(MAX_NAP, max(0.0, (wake - now).total_seconds()) + 0.01)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def fire(self, e: Entry, when: dt.datetime, catch_up: bool) -> None:
+        at = iso(when)
+        frame: dict[str, Any] = {"schedule_id": e.id, "scheduled_at": at}
+        if catch_up:
+            frame["catch_up"] = True
+        jobs = [local_job(self.agent.identity.host_id, e, g, at, catch_up) for g in e.groups]
+        how = ""
+        if self.agent.connected.is_set() or not jobs:
+            seq = self.spool.fire(e.id, e.key, at, frame)
+            if jobs:
+                self.pending[seq] = jobs
+        else:
+            local, folded = self._queue(jobs)
+            frame["jobs"] = [
+                {"group_id": j["group_id"], "job_id": j["job_id"], "uid": j["uid"]} for j in local
+            ]
+            self.spool.fire(e.id, e.key, at, frame, local, folded)
+            how = "; fleetd is out of reach: the agent runs it itself" + (
+                f" as job(s) {', '.join(str(j['job_id']) for j in local)}" if local else ""
+            )
+        self.marks[e.id] = (e.key, at)
+        self.fires += 1
+        self.agent.wake.set()
+        log.info(
+            "schedule %s fired for %s%s%s",
+            e.name,
+            at,
+            " (catch-up of a missed window)" if catch_up else "",
+            how,
+        )
+        self.kick()
+
+    def _queue(
+        self, jobs: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+        """Local jobs for these: new ones (with ids), and the queued ones that
+        a group's new fire folds into (two fires of a group never queue twice)."""
+        running = self.agent.runner.current  # submitted, its start not yet spooled
+        waiting = {j["group_id"]: j for j in self.spool.local_jobs() if j["job_id"] != running}
+        new, folded = [], {}
+        for job in jobs:
+            queued = waiting.get(job["group_id"])
+            if queued is None:
+                new.append(job)
+                continue
+            command = queued["command"]
+            command["coalesced"] = [*command.get("coalesced", []), job["scheduled_at"]][
+                -protocol.MAX_COALESCED :
+            ]
+            folded[queued["job_id"]] = queued
+            log.info(
+                "schedule fire of %s at %s folded into job %s, which still waits to run",
+                job["group"],
+                job["scheduled_at"],
+                queued["job_id"],
+            )
+        for job, job_id in zip(new, self.spool.new_local_ids(len(new))):
+            job["job_id"] = job["command"]["job_id"] = job_id
+        return new, folded
+
+    # -- running local jobs ------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Start the next local job when the runner is free."""
+        runner = self.agent.runner
+        if runner.current is not None:
+            return
+        for job in self.spool.local_jobs():
+            self.recent.append(job["uid"])
+            try:
+                runner.submit(job["command"], extra=started_fields(job), local=job["job_id"])
+                return
+            except Refused as exc:  # no repository, bad group: the job ends failed at once
+                log.error("job %s (schedule) cannot run: %s", job["job_id"], exc.message)
+                asyncio.ensure_future(
+                    runner.end_local(job["job_id"], started_fields(job), "failed", exc.message)
+                )
+                self.spool.drop_local(job["job_id"])
+
+    def owns(self, uid: Optional[str]) -> bool:
+        """Is this fire job already the agent's own (queued, running or run)?"""
+        if not uid:
+            return False
+        if uid in self.recent or self.agent.runner.current_uid == uid:
+            return True
+        return any(j["uid"] == uid for j in self.spool.local_jobs())
+
+    def cancel_local(self, uid: str) -> Optional[dict[str, Any]]:
+        """Take a queued local job out of the queue; the job, or None."""
+        for job in self.spool.local_jobs():
+            if job["uid"] == uid:
+                self.spool.drop_local(job["job_id"])
+                return job
+        return None
+
+    # -- the link ------------------------------------------------------------------------
+
+    def acked(self, seq: int) -> None:
+        """fleetd stored the fires up to seq: their jobs are fleetd's to run."""
+        for fire_seq in [s for s in self.pending if s <= seq]:
+            del self.pending[fire_seq]
+
+    def link_up(self) -> None:
+        if self._autonomy is not None:
+            self._autonomy.cancel()
+            self._autonomy = None
+
+    def link_down(self) -> None:
+        if self.pending and self._autonomy is None:
+            self._autonomy = asyncio.ensure_future(self._take_over())
+
+    async def _take_over(self) -> None:
+        """The link stayed down: the fires fleetd never acknowledged become
+        the agent's own jobs (fleetd, once back, matches them by uid)."""
+        await asyncio.sleep(self.autonomy_after)
+        self._autonomy = None
+        if self.agent.connected.is_set() or not self.pending:
+            return
+        jobs = [job for seq in sorted(self.pending) for job in self.pending[seq]]
+        self.pending.clear()
+        owned = {j["uid"] for j in self.spool.local_jobs()}
+        jobs = [j for j in jobs if j["uid"] not in owned]
+        for job, job_id in zip(jobs, self.spool.new_local_ids(len(jobs))):
+            job["job_id"] = job["command"]["job_id"] = job_id
+        self.spool.add_local(jobs)
+        log.warning(
+            "fleetd has been out of reach for %.0f s since fires it never acknowledged: "
+            "running their %d backup(s) here",
+            self.autonomy_after,
+            len(jobs),
+        )
+        self.kick()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each schedule with its last fire and next one (fleet-agent status)."""
+        now = self.clock.now()
+        out = []
+        for e in self.schedules:
+            last = self.marks.get(e.id, ("", iso(now)))[1]
+            nxt = cron.next_fire(e.cron, e.tz, max(parse_ts(last, now), now)) if e.enabled else None
+            out.append(
+                {
+                    "id": e.id,
+                    "name": e.name,
+                    "cron": e.cron,
+                    "timezone": e.zone_name,
+                    "enabled": e.enabled,
+                    "groups": [g["name"] for g in e.groups],
+                    "mark": last,
+                    "next_fire": iso(nxt),
+                }
+            )
+        return out
