@@ -118,16 +118,16 @@ def due(entry: Entry, last: dt.datetime, now: dt.datetime) -> Optional[tuple[dt.
 
 def next_wake(
     schedules: list[Entry], marks: dict[int, tuple[str, str]], now: dt.datetime
-) -> Optional[dt.datetime]:
-    """The earliest next fire of the enabled schedules, or None."""
-    found: Optional[dt.datetime] = None
+) -> Optional[tuple[dt.datetime, Entry]]:
+    """The earliest next fire of the enabled schedules and its schedule, or None."""
+    found: Optional[tuple[dt.datetime, Entry]] = None
     for e in schedules:
         if not e.enabled:
             continue
         last = parse_ts(marks[e.id][1], now) if e.id in marks else now
         when = cron.next_fire(e.cron, e.tz, max(last, now))
-        if found is None or when < found:
-            found = when
+        if found is None or when < found[0]:
+            found = (when, e)
     return found
 
 
@@ -183,6 +183,7 @@ class Scheduler:
         self.fires = 0  # fires since start (tests count them)
         self._wake = asyncio.Event()
         self._autonomy: Optional[asyncio.Task] = None
+        self._said: Optional[tuple[Optional[str], str]] = ("", "")  # the last next fire logged
 
     # -- the set --------------------------------------------------------------
 
@@ -244,7 +245,15 @@ class Scheduler:
             found = due(e, parse_ts(mark[1], now), now)
             if found is not None:
                 self.fire(e, *found)
-        return next_wake(self.schedules, self.marks, now)
+        wake = next_wake(self.schedules, self.marks, now)
+        said = (iso(wake[0]), wake[1].name) if wake else None
+        if said != self._said:  # once per change: the agent's log says what comes next
+            self._said = said
+            if said:
+                log.info("next fire: schedule %s at %s UTC", said[1], said[0])
+            else:
+                log.info("no schedule enabled: nothing to fire")
+        return wake[0] if wake else None
 
     async def run(self) -> None:
         """Fire what is due, sleep until the next fire (or a new set); for ever."""

@@ -40,6 +40,7 @@ class JobStarted:
     job_id: int
     host_id: int
     cancel_requested: bool = False  # a cancel crossed the command on its way
+    uid: Optional[str] = None  # set for a job the agent made itself: it knows it by that
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ class AgentSession:
         self.running_job: Optional[int] = None
         self.inbox: Optional[Inbox] = None  # reliable frames for the apply loop
         self.consumer: Optional[asyncio.Task] = None
+        self.welcomed = False  # welcome sent: pushes may follow
+        self.schedules_changed = False  # a change committed before that: push after it
 
     async def send(self, frame: str) -> bool:
         try:
@@ -312,11 +314,16 @@ class Agents:
 
     def _job_started(self, event: JobStarted) -> None:
         if event.cancel_requested:  # the cancel may have reached the agent before the job
-            asyncio.ensure_future(self.cancel(event.host_id, event.job_id))
+            asyncio.ensure_future(self.cancel(event.host_id, event.job_id, event.uid))
 
     def _schedules_changed(self, event: SchedulesChanged) -> None:
-        if event.host_id in self.sessions:
+        session = self.sessions.get(event.host_id)
+        if session is None:
+            return
+        if session.welcomed:
             asyncio.ensure_future(self.push_schedules(event.host_id))
+        else:  # nothing goes before welcome: pushed right after it
+            session.schedules_changed = True
 
     def _host_removed(self, event: HostRemoved) -> None:
         asyncio.ensure_future(self.disconnect(event.host_id, "host removed from fleetd"))
@@ -383,6 +390,9 @@ class Agents:
                 await connection.send(protocol.encode("config.update", config))
             if schedule_set is not None:
                 await connection.send(protocol.encode("schedule.set", schedule_set))
+            session.welcomed = True
+            if session.schedules_changed:  # since the set above was read
+                await self.push_schedules(host_id)
             await self._catch_up(session, last_seq)
             await self._receive(session)
         except ConnectionClosed:

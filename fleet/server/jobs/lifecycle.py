@@ -122,12 +122,13 @@ def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) ->
     started = list(
         Job.update(status=RUNNING, started_at=started_at)
         .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_((QUEUED, DISPATCHED)))
-        .returning(Job.cancel_requested_at)
+        .returning(Job.cancel_requested_at, Job.uid, Job.agent_job)
         .execute()
     )
     if started:
-        asked = started[0].cancel_requested_at is not None
-        events.append(JobStarted(job_id, host_id, cancel_requested=asked))
+        row = started[0]
+        uid = row.uid if row.agent_job is not None else None
+        events.append(JobStarted(job_id, host_id, row.cancel_requested_at is not None, uid))
     return bool(started)
 
 

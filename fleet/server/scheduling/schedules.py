@@ -159,7 +159,11 @@ def waiting_backup(host_id: int, group_id: int, now: dt.datetime) -> Optional[Jo
 
 
 def coalesce(job: Job, scheduled_at: dt.datetime) -> None:
+    """Fold a fire into a backup of its group still waiting; a fire folded
+    already (resent under another seq) is not counted twice."""
     params = dict(job.params or {})
+    if iso(scheduled_at) in (params.get("scheduled_at"), *params.get("coalesced", [])):
+        return
     folded = [*params.get("coalesced", []), iso(scheduled_at)][-protocol.MAX_COALESCED :]
     params["coalesced"] = folded
     params["coalesced_count"] = int(params.get("coalesced_count", 0)) + 1

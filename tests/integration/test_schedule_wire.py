@@ -1,0 +1,764 @@
+"""fleetd's side of schedules on /agent, with a raw WebSocket client standing
+in for fleet-agent: schedule.set pushed after welcome and on every change,
+schedule.ack recorded (hosts show/list `schedule_lagging`), schedule.fire
+turned into one backup per group (deduplicated by the fire's uid, folded into
+a backup still waiting), and the jobs an agent runs on its own (negative ids)
+recorded as fleetd jobs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from fleet.common import protocol
+
+
+def _hello(hostname="agent-box", version=protocol.PROTOCOL_VERSION, **extra):
+    data = {
+        "protocol_version": version,
+        "agent_version": "9.9.9-test",
+        "restic_version": "0.17.3",
+        "hostname": hostname,
+        "os": "linux",
+        "arch": "x86_64",
+        "timezone": "Europe/Paris",
+        **extra,
+    }
+    return json.dumps({"v": 1, "type": "hello", "id": "h1", "data": data})
+
+
+# what fleetd may push to an agent on its own after welcome
+PUSHES = ("config.update", "schedule.set", "command.run", "command.cancel", "ack")
+
+
+def _recv(ws):
+    """The next frame that answers the agent, skipping fleetd's own pushes."""
+    while True:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame.get("type") not in PUSHES:
+            return frame
+
+
+def _assert_closed_by_server(ws):
+    with pytest.raises(ConnectionClosed):
+        ws.recv(timeout=10)
+
+
+def _redeem(fx, url, token, hostname="agent-box"):
+    frame = {"v": 1, "type": "enroll", "id": "e1", "data": {"token": token, "hostname": hostname}}
+    with fx.ws_connect(url, "/enroll") as ws:
+        ws.send(json.dumps(frame))
+        reply = _recv(ws)
+        _assert_closed_by_server(ws)
+    return reply
+
+
+@pytest.fixture
+def enrolled(fleet, fx):
+    """A host whose agent token was obtained through /enroll."""
+    host = fx.uniq("sched")
+    enrollment = fleet.ctl_json("enroll", host)["enrollment"]
+    token = protocol.parse_enrollment(enrollment)["token"]
+    reply = _redeem(fx, fleet.url, token)
+    assert reply["type"] == "enrolled", reply
+    return {
+        "host": host,
+        "host_id": reply["data"]["host_id"],
+        "agent_token": reply["data"]["agent_token"],
+    }
+
+
+_probes = itertools.count(1)
+TS = "2026-12-02T00:00:00Z"  # started_at, finished_at, applied_at of what the "agent" reports
+
+
+class Agent:
+    """One /agent link seen from the agent's side: it numbers its reliable
+    frames (seq), and keeps the frames fleetd sent that the test has not
+    looked at yet, so waiting for one kind of frame loses no other."""
+
+    def __init__(self, ws, seq=0):
+        self.ws = ws
+        self.seq = seq  # the last seq this agent used
+        self.pending = []
+
+    def hello(self, **extra):
+        self.ws.send(_hello(**extra))
+        welcome = self.next_of("welcome")
+        assert welcome["id"] == "h1"
+        return welcome
+
+    def next_of(self, kind, **fields):
+        """The next frame of this type (whose data has these values)."""
+
+        def fits(frame):
+            data = frame.get("data", {})
+            return frame.get("type") == kind and all(data.get(k) == v for k, v in fields.items())
+
+        for i, frame in enumerate(self.pending):
+            if fits(frame):
+                return self.pending.pop(i)
+        while True:
+            frame = json.loads(self.ws.recv(timeout=10))
+            if fits(frame):
+                return frame
+            self.pending.append(frame)
+
+    def sync(self):
+        """Send a frame fleetd answers at once (an unknown type) and wait for
+        the answer: whatever fleetd sent before it is then in `pending`, and
+        the unreliable frames sent before the probe (schedule.ack) have been
+        handled; reliable ones are awaited with `acked`."""
+        probe = f"probe-{next(_probes)}"
+        self.ws.send(json.dumps({"v": 1, "type": "no.such.type", "id": probe, "data": {}}))
+        answer = self.next_of("error", re=probe)
+        assert answer["data"]["code"] == "bad_frame", answer
+
+    def seen(self, kind):
+        return [f for f in self.pending if f.get("type") == kind]
+
+    def send(self, kind, data):
+        """An unreliable frame (no seq): schedule.ack, command.result."""
+        self.ws.send(protocol.encode(kind, data))
+
+    def report(self, kind, data, seq=None):
+        """A reliable frame under the next seq (or the one given, for a resend)."""
+        if seq is None:
+            seq = self.seq + 1
+        self.seq = max(self.seq, seq)
+        self.ws.send(protocol.encode(kind, data, seq=seq))
+        return seq
+
+    def acked(self, seq):
+        """Wait for fleetd's ack covering `seq` (acks are cumulative)."""
+        while True:
+            got = self.next_of("ack")["data"]["seq"]
+            if got >= seq:
+                return got
+
+    def finish(self, job_id, kind="check", status="succeeded"):
+        """Take a job fleetd sent, run it and end it; wait for the ack."""
+        self.send("command.result", {"job_id": job_id, "accepted": True})
+        self.report("job.started", {"job_id": job_id, "kind": kind, "started_at": TS})
+        ended = {"job_id": job_id, "status": status, "exit_code": 0, "finished_at": TS}
+        self.acked(self.report("job.finished", ended))
+
+
+def _agent_link(fleet, fx, enrolled):
+    return fx.ws_connect(fleet.url, "/agent", enrolled["agent_token"])
+
+
+def _host(fleet, host):
+    return fleet.ctl_json("hosts", "show", host)
+
+
+def _listed(fleet, host):
+    return next(h for h in fleet.ctl_json("hosts", "list") if h["name"] == host)
+
+
+def _group(fleet, host, name, includes, **more):
+    return fleet.rpc("groups.create", host=host, name=name, includes=includes, **more)
+
+
+def _schedule(fleet, host, *groups, name="nightly", cron="0 3 * * *", timezone=None):
+    args = ["schedules", "create", host, "--cron", cron, "--name", name]
+    for group in groups:
+        args += ["--group", group]
+    if timezone:
+        args += ["--timezone", timezone]
+    return fleet.ctl_json(*args)
+
+
+def _jobs(fleet, host, **filters):
+    """The host's jobs, oldest first."""
+    return sorted(fleet.rpc("jobs.list", host=host, **filters), key=lambda j: j["id"])
+
+
+def _job(fleet, job_id):
+    return fleet.ctl_json("jobs", "show", job_id)
+
+
+def _wire_group(group):
+    """A source group as schedule.set carries it."""
+    return {
+        "id": group["id"],
+        "name": group["name"],
+        "includes": group["includes"],
+        "excludes": group["excludes"],
+        "retention": group["retention"] or {},
+        "pre_hook": group["pre_hook"] or "",
+        "post_hook": group["post_hook"] or "",
+    }
+
+
+# -- the schedule set: pushed, acknowledged ------------------------------------
+
+
+def test_a_schedule_made_while_connected_is_pushed_and_lags_until_acknowledged(fleet, fx, enrolled):
+    host = enrolled["host"]
+    etc = _group(fleet, host, "etc", ["/etc", "/srv/conf"], excludes=["*.tmp"])
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=0)
+        agent.sync()
+        assert agent.seen("schedule.set") == []  # it holds version 0, the current one
+        shown = _host(fleet, host)
+        assert (shown["schedule_version"], shown["applied_schedule_version"]) == (0, 0)
+        assert shown["schedule_lagging"] is False
+
+        made = _schedule(fleet, host, "etc")
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed == {
+            "version": 1,
+            "schedules": [
+                {
+                    "id": made["id"],
+                    "name": "nightly",
+                    "cron": "0 3 * * *",
+                    "timezone": "Europe/Paris",  # the host's, as its hello said
+                    "enabled": True,
+                    "source_groups": [_wire_group(etc)],
+                }
+            ],
+        }
+        shown = _host(fleet, host)
+        assert (shown["schedule_version"], shown["applied_schedule_version"]) == (1, 0)
+        assert shown["schedule_lagging"] is True
+        assert _listed(fleet, host)["schedule_lagging"] is True
+
+        agent.send("schedule.ack", {"version": 1, "applied_at": TS})
+        agent.sync()  # the ack is handled before the probe is answered
+        shown = _host(fleet, host)
+        assert (shown["schedule_version"], shown["applied_schedule_version"]) == (1, 1)
+        assert shown["schedule_lagging"] is False
+        assert _listed(fleet, host)["schedule_lagging"] is False
+
+
+def test_a_change_made_while_offline_comes_right_after_welcome(fleet, fx, enrolled):
+    host = enrolled["host"]
+    home = _group(fleet, host, "home", ["/home"])
+    made = _schedule(fleet, host, "home", name="daily", cron="30 1 * * *")
+    shown = _host(fleet, host)
+    assert shown["schedule_version"] == 1 and shown["applied_schedule_version"] == 0
+    assert shown["schedule_lagging"] is True  # its agent never heard of it
+
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=0)
+        agent.sync()
+        # right after welcome (a config.update may come first: no repo here, though)
+        after = [f for f in agent.pending if f["type"] != "config.update"]
+        assert after and after[0]["type"] == "schedule.set", after
+        assert len(agent.seen("schedule.set")) == 1
+        pushed = after[0]["data"]
+        current = _host(fleet, host)["schedule_version"]
+        assert pushed["version"] == current >= 1
+        [entry] = pushed["schedules"]
+        assert (entry["id"], entry["name"], entry["cron"], entry["enabled"]) == (
+            made["id"],
+            "daily",
+            "30 1 * * *",
+            True,
+        )
+        # no zone of its own: the host's, as this very hello reported it
+        assert entry["timezone"] == "Europe/Paris"
+        assert entry["source_groups"] == [_wire_group(home)]
+        assert _host(fleet, host)["schedule_lagging"] is True  # pushed, not acknowledged
+
+    fx.wait_until(lambda: _host(fleet, host)["status"] == "offline", what="host offline")
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=current)
+        agent.sync()
+        assert agent.seen("schedule.set") == []
+        # saying so in hello is as good as a schedule.ack
+        shown = _host(fleet, host)
+        assert shown["schedule_version"] == current
+        assert shown["applied_schedule_version"] == current
+        assert shown["schedule_lagging"] is False
+        assert _listed(fleet, host)["schedule_lagging"] is False
+
+    # the host moved to another zone: its schedule, which follows it, fires at
+    # other times, so the set it holds is stale
+    fx.wait_until(lambda: _host(fleet, host)["status"] == "offline", what="host offline")
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=current, timezone="America/New_York")
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed["version"] == current + 1 == _host(fleet, host)["schedule_version"]
+        assert pushed["schedules"][0]["timezone"] == "America/New_York"
+        assert _host(fleet, host)["schedule_lagging"] is True
+
+
+def test_editing_a_scheduled_group_or_the_schedule_pushes_a_new_set(fleet, fx, enrolled):
+    host = enrolled["host"]
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=0)
+        etc = _group(fleet, host, "etc", ["/etc"])
+        spare = _group(fleet, host, "spare", ["/spare"])
+        assert _host(fleet, host)["schedule_version"] == 0  # groups alone change nothing
+        made = _schedule(fleet, host, "etc", name="nightly")
+        assert agent.next_of("schedule.set")["data"]["version"] == 1
+
+        fleet.rpc("groups.edit", host=host, name="etc", includes=["/etc", "/opt"])
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed["version"] == 2 == _host(fleet, host)["schedule_version"]
+        [entry] = pushed["schedules"]
+        assert entry["id"] == made["id"] and entry["enabled"] is True
+        assert entry["source_groups"][0]["includes"] == ["/etc", "/opt"]
+
+        # a group no schedule uses: no new version (the next push says 3, not 2 again)
+        fleet.rpc("groups.edit", host=host, name="spare", includes=["/spare", "/more"])
+        assert _host(fleet, host)["schedule_version"] == 2
+
+        fleet.ctl("schedules", "disable", host, "nightly")
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed["version"] == 3
+        [entry] = pushed["schedules"]  # a disabled schedule is still sent
+        assert entry["enabled"] is False and entry["source_groups"][0]["name"] == "etc"
+
+        fleet.ctl("schedules", "disable", host, "nightly")  # already: no change
+        fleet.ctl("schedules", "edit", host, "nightly", "--group", "etc", "--group", "spare")
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed["version"] == 4
+        assert [g["id"] for g in pushed["schedules"][0]["source_groups"]] == [
+            etc["id"],
+            spare["id"],
+        ]
+
+        fleet.ctl("schedules", "delete", host, "nightly", "--yes")
+        pushed = agent.next_of("schedule.set")["data"]
+        assert pushed == {"version": 5, "schedules": []}
+        agent.sync()
+        assert agent.seen("schedule.set") == []  # one push per change, no more
+
+
+def test_an_ack_of_a_version_fleetd_never_made_is_not_recorded(fleet, fx, enrolled):
+    host = enrolled["host"]
+    _group(fleet, host, "etc", ["/etc"])
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=0)
+        _schedule(fleet, host, "etc")
+        assert agent.next_of("schedule.set")["data"]["version"] == 1
+
+        agent.send("schedule.ack", {"version": 7, "applied_at": TS})
+        agent.sync()
+        shown = _host(fleet, host)
+        assert (shown["schedule_version"], shown["applied_schedule_version"]) == (1, 0)
+        assert shown["schedule_lagging"] is True
+        assert _listed(fleet, host)["schedule_lagging"] is True
+
+        agent.send("schedule.ack", {"version": 1, "applied_at": TS})
+        agent.sync()
+        assert _host(fleet, host)["schedule_lagging"] is False
+        # and a hello claiming a version from the future is sent the real set
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=9)
+        assert agent.next_of("schedule.set")["data"]["version"] == 1
+        assert _host(fleet, host)["applied_schedule_version"] == 1
+
+
+# -- fires ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def scheduled(fleet, enrolled):
+    """The enrolled host with groups etc and home, and schedule nightly of both."""
+    host = enrolled["host"]
+    groups = {g: _group(fleet, host, g, [f"/{g}"]) for g in ("etc", "home")}
+    made = _schedule(fleet, host, "home", "etc", timezone="UTC")
+    return {**enrolled, "groups": groups, "schedule": made["id"]}
+
+
+def test_a_fire_makes_one_backup_per_group_and_a_resent_fire_none(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc, home = scheduled["groups"]["etc"]["id"], scheduled["groups"]["home"]["id"]
+    when = "2026-12-01T03:00:00Z"
+    fire = {"schedule_id": sid, "scheduled_at": when, "catch_up": True}
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        assert host_id == scheduled["host_id"]
+        assert agent.acked(agent.report("schedule.fire", fire)) == 1
+
+        jobs = _jobs(fleet, host)
+        assert [(j["kind"], j["group"], j["actor"]) for j in jobs] == [
+            ("backup", "etc", "schedule"),
+            ("backup", "home", "schedule"),
+        ]
+        uids = [protocol.fire_uid(host_id, sid, when, g) for g in (etc, home)]
+        for job, uid in zip(jobs, uids):
+            shown = _job(fleet, job["id"])
+            assert shown["uid"] == uid
+            assert shown["schedule"] == sid and shown["actor_kind"] == "schedule"
+            assert (shown["scheduled_at"], shown["catch_up"]) == (when, True)
+            assert (shown["coalesced"], shown["run_by_agent"]) == ([], False)
+
+        run = agent.next_of("command.run")["data"]
+        assert run == {
+            "job_id": jobs[0]["id"],
+            "kind": "backup",
+            "uid": uids[0],
+            "group": "etc",
+            "includes": ["/etc"],
+            "tag": "etc",
+            "scheduled_at": when,
+            "catch_up": True,
+        }
+        assert _job(fleet, jobs[1]["id"])["status"] == "queued"  # one job at a time
+        seq = agent.seq
+
+    # the link dropped before the ack reached the agent: it resends the same seq
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws, seq=seq)
+        agent.hello(schedule_version=1, spool_seq=seq, spool_pending=seq)
+        assert agent.acked(agent.report("schedule.fire", fire, seq=seq)) == seq
+        # the backup it never took is offered again on this link, as the same job
+        assert agent.next_of("command.run")["data"]["job_id"] == jobs[0]["id"]
+        assert [j["id"] for j in _jobs(fleet, host)] == [j["id"] for j in jobs]
+
+        # the same fire under a new seq: the uids are known, nothing is made
+        assert agent.acked(agent.report("schedule.fire", fire)) == seq + 1
+        assert [j["id"] for j in _jobs(fleet, host)] == [j["id"] for j in jobs]
+        assert _job(fleet, jobs[1]["id"])["coalesced"] == []
+
+        # a fire of another time is another job per group
+        later = "2026-12-02T03:00:00Z"
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": later}))
+        new = [j for j in _jobs(fleet, host) if j["id"] > jobs[-1]["id"]]
+        # etc's backup is with the agent: a new one; home's still waits: folded into it
+        assert [(j["group"], j["scheduled_at"], j["catch_up"]) for j in new] == [
+            ("etc", later, False)
+        ]
+        assert _job(fleet, jobs[1]["id"])["coalesced"] == [later]
+
+
+def test_a_fire_of_a_disabled_deleted_or_foreign_schedule_makes_nothing(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    # another host's schedule
+    other = fx.uniq("other")
+    fleet.ctl("enroll", other)
+    _group(fleet, other, "etc", ["/etc"])
+    foreign = _schedule(fleet, other, "etc")["id"]
+    spare = _schedule(fleet, host, "etc", name="spare")["id"]
+    when = "2026-12-01T03:00:00Z"
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=_host(fleet, host)["schedule_version"])
+        fleet.ctl("schedules", "disable", host, "nightly")
+        fleet.ctl("schedules", "delete", host, "spare", "--yes")
+        for schedule_id in (sid, spare, foreign):
+            fire = {"schedule_id": schedule_id, "scheduled_at": when}
+            seq = agent.report("schedule.fire", fire)
+            assert agent.acked(seq) == seq  # acked all the same: never sent again
+        assert _jobs(fleet, host) == []
+        assert _jobs(fleet, other) == []
+        fleet.ctl("schedules", "enable", host, "nightly")
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": when}))
+        assert [j["group"] for j in _jobs(fleet, host)] == ["etc", "home"]
+
+
+def test_fires_while_the_host_is_busy_fold_into_the_waiting_backups(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    first, second, third = (f"2026-12-0{d}T03:00:00Z" for d in (1, 2, 3))
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=1)
+        check = fleet.rpc("jobs.run", host=host, kind="check")
+        agent.next_of("command.run", job_id=check["id"])  # with the agent, not finished
+
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": first}))
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": second}))
+        backups = _jobs(fleet, host, kind="backup")
+        assert [(j["group"], j["status"]) for j in backups] == [
+            ("etc", "queued"),
+            ("home", "queued"),
+        ]
+        for job in backups:
+            shown = _job(fleet, job["id"])
+            assert shown["scheduled_at"] == first
+            assert shown["coalesced"] == [second]
+        assert len(_jobs(fleet, host, kind="backup", status="queued")) == 2
+
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": third}))
+        assert [j["id"] for j in _jobs(fleet, host, kind="backup")] == [j["id"] for j in backups]
+        assert _job(fleet, backups[0]["id"])["coalesced"] == [second, third]
+
+        # the check ends: the first waiting backup goes out, saying what it covers
+        agent.finish(check["id"])
+        run = agent.next_of("command.run")["data"]
+        assert run["job_id"] == backups[0]["id"]
+        assert (run["scheduled_at"], run["coalesced"]) == (first, [second, third])
+        assert "catch_up" in run and run["catch_up"] is False
+
+
+def test_a_resent_fire_already_folded_is_not_folded_twice(fleet, fx, scheduled):
+    """A fire fleetd folded into a waiting backup, sent again under a new seq
+    (as a resend of a fire fleetd made a job of is a no-op)."""
+    host, sid = scheduled["host"], scheduled["schedule"]
+    first, second = "2026-12-01T03:00:00Z", "2026-12-02T03:00:00Z"
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        agent.hello(schedule_version=1)
+        check = fleet.rpc("jobs.run", host=host, kind="check")
+        agent.next_of("command.run", job_id=check["id"])
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": first}))
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": second}))
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": second}))
+        backups = _jobs(fleet, host, kind="backup")
+        assert len(backups) == 2
+        for job in backups:
+            shown = _job(fleet, job["id"])
+            assert shown["coalesced"] == [second]
+            assert shown["params"].get("coalesced_count") == 1
+
+
+# -- jobs the agent runs on its own --------------------------------------------
+
+
+def test_a_fire_the_agent_runs_itself_is_recorded_never_dispatched(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    when = "2026-12-01T03:00:00Z"
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        uid = protocol.fire_uid(host_id, sid, when, etc)
+        fire = {
+            "schedule_id": sid,
+            "scheduled_at": when,
+            "jobs": [{"group_id": etc, "job_id": -1, "uid": uid}],
+        }
+        agent.acked(agent.report("schedule.fire", fire))
+        [job] = _jobs(fleet, host)
+        assert job["id"] > 0 and job["uid"] == uid
+        assert (job["kind"], job["group"], job["actor"], job["schedule"]) == (
+            "backup",
+            "etc",
+            "schedule",
+            sid,
+        )
+        assert job["run_by_agent"] is True and job["scheduled_at"] == when
+
+        started = {
+            "job_id": -1,
+            "kind": "backup",
+            "started_at": TS,
+            "uid": uid,
+            "group_id": etc,
+            "group": "etc",
+            "schedule_id": sid,
+            "scheduled_at": when,
+        }
+        agent.acked(agent.report("job.started", started))
+        assert _job(fleet, job["id"])["status"] == "running"
+        line = {"job_id": -1, "seq": 1, "ts": TS, "stream": "stdout", "payload": "ran alone"}
+        agent.report("job.log", line)
+        ended = {"job_id": -1, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+
+        shown = _job(fleet, job["id"])
+        assert shown["status"] == "succeeded" and shown["exit_code"] == 0
+        assert shown["run_by_agent"] is True and shown["log_lines"] == 1
+        assert (shown["started_at"], shown["finished_at"]) == (TS, TS)
+        lines = fleet.rpc("jobs.log", id=job["id"])["lines"]
+        assert [(x["seq"], x["stream"], x["payload"]) for x in lines] == [
+            (1, "stdout", "ran alone")
+        ]
+        out = fleet.ctl("jobs", "log", job["id"], "--json").stdout.splitlines()
+        assert [json.loads(x)["payload"] for x in out] == ["ran alone"]
+
+        # a run of its own fleetd never heard a fire of: recorded from job.started
+        other = "2026-12-02T03:00:00Z"
+        uid2 = protocol.fire_uid(host_id, sid, other, etc)
+        started2 = {
+            "job_id": -2,
+            "kind": "backup",
+            "started_at": TS,
+            "uid": uid2,
+            "group_id": etc,
+            "schedule_id": sid,
+            "scheduled_at": other,
+            "catch_up": True,
+        }
+        agent.acked(agent.report("job.started", started2))
+        made = [j for j in fleet.ctl_json("jobs", "list", "--host", host) if j["uid"] == uid2]
+        assert len(made) == 1, made
+        second = made[0]
+        assert second["id"] > job["id"] and second["status"] == "running"
+        assert (second["group"], second["schedule"], second["actor"]) == ("etc", sid, "schedule")
+        assert (second["scheduled_at"], second["catch_up"], second["run_by_agent"]) == (
+            other,
+            True,
+            True,
+        )
+        ended2 = {"job_id": -2, "status": "warning", "exit_code": 3, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended2))
+        shown = _job(fleet, second["id"])
+        assert (shown["status"], shown["exit_code"]) == ("warning", 3)
+        assert len(_jobs(fleet, host)) == 2
+
+        # neither was ever sent as a command: the next command.run is a run-now's
+        check = fleet.rpc("jobs.run", host=host, kind="check")
+        assert agent.next_of("command.run")["data"]["job_id"] == check["id"]
+        assert agent.seen("command.run") == []
+
+
+def test_a_job_fleetd_made_of_a_fire_is_bound_to_the_agents_run_of_it(fleet, fx, scheduled):
+    """fleetd made a backup of the fire (it waits behind a busy host); the
+    agent then ran the fire itself under its own id: the same job, by uid,
+    never dispatched. A run of its own for a fire fleetd never heard of
+    supersedes a backup of that group still waiting in fleetd's queue."""
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    first, second, third = (f"2026-12-0{d}T03:00:00Z" for d in (1, 2, 3))
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        check = fleet.rpc("jobs.run", host=host, kind="check")
+        agent.next_of("command.run", job_id=check["id"])
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": first}))
+        etc_job, home_job = _jobs(fleet, host, kind="backup")
+        assert etc_job["group"] == "etc" and home_job["group"] == "home"
+
+        # the agent's own run of the same fire and group: the fire again, with jobs
+        uid = protocol.fire_uid(host_id, sid, first, etc)
+        fire = {
+            "schedule_id": sid,
+            "scheduled_at": first,
+            "jobs": [{"group_id": etc, "job_id": -3, "uid": uid}],
+        }
+        agent.acked(agent.report("schedule.fire", fire))
+        assert [j["id"] for j in _jobs(fleet, host, kind="backup")] == [
+            etc_job["id"],
+            home_job["id"],
+        ]
+        shown = _job(fleet, etc_job["id"])
+        assert (shown["status"], shown["run_by_agent"]) == ("queued", True)
+
+        # the check ends: home's backup goes out, not etc's (older, but the agent's now)
+        agent.finish(check["id"])
+        assert agent.next_of("command.run")["data"]["job_id"] == home_job["id"]
+
+        started = {"job_id": -3, "kind": "backup", "started_at": TS, "uid": uid}
+        agent.acked(agent.report("job.started", started))
+        assert _job(fleet, etc_job["id"])["status"] == "running"
+        ended = {"job_id": -3, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+        assert _job(fleet, etc_job["id"])["status"] == "succeeded"
+        assert len(_jobs(fleet, host, kind="backup")) == 2
+
+        # a later fire while home's backup is with the agent: a backup of each waits
+        agent.acked(agent.report("schedule.fire", {"schedule_id": sid, "scheduled_at": second}))
+        waiting = {j["group"]: j for j in _jobs(fleet, host, kind="backup", status="queued")}
+        assert sorted(waiting) == ["etc", "home"]
+
+        # the agent runs a fire of etc fleetd never heard of: etc's waiting backup goes
+        uid3 = protocol.fire_uid(host_id, sid, third, etc)
+        started3 = {
+            "job_id": -4,
+            "kind": "backup",
+            "started_at": TS,
+            "uid": uid3,
+            "group_id": etc,
+            "schedule_id": sid,
+            "scheduled_at": third,
+        }
+        agent.acked(agent.report("job.started", started3))
+        [own] = [j for j in _jobs(fleet, host, kind="backup") if j["uid"] == uid3]
+        assert (own["status"], own["run_by_agent"], own["group"]) == ("running", True, "etc")
+        superseded = _job(fleet, waiting["etc"]["id"])
+        assert superseded["status"] == "cancelled"
+        assert f"superseded by job {own['id']}" in superseded["error"]
+        assert _job(fleet, waiting["home"]["id"])["status"] == "queued"
+
+
+def test_a_job_the_agent_still_runs_on_its_own_survives_its_reconnect(fleet, fx, scheduled):
+    """hello's running_job may be the agent's own (negative) id: that job is
+    kept running; one the agent came back without is lost, and may still
+    report how it really ended."""
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc, home = scheduled["groups"]["etc"]["id"], scheduled["groups"]["home"]["id"]
+    when = "2026-12-01T03:00:00Z"
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        uids = {g: protocol.fire_uid(host_id, sid, when, g) for g in (etc, home)}
+        fire = {
+            "schedule_id": sid,
+            "scheduled_at": when,
+            "jobs": [
+                {"group_id": etc, "job_id": -1, "uid": uids[etc]},
+                {"group_id": home, "job_id": -2, "uid": uids[home]},
+            ],
+        }
+        agent.report("schedule.fire", fire)
+        started = {"job_id": -1, "kind": "backup", "started_at": TS, "uid": uids[etc]}
+        agent.acked(agent.report("job.started", started))
+        etc_job, home_job = _jobs(fleet, host)
+        assert (etc_job["status"], home_job["status"]) == ("running", "queued")
+        seq = agent.seq
+
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws, seq=seq)
+        agent.hello(schedule_version=1, spool_seq=seq, running_job=-1)
+        agent.sync()  # caught up (nothing pending) before the probe was read
+        assert _job(fleet, etc_job["id"])["status"] == "running"
+        assert _job(fleet, home_job["id"])["status"] == "queued"  # the agent's queue
+        ended = {"job_id": -1, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+        assert _job(fleet, etc_job["id"])["status"] == "succeeded"
+        started = {"job_id": -2, "kind": "backup", "started_at": TS, "uid": uids[home]}
+        agent.acked(agent.report("job.started", started))
+        assert _job(fleet, home_job["id"])["status"] == "running"
+        seq = agent.seq
+
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws, seq=seq)
+        agent.hello(schedule_version=1, spool_seq=seq)  # running nothing
+        agent.sync()
+        lost = _job(fleet, home_job["id"])
+        assert lost["status"] == "lost" and "agent" in lost["error"]
+        ended = {"job_id": -2, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+        assert _job(fleet, home_job["id"])["status"] == "succeeded"
+        assert agent.seen("command.run") == []
+
+
+def test_cancelling_a_job_the_agent_runs_itself_names_it_by_uid(fleet, fx, scheduled):
+    """command.cancel of an agent's own job carries its uid (the agent knows
+    it by that, not by fleetd's id), also when sent again as the job starts."""
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    when = "2026-12-01T03:00:00Z"
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        uid = protocol.fire_uid(host_id, sid, when, etc)
+        fire = {
+            "schedule_id": sid,
+            "scheduled_at": when,
+            "jobs": [{"group_id": etc, "job_id": -1, "uid": uid}],
+        }
+        agent.acked(agent.report("schedule.fire", fire))
+        [job] = _jobs(fleet, host)
+
+        answer = fleet.rpc("jobs.cancel", id=job["id"])
+        assert answer["cancel"] == "requested"
+        assert agent.next_of("command.cancel")["data"] == {"job_id": job["id"], "uid": uid}
+
+        # the cancel crossed the job's start: fleetd says it again
+        started = {"job_id": -1, "kind": "backup", "started_at": TS, "uid": uid}
+        agent.acked(agent.report("job.started", started))
+        again = agent.next_of("command.cancel")["data"]
+        assert again == {"job_id": job["id"], "uid": uid}
+
+        ended = {"job_id": -1, "status": "cancelled", "exit_code": 1, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+        assert _job(fleet, job["id"])["status"] == "cancelled"
