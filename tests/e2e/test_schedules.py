@@ -199,3 +199,56 @@ def test_a_bad_cron_or_a_foreign_group_is_refused_with_exit_2_or_4(fleet, e2e):
     )
     assert "nope" in result.stderr
     assert fleet.ctl_json("schedules", "list", h.name) == []
+
+
+def test_fires_while_the_host_is_busy_queue_behind_it_and_coalesce(fleet, e2e):
+    """A run-now holds the host (its pre-hook waits on a gate) when two
+    schedules fire the same group at once: one backup queues behind the
+    running job, the second fire is folded into it and its log says so."""
+    h = e2e.host(fleet, start=False)
+    e2e.write_tree(h.src, {"a.txt": "alpha\n"})
+    gate = h.base / "gate"
+    hook = f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done"
+    slow = e2e.group(fleet, h, "--pre-hook", hook, name="slow")
+    group = e2e.group(fleet, h)
+    nightly(fleet, e2e, h, group)
+    fleet.ctl(
+        "schedules",
+        "create",
+        h.name,
+        "--cron",
+        "0 3 * * *",
+        "--group",
+        group,
+        "--timezone",
+        "UTC",
+        "--name",
+        "also-nightly",
+    )
+    start_at(e2e, fleet, h, FIRE - dt.timedelta(seconds=LEAD), wait_init=True)
+    busy = e2e.run(fleet, h.name, slow)
+    e2e.wait_job(fleet, busy["id"], ("running",))
+
+    h.agent.wait_log("schedule also-nightly fired for", timeout=30)
+    h.agent.wait_log("schedule nightly fired for", timeout=30)
+    scheduled = e2e.fx.wait_until(
+        lambda: [j for j in backups(e2e, fleet, h) if j["actor"] == "schedule"],
+        timeout=20,
+        what="the scheduled backup",
+    )
+    (waiting,) = scheduled
+    waiting = e2e.fx.wait_until(
+        lambda: (j := e2e.show(fleet, waiting["id"]))["coalesced"] and j,
+        timeout=20,
+        what="the second fire to be folded in",
+    )
+    assert waiting["status"] == "queued" and waiting["coalesced"] == [FIRE_ISO]
+
+    gate.touch()
+    assert e2e.wait_job(fleet, busy["id"])["status"] == "succeeded"
+    done = e2e.wait_job(fleet, waiting["id"])
+    assert done["status"] == "succeeded", done
+    assert done["started_at"] >= e2e.show(fleet, busy["id"])["finished_at"]
+    lines = [line["payload"] for line in e2e.log_lines(fleet, done["id"])]
+    assert any("also covers the schedule's fire(s) at " + FIRE_ISO in line for line in lines)
+    assert [j["id"] for j in backups(e2e, fleet, h) if j["actor"] == "schedule"] == [done["id"]]

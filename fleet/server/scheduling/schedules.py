@@ -158,14 +158,18 @@ def waiting_backup(host_id: int, group_id: int, now: dt.datetime) -> Optional[Jo
     )
 
 
-def coalesce(job: Job, scheduled_at: dt.datetime) -> None:
-    """Fold a fire into a backup of its group still waiting; a fire folded
-    already (resent under another seq) is not counted twice."""
+def coalesce(job: Job, scheduled_at: dt.datetime, uid: str) -> None:
+    """Fold a fire into a backup of its group still waiting. `uid` names the
+    job the fire would have made: a fire folded already (resent under
+    another seq) is not counted twice; two schedules firing the same group
+    at one time are."""
     params = dict(job.params or {})
-    if iso(scheduled_at) in (params.get("scheduled_at"), *params.get("coalesced", [])):
+    if uid in params.get("folded", ()):
         return
-    folded = [*params.get("coalesced", []), iso(scheduled_at)][-protocol.MAX_COALESCED :]
-    params["coalesced"] = folded
+    params["folded"] = [*params.get("folded", []), uid][-protocol.MAX_COALESCED :]
+    params["coalesced"] = [*params.get("coalesced", []), iso(scheduled_at)][
+        -protocol.MAX_COALESCED :
+    ]
     params["coalesced_count"] = int(params.get("coalesced_count", 0)) + 1
     Job.update(params=params).where(Job.id == job.id).execute()
 
@@ -205,7 +209,7 @@ def apply_fire(
             continue  # this fire made it already (an agent's resend)
         waiting = waiting_backup(host_id, group.id, now)
         if waiting is not None:
-            coalesce(waiting, scheduled_at)
+            coalesce(waiting, scheduled_at, uid)
             log.info(
                 "host %s: schedule %s fired for %s at %s while job %s still waits in the queue; "
                 "folded into it",
