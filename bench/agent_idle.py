@@ -1,7 +1,9 @@
 """Idle cost of fleet-agent: CPU seconds and resident memory over a quiet minute.
 
-Starts a real fleetd (SQLite in a temp dir) and one enrolled agent, waits
-until the agent is online and its repository initialised, then samples
+Starts a real fleetd (SQLite in a temp dir) and one enrolled agent holding
+a nightly schedule (its scheduler sleeps until the fire, reading the clock
+once a minute), waits until the agent is online, its repository
+initialised and its schedule applied, then samples
 /proc for SECONDS of idleness. A bare `python3 -c 'sleep'` is measured in
 the same run as the baseline, so the figures print as ratios too.
 
@@ -125,6 +127,11 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        for step in (
+            ["groups", "create", "bench", "etc", "--include", str(work)],
+            ["schedules", "create", "bench", "--cron", "30 2 * * *", "--group", "etc"],
+        ):
+            subprocess.run([*ctl, *step], env=env, cwd=ROOT, check=True, capture_output=True)
         agent_cmd = [args.python, args.pyz] if args.pyz else [args.python, "-m", "fleet.agent.cli"]
         agent_env = {**env, "SHIV_ROOT": str(work / "shiv")}
         subprocess.run(
@@ -149,7 +156,14 @@ def main() -> None:
                 capture_output=True,
                 text=True,
             ).stdout
-            if out.strip() not in ("", "[]"):
+            host = subprocess.run(
+                [*ctl, "hosts", "show", "bench", "--json"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout
+            if out.strip() not in ("", "[]") and not json.loads(host)["schedule_lagging"]:
                 break
             time.sleep(0.5)
         else:
@@ -168,7 +182,7 @@ def main() -> None:
             [args.python, "--version"], capture_output=True, text=True
         ).stdout.strip()
         print(
-            f"fleet-agent idle for {wall:.0f} s ({version}, {'zipapp' if args.pyz else 'checkout'}, heartbeat every 30 s)"
+            f"fleet-agent idle for {wall:.0f} s ({version}, {'zipapp' if args.pyz else 'checkout'}, heartbeat every 30 s, one schedule)"
         )
         print(
             f"  CPU: {a_cpu:.3f} s  = {100 * a_cpu / wall:.3f}% of one core   (bare interpreter: {b_cpu:.3f} s)"

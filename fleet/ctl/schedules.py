@@ -23,8 +23,11 @@ def schedules() -> None:
     agent reports it (UTC until it has). A time a DST change skips fires
     when the clock jumps; a time it repeats fires once.
 
-    Not yet: fleetd stores schedules and shows when they fire, but agents
-    do not run them yet; back up with 'fleetctl run' meanwhile.
+    The agent keeps its host's schedules and fires them, with fleetd up or
+    not: each fire backs up every group of the schedule (by 'schedule' in
+    'jobs list'). A time missed while the host was down fires once when it
+    is back, as a catch-up; a fire while the host is busy queues behind the
+    running job; a group's backup never queues twice.
     """
 
 
