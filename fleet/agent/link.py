@@ -189,6 +189,7 @@ class Agent:
         self.connected = asyncio.Event()  # set while a session is up (tests wait on it)
         self.disconnected = asyncio.Event()  # set while it is not
         self.disconnected.set()
+        self.dialled = asyncio.Event()  # the first dial connected or failed
         self.scheduler = Scheduler(self, clock, autonomy_after)
         self.runner.on_idle = self.scheduler.kick
         self.scheduler.load()
@@ -227,7 +228,7 @@ class Agent:
         self.restic_version = await asyncio.get_running_loop().run_in_executor(
             None, restic_version, self.restic
         )
-        scheduler = asyncio.ensure_future(self.scheduler.run())
+        scheduler = asyncio.ensure_future(self.scheduler.run(self.dialled))
         self.scheduler.kick()
         self.scheduler.link_down()
         try:
@@ -264,6 +265,7 @@ class Agent:
             except Exception as exc:  # whatever else: the agent must keep redialling
                 log.exception("session failed")
                 reason = f"{type(exc).__name__}: {exc}"
+            self.dialled.set()  # connected or not: the scheduler stops waiting
             if time.monotonic() - started > BACKOFF_MAX:
                 attempt = 0  # the link had been up a while: start over quickly
             delay = backoff(attempt)
@@ -321,6 +323,7 @@ class Agent:
             self.ws = ws
             self.disconnected.clear()
             self.connected.set()
+            self.dialled.set()
             self.scheduler.link_up()
             if not self._locks_checked:
                 self._locks_checked = True
@@ -385,7 +388,9 @@ class Agent:
             await dispatch(self, frame)
 
     async def shutdown(self) -> None:
-        """Stop: cancel a running job, try to deliver its end, close the spool."""
+        """Stop: nothing more fires or starts; cancel a running job, try to
+        deliver its end, close the spool."""
+        self.scheduler.stop()
         await self.runner.shutdown()
         if self.ws is not None and self.spool.count():
             try:

@@ -32,7 +32,6 @@ fleetd records one job whoever ran it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -50,7 +49,9 @@ log = logging.getLogger("fleet-agent.scheduler")
 LATE = dt.timedelta(seconds=60)  # a fire this much after its time is a catch-up
 MAX_NAP = 60.0  # seconds between two readings of the wall clock, at most
 AUTONOMY_AFTER = 60.0  # seconds without a link before an unacknowledged fire is run locally
-RECENT_UIDS = 200  # uids of local jobs remembered once started (fleetd may dispatch them late)
+FIRST_DIAL_WAIT = 20.0  # seconds the first fires wait for the first dial (fleetd may be there)
+START_RETRY = 30.0  # seconds before a local job whose start could not be spooled is tried again
+TICK_RETRY = 30.0  # seconds before a tick that failed (the spool's disk full) is tried again
 
 
 class Clock:
@@ -179,22 +180,25 @@ class Scheduler:
         self.schedules: list[Entry] = []
         self.marks: dict[int, tuple[str, str]] = {}
         self.pending: dict[int, list[dict[str, Any]]] = {}  # fire seq -> its jobs, until acked
-        self.recent: collections.deque = collections.deque(maxlen=RECENT_UIDS)
         self.fires = 0  # fires since start (tests count them)
+        self.stopping = False
         self._wake = asyncio.Event()
         self._autonomy: Optional[asyncio.Task] = None
         self._said: Optional[tuple[Optional[str], str]] = ("", "")  # the last next fire logged
+        self._submitted: Optional[int] = None  # the local job last handed to the runner
+        self._retry_at: Optional[float] = None  # when a start that failed is tried again
 
     # -- the set --------------------------------------------------------------
 
     def load(self) -> None:
-        """At start: the set last received, and the fires fleetd never acknowledged."""
+        """At start: the set last received, and the fires fleetd never
+        acknowledged whose backups the agent has not taken on itself."""
         data = self.agent.state.load_schedules()
         if data is not None:
             self._install(data)
-        for seq, type_, frame in self.spool.pending(after=0, limit=1_000_000):
-            if type_ == "schedule.fire" and "jobs" not in frame:
-                jobs = self._jobs_of(frame)
+        for seq, _, frame in self.spool.pending_fires():
+            if "jobs" not in frame:
+                jobs = [j for j in self._jobs_of(frame) if not self.spool.taken(j["uid"])]
                 if jobs:
                     self.pending[seq] = jobs
 
@@ -240,7 +244,7 @@ class Scheduler:
         of the next fire, or None when nothing is enabled."""
         for e in list(self.schedules):
             mark = self.marks.get(e.id)
-            if mark is None:
+            if mark is None or self.stopping:
                 continue
             found = due(e, parse_ts(mark[1], now), now)
             if found is not None:
@@ -255,11 +259,22 @@ class Scheduler:
                 log.info("no schedule enabled: nothing to fire")
         return wake[0] if wake else None
 
-    async def run(self) -> None:
-        """Fire what is due, sleep until the next fire (or a new set); for ever."""
+    async def run(self, first_dial: Optional[asyncio.Event] = None) -> None:
+        """Fire what is due, sleep until the next fire (or a new set); for
+        ever. The first fires (catch-ups at boot) wait for the first dial,
+        so that fleetd, when it is there, makes their jobs."""
+        if first_dial is not None:
+            try:
+                await asyncio.wait_for(first_dial.wait(), FIRST_DIAL_WAIT)
+            except asyncio.TimeoutError:
+                pass
         while True:
             now = self.clock.now()
-            wake = self.tick(now)
+            try:
+                wake = self.tick(now)
+            except Exception:  # the spool failing (disk full): the mark did not move
+                log.exception("firing schedules failed; trying again in %.0f s", TICK_RETRY)
+                wake = now + dt.timedelta(seconds=TICK_RETRY)
             self._wake.clear()
             timeout = None
             if wake is not None:
@@ -270,25 +285,34 @@ class Scheduler:
                 pass
 
     def fire(self, e: Entry, when: dt.datetime, catch_up: bool) -> None:
+        """Spool the fire with the schedule's new mark. fleetd makes its jobs
+        when the link is up and the agent's own queue is empty; otherwise
+        the agent queues them itself (in order behind its own)."""
         at = iso(when)
         frame: dict[str, Any] = {"schedule_id": e.id, "scheduled_at": at}
         if catch_up:
             frame["catch_up"] = True
         jobs = [local_job(self.agent.identity.host_id, e, g, at, catch_up) for g in e.groups]
         how = ""
-        if self.agent.connected.is_set() or not jobs:
-            seq = self.spool.fire(e.id, e.key, at, frame)
-            if jobs:
-                self.pending[seq] = jobs
-        else:
+        if jobs and (not self.agent.connected.is_set() or self.spool.local_jobs()):
             local, folded = self._queue(jobs)
             frame["jobs"] = [
                 {"group_id": j["group_id"], "job_id": j["job_id"], "uid": j["uid"]} for j in local
             ]
             self.spool.fire(e.id, e.key, at, frame, local, folded)
-            how = "; fleetd is out of reach: the agent runs it itself" + (
-                f" as job(s) {', '.join(str(j['job_id']) for j in local)}" if local else ""
+            how = (
+                "; the agent runs it itself"
+                + (
+                    " (fleetd is out of reach)"
+                    if not self.agent.connected.is_set()
+                    else " behind its own queue"
+                )
+                + (f" as job(s) {', '.join(str(j['job_id']) for j in local)}" if local else "")
             )
+        else:
+            seq = self.spool.fire(e.id, e.key, at, frame)
+            if jobs:
+                self.pending[seq] = jobs
         self.marks[e.id] = (e.key, at)
         self.fires += 1
         self.agent.wake.set()
@@ -305,25 +329,28 @@ class Scheduler:
         self, jobs: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
         """Local jobs for these: new ones (with ids), and the queued ones that
-        a group's new fire folds into (two fires of a group never queue twice)."""
+        a group's later fire folds into (two fires of a group never queue
+        twice, whether the earlier is queued already or in this batch)."""
         running = self.agent.runner.current  # submitted, its start not yet spooled
         waiting = {j["group_id"]: j for j in self.spool.local_jobs() if j["job_id"] != running}
-        new, folded = [], {}
+        new: list[dict[str, Any]] = []
+        folded: dict[int, dict[str, Any]] = {}
         for job in jobs:
             queued = waiting.get(job["group_id"])
             if queued is None:
                 new.append(job)
+                waiting[job["group_id"]] = job
                 continue
             command = queued["command"]
             command["coalesced"] = [*command.get("coalesced", []), job["scheduled_at"]][
                 -protocol.MAX_COALESCED :
             ]
-            folded[queued["job_id"]] = queued
+            if queued["job_id"]:  # queued before this batch: its row changes
+                folded[queued["job_id"]] = queued
             log.info(
-                "schedule fire of %s at %s folded into job %s, which still waits to run",
+                "schedule fire of %s at %s folded into a backup of it that still waits to run",
                 job["group"],
                 job["scheduled_at"],
-                queued["job_id"],
             )
         for job, job_id in zip(new, self.spool.new_local_ids(len(new))):
             job["job_id"] = job["command"]["job_id"] = job_id
@@ -334,35 +361,50 @@ class Scheduler:
     def kick(self) -> None:
         """Start the next local job when the runner is free."""
         runner = self.agent.runner
-        if runner.current is not None:
+        if runner.current is not None or self.stopping:
             return
         for job in self.spool.local_jobs():
-            self.recent.append(job["uid"])
+            if job["job_id"] == self._submitted:  # still queued: its start was not spooled
+                loop = asyncio.get_event_loop()
+                if self._retry_at is None:
+                    self._retry_at = loop.time() + START_RETRY
+                    loop.call_later(START_RETRY, self.kick)
+                    log.error(
+                        "job %s could not start; trying again in %.0f s", job["job_id"], START_RETRY
+                    )
+                if loop.time() < self._retry_at:
+                    return
+            self._retry_at = None
+            self._submitted = job["job_id"]
             try:
                 runner.submit(job["command"], extra=started_fields(job), local=job["job_id"])
                 return
             except Refused as exc:  # no repository, bad group: the job ends failed at once
                 log.error("job %s (schedule) cannot run: %s", job["job_id"], exc.message)
+                self.spool.drop_local(job["job_id"])
                 asyncio.ensure_future(
                     runner.end_local(job["job_id"], started_fields(job), "failed", exc.message)
                 )
-                self.spool.drop_local(job["job_id"])
 
     def owns(self, uid: Optional[str]) -> bool:
-        """Is this fire job already the agent's own (queued, running or run)?"""
+        """Is this fire backup already the agent's own (queued, running or run)?"""
         if not uid:
             return False
-        if uid in self.recent or self.agent.runner.current_uid == uid:
-            return True
-        return any(j["uid"] == uid for j in self.spool.local_jobs())
+        return self.agent.runner.current_uid == uid or self.spool.taken(uid)
 
     def cancel_local(self, uid: str) -> Optional[dict[str, Any]]:
         """Take a queued local job out of the queue; the job, or None."""
         for job in self.spool.local_jobs():
-            if job["uid"] == uid:
+            if job["uid"] == uid and job["job_id"] != self.agent.runner.current:
                 self.spool.drop_local(job["job_id"])
                 return job
         return None
+
+    def stop(self) -> None:
+        """The agent stops: nothing more fires or starts (a queued local job
+        stays queued for the next start)."""
+        self.stopping = True
+        self.link_up()
 
     # -- the link ------------------------------------------------------------------------
 
@@ -377,7 +419,7 @@ class Scheduler:
             self._autonomy = None
 
     def link_down(self) -> None:
-        if self.pending and self._autonomy is None:
+        if self.pending and self._autonomy is None and not self.stopping:
             self._autonomy = asyncio.ensure_future(self._take_over())
 
     async def _take_over(self) -> None:
@@ -385,43 +427,24 @@ class Scheduler:
         the agent's own jobs (fleetd, once back, matches them by uid)."""
         await asyncio.sleep(self.autonomy_after)
         self._autonomy = None
-        if self.agent.connected.is_set() or not self.pending:
+        if self.agent.connected.is_set() or not self.pending or self.stopping:
             return
-        jobs = [job for seq in sorted(self.pending) for job in self.pending[seq]]
+        jobs = [
+            job
+            for seq in sorted(self.pending)
+            for job in self.pending[seq]
+            if not self.owns(job["uid"])
+        ]
         self.pending.clear()
-        owned = {j["uid"] for j in self.spool.local_jobs()}
-        jobs = [j for j in jobs if j["uid"] not in owned]
-        for job, job_id in zip(jobs, self.spool.new_local_ids(len(jobs))):
-            job["job_id"] = job["command"]["job_id"] = job_id
-        self.spool.add_local(jobs)
+        local, folded = self._queue(jobs)
+        self.spool.queue_local(local, folded)
         log.warning(
             "fleetd has been out of reach for %.0f s since fires it never acknowledged: "
-            "running their %d backup(s) here",
+            "running their backups here as job(s) %s",
             self.autonomy_after,
-            len(jobs),
+            ", ".join(str(j["job_id"]) for j in local) or "(none: folded into queued ones)",
         )
         self.kick()
 
     def wake(self) -> None:
         self._wake.set()
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Each schedule with its last fire and next one (fleet-agent status)."""
-        now = self.clock.now()
-        out = []
-        for e in self.schedules:
-            last = self.marks.get(e.id, ("", iso(now)))[1]
-            nxt = cron.next_fire(e.cron, e.tz, max(parse_ts(last, now), now)) if e.enabled else None
-            out.append(
-                {
-                    "id": e.id,
-                    "name": e.name,
-                    "cron": e.cron,
-                    "timezone": e.zone_name,
-                    "enabled": e.enabled,
-                    "groups": [g["name"] for g in e.groups],
-                    "mark": last,
-                    "next_fire": iso(nxt),
-                }
-            )
-        return out

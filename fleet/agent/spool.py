@@ -13,7 +13,8 @@ Beside the frames it keeps what the scheduler must not lose with them: the
 last fire of each schedule (`fires`), written in the transaction that
 spools the fire, so a restart neither fires twice nor skips; and the
 backups the agent runs on its own while fleetd is out of reach
-(`local_jobs`), until their start is spooled.
+(`local_jobs`), until their start is spooled, and the uids of those it
+ever took on (`taken`), so that none is run twice.
 
 stdlib sqlite3, so the agent stays free of compiled dependencies.
 """
@@ -35,7 +36,9 @@ CREATE TABLE IF NOT EXISTS frames (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS fires (schedule_id INTEGER PRIMARY KEY, key TEXT NOT NULL, last TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS local_jobs (job_id INTEGER PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS taken (uid TEXT PRIMARY KEY, job_id INTEGER NOT NULL);
 """
+TAKEN_KEPT = 1000  # uids of fire backups the agent took on itself, remembered
 # columns added since the first agents; a spool of an older agent gains them in place
 _ADDED = (
     ("size", "INTEGER NOT NULL DEFAULT 0"),
@@ -189,16 +192,7 @@ class Spool:
                 "INSERT OR REPLACE INTO fires (schedule_id, key, last) VALUES (?, ?, ?)",
                 (schedule_id, key, last),
             )
-            for job in local:
-                self._db.execute(
-                    "INSERT INTO local_jobs (job_id, data) VALUES (?, ?)",
-                    (job["job_id"], json.dumps(job, separators=(",", ":"))),
-                )
-            for job_id, data in (coalesce or {}).items():
-                self._db.execute(
-                    "UPDATE local_jobs SET data = ? WHERE job_id = ?",
-                    (json.dumps(data, separators=(",", ":")), job_id),
-                )
+            self._queue_local(local, coalesce or {})
             return self._insert("schedule.fire", frame)
 
     def new_local_ids(self, count: int) -> list[int]:
@@ -217,12 +211,48 @@ class Spool:
         rows = self._db.execute("SELECT data FROM local_jobs ORDER BY job_id DESC")
         return [json.loads(data) for (data,) in rows]
 
-    def add_local(self, jobs: list[dict[str, Any]]) -> None:
+    def queue_local(
+        self, local: Sequence[dict[str, Any]], coalesce: dict[int, dict[str, Any]]
+    ) -> None:
         with self._db:
-            self._db.executemany(
+            self._db.execute("BEGIN IMMEDIATE")
+            self._queue_local(local, coalesce)
+
+    def _queue_local(
+        self, local: Sequence[dict[str, Any]], coalesce: dict[int, dict[str, Any]]
+    ) -> None:
+        """New local jobs (each taken, for good) and the queued ones that later
+        fires were folded into, inside the caller's transaction."""
+        for job in local:
+            self._db.execute(
                 "INSERT INTO local_jobs (job_id, data) VALUES (?, ?)",
-                [(j["job_id"], json.dumps(j, separators=(",", ":"))) for j in jobs],
+                (job["job_id"], json.dumps(job, separators=(",", ":"))),
             )
+            self._db.execute(
+                "INSERT OR REPLACE INTO taken (uid, job_id) VALUES (?, ?)",
+                (job["uid"], job["job_id"]),
+            )
+        for job_id, data in coalesce.items():
+            self._db.execute(
+                "UPDATE local_jobs SET data = ? WHERE job_id = ?",
+                (json.dumps(data, separators=(",", ":")), job_id),
+            )
+        if local:
+            self._db.execute(
+                "DELETE FROM taken WHERE rowid <= (SELECT MAX(rowid) FROM taken) - ?",
+                (TAKEN_KEPT,),
+            )
+
+    def taken(self, uid: str) -> bool:
+        """Did the agent take this fire backup on itself (queued, run or running)?"""
+        return self._db.execute("SELECT 1 FROM taken WHERE uid = ?", (uid,)).fetchone() is not None
+
+    def pending_fires(self) -> list[Frame]:
+        """The schedule.fire frames fleetd has not acknowledged, in order."""
+        rows = self._db.execute(
+            "SELECT seq, type, data FROM frames WHERE type = 'schedule.fire' ORDER BY seq"
+        ).fetchall()
+        return [(seq, type_, json.loads(data)) for seq, type_, data in rows]
 
     def drop_local(self, job_id: int) -> None:
         with self._db:

@@ -215,7 +215,10 @@ MESSAGES: dict[str, MessageSpec] = {
     ),
     "schedule.set": MessageSpec(
         "server",
-        (F("version", "int", minimum=0), F("schedules", "list[dict]", limit=1000, item=SCHEDULE)),
+        (
+            F("version", "int", minimum=0, maximum=MAX_SEQ),
+            F("schedules", "list[dict]", limit=1000, item=SCHEDULE),
+        ),
     ),
     "schedule.ack": MessageSpec(
         "agent", (F("version", "int", minimum=0, maximum=MAX_SEQ), F("applied_at", _TS))

@@ -41,6 +41,7 @@ class JobStarted:
     host_id: int
     cancel_requested: bool = False  # a cancel crossed the command on its way
     uid: Optional[str] = None  # set for a job the agent made itself: it knows it by that
+    agent_job: Optional[int] = None  # ... and the agent's own id for it
 
 
 @dataclass(frozen=True)

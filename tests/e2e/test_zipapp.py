@@ -25,10 +25,11 @@ def test_two_builds_are_identical_small_and_pure(pyz: Path, zipapp, tmp_path: Pa
         names = zf.namelist()
     compiled = [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
     assert not compiled, compiled
-    # the agent carries its own code and websockets, nothing of fleetd or fleetctl's
+    # the agent carries its own code, websockets and the scheduler's cron
+    # matching (croniter, dateutil) and zone data, nothing of fleetd or fleetctl's
     tops = {n.split("/")[1] for n in names if n.startswith("site-packages/") and n.count("/") > 1}
-    assert {"fleet", "websockets"} <= tops
-    assert not {"peewee", "rich", "click", "nacl", "argon2", "croniter", "dateutil"} & tops
+    assert {"fleet", "websockets", "croniter", "dateutil", "tzdata"} <= tops
+    assert not {"peewee", "rich", "click", "nacl", "argon2"} & tops
     packages = {
         n.split("/")[2] for n in names if n.startswith("site-packages/fleet/") and n.count("/") > 2
     }

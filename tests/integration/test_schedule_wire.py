@@ -762,3 +762,91 @@ def test_cancelling_a_job_the_agent_runs_itself_names_it_by_uid(fleet, fx, sched
         ended = {"job_id": -1, "status": "cancelled", "exit_code": 1, "finished_at": TS}
         agent.acked(agent.report("job.finished", ended))
         assert _job(fleet, job["id"])["status"] == "cancelled"
+
+
+def _local_started(job_id, uid, group_id, sid, when):
+    return {
+        "job_id": job_id,
+        "kind": "backup",
+        "started_at": TS,
+        "uid": uid,
+        "group_id": group_id,
+        "schedule_id": sid,
+        "scheduled_at": when,
+    }
+
+
+def test_an_agent_id_reused_after_a_new_state_dir_makes_a_new_job(fleet, fx, scheduled):
+    """A reinstalled agent numbers its own jobs from -1 again: a new run under
+    -1 is a new job, and does not land on the old job that had that id."""
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        first = protocol.fire_uid(host_id, sid, "2026-12-01T03:00:00Z", etc)
+        agent.report("job.started", _local_started(-1, first, etc, sid, "2026-12-01T03:00:00Z"))
+        done = {"job_id": -1, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", done))
+    with _agent_link(fleet, fx, scheduled) as ws:  # the new state dir: seqs from 1 again
+        agent = Agent(ws)
+        agent.hello(schedule_version=0)
+        second = protocol.fire_uid(host_id, sid, "2026-12-05T03:00:00Z", etc)
+        agent.report("job.started", _local_started(-1, second, etc, sid, "2026-12-05T03:00:00Z"))
+        line = {"job_id": -1, "seq": 1, "ts": TS, "stream": "stdout", "payload": "second run"}
+        agent.report("job.log", line)
+        failed = {"job_id": -1, "status": "failed", "exit_code": 1, "finished_at": TS}
+        agent.acked(agent.report("job.finished", failed))
+    by_uid = {j["uid"]: j for j in _jobs(fleet, host)}
+    assert (by_uid[first]["status"], _job(fleet, by_uid[first]["id"])["log_lines"]) == (
+        "succeeded",
+        0,
+    )
+    assert (by_uid[second]["status"], _job(fleet, by_uid[second]["id"])["log_lines"]) == (
+        "failed",
+        1,
+    )
+
+
+def test_a_run_of_the_agents_own_does_not_cancel_an_operators_run_now(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    asked = fleet.rpc("jobs.run", host=host, group="etc")  # the host is offline: it waits
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1, running_job=-1)["data"]["host_id"]
+        uid = protocol.fire_uid(host_id, sid, "2026-12-01T03:00:00Z", etc)
+        agent.report("job.started", _local_started(-1, uid, etc, sid, "2026-12-01T03:00:00Z"))
+        done = {"job_id": -1, "status": "succeeded", "exit_code": 0, "finished_at": TS}
+        agent.acked(agent.report("job.finished", done))
+        # the run-now is still the operator's to have: dispatched, not cancelled
+        sent = agent.next_of("command.run")["data"]
+        assert sent["job_id"] == asked["id"]
+    assert _job(fleet, asked["id"])["status"] in ("dispatched", "queued")
+
+
+def test_progress_of_a_job_the_agent_runs_itself_reaches_its_followers(fleet, fx, scheduled):
+    host, sid = scheduled["host"], scheduled["schedule"]
+    etc = scheduled["groups"]["etc"]["id"]
+    with _agent_link(fleet, fx, scheduled) as ws:
+        agent = Agent(ws)
+        host_id = agent.hello(schedule_version=1)["data"]["host_id"]
+        uid = protocol.fire_uid(host_id, sid, "2026-12-01T03:00:00Z", etc)
+        agent.acked(
+            agent.report("job.started", _local_started(-1, uid, etc, sid, "2026-12-01T03:00:00Z"))
+        )
+        (job,) = [j for j in _jobs(fleet, host) if j["uid"] == uid]
+        progress = {
+            "job_id": -1,
+            "percent_done": 0.5,
+            "files_done": 3,
+            "total_files": 6,
+            "bytes_done": 1024,
+            "total_bytes": 2048,
+            "eta_seconds": 4,
+            "throughput_bps": 256,
+        }
+        agent.send("job.progress", progress)
+        agent.sync()
+        shown = _job(fleet, job["id"])
+        assert shown["status"] == "running" and shown["progress"]["percent_done"] == 0.5

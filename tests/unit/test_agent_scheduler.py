@@ -384,3 +384,89 @@ def test_a_local_job_that_cannot_run_ends_failed_instead_of_vanishing(box):
     asyncio.run(go())
     assert box.agent.runner.ended == [(-1, "failed")]
     assert box.agent.spool.local_jobs() == []
+
+
+def test_a_stopping_agent_neither_fires_nor_starts_a_queued_job(box):
+    box.apply(schedule(cron="0 3 * * *", groups=[group(10, "etc"), group(11, "www")]), now=at(1))
+    box.agent.connected.clear()
+    runner = box.agent.runner
+    runner.busy = True
+    box.s.tick(at(3, 0))  # -1 runs, -2 waits
+    box.s.stop()  # SIGTERM: -1 is being cancelled, and frees the runner
+    runner.free()
+    box.s.kick()
+    box.s.tick(at(3, 0, day=5))
+    assert [c["job_id"] for c, _, _ in runner.submitted] == [-1]
+    assert len(box.frames()) == 1
+    # -2 is still queued for the next start
+    assert [j["job_id"] for j in box.agent.spool.local_jobs()] == [-2]
+
+
+def test_a_fire_taken_over_is_not_taken_over_again_after_a_restart(box):
+    box.s.autonomy_after = 0.01
+    box.apply(schedule(cron="0 3 * * *"), now=at(1))
+    box.s.tick(at(3, 0))  # link up: fleetd's to run, and fleetd never acks it
+
+    async def link_drops(b: Box) -> None:
+        b.agent.connected.clear()
+        b.s.link_down()
+        if b.s._autonomy is not None:
+            await asyncio.wait_for(b.s._autonomy, 5)
+
+    asyncio.run(link_drops(box))
+    runner = box.agent.runner
+    assert [c["job_id"] for c, _, _ in runner.submitted] == [-1]
+    box.agent.spool.drop_local(-1)  # its start was spooled (the real runner does this)
+    box.start()  # restarted, fleetd still away
+    assert box.s.pending == {}
+    asyncio.run(link_drops(box))
+    assert box.agent.runner.submitted == []
+    # and fleetd dispatching its own job of that fire later is told it is the agent's
+    assert box.s.owns(protocol.fire_uid(HOST_ID, 1, "2026-05-04T03:00:00Z", 10))
+
+
+def test_a_take_over_folds_a_groups_fires_into_one_backup(box):
+    box.s.autonomy_after = 0.01
+    box.apply(schedule(cron="*/5 * * * *"), now=at(2))
+    for minute in (5, 10, 15, 20):
+        box.s.tick(at(2, minute))
+    assert len(box.s.pending) == 4
+
+    async def link_drops() -> None:
+        box.agent.connected.clear()
+        box.s.link_down()
+        await asyncio.wait_for(box.s._autonomy, 5)  # type: ignore[arg-type]
+
+    asyncio.run(link_drops())
+    (command, _, _) = box.agent.runner.submitted[0]
+    assert command["scheduled_at"] == "2026-05-04T02:05:00Z"
+    assert command["coalesced"] == [f"2026-05-04T02:{m}:00Z" for m in (10, 15, 20)]
+    assert [j["job_id"] for j in box.agent.spool.local_jobs()] == [-1]
+
+
+def test_with_the_link_back_a_fire_still_queues_behind_the_agents_own_jobs(box):
+    box.apply(schedule(cron="*/5 * * * *"), now=at(2))
+    box.agent.connected.clear()
+    box.agent.runner.busy = True
+    box.s.tick(at(2, 5))  # -1 runs
+    box.s.tick(at(2, 10))  # -2 waits
+    box.agent.connected.set()  # fleetd is back while the agent works through its queue
+    box.s.tick(at(2, 15))
+    last = box.frames()[-1]
+    assert last["jobs"] == []  # folded into -2, not made twice by fleetd
+    (queued,) = box.agent.spool.local_jobs()
+    assert queued["command"]["coalesced"] == ["2026-05-04T02:15:00Z"]
+
+
+def test_a_local_job_whose_start_cannot_be_spooled_is_retried_later_not_in_a_loop(box):
+    box.apply(schedule(cron="0 3 * * *"), now=at(1))
+    box.agent.connected.clear()
+    runner = box.agent.runner  # not busy: takes the job and frees at once, row left queued
+
+    async def go() -> None:
+        box.s.tick(at(3, 0))
+        for _ in range(100):  # what the runner's on_idle would do in a hot loop
+            box.s.kick()
+
+    asyncio.run(go())
+    assert [c["job_id"] for c, _, _ in runner.submitted] == [-1]

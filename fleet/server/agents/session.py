@@ -113,6 +113,8 @@ class AgentSession:
         self.inbox: Optional[Inbox] = None  # reliable frames for the apply loop
         self.consumer: Optional[asyncio.Task] = None
         self.welcomed = False  # welcome sent: pushes may follow
+        # the agent's own ids of jobs it made itself -> fleetd's (for progress)
+        self.agent_jobs: dict[int, int] = {}
         self.schedules_changed = False  # a change committed before that: push after it
 
     async def send(self, frame: str) -> bool:
@@ -313,6 +315,9 @@ class Agents:
             session.inflight = None
 
     def _job_started(self, event: JobStarted) -> None:
+        session = self.sessions.get(event.host_id)
+        if event.agent_job is not None and session is not None:
+            session.agent_jobs[event.agent_job] = event.job_id  # its progress comes by that id
         if event.cancel_requested:  # the cancel may have reached the agent before the job
             asyncio.ensure_future(self.cancel(event.host_id, event.job_id, event.uid))
 
@@ -369,9 +374,11 @@ class Agents:
         marked = self.presence.online(host_id, hello.data)
         log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])
         try:
-            last_seq, config, schedule_set = await self.store.atomic(
+            last_seq, config, schedule_set, agent_job = await self.store.atomic(
                 self._open, host_id, hello.data
             )
+            if agent_job is not None:
+                session.agent_jobs[session.running_job] = agent_job  # type: ignore[index]
             await marked
             await connection.send(
                 protocol.encode(
@@ -412,15 +419,20 @@ class Agents:
                 self.bus.publish([HostOffline(host_id)])
                 log.info("host %s disconnected", host_name)
 
-    def _open(self, host_id: int, hello: dict) -> tuple[int, Optional[dict], Optional[dict]]:
+    def _open(
+        self, host_id: int, hello: dict
+    ) -> tuple[int, Optional[dict], Optional[dict], Optional[int]]:
         """At hello, in one transaction: the seq fleetd is caught up at, the
-        repository configuration and the schedule set (None: the agent holds
-        the current one)."""
+        repository configuration, the schedule set (None: the agent holds
+        the current one) and fleetd's id of a job the agent runs under its
+        own id."""
         last = sync_seq(host_id, hello.get("spool_seq", 0), hello.get("spool_pending", 0))
         pushed = schedules.on_hello(
             [], host_id, hello.get("schedule_version", 0), hello.get("timezone")
         )
-        return last, repo_config(host_id, self.box), pushed
+        running = hello.get("running_job")
+        mine = hot.job_of_agent(host_id, running) if running is not None and running < 0 else None
+        return last, repo_config(host_id, self.box), pushed, mine
 
     async def _hello(self, connection: ServerConnection) -> Optional[protocol.Envelope]:
         try:
@@ -559,6 +571,12 @@ async def on_heartbeat(agents: Agents, session: AgentSession, data: dict) -> Non
 
 
 async def on_progress(agents: Agents, session: AgentSession, data: dict) -> None:
+    if data["job_id"] < 0:  # a job the agent made itself, under its own id
+        job_id = session.agent_jobs.get(data["job_id"])
+        if job_id is not None:
+            progress = {**data, "job_id": job_id}
+            agents.bus.publish([JobProgressed(job_id, session.host_id, progress)])
+        return
     if data["job_id"] == session.inflight:  # only its own job
         agents.bus.publish([JobProgressed(data["job_id"], session.host_id, data)])
 

@@ -269,13 +269,18 @@ async def jobs_cancel(ctx: Context, p: dict) -> dict:
             "it cannot be stopped now",
         )
     outcome = await agents.lifecycle.apply(lifecycle.cancel, job.id, utcnow())
+    # a fire's backup may be the agent's own already (it ran the fire while
+    # fleetd was out of reach): it knows it by its uid
+    fire_uid = job.uid if job.uid.startswith(protocol.FIRE_UID_PREFIX) else None
     if outcome == "requested":
         # the agent stops it and reports the end; a cancel that crosses the
         # command is sent again when the job starts
-        await agents.cancel(job.host_id, job.id, job.uid if job.agent_job is not None else None)
+        await agents.cancel(job.host_id, job.id, fire_uid)
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
         return {**views.job_json(job), "cancel": "requested"}
     if outcome == "cancelled":
+        if fire_uid is not None:
+            await agents.cancel(job.host_id, job.id, fire_uid)
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
         return views.job_json(await store.read(get_job, job.id))
     raise Conflict(f"job {job.id} already ended: {outcome}")

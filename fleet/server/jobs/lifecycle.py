@@ -128,7 +128,8 @@ def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) ->
     if started:
         row = started[0]
         uid = row.uid if row.agent_job is not None else None
-        events.append(JobStarted(job_id, host_id, row.cancel_requested_at is not None, uid))
+        asked = row.cancel_requested_at is not None
+        events.append(JobStarted(job_id, host_id, asked, uid, row.agent_job))
     return bool(started)
 
 

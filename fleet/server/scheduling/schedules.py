@@ -32,7 +32,11 @@ def zone_of(own: Optional[str], host_zone: Optional[str]) -> tuple[str, str, dt.
     one (or reported one unknown here). The agent is sent the name, so both
     sides read the cron in the same zone."""
     if own:
-        return own, "schedule", cron.zone(own)
+        try:
+            return own, "schedule", cron.zone(own)
+        except cron.CronError:  # gone from this machine's zone database since
+            log.warning("time zone %s is unknown here; reading the schedule in UTC", own)
+            return "UTC", "default", dt.timezone.utc
     if host_zone:
         try:
             return host_zone, "host", cron.zone(host_zone)
@@ -260,7 +264,10 @@ def local_job(
     queue is superseded by it."""
     found = Job.get_or_none((Job.host == host_id) & (Job.agent_job == agent_job))
     if found is not None:
-        return found.id
+        if found.uid == uid:
+            return found.id
+        # an earlier agent's id for another job (the state dir was made anew)
+        Job.update(agent_job=None).where(Job.id == found.id).execute()
     found = Job.get_or_none((Job.uid == uid) & (Job.host == host_id))
     if found is not None:
         Job.update(agent_job=agent_job).where(Job.id == found.id).execute()
@@ -296,8 +303,10 @@ def local_job(
     if group is None and group_name:
         Job.update(group_name=group_name).where(Job.id == job.id).execute()
     if group is not None:
+        # a backup of the group that a schedule fire left waiting in fleetd's
+        # queue is done by this run (an operator's run-now is not)
         waiting = waiting_backup(host_id, group.id, dt.datetime.max)
-        if waiting is not None and waiting.id != job.id:
+        if waiting is not None and waiting.id != job.id and waiting.actor_kind == "schedule":
             lifecycle.end(
                 events,
                 host_id,
