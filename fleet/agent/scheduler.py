@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -162,7 +163,10 @@ def local_job(host_id: int, e: Entry, group: dict[str, Any], at: str, catch_up: 
 def started_fields(job: dict[str, Any]) -> dict[str, Any]:
     """What job.started carries for a local job, for fleetd to record it."""
     keys = ("uid", "group_id", "group", "schedule_id", "scheduled_at", "catch_up")
-    return {k: job[k] for k in keys}
+    out = {k: job[k] for k in keys}
+    if job["command"].get("coalesced"):
+        out["coalesced"] = job["command"]["coalesced"]
+    return out
 
 
 class Scheduler:
@@ -180,6 +184,7 @@ class Scheduler:
         self.schedules: list[Entry] = []
         self.marks: dict[int, tuple[str, str]] = {}
         self.pending: dict[int, list[dict[str, Any]]] = {}  # fire seq -> its jobs, until acked
+        self.pending_since: dict[int, float] = {}  # fire seq -> when it was spooled (monotonic)
         self.fires = 0  # fires since start (tests count them)
         self.stopping = False
         self._wake = asyncio.Event()
@@ -201,6 +206,7 @@ class Scheduler:
                 jobs = [j for j in self._jobs_of(frame) if not self.spool.taken(j["uid"])]
                 if jobs:
                     self.pending[seq] = jobs
+                    self.pending_since.setdefault(seq, time.monotonic())
 
     def apply(self, data: dict[str, Any]) -> int:
         """A schedule.set from fleetd: stored, then in force at once."""
@@ -313,6 +319,7 @@ class Scheduler:
             seq = self.spool.fire(e.id, e.key, at, frame)
             if jobs:
                 self.pending[seq] = jobs
+                self.pending_since[seq] = time.monotonic()
         self.marks[e.id] = (e.key, at)
         self.fires += 1
         self.agent.wake.set()
@@ -412,6 +419,7 @@ class Scheduler:
         """fleetd stored the fires up to seq: their jobs are fleetd's to run."""
         for fire_seq in [s for s in self.pending if s <= seq]:
             del self.pending[fire_seq]
+            self.pending_since.pop(fire_seq, None)
 
     def link_up(self) -> None:
         if self._autonomy is not None:
@@ -425,7 +433,13 @@ class Scheduler:
     async def _take_over(self) -> None:
         """The link stayed down: the fires fleetd never acknowledged become
         the agent's own jobs (fleetd, once back, matches them by uid)."""
-        await asyncio.sleep(self.autonomy_after)
+        # counted from the oldest fire, not from this drop: a link that comes
+        # up and drops again without fleetd acknowledging it does not put
+        # the backups off for ever
+        oldest = min(self.pending_since.values(), default=asyncio.get_event_loop().time())
+        await asyncio.sleep(
+            max(0.0, oldest + self.autonomy_after - asyncio.get_event_loop().time())
+        )
         self._autonomy = None
         if self.agent.connected.is_set() or not self.pending or self.stopping:
             return
@@ -436,6 +450,7 @@ class Scheduler:
             if not self.owns(job["uid"])
         ]
         self.pending.clear()
+        self.pending_since.clear()
         local, folded = self._queue(jobs)
         self.spool.queue_local(local, folded)
         log.warning(

@@ -288,6 +288,7 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("schedule_id", "int"),
             _opt("scheduled_at", _TS),
             _opt("catch_up", "bool"),
+            _opt("coalesced", "list[str]", limit=MAX_COALESCED),  # later fires it also covers
         ),
     ),
     "job.progress": MessageSpec(

@@ -470,3 +470,40 @@ def test_a_local_job_whose_start_cannot_be_spooled_is_retried_later_not_in_a_loo
 
     asyncio.run(go())
     assert [c["job_id"] for c, _, _ in runner.submitted] == [-1]
+
+
+def test_a_flapping_link_does_not_put_a_take_over_off_for_ever(box):
+    """The wait is counted from the fire, not from the last drop: a link
+    that keeps coming up and dropping, fleetd never acknowledging, does not
+    put the backups off for ever."""
+    box.s.autonomy_after = 30.0
+    box.apply(schedule(cron="0 3 * * *"), now=at(1))
+
+    async def go() -> None:
+        box.s.tick(at(3, 0))
+        for seq in box.s.pending_since:  # the fire was spooled 31 s ago
+            box.s.pending_since[seq] -= 31.0
+        box.agent.connected.clear()
+        box.s.link_down()  # a drop after a short link: no new 30 s wait
+        await asyncio.wait_for(box.s._autonomy, 5)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    (command, extra, _) = box.agent.runner.submitted[0]
+    assert command["job_id"] == -1 and "coalesced" not in extra
+
+
+def test_job_started_of_a_local_job_carries_the_fires_it_covers(box):
+    box.apply(schedule(cron="*/5 * * * *"), now=at(2))
+    box.agent.connected.clear()
+    box.agent.runner.busy = True
+    for minute in (5, 10, 15):
+        box.s.tick(at(2, minute))
+    box.agent.runner.busy = False
+    box.agent.runner.free()
+    box.s.kick()
+    (_, extra, _) = box.agent.runner.submitted[-1]
+    assert extra["coalesced"] == ["2026-05-04T02:15:00Z"]
+    assert protocol.check_fields(
+        {"job_id": -2, "kind": "backup", "started_at": "x", **extra},
+        protocol.MESSAGES["job.started"].fields,
+    )["coalesced"] == ["2026-05-04T02:15:00Z"]

@@ -125,7 +125,7 @@ WIRE_FIELDS = {
     "job.started": (
         "agent",
         ("job_id", "kind", "started_at"),
-        ("uid", "group_id", "group", "schedule_id", "scheduled_at", "catch_up"),
+        ("uid", "group_id", "group", "schedule_id", "scheduled_at", "catch_up", "coalesced"),
     ),
     "job.progress": (
         "agent",
@@ -347,13 +347,15 @@ EXAMPLES = {
             "schedule_id": 1,
             "scheduled_at": "2024-05-02T03:00:00Z",
             "catch_up": True,
+            "coalesced": ["2024-05-02T04:00:00Z"],
         },
         None,
         2,
         '{"v":1,"type":"job.started","seq":2,"data":'
         '{"job_id":-3,"kind":"backup","started_at":"2024-05-02T03:00:01Z",'
         '"uid":"fire-3-1-2024-05-02T03:00:00Z-10","group_id":10,"group":"etc",'
-        '"schedule_id":1,"scheduled_at":"2024-05-02T03:00:00Z","catch_up":true}}',
+        '"schedule_id":1,"scheduled_at":"2024-05-02T03:00:00Z","catch_up":true,'
+        '"coalesced":["2024-05-02T04:00:00Z"]}}',
     ),
     "job.progress": (
         {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from ...common import cron, protocol
@@ -257,20 +258,24 @@ def local_job(
     scheduled_at: Optional[str],
     catch_up: bool,
     group_name: Optional[str] = None,
+    coalesced: Sequence[str] = (),
 ) -> int:
     """The job an agent runs on its own under its id `agent_job`: the one
     already bound to that id, the one fleetd made of the same fire (same
     uid), or a new one. Any backup of that group still waiting in fleetd's
     queue is superseded by it."""
     found = Job.get_or_none((Job.host == host_id) & (Job.agent_job == agent_job))
-    if found is not None:
-        if found.uid == uid:
-            return found.id
+    if found is not None and found.uid != uid:
         # an earlier agent's id for another job (the state dir was made anew)
         Job.update(agent_job=None).where(Job.id == found.id).execute()
-    found = Job.get_or_none((Job.uid == uid) & (Job.host == host_id))
+        found = None
+    if found is None:
+        found = Job.get_or_none((Job.uid == uid) & (Job.host == host_id))
     if found is not None:
-        Job.update(agent_job=agent_job).where(Job.id == found.id).execute()
+        params = dict(found.params or {})
+        if coalesced:  # the later fires the agent folded into it
+            params["coalesced"] = list(coalesced)
+        Job.update(agent_job=agent_job, params=params).where(Job.id == found.id).execute()
         return found.id
     group = None
     if group_id is not None:
@@ -289,6 +294,8 @@ def local_job(
             )
         )
         params.update(scheduled_at=scheduled_at, catch_up=catch_up)
+    if coalesced:
+        params["coalesced"] = list(coalesced)
     job = lifecycle.create(
         events,
         host_id,
@@ -334,4 +341,5 @@ def started_local(events: list[Event], host_id: int, data: dict[str, Any]) -> in
         data.get("scheduled_at"),
         bool(data.get("catch_up")),
         data.get("group"),
+        data.get("coalesced") or (),
     )
