@@ -92,4 +92,16 @@ step fleetctl jobs list
 $BIN/fleetctl jobs list
 
 step restic -r "$work/repo" ls latest "(restic itself: *.tmp excluded)"
-RESTIC_PASSWORD_FILE="$work/repo.pass" restic -r "$work/repo" ls latest | awk 'NR <= 8' 
+RESTIC_PASSWORD_FILE="$work/repo.pass" restic -r "$work/repo" ls latest | awk 'NR <= 8'
+
+step fleetctl schedules create demo-host --cron "30 2 * * *" --group sample --name nightly
+$BIN/fleetctl schedules create demo-host --cron "30 2 * * *" --group sample --name nightly
+$BIN/fleetctl schedules list demo-host
+
+step fleet-agent status --state-dir "$work/agent" "(the agent holds the schedule: it fires with or without fleetd)"
+for _ in $(seq 1 100); do  # until the agent has applied the schedule fleetd pushed
+  $BIN/fleetctl hosts show demo-host --json | grep -q '"schedule_lagging": false' && break
+  sleep 0.1
+done
+$BIN/fleet-agent status --state-dir "$work/agent" | grep -E '^(host|schedule)'
+ 

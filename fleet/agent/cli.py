@@ -158,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     now = Clock(clock_offset()).now()
     schedules = []
     for e in entries(schedule_set):
-        last = parse_ts(marks[e.id][1], now) if e.id in marks else now
+        last = parse_ts(marks[e.id].last, now) if e.id in marks else now
         schedules.append(
             {
                 "name": e.name,
@@ -166,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> None:
                 "timezone": e.zone_name,
                 "enabled": e.enabled,
                 "groups": [g["name"] for g in e.groups],
-                "last_fire": marks[e.id][1] if e.id in marks else None,
+                "last_fire": marks[e.id].last if e.id in marks and marks[e.id].fired else None,
                 "next_fire": iso(cron.next_fire(e.cron, e.tz, max(last, now)))
                 if e.enabled
                 else None,

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..common import cron, protocol
 from ..common.timefmt import iso, parse_ts, utcnow
 from .kinds import Refused
+from .spool import Mark
 
 if TYPE_CHECKING:  # pragma: no cover
     from .link import Agent
@@ -119,14 +120,14 @@ def due(entry: Entry, last: dt.datetime, now: dt.datetime) -> Optional[tuple[dt.
 
 
 def next_wake(
-    schedules: list[Entry], marks: dict[int, tuple[str, str]], now: dt.datetime
+    schedules: list[Entry], marks: dict[int, Mark], now: dt.datetime
 ) -> Optional[tuple[dt.datetime, Entry]]:
     """The earliest next fire of the enabled schedules and its schedule, or None."""
     found: Optional[tuple[dt.datetime, Entry]] = None
     for e in schedules:
         if not e.enabled:
             continue
-        last = parse_ts(marks[e.id][1], now) if e.id in marks else now
+        last = parse_ts(marks[e.id].last, now) if e.id in marks else now
         when = cron.next_fire(e.cron, e.tz, max(last, now))
         if found is None or when < found[0]:
             found = (when, e)
@@ -182,7 +183,7 @@ class Scheduler:
         self.autonomy_after = autonomy_after
         self.version = 0
         self.schedules: list[Entry] = []
-        self.marks: dict[int, tuple[str, str]] = {}
+        self.marks: dict[int, Mark] = {}
         self.pending: dict[int, list[dict[str, Any]]] = {}  # fire seq -> its jobs, until acked
         self.pending_since: dict[int, float] = {}  # fire seq -> when it was spooled (monotonic)
         self.fires = 0  # fires since start (tests count them)
@@ -228,7 +229,7 @@ class Scheduler:
         for e in self.schedules:
             kept = old.get(e.id)
             # new, edited or re-enabled: it fires from now on, not for the past
-            self.marks[e.id] = kept if kept and kept[0] == e.key else (e.key, now)
+            self.marks[e.id] = kept if kept and kept.key == e.key else Mark(e.key, now)
         self.spool.set_marks(self.marks)
         self.version = int(data.get("version", 0))
         self._wake.set()
@@ -252,7 +253,7 @@ class Scheduler:
             mark = self.marks.get(e.id)
             if mark is None or self.stopping:
                 continue
-            found = due(e, parse_ts(mark[1], now), now)
+            found = due(e, parse_ts(mark.last, now), now)
             if found is not None:
                 self.fire(e, *found)
         wake = next_wake(self.schedules, self.marks, now)
@@ -320,7 +321,7 @@ class Scheduler:
             if jobs:
                 self.pending[seq] = jobs
                 self.pending_since[seq] = time.monotonic()
-        self.marks[e.id] = (e.key, at)
+        self.marks[e.id] = Mark(e.key, at, True)
         self.fires += 1
         self.agent.wake.set()
         log.info(

@@ -25,16 +25,27 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 Frame = tuple[int, str, dict[str, Any]]  # (seq, type, data)
+
+
+class Mark(NamedTuple):
+    """Where a schedule stands: the form it has (`key`), and the time its
+    next fire is counted from: its last fire, or (`fired` false) the time
+    it took that form."""
+
+    key: str
+    last: str
+    fired: bool = False
+
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS fires (schedule_id INTEGER PRIMARY KEY, key TEXT NOT NULL, last TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fires (schedule_id INTEGER PRIMARY KEY, key TEXT NOT NULL, last TEXT NOT NULL, fired INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS local_jobs (job_id INTEGER PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS taken (uid TEXT PRIMARY KEY, job_id INTEGER NOT NULL);
 """
@@ -157,20 +168,19 @@ class Spool:
 
     # -- the scheduler's state ------------------------------------------------
 
-    def marks(self) -> dict[int, tuple[str, str]]:
-        """schedule id -> (key, last): the last fire (or the time the schedule
-        took its present form) of each schedule, and that form's key."""
-        rows = self._db.execute("SELECT schedule_id, key, last FROM fires")
-        return {sid: (key, last) for sid, key, last in rows}
+    def marks(self) -> dict[int, Mark]:
+        """schedule id -> its mark."""
+        rows = self._db.execute("SELECT schedule_id, key, last, fired FROM fires")
+        return {sid: Mark(key, last, bool(fired)) for sid, key, last, fired in rows}
 
-    def set_marks(self, marks: dict[int, tuple[str, str]]) -> None:
+    def set_marks(self, marks: dict[int, Mark]) -> None:
         """Replace every mark (a new schedule set: gone schedules lose theirs)."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM fires")
             self._db.executemany(
-                "INSERT INTO fires (schedule_id, key, last) VALUES (?, ?, ?)",
-                [(sid, key, last) for sid, (key, last) in marks.items()],
+                "INSERT INTO fires (schedule_id, key, last, fired) VALUES (?, ?, ?, ?)",
+                [(sid, m.key, m.last, int(m.fired)) for sid, m in marks.items()],
             )
 
     def fire(
@@ -189,7 +199,7 @@ class Spool:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT OR REPLACE INTO fires (schedule_id, key, last) VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO fires (schedule_id, key, last, fired) VALUES (?, ?, ?, 1)",
                 (schedule_id, key, last),
             )
             self._queue_local(local, coalesce or {})

@@ -128,6 +128,15 @@ def test_a_restart_does_not_fire_twice_and_a_missed_window_fires_once(fleet, e2e
 
     # restarted 20 s after the fire: its mark is in the spool, nothing fires again
     assert h.agent.stop() == 0
+    proc = h.agent.cli("status", "--state-dir", h.agent.state_dir, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (held,) = json.loads(proc.stdout)["schedules"]
+    assert (held["name"], held["groups"], held["last_fire"], held["next_fire"]) == (
+        "nightly",
+        [group],
+        FIRE_ISO,
+        NEXT_ISO,
+    )
     said = h.agent.count(f"next fire: schedule nightly at {NEXT_ISO} UTC")
     start_at(e2e, fleet, h, FIRE + dt.timedelta(seconds=20))
     h.agent.wait_log(f"next fire: schedule nightly at {NEXT_ISO} UTC", said + 1)

@@ -159,7 +159,9 @@ def test_a_new_schedule_fires_from_now_on_not_for_the_past(box):
     box.apply(schedule(cron="0 * * * *"), now=at(2, 30))
     assert box.s.tick(at(2, 30)) == at(3, 0)
     assert box.frames() == []
+    assert box.agent.spool.marks()[1] == ("0 * * * *|UTC|1", "2026-05-04T02:30:00Z", False)
     assert box.s.tick(at(3, 0, 0)) == at(4, 0)
+    assert box.agent.spool.marks()[1] == ("0 * * * *|UTC|1", "2026-05-04T03:00:00Z", True)
     assert box.frames() == [{"schedule_id": 1, "scheduled_at": "2026-05-04T03:00:00Z"}]
     box.s.tick(at(3, 0, 30))  # woken again within the minute: nothing more
     assert len(box.frames()) == 1
