@@ -121,11 +121,27 @@ async def run_restic(job: Job) -> Outcome:
 
 
 async def run_init(job: Job) -> Outcome:
+    """restic init; a repository that exists already counts as initialised
+    only once the password is shown to open it (a wrong one would otherwise
+    pass here and fail every backup after)."""
     result = await job.restic(job.command)
-    if result.exit_code != 0 and parse.already_initialized(result.error):
-        await job.log.note("repository already initialized")
-        return Outcome("succeeded", result.exit_code)
-    return Outcome(result.status, result.exit_code, result.error)
+    if result.exit_code == 0 or not parse.already_initialized(result.error):
+        return Outcome(result.status, result.exit_code, result.error)
+    await job.log.note("repository already initialized; checking that the password opens it")
+    opened = await job.restic(commands.cat_config(), log_stdout=False)
+    if opened.exit_code == 0:
+        await job.log.note("the password opens the repository")
+        return Outcome("succeeded", 0)
+    if opened.cancelled:
+        return Outcome("cancelled", opened.exit_code)
+    if parse.wrong_password(opened.error):
+        return Outcome(
+            "failed",
+            opened.exit_code,
+            "a repository exists at this URL but the password does not open it "
+            "(wrong password, or another repository): fix it with 'fleetctl repo set'",
+        )
+    return Outcome("failed", opened.exit_code, f"cannot open the repository: {opened.error}")
 
 
 async def note_fire(job: Job) -> None:

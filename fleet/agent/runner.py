@@ -138,11 +138,18 @@ class Job:
     def now() -> str:
         return now_iso()
 
-    async def restic(self, argv: tuple) -> execute.Result:
+    async def restic(self, argv: tuple, log_stdout: bool = True) -> execute.Result:
+        """Run restic for the job; its lines go to the job's log (standard
+        output too unless `log_stdout` is false)."""
+
+        async def stderr_only(stream: str, line: str) -> None:
+            if stream != "stdout":
+                await self.log.line(stream, line)
+
         return await execute.run(
             self.runner.argv(argv),
             self.env,
-            self.log.line,
+            self.log.line if log_stdout else stderr_only,
             self.mask,
             self.cancel,
             self.runner.grace,

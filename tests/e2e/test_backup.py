@@ -167,16 +167,22 @@ def test_missing_include_fails_with_restics_words(fleet, e2e):
     assert e2e.host_info(fleet, h.name)["last_backup"]["status"] == "failed"
 
 
-def test_wrong_repository_password_fails_the_backup(fleet, e2e, tmp_path):
+def test_wrong_repository_password_fails_init_and_the_backup(fleet, e2e, tmp_path):
     # an existing repository (a copy of the session's) and the wrong password for it
     repo = tmp_path / "foreign-repo"
     shutil.copytree(e2e.template.repo, repo)
-    h = e2e.host(fleet, repo=repo, password="not-the-password")
-    # fleetd's auto-init finds a repository there and counts that as success
-    init = e2e.jobs(fleet, h.name, kind="init")[-1]
-    assert any(
-        "already initialized" in line["payload"] for line in e2e.log_lines(fleet, init["id"])
+    h = e2e.host(fleet, repo=repo, password="not-the-password", wait_init=False)
+    # fleetd's auto-init finds a repository there, and the password does not open it
+    (init,) = e2e.fx.wait_until(
+        lambda: e2e.jobs(fleet, h.name, kind="init"), timeout=20, what="an init job"
     )
+    init = e2e.wait_job(fleet, init["id"])
+    assert init["status"] == "failed", init
+    assert "the password does not open it" in init["error"]
+    payloads = [line["payload"] for line in e2e.log_lines(fleet, init["id"])]
+    assert any("already initialized; checking that the password opens it" in p for p in payloads)
+    assert any("wrong password or no key found" in p for p in payloads)
+    assert not any('"chunker_polynomial"' in p for p in payloads)  # restic's config stays out
     e2e.write_tree(h.src, {"a.txt": "a\n"})
     group = e2e.group(fleet, h)
     code, out, err = e2e.fleetctl(fleet, "run", h.name, group, "--follow")
@@ -185,13 +191,17 @@ def test_wrong_repository_password_fails_the_backup(fleet, e2e, tmp_path):
     job = e2e.show(fleet, job_id_from(err))
     assert job["status"] == "failed"
     assert "wrong password or no key found" in job["error"]
-    assert any(
-        line["stream"] == "stderr" and "wrong password" in line["payload"]
-        for line in e2e.log_lines(fleet, job["id"])
-    )
     proc = e2e.restic(repo, e2e.template.password, "snapshots", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
     assert fleet.ctl_json("snapshots", h.name) == []
+
+
+def test_an_existing_repository_with_the_right_password_passes_init(fleet, e2e):
+    h = e2e.host(fleet)  # a copy of the session's repository, with its password
+    (init,) = e2e.jobs(fleet, h.name, kind="init")
+    assert init["status"] == "succeeded"
+    payloads = [line["payload"] for line in e2e.log_lines(fleet, init["id"])]
+    assert "fleet-agent: the password opens the repository" in payloads
 
 
 def restic_cmdlines(restic: str, marker: str) -> list[str]:

@@ -73,5 +73,10 @@ def list_locks() -> Command:
     return (RESTIC, "list", "locks", "--no-lock")
 
 
+def cat_config() -> Command:
+    # the cheapest command that needs the password: it decrypts the config
+    return (RESTIC, "cat", "config", "--no-lock")
+
+
 def version() -> Command:
     return (RESTIC, "version")

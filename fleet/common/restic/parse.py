@@ -133,6 +133,11 @@ def stats(text: str) -> dict[str, int]:
     }
 
 
+def wrong_password(stderr: str) -> bool:
+    """restic could not open the repository with the password it was given."""
+    return "wrong password or no key found" in stderr.lower()
+
+
 def already_initialized(stderr: str) -> bool:
     """`restic init` on an existing repository: the soft success of auto-init."""
     text = stderr.lower()
