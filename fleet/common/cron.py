@@ -180,6 +180,17 @@ def latest_fire(
         span *= 8
 
 
+def shortest_gap(
+    schedules: list[tuple[str, dt.tzinfo]], after: dt.datetime, count: int = 64
+) -> Optional[dt.timedelta]:
+    """The shortest time between two fires of these schedules together,
+    over each one's next `count` fires (None without a schedule): how often
+    a group they back up can get a snapshot at most."""
+    times = sorted({when for expr, tz in schedules for when in next_fires(expr, tz, after, count)})
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return min(gaps) if gaps else None
+
+
 def next_fire(expr: str, tz: dt.tzinfo, after: dt.datetime) -> dt.datetime:
     return next_fires(expr, tz, after, 1)[0]
 

@@ -1,9 +1,11 @@
-"""Retention policies: validation and restic's forget flags. Pure."""
+"""Retention policies: validation, restic's forget flags, and the buckets a
+group's schedules can never fill. Pure."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from typing import Any
+from typing import Any, Optional
 
 COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 KEYS = (*COUNTS, "keep_within")
@@ -55,3 +57,47 @@ def describe(policy: dict[str, Any]) -> str:
     if not policy:
         return "keep all"
     return ", ".join(f"{k[5:]} {policy[k]}" for k in KEYS if k in policy)
+
+
+# the span of one bucket of each keep-<period> rule; a month at its
+# shortest, so that a monthly schedule fills keep-monthly
+BUCKETS = (
+    ("keep_hourly", "hour", dt.timedelta(hours=1)),
+    ("keep_daily", "day", dt.timedelta(days=1)),
+    ("keep_weekly", "week", dt.timedelta(days=7)),
+    ("keep_monthly", "month", dt.timedelta(days=28)),
+    ("keep_yearly", "year", dt.timedelta(days=365)),
+)
+
+
+def _span(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} s"
+
+
+def unfillable(policy: dict[str, Any], gap: Optional[dt.timedelta]) -> list[str]:
+    """Warnings for the keep-<period> rules of a normalized policy that the
+    group's schedules cannot fill: `gap` is the shortest time between two of
+    their fires (None: no enabled schedule backs the group up). keep-hourly
+    24 on a daily schedule keeps 24 daily snapshots, 24 days, not a day of
+    hourly ones."""
+    if gap is None:
+        if any(key in policy for key, _, _ in BUCKETS):
+            return [
+                "no enabled schedule backs this group up: its retention applies to backups run by hand only"
+            ]
+        return []
+    out = []
+    for key, period, span in BUCKETS:
+        count = policy.get(key)
+        if count and gap > span:
+            out.append(
+                f"{key.replace('_', '-')} {count}: its schedules fire at most once every "
+                f"{_span(gap)}, so the {count} {key[5:]} snapshots it keeps span "
+                f"{_span(gap * count)} or more, not {count} {period}{'s' if count != 1 else ''}"
+            )
+    return out

@@ -69,6 +69,14 @@ def render_groups(app: App, rows: list) -> None:
         ),
         empty="no source groups: add one with 'fleetctl groups create'",
     )
+    for g in rows:
+        warn(app, g)
+
+
+def warn(app: App, g: dict) -> None:
+    """What the group's retention keeps that its schedules cannot give it, on stderr."""
+    for line in g["retention_warnings"]:
+        app.err.print(f"warning: group {g['name']}: {line}", markup=False)
 
 
 @groups.command("list")
@@ -110,6 +118,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("updated", c(g["updated_at"])),
         ],
     )
+    warn(app, g)
 
 
 @groups.command("create")
@@ -217,6 +226,7 @@ def groups_edit(
         render.emit_json(g)
         return
     app.err.print(f"updated source group {g['host']}/{g['name']}", markup=False)
+    warn(app, g)
 
 
 @groups.command("delete")

@@ -60,6 +60,14 @@ def schedules_list(app: App, host: str, as_json: bool) -> None:
         ),
         empty="no schedules: add one with 'fleetctl schedules create'",
     )
+    warn_retention(app, {g: w for s in rows for g, w in s["retention_warnings"].items()})
+
+
+def warn_retention(app: App, warnings: dict[str, list[str]]) -> None:
+    """What a group's retention keeps that its schedules cannot give it, on stderr."""
+    for group, lines in sorted(warnings.items()):
+        for line in lines:
+            app.err.print(f"warning: group {group}: {line}", markup=False)
 
 
 @schedules.command("show")
@@ -132,6 +140,7 @@ def schedules_create(
     first = s["next_fires"][0] if s["next_fires"] else None
     when = f", first at {first['local']} ({first['utc']})" if first else " (disabled)"
     app.err.print(f"created schedule {s['host']}/{s['name']}{when}", markup=False)
+    warn_retention(app, s["retention_warnings"])
 
 
 @schedules.command("edit")

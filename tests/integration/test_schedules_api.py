@@ -195,3 +195,32 @@ def test_fleetctl_schedules_end_to_end(fleet, fx, host):
     fleet.ctl("schedules", "delete", host, "n3", "--yes")
     assert fleet.ctl_json("schedules", "list", host) == []
     assert "no schedules" in fleet.ctl("schedules", "list", host).stdout
+
+
+def test_retention_a_schedule_cannot_fill_is_warned_about(fleet, fx, host):
+    fleet.rpc("groups.edit", host=host, name="etc", retention={"keep_hourly": 24, "keep_daily": 7})
+    # no schedule yet: the retention applies to backups run by hand only
+    (alone,) = fleet.rpc("groups.show", host=host, name="etc")["retention_warnings"]
+    assert alone.startswith("no enabled schedule backs this group up")
+    made = fleet.rpc(
+        "schedules.create", host=host, name="nightly", cron="0 3 * * *", groups=["etc"]
+    )
+    (hourly,) = made["retention_warnings"]["etc"]
+    assert hourly.startswith("keep-hourly 24: its schedules fire at most once every 1 day")
+    assert fleet.rpc("groups.show", host=host, name="etc")["retention_warnings"] == [hourly]
+    listed = {s["name"]: s for s in fleet.ctl_json("schedules", "list", host)}
+    assert listed["nightly"]["retention_warnings"] == {"etc": [hourly]}
+    # in the tables, on stderr
+    result = fleet.ctl("schedules", "list", host)
+    assert f"warning: group etc: {hourly}" in result.stderr.replace("\n", " ")
+    result = fleet.ctl("groups", "show", host, "etc")
+    assert "warning: group etc: keep-hourly 24" in result.stderr
+    # an hourly schedule of the group as well: every bucket can fill
+    fleet.rpc("schedules.create", host=host, name="hourly", cron="0 * * * *", groups=["etc"])
+    assert fleet.rpc("groups.show", host=host, name="etc")["retention_warnings"] == []
+    assert all(s["retention_warnings"] == {} for s in fleet.ctl_json("schedules", "list", host))
+    # disabled, it no longer counts
+    fleet.rpc("schedules.disable", host=host, name="hourly")
+    assert fleet.rpc("groups.show", host=host, name="etc")["retention_warnings"] == [hourly]
+    # a group without retention is never warned about
+    assert fleet.rpc("groups.show", host=host, name="home")["retention_warnings"] == []

@@ -1,11 +1,22 @@
-"""Tests for fleet/retention.py: validating policies, restic forget flags and
-the one-line description."""
+"""Tests for fleet/common/retention.py: validating policies, restic forget
+flags, the one-line description, and the buckets schedules cannot fill."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from fleet.common.retention import COUNTS, KEYS, RetentionError, describe, forget_args, normalize
+from fleet.common import cron
+from fleet.common.retention import (
+    COUNTS,
+    KEYS,
+    RetentionError,
+    describe,
+    forget_args,
+    normalize,
+    unfillable,
+)
 
 # --- normalize: what is accepted --------------------------------------------
 
@@ -220,3 +231,55 @@ def test_describe() -> None:
     assert describe(normalize({"keep_weekly": 4, "keep_daily": 7})) == "daily 7, weekly 4"
     assert describe({"keep_last": 3}) == "last 3"
     assert describe({"keep_within": "30d", "keep_yearly": 2}) == "yearly 2, within 30d"
+
+
+# -- the buckets a group's schedules cannot fill --------------------------------------------
+
+UTC = dt.timezone.utc
+MONDAY = dt.datetime(2026, 5, 4)
+
+
+@pytest.mark.parametrize(
+    "crons,gap",
+    [
+        (["0 3 * * *"], dt.timedelta(days=1)),
+        (["0 * * * *"], dt.timedelta(hours=1)),
+        (["0 3 * * 0"], dt.timedelta(days=7)),
+        (["0 3 1 * *"], dt.timedelta(days=28)),  # February's
+        (["*/15 9-17 * * 1-5"], dt.timedelta(minutes=15)),
+        (["0 3 * * *", "0 15 * * *"], dt.timedelta(hours=12)),  # two schedules together
+        ([], None),
+    ],
+)
+def test_shortest_gap_between_fires(crons, gap) -> None:
+    assert cron.shortest_gap([(c, UTC) for c in crons], MONDAY) == gap
+
+
+def test_keep_hourly_on_a_daily_schedule_is_warned_about() -> None:
+    policy = {"keep_hourly": 24, "keep_daily": 7, "keep_weekly": 4}
+    assert unfillable(policy, dt.timedelta(days=1)) == [
+        "keep-hourly 24: its schedules fire at most once every 1 day, so the 24 hourly "
+        "snapshots it keeps span 24 days or more, not 24 hours"
+    ]
+
+
+def test_a_weekly_schedule_cannot_fill_hourly_or_daily_but_fills_weekly_and_monthly() -> None:
+    policy = {"keep_hourly": 6, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
+    warned = unfillable(policy, dt.timedelta(days=7))
+    assert [w.split(":")[0] for w in warned] == ["keep-hourly 6", "keep-daily 7"]
+    assert "span 49 days or more, not 7 days" in warned[1]
+
+
+def test_a_monthly_schedule_fills_keep_monthly_and_yearly() -> None:
+    assert unfillable({"keep_monthly": 12, "keep_yearly": 3}, dt.timedelta(days=28)) == []
+
+
+def test_rules_without_a_period_are_never_warned_about() -> None:
+    assert unfillable({"keep_last": 3, "keep_within": "30d"}, dt.timedelta(days=30)) == []
+    assert unfillable({"keep_last": 3}, None) == []
+
+
+def test_a_group_no_schedule_backs_up_is_told_so() -> None:
+    assert unfillable({"keep_daily": 7}, None) == [
+        "no enabled schedule backs this group up: its retention applies to backups run by hand only"
+    ]

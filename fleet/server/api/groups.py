@@ -6,9 +6,9 @@ from typing import Any
 
 from ...common import retention
 from ...common.protocol import Field
-from ..scheduling.schedules import bump
+from ..scheduling.schedules import bump, retention_warnings
 from ..security.auth import Role
-from ..store.models import Schedule, ScheduleGroup, SourceGroup, utcnow
+from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
 from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
 from .errors import Conflict, Invalid
@@ -71,7 +71,8 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
 def groups_list(ctx: Context, p: dict) -> list:
     """A host's source groups, by name."""
     host = get_host(p["host"])
-    return [group_json(g) for g in host.groups.order_by(SourceGroup.name)]
+    warnings = retention_warnings(host, utcnow())
+    return [group_json(g, warnings.get(g.id, ())) for g in host.groups.order_by(SourceGroup.name)]
 
 
 @method(
@@ -82,7 +83,12 @@ def groups_list(ctx: Context, p: dict) -> list:
 )
 def groups_show(ctx: Context, p: dict) -> dict:
     """One source group of a host."""
-    return group_json(get_group(get_host(p["host"]), p["name"]))
+    return shown(get_host(p["host"]), get_group(get_host(p["host"]), p["name"]))
+
+
+def shown(host: Host, group: SourceGroup) -> dict:
+    """The group as methods return it, with its retention warnings."""
+    return group_json(group, retention_warnings(host, utcnow()).get(group.id, ()))
 
 
 @method(
@@ -102,7 +108,7 @@ def groups_create(ctx: Context, p: dict) -> dict:
     group.retention = check_retention(p.get("retention"))
     group.save()
     audit(ctx, "group.create", f"{host.name}/{name}")
-    return group_json(group)
+    return shown(host, group)
 
 
 @method(
@@ -136,7 +142,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
     changed = sorted(k for k in p if k not in ("host", "name"))
     audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed})
-    return group_json(group)
+    return shown(host, group)
 
 
 @method(

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from ...common import cron
 from ...common.protocol import Field
 from ...common.timefmt import iso
-from ..scheduling.schedules import bump, zone_of
+from ..scheduling.schedules import bump, retention_warnings, zone_of
 from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
 from .common import audit, check_name, get_group, get_host
@@ -94,7 +94,8 @@ def group_names(*schedule_ids: int) -> dict[int, list[str]]:
 
 
 def one_json(s: Schedule, host: Host, now: dt.datetime) -> dict[str, Any]:
-    return schedule_json(s, host, group_names(s.id)[s.id], now)
+    groups = group_names(s.id)[s.id]
+    return {**schedule_json(s, host, groups, now), **warnings_of(groups, group_warnings(host, now))}
 
 
 def check_free(host: Host, name: str) -> str:
@@ -138,7 +139,27 @@ def schedules_list(ctx: Context, p: dict) -> list:
     now = utcnow()
     rows = list(Schedule.select().where(Schedule.host == host).order_by(Schedule.name))
     groups = group_names(*(s.id for s in rows))
-    return [schedule_json(s, host, groups[s.id], now) for s in rows]
+    warned = group_warnings(host, now)
+    return [
+        {**schedule_json(s, host, groups[s.id], now), **warnings_of(groups[s.id], warned)}
+        for s in rows
+    ]
+
+
+def group_warnings(host: Host, now: dt.datetime) -> dict[str, list[str]]:
+    """group name -> its retention warnings (see scheduling.schedules)."""
+    by_id = retention_warnings(host, now)
+    names = dict(
+        SourceGroup.select(SourceGroup.id, SourceGroup.name)
+        .where(SourceGroup.id.in_(list(by_id)))
+        .tuples()
+    )
+    return {names[gid]: w for gid, w in by_id.items() if w}
+
+
+def warnings_of(groups: list[str], warned: dict[str, list[str]]) -> dict[str, Any]:
+    """What a schedule's groups keep that their schedules cannot give them."""
+    return {"retention_warnings": {g: warned[g] for g in groups if g in warned}}
 
 
 @method("schedules.show", Role.VIEWER, (HOST, NAME), readonly=True)
@@ -182,7 +203,8 @@ def schedules_create(ctx: Context, p: dict) -> dict:
     link(s, groups)
     bump(ctx.events, host.id)
     audit(ctx, "schedule.create", f"{host.name}/{name}", {"cron": expr})
-    return schedule_json(s, host, sorted(g.name for g in groups), now)
+    names = sorted(g.name for g in groups)
+    return {**schedule_json(s, host, names, now), **warnings_of(names, group_warnings(host, now))}
 
 
 @method(

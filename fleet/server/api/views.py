@@ -7,6 +7,7 @@ follows the group's schedule links and host).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Optional
 
 from ...common.timefmt import iso
@@ -176,8 +177,9 @@ def repo_json(host: Host, repo: Repo, box: SecretBox) -> dict:
     }
 
 
-def group_json(g: SourceGroup) -> dict:
-    """A source group; reads its schedule links (one query)."""
+def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
+    """A source group; reads its schedule links (one query). `warnings`: what
+    its retention cannot get from its schedules."""
     schedules = [link.schedule_id for link in g.schedule_links]
     return {
         "id": g.id,
@@ -191,6 +193,7 @@ def group_json(g: SourceGroup) -> dict:
         "retries": g.retries,
         "retry_delay": g.retry_delay,
         "schedules": schedules,
+        "retention_warnings": list(warnings),
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from ...common import cron, protocol
+from ...common import cron, protocol, retention
 from ...common.timefmt import iso, parse_ts
 from ..events import Event, SchedulesChanged
 from ..jobs import lifecycle
@@ -44,6 +44,28 @@ def zone_of(own: Optional[str], host_zone: Optional[str]) -> tuple[str, str, dt.
         except cron.CronError:
             pass
     return "UTC", "default", dt.timezone.utc
+
+
+def retention_warnings(host: Host, now: dt.datetime) -> dict[int, list[str]]:
+    """group id -> what its retention cannot get from its enabled schedules
+    (keep-hourly 24 on a daily schedule), for every group of the host with
+    a retention policy. Two queries."""
+    groups = {
+        g.id: g for g in SourceGroup.select().where(SourceGroup.host == host.id) if g.retention
+    }
+    crons: dict[int, list[tuple[str, dt.tzinfo]]] = {gid: [] for gid in groups}
+    links = (
+        ScheduleGroup.select(ScheduleGroup.group, Schedule.cron, Schedule.timezone)
+        .join(Schedule)
+        .where(ScheduleGroup.group.in_(list(groups)) & Schedule.enabled)
+        .tuples()
+    )
+    for group_id, expr, own_zone in links:
+        crons[group_id].append((expr, zone_of(own_zone, host.timezone)[2]))
+    return {
+        gid: retention.unfillable(groups[gid].retention, cron.shortest_gap(crons[gid], now))
+        for gid in groups
+    }
 
 
 def bump(events: list[Event], host_id: int) -> None:
