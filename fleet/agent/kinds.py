@@ -231,6 +231,14 @@ async def after_backup(job: Job, outcome: Outcome) -> None:
     job.refresh(job.log.summary)
 
 
+async def after_repository_change(job: Job, outcome: Outcome) -> None:
+    """forget and prune change what the repository holds: the snapshot list
+    is refreshed and the sizes measured again."""
+    if outcome.status in ("succeeded", "warning"):
+        job.runner.sizes.stale = True
+        job.refresh()
+
+
 # -- the table -------------------------------------------------------------------
 
 _HOOK = MAX_STR
@@ -257,8 +265,9 @@ KINDS: dict[str, Kind] = {
         (_req("tag", "str", limit=64), _req("retention", "dict"), _opt("group", "str", limit=64)),
         lambda p: commands.forget(p["tag"], p["retention"]),
         run_restic,
+        after=after_repository_change,
     ),
-    "prune": Kind((), lambda p: commands.prune(), run_restic),
+    "prune": Kind((), lambda p: commands.prune(), run_restic, after=after_repository_change),
     "check": Kind(
         (_opt("read_data_subset", "str", limit=32), _opt("args", "list[str]", limit=100)),
         _check_command,

@@ -34,6 +34,49 @@ PROGRESS_EVERY = 1.0  # seconds between job.progress frames
 # report of the backup that asked for it (timestamps have whole seconds)
 REFRESH_DELAY = 1.0
 MAX_SUMMARIES = 100  # backup summaries kept for the next refresh
+# how often the repository's sizes are measured by restic stats (which walk
+# every snapshot); in between, each backup's summary adds to the last figures
+MEASURE_EVERY = 6 * 3600.0
+
+
+class Sizes:
+    """The repository's sizes as reported to fleetd: restore size (what all
+    snapshots restore), stored data (after deduplication and compression)
+    and the snapshot count. Measured with restic stats when first asked,
+    after a forget or prune, and every MEASURE_EVERY seconds; estimated from
+    backup summaries in between, so a backup does not cost a walk of the
+    whole repository."""
+
+    def __init__(self) -> None:
+        self.figures: Optional[dict[str, int]] = None
+        self.measured_at: Optional[str] = None
+        self._measured = 0.0  # monotonic
+        self.stale = True  # a forget or prune changed what the repository holds
+
+    def due(self, now: float) -> bool:
+        return self.figures is None or self.stale or now - self._measured >= MEASURE_EVERY
+
+    def measured(self, figures: dict[str, int], now: float) -> None:
+        self.figures = dict(figures)
+        self.measured_at = now_iso()
+        self._measured = now
+        self.stale = False
+
+    def grow(self, summaries: list[dict[str, Any]]) -> None:
+        if self.figures is None:
+            return
+        for summary in summaries:
+            for key, value in parse.growth(summary).items():
+                self.figures[key] = self.figures.get(key, 0) + value
+
+    def report(self, snapshot_count: Optional[int]) -> Optional[dict[str, Any]]:
+        """repo.stats' data, or None before a first measure."""
+        if self.figures is None:
+            return None
+        out: dict[str, Any] = {**self.figures, "measured_at": self.measured_at}
+        if snapshot_count is not None:
+            out["snapshot_count"] = snapshot_count
+        return out
 
 
 def restic_env(repo: RepoConfig) -> tuple[dict[str, str], execute.Masker]:
@@ -263,6 +306,7 @@ class JobRunner:
         self.current: Optional[int] = None
         self.job: Optional[Job] = None
         self.refresher = Refresher(self, refresh_delay)
+        self.sizes = Sizes()
         self._task: Optional[asyncio.Task] = None
         self.on_idle: Callable[[], None] = lambda: None  # the scheduler's queue
 
@@ -430,8 +474,9 @@ class JobRunner:
     async def report_repository(
         self, repo: RepoConfig, summaries: Optional[list[dict[str, Any]]] = None
     ) -> None:
-        """The snapshot list and repository stats for fleetd (read without a
+        """The snapshot list and repository sizes for fleetd (read without a
         lock: a job starting meanwhile is never kept waiting by them)."""
+        count: Optional[int] = None
         result, out = await self._stdout(commands.snapshots(no_lock=True), repo)
         if result.exit_code == 0:
             try:
@@ -439,15 +484,33 @@ class JobRunner:
                 for summary in summaries or ():
                     parse.add_backup_summary(snaps, summary)
                 await self.report_snapshots(snaps)
+                count = len(snaps)
             except parse.ParseError as exc:
                 log.warning("cannot read restic snapshots output: %s", exc)
         else:
             log.warning("restic snapshots failed: %s", result.error)
-        result, out = await self._stdout(commands.stats(no_lock=True), repo)
-        if result.exit_code == 0:
-            try:
-                await self.reporter.emit("repo.stats", parse.stats("\n".join(out)))
-            except parse.ParseError as exc:
-                log.warning("cannot read restic stats output: %s", exc)
+        sizes = self.sizes
+        if sizes.due(time.monotonic()):
+            measured = await self._measure(repo)
+            if measured is not None:
+                sizes.measured(measured, time.monotonic())
         else:
-            log.warning("restic stats failed: %s", result.error)
+            sizes.grow(list(summaries or ()))
+        report = sizes.report(count)
+        if report is not None:
+            await self.reporter.emit("repo.stats", report)
+
+    async def _measure(self, repo: RepoConfig) -> Optional[dict[str, int]]:
+        """restic stats twice: restore size, then stored (raw) data."""
+        figures: dict[str, int] = {}
+        for mode, read in (("restore-size", parse.stats), ("raw-data", parse.raw_stats)):
+            result, out = await self._stdout(commands.stats(mode, no_lock=True), repo)
+            if result.exit_code != 0:
+                log.warning("restic stats --mode %s failed: %s", mode, result.error)
+                return None
+            try:
+                figures.update(read("\n".join(out)))
+            except parse.ParseError as exc:
+                log.warning("cannot read restic stats --mode %s output: %s", mode, exc)
+                return None
+        return figures

@@ -346,6 +346,9 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("file_count", "int", minimum=0),
             _opt("raw_size_bytes", "int", minimum=0),
             _opt("lock_state", "str", choices=("locked", "unlocked")),
+            # when restic stats last measured the sizes; since then each
+            # backup's summary added to them
+            _opt("measured_at", _TS),
         ),
     ),
     "repo.locks": MessageSpec("agent", (F("count", "int", minimum=0),)),

@@ -30,8 +30,16 @@ def repo_size(host: dict) -> str:
     s = host.get("repo_stats")
     if not s:
         return "-"
+    stored = ""
+    if s.get("raw_size_bytes") is not None:
+        stored = f"{render.human_bytes(s['raw_size_bytes'])} stored"
+        if s.get("dedup_ratio"):
+            stored += f" (deduplication {s['dedup_ratio']:g}x)"
+        stored += ", "
+    measured = f", measured {s['measured_at']}" if s.get("measured_at") else ""
     return render.cell(
-        f"{render.human_bytes(s['size_bytes'])} in {s['snapshot_count']} snapshot(s), as of {s['updated_at']}"
+        f"{stored}{render.human_bytes(s['size_bytes'])} to restore in "
+        f"{s['snapshot_count']} snapshot(s), as of {s['updated_at']}{measured}"
     )
 
 

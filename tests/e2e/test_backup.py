@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 
 JOB_QUEUED = re.compile(r"job (\d+) queued")
 
@@ -99,19 +98,42 @@ def test_run_now_makes_a_restic_snapshot(fleet, e2e):
     info = e2e.host_info(fleet, h.name)
     assert info["last_backup"] == {"job": job_id, "status": "succeeded", "at": job["finished_at"]}
 
-    # repository stats: no fleetctl command shows them (gap); read the store
-    def repo_stats():
-        db = sqlite3.connect(f"file:{fleet.data_dir / 'fleet.db'}?mode=ro", uri=True)
-        try:
-            return db.execute(
-                "SELECT snapshot_count, size_bytes, file_count FROM repo_stats WHERE host_id = ?",
-                (info["id"],),
-            ).fetchone()
-        finally:
-            db.close()
+    # repository sizes, as hosts show says them
+    stats = e2e.fx.wait_until(
+        lambda: e2e.host_info(fleet, h.name)["repo_stats"],
+        timeout=20,
+        interval=0.1,
+        what="the repository's sizes",
+    )
+    assert stats["snapshot_count"] == 1 and stats["file_count"] >= 2
+    assert stats["size_bytes"] == summary["total_bytes_processed"]
+    assert stats["raw_size_bytes"] > 0 and stats["measured_at"]
 
-    row = e2e.fx.wait_until(repo_stats, timeout=20, interval=0.1, what="a repo_stats row")
-    assert row[0] == 1 and row[1] > 0 and row[2] >= 2
+
+def test_sizes_tell_stored_data_from_restore_size(fleet, e2e):
+    """Three backups of the same 2 MiB: 6 MiB to restore, about 2 MiB
+    stored; measured by restic stats once, grown from the summaries after."""
+    h = e2e.host(fleet)
+    e2e.write_tree(h.src, {"blob.bin": os.urandom(2 << 20)})
+    group = e2e.group(fleet, h)
+    for n in range(1, 4):
+        code, out, err = e2e.fleetctl(fleet, "run", h.name, group, "--follow")
+        assert code == 0, f"{out}\n{err}"
+        stats = e2e.fx.wait_until(
+            lambda n=n: (
+                (s := e2e.host_info(fleet, h.name)["repo_stats"]) and s["snapshot_count"] == n and s
+            ),
+            timeout=30,
+            interval=0.1,
+            what=f"sizes after backup {n}",
+        )
+    assert stats["size_bytes"] == 3 * (2 << 20)
+    raw = json.loads(e2e.restic(h.repo, h.password, "stats", "--json", "--mode", "raw-data").stdout)
+    # the first backup's figure was measured; the next two added only what they stored
+    assert raw["total_size"] <= stats["raw_size_bytes"] < raw["total_size"] + (64 << 10)
+    assert 2.9 < stats["dedup_ratio"] < 3.1
+    out = fleet.ctl("hosts", "show", h.name).stdout
+    assert "stored (deduplication 3" in out and "6.0 MiB to restore in 3 snapshot(s)" in out
 
 
 def test_live_tail_and_stored_log_agree(fleet, e2e):

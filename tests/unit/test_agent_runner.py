@@ -21,12 +21,16 @@ case "$1" in
   snapshots)
     if [ -e "$FAKE_DIR/slow" ]; then echo $$ > "$FAKE_DIR/slow.pid"; exec sleep 30; fi
     echo '[{"id":"SNAP","short_id":"aaaaaaaa","time":"2024-01-01T00:00:00Z","hostname":"h","paths":["/src"],"tags":["g"]}]' ;;
-  stats) echo '{"total_size":10,"total_file_count":2,"snapshots_count":1}' ;;
+  stats)
+    case "$*" in
+      *raw-data*) echo '{"total_size":4,"total_file_count":0,"total_blob_count":1,"snapshots_count":1}' ;;
+      *) echo '{"total_size":10,"total_file_count":2,"snapshots_count":1}' ;;
+    esac ;;
   backup)
     echo '{"message_type":"status","percent_done":0.5,"bytes_done":5}'
     echo '{"message_type":"verbose_status","action":"new","item":"/src/a"}'
     echo '{"message_type":"status","percent_done":1,"bytes_done":10}'
-    echo '{"message_type":"summary","snapshot_id":"SNAP","total_bytes_processed":10,"total_files_processed":2}' ;;
+    echo '{"message_type":"summary","snapshot_id":"SNAP","total_bytes_processed":10,"total_files_processed":2,"data_added":3}' ;;
 esac
 """.replace("SNAP", SNAP)
 
@@ -135,7 +139,8 @@ def test_backups_in_a_row_make_one_refresh(fake):
             await wait_idle(runner)
         await runner.refresher.idle()
         assert runner.refresher.runs == 1
-        assert calls(tmp, "snapshots") == 1 and calls(tmp, "stats") == 1
+        # the first refresh measures the sizes: restore size and stored data
+        assert calls(tmp, "snapshots") == 1 and calls(tmp, "stats") == 2
         assert runner.refresher.summaries == []
 
     asyncio.run(main())
@@ -173,3 +178,41 @@ def test_a_job_kills_a_running_refresh_which_runs_again_after_it(fake):
     # the pre-empted refresh reported nothing; the retried one reported once
     assert types.count("repo.stats") == 1
     assert types.index("repo.stats") > [i for i, t in enumerate(types) if t == "job.finished"][-1]
+
+
+def test_sizes_are_measured_once_then_grown_from_summaries_until_a_prune(fake):
+    """restic stats walks every snapshot: it runs on the first refresh and
+    after a forget or prune, not after every backup; in between each
+    backup's summary adds to the figures."""
+    tmp, state, restic = fake
+    rec = Recorder()
+
+    def stats_reports() -> list[dict]:
+        return [d for t, d in rec.events if t == "repo.stats"]
+
+    async def main():
+        runner = JobRunner(state, rec, restic, refresh_delay=0)
+        runner.submit(backup(1))
+        await wait_idle(runner)
+        await runner.refresher.idle()
+        first = stats_reports()[-1]
+        assert (first["size_bytes"], first["raw_size_bytes"], first["snapshot_count"]) == (
+            10,
+            4,
+            1,
+        )
+        assert calls(tmp, "stats") == 2
+        runner.submit(backup(2))
+        await wait_idle(runner)
+        await runner.refresher.idle()
+        grown = stats_reports()[-1]
+        assert calls(tmp, "stats") == 2  # no walk of the repository for a backup
+        assert (grown["size_bytes"], grown["raw_size_bytes"], grown["file_count"]) == (20, 7, 4)
+        assert grown["measured_at"] == first["measured_at"]
+        runner.submit({"job_id": 3, "kind": "prune"})
+        await wait_idle(runner)
+        await runner.refresher.idle()
+        assert calls(tmp, "stats") == 4  # a prune changed what is stored: measured again
+        assert stats_reports()[-1]["raw_size_bytes"] == 4
+
+    asyncio.run(main())

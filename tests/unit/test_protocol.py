@@ -152,7 +152,7 @@ WIRE_FIELDS = {
     "repo.stats": (
         "agent",
         ("size_bytes", "snapshot_count"),
-        ("file_count", "raw_size_bytes", "lock_state"),
+        ("file_count", "raw_size_bytes", "lock_state", "measured_at"),
     ),
     "repo.locks": ("agent", ("count",), ()),
     "ack": ("server", ("seq",), ()),
@@ -448,12 +448,13 @@ EXAMPLES = {
             "file_count": 1234,
             "raw_size_bytes": 2097152,
             "lock_state": "unlocked",
+            "measured_at": "2024-05-02T03:00:00Z",
         },
         "st1",
         6,
         '{"v":1,"type":"repo.stats","id":"st1","seq":6,"data":{"size_bytes":1048576,'
         '"snapshot_count":7,"file_count":1234,"raw_size_bytes":2097152,'
-        '"lock_state":"unlocked"}}',
+        '"lock_state":"unlocked","measured_at":"2024-05-02T03:00:00Z"}}',
     ),
     "repo.locks": (
         {"count": 1},

@@ -74,7 +74,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -86,10 +86,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             ),
             (5, "schedules: a name per host and a time zone"),
             (6, "jobs an agent ran on its own: the agent's id for them"),
+            (7, "repository sizes: when restic stats last measured them"),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 6
+        assert current_version(database) == MIGRATIONS[-1][0] == 7
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -109,6 +110,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         ),
         (5, "schedules: a name per host and a time zone"),
         (6, "jobs an agent ran on its own: the agent's id for them"),
+        (7, "repository sizes: when restic stats last measured them"),
     ]
     assert m.Host.select().count() == 0
 
@@ -537,7 +539,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7]
     finally:
         database.close()
 

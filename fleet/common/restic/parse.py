@@ -138,6 +138,34 @@ def wrong_password(stderr: str) -> bool:
     return "wrong password or no key found" in stderr.lower()
 
 
+def raw_stats(text: str) -> dict[str, int]:
+    """`restic stats --json --mode raw-data` -> {raw_size_bytes, snapshot_count}:
+    what the repository stores after deduplication (and compression, from
+    restic 0.14 on a version 2 repository). Raises ParseError."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ParseError(f"stats output is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "total_size" not in doc:
+        raise ParseError("stats output has no total_size")
+    return {
+        "raw_size_bytes": _int(doc, "total_size"),
+        "snapshot_count": _int(doc, "snapshots_count"),
+    }
+
+
+def growth(summary: dict[str, Any]) -> dict[str, int]:
+    """What one backup adds to the repository's sizes, from its summary:
+    restore size (what the new snapshot restores) and stored data (what it
+    added after deduplication; packed, when restic 0.17 and later say)."""
+    added = "data_added_packed" if "data_added_packed" in summary else "data_added"
+    return {
+        "size_bytes": _int(summary, "total_bytes_processed"),
+        "file_count": _int(summary, "total_files_processed"),
+        "raw_size_bytes": _int(summary, added),
+    }
+
+
 def already_initialized(stderr: str) -> bool:
     """`restic init` on an existing repository: the soft success of auto-init."""
     text = stderr.lower()

@@ -234,7 +234,10 @@ def _locks(a: _Apply, data: dict) -> None:
 
 
 def _stats(a: _Apply, data: dict) -> None:
-    RepoStats.insert(host=a.host.id, updated_at=utcnow(), **data).on_conflict(
+    values = dict(data)
+    if "measured_at" in values:
+        values["measured_at"] = parse_ts(values["measured_at"])
+    RepoStats.insert(host=a.host.id, updated_at=utcnow(), **values).on_conflict(
         conflict_target=[RepoStats.host],
         preserve=[
             RepoStats.size_bytes,
@@ -243,6 +246,7 @@ def _stats(a: _Apply, data: dict) -> None:
             RepoStats.raw_size_bytes,
             RepoStats.lock_state,
             RepoStats.updated_at,
+            RepoStats.measured_at,
         ],
     ).execute()
 

@@ -129,6 +129,11 @@ def listed_host(
     }
 
 
+def dedup_ratio(restore: int, raw: Optional[int]) -> Optional[float]:
+    """How many bytes restored per byte stored (2.0: half the space)."""
+    return round(restore / raw, 2) if raw else None
+
+
 def host_detail_json(
     h: Host,
     backup: Optional[Job],
@@ -142,9 +147,14 @@ def host_detail_json(
         None
         if stats is None
         else {
+            # what all snapshots restore, summed (restic's restore-size)
             "size_bytes": stats.size_bytes,
+            # what the repository stores: after deduplication and compression
+            "raw_size_bytes": stats.raw_size_bytes,
+            "dedup_ratio": dedup_ratio(stats.size_bytes, stats.raw_size_bytes),
             "snapshot_count": stats.snapshot_count,
             "file_count": stats.file_count,
+            "measured_at": iso(stats.measured_at),
             "updated_at": iso(stats.updated_at),
         }
     )

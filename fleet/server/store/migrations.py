@@ -106,6 +106,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE UNIQUE INDEX "job_host_id_agent_job" ON "job" ("host_id", "agent_job")',
         ],
     ),
+    (
+        7,
+        "repository sizes: when restic stats last measured them",
+        ['ALTER TABLE "repo_stats" ADD COLUMN "measured_at" DATETIME'],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -222,6 +222,9 @@ class RepoStats(Base):
     file_count = pw.BigIntegerField(null=True)
     lock_state = pw.TextField(null=True)
     updated_at = pw.DateTimeField(default=utcnow)
+    # sizes are measured by restic stats now and then, and grown from each
+    # backup's summary in between (see the agent's runner.Sizes)
+    measured_at = pw.DateTimeField(null=True)
 
 
 class AuditLog(Base):
