@@ -46,3 +46,43 @@ def test_other_failures_are_not_a_wrong_password(stderr: str) -> None:
 )
 def test_already_initialized(stderr: str, expected: bool) -> None:
     assert parse.already_initialized(stderr) is expected
+
+
+RAW_014 = '{"total_size":300575,"total_file_count":0,"total_blob_count":3,"snapshots_count":2}'
+RAW_017 = (
+    '{"total_size":1048576,"total_uncompressed_size":3145728,"compression_ratio":3,'
+    '"compression_progress":100,"compression_space_saving":66.67,"total_blob_count":12,'
+    '"snapshots_count":4}'
+)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (RAW_014, {"raw_size_bytes": 300575, "snapshot_count": 2}),
+        (RAW_017, {"raw_size_bytes": 1048576, "snapshot_count": 4}),
+    ],
+)
+def test_raw_stats_of_restic_0_14_and_0_17(text: str, expected: dict) -> None:
+    assert parse.raw_stats(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[]", '{"snapshots_count": 1}'])
+def test_raw_stats_refuses_what_is_not_a_raw_data_report(text: str) -> None:
+    with pytest.raises(parse.ParseError):
+        parse.raw_stats(text)
+
+
+def test_growth_of_a_backup_from_its_summary() -> None:
+    # restic 0.14: no packed size
+    summary_014 = {
+        "message_type": "summary",
+        "total_bytes_processed": 1000,
+        "total_files_processed": 3,
+        "data_added": 400,
+    }
+    assert parse.growth(summary_014) == {"size_bytes": 1000, "file_count": 3, "raw_size_bytes": 400}
+    # restic 0.17+: what was stored after compression
+    summary_017 = {**summary_014, "data_added_packed": 150}
+    assert parse.growth(summary_017)["raw_size_bytes"] == 150
+    assert parse.growth({}) == {"size_bytes": 0, "file_count": 0, "raw_size_bytes": 0}
