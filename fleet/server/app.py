@@ -48,6 +48,7 @@ from .clock import Clock
 from .events import Bus, CredentialsChanged, HostOffline, JobQueued
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
+from .scheduling.history import FIRST_DELAY, HistoryPruning, Policy
 from .scheduling.ticker import Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
@@ -71,6 +72,9 @@ class ServeConfig:
     public_url: Optional[str] = None
     heartbeat_interval: int = 30
     lost_after: int = 3600  # a running job of a host offline this long is lost
+    history_days: int = 90  # ended jobs older than this are pruned; 0: kept for ever
+    history_keep: int = 10  # ended jobs kept per host, group and kind, whatever their age
+    history_delay: float = FIRST_DELAY  # seconds from start to the first pruning
     open_timeout: float = 10.0  # TCP accepted -> WebSocket handshake done
     enroll_timeout: float = 10.0  # /enroll: the enroll frame must arrive within this
     login_idle_timeout: float = 30.0  # /login: closed after this long without a frame
@@ -502,6 +506,12 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             Retries(agents.lifecycle, agents.dispatcher),
             LostJobs(agents.lifecycle, config.lost_after, clock.now(), agents.connected),
             HeapKeeper(clock.now()),
+            HistoryPruning(
+                store,
+                Policy(config.history_days, config.history_keep),
+                clock.now(),
+                config.history_delay,
+            ),
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time

@@ -137,6 +137,22 @@ def init(data_dir: Path, admin_name: str) -> None:
     show_default=True,
     help="Seconds a host may stay offline during a running job before the job counts as lost.",
 )
+@click.option(
+    "--history-days",
+    type=click.IntRange(min=0, max=36500),
+    default=90,
+    show_default=True,
+    help="Days an ended job and its log are kept; 0 keeps them for ever.",
+)
+# at least 1: auto-init and `hosts list` go by the newest job of a kind
+@click.option(
+    "--history-keep",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Ended jobs of each host, source group and kind kept whatever their age "
+    "(the newest failure of each is kept too).",
+)
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
 @click.option(
     "--log-level",
@@ -149,6 +165,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), hidden=True)
 @click.option("--max-connections", type=click.IntRange(min=1), hidden=True)
 @click.option("--per-address-limit", type=click.IntRange(min=1), hidden=True)
+@click.option("--history-delay", type=click.FloatRange(min=0), hidden=True)
 def serve(
     data_dir: Path,
     listen: str,
@@ -157,11 +174,14 @@ def serve(
     public_url,
     heartbeat_interval: int,
     lost_after: int,
+    history_days: int,
+    history_keep: int,
     insecure: bool,
     log_level: str,
     idle_timeout: float | None = None,
     max_connections: int | None = None,
     per_address_limit: int | None = None,
+    history_delay: float | None = None,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -193,6 +213,9 @@ def serve(
         config.open_timeout = min(config.open_timeout, idle_timeout)
     config.max_connections = max_connections
     config.unauth_per_address = per_address_limit or config.unauth_per_address
+    config.history_days, config.history_keep = history_days, history_keep
+    if history_delay is not None:
+        config.history_delay = history_delay
     # not asyncio.run: at the end it would cancel and unwind every connection
     # handler (seconds, for 10,000), after the store is closed and the
     # sockets told 1001 anyway
