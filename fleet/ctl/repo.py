@@ -83,7 +83,10 @@ def repo_set(
     if as_json:
         render.emit_json(result)
         return
-    app.err.print(f"repository of {result['host']} set to {result['url']}", markup=False)
+    app.err.print(
+        f"repository of {result['host']} set to {result['url']} (repository {result['name']})",
+        markup=False,
+    )
 
 
 @repo.command("show")
@@ -101,6 +104,7 @@ def repo_show(app: App, host: str, as_json: bool) -> None:
         app.out,
         [
             ("host", render.cell(r["host"])),
+            ("repository", render.cell(r["name"])),
             ("url", render.cell(r["url"])),
             ("password", render.cell(r["password"])),
             ("environment", render.cell(env)),

@@ -16,7 +16,7 @@ import pytest
 from fleet.server.events import Bus, JobDispatched, JobEnded, JobQueued, JobStarted
 from fleet.server.jobs import lifecycle
 from fleet.server.store.db import Store, open_database
-from fleet.server.store.models import Host, Job, Repo, SourceGroup, utcnow
+from fleet.server.store.models import Host, HostRepository, Job, Repository, SourceGroup, utcnow
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0)
 
@@ -62,9 +62,16 @@ def claim(host: Host, now: dt.datetime = NOW) -> tuple[Job | None, list]:
 
 
 def set_repo(host: Host, updated_at: dt.datetime) -> None:
-    Repo.insert(
-        host=host.id, url_enc=b"url", password_enc=b"pw", env_names=[], updated_at=updated_at
-    ).on_conflict(conflict_target=[Repo.host], preserve=[Repo.updated_at]).execute()
+    """The host's repository, changed at `updated_at` (and taken then)."""
+    repo, _ = Repository.get_or_create(
+        name=f"{host.name}-repo",
+        defaults={"url_enc": b"url", "password_enc": b"pw", "env_names": [], "aad": "x"},
+    )
+    Repository.update(updated_at=updated_at).where(Repository.id == repo.id).execute()
+    HostRepository.insert(host=host.id, repository=repo.id, attached_at=updated_at).on_conflict(
+        conflict_target=[HostRepository.host, HostRepository.repository],
+        preserve=[HostRepository.attached_at],
+    ).execute()
 
 
 # -- create ----------------------------------------------------------------

@@ -23,6 +23,9 @@ from fleet.server.store.db import Store, open_database
 from fleet.server.store.migrations import MIGRATIONS, current_version, migrate
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
+REPOSITORIES = (
+    "repositories are named objects hosts share; each host's own becomes one named after it"
+)
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -87,10 +90,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (5, "schedules: a name per host and a time zone"),
             (6, "jobs an agent ran on its own: the agent's id for them"),
             (7, "repository sizes: when restic stats last measured them"),
+            (8, REPOSITORIES),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 7
+        assert current_version(database) == MIGRATIONS[-1][0] == 8
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -111,6 +115,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (5, "schedules: a name per host and a time zone"),
         (6, "jobs an agent ran on its own: the agent's id for them"),
         (7, "repository sizes: when restic stats last measured them"),
+        (8, REPOSITORIES),
     ]
     assert m.Host.select().count() == 0
 
@@ -236,7 +241,10 @@ def test_pragmas_in_force_after_open(database: pw.SqliteDatabase) -> None:
 def populate_host(name: str) -> m.Host:
     host = make_host(name)
     user = m.User.get_or_create(name="op", defaults={"password_hash": "x", "role": "operator"})[0]
-    m.Repo.create(host=host, url_enc=b"u", password_enc=b"p", env_names=["AWS_KEY"])
+    repo = m.Repository.create(
+        name=f"{name}-repo", url_enc=b"u", password_enc=b"p", env_names=["AWS_KEY"], aad="x"
+    )
+    m.HostRepository.create(host=host, repository=repo)
     g1 = m.SourceGroup.create(host=host, name="etc", includes=["/etc"])
     g2 = m.SourceGroup.create(host=host, name="home", includes=["/home"])
     sched = m.Schedule.create(host=host, cron="0 3 * * *")
@@ -261,7 +269,7 @@ def populate_host(name: str) -> m.Host:
 
 
 HOST_OWNED = [
-    m.Repo,
+    m.HostRepository,
     m.SourceGroup,
     m.Schedule,
     m.ScheduleGroup,
@@ -285,7 +293,8 @@ def test_deleting_a_host_cascades_to_everything_it_owns(database: pw.SqliteDatab
 
     kept = m.Host.get(m.Host.name == "kept")
     assert [h.name for h in m.Host.select()] == ["kept"]
-    assert count(m.Repo) == 1 and m.Repo.get().host_id == kept.id
+    assert count(m.HostRepository) == 1 and m.HostRepository.get().host_id == kept.id
+    assert count(m.Repository) == 2  # repositories are shared objects: they stay
     assert {g.host_id for g in m.SourceGroup.select()} == {kept.id}
     assert count(m.SourceGroup) == 2
     assert {s.host_id for s in m.Schedule.select()} == {kept.id}
@@ -539,7 +548,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8]
     finally:
         database.close()
 
@@ -765,3 +774,64 @@ def test_store_read_runs_beside_the_writer_on_its_own_read_only_connection(db_pa
             await store.read(lambda: None)
 
     asyncio.run(main())
+
+
+def test_migration_8_makes_each_hosts_repository_a_named_one_its_secrets_intact(
+    db_path: Path,
+) -> None:
+    """A database at version 7: each host's own repository becomes one named
+    after the host, the host's first; its ciphertexts still open, bound to
+    what they were bound to."""
+    from fleet.server.security.secrets import KEY_BYTES, SecretBox, repository_aad
+
+    box = SecretBox(bytes(range(KEY_BYTES)))
+    raw = sqlite3.connect(db_path)
+    raw.execute(
+        'CREATE TABLE "schema_version" ("version" INTEGER NOT NULL PRIMARY KEY, '
+        '"name" TEXT NOT NULL, "applied_at" DATETIME NOT NULL)'
+    )
+    for version, name, statements in MIGRATIONS[:7]:
+        for sql in statements:
+            raw.execute(sql)
+        raw.execute(
+            "INSERT INTO schema_version VALUES (?, ?, '2026-01-01 00:00:00')", (version, name)
+        )
+    for host_id, name in ((1, "web1"), (2, "db1"), (3, "bare")):
+        raw.execute(
+            "INSERT INTO host (id, name, created_at, online, schedule_version, "
+            "applied_schedule_version, last_seq) VALUES (?, ?, '2026-01-01 00:00:00', 0, 0, 0, 0)",
+            (host_id, name),
+        )
+    for host_id in (1, 2):  # the old binding: repo:<host id>:<field>
+        raw.execute(
+            "INSERT INTO repo (host_id, url_enc, password_enc, env_names, env_enc, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, '2026-02-01 00:00:00')",
+            (
+                host_id,
+                box.encrypt(f"/srv/restic/{host_id}", f"repo:{host_id}:url"),
+                box.encrypt(f"pw-{host_id}", f"repo:{host_id}:password"),
+                '["AWS_KEY"]' if host_id == 1 else "[]",
+                box.encrypt('{"AWS_KEY": "k1"}', "repo:1:env") if host_id == 1 else None,
+            ),
+        )
+    raw.commit()
+    raw.close()
+    database = open_database(db_path)
+    try:
+        assert current_version(database) == 8
+        assert not database.table_exists("repo")
+        by_name = {r.name: r for r in m.Repository.select()}
+        assert set(by_name) == {"web1", "db1"}
+        web = by_name["web1"]
+        assert web.aad == "repo:1" and web.env_names == ["AWS_KEY"]
+        assert box.decrypt(bytes(web.url_enc), repository_aad(web.aad, "url")) == "/srv/restic/1"
+        assert box.decrypt(bytes(web.password_enc), repository_aad(web.aad, "password")) == "pw-1"
+        env = box.decrypt(bytes(web.env_enc), repository_aad(web.aad, "env"))
+        assert env == '{"AWS_KEY": "k1"}'
+        links = {(h.host.name, h.repository.name, h.position) for h in m.HostRepository.select()}
+        assert links == {("web1", "web1", 0), ("db1", "db1", 0)}
+        assert m.HostRepository.get(m.HostRepository.host == 1).attached_at == dt.datetime(
+            2026, 2, 1
+        )
+    finally:
+        database.close()

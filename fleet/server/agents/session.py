@@ -37,7 +37,7 @@ from ..events import (
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
 from ..scheduling import schedules
-from ..security.secrets import SecretBox, repo_aad
+from ..security.secrets import SecretBox, repository_aad
 from ..store.db import Store, StoreClosed
 from ..store.models import Host, utcnow
 from ..store.queries import hot
@@ -130,13 +130,13 @@ def repo_config(host_id: int, box: SecretBox) -> Optional[dict]:
     row = hot.repo_secrets(host_id)
     if row is None:
         return None
-    url_enc, password_enc, env_enc = row
+    url_enc, password_enc, env_enc, aad = row
     env = {}
     if env_enc:
-        env = json.loads(box.decrypt(bytes(env_enc), repo_aad(host_id, "env")))
+        env = json.loads(box.decrypt(bytes(env_enc), repository_aad(aad, "env")))
     return {
-        "repo_url": box.decrypt(bytes(url_enc), repo_aad(host_id, "url")),
-        "repo_password": box.decrypt(bytes(password_enc), repo_aad(host_id, "password")),
+        "repo_url": box.decrypt(bytes(url_enc), repository_aad(aad, "url")),
+        "repo_password": box.decrypt(bytes(password_enc), repository_aad(aad, "password")),
         "repo_env": env,
     }
 

@@ -10,11 +10,12 @@ import peewee as pw
 from ...common.protocol import Encoded, Field
 from ..events import HostRemoved
 from ..security.auth import Role
-from ..store.models import Host, Job, Repo, RepoStats, SourceGroup
+from ..store.models import Host, Job, RepoStats, SourceGroup
 from ..store.queries import listing
 from .common import at_most, audit, get_host
 from .context import Context
 from .registry import Method, collect
+from .repos import default_of
 from .views import host_detail_json, host_row_json
 
 METHODS: list[Method] = []
@@ -84,7 +85,7 @@ def hosts_show(ctx: Context, p: dict) -> dict:
     return host_detail_json(
         h,
         last_job(h, "backup"),
-        Repo.get_or_none(Repo.host == h),
+        default_of(h),
         RepoStats.get_or_none(RepoStats.host == h),
         [g.name for g in h.groups.order_by(SourceGroup.name)],
     )
@@ -94,7 +95,9 @@ def hosts_show(ctx: Context, p: dict) -> dict:
 def hosts_remove(ctx: Context, p: dict) -> dict:
     """Remove a host and everything of it; its agent is disconnected."""
     host = get_host(p["host"])
-    host.delete_instance()  # cascades: repo, groups, schedules, jobs, logs, snapshots
+    # cascades: its use of repositories (which stay), groups, schedules, jobs,
+    # logs, snapshots
+    host.delete_instance()
     audit(ctx, "host.remove", host.name)
     ctx.events.append(HostRemoved(host.id))  # its agent's link closes, its tails end
     return {"removed": host.name}

@@ -1,20 +1,29 @@
-"""A host's restic repository: set and show (secrets never leave redacted)."""
+"""Repositories: named restic repositories that hosts use and share.
+
+A repository's URL, password and backend environment are stored encrypted
+(bound to the repository's row) and never leave fleetd but to the agents of
+the hosts that use it. A host uses one repository today, its default (the
+first): `repos use` and `repo set` make it so. `repo set HOST` (the per-host
+form of the first releases) keeps working: it writes the repository named
+after the host.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any, Optional
 
 from ...common.protocol import Field
 from ..events import RepoChanged
 from ..security.auth import Role
-from ..security.secrets import repo_aad
-from ..store.models import Repo, utcnow
-from .common import audit, get_host
+from ..security.secrets import SecretBox, repository_aad
+from ..store.models import Host, HostRepository, Repository, utcnow
+from .common import audit, check_name, get_host
 from .context import Context
-from .errors import Invalid, NotFound
+from .errors import Conflict, Invalid, NotFound
 from .registry import Method, collect
-from .views import redact_url, repo_json
+from .views import redact_url, repository_json
 
 METHODS: list[Method] = []
 method = collect(METHODS)
@@ -22,6 +31,13 @@ method = collect(METHODS)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # restic backends: a local path, or one of these prefixes
 REPO_SCHEMES = ("sftp:", "rest:", "s3:", "b2:", "azure:", "gs:", "swift:", "rclone:")
+
+NAME = Field("name", "str", limit=64)
+SECRETS = (
+    Field("url", "str", limit=2048),
+    Field("password", "str", limit=4096),
+    Field("env", "dict[str,str]", False, limit=100),
+)
 
 
 def check_repo_url(url: str) -> str:
@@ -36,49 +52,261 @@ def check_repo_url(url: str) -> str:
     return url
 
 
-@method(
-    "repo.set",
-    Role.OPERATOR,
-    (
-        Field("host", "str", limit=64),
-        Field("url", "str", limit=2048),
-        Field("password", "str", limit=4096),
-        Field("env", "dict[str,str]", False, limit=100),
-    ),
-)
-def repo_set(ctx: Context, p: dict) -> dict:
-    """Set a host's repository (URL, password, backend environment), stored
-    encrypted and pushed to its agent; a new repository is initialised."""
-    host = get_host(p["host"])
-    url = check_repo_url(p["url"])
-    if not p["password"]:
-        raise Invalid("the repository password is empty")
-    env = p.get("env") or {}
+def check_env(env: dict[str, str]) -> dict[str, str]:
     for key in env:
         if not ENV_NAME_RE.match(key):
             raise Invalid(f"{key!r} is not an environment variable name")
-    box = ctx.state.box
-    Repo.insert(
-        host=host,
-        url_enc=box.encrypt(url, repo_aad(host.id, "url")),
-        password_enc=box.encrypt(p["password"], repo_aad(host.id, "password")),
-        env_names=sorted(env),
-        env_enc=box.encrypt(json.dumps(env), repo_aad(host.id, "env")) if env else None,
-        updated_at=utcnow(),
-    ).on_conflict(
-        conflict_target=[Repo.host],
-        preserve=[Repo.url_enc, Repo.password_enc, Repo.env_names, Repo.env_enc, Repo.updated_at],
-    ).execute()
-    audit(ctx, "repo.set", host.name, {"url": redact_url(url), "env": sorted(env)})
+    return env
+
+
+def check_password(password: str) -> str:
+    if not password:
+        raise Invalid("the repository password is empty")
+    return password
+
+
+def write_secrets(
+    box: SecretBox, repo: Repository, url: str, password: str, env: dict[str, str]
+) -> None:
+    """Encrypt into the row, bound to it ("repository:<id>"): a repository
+    migrated from a host's own is re-bound on its first write."""
+    repo.aad = f"repository:{repo.id}"
+    repo.url_enc = box.encrypt(url, repository_aad(repo.aad, "url"))
+    repo.password_enc = box.encrypt(password, repository_aad(repo.aad, "password"))
+    repo.env_names = sorted(env)
+    repo.env_enc = box.encrypt(json.dumps(env), repository_aad(repo.aad, "env")) if env else None
+    repo.updated_at = utcnow()
+    repo.save()
+
+
+def read_secrets(box: SecretBox, repo: Repository) -> tuple[str, str, dict[str, str]]:
+    url = box.decrypt(bytes(repo.url_enc), repository_aad(repo.aad, "url"))
+    password = box.decrypt(bytes(repo.password_enc), repository_aad(repo.aad, "password"))
+    env = {}
+    if repo.env_enc:
+        env = json.loads(box.decrypt(bytes(repo.env_enc), repository_aad(repo.aad, "env")))
+    return url, password, env
+
+
+def create(box: SecretBox, name: str, url: str, password: str, env: dict[str, str]) -> Repository:
+    now = utcnow()
+    # a row first (its id is what the secrets are bound to), then the secrets
+    repo = Repository.create(
+        name=name, url_enc=b"", password_enc=b"", aad="", created_at=now, updated_at=now
+    )
+    write_secrets(box, repo, url, password, env)
+    return repo
+
+
+def get_repository(name: str) -> Repository:
+    repo = Repository.get_or_none(Repository.name == name)
+    if repo is None:
+        raise NotFound(f"no repository named {name!r}")
+    return repo
+
+
+def default_of(host: Host) -> Optional[Repository]:
+    """The host's default repository (its first), or None."""
+    return (
+        Repository.select()
+        .join(HostRepository)
+        .where(HostRepository.host == host)
+        .order_by(HostRepository.position, HostRepository.attached_at)
+        .first()
+    )
+
+
+def users_of(repo: Repository) -> list[str]:
+    """The names of the hosts that use the repository."""
+    return [
+        name
+        for (name,) in Host.select(Host.name)
+        .join(HostRepository)
+        .where(HostRepository.repository == repo)
+        .order_by(Host.name)
+        .tuples()
+    ]
+
+
+def changed(ctx: Context, repo: Repository) -> None:
+    """Its agents get the new settings once committed (and init runs again)."""
+    for (host_id,) in (
+        HostRepository.select(HostRepository.host).where(HostRepository.repository == repo).tuples()
+    ):
+        ctx.events.append(RepoChanged(host_id))
+
+
+def use(ctx: Context, host: Host, repo: Repository) -> bool:
+    """Make `repo` the host's repository; False when it already was."""
+    current = default_of(host)
+    if current is not None and current.id == repo.id:
+        return False
+    HostRepository.delete().where(HostRepository.host == host).execute()
+    HostRepository.create(host=host, repository=repo, position=0, attached_at=utcnow())
     ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
-    return repo_json(host, Repo.get_by_id(host.id), box)
+    return True
+
+
+def shown(ctx: Context, repo: Repository) -> dict[str, Any]:
+    return repository_json(repo, ctx.state.box, users_of(repo))
+
+
+# -- named repositories ----------------------------------------------------------
+
+
+@method("repos.create", Role.OPERATOR, (NAME, *SECRETS))
+def repos_create(ctx: Context, p: dict) -> dict:
+    """Create a named repository (URL, password, backend environment),
+    stored encrypted; hosts use it with `repos use`."""
+    name = check_name("repository", p["name"])
+    if Repository.get_or_none(Repository.name == name) is not None:
+        raise Conflict(f"a repository named {name!r} exists already")
+    url = check_repo_url(p["url"])
+    env = check_env(p.get("env") or {})
+    repo = create(ctx.state.box, name, url, check_password(p["password"]), env)
+    audit(ctx, "repos.create", name, {"url": redact_url(url), "env": sorted(env)})
+    return shown(ctx, repo)
+
+
+@method("repos.list", Role.VIEWER, (), readonly=True)
+def repos_list(ctx: Context, p: dict) -> list:
+    """Every repository by name, secrets redacted, with the hosts using it."""
+    repos = list(Repository.select().order_by(Repository.name))
+    hosts: dict[int, list[str]] = {r.id: [] for r in repos}
+    for repo_id, name in (
+        HostRepository.select(HostRepository.repository, Host.name)
+        .join(Host)
+        .order_by(Host.name)
+        .tuples()
+    ):
+        hosts[repo_id].append(name)
+    return [repository_json(r, ctx.state.box, hosts[r.id]) for r in repos]
+
+
+@method("repos.show", Role.VIEWER, (NAME,), readonly=True)
+def repos_show(ctx: Context, p: dict) -> dict:
+    """One repository, secrets redacted."""
+    return shown(ctx, get_repository(p["name"]))
+
+
+@method(
+    "repos.edit",
+    Role.OPERATOR,
+    (
+        NAME,
+        Field("new_name", "str", False, limit=64),
+        Field("url", "str", False, limit=2048),
+        Field("password", "str", False, limit=4096),
+        Field("env", "dict[str,str]", False, limit=100),
+        Field("clear_env", "bool", False),
+    ),
+)
+def repos_edit(ctx: Context, p: dict) -> dict:
+    """Change a repository: the fields given; its hosts' agents get the new
+    settings and check them with an init."""
+    repo = get_repository(p["name"])
+    if p.get("new_name") and p["new_name"] != repo.name:
+        new = check_name("repository", p["new_name"])
+        if Repository.get_or_none(Repository.name == new) is not None:
+            raise Conflict(f"a repository named {new!r} exists already")
+        repo.name = new
+    url, password, env = read_secrets(ctx.state.box, repo)
+    secrets = any(k in p for k in ("url", "password", "env")) or p.get("clear_env")
+    if "url" in p:
+        url = check_repo_url(p["url"])
+    if "password" in p:
+        password = check_password(p["password"])
+    if p.get("clear_env"):
+        env = {}
+    if "env" in p:
+        env = {**env, **check_env(p["env"])}
+    if secrets:
+        write_secrets(ctx.state.box, repo, url, password, env)
+        changed(ctx, repo)
+    else:
+        repo.save()
+    detail = {"changed": sorted(k for k in p if k != "name"), "url": redact_url(url)}
+    audit(ctx, "repos.edit", repo.name, detail)
+    return shown(ctx, repo)
+
+
+@method("repos.delete", Role.OPERATOR, (NAME,))
+def repos_delete(ctx: Context, p: dict) -> dict:
+    """Forget a repository (restic's data is not touched); refused while a
+    host uses it."""
+    repo = get_repository(p["name"])
+    users = users_of(repo)
+    if users:
+        raise Conflict(
+            f"repository {repo.name!r} is used by {', '.join(users)}: "
+            "give them another with 'fleetctl repos use' first"
+        )
+    repo.delete_instance()
+    audit(ctx, "repos.delete", repo.name)
+    return {"removed": repo.name}
+
+
+@method(
+    "repos.use",
+    Role.OPERATOR,
+    (NAME, Field("hosts", "list[str]", limit=1000)),
+)
+def repos_use(ctx: Context, p: dict) -> dict:
+    """These hosts back up into the repository from now on (it becomes each
+    one's repository; their agents get it and check it with an init)."""
+    repo = get_repository(p["name"])
+    if not p["hosts"]:
+        raise Invalid("name at least one host")
+    hosts = [get_host(name) for name in dict.fromkeys(p["hosts"])]
+    moved = [h.name for h in hosts if use(ctx, h, repo)]
+    if moved:
+        audit(ctx, "repos.use", repo.name, {"hosts": moved})
+    return {**shown(ctx, repo), "changed": moved}
+
+
+# -- a host's repository (the per-host form) ---------------------------------------
+
+
+@method(
+    "repo.set",
+    Role.OPERATOR,
+    (Field("host", "str", limit=64), *SECRETS),
+)
+def repo_set(ctx: Context, p: dict) -> dict:
+    """Set a host's repository (URL, password, backend environment): the
+    repository named after the host, created or changed, becomes its own.
+    One that other hosts share is left alone: a new one is made."""
+    host = get_host(p["host"])
+    url = check_repo_url(p["url"])
+    password = check_password(p["password"])
+    env = check_env(p.get("env") or {})
+    box = ctx.state.box
+    repo = Repository.get_or_none(Repository.name == host.name)
+    if repo is not None and any(user != host.name for user in users_of(repo)):
+        repo = None  # shared under the host's name: not this command's to change
+    if repo is None:
+        name = host.name
+        n = 1
+        while Repository.get_or_none(Repository.name == name) is not None:
+            n += 1
+            name = f"{host.name}-{n}"
+        repo = create(box, name, url, password, env)
+    else:
+        write_secrets(box, repo, url, password, env)
+        changed(ctx, repo)
+    use(ctx, host, repo)
+    audit(ctx, "repo.set", host.name, {"url": redact_url(url), "env": sorted(env)})
+    return {"host": host.name, **shown(ctx, repo)}
 
 
 @method("repo.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def repo_show(ctx: Context, p: dict) -> dict:
     """A host's repository, with its password and environment redacted."""
     host = get_host(p["host"])
-    repo = Repo.get_or_none(Repo.host == host)
+    repo = default_of(host)
     if repo is None:
-        raise NotFound(f"host {host.name} has no repository; set one with 'fleetctl repo set'")
-    return repo_json(host, repo, ctx.state.box)
+        raise NotFound(
+            f"host {host.name} has no repository; set one with 'fleetctl repo set' "
+            "or 'fleetctl repos use'"
+        )
+    return {"host": host.name, **shown(ctx, repo)}

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ...common.timefmt import iso
-from ..security.secrets import SecretBox, repo_aad
+from ..security.secrets import SecretBox, repository_aad
 from ..store.models import (
     ApiToken,
     AuditLog,
     Host,
     Job,
-    Repo,
+    Repository,
     RepoStats,
     Snapshot,
     SourceGroup,
@@ -137,7 +137,7 @@ def dedup_ratio(restore: int, raw: Optional[int]) -> Optional[float]:
 def host_detail_json(
     h: Host,
     backup: Optional[Job],
-    repo: Optional[Repo],
+    repo: Optional[Repository],
     stats: Optional[RepoStats],
     groups: list[str],
 ) -> dict:
@@ -168,6 +168,7 @@ def host_detail_json(
             "arch": h.arch,
             "timezone": h.timezone,
             "repo": repo is not None,
+            "repository": repo.name if repo is not None else None,
             "groups": groups,
             "schedule_version": h.schedule_version,
             "applied_schedule_version": h.applied_schedule_version,
@@ -176,13 +177,17 @@ def host_detail_json(
     return out
 
 
-def repo_json(host: Host, repo: Repo, box: SecretBox) -> dict:
-    """A repository with every secret redacted (the URL's password too)."""
+def repository_json(repo: Repository, box: SecretBox, hosts: Sequence[str]) -> dict:
+    """A repository with every secret redacted (the URL's password too),
+    and the hosts that use it."""
+    url = box.decrypt(bytes(repo.url_enc), repository_aad(repo.aad, "url"))
     return {
-        "host": host.name,
-        "url": redact_url(box.decrypt(repo.url_enc, repo_aad(host.id, "url"))),
+        "name": repo.name,
+        "url": redact_url(url),
         "password": REDACTED,
         "env": {name: REDACTED for name in repo.env_names},
+        "hosts": list(hosts),
+        "created_at": iso(repo.created_at),
         "updated_at": iso(repo.updated_at),
     }
 

@@ -57,9 +57,11 @@ def load_key_file(path: Path) -> SecretBox:
     return SecretBox(key)
 
 
-def repo_aad(host_id: int, what: str) -> str:
-    """The associated data of a repository secret: its host row and field."""
-    return f"repo:{host_id}:{what}"
+def repository_aad(base: str, what: str) -> str:
+    """The associated data of a repository secret: the row it is bound to
+    (the repository's `aad`) and the field, so a ciphertext moved to another
+    row or field fails to decrypt."""
+    return f"{base}:{what}"
 
 
 class SecretBox:

@@ -111,6 +111,26 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "repository sizes: when restic stats last measured them",
         ['ALTER TABLE "repo_stats" ADD COLUMN "measured_at" DATETIME'],
     ),
+    (
+        8,
+        "repositories are named objects hosts share; each host's own becomes one named after it",
+        [
+            'CREATE TABLE "repository" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "url_enc" BLOB NOT NULL, "password_enc" BLOB NOT NULL, "env_names" TEXT NOT NULL, "env_enc" BLOB, "aad" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL)',
+            'CREATE UNIQUE INDEX "repository_name" ON "repository" ("name")',
+            'CREATE TABLE "host_repository" ("host_id" INTEGER NOT NULL, "repository_id" INTEGER NOT NULL, "position" INTEGER NOT NULL, "attached_at" DATETIME NOT NULL, PRIMARY KEY ("host_id", "repository_id"), FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE, FOREIGN KEY ("repository_id") REFERENCES "repository" ("id"))',
+            'CREATE INDEX "host_repository_host_id" ON "host_repository" ("host_id")',
+            'CREATE INDEX "host_repository_repository_id" ON "host_repository" ("repository_id")',
+            # the ciphertexts stay as they are: bound to "repo:<host id>"
+            'INSERT INTO "repository" ("name", "url_enc", "password_enc", "env_names", "env_enc", "aad", "created_at", "updated_at") '
+            'SELECT "h"."name", "r"."url_enc", "r"."password_enc", "r"."env_names", "r"."env_enc", '
+            '\'repo:\' || "r"."host_id", "r"."updated_at", "r"."updated_at" '
+            'FROM "repo" AS "r" JOIN "host" AS "h" ON "h"."id" = "r"."host_id"',
+            'INSERT INTO "host_repository" ("host_id", "repository_id", "position", "attached_at") '
+            'SELECT "r"."host_id", "n"."id", 0, "r"."updated_at" FROM "repo" AS "r" '
+            'JOIN "repository" AS "n" ON "n"."aad" = \'repo:\' || "r"."host_id"',
+            'DROP TABLE "repo"',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -91,15 +91,33 @@ class EnrollmentToken(Base):
     used_at = pw.DateTimeField(null=True)
 
 
-class Repo(Base):
-    # One repository per host; the host id is also the row id bound into
-    # the ciphertexts as associated data.
-    host = pw.ForeignKeyField(Host, primary_key=True, backref="repo", on_delete="CASCADE")
+class Repository(Base):
+    """A named restic repository, which several hosts may share."""
+
+    name = pw.TextField(unique=True)
     url_enc = pw.BlobField()  # encrypted too: a URL may carry credentials
     password_enc = pw.BlobField()
     env_names = JSONField(default=list)  # names only; values are in env_enc
     env_enc = pw.BlobField(null=True)
+    # what its ciphertexts are bound to (associated data): "repository:<id>",
+    # or "repo:<host id>" for one migrated from a host's own repository,
+    # until it is next written
+    aad = pw.TextField()
+    created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+
+
+class HostRepository(Base):
+    """The repositories a host uses; the first (position 0) is its default."""
+
+    host = pw.ForeignKeyField(Host, backref="repositories", on_delete="CASCADE")
+    # a repository in use cannot be deleted (repos delete says by whom)
+    repository = pw.ForeignKeyField(Repository, backref="hosts")
+    position = pw.IntegerField(default=0)
+    attached_at = pw.DateTimeField(default=utcnow)  # a new one is initialised from then
+
+    class Meta:
+        primary_key = pw.CompositeKey("host", "repository")
 
 
 class SourceGroup(Base):
@@ -242,7 +260,8 @@ MODELS: list[type[Base]] = [
     ApiToken,
     Host,
     EnrollmentToken,
-    Repo,
+    Repository,
+    HostRepository,
     SourceGroup,
     Schedule,
     ScheduleGroup,

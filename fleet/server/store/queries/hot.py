@@ -25,10 +25,19 @@ def set_seq(host_id: int, seq: int) -> None:
     one('UPDATE "host" SET "last_seq" = ? WHERE "id" = ?', seq, host_id)
 
 
-def repo_secrets(host_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes]]]:
-    """(url, password, env) ciphertexts of the host's repository, or None."""
+# the host's default repository: its first
+DEFAULT_REPOSITORY = (
+    'FROM "host_repository" AS "hr" JOIN "repository" AS "r" ON "r"."id" = "hr"."repository_id" '
+    'WHERE "hr"."host_id" = ? ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1'
+)
+
+
+def repo_secrets(host_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes], str]]:
+    """(url, password, env) ciphertexts of the host's repository and what
+    they are bound to, or None."""
     return one(
-        'SELECT "url_enc", "password_enc", "env_enc" FROM "repo" WHERE "host_id" = ?', host_id
+        'SELECT "r"."url_enc", "r"."password_enc", "r"."env_enc", "r"."aad" ' + DEFAULT_REPOSITORY,
+        host_id,
     )
 
 
@@ -48,11 +57,12 @@ def job_of_agent(host_id: int, agent_job: int) -> Optional[int]:
 
 
 def needs_init(host_id: int) -> bool:
-    """A repository is set and no init job was made since it was."""
+    """The host has a repository and no init job was made since it was
+    changed or the host took it."""
     row = one(
-        'SELECT NOT EXISTS (SELECT 1 FROM "job" AS "j" WHERE "j"."host_id" = "r"."host_id" '
-        'AND "j"."kind" = ? AND "j"."created_at" >= "r"."updated_at") '
-        'FROM "repo" AS "r" WHERE "r"."host_id" = ?',
+        'SELECT NOT EXISTS (SELECT 1 FROM "job" AS "j" WHERE "j"."host_id" = "hr"."host_id" '
+        'AND "j"."kind" = ? AND "j"."created_at" >= MAX("r"."updated_at", "hr"."attached_at")) '
+        + DEFAULT_REPOSITORY,
         "init",
         host_id,
     )
