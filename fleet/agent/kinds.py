@@ -28,9 +28,23 @@ class Outcome(NamedTuple):
     error: Optional[str] = None
 
 
+class Where(NamedTuple):
+    """Whose snapshots a job makes and reads in the repository: the host's
+    name in Fleet (what backups record), and the names older backups of this
+    machine were recorded under (its hostname, restic's default)."""
+
+    host: str = ""
+    also: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.host, *self.also) if self.host else ()
+
+
 class Kind(NamedTuple):
     params: tuple  # of protocol.Field: what command.run may carry for this kind
-    command: Callable[[dict], tuple]  # checked params -> restic command (raises ValueError)
+    # checked params, whose snapshots -> restic command (raises ValueError)
+    command: Callable[[dict, Where], tuple]
     run: Callable[[Job], Awaitable[Outcome]]  # runs the job on the agent
     # after the job, before job.finished: cheap reports only (no restic run)
     after: Optional[Callable[[Job, Outcome], Awaitable[None]]] = None
@@ -80,7 +94,7 @@ def read_data_subset(value: str) -> str:
     raise ValueError(f"read_data_subset {value!r} is not n/t, a percentage (5%) or a size (100M)")
 
 
-def _check_command(params: dict) -> tuple:
+def _check_command(params: dict, _: Where) -> tuple:
     subset = params.get("read_data_subset")
     if subset is None and params.get("args"):
         subset = params["args"][0]  # an older fleetd passes it positionally
@@ -96,7 +110,10 @@ def check_params(kind: Kind, command: dict) -> dict:
         raise Refused("bad_params", f"bad parameters: {exc}") from None
 
 
-def prepare(command: dict) -> tuple[Kind, dict, tuple]:
+ANYONE = Where()  # no host named: restic's defaults
+
+
+def prepare(command: dict, where: Where = ANYONE) -> tuple[Kind, dict, tuple]:
     """The kind, checked parameters and restic command of a command.run.
 
     Raises Refused with code unknown_kind or bad_params."""
@@ -106,7 +123,7 @@ def prepare(command: dict) -> tuple[Kind, dict, tuple]:
         raise Refused("unknown_kind", f"this agent cannot run {name} jobs")
     params = check_params(kind, command)
     try:
-        argv = kind.command(params)
+        argv = kind.command(params, where)
     except ValueError as exc:
         raise Refused("bad_params", f"bad parameters: {exc}") from None
     return kind, params, argv
@@ -209,7 +226,7 @@ def new_snapshot(job: Job) -> Optional[dict[str, Any]]:
         "id": snapshot_id,
         "short_id": snapshot_id[:8],
         "time": job.restic_started,
-        "hostname": socket.gethostname(),  # what restic records without --host
+        "hostname": job.runner.where.host or socket.gethostname(),  # what the backup recorded
         "paths": sorted(os.path.abspath(path) for path in p["includes"]),
         "tags": [p["tag"]] if p.get("tag") else [],
         "size_bytes": _count(summary, "total_bytes_processed"),
@@ -244,7 +261,7 @@ async def after_repository_change(job: Job, outcome: Outcome) -> None:
 _HOOK = MAX_STR
 
 KINDS: dict[str, Kind] = {
-    "init": Kind((), lambda p: commands.init(), run_init),
+    "init": Kind((), lambda p, w: commands.init(), run_init),
     "backup": Kind(
         (
             _req("includes", "list[str]", limit=1000),
@@ -257,23 +274,25 @@ KINDS: dict[str, Kind] = {
             _opt("catch_up", "bool"),
             _opt("coalesced", "list[str]", limit=MAX_COALESCED),
         ),
-        lambda p: commands.backup(p["includes"], p.get("excludes") or (), p.get("tag") or ""),
+        lambda p, w: commands.backup(
+            p["includes"], p.get("excludes") or (), p.get("tag") or "", w.host
+        ),
         run_backup,
         after=after_backup,
     ),
     "forget": Kind(
         (_req("tag", "str", limit=64), _req("retention", "dict"), _opt("group", "str", limit=64)),
-        lambda p: commands.forget(p["tag"], p["retention"]),
+        lambda p, w: commands.forget(p["tag"], p["retention"], w.hosts),
         run_restic,
         after=after_repository_change,
     ),
-    "prune": Kind((), lambda p: commands.prune(), run_restic, after=after_repository_change),
+    "prune": Kind((), lambda p, w: commands.prune(), run_restic, after=after_repository_change),
     "check": Kind(
         (_opt("read_data_subset", "str", limit=32), _opt("args", "list[str]", limit=100)),
         _check_command,
         run_restic,
     ),
-    "unlock": Kind((), lambda p: commands.unlock(), run_restic, locks_after=True),
-    "snapshots": Kind((), lambda p: commands.snapshots(), run_restic),
-    "stats": Kind((), lambda p: commands.stats(), run_restic),
+    "unlock": Kind((), lambda p, w: commands.unlock(), run_restic, locks_after=True),
+    "snapshots": Kind((), lambda p, w: commands.snapshots(hosts=w.hosts), run_restic),
+    "stats": Kind((), lambda p, w: commands.stats(), run_restic),
 }

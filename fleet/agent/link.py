@@ -32,6 +32,7 @@ from ..common.restic import commands, parse
 from ..common.timefmt import now_iso
 from .enroll import FatalError, tls_context
 from .handlers import dispatch
+from .kinds import Where
 from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
 from .spool import DEFAULT_MAX_BYTES, Spool
@@ -176,7 +177,13 @@ class Agent:
         self.identity = identity
         self.restic = restic
         self.spool = Spool(state.spool_path, spool_max_bytes)
-        self.runner = JobRunner(state, self, restic, cancel_grace, refresh_delay)
+        # snapshots are recorded under the host's name in Fleet (a shared
+        # repository keeps hosts apart); older ones under this machine's name
+        machine = socket.gethostname()
+        also = () if machine == identity.host_name else (machine,)
+        self.runner = JobRunner(
+            state, self, restic, cancel_grace, refresh_delay, Where(identity.host_name, also)
+        )
         self.ws: Optional[ClientConnection] = None
         self.window_frames = window_frames
         self.window_bytes = window_bytes

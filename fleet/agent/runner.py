@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 from ..common.protocol import MAX_LINE, SNAPSHOT_PAGE
 from ..common.restic import commands, execute, parse
 from ..common.timefmt import now_iso
-from .kinds import Kind, Outcome, Refused, prepare
+from .kinds import ANYONE, Kind, Outcome, Refused, Where, prepare
 from .state import RepoConfig, State, StateError
 
 log = logging.getLogger("fleet-agent.jobs")
@@ -298,6 +298,7 @@ class JobRunner:
         restic: str = "restic",
         grace: float = 10.0,
         refresh_delay: float = REFRESH_DELAY,
+        where: Where = ANYONE,
     ) -> None:
         self.state = state
         self.reporter = reporter
@@ -307,6 +308,7 @@ class JobRunner:
         self.job: Optional[Job] = None
         self.refresher = Refresher(self, refresh_delay)
         self.sizes = Sizes()
+        self.where = where
         self._task: Optional[asyncio.Task] = None
         self.on_idle: Callable[[], None] = lambda: None  # the scheduler's queue
 
@@ -322,7 +324,7 @@ class JobRunner:
     ) -> None:
         """Start a job. Raises Refused (code unknown_kind, bad_params, no_repo or busy).
         extra, local: a job the agent made itself (see scheduler.py)."""
-        kind, params, argv = prepare(command)
+        kind, params, argv = prepare(command, self.where)
         if self.current is not None:
             raise Refused("busy", f"busy with job {self.current}")
         try:
@@ -477,7 +479,9 @@ class JobRunner:
         """The snapshot list and repository sizes for fleetd (read without a
         lock: a job starting meanwhile is never kept waiting by them)."""
         count: Optional[int] = None
-        result, out = await self._stdout(commands.snapshots(no_lock=True), repo)
+        result, out = await self._stdout(
+            commands.snapshots(no_lock=True, hosts=self.where.hosts), repo
+        )
         if result.exit_code == 0:
             try:
                 snaps = parse.snapshots("\n".join(out))

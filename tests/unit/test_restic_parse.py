@@ -86,3 +86,49 @@ def test_growth_of_a_backup_from_its_summary() -> None:
     summary_017 = {**summary_014, "data_added_packed": 150}
     assert parse.growth(summary_017)["raw_size_bytes"] == 150
     assert parse.growth({}) == {"size_bytes": 0, "file_count": 0, "raw_size_bytes": 0}
+
+
+def test_a_backup_is_recorded_under_the_host_given() -> None:
+    assert commands.backup(["/etc"], (), "etc", host="web-01") == (
+        "restic",
+        "backup",
+        "--json",
+        "--host",
+        "web-01",
+        "--tag",
+        "etc",
+        "--",
+        "/etc",
+    )
+    assert "--host" not in commands.backup(["/etc"])
+
+
+def test_listing_and_forget_select_the_hosts_given() -> None:
+    assert commands.snapshots(True, ("web-01", "vm7")) == (
+        "restic",
+        "snapshots",
+        "--json",
+        "--no-lock",
+        "--host",
+        "web-01",
+        "--host",
+        "vm7",
+    )
+    argv = commands.forget("etc", {"keep_daily": 7}, ("web-01",))
+    assert argv[argv.index("--host") + 1] == "web-01" and "--group-by" in argv
+
+
+def test_the_agent_records_and_reads_its_own_snapshots_in_a_shared_repository() -> None:
+    from fleet.agent import kinds
+
+    where = kinds.Where("web-01", ("vm7",))
+    _, _, argv = kinds.prepare(
+        {"job_id": 1, "kind": "backup", "includes": ["/etc"], "tag": "etc"}, where
+    )
+    assert argv[argv.index("--host") + 1] == "web-01"
+    _, _, argv = kinds.prepare(
+        {"job_id": 2, "kind": "forget", "tag": "etc", "retention": {"keep_last": 3}}, where
+    )
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--host"] == ["web-01", "vm7"]
+    _, _, argv = kinds.prepare({"job_id": 3, "kind": "snapshots"}, where)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--host"] == ["web-01", "vm7"]

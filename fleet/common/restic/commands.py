@@ -20,10 +20,22 @@ def init() -> Command:
     return (RESTIC, "init", "--json")
 
 
-def backup(includes: Sequence[str], excludes: Sequence[str] = (), tag: str = "") -> Command:
+def _hosts(hosts: Sequence[str]) -> tuple[str, ...]:
+    # several --host flags select the snapshots of any of them
+    return tuple(arg for host in hosts for arg in ("--host", host))
+
+
+def backup(
+    includes: Sequence[str], excludes: Sequence[str] = (), tag: str = "", host: str = ""
+) -> Command:
+    """host: the name the snapshot is recorded under (restic's default is
+    the machine's name); Fleet's host name, so that hosts sharing a
+    repository keep their snapshots apart."""
     if not includes:
         raise ValueError("a backup needs at least one include path")
     args = [RESTIC, "backup", "--json"]
+    if host:
+        args += ["--host", host]
     if tag:
         args += ["--tag", tag]
     for pattern in excludes:
@@ -37,19 +49,32 @@ def _no_lock(no_lock: bool) -> tuple[str, ...]:
     return ("--no-lock",) if no_lock else ()
 
 
-def snapshots(no_lock: bool = False) -> Command:
-    return (RESTIC, "snapshots", "--json", *_no_lock(no_lock))
+def snapshots(no_lock: bool = False, hosts: Sequence[str] = ()) -> Command:
+    """hosts: only the snapshots recorded under these names (none: all)."""
+    return (RESTIC, "snapshots", "--json", *_no_lock(no_lock), *_hosts(hosts))
 
 
 def stats(mode: str = "restore-size", no_lock: bool = False) -> Command:
     return (RESTIC, "stats", "--json", "--mode", mode, *_no_lock(no_lock))
 
 
-def forget(tag: str, policy: dict) -> Command:
+def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
+    """hosts: only this host's snapshots of the group (a shared repository
+    holds other hosts' groups of the same name)."""
     flags = retention.forget_args(retention.normalize(policy))
     if not flags:
         raise ValueError(f"group {tag!r} has no retention rules; forget would keep everything")
-    return (RESTIC, "forget", "--json", "--tag", tag, "--group-by", "host,tags", *flags)
+    return (
+        RESTIC,
+        "forget",
+        "--json",
+        "--tag",
+        tag,
+        *_hosts(hosts),
+        "--group-by",
+        "host,tags",
+        *flags,
+    )
 
 
 def prune() -> Command:
