@@ -205,6 +205,14 @@ def jobs() -> None:
     """Jobs: every restic operation on every host, queued, running or done."""
 
 
+def status_cell(j: dict) -> str:
+    """A job's status, and what a queued one waits for."""
+    text = render.status(j["status"])
+    if j.get("waiting_for"):
+        text += f" [dim](waits: {escape(j['waiting_for'])})[/]"
+    return text
+
+
 @jobs.command("list")
 @click.option("--host", help="Only this host.")
 @click.option("--status", type=click.Choice(JOB_STATUSES), help="Only jobs in this state.")
@@ -230,7 +238,7 @@ def jobs_list(app: App, host, status, kind, since, limit: int, as_json: bool) ->
                 render.cell(j["host"]),
                 render.cell(j["kind"]),
                 render.cell(j["group"]),
-                render.status(j["status"]),
+                status_cell(j),
                 render.cell(j["actor"]),
                 render.ago(j["created_at"]),
                 render.ago(j["finished_at"]),
@@ -257,7 +265,7 @@ def jobs_show(app: App, job_id: int, as_json: bool) -> None:
         ("host", c(j["host"])),
         ("kind", c(j["kind"])),
         ("group", c(j["group"])),
-        ("status", render.status(j["status"])),
+        ("status", status_cell(j)),
         ("by", c(j["actor"])),
     ]
     if j.get("scheduled_at"):

@@ -49,6 +49,9 @@ class JobEnded:
     job_id: int
     host_id: int
     status: str
+    # other hosts using the host's repository with jobs queued: the end may
+    # free the repository for them
+    also: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..jobs import lifecycle
 from ..security.auth import Role
 from ..store.models import Host, Job, JobLog, SourceGroup, User, utcnow
 from ..store.queries import hot
+from ..store.queries.waits import reasons
 from . import views
 from .common import audit, get_group, get_host
 from .context import Context
@@ -47,9 +48,12 @@ def get_job(job_id: int) -> Job:
     return job
 
 
-def job_view(job: Job, ctx: Context) -> dict:
+def job_view(job: Job, ctx: Context, waits: Optional[dict[int, str]] = None) -> dict:
     progress = ctx.state.bus.progress.get(job.id) if ctx.state.bus else None
-    return views.job_view(job, progress)
+    out = views.job_view(job, progress)
+    if job.status == "queued":
+        out["waiting_for"] = (waits or {}).get(job.id)
+    return out
 
 
 def backup_params(group: SourceGroup) -> dict:
@@ -139,15 +143,16 @@ def jobs_list(ctx: Context, p: dict) -> list:
         query = query.where(Job.kind == p["kind"])
     if p.get("since"):
         query = query.where(Job.created_at >= parse_since(p["since"]))
-    query = query.limit(min(p.get("limit") or 50, 10_000))
-    return [job_view(j, ctx) for j in query]
+    jobs = list(query.limit(min(p.get("limit") or 50, 10_000)))
+    waits = reasons(jobs, utcnow())
+    return [job_view(j, ctx, waits) for j in jobs]
 
 
 @method("jobs.show", Role.VIEWER, (Field("id", "int"),), readonly=True)
 def jobs_show(ctx: Context, p: dict) -> dict:
     """One job: status, params, summary and how many log lines it has."""
     job = get_job(p["id"])
-    out = job_view(job, ctx)
+    out = job_view(job, ctx, reasons([job], utcnow()))
     out["params"] = job.params
     out["log_lines"] = JobLog.select().where(JobLog.job == job).count()
     return out

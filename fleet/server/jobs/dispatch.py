@@ -70,7 +70,8 @@ class Dispatcher:
         self._outbox: collections.deque[JobDispatched] = collections.deque()
         self._sender: Optional[asyncio.Task] = None
         lifecycle_.bus.subscribe(JobQueued, self._queued)
-        lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id))  # the host is free
+        # the host is free, and the repository maybe for the hosts sharing it
+        lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id, *e.also))
         lifecycle_.bus.subscribe(JobDispatched, self._dispatched)
 
     def _queued(self, event: JobQueued) -> None:

@@ -163,7 +163,7 @@ def end(
     )
     if not done:
         return False
-    events.append(JobEnded(job_id, host_id, status))
+    events.append(JobEnded(job_id, host_id, status, tuple(hot.sharing_hosts_waiting(host_id))))
     if status == "failed":
         job = Job.get_by_id(job_id)
         again = retry.after_failure(job, now)

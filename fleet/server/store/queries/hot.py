@@ -69,16 +69,40 @@ def needs_init(host_id: int) -> bool:
     return bool(row and row[0])
 
 
+# jobs that take their repository for themselves (restic's exclusive lock,
+# or Fleet's word for unlock): they wait until no backup into it runs, and
+# backups wait while they run (or wait queued, on an online host, before them)
+EXCLUSIVE = ("forget", "prune", "check", "unlock")
+_IN_EXCLUSIVE = "(" + ", ".join(f"'{k}'" for k in EXCLUSIVE) + ")"
+_HOST_REPOSITORY = (
+    'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ? '
+    'ORDER BY "position", "attached_at" LIMIT 1'
+)
+# a job of another host using the same repository that keeps job "j" waiting
+_REPOSITORY_BUSY = (
+    'SELECT 1 FROM "job" AS "o" JOIN "host_repository" AS "hr" ON "hr"."host_id" = "o"."host_id" '
+    f'WHERE "hr"."repository_id" = ({_HOST_REPOSITORY}) AND "o"."host_id" <> "j"."host_id" AND ('
+    f'("j"."kind" IN {_IN_EXCLUSIVE} AND "o"."status" IN (?, ?) '
+    f'AND ("o"."kind" = \'backup\' OR "o"."kind" IN {_IN_EXCLUSIVE})) '
+    f'OR ("j"."kind" = \'backup\' AND "o"."kind" IN {_IN_EXCLUSIVE} AND ("o"."status" IN (?, ?) '
+    'OR ("o"."status" = \'queued\' AND "o"."id" < "j"."id" AND "o"."agent_job" IS NULL '
+    'AND ("o"."not_before" IS NULL OR "o"."not_before" <= ?) '
+    'AND EXISTS (SELECT 1 FROM "host" AS "oh" WHERE "oh"."id" = "o"."host_id" AND "oh"."online")))))'
+)
+
+
 def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]:
     """queued -> dispatched for the host's next due job, in one statement and
-    only when none is with its agent; (id, kind, params JSON, uid) or None.
-    A job an agent made itself (agent_job) is the agent's to run: never claimed."""
+    only when none is with its agent and its repository lets it (see
+    EXCLUSIVE); (id, kind, params JSON, uid) or None. A job an agent made
+    itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
     return one(
         'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "id" = ('
-        'SELECT "id" FROM "job" WHERE "host_id" = ? AND "status" = ? AND "agent_job" IS NULL '
-        'AND ("not_before" IS NULL OR "not_before" <= ?) '
-        'ORDER BY "kind" <> ?, "id" LIMIT 1) '
+        'SELECT "j"."id" FROM "job" AS "j" WHERE "j"."host_id" = ? AND "j"."status" = ? '
+        'AND "j"."agent_job" IS NULL AND ("j"."not_before" IS NULL OR "j"."not_before" <= ?) '
+        f"AND NOT EXISTS ({_REPOSITORY_BUSY}) "
+        'ORDER BY "j"."kind" <> ?, "j"."id" LIMIT 1) '
         'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
         'RETURNING "id", "kind", "params", "uid"',
         "dispatched",
@@ -86,10 +110,31 @@ def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]
         host_id,
         "queued",
         stamp,
+        host_id,
+        *WITH_AGENT,
+        *WITH_AGENT,
+        stamp,
         "init",
         host_id,
         *WITH_AGENT,
     )
+
+
+def sharing_hosts_waiting(host_id: int) -> list[int]:
+    """The other hosts using this host's repository that have jobs queued:
+    the end of a job here may be what they wait for."""
+    return [
+        row[0]
+        for row in rows(
+            'SELECT DISTINCT "j"."host_id" FROM "job" AS "j" '
+            'JOIN "host_repository" AS "hr" ON "hr"."host_id" = "j"."host_id" '
+            f'WHERE "hr"."repository_id" = ({_HOST_REPOSITORY}) AND "j"."host_id" <> ? '
+            'AND "j"."status" = ?',
+            host_id,
+            host_id,
+            "queued",
+        )
+    ]
 
 
 def host_by_name(name: str) -> Optional[tuple[int, str]]:
