@@ -30,6 +30,27 @@ def read_secret_file(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments skipped): a backend's
+    environment, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CtlError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
+    except UnicodeDecodeError:
+        raise CtlError(f"{path} is not UTF-8 text", Exit.USAGE) from None
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise CtlError(f"{path}:{number}: expected KEY=VALUE", Exit.USAGE)
+        env[key.strip()] = value.strip()
+    return env
+
+
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
@@ -57,7 +78,13 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     "env_pairs",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Backend environment, e.g. AWS_ACCESS_KEY_ID=... (repeatable).",
+    help="Backend environment, e.g. AWS_REGION=... (repeatable; visible to local users "
+    "in the process list: put secrets in --env-file).",
+)
+@click.option(
+    "--env-file",
+    metavar="FILE",
+    help="Backend environment as KEY=VALUE lines (S3 keys, REST credentials...).",
 )
 @json_option
 @pass_app
@@ -67,10 +94,11 @@ def repo_set(
     url: str,
     password_file: Optional[str],
     env_pairs: tuple[str, ...],
+    env_file: Optional[str],
     as_json: bool,
 ) -> None:
     """Set HOST's repository; fleetd keeps the password encrypted."""
-    env = parse_env(env_pairs)
+    env = {**(read_env_file(env_file) if env_file else {}), **parse_env(env_pairs)}
     if password_file:
         password = read_secret_file(password_file)
     else:

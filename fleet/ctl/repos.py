@@ -4,7 +4,6 @@ can read a process's arguments), and are never printed."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -12,7 +11,7 @@ import click
 from ..common.exitcodes import Exit
 from . import render
 from .app import App, CtlError, confirm, json_option, pass_app
-from .repo import read_secret_file
+from .repo import read_env_file, read_secret_file
 
 
 @click.group()
@@ -21,27 +20,6 @@ def repos() -> None:
     deduplicates across them; snapshots stay attributed to their host and
     group). A host backs up into the repository it uses: 'repos use NAME
     HOST'."""
-
-
-def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines (blank lines and # comments skipped): a backend's
-    environment, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CtlError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
-    except UnicodeDecodeError:
-        raise CtlError(f"{path} is not UTF-8 text", Exit.USAGE) from None
-    env: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise CtlError(f"{path}:{number}: expected KEY=VALUE", Exit.USAGE)
-        env[key.strip()] = value.strip()
-    return env
 
 
 def password_from(path: Optional[str], prompt: bool) -> Optional[str]:

@@ -52,3 +52,33 @@ def test_two_hosts_back_up_into_one_repository_at_once(fleet, e2e, tmp_path):
             what=f"the refreshed snapshot list of {h.name}",
         )
         assert listed[0]["hostname"] == h.name and listed[0]["tags"] == ["data"]
+
+
+def test_a_prune_waits_for_another_hosts_backup_into_the_repository(fleet, e2e, tmp_path):
+    """restic's prune needs the repository to itself: fleetd holds it until
+    the backup of the other host ends (restic would otherwise refuse it as
+    locked), then it runs and succeeds."""
+    repo = tmp_path / "shared-repo"
+    password = "shared-repo-pw-77aa"
+    web = e2e.host(fleet, repo=repo, password=password, fresh=True)
+    db = e2e.host(fleet, set_repo=False, start=False)
+    name = fleet.ctl_json("repo", "show", web.name)["name"]
+    fleet.ctl("repos", "use", name, db.name)
+    e2e.start(fleet, db, wait_init=True)
+
+    gate = tmp_path / "gate"
+    hook = f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done"
+    e2e.write_tree(web.src, {"a.txt": "a\n"})
+    group = e2e.group(fleet, web, "--pre-hook", hook)
+    backup = e2e.run(fleet, web.name, group)["id"]
+    e2e.wait_job(fleet, backup, ("running",))
+    prune = fleet.rpc("jobs.run", host=db.name, kind="prune")["id"]
+    shown = e2e.show(fleet, prune)
+    assert shown["status"] == "queued"
+    assert shown["waiting_for"] == f"repository {name}: backup job {backup} of {web.name} runs"
+
+    gate.touch()
+    assert e2e.wait_job(fleet, backup)["status"] == "succeeded"
+    done = e2e.wait_job(fleet, prune)
+    assert done["status"] == "succeeded", done
+    assert done["started_at"] >= e2e.show(fleet, backup)["finished_at"]

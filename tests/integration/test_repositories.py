@@ -210,3 +210,26 @@ def test_an_edit_reaches_every_agent_that_uses_the_repository(fleet, fx, secret_
     renamed = fx.uniq("renamed")
     fleet.ctl("repos", "edit", name, "--rename", renamed)
     assert fleet.ctl_json("repo", "show", web)["name"] == renamed
+
+
+def test_repo_set_reads_the_environment_from_a_file(fleet, fx, secret_file):
+    (host,) = _hosts(fleet, fx, 1)
+    key = f"secret-{fx.uniq('k')}"
+    env = secret_file(f"AWS_SECRET_ACCESS_KEY={key}\nAWS_REGION=eu-west-1\n", "env")
+    result = fleet.ctl(
+        "repo",
+        "set",
+        host,
+        "--url",
+        "s3:s3.example/b",
+        "--password-file",
+        secret_file("p"),
+        "--env-file",
+        env,
+        "--env",
+        "AWS_REGION=us-east-1",
+        "--json",
+    )
+    shown = json.loads(result.stdout)
+    assert shown["env"] == {"AWS_REGION": "********", "AWS_SECRET_ACCESS_KEY": "********"}
+    assert key not in result.stdout + result.stderr

@@ -118,14 +118,20 @@ def add_backup_summary(snaps: list[dict[str, Any]], summary: dict[str, Any]) -> 
             snap["file_count"] = _int(summary, "total_files_processed")
 
 
-def stats(text: str) -> dict[str, int]:
-    """`restic stats --json` -> {size_bytes, file_count, snapshot_count}. Raises ParseError."""
+def _stats_doc(text: str) -> dict[str, Any]:
+    """`restic stats --json` output, of any mode. Raises ParseError."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
         raise ParseError(f"stats output is not JSON: {exc}") from None
     if not isinstance(doc, dict) or "total_size" not in doc:
         raise ParseError("stats output has no total_size")
+    return doc
+
+
+def stats(text: str) -> dict[str, int]:
+    """`restic stats --json` -> {size_bytes, file_count, snapshot_count}. Raises ParseError."""
+    doc = _stats_doc(text)
     return {
         "size_bytes": _int(doc, "total_size"),
         "file_count": _int(doc, "total_file_count"),
@@ -142,12 +148,7 @@ def raw_stats(text: str) -> dict[str, int]:
     """`restic stats --json --mode raw-data` -> {raw_size_bytes, snapshot_count}:
     what the repository stores after deduplication (and compression, from
     restic 0.14 on a version 2 repository). Raises ParseError."""
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise ParseError(f"stats output is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "total_size" not in doc:
-        raise ParseError("stats output has no total_size")
+    doc = _stats_doc(text)
     return {
         "raw_size_bytes": _int(doc, "total_size"),
         "snapshot_count": _int(doc, "snapshots_count"),
