@@ -10,13 +10,13 @@ now) is refused with code `unknown_kind`.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from ..common.protocol import MAX_COALESCED, MAX_STR, Field, ProtocolError, check_fields
 from ..common.restic import commands, parse
+from ..common.restic.commands import read_data_subset
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Job
@@ -69,29 +69,6 @@ def _opt(name: str, kind: str, **kw: Any) -> Field:
 
 
 # -- parameters ----------------------------------------------------------------
-
-# restic check --read-data-subset: n/t, a percentage, or a size (K, M, G, T)
-_FRACTION = re.compile(r"^([1-9]\d{0,8})/([1-9]\d{0,8})$")
-_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,6})?)%$")
-_SIZE = re.compile(r"^[1-9]\d{0,15}[KMGTkmgt]?$")
-
-
-def read_data_subset(value: str) -> str:
-    """Validate a `--read-data-subset` value such as 5%, 1/10 or 100M. Raises ValueError."""
-    match = _FRACTION.match(value)
-    if match:
-        n, t = int(match.group(1)), int(match.group(2))
-        if n > t:
-            raise ValueError(f"read_data_subset {value!r}: {n} is more than {t}")
-        return value
-    match = _PERCENT.match(value)
-    if match:
-        if not 0 < float(match.group(1)) <= 100:
-            raise ValueError(f"read_data_subset {value!r}: a percentage is above 0 and at most 100")
-        return value
-    if _SIZE.match(value):
-        return value
-    raise ValueError(f"read_data_subset {value!r} is not n/t, a percentage (5%) or a size (100M)")
 
 
 def _check_command(params: dict, _: Where) -> tuple:
@@ -281,8 +258,14 @@ KINDS: dict[str, Kind] = {
         after=after_backup,
     ),
     "forget": Kind(
-        (_req("tag", "str", limit=64), _req("retention", "dict"), _opt("group", "str", limit=64)),
-        lambda p, w: commands.forget(p["tag"], p["retention"], w.hosts),
+        (
+            _req("tag", "str", limit=64),
+            _req("retention", "dict"),
+            _opt("group", "str", limit=64),
+            _opt("hosts", "list[str]", limit=100),
+        ),
+        # another host's snapshots when fleetd names it (maintenance), else its own
+        lambda p, w: commands.forget(p["tag"], p["retention"], p.get("hosts") or w.hosts),
         run_restic,
         after=after_repository_change,
     ),

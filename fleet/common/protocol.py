@@ -257,6 +257,9 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("scheduled_at", _TS),
             _opt("catch_up", "bool"),
             _opt("coalesced", "list[str]", limit=MAX_COALESCED),
+            # forget: the hosts whose snapshots it selects (another host's,
+            # when this one does its repository's maintenance)
+            _opt("hosts", "list[str]", limit=100),
         ),
     ),
     "command.result": MessageSpec(

@@ -9,7 +9,19 @@ import click
 
 from .. import __version__
 from ..common.exitcodes import Exit
-from . import audit, groups, hosts, jobs, repo, repos, schedules, session, tokens, users
+from . import (
+    audit,
+    groups,
+    hosts,
+    jobs,
+    maintenance,
+    repo,
+    repos,
+    schedules,
+    session,
+    tokens,
+    users,
+)
 from .app import App, CtlError
 from .client import Failure
 
@@ -51,6 +63,7 @@ cli.add_command(hosts.enroll)
 cli.add_command(hosts.hosts)
 cli.add_command(repo.repo)
 cli.add_command(repos.repos)
+cli.add_command(maintenance.maintenance)
 cli.add_command(jobs.run)
 cli.add_command(jobs.jobs)
 cli.add_command(jobs.snapshots)

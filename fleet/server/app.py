@@ -45,10 +45,11 @@ from .api.auth import login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
-from .events import Bus, CredentialsChanged, HostOffline, JobQueued
+from .events import Bus, CredentialsChanged, HostOffline, JobQueued, MaintenanceChanged
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
 from .scheduling.history import FIRST_DELAY, HistoryPruning, Policy
+from .scheduling.maintenance import MaintenanceSource
 from .scheduling.ticker import Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
@@ -512,10 +513,12 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
                 clock.now(),
                 config.history_delay,
             ),
+            MaintenanceSource(agents.lifecycle),
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
     bus.subscribe(HostOffline, lambda e: ticker.poke())  # a silent host's jobs may be lost
+    bus.subscribe(MaintenanceChanged, lambda e: ticker.poke())  # new cron times
     max_connections = config.max_connections or connection_budget(raise_fd_limit())
     limits = ConnectionLimits(max_connections, config.unauth_per_address)
     app = FleetServer(state, config=config, limits=limits)

@@ -80,6 +80,13 @@ class SchedulesChanged:
 
 
 @dataclass(frozen=True)
+class MaintenanceChanged:
+    """A repository's maintenance times changed: the ticker looks again."""
+
+    repository_id: int
+
+
+@dataclass(frozen=True)
 class HostRemoved:
     host_id: int
 
@@ -118,6 +125,8 @@ Event = Union[
     HostOffline,
     RepoChanged,
     CredentialsChanged,
+    SchedulesChanged,
+    MaintenanceChanged,
 ]
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store

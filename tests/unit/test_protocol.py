@@ -118,6 +118,7 @@ WIRE_FIELDS = {
             "scheduled_at",
             "catch_up",
             "coalesced",
+            "hosts",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -313,6 +314,7 @@ EXAMPLES = {
             "scheduled_at": "2024-05-02T03:00:00Z",
             "catch_up": True,
             "coalesced": ["2024-05-02T04:00:00Z"],
+            "hosts": ["web-01"],
         },
         "r42",
         None,
@@ -320,7 +322,7 @@ EXAMPLES = {
         '"uid":"fire-3-1-2024-05-02T03:00:00Z-10","group":"etc","includes":["/etc"],"excludes":["/etc/shadow"],"tag":"manual",'
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
-        '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"]}}',
+        '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"]}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},

@@ -23,6 +23,7 @@ from fleet.server.store.db import Store, open_database
 from fleet.server.store.migrations import MIGRATIONS, current_version, migrate
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
+MAINTENANCE = "maintenance per repository, with defaults (forget daily, prune and check weekly)"
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -77,7 +78,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -91,10 +92,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (6, "jobs an agent ran on its own: the agent's id for them"),
             (7, "repository sizes: when restic stats last measured them"),
             (8, REPOSITORIES),
+            (9, MAINTENANCE),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 8
+        assert current_version(database) == MIGRATIONS[-1][0] == 9
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -116,6 +118,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (6, "jobs an agent ran on its own: the agent's id for them"),
         (7, "repository sizes: when restic stats last measured them"),
         (8, REPOSITORIES),
+        (9, MAINTENANCE),
     ]
     assert m.Host.select().count() == 0
 
@@ -250,7 +253,7 @@ def populate_host(name: str) -> m.Host:
     sched = m.Schedule.create(host=host, cron="0 3 * * *")
     m.ScheduleGroup.create(schedule=sched, group=g1)
     m.ScheduleGroup.create(schedule=sched, group=g2)
-    m.Maintenance.create(host=host, forget_cron="0 4 * * *")
+    m.Maintenance.create(repository=repo, forget_cron="0 4 * * *")
     job = make_job(host, schedule=sched, group=g1, group_name="etc", actor_user=user)
     for seq in (1, 2, 3):
         m.JobLog.create(job=job, seq=seq, ts=NOW, stream="stdout", payload=f"line {seq}")
@@ -273,7 +276,6 @@ HOST_OWNED = [
     m.SourceGroup,
     m.Schedule,
     m.ScheduleGroup,
-    m.Maintenance,
     m.Job,
     m.JobLog,
     m.Snapshot,
@@ -300,7 +302,7 @@ def test_deleting_a_host_cascades_to_everything_it_owns(database: pw.SqliteDatab
     assert {s.host_id for s in m.Schedule.select()} == {kept.id}
     assert count(m.ScheduleGroup) == 2
     assert {link.schedule.host_id for link in m.ScheduleGroup.select()} == {kept.id}
-    assert count(m.Maintenance) == 1
+    assert count(m.Maintenance) == 2  # a repository's: it stays with the repository
     assert {j.host_id for j in m.Job.select()} == {kept.id}
     assert count(m.JobLog) == 3
     assert {line.job.host_id for line in m.JobLog.select()} == {kept.id}
@@ -548,7 +550,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     finally:
         database.close()
 
@@ -818,8 +820,15 @@ def test_migration_8_makes_each_hosts_repository_a_named_one_its_secrets_intact(
     raw.close()
     database = open_database(db_path)
     try:
-        assert current_version(database) == 8
+        assert current_version(database) == 9
         assert not database.table_exists("repo")
+        # and each gets the default maintenance (migration 9)
+        assert {
+            (x.repository.name, x.forget_cron, x.check_subset) for x in m.Maintenance.select()
+        } == {
+            ("web1", "30 4 * * *", "5%"),
+            ("db1", "30 4 * * *", "5%"),
+        }
         by_name = {r.name: r for r in m.Repository.select()}
         assert set(by_name) == {"web1", "db1"}
         web = by_name["web1"]

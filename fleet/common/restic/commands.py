@@ -7,6 +7,7 @@ they cannot show up in a process list or a logged command line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .. import retention
@@ -79,6 +80,30 @@ def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
 
 def prune() -> Command:
     return (RESTIC, "prune")
+
+
+# restic check --read-data-subset: n/t, a percentage, or a size (K, M, G, T)
+_FRACTION = re.compile(r"^([1-9]\d{0,8})/([1-9]\d{0,8})$")
+_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,6})?)%$")
+_SIZE = re.compile(r"^[1-9]\d{0,15}[KMGTkmgt]?$")
+
+
+def read_data_subset(value: str) -> str:
+    """Validate a `--read-data-subset` value such as 5%, 1/10 or 100M. Raises ValueError."""
+    match = _FRACTION.match(value)
+    if match:
+        n, t = int(match.group(1)), int(match.group(2))
+        if n > t:
+            raise ValueError(f"read_data_subset {value!r}: {n} is more than {t}")
+        return value
+    match = _PERCENT.match(value)
+    if match:
+        if not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"read_data_subset {value!r}: a percentage is above 0 and at most 100")
+        return value
+    if _SIZE.match(value):
+        return value
+    raise ValueError(f"read_data_subset {value!r} is not n/t, a percentage (5%) or a size (100M)")
 
 
 def check(read_data_subset: str = "") -> Command:

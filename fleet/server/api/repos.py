@@ -15,7 +15,8 @@ import re
 from typing import Any, Optional
 
 from ...common.protocol import Field
-from ..events import RepoChanged
+from ..events import MaintenanceChanged, RepoChanged
+from ..scheduling import maintenance
 from ..security.auth import Role
 from ..security.secrets import SecretBox, repository_aad
 from ..store.models import Host, HostRepository, Repository, utcnow
@@ -95,6 +96,7 @@ def create(box: SecretBox, name: str, url: str, password: str, env: dict[str, st
         name=name, url_enc=b"", password_enc=b"", aad="", created_at=now, updated_at=now
     )
     write_secrets(box, repo, url, password, env)
+    maintenance.defaults(repo.id, now)  # forget daily, prune and check weekly
     return repo
 
 
@@ -164,6 +166,7 @@ def repos_create(ctx: Context, p: dict) -> dict:
     url = check_repo_url(p["url"])
     env = check_env(p.get("env") or {})
     repo = create(ctx.state.box, name, url, check_password(p["password"]), env)
+    ctx.events.append(MaintenanceChanged(repo.id))
     audit(ctx, "repos.create", name, {"url": redact_url(url), "env": sorted(env)})
     return shown(ctx, repo)
 
@@ -291,6 +294,7 @@ def repo_set(ctx: Context, p: dict) -> dict:
             n += 1
             name = f"{host.name}-{n}"
         repo = create(box, name, url, password, env)
+        ctx.events.append(MaintenanceChanged(repo.id))
     else:
         write_secrets(box, repo, url, password, env)
         changed(ctx, repo)

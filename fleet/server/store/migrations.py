@@ -131,6 +131,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'DROP TABLE "repo"',
         ],
     ),
+    (
+        9,
+        "maintenance per repository, with defaults (forget daily, prune and check weekly)",
+        [
+            'DROP TABLE "maintenance"',  # per host, never used
+            'CREATE TABLE "maintenance" ("repository_id" INTEGER NOT NULL PRIMARY KEY, "forget_cron" TEXT, "prune_cron" TEXT, "check_cron" TEXT, "check_subset" TEXT NOT NULL, "next_forget_at" DATETIME, "next_prune_at" DATETIME, "next_check_at" DATETIME, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("repository_id") REFERENCES "repository" ("id") ON DELETE CASCADE)',
+            'INSERT INTO "maintenance" ("repository_id", "forget_cron", "prune_cron", "check_cron", "check_subset", "updated_at") '
+            "SELECT \"id\", '30 4 * * *', '0 5 * * 0', '0 6 * * 3', '5%', \"updated_at\" FROM \"repository\"",
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

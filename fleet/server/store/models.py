@@ -159,14 +159,22 @@ class ScheduleGroup(Base):
 
 
 class Maintenance(Base):
-    host = pw.ForeignKeyField(Host, primary_key=True, backref="maintenance", on_delete="CASCADE")
+    """When a repository is forgotten (each group's retention), pruned and
+    checked; a cron expression (UTC) per action, none: never. The next due
+    time of each is a row, so fleetd's ticker (or another replica's) knows
+    it; NULL: computed from now at the next look."""
+
+    repository = pw.ForeignKeyField(
+        Repository, primary_key=True, backref="maintenance", on_delete="CASCADE"
+    )
     forget_cron = pw.TextField(null=True)
     prune_cron = pw.TextField(null=True)
     check_cron = pw.TextField(null=True)
     check_subset = pw.TextField(default="5%")  # restic check --read-data-subset
-    last_forget_at = pw.DateTimeField(null=True)
-    last_prune_at = pw.DateTimeField(null=True)
-    last_check_at = pw.DateTimeField(null=True)
+    next_forget_at = pw.DateTimeField(null=True)
+    next_prune_at = pw.DateTimeField(null=True)
+    next_check_at = pw.DateTimeField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
 
 
 class Job(Base):

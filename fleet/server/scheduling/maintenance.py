@@ -1,0 +1,183 @@
+"""Repository maintenance on fleetd's ticker: forget, prune and check.
+
+Each repository has a cron expression (UTC) per action and the next due
+time of each as a row. When one is due, fleetd makes the jobs on one online
+host that uses the repository (the least busy; actor system):
+
+- forget: one job per source group with a retention policy, of every host
+  using the repository, each selecting that host's snapshots of the group
+  by its tag (restic forget --host --tag), so one host applies everyone's
+  retention;
+- prune: one job; check: one job, reading the repository's check subset.
+
+They then wait their turn in the repository's queue (see hot.EXCLUSIVE):
+never beside a backup into it. With no host online the action is skipped
+and tried again OFFLINE_RETRY later, so it is caught up once one is back.
+Everything here but the source runs on the store thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any, Optional
+
+from peewee import fn
+
+from ...common import cron
+from ..events import Event
+from ..jobs import lifecycle
+from ..store.models import Host, HostRepository, Job, Maintenance, Repository, SourceGroup
+
+log = logging.getLogger("fleetd.maintenance")
+
+ACTIONS = ("forget", "prune", "check")
+DEFAULTS = {
+    "forget_cron": "30 4 * * *",  # daily
+    "prune_cron": "0 5 * * 0",  # weekly, Sunday
+    "check_cron": "0 6 * * 3",  # weekly, Wednesday
+    "check_subset": "5%",
+}
+OFFLINE_RETRY = dt.timedelta(minutes=10)
+UTC = dt.timezone.utc
+
+
+def defaults(repository_id: int, now: dt.datetime) -> None:
+    """A new repository's maintenance: the defaults, due from now on."""
+    Maintenance.insert(repository=repository_id, updated_at=now, **DEFAULTS).execute()
+
+
+def runner(repository_id: int) -> Optional[Host]:
+    """The online host using the repository that does its maintenance: the
+    one with the fewest jobs waiting or running, then the oldest."""
+    active = Job.select(fn.COUNT(Job.id)).where(
+        (Job.host == Host.id) & Job.status.in_((lifecycle.QUEUED, *lifecycle.WITH_AGENT))
+    )
+    return (
+        Host.select()
+        .join(HostRepository)
+        .where((HostRepository.repository == repository_id) & Host.online)
+        .order_by(active, Host.id)
+        .first()
+    )
+
+
+def make_jobs(
+    events: list[Event],
+    repo: Repository,
+    action: str,
+    subset: str,
+    runner_host: Host,
+    user: Optional[int] = None,
+) -> list[int]:
+    """The jobs of one maintenance action of `repo` (forget, prune, check or
+    unlock), on `runner_host`; by the user who asked, or the system."""
+    actor = ("user", user) if user is not None else ("system", None)
+    base: dict[str, Any] = {"repository": repo.name, "maintenance": action}
+
+    def make(kind: str, params: dict[str, Any], group: Optional[SourceGroup] = None) -> int:
+        return lifecycle.create(events, runner_host.id, kind, *actor, group, params).id
+
+    if action in ("prune", "unlock"):
+        return [make(action, base)]
+    if action == "check":
+        return [make("check", {**base, "read_data_subset": subset} if subset else base)]
+    made = []
+    groups = (
+        SourceGroup.select(SourceGroup, Host)
+        .join(Host)
+        .join(HostRepository, on=(HostRepository.host == Host.id))
+        .where(HostRepository.repository == repo.id)
+        .order_by(Host.name, SourceGroup.name)
+    )
+    for g in groups:
+        if not g.retention:
+            continue  # keep everything: restic forget refuses an empty policy
+        params = {
+            **base,
+            "tag": g.name,
+            "group": g.name,
+            "retention": g.retention,
+            "hosts": [g.host.name],  # that host's snapshots of the group
+            "for_host": g.host.name,
+        }
+        made.append(make("forget", params, g))
+    return made
+
+
+def run_due(events: list[Event], now: dt.datetime) -> None:
+    """Every due action of every repository: its jobs made, its next due
+    time set (or, with no host online, tried again later)."""
+    rows = Maintenance.select(Maintenance, Repository).join(Repository)
+    for m in rows:
+        changes: dict[str, Any] = {}
+        for action in ACTIONS:
+            expr = getattr(m, f"{action}_cron")
+            due = getattr(m, f"next_{action}_at")
+            field = f"next_{action}_at"
+            if not expr:
+                if due is not None:
+                    changes[field] = None
+                continue
+            if due is None:  # new, or just set: from now on
+                changes[field] = cron.next_fire(expr, UTC, now)
+                continue
+            if due > now:
+                continue
+            host = runner(m.repository.id)
+            if host is None:
+                log.warning(
+                    "repository %s: %s due, but no host using it is online; trying again in %s",
+                    m.repository.name,
+                    action,
+                    OFFLINE_RETRY,
+                )
+                changes[field] = now + OFFLINE_RETRY
+                continue
+            made = make_jobs(events, m.repository, action, m.check_subset, host)
+            log.info(
+                "repository %s: %s on %s, job(s) %s",
+                m.repository.name,
+                action,
+                host.name,
+                ", ".join(map(str, made)) or "none (no group keeps less than everything)",
+            )
+            changes[field] = cron.next_fire(expr, UTC, now)
+        if changes:
+            Maintenance.update(**changes).where(Maintenance.repository == m.repository.id).execute()
+
+
+def next_due() -> Optional[dt.datetime]:
+    """The earliest due time (or now, for an action whose time is not
+    computed yet); None when no repository has maintenance."""
+    pending = (
+        Maintenance.select()
+        .where(
+            (Maintenance.forget_cron.is_null(False) & Maintenance.next_forget_at.is_null())
+            | (Maintenance.prune_cron.is_null(False) & Maintenance.next_prune_at.is_null())
+            | (Maintenance.check_cron.is_null(False) & Maintenance.next_check_at.is_null())
+        )
+        .exists()
+    )
+    if pending:
+        return dt.datetime.min
+    times = [
+        Maintenance.select(fn.MIN(getattr(Maintenance, f"next_{a}_at"))).scalar() for a in ACTIONS
+    ]
+    return min((t for t in times if t is not None), default=None)
+
+
+class MaintenanceSource:
+    """The ticker's view of maintenance."""
+
+    name = "maintenance"
+
+    def __init__(self, lifecycle_: lifecycle.Lifecycle) -> None:
+        self.lifecycle = lifecycle_
+
+    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
+        due = await self.lifecycle.store.read(next_due)
+        return now if due == dt.datetime.min else due
+
+    async def run_due(self, now: dt.datetime) -> None:
+        await self.lifecycle.apply(run_due, now)
