@@ -99,15 +99,16 @@ def maintenance_set(
 def maintenance_run(
     app: App, repo: str, action: str, follow: bool, strict: bool, as_json: bool
 ) -> None:
-    """Run ACTION on REPO now, on an online host that uses it."""
+    """Run ACTION on REPO now, on an online host that uses it (a forget on
+    each group's own host)."""
+    if strict and not follow:
+        raise click.UsageError("--strict goes with --follow")
     r = app.call("maintenance.run", name=repo, action=action)
     if as_json and not follow:
         render.emit_json(r)
         return
     jobs = ", ".join(map(str, r["jobs"])) or "none (no group keeps less than everything)"
     app.err.print(f"{action} of {r['repository']} on {r['host']}: job(s) {jobs}", markup=False)
-    if strict and not follow:
-        raise click.UsageError("--strict goes with --follow")
     if follow:  # each job in turn; the exit status is the worst outcome
         worst = 0
         for job_id in r["jobs"]:

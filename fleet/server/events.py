@@ -80,6 +80,15 @@ class SchedulesChanged:
 
 
 @dataclass(frozen=True)
+class RepositoryFreed:
+    """Hosts with jobs queued on a shared repository that something other
+    than a job's end may have let go (a requeue, a host removed or moved to
+    another repository, a host gone offline): look at them again."""
+
+    host_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class MaintenanceChanged:
     """A repository's maintenance times changed: the ticker looks again."""
 
@@ -127,6 +136,7 @@ Event = Union[
     CredentialsChanged,
     SchedulesChanged,
     MaintenanceChanged,
+    RepositoryFreed,
 ]
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store

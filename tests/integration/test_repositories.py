@@ -64,6 +64,26 @@ def _next(ws, kind):
             return frame
 
 
+def _finish(ws, job_id, kind, first_seq=1):
+    """Take a job and end it, as an agent would (its reports under seqs
+    first_seq and the next)."""
+    ws.send(protocol.encode("command.result", {"job_id": job_id, "accepted": True}))
+    for frame, data in (
+        ("job.started", {"job_id": job_id, "kind": kind, "started_at": "2026-12-02T00:00:00Z"}),
+        (
+            "job.finished",
+            {
+                "job_id": job_id,
+                "status": "succeeded",
+                "exit_code": 0,
+                "finished_at": "2026-12-02T00:00:01Z",
+            },
+        ),
+    ):
+        ws.send(protocol.encode(frame, data, seq=first_seq))
+        first_seq += 1
+
+
 def test_create_list_show_redacted_and_no_secret_in_the_database(fleet, fx, secret_file):
     name = fx.uniq("shared")
     password = f"pw-{fx.uniq('s')}"
@@ -172,6 +192,21 @@ def test_repo_set_writes_the_repository_named_after_the_host(fleet, fx, secret_f
     assert mine["name"] == f"{web}-2" and mine["hosts"] == [web]
     assert fleet.ctl_json("repos", "show", web)["url"] == "/srv/b"
     assert fleet.ctl_json("repo", "show", db)["name"] == web
+    # web-2 is web's alone: the next repo set changes it, not a third one
+    again = fleet.ctl_json(
+        "repo", "set", web, "--url", "/srv/d", "--password-file", secret_file("d")
+    )
+    assert (again["name"], again["url"]) == (f"{web}-2", "/srv/d")
+    # a host removed and enrolled again never overwrites its old repository,
+    # which nobody uses now and may be the only key to its old backups
+    fleet.ctl("repos", "use", f"{web}-2", db)
+    fleet.ctl("hosts", "remove", web, "--yes")
+    fleet.ctl("enroll", web)
+    fresh = fleet.ctl_json(
+        "repo", "set", web, "--url", "/srv/e", "--password-file", secret_file("e")
+    )
+    assert fresh["name"] == f"{web}-3"
+    assert fleet.ctl_json("repos", "show", web)["url"] == "/srv/b"
 
 
 def test_an_edit_reaches_every_agent_that_uses_the_repository(fleet, fx, secret_file):
@@ -191,7 +226,12 @@ def test_an_edit_reaches_every_agent_that_uses_the_repository(fleet, fx, secret_
             assert _next(ws, "welcome")
             config = _next(ws, "config.update")["data"]
             assert (config["repo_url"], config["repo_password"]) == ("/srv/one", "old-pw")
-            assert _next(ws, "command.run")["data"]["kind"] == "init"  # a new repository
+        # a new repository: initialised by one host at a time (two restic
+        # inits at once could leave it with two master keys)
+        for ws in (a, b):
+            init = _next(ws, "command.run")["data"]
+            assert init["kind"] == "init"
+            _finish(ws, init["job_id"], "init")
         fleet.ctl(
             "repos", "edit", name, "--url", "/srv/two", "--password-file", secret_file("new-pw")
         )

@@ -173,3 +173,20 @@ def test_what_a_queued_job_waits_for_on_its_own_host(fleet, fx, shared):
     assert a.take("check") == queued
     a.finish(queued)
     assert "waiting_for" not in fleet.ctl_json("jobs", "show", queued)
+
+
+def test_when_the_host_of_a_waiting_prune_goes_offline_the_others_backups_go(fleet, fx, shared):
+    """A queued prune on an online host goes before later backups; once its
+    host is offline it no longer does, and fleetd offers the others at once."""
+    web, db = shared["names"]
+    a, b = shared["agents"][web], shared["agents"][db]
+    # web is busy with a job that leaves the repository to others
+    busy = fleet.rpc("jobs.run", host=web, kind="snapshots")["id"]
+    assert a.take("snapshots") == busy
+    prune = fleet.rpc("jobs.run", host=web, kind="prune")["id"]  # so its prune waits, queued
+    assert prune
+    backup = fleet.rpc("jobs.run", host=db, group="etc")["id"]
+    b.assert_nothing_sent(fleet)  # the prune goes first
+    a.ws.close()  # web's agent goes away
+    assert b.take("backup") == backup
+    b.finish(backup)

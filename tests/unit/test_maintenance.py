@@ -65,22 +65,27 @@ def test_a_new_repository_gets_the_defaults_due_from_now(shared):
     assert jobs() == []  # nothing was due
 
 
-def test_forget_makes_one_job_per_group_with_retention_of_every_host_on_one_runner(shared):
+def test_forget_makes_one_job_per_group_with_retention_on_its_own_host(shared):
     repo, web, db = shared
     mt.run_due([], MONDAY)
-    lifecycle.create([], web.id, "backup", "user")  # web-01 is busy: db-01 runs it
     events: list = []
     mt.run_due(events, dt.datetime(2026, 5, 4, 4, 30))
     forgets = [j for j in jobs() if j.kind == "forget"]
-    assert {j.host_id for j in forgets} == {db.id}
-    assert sorted((j.params["tag"], j.params["hosts"], j.params["retention"]) for j in forgets) == [
-        ("dump", ["db-01"], {"keep_last": 3}),
-        ("etc", ["web-01"], {"keep_daily": 7}),
+    assert sorted((j.host_id, j.params["tag"], j.params["retention"]) for j in forgets) == [
+        (web.id, "etc", {"keep_daily": 7}),
+        (db.id, "dump", {"keep_last": 3}),
     ]
     assert all(j.actor_kind == "system" and j.params["repository"] == "shared" for j in forgets)
+    assert "hosts" not in forgets[0].params  # each agent selects its own snapshots
     assert len(events) == 2  # queued: offered for dispatch once committed
     m = Maintenance.get(Maintenance.repository == repo.id)
     assert m.next_forget_at == dt.datetime(2026, 5, 5, 4, 30)  # the next day's
+    # the next day, db-01's forget still waits (offline, say): not made twice
+    (done,) = [j for j in forgets if j.host_id == web.id]
+    lifecycle.end([], web.id, done.id, "succeeded")
+    mt.run_due([], dt.datetime(2026, 5, 5, 4, 30))
+    again = [j for j in jobs() if j.kind == "forget"]
+    assert len(again) == 3 and again[-1].host_id == web.id
 
 
 def test_prune_and_check_make_one_job_each_with_the_subset(shared):
@@ -104,7 +109,8 @@ def test_with_no_host_online_an_action_is_skipped_and_caught_up_later(shared):
     assert m.next_forget_at == due + mt.OFFLINE_RETRY
     Host.update(online=True).where(Host.id == web.id).execute()
     mt.run_due([], due + mt.OFFLINE_RETRY)
-    assert {j.host_id for j in jobs()} == {web.id}
+    # each group's forget goes to its own host (db-01's waits there till it is back)
+    assert {j.host_id for j in jobs()} == {web.id, db.id}
 
 
 def test_an_action_set_off_is_never_due(shared):
@@ -113,3 +119,16 @@ def test_an_action_set_off_is_never_due(shared):
     assert mt.next_due() is None
     mt.run_due([], dt.datetime(2027, 1, 1))
     assert jobs() == []
+
+
+def test_a_prune_still_waiting_is_not_made_again_and_an_unused_repository_is_quiet(shared, caplog):
+    repo, web, db = shared
+    mt.run_due([], MONDAY)
+    sunday = dt.datetime(2026, 5, 10, 5, 0)
+    mt.run_due([], sunday)
+    mt.run_due([], sunday + dt.timedelta(days=7))  # the first prune never ran
+    assert len([j for j in jobs() if j.kind == "prune"]) == 1
+    HostRepository.delete().execute()
+    Host.update(online=False).execute()
+    mt.run_due([], sunday + dt.timedelta(days=14))
+    assert "no host using it is online" not in caplog.text

@@ -65,6 +65,9 @@ def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
     flags = retention.forget_args(retention.normalize(policy))
     if not flags:
         raise ValueError(f"group {tag!r} has no retention rules; forget would keep everything")
+    # with hosts named, they are one host (its Fleet name and the machine's
+    # older one): the policy counts their snapshots together
+    group_by = "tags" if hosts else "host,tags"
     return (
         RESTIC,
         "forget",
@@ -73,7 +76,7 @@ def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
         tag,
         *_hosts(hosts),
         "--group-by",
-        "host,tags",
+        group_by,
         *flags,
     )
 

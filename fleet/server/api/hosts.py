@@ -9,6 +9,7 @@ import peewee as pw
 
 from ...common.protocol import Encoded, Field
 from ..events import HostRemoved
+from ..jobs import lifecycle
 from ..security.auth import Role
 from ..store.models import Host, Job, RepoStats, SourceGroup
 from ..store.queries import listing
@@ -95,6 +96,7 @@ def hosts_show(ctx: Context, p: dict) -> dict:
 def hosts_remove(ctx: Context, p: dict) -> dict:
     """Remove a host and everything of it; its agent is disconnected."""
     host = get_host(p["host"])
+    lifecycle.freed(ctx.events, host.id)  # its jobs no longer hold its repository
     # cascades: its use of repositories (which stay), groups, schedules, jobs,
     # logs, snapshots
     host.delete_instance()

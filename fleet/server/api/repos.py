@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 from ...common.protocol import Field
 from ..events import MaintenanceChanged, RepoChanged
+from ..jobs import lifecycle
 from ..scheduling import maintenance
 from ..security.auth import Role
 from ..security.secrets import SecretBox, repository_aad
-from ..store.models import Host, HostRepository, Repository, utcnow
+from ..store.models import Host, HostRepository, Job, Repository, utcnow
 from .common import audit, check_name, get_host
 from .context import Context
 from .errors import Conflict, Invalid, NotFound
@@ -143,6 +144,20 @@ def use(ctx: Context, host: Host, repo: Repository) -> bool:
     current = default_of(host)
     if current is not None and current.id == repo.id:
         return False
+    if current is not None:
+        lifecycle.freed(ctx.events, host.id)  # its jobs leave the old one's queue
+        queued = Job.select(Job.id, Job.params).where(
+            (Job.host == host) & (Job.status == lifecycle.QUEUED)
+        )
+        for job in queued:  # maintenance made for the old repository
+            if (job.params or {}).get("repository") == current.name:
+                lifecycle.end(
+                    ctx.events,
+                    host.id,
+                    job.id,
+                    "cancelled",
+                    error=f"its host no longer uses repository {current.name}",
+                )
     HostRepository.delete().where(HostRepository.host == host).execute()
     HostRepository.create(host=host, repository=repo, position=0, attached_at=utcnow())
     ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
@@ -277,30 +292,35 @@ def repos_use(ctx: Context, p: dict) -> dict:
 )
 def repo_set(ctx: Context, p: dict) -> dict:
     """Set a host's repository (URL, password, backend environment): the
-    repository named after the host, created or changed, becomes its own.
-    One that other hosts share is left alone: a new one is made."""
+    repository the host uses is changed when no other host shares it;
+    otherwise a new one, named after the host, becomes its own. One that
+    others share, or that nobody uses (it may be the only key to old
+    backups), is never overwritten."""
     host = get_host(p["host"])
     url = check_repo_url(p["url"])
     password = check_password(p["password"])
     env = check_env(p.get("env") or {})
     box = ctx.state.box
-    repo = Repository.get_or_none(Repository.name == host.name)
-    if repo is not None and any(user != host.name for user in users_of(repo)):
-        repo = None  # shared under the host's name: not this command's to change
-    if repo is None:
-        name = host.name
-        n = 1
-        while Repository.get_or_none(Repository.name == name) is not None:
-            n += 1
-            name = f"{host.name}-{n}"
-        repo = create(box, name, url, password, env)
-        ctx.events.append(MaintenanceChanged(repo.id))
-    else:
+    repo = default_of(host)
+    if repo is not None and users_of(repo) == [host.name]:
         write_secrets(box, repo, url, password, env)
         changed(ctx, repo)
-    use(ctx, host, repo)
+    else:
+        repo = create(box, free_name(host.name), url, password, env)
+        ctx.events.append(MaintenanceChanged(repo.id))
+        use(ctx, host, repo)
     audit(ctx, "repo.set", host.name, {"url": redact_url(url), "env": sorted(env)})
     return {"host": host.name, **shown(ctx, repo)}
+
+
+def free_name(base: str) -> str:
+    """`base`, or base-2, base-3 ... when taken; within the names' 64 characters."""
+    name, n = base, 1
+    while Repository.get_or_none(Repository.name == name) is not None:
+        n += 1
+        suffix = f"-{n}"
+        name = base[: 64 - len(suffix)] + suffix
+    return name
 
 
 @method("repo.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)

@@ -21,9 +21,10 @@ from typing import Any, Optional, Protocol
 
 from ...common import protocol
 from ..clock import Clock
-from ..events import Event, JobDispatched, JobEnded, JobQueued
+from ..events import Event, HostOffline, JobDispatched, JobEnded, JobQueued, RepositoryFreed
 from ..store.db import StoreClosed
 from ..store.models import Job
+from ..store.queries import hot
 from . import lifecycle
 
 log = logging.getLogger("fleetd.dispatch")
@@ -72,7 +73,22 @@ class Dispatcher:
         lifecycle_.bus.subscribe(JobQueued, self._queued)
         # the host is free, and the repository maybe for the hosts sharing it
         lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id, *e.also))
+        lifecycle_.bus.subscribe(RepositoryFreed, lambda e: self.offer(*e.host_ids))
+        lifecycle_.bus.subscribe(HostOffline, self._host_offline)
         lifecycle_.bus.subscribe(JobDispatched, self._dispatched)
+
+    def _host_offline(self, event: HostOffline) -> None:
+        """A queued job of an offline host no longer goes first in its
+        repository: the hosts sharing it may go."""
+
+        async def look() -> None:
+            try:
+                waiting = await self.lifecycle.store.read(hot.sharing_hosts_waiting, event.host_id)
+            except StoreClosed:
+                return
+            self.offer(*waiting)
+
+        asyncio.ensure_future(look())
 
     def _queued(self, event: JobQueued) -> None:
         if event.due:  # a retry waits for its due time (the ticker offers it then)

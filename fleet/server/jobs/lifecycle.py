@@ -20,7 +20,15 @@ from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 from ...common.protocol import FINAL_STATUSES
-from ..events import Bus, Event, JobDispatched, JobEnded, JobQueued, JobStarted
+from ..events import (
+    Bus,
+    Event,
+    JobDispatched,
+    JobEnded,
+    JobQueued,
+    JobStarted,
+    RepositoryFreed,
+)
 from ..store.db import Store
 from ..store.models import Job, SourceGroup, new_uid, utcnow
 from ..store.queries import hot
@@ -115,7 +123,15 @@ def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
     ).execute()
     log.info("job %s back in the queue: %s", job_id, why)
     events.append(JobQueued(job_id, job.host_id, due=due))
+    freed(events, job.host_id)  # what it held of its repository, it holds no more
     return True
+
+
+def freed(events: Events, host_id: int) -> None:
+    """The hosts sharing this host's repository that wait: offered again."""
+    waiting = hot.sharing_hosts_waiting(host_id)
+    if waiting:
+        events.append(RepositoryFreed(tuple(waiting)))
 
 
 def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) -> bool:

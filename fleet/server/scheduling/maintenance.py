@@ -5,10 +5,13 @@ time of each as a row. When one is due, fleetd makes the jobs on one online
 host that uses the repository (the least busy; actor system):
 
 - forget: one job per source group with a retention policy, of every host
-  using the repository, each selecting that host's snapshots of the group
-  by its tag (restic forget --host --tag), so one host applies everyone's
-  retention;
+  using the repository, on that group's own host (its agent selects its
+  own snapshots of the group, under the names it recorded them), queued
+  there while the host is offline;
 - prune: one job; check: one job, reading the repository's check subset.
+
+What is still waiting from the last time (an offline host's forget, a
+prune held by backups) is not made again.
 
 They then wait their turn in the repository's queue (see hot.EXCLUSIVE):
 never beside a backup into it. With no host online the action is skipped
@@ -47,6 +50,10 @@ def defaults(repository_id: int, now: dt.datetime) -> None:
     Maintenance.insert(repository=repository_id, updated_at=now, **DEFAULTS).execute()
 
 
+def users(repository_id: int) -> bool:
+    return HostRepository.select().where(HostRepository.repository == repository_id).exists()
+
+
 def runner(repository_id: int) -> Optional[Host]:
     """The online host using the repository that does its maintenance: the
     one with the fewest jobs waiting or running, then the oldest."""
@@ -62,6 +69,19 @@ def runner(repository_id: int) -> Optional[Host]:
     )
 
 
+def pending(repo: Repository, action: str) -> set[Optional[int]]:
+    """The groups (None: the whole repository) whose `action` of the
+    repository is still queued or dispatched: not made again meanwhile."""
+    rows = Job.select(Job.group, Job.params).where(
+        (Job.kind == action) & Job.status.in_((lifecycle.QUEUED, lifecycle.DISPATCHED))
+    )
+    return {
+        job.group_id if action == "forget" else None
+        for job in rows
+        if (job.params or {}).get("repository") == repo.name
+    }
+
+
 def make_jobs(
     events: list[Event],
     repo: Repository,
@@ -71,17 +91,23 @@ def make_jobs(
     user: Optional[int] = None,
 ) -> list[int]:
     """The jobs of one maintenance action of `repo` (forget, prune, check or
-    unlock), on `runner_host`; by the user who asked, or the system."""
+    unlock); by the user who asked, or the system. Prune, check and unlock
+    run on `runner_host`; a forget on each group's own host (its agent
+    selects its own snapshots, by the names it recorded them under), queued
+    there while it is offline. What is still waiting from the last time is
+    not made again."""
     actor = ("user", user) if user is not None else ("system", None)
     base: dict[str, Any] = {"repository": repo.name, "maintenance": action}
+    waiting = pending(repo, action)
 
-    def make(kind: str, params: dict[str, Any], group: Optional[SourceGroup] = None) -> int:
-        return lifecycle.create(events, runner_host.id, kind, *actor, group, params).id
+    def make(host: int, kind: str, params: dict[str, Any], g: Optional[SourceGroup] = None) -> int:
+        return lifecycle.create(events, host, kind, *actor, g, params).id
 
-    if action in ("prune", "unlock"):
-        return [make(action, base)]
-    if action == "check":
-        return [make("check", {**base, "read_data_subset": subset} if subset else base)]
+    if action != "forget":
+        if None in waiting:
+            return []
+        params = {**base, "read_data_subset": subset} if action == "check" and subset else base
+        return [make(runner_host.id, action, params)]
     made = []
     groups = (
         SourceGroup.select(SourceGroup, Host)
@@ -91,17 +117,10 @@ def make_jobs(
         .order_by(Host.name, SourceGroup.name)
     )
     for g in groups:
-        if not g.retention:
-            continue  # keep everything: restic forget refuses an empty policy
-        params = {
-            **base,
-            "tag": g.name,
-            "group": g.name,
-            "retention": g.retention,
-            "hosts": [g.host.name],  # that host's snapshots of the group
-            "for_host": g.host.name,
-        }
-        made.append(make("forget", params, g))
+        if not g.retention or g.id in waiting:
+            continue  # keeps everything (restic refuses an empty policy), or still waits
+        params = {**base, "tag": g.name, "group": g.name, "retention": g.retention}
+        made.append(make(g.host_id, "forget", params, g))
     return made
 
 
@@ -125,6 +144,9 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
             if due > now:
                 continue
             host = runner(m.repository.id)
+            if host is None and not users(m.repository.id):
+                changes[field] = cron.next_fire(expr, UTC, now)  # nobody uses it: nothing to do
+                continue
             if host is None:
                 log.warning(
                     "repository %s: %s due, but no host using it is online; trying again in %s",

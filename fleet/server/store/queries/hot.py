@@ -74,6 +74,9 @@ def needs_init(host_id: int) -> bool:
 # backups wait while they run (or wait queued, on an online host, before them)
 EXCLUSIVE = ("forget", "prune", "check", "unlock")
 _IN_EXCLUSIVE = "(" + ", ".join(f"'{k}'" for k in EXCLUSIVE) + ")"
+# an init too: two restic inits of one new repository at once could leave it
+# with two master keys; one at a time, the next finds it and checks its key
+_IN_ALONE = "(" + ", ".join(f"'{k}'" for k in (*EXCLUSIVE, "init")) + ")"
 _HOST_REPOSITORY = (
     'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ? '
     'ORDER BY "position", "attached_at" LIMIT 1'
@@ -82,11 +85,11 @@ _HOST_REPOSITORY = (
 _REPOSITORY_BUSY = (
     'SELECT 1 FROM "job" AS "o" JOIN "host_repository" AS "hr" ON "hr"."host_id" = "o"."host_id" '
     f'WHERE "hr"."repository_id" = ({_HOST_REPOSITORY}) AND "o"."host_id" <> "j"."host_id" AND ('
-    f'("j"."kind" IN {_IN_EXCLUSIVE} AND "o"."status" IN (?, ?) '
-    f'AND ("o"."kind" = \'backup\' OR "o"."kind" IN {_IN_EXCLUSIVE})) '
-    f'OR ("j"."kind" = \'backup\' AND "o"."kind" IN {_IN_EXCLUSIVE} AND ("o"."status" IN (?, ?) '
-    'OR ("o"."status" = \'queued\' AND "o"."id" < "j"."id" AND "o"."agent_job" IS NULL '
-    'AND ("o"."not_before" IS NULL OR "o"."not_before" <= ?) '
+    f'("j"."kind" IN {_IN_ALONE} AND "o"."status" IN (?, ?) '
+    f'AND ("o"."kind" = \'backup\' OR "o"."kind" IN {_IN_ALONE})) '
+    f'OR ("j"."kind" = \'backup\' AND "o"."kind" IN {_IN_ALONE} AND ("o"."status" IN (?, ?) '
+    f'OR ("o"."status" = \'queued\' AND "o"."kind" IN {_IN_EXCLUSIVE} AND "o"."id" < "j"."id" '
+    'AND "o"."agent_job" IS NULL AND ("o"."not_before" IS NULL OR "o"."not_before" <= ?) '
     'AND EXISTS (SELECT 1 FROM "host" AS "oh" WHERE "oh"."id" = "o"."host_id" AND "oh"."online")))))'
 )
 

@@ -91,18 +91,24 @@ def _why(
     if j.host_id in busy:
         jid, kind = busy[j.host_id]
         return f"its host runs job {jid} ({kind})"
-    if j.host_id not in repo_of or j.kind not in ("backup", *EXCLUSIVE):
+    alone = (*EXCLUSIVE, "init")  # see hot.claim
+    if j.host_id not in repo_of or j.kind not in ("backup", *alone):
         return None
     rid, repo = repo_of[j.host_id]
     for jid, kind, status, name, hid, not_before, on in others[rid]:
         if hid == j.host_id:
             continue
         running = status in WITH_AGENT
-        if j.kind in EXCLUSIVE and running and (kind == "backup" or kind in EXCLUSIVE):
+        if j.kind in alone and running and (kind == "backup" or kind in alone):
             return f"repository {repo}: {kind} job {jid} of {name} runs"
-        if j.kind == "backup" and kind in EXCLUSIVE:
+        if j.kind == "backup" and kind in alone:
             if running:
                 return f"repository {repo}: {kind} job {jid} of {name} runs"
-            if jid < j.id and on and (not_before is None or str(not_before) <= str(stamp)):
+            if (
+                kind in EXCLUSIVE
+                and jid < j.id
+                and on
+                and (not_before is None or str(not_before) <= str(stamp))
+            ):
                 return f"repository {repo}: {kind} job {jid} of {name} goes first"
     return None
