@@ -17,7 +17,7 @@ from ..common.protocol import Envelope
 from ..common.timefmt import now_iso
 from .kinds import Refused
 from .scheduler import started_fields
-from .state import RepoConfig
+from .state import RepoConfig, StateError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .link import Agent
@@ -33,9 +33,14 @@ async def on_ack(agent: Agent, frame: Envelope) -> None:
 
 async def on_config_update(agent: Agent, frame: Envelope) -> None:
     data = frame.data
-    agent.state.save_repo(
-        RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))
-    )
+    repo = RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))
+    try:
+        before = agent.state.load_repo()
+    except StateError:  # unreadable: replaced below
+        before = None
+    if repo != before:
+        agent.runner.sizes.stale = True  # another repository: its sizes are measured anew
+    agent.state.save_repo(repo)
     log.info("repository configuration updated")
 
 

@@ -105,6 +105,16 @@ def test_config_update_saves_the_repository(agent):
     assert (repo.url, repo.password, repo.env) == ("/r", "pw", {"A": "1"})
 
 
+def test_another_repository_has_its_sizes_measured_anew(agent):
+    config = {"repo_url": "/r", "repo_password": "pw"}
+    deliver(agent, "config.update", config)
+    agent.runner.sizes.measured({"size_bytes": 1, "raw_size_bytes": 1}, 0.0)
+    deliver(agent, "config.update", config)  # the same again (every reconnect)
+    assert agent.runner.sizes.stale is False
+    deliver(agent, "config.update", {**config, "repo_url": "/other"})
+    assert agent.runner.sizes.stale is True
+
+
 def test_command_run_accepted(agent):
     agent.runner = FakeRunner()
     deliver(agent, "command.run", {"job_id": 7, "kind": "check"}, read_data_subset="5%")
