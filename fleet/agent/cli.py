@@ -17,13 +17,12 @@ from typing import Optional
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .. import __version__
-from ..common import cron
 from ..common.exitcodes import Exit
 from ..common.protocol import PROTOCOL_VERSION, ProtocolError
-from ..common.timefmt import iso, parse_ts
+from ..common.timefmt import iso
 from .enroll import FatalError, enroll
 from .link import Agent
-from .scheduler import Clock, entries
+from .scheduler import Clock, entries, next_fire
 from .spool import Spool
 from .state import State, StateError, state_dir
 
@@ -158,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     now = Clock(clock_offset()).now()
     schedules = []
     for e in entries(schedule_set):
-        last = parse_ts(marks[e.id].last, now) if e.id in marks else now
+        mark = marks.get(e.id)
         schedules.append(
             {
                 "name": e.name,
@@ -166,10 +165,8 @@ def cmd_status(args: argparse.Namespace) -> None:
                 "timezone": e.zone_name,
                 "enabled": e.enabled,
                 "groups": [g["name"] for g in e.groups],
-                "last_fire": marks[e.id].last if e.id in marks and marks[e.id].fired else None,
-                "next_fire": iso(cron.next_fire(e.cron, e.tz, max(last, now)))
-                if e.enabled
-                else None,
+                "last_fire": mark.last if mark is not None and mark.fired else None,
+                "next_fire": iso(next_fire(e, mark, now)),
             }
         )
     info = {

@@ -119,19 +119,21 @@ def due(entry: Entry, last: dt.datetime, now: dt.datetime) -> Optional[tuple[dt.
     return when, now - when > LATE
 
 
+def next_fire(e: Entry, mark: Optional[Mark], now: dt.datetime) -> Optional[dt.datetime]:
+    """When the schedule fires next: after its mark, or after now when the
+    clock is behind it (set back); None while it is disabled."""
+    if not e.enabled:
+        return None
+    last = parse_ts(mark.last, now) if mark is not None else now
+    return cron.next_fire(e.cron, e.tz, max(last, now))
+
+
 def next_wake(
     schedules: list[Entry], marks: dict[int, Mark], now: dt.datetime
 ) -> Optional[tuple[dt.datetime, Entry]]:
     """The earliest next fire of the enabled schedules and its schedule, or None."""
-    found: Optional[tuple[dt.datetime, Entry]] = None
-    for e in schedules:
-        if not e.enabled:
-            continue
-        last = parse_ts(marks[e.id].last, now) if e.id in marks else now
-        when = cron.next_fire(e.cron, e.tz, max(last, now))
-        if found is None or when < found[0]:
-            found = (when, e)
-    return found
+    fires = [(when, e) for e in schedules if (when := next_fire(e, marks.get(e.id), now))]
+    return min(fires, key=lambda f: f[0], default=None)
 
 
 def local_job(host_id: int, e: Entry, group: dict[str, Any], at: str, catch_up: bool) -> dict:
@@ -184,9 +186,9 @@ class Scheduler:
         self.version = 0
         self.schedules: list[Entry] = []
         self.marks: dict[int, Mark] = {}
-        self.pending: dict[int, list[dict[str, Any]]] = {}  # fire seq -> its jobs, until acked
-        self.pending_since: dict[int, float] = {}  # fire seq -> when it was spooled (monotonic)
-        self.fires = 0  # fires since start (tests count them)
+        # fires spooled while the link was up, until fleetd acks them:
+        # seq -> (when spooled, monotonic; the backups they make)
+        self.pending: dict[int, tuple[float, list[dict[str, Any]]]] = {}
         self.stopping = False
         self._wake = asyncio.Event()
         self._autonomy: Optional[asyncio.Task] = None
@@ -206,8 +208,7 @@ class Scheduler:
             if "jobs" not in frame:
                 jobs = [j for j in self._jobs_of(frame) if not self.spool.taken(j["uid"])]
                 if jobs:
-                    self.pending[seq] = jobs
-                    self.pending_since.setdefault(seq, time.monotonic())
+                    self.pending[seq] = (time.monotonic(), jobs)
 
     def apply(self, data: dict[str, Any]) -> int:
         """A schedule.set from fleetd: stored, then in force at once."""
@@ -307,22 +308,18 @@ class Scheduler:
                 {"group_id": j["group_id"], "job_id": j["job_id"], "uid": j["uid"]} for j in local
             ]
             self.spool.fire(e.id, e.key, at, frame, local, folded)
-            how = (
-                "; the agent runs it itself"
-                + (
-                    " (fleetd is out of reach)"
-                    if not self.agent.connected.is_set()
-                    else " behind its own queue"
-                )
-                + (f" as job(s) {', '.join(str(j['job_id']) for j in local)}" if local else "")
+            why = (
+                "behind its own queue"
+                if self.agent.connected.is_set()
+                else "fleetd is out of reach"
             )
+            ids = ", ".join(str(j["job_id"]) for j in local) or "none (folded into queued ones)"
+            how = f"; the agent runs it itself ({why}) as job(s) {ids}"
         else:
             seq = self.spool.fire(e.id, e.key, at, frame)
             if jobs:
-                self.pending[seq] = jobs
-                self.pending_since[seq] = time.monotonic()
+                self.pending[seq] = (time.monotonic(), jobs)
         self.marks[e.id] = Mark(e.key, at, True)
-        self.fires += 1
         self.agent.wake.set()
         log.info(
             "schedule %s fired for %s%s%s",
@@ -420,7 +417,6 @@ class Scheduler:
         """fleetd stored the fires up to seq: their jobs are fleetd's to run."""
         for fire_seq in [s for s in self.pending if s <= seq]:
             del self.pending[fire_seq]
-            self.pending_since.pop(fire_seq, None)
 
     def link_up(self) -> None:
         if self._autonomy is not None:
@@ -437,21 +433,18 @@ class Scheduler:
         # counted from the oldest fire, not from this drop: a link that comes
         # up and drops again without fleetd acknowledging it does not put
         # the backups off for ever
-        oldest = min(self.pending_since.values(), default=asyncio.get_event_loop().time())
-        await asyncio.sleep(
-            max(0.0, oldest + self.autonomy_after - asyncio.get_event_loop().time())
-        )
+        oldest = min((since for since, _ in self.pending.values()), default=time.monotonic())
+        await asyncio.sleep(max(0.0, oldest + self.autonomy_after - time.monotonic()))
         self._autonomy = None
         if self.agent.connected.is_set() or not self.pending or self.stopping:
             return
         jobs = [
             job
             for seq in sorted(self.pending)
-            for job in self.pending[seq]
+            for job in self.pending[seq][1]
             if not self.owns(job["uid"])
         ]
         self.pending.clear()
-        self.pending_since.clear()
         local, folded = self._queue(jobs)
         self.spool.queue_local(local, folded)
         log.warning(
@@ -461,6 +454,3 @@ class Scheduler:
             ", ".join(str(j["job_id"]) for j in local) or "(none: folded into queued ones)",
         )
         self.kick()
-
-    def wake(self) -> None:
-        self._wake.set()

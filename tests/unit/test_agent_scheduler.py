@@ -333,7 +333,8 @@ def test_a_fire_with_the_link_up_is_fleetds_and_is_taken_over_if_never_acknowled
     box.s.tick(at(3, 0))
     (frame,) = box.frames()
     assert "jobs" not in frame and box.agent.runner.submitted == []
-    assert list(box.s.pending.values())[0][0]["uid"].startswith("fire-7-1-")
+    ((_, jobs),) = box.s.pending.values()
+    assert jobs[0]["uid"].startswith("fire-7-1-")
 
     async def link_drops() -> None:
         box.agent.connected.clear()
@@ -363,7 +364,7 @@ def test_unacknowledged_fires_are_pending_again_after_a_restart(box):
     box.apply(schedule(cron="0 3 * * *"), now=at(1))
     box.s.tick(at(3, 0))
     box.start()
-    (jobs,) = box.s.pending.values()
+    ((_, jobs),) = box.s.pending.values()
     assert jobs[0]["scheduled_at"] == "2026-05-04T03:00:00Z"
 
 
@@ -483,8 +484,8 @@ def test_a_flapping_link_does_not_put_a_take_over_off_for_ever(box):
 
     async def go() -> None:
         box.s.tick(at(3, 0))
-        for seq in box.s.pending_since:  # the fire was spooled 31 s ago
-            box.s.pending_since[seq] -= 31.0
+        for seq, (since, jobs) in box.s.pending.items():  # the fire was spooled 31 s ago
+            box.s.pending[seq] = (since - 31.0, jobs)
         box.agent.connected.clear()
         box.s.link_down()  # a drop after a short link: no new 30 s wait
         await asyncio.wait_for(box.s._autonomy, 5)  # type: ignore[arg-type]
