@@ -41,8 +41,10 @@ from typing import Any, Callable, Optional
 
 import pytest
 from click.testing import CliRunner, Result
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from fleet.common import protocol
 from fleet.ctl.main import cli as fleetctl_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +215,37 @@ def ws_connect(
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
     return connect(url + path, additional_headers=all_headers, open_timeout=10, **kw)
+
+
+def agent_hello(hostname: str = "agent-box", version: int = 0, **extra: Any) -> str:
+    """A hello frame as fleet-agent sends it (the protocol's version unless
+    `version`), for raw-socket tests standing in for an agent."""
+    data = {
+        "protocol_version": version or protocol.PROTOCOL_VERSION,
+        "agent_version": "9.9.9-test",
+        "restic_version": "0.17.3",
+        "hostname": hostname,
+        "os": "linux",
+        "arch": "x86_64",
+        "timezone": "Europe/Paris",
+        **extra,
+    }
+    return json.dumps({"v": 1, "type": "hello", "id": "h1", "data": data})
+
+
+def enroll_agent(env: Any, host: str, hostname: str = "agent-box") -> dict:
+    """Enroll `host` and redeem its token on /enroll as an agent does: the
+    `enrolled` frame's data (host_id, agent_token). fleetd closes the socket
+    after its one answer."""
+    token = protocol.parse_enrollment(env.ctl_json("enroll", host)["enrollment"])["token"]
+    frame = {"v": 1, "type": "enroll", "id": "e1", "data": {"token": token, "hostname": hostname}}
+    with ws_connect(env.url, "/enroll") as ws:
+        ws.send(json.dumps(frame))
+        reply = json.loads(ws.recv(timeout=10))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    assert reply["type"] == "enrolled", reply
+    return reply["data"]
 
 
 _rpc_ids = itertools.count(1)
@@ -443,4 +476,6 @@ def fx() -> types.SimpleNamespace:
         uniq=uniq,
         wait_until=wait_until,
         ws_connect=ws_connect,
+        agent_hello=agent_hello,
+        enroll_agent=enroll_agent,
     )

@@ -28,35 +28,6 @@ def _hosts(fleet, fx, count=2):
     return names
 
 
-def _agent_token(fleet, fx, host):
-    """Enroll `host` through /enroll, as its agent would."""
-    enrollment = fleet.ctl_json("enroll", host)["enrollment"]
-    token = protocol.parse_enrollment(enrollment)["token"]
-    with fx.ws_connect(fleet.url, "/enroll") as ws:
-        ws.send(json.dumps({"v": 1, "type": "enroll", "data": {"token": token, "hostname": host}}))
-        reply = json.loads(ws.recv(timeout=10))
-    assert reply["type"] == "enrolled", reply
-    return reply["data"]["agent_token"]
-
-
-def _hello():
-    return json.dumps(
-        {
-            "v": 1,
-            "type": "hello",
-            "id": "h1",
-            "data": {
-                "protocol_version": protocol.PROTOCOL_VERSION,
-                "agent_version": "9.9.9-test",
-                "restic_version": "0.14.0",
-                "hostname": "box",
-                "os": "linux",
-                "arch": "amd64",
-            },
-        }
-    )
-
-
 def _next(ws, kind):
     while True:
         frame = json.loads(ws.recv(timeout=10))
@@ -211,7 +182,7 @@ def test_repo_set_writes_the_repository_named_after_the_host(fleet, fx, secret_f
 
 def test_an_edit_reaches_every_agent_that_uses_the_repository(fleet, fx, secret_file):
     web, db = (fx.uniq("rw"), fx.uniq("rw"))
-    tokens = {host: _agent_token(fleet, fx, host) for host in (web, db)}
+    tokens = {host: fx.enroll_agent(fleet, host)["agent_token"] for host in (web, db)}
     name = fx.uniq("shared")
     fleet.ctl(
         "repos", "create", name, "--url", "/srv/one", "--password-file", secret_file("old-pw")
@@ -222,7 +193,7 @@ def test_an_edit_reaches_every_agent_that_uses_the_repository(fleet, fx, secret_
         fx.ws_connect(fleet.url, "/agent", tokens[db]) as b,
     ):
         for ws in (a, b):
-            ws.send(_hello())
+            ws.send(fx.agent_hello())
             assert _next(ws, "welcome")
             config = _next(ws, "config.update")["data"]
             assert (config["repo_url"], config["repo_password"]) == ("/srv/one", "old-pw")

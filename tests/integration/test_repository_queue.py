@@ -14,18 +14,6 @@ from fleet.common import protocol
 TS = "2026-12-02T00:00:00Z"
 
 
-def _hello():
-    data = {
-        "protocol_version": protocol.PROTOCOL_VERSION,
-        "agent_version": "9.9.9-test",
-        "restic_version": "0.14.0",
-        "hostname": "box",
-        "os": "linux",
-        "arch": "amd64",
-    }
-    return json.dumps({"v": 1, "type": "hello", "id": "h1", "data": data})
-
-
 class FakeAgent:
     """An agent link: takes commands, reports starts and ends under its seqs."""
 
@@ -77,12 +65,7 @@ def shared(fleet, fx, tmp_path):
     names = [fx.uniq("q"), fx.uniq("q")]
     tokens = {}
     for name in names:
-        token = protocol.parse_enrollment(fleet.ctl_json("enroll", name)["enrollment"])["token"]
-        with fx.ws_connect(fleet.url, "/enroll") as ws:
-            ws.send(
-                json.dumps({"v": 1, "type": "enroll", "data": {"token": token, "hostname": name}})
-            )
-            tokens[name] = json.loads(ws.recv(timeout=10))["data"]["agent_token"]
+        tokens[name] = fx.enroll_agent(fleet, name, hostname=name)["agent_token"]
         fleet.rpc("groups.create", host=name, name="etc", includes=["/etc"])
     repo = fx.uniq("shared")
     pw = tmp_path / "pw"
@@ -95,7 +78,7 @@ def shared(fleet, fx, tmp_path):
     ):
         agents = {names[0]: FakeAgent(a), names[1]: FakeAgent(b)}
         for agent in agents.values():
-            agent.ws.send(_hello())
+            agent.ws.send(fx.agent_hello())
             agent.next_of("welcome")
             agent.finish(agent.take("init"))
         yield {"repo": repo, "names": names, "agents": agents}

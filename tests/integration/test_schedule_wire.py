@@ -11,7 +11,6 @@ import itertools
 import json
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from fleet.common import protocol
 
@@ -30,45 +29,12 @@ def _hello(hostname="agent-box", version=protocol.PROTOCOL_VERSION, **extra):
     return json.dumps({"v": 1, "type": "hello", "id": "h1", "data": data})
 
 
-# what fleetd may push to an agent on its own after welcome
-PUSHES = ("config.update", "schedule.set", "command.run", "command.cancel", "ack")
-
-
-def _recv(ws):
-    """The next frame that answers the agent, skipping fleetd's own pushes."""
-    while True:
-        frame = json.loads(ws.recv(timeout=10))
-        if frame.get("type") not in PUSHES:
-            return frame
-
-
-def _assert_closed_by_server(ws):
-    with pytest.raises(ConnectionClosed):
-        ws.recv(timeout=10)
-
-
-def _redeem(fx, url, token, hostname="agent-box"):
-    frame = {"v": 1, "type": "enroll", "id": "e1", "data": {"token": token, "hostname": hostname}}
-    with fx.ws_connect(url, "/enroll") as ws:
-        ws.send(json.dumps(frame))
-        reply = _recv(ws)
-        _assert_closed_by_server(ws)
-    return reply
-
-
 @pytest.fixture
 def enrolled(fleet, fx):
     """A host whose agent token was obtained through /enroll."""
     host = fx.uniq("sched")
-    enrollment = fleet.ctl_json("enroll", host)["enrollment"]
-    token = protocol.parse_enrollment(enrollment)["token"]
-    reply = _redeem(fx, fleet.url, token)
-    assert reply["type"] == "enrolled", reply
-    return {
-        "host": host,
-        "host_id": reply["data"]["host_id"],
-        "agent_token": reply["data"]["agent_token"],
-    }
+    data = fx.enroll_agent(fleet, host)
+    return {"host": host, "host_id": data["host_id"], "agent_token": data["agent_token"]}
 
 
 _probes = itertools.count(1)

@@ -150,6 +150,9 @@ class _Apply:
     def bind(self, agent_job: int, job_id: int) -> None:
         self._owned[agent_job] = job_id
 
+    def unbind(self, agent_job: int) -> None:
+        self._owned.pop(agent_job, None)
+
     def line_times(self, value: str) -> tuple[str, str]:
         """A line's time as stored and as sent to followers: lines come many
         to the second, so each distinct value is parsed once a batch."""
@@ -254,7 +257,7 @@ def _stats(a: _Apply, data: dict) -> None:
 def _fire(a: _Apply, data: dict) -> None:
     a.flush_lines()
     for job in data.get("jobs", ()):
-        a._owned.pop(job["job_id"], None)  # bound by the fire, read again when needed
+        a.unbind(job["job_id"])  # bound by the fire: read again when needed
     schedules.apply_fire(a.events, a.host.id, a.host.name, data, a.now or utcnow())
 
 

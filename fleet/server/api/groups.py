@@ -83,7 +83,8 @@ def groups_list(ctx: Context, p: dict) -> list:
 )
 def groups_show(ctx: Context, p: dict) -> dict:
     """One source group of a host."""
-    return shown(get_host(p["host"]), get_group(get_host(p["host"]), p["name"]))
+    host = get_host(p["host"])
+    return shown(host, get_group(host, p["name"]))
 
 
 def shown(host: Host, group: SourceGroup) -> dict:

@@ -94,14 +94,11 @@ def maintenance_json(repo: Repository, m: Maintenance, now: dt.datetime) -> dict
 
 
 def get_maintenance(repo: Repository) -> Maintenance:
-    m = Maintenance.get_or_none(Maintenance.repository == repo.id)
-    if m is None:  # a repository made before maintenance existed: none of it
-        policy.defaults(repo.id, utcnow())
-        m = Maintenance.get(Maintenance.repository == repo.id)
-    return m
+    # every repository has one: made with it (or by migration 9)
+    return Maintenance.get(Maintenance.repository == repo.id)
 
 
-@method("maintenance.show", Role.VIEWER, (NAME,))
+@method("maintenance.show", Role.VIEWER, (NAME,), readonly=True)
 def maintenance_show(ctx: Context, p: dict) -> dict:
     """A repository's maintenance: when each action runs next (UTC), and
     how the last of each ended."""
@@ -124,7 +121,6 @@ def maintenance_set(ctx: Context, p: dict) -> dict:
     """Change when a repository's forget, prune and check run (cron, UTC;
     'off' never) and how much of its data a check reads."""
     repo = get_repository(p["name"])
-    get_maintenance(repo)  # a row to change
     changes: dict[str, Any] = {}
     for action in policy.ACTIONS:
         if action in p:

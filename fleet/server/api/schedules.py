@@ -56,12 +56,8 @@ def check_timezone(name: str) -> Optional[str]:
     return name
 
 
-def effective_zone(s: Schedule, host: Host) -> tuple[str, str, dt.tzinfo]:
-    return zone_of(s.timezone, host.timezone)
-
-
 def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) -> dict[str, Any]:
-    name, source, tz = effective_zone(s, host)
+    name, source, tz = zone_of(s.timezone, host.timezone)
     fires = cron.next_fires(s.cron, tz, now, SHOWN_FIRES) if s.enabled else []
     return {
         "id": s.id,

@@ -31,6 +31,7 @@ from ...common import cron
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Host, HostRepository, Job, Maintenance, Repository, SourceGroup
+from ..store.queries import one
 
 log = logging.getLogger("fleetd.maintenance")
 
@@ -169,24 +170,20 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
             Maintenance.update(**changes).where(Maintenance.repository == m.repository.id).execute()
 
 
+# each enabled action's due time; '' for one not computed yet (sorts first)
+_DUE = " UNION ALL ".join(
+    f'SELECT COALESCE("next_{a}_at", \'\') AS "t" FROM "maintenance" WHERE "{a}_cron" IS NOT NULL'
+    for a in ACTIONS
+)
+
+
 def next_due() -> Optional[dt.datetime]:
-    """The earliest due time (or now, for an action whose time is not
-    computed yet); None when no repository has maintenance."""
-    pending = (
-        Maintenance.select()
-        .where(
-            (Maintenance.forget_cron.is_null(False) & Maintenance.next_forget_at.is_null())
-            | (Maintenance.prune_cron.is_null(False) & Maintenance.next_prune_at.is_null())
-            | (Maintenance.check_cron.is_null(False) & Maintenance.next_check_at.is_null())
-        )
-        .exists()
-    )
-    if pending:
-        return dt.datetime.min
-    times = [
-        Maintenance.select(fn.MIN(getattr(Maintenance, f"next_{a}_at"))).scalar() for a in ACTIONS
-    ]
-    return min((t for t in times if t is not None), default=None)
+    """The earliest due time (dt.datetime.min for an action whose time is
+    not computed yet); None when no repository has maintenance. One query."""
+    (due,) = one(f'SELECT MIN("t") FROM ({_DUE})')
+    if due is None:
+        return None
+    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
 
 
 class MaintenanceSource:

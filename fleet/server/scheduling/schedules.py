@@ -159,11 +159,17 @@ def acknowledged(host_id: int, version: int) -> bool:
     )
 
 
-def fire_params(group: SourceGroup, scheduled_at: dt.datetime, catch_up: bool) -> dict[str, Any]:
-    params = protocol.backup_params(
-        group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
-    )
-    params.update(scheduled_at=iso(scheduled_at), catch_up=catch_up)
+def fire_params(
+    group: Optional[SourceGroup], scheduled_at: Optional[str], catch_up: bool
+) -> dict[str, Any]:
+    """A fire's backup of the group: what command.run carries, and the fire
+    (a group gone since: the fire only)."""
+    params: dict[str, Any] = {}
+    if group is not None:
+        params = protocol.backup_params(
+            group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
+        )
+    params.update(scheduled_at=scheduled_at, catch_up=catch_up)
     return params
 
 
@@ -253,7 +259,7 @@ def apply_fire(
             "backup",
             "schedule",
             group=group,
-            params=fire_params(group, scheduled_at, catch_up),
+            params=fire_params(group, when, catch_up),
             schedule=s.id,
             uid=uid,
         )
@@ -294,10 +300,13 @@ def local_job(
     if found is None:
         found = Job.get_or_none((Job.uid == uid) & (Job.host == host_id))
     if found is not None:
-        params = dict(found.params or {})
+        changes: dict[str, Any] = {}
+        if found.agent_job != agent_job:
+            changes["agent_job"] = agent_job
         if coalesced:  # the later fires the agent folded into it
-            params["coalesced"] = list(coalesced)
-        Job.update(agent_job=agent_job, params=params).where(Job.id == found.id).execute()
+            changes["params"] = {**(found.params or {}), "coalesced": list(coalesced)}
+        if changes:  # (each report of a bound job would otherwise write it again)
+            Job.update(**changes).where(Job.id == found.id).execute()
         return found.id
     group = None
     if group_id is not None:
@@ -308,14 +317,7 @@ def local_job(
         group = SourceGroup.get_or_none(
             (SourceGroup.name == group_name) & (SourceGroup.host == host_id)
         )
-    params: dict[str, Any] = {"scheduled_at": scheduled_at, "catch_up": catch_up, "local": True}
-    if group is not None:
-        params.update(
-            protocol.backup_params(
-                group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
-            )
-        )
-        params.update(scheduled_at=scheduled_at, catch_up=catch_up)
+    params = {**fire_params(group, scheduled_at, catch_up), "local": True}
     if coalesced:
         params["coalesced"] = list(coalesced)
     job = lifecycle.create(
