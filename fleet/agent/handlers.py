@@ -33,15 +33,19 @@ async def on_ack(agent: Agent, frame: Envelope) -> None:
 
 async def on_config_update(agent: Agent, frame: Envelope) -> None:
     data = frame.data
-    repo = RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))
+    repos = [
+        RepoConfig(r["url"], r["password"], dict(r.get("env") or {}), r["id"], r["name"])
+        for r in data.get("repositories") or ()
+    ] or [RepoConfig(data["repo_url"], data["repo_password"], dict(data.get("repo_env") or {}))]
     try:
-        before = agent.state.load_repo()
-    except StateError:  # unreadable: replaced below
-        before = None
-    if repo != before:
-        agent.runner.sizes.stale = True  # another repository: its sizes are measured anew
-    agent.state.save_repo(repo)
-    log.info("repository configuration updated")
+        before = {r.id: r for r in agent.state.load_repos()}
+    except (StateError, KeyError, TypeError):  # unreadable: replaced below
+        before = {}
+    for repo in repos:
+        if before.get(repo.id) != repo:
+            agent.runner.sizes_of(repo).stale = True  # another one: its sizes are measured anew
+    agent.state.save_repos(repos)
+    log.info("repository configuration updated (%d repositories)", len(repos))
 
 
 async def on_command_run(agent: Agent, frame: Envelope) -> None:

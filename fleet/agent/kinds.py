@@ -218,18 +218,18 @@ async def after_backup(job: Job, outcome: Outcome) -> None:
         return
     snap = new_snapshot(job)
     if snap is not None:
-        await job.reporter.emit(
-            "snapshots.report",
-            {"snapshots": [snap], "report_at": job.restic_started, "last": False},
-        )
+        data = {"snapshots": [snap], "report_at": job.restic_started, "last": False}
+        if job.repo.id is not None:
+            data["repository_id"] = job.repo.id
+        await job.reporter.emit("snapshots.report", data)
     job.refresh(job.log.summary)
 
 
 async def after_repository_change(job: Job, outcome: Outcome) -> None:
-    """forget and prune change what the repository holds: the snapshot list
-    is refreshed and the sizes measured again."""
+    """forget, prune and copy change what the repository holds: the
+    snapshot list is refreshed and the sizes measured again."""
     if outcome.status in ("succeeded", "warning"):
-        job.runner.sizes.stale = True
+        job.sizes.stale = True
         job.refresh()
 
 
@@ -270,6 +270,17 @@ KINDS: dict[str, Kind] = {
         after=after_repository_change,
     ),
     "prune": Kind((), lambda p, w: commands.prune(), run_restic, after=after_repository_change),
+    # into the job's repository from the one it names (a group's second copy)
+    "copy": Kind(
+        (
+            _opt("snapshot", "str", limit=128),
+            _opt("tag", "str", limit=64),
+            _opt("group", "str", limit=64),
+        ),
+        lambda p, w: commands.copy(p.get("snapshot") or "", p.get("tag") or "", w.hosts),
+        run_restic,
+        after=after_repository_change,
+    ),
     "check": Kind(
         (_opt("read_data_subset", "str", limit=32), _opt("args", "list[str]", limit=100)),
         _check_command,

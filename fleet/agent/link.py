@@ -20,7 +20,7 @@ import random
 import socket
 import subprocess
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -204,7 +204,11 @@ class Agent:
     # -- Reporter: how jobs talk to fleetd -------------------------------
 
     async def emit(
-        self, type_: str, data: dict, supersede: bool = False, drop_local: Optional[int] = None
+        self,
+        type_: str,
+        data: dict,
+        supersede: Union[bool, dict[str, Any]] = False,
+        drop_local: Optional[int] = None,
     ) -> None:
         self.spool.append(type_, data, supersede, drop_local)
         self.wake.set()

@@ -79,10 +79,32 @@ class Sizes:
         return out
 
 
-def restic_env(repo: RepoConfig) -> tuple[dict[str, str], execute.Masker]:
-    """restic's environment for the repository, and the masker of its secrets."""
+def restic_env(
+    repo: RepoConfig, source: Optional[RepoConfig] = None
+) -> tuple[dict[str, str], execute.Masker]:
+    """restic's environment for the repository (and a copy's source), and
+    the masker of their secrets. Raises ValueError when the two need one
+    backend variable set to different values (restic has one environment)."""
     env = execute.environment(repo.url, repo.password, repo.env)
-    return env, execute.Masker([repo.password, *repo.env.values()])
+    secrets = [repo.password, *repo.env.values()]
+    if source is not None:
+        for key, value in source.env.items():
+            if key in repo.env and repo.env[key] != value:
+                raise ValueError(
+                    f"both repositories set {key} to different values; restic copy "
+                    "runs with one environment for both"
+                )
+            env[key] = value
+        env["RESTIC_FROM_REPOSITORY"] = source.url
+        env["RESTIC_FROM_PASSWORD"] = source.password
+        secrets += [source.password, *source.env.values()]
+    return env, execute.Masker(secrets)
+
+
+def repository_field(repo: RepoConfig) -> dict[str, Any]:
+    """What a report about the repository names it by (nothing for the one
+    an older fleetd sent)."""
+    return {} if repo.id is None else {"repository_id": repo.id}
 
 
 class Reporter(Protocol):
@@ -162,6 +184,7 @@ class Job:
         repo: RepoConfig,
         extra: Optional[dict[str, Any]] = None,
         local: Optional[int] = None,
+        source: Optional[RepoConfig] = None,
     ) -> None:
         self.runner = runner
         self.id = job_id
@@ -171,10 +194,11 @@ class Job:
         self.params = params
         self.command = command
         self.repo = repo
+        self.source = source  # a copy's: the repository it reads
         self.reporter = runner.reporter
         self.log = JobLog(runner.reporter, job_id)
         self.cancel = asyncio.Event()
-        self.env, self.mask = restic_env(repo)
+        self.env, self.mask = restic_env(repo, source)
         self.restic_started: Optional[str] = None  # when restic backup began (its snapshot's time)
 
     @staticmethod
@@ -214,15 +238,24 @@ class Job:
             self.runner.grace,
         )
 
+    @property
+    def sizes(self) -> Sizes:
+        return self.runner.sizes_of(self.repo)
+
     def refresh(self, summary: Optional[dict[str, Any]] = None) -> None:
-        """Ask for the snapshot list and stats to be refreshed once the runner is idle."""
-        self.runner.refresher.request(summary)
+        """Ask for the job's repository's snapshot list and stats to be
+        refreshed once the runner is idle."""
+        self.runner.refresher.request(summary, self.repo.id)
+
+
+ALL = "all"  # a refresh of every repository the host uses
 
 
 class Refresher:
-    """The snapshot list and stats, refreshed in the background when idle.
+    """The snapshot lists and stats, refreshed in the background when idle.
 
-    Requests coalesce: one refresh covers every backup since the last one.
+    Requests coalesce: one refresh covers every backup since the last one,
+    in each repository asked for.
     `preempt` (a job starts) kills a running refresh; it runs again when the
     runner is idle. The backup summaries asked with are kept until a refresh
     reported the list: restic before 0.17 keeps no size in a snapshot.
@@ -232,14 +265,16 @@ class Refresher:
         self.runner = runner
         self.delay = delay
         self.due = False
-        self.summaries: list[dict[str, Any]] = []
+        self.wanted: set[Any] = set()  # repository ids (None: an older fleetd's one), or ALL
+        self.summaries: list[tuple[Optional[int], dict[str, Any]]] = []
         self.runs = 0  # refreshes started (tests count them)
         self._task: Optional[asyncio.Task] = None
 
-    def request(self, summary: Optional[dict[str, Any]] = None) -> None:
+    def request(self, summary: Optional[dict[str, Any]] = None, repository: Any = ALL) -> None:
         self.due = True
+        self.wanted.add(repository)
         if summary:
-            self.summaries.append(summary)
+            self.summaries.append((None if repository == ALL else repository, summary))
             del self.summaries[:-MAX_SUMMARIES]
         self.kick()
 
@@ -276,15 +311,18 @@ class Refresher:
         await asyncio.sleep(self.delay)
         self.runs += 1
         used = list(self.summaries)
+        wanted = set(self.wanted)
         try:
-            repo = self.runner.state.load_repo()
-            if repo is not None:
-                await self.runner.report_repository(repo, used)
+            for repo in self.runner.state.load_repos():
+                if ALL in wanted or repo.id in wanted:
+                    mine = [s for rid, s in used if rid == repo.id]
+                    await self.runner.report_repository(repo, mine)
         except asyncio.CancelledError:
             raise  # pre-empted: still due
         except Exception:  # a failing refresh must not take the agent down, nor loop
             log.exception("refreshing the snapshot list failed")
         self.due = False
+        self.wanted -= wanted
         self.summaries = [s for s in self.summaries if s not in used]
 
 
@@ -307,10 +345,13 @@ class JobRunner:
         self.current: Optional[int] = None
         self.job: Optional[Job] = None
         self.refresher = Refresher(self, refresh_delay)
-        self.sizes = Sizes()
+        self.sizes: dict[Optional[int], Sizes] = {}  # by repository id
         self.where = where
         self._task: Optional[asyncio.Task] = None
         self.on_idle: Callable[[], None] = lambda: None  # the scheduler's queue
+
+    def sizes_of(self, repo: RepoConfig) -> Sizes:
+        return self.sizes.setdefault(repo.id, Sizes())
 
     @property
     def current_uid(self) -> Optional[str]:
@@ -327,18 +368,38 @@ class JobRunner:
         kind, params, argv = prepare(command, self.where)
         if self.current is not None:
             raise Refused("busy", f"busy with job {self.current}")
+        repo = self.repository(command.get("repository_id"))
+        source = None
+        if command["kind"] == "copy":
+            if command.get("from_repository_id") is None:
+                raise Refused("bad_params", "a copy needs the repository it copies from")
+            source = self.repository(command["from_repository_id"])
         try:
-            repo = self.state.load_repo()
+            job = Job(self, command["job_id"], kind, params, argv, repo, extra, local, source)
+        except ValueError as exc:
+            raise Refused("bad_params", str(exc)) from None
+        self.refresher.preempt()
+        self.current = command["job_id"]
+        self.job = job
+        self._task = asyncio.ensure_future(self._run(command["kind"], self.job))
+
+    def repository(self, repository_id: Optional[int]) -> RepoConfig:
+        """The repository a job names (none: the default). Raises Refused."""
+        try:
+            repo = self.state.load_repo(repository_id)
         except (StateError, KeyError, TypeError) as exc:
             raise Refused("no_repo", f"the repository configuration is unreadable: {exc}") from None
-        if repo is None:
+        if repo is None and repository_id is None:
             raise Refused(
                 "no_repo", "no repository configured for this host: run 'fleetctl repo set'"
             )
-        self.refresher.preempt()
-        self.current = command["job_id"]
-        self.job = Job(self, command["job_id"], kind, params, argv, repo, extra, local)
-        self._task = asyncio.ensure_future(self._run(command["kind"], self.job))
+        if repo is None:
+            raise Refused(
+                "no_repo",
+                f"repository {repository_id} is not one this host has been given "
+                "(fleetd sends it when the host uses it)",
+            )
+        return repo
 
     def cancel(self, job_id: int) -> bool:
         if self.current != job_id or self.job is None:
@@ -433,18 +494,15 @@ class JobRunner:
 
     # -- reports ------------------------------------------------------------
 
-    async def report_locks(self, repo: Optional[RepoConfig] = None) -> None:
+    async def report_locks(self, repo: RepoConfig) -> None:
         """Tell fleetd how many restic locks the repository holds (stale ones
         are left by a restic that was killed); `fleetctl repo unlock` clears them."""
-        repo = repo or self.state.load_repo()
-        if repo is None:
-            return
         result, out = await self._stdout(commands.list_locks(), repo)
         locks = [line for line in out if line.strip()]
         if result.exit_code == 0:
             if locks:
-                log.warning("the repository holds %d lock(s)", len(locks))
-            await self.reporter.emit("repo.locks", {"count": len(locks)})
+                log.warning("repository %s holds %d lock(s)", repo.name or "", len(locks))
+            await self.reporter.emit("repo.locks", {"count": len(locks), **repository_field(repo)})
         else:
             log.warning("restic list locks failed: %s", result.error)
 
@@ -462,16 +520,26 @@ class JobRunner:
 
     async def check_locks_when_idle(self) -> None:
         """At start: a restic killed with the agent leaves its lock behind."""
-        if self.current is None:
-            await self.report_locks()
+        try:
+            repos = self.state.load_repos()
+        except (StateError, KeyError, TypeError) as exc:
+            log.warning("the repository configuration is unreadable: %s", exc)
+            return
+        for repo in repos:
+            if self.current is None:
+                await self.report_locks(repo)
 
-    async def report_snapshots(self, snaps: list[dict[str, Any]]) -> None:
-        """The snapshot list in pages; a newer report supersedes any still unsent."""
+    async def report_snapshots(self, snaps: list[dict[str, Any]], repo: RepoConfig) -> None:
+        """The snapshot list in pages; a newer report of the same repository
+        supersedes any still unsent."""
         report_at = now_iso()
+        field = repository_field(repo)
         pages = [snaps[i : i + SNAPSHOT_PAGE] for i in range(0, len(snaps), SNAPSHOT_PAGE)] or [[]]
         for n, page in enumerate(pages):
             data = {"snapshots": page, "report_at": report_at, "last": n == len(pages) - 1}
-            await self.reporter.emit("snapshots.report", data, supersede=(n == 0))
+            data.update(field)
+            supersede = (field or True) if n == 0 else False
+            await self.reporter.emit("snapshots.report", data, supersede=supersede)
 
     async def report_repository(
         self, repo: RepoConfig, summaries: Optional[list[dict[str, Any]]] = None
@@ -487,13 +555,13 @@ class JobRunner:
                 snaps = parse.snapshots("\n".join(out))
                 for summary in summaries or ():
                     parse.add_backup_summary(snaps, summary)
-                await self.report_snapshots(snaps)
+                await self.report_snapshots(snaps, repo)
                 count = len(snaps)
             except parse.ParseError as exc:
                 log.warning("cannot read restic snapshots output: %s", exc)
         else:
             log.warning("restic snapshots failed: %s", result.error)
-        sizes = self.sizes
+        sizes = self.sizes_of(repo)
         if sizes.due(time.monotonic()):
             measured = await self._measure(repo)
             if measured is not None:
@@ -502,7 +570,7 @@ class JobRunner:
             sizes.grow(list(summaries or ()))
         report = sizes.report(count)
         if report is not None:
-            await self.reporter.emit("repo.stats", report)
+            await self.reporter.emit("repo.stats", {**report, **repository_field(repo)})
 
     async def _measure(self, repo: RepoConfig) -> Optional[dict[str, int]]:
         """restic stats twice: restore size, then stored (raw) data."""

@@ -151,6 +151,8 @@ def local_job(host_id: int, e: Entry, group: dict[str, Any], at: str, catch_up: 
         "scheduled_at": at,
         "catch_up": catch_up,
     }
+    if group.get("repository_id") is not None:  # else the host's default
+        command["repository_id"] = group["repository_id"]
     return {
         "job_id": 0,
         "uid": protocol.fire_uid(host_id, e.id, at, group["id"]),

@@ -25,7 +25,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 Frame = tuple[int, str, dict[str, Any]]  # (seq, type, data)
 
@@ -102,13 +102,14 @@ class Spool:
         self,
         type_: str,
         data: dict[str, Any],
-        supersede: bool = False,
+        supersede: Union[bool, dict[str, Any]] = False,
         drop_local: Optional[int] = None,
     ) -> int:
         """Store a frame under the next seq; returns that seq once it is committed.
 
         supersede: frames of the same type still waiting are dropped first
-        (a newer snapshot list makes older ones pointless). drop_local: the
+        (a newer snapshot list makes older ones pointless); a dict: only
+        those whose data holds these values (the same repository's). drop_local: the
         local job this frame starts leaves the queue in the same transaction.
         """
         with self._db:  # one transaction
@@ -117,15 +118,26 @@ class Spool:
                 self._db.execute("DELETE FROM local_jobs WHERE job_id = ?", (drop_local,))
             return self._insert(type_, data, supersede)
 
-    def _insert(self, type_: str, data: dict[str, Any], supersede: bool = False) -> int:
+    def _insert(
+        self, type_: str, data: dict[str, Any], supersede: Union[bool, dict[str, Any]] = False
+    ) -> int:
         """append's work, inside the caller's transaction."""
         text = json.dumps(data, separators=(",", ":"))
-        if supersede:
+        if supersede is True:
             freed = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0) FROM frames WHERE type = ?", (type_,)
             ).fetchone()[0]
             self._db.execute("DELETE FROM frames WHERE type = ?", (type_,))
             self._bytes -= freed
+        elif supersede:
+            match = dict(supersede)
+            for seq, old, size in self._db.execute(
+                "SELECT seq, data, size FROM frames WHERE type = ?", (type_,)
+            ).fetchall():
+                held = json.loads(old)
+                if all(held.get(k) == v for k, v in match.items()):
+                    self._db.execute("DELETE FROM frames WHERE seq = ?", (seq,))
+                    self._bytes -= size
         if self._bytes + len(text) > self.max_bytes:
             # make room for a tenth of the bound at once, not a line at a time
             self._evict(self._bytes + len(text) - self.max_bytes + self.max_bytes // 10)

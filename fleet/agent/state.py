@@ -2,7 +2,8 @@
 
 agent.json    server URL, host id and name, agent token, TLS pin
 server.pem    the server certificate pinned at enrollment (TLS only)
-repo.json     repository URL, password and backend environment
+repo.json     the repositories the host uses (URL, password, backend
+              environment, fleetd's id and name), its default first
 schedules.json  the schedule set fleetd last sent (its version, crons, groups)
 spool.db      frames not yet acknowledged by fleetd; each schedule's last fire;
               the backups the agent runs on its own while fleetd is away
@@ -70,6 +71,8 @@ class RepoConfig:
     url: str
     password: str
     env: dict[str, str] = field(default_factory=dict)
+    id: Optional[int] = None  # fleetd's; None: the one an older fleetd sent
+    name: str = ""
 
     def __repr__(self) -> str:
         return "RepoConfig(<redacted>)"
@@ -116,16 +119,37 @@ class State:
         except OSError as exc:
             raise StateError(f"cannot write {self.identity_path}: {exc.strerror}") from None
 
-    def load_repo(self) -> Optional[RepoConfig]:
+    def load_repos(self) -> list[RepoConfig]:
+        """The host's repositories, its default first ([]: none yet). Raises
+        StateError (or KeyError, TypeError) when repo.json is damaged."""
         doc = _read_json(self.repo_path)
-        return (
-            None
-            if doc is None
-            else RepoConfig(doc["url"], doc["password"], dict(doc.get("env") or {}))
-        )
+        if doc is None:
+            return []
+        if "repositories" not in doc:  # written before a host had several
+            return [RepoConfig(doc["url"], doc["password"], dict(doc.get("env") or {}))]
+        return [
+            RepoConfig(
+                r["url"], r["password"], dict(r.get("env") or {}), r.get("id"), r.get("name", "")
+            )
+            for r in doc["repositories"]
+        ]
+
+    def load_repo(self, repository_id: Optional[int] = None) -> Optional[RepoConfig]:
+        """One repository by fleetd's id, or the default (none named)."""
+        repos = self.load_repos()
+        if repository_id is None:
+            return repos[0] if repos else None
+        for repo in repos:
+            if repo.id == repository_id:
+                return repo
+        return None
+
+    def save_repos(self, repos: list[RepoConfig]) -> None:
+        doc = {"repositories": [asdict(r) for r in repos]}
+        write_private(self.repo_path, json.dumps(doc) + "\n")
 
     def save_repo(self, repo: RepoConfig) -> None:
-        write_private(self.repo_path, json.dumps(asdict(repo)) + "\n")
+        self.save_repos([repo])
 
     def load_schedules(self) -> Optional[dict[str, Any]]:
         """The schedule.set data last applied, or None before the first."""

@@ -45,6 +45,7 @@ JOB_KINDS = (
     "prune",
     "check",
     "unlock",
+    "copy",
     "restore",
     "snapshots",
     "stats",
@@ -118,7 +119,17 @@ SOURCE_GROUP = (
     _opt("retention", "dict"),
     _opt("pre_hook", "str"),
     _opt("post_hook", "str"),
+    _opt("repository_id", "int"),  # where its backups go; none: the host's default
 )
+# a repository an agent holds; its id is what jobs and reports name
+REPOSITORY = (
+    F("id", "int"),
+    F("name", "str", limit=64),
+    F("url", "str", limit=2048),
+    F("password", "str", limit=4096),
+    _opt("env", "dict[str,str]", limit=100),
+)
+MAX_REPOSITORIES = 32  # a host's repositories
 
 SCHEDULE = (
     F("id", "int"),
@@ -211,6 +222,8 @@ MESSAGES: dict[str, MessageSpec] = {
             F("repo_url", "str", limit=2048),
             F("repo_password", "str", limit=4096),
             _opt("repo_env", "dict[str,str]", limit=100),
+            # every repository the host uses, its default (the repo_* above) first
+            _opt("repositories", "list[dict]", limit=MAX_REPOSITORIES, item=REPOSITORY),
         ),
     ),
     "schedule.set": MessageSpec(
@@ -260,6 +273,11 @@ MESSAGES: dict[str, MessageSpec] = {
             # forget: the hosts whose snapshots it selects (another host's,
             # when this one does its repository's maintenance)
             _opt("hosts", "list[str]", limit=100),
+            # which of its repositories the job works on (none: its default),
+            # and the one a copy reads from
+            _opt("repository_id", "int"),
+            _opt("from_repository_id", "int"),
+            _opt("snapshot", "str", limit=128),  # copy: the one snapshot (none: the group's)
         ),
     ),
     "command.result": MessageSpec(
@@ -339,6 +357,7 @@ MESSAGES: dict[str, MessageSpec] = {
             F("snapshots", "list[dict]", limit=SNAPSHOT_PAGE, item=SNAPSHOT),
             _opt("report_at", _TS),
             _opt("last", "bool"),
+            _opt("repository_id", "int"),  # none: the host's default (an older agent)
         ),
     ),
     "repo.stats": MessageSpec(
@@ -352,9 +371,12 @@ MESSAGES: dict[str, MessageSpec] = {
             # when restic stats last measured the sizes; since then each
             # backup's summary added to them
             _opt("measured_at", _TS),
+            _opt("repository_id", "int"),
         ),
     ),
-    "repo.locks": MessageSpec("agent", (F("count", "int", minimum=0),)),
+    "repo.locks": MessageSpec(
+        "agent", (F("count", "int", minimum=0), _opt("repository_id", "int"))
+    ),
     "ack": MessageSpec("server", (F("seq", "int", minimum=0, maximum=MAX_SEQ),)),
     "error": MessageSpec(
         "both", (F("code", "str", limit=64), F("message", "str", limit=MAX_STR), _opt("re", "str"))

@@ -33,6 +33,8 @@ class JobDispatched:
     kind: str
     params: dict[str, Any]  # frozen when the job was made: what command.run carries
     uid: Optional[str] = None  # told to the agent: a scheduled job may be its own already
+    repository_id: Optional[int] = None  # the repository it works on (of those the agent holds)
+    from_repository_id: Optional[int] = None  # a copy's source
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,34 @@ def test_config_update_saves_the_repository(agent):
 def test_another_repository_has_its_sizes_measured_anew(agent):
     config = {"repo_url": "/r", "repo_password": "pw"}
     deliver(agent, "config.update", config)
-    agent.runner.sizes.measured({"size_bytes": 1, "raw_size_bytes": 1}, 0.0)
+    sizes = agent.runner.sizes_of(agent.state.load_repo())
+    sizes.measured({"size_bytes": 1, "raw_size_bytes": 1}, 0.0)
     deliver(agent, "config.update", config)  # the same again (every reconnect)
-    assert agent.runner.sizes.stale is False
+    assert sizes.stale is False
     deliver(agent, "config.update", {**config, "repo_url": "/other"})
-    assert agent.runner.sizes.stale is True
+    assert sizes.stale is True
+
+
+def test_config_update_saves_every_repository_of_the_host(agent):
+    repos = [
+        {"id": 3, "name": "main", "url": "/main", "password": "pw1", "env": {}},
+        {"id": 9, "name": "offsite", "url": "/off", "password": "pw2", "env": {"B": "2"}},
+    ]
+    config = {"repo_url": "/main", "repo_password": "pw1", "repositories": repos}
+    deliver(agent, "config.update", config)
+    assert [(r.id, r.name, r.url) for r in agent.state.load_repos()] == [
+        (3, "main", "/main"),
+        (9, "offsite", "/off"),
+    ]
+    assert agent.state.load_repo().name == "main"  # none named: the default
+    assert agent.state.load_repo(9).env == {"B": "2"}
+    assert agent.state.load_repo(4) is None
+    main, off = (agent.runner.sizes_of(r) for r in agent.state.load_repos())
+    main.measured({"size_bytes": 1}, 0.0)
+    off.measured({"size_bytes": 2}, 0.0)
+    repos[1] = {**repos[1], "password": "changed"}
+    deliver(agent, "config.update", {**config, "repositories": repos})
+    assert main.stale is False and off.stale is True  # only the one that changed
 
 
 def test_command_run_accepted(agent):
@@ -168,6 +191,7 @@ def test_the_kinds():
         "prune",
         "check",
         "unlock",
+        "copy",
         "snapshots",
         "stats",
     }

@@ -49,7 +49,15 @@ def status(job: Job) -> str:
 def dispatched(job: Job) -> JobDispatched:
     """The event a claim of this job publishes: what command.run needs."""
     row = Job.get_by_id(job.id)
-    return JobDispatched(row.id, row.host_id, row.kind, row.params, row.uid)
+    return JobDispatched(
+        row.id,
+        row.host_id,
+        row.kind,
+        row.params,
+        row.uid,
+        row.repository_id,
+        row.from_repository_id,
+    )
 
 
 def set_status(job: Job, value: str) -> None:

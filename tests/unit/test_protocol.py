@@ -97,7 +97,7 @@ WIRE_FIELDS = {
         ("features",),
     ),
     "heartbeat": ("agent", ("sent_at",), ()),
-    "config.update": ("server", ("repo_url", "repo_password"), ("repo_env",)),
+    "config.update": ("server", ("repo_url", "repo_password"), ("repo_env", "repositories")),
     "schedule.set": ("server", ("version", "schedules"), ()),
     "schedule.ack": ("agent", ("version", "applied_at"), ()),
     "schedule.fire": ("agent", ("schedule_id", "scheduled_at"), ("catch_up", "jobs")),
@@ -119,6 +119,9 @@ WIRE_FIELDS = {
             "catch_up",
             "coalesced",
             "hosts",
+            "repository_id",
+            "from_repository_id",
+            "snapshot",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -149,13 +152,13 @@ WIRE_FIELDS = {
         ("job_id", "status", "exit_code", "finished_at"),
         ("summary", "error"),
     ),
-    "snapshots.report": ("agent", ("snapshots",), ("report_at", "last")),
+    "snapshots.report": ("agent", ("snapshots",), ("report_at", "last", "repository_id")),
     "repo.stats": (
         "agent",
         ("size_bytes", "snapshot_count"),
-        ("file_count", "raw_size_bytes", "lock_state", "measured_at"),
+        ("file_count", "raw_size_bytes", "lock_state", "measured_at", "repository_id"),
     ),
-    "repo.locks": ("agent", ("count",), ()),
+    "repo.locks": ("agent", ("count",), ("repository_id",)),
     "ack": ("server", ("seq",), ()),
     "error": ("both", ("code", "message"), ("re",)),
 }
@@ -174,7 +177,7 @@ WIRE_ITEM_FIELDS = {
 }
 WIRE_SOURCE_GROUP_FIELDS = (
     ("id", "name", "includes", "excludes"),
-    ("retention", "pre_hook", "post_hook"),
+    ("retention", "pre_hook", "post_hook", "repository_id"),
 )
 
 # type -> (data with every field, frame id, seq, the exact frame encode() gives)
@@ -238,12 +241,16 @@ EXAMPLES = {
             "repo_url": "s3:https://s3.example.com/backups/web-01",
             "repo_password": "hunter2",
             "repo_env": {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+            "repositories": [
+                {"id": 4, "name": "main", "url": "/srv/main", "password": "pw", "env": {}}
+            ],
         },
         "c1",
         None,
         '{"v":1,"type":"config.update","id":"c1","data":'
         '{"repo_url":"s3:https://s3.example.com/backups/web-01","repo_password":"hunter2",'
-        '"repo_env":{"AWS_ACCESS_KEY_ID":"AKIA1","AWS_SECRET_ACCESS_KEY":"s3cr3t"}}}',
+        '"repo_env":{"AWS_ACCESS_KEY_ID":"AKIA1","AWS_SECRET_ACCESS_KEY":"s3cr3t"},'
+        '"repositories":[{"id":4,"name":"main","url":"/srv/main","password":"pw","env":{}}]}}',
     ),
     "schedule.set": (
         {
@@ -315,6 +322,9 @@ EXAMPLES = {
             "catch_up": True,
             "coalesced": ["2024-05-02T04:00:00Z"],
             "hosts": ["web-01"],
+            "repository_id": 4,
+            "from_repository_id": 5,
+            "snapshot": "4f2a9c1e",
         },
         "r42",
         None,
@@ -322,7 +332,8 @@ EXAMPLES = {
         '"uid":"fire-3-1-2024-05-02T03:00:00Z-10","group":"etc","includes":["/etc"],"excludes":["/etc/shadow"],"tag":"manual",'
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
-        '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"]}}',
+        '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
+        '"repository_id":4,"from_repository_id":5,"snapshot":"4f2a9c1e"}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},
@@ -435,13 +446,14 @@ EXAMPLES = {
             ],
             "report_at": "2024-05-02T03:10:04Z",
             "last": True,
+            "repository_id": 4,
         },
         None,
         5,
         '{"v":1,"type":"snapshots.report","seq":5,"data":{"snapshots":[{"id":"4f2a9c1e77d0",'
         '"short_id":"4f2a9c1e","time":"2024-05-02T03:09:59Z","hostname":"web-01",'
         '"paths":["/etc"],"tags":["daily"],"size_bytes":1048576,"file_count":12}],'
-        '"report_at":"2024-05-02T03:10:04Z","last":true}}',
+        '"report_at":"2024-05-02T03:10:04Z","last":true,"repository_id":4}}',
     ),
     "repo.stats": (
         {
@@ -451,18 +463,19 @@ EXAMPLES = {
             "raw_size_bytes": 2097152,
             "lock_state": "unlocked",
             "measured_at": "2024-05-02T03:00:00Z",
+            "repository_id": 4,
         },
         "st1",
         6,
         '{"v":1,"type":"repo.stats","id":"st1","seq":6,"data":{"size_bytes":1048576,'
         '"snapshot_count":7,"file_count":1234,"raw_size_bytes":2097152,'
-        '"lock_state":"unlocked","measured_at":"2024-05-02T03:00:00Z"}}',
+        '"lock_state":"unlocked","measured_at":"2024-05-02T03:00:00Z","repository_id":4}}',
     ),
     "repo.locks": (
-        {"count": 1},
+        {"count": 1, "repository_id": 4},
         None,
         9,
-        '{"v":1,"type":"repo.locks","seq":9,"data":{"count":1}}',
+        '{"v":1,"type":"repo.locks","seq":9,"data":{"count":1,"repository_id":4}}',
     ),
     "ack": (
         {"seq": 6},
@@ -543,6 +556,7 @@ def test_wire_enumerations():
         "prune",
         "check",
         "unlock",
+        "copy",
         "restore",
         "snapshots",
         "stats",

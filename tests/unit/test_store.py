@@ -24,6 +24,7 @@ from fleet.server.store.migrations import MIGRATIONS, current_version, migrate
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
 MAINTENANCE = "maintenance per repository, with defaults (forget daily, prune and check weekly)"
+SEVERAL = MIGRATIONS[9][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -78,7 +79,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -93,10 +94,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (7, "repository sizes: when restic stats last measured them"),
             (8, REPOSITORIES),
             (9, MAINTENANCE),
+            (10, SEVERAL),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 9
+        assert current_version(database) == MIGRATIONS[-1][0] == 10
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -119,6 +121,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (7, "repository sizes: when restic stats last measured them"),
         (8, REPOSITORIES),
         (9, MAINTENANCE),
+        (10, SEVERAL),
     ]
     assert m.Host.select().count() == 0
 
@@ -266,7 +269,7 @@ def populate_host(name: str) -> m.Host:
         paths=["/etc"],
         tags=["etc"],
     )
-    m.RepoStats.create(host=host, size_bytes=10, snapshot_count=1)
+    m.RepoStats.create(host=host, repository=repo, size_bytes=10, snapshot_count=1)
     m.EnrollmentToken.create(host=host, token_hash=f"h-{name}", created_by=user, expires_at=NOW)
     return host
 
@@ -550,7 +553,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     finally:
         database.close()
 
@@ -820,7 +823,7 @@ def test_migration_8_makes_each_hosts_repository_a_named_one_its_secrets_intact(
     raw.close()
     database = open_database(db_path)
     try:
-        assert current_version(database) == 9
+        assert current_version(database) == MIGRATIONS[-1][0]
         assert not database.table_exists("repo")
         # and each gets the default maintenance (migration 9)
         assert {
@@ -842,5 +845,71 @@ def test_migration_8_makes_each_hosts_repository_a_named_one_its_secrets_intact(
         assert m.HostRepository.get(m.HostRepository.host == 1).attached_at == dt.datetime(
             2026, 2, 1
         )
+    finally:
+        database.close()
+
+
+def test_migration_10_binds_jobs_snapshots_sizes_and_locks_to_the_hosts_repository(
+    db_path: Path,
+) -> None:
+    """A database at version 9: each job, snapshot and size row of a host
+    belongs to its (only) repository afterwards; its lock count moves to the
+    repository; a host without one keeps unbound jobs and loses nothing."""
+    raw = sqlite3.connect(db_path)
+    raw.execute(
+        'CREATE TABLE "schema_version" ("version" INTEGER NOT NULL PRIMARY KEY, '
+        '"name" TEXT NOT NULL, "applied_at" DATETIME NOT NULL)'
+    )
+    for version, name, statements in MIGRATIONS[:9]:
+        for sql in statements:
+            raw.execute(sql)
+        raw.execute(
+            "INSERT INTO schema_version VALUES (?, ?, '2026-01-01 00:00:00')", (version, name)
+        )
+    t = "'2026-01-01 00:00:00'"
+    for host_id, name, locks in ((1, "web1", 2), (2, "bare", None)):
+        raw.execute(
+            "INSERT INTO host (id, name, created_at, online, schedule_version, "
+            f"applied_schedule_version, last_seq, repo_locks) VALUES (?, ?, {t}, 0, 0, 0, 0, ?)",
+            (host_id, name, locks),
+        )
+        raw.execute(
+            "INSERT INTO job (uid, host_id, kind, status, actor_kind, params, created_at) "
+            f"VALUES (?, ?, 'backup', 'succeeded', 'user', '{{}}', {t})",
+            (f"u{host_id}", host_id),
+        )
+    raw.execute(
+        "INSERT INTO repository (id, name, url_enc, password_enc, env_names, aad, created_at, "
+        f"updated_at) VALUES (7, 'main', x'00', x'00', '[]', 'repository:7', {t}, {t})"
+    )
+    raw.execute(f"INSERT INTO host_repository VALUES (1, 7, 0, {t})")
+    raw.execute(
+        "INSERT INTO snapshot (host_id, snapshot_id, short_id, time, hostname, paths, tags) "
+        f"VALUES (1, 'abc', 'abc', {t}, 'web1', '[]', '[]')"
+    )
+    raw.execute(
+        "INSERT INTO repo_stats (host_id, size_bytes, raw_size_bytes, snapshot_count, "
+        f"updated_at) VALUES (1, 100, 40, 3, {t})"
+    )
+    raw.execute(
+        "INSERT INTO repo_stats (host_id, size_bytes, snapshot_count, "
+        f"updated_at) VALUES (2, 5, 1, {t})"
+    )
+    raw.commit()
+    raw.close()
+    database = open_database(db_path)
+    try:
+        assert current_version(database) == 10
+        jobs = {j.host.name: j.repository_id for j in m.Job.select()}
+        assert jobs == {"web1": 7, "bare": None}
+        assert [(s.snapshot_id, s.repository_id) for s in m.Snapshot.select()] == [("abc", 7)]
+        stats = [
+            (s.host_id, s.repository_id, s.size_bytes, s.raw_size_bytes)
+            for s in m.RepoStats.select()
+        ]
+        assert stats == [(1, 7, 100, 40)]  # a host without a repository had no sizes to keep
+        repo = m.Repository.get_by_id(7)
+        assert repo.locks == 2
+        assert all(g.repository_id is None for g in m.SourceGroup.select())
     finally:
         database.close()

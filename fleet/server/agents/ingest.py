@@ -22,7 +22,17 @@ from ..events import Bus, Event, JobLogged
 from ..jobs import lifecycle
 from ..scheduling import schedules
 from ..store.db import Store, StoreClosed, in_savepoints
-from ..store.models import Host, Job, JobLog, RepoStats, Snapshot, db, utcnow
+from ..store.models import (
+    Host,
+    HostRepository,
+    Job,
+    JobLog,
+    Repository,
+    RepoStats,
+    Snapshot,
+    db,
+    utcnow,
+)
 from ..store.queries import hot
 
 log = logging.getLogger("fleetd.ingest")
@@ -147,6 +157,27 @@ class _Apply:
                 )
         return self._owned[job_id]
 
+    def repository(self, data: dict) -> tuple[bool, Optional[int]]:
+        """(known, id) of the repository a report is about: the one it
+        names, when the host uses it (known False: it no longer does; the
+        report is skipped); else the host's default (an older agent's
+        report names none), None while it has none."""
+        named = data.get("repository_id")
+        if named is None:
+            return True, hot.default_repository(self.host.id)
+        used = (
+            HostRepository.select()
+            .where((HostRepository.host == self.host.id) & (HostRepository.repository == named))
+            .exists()
+        )
+        if not used:
+            log.info(
+                "host %s reported on repository %s, which it no longer uses; skipped",
+                self.host.name,
+                named,
+            )
+        return used, named
+
     def bind(self, agent_job: int, job_id: int) -> None:
         self._owned[agent_job] = job_id
 
@@ -227,21 +258,37 @@ def _job_finished(a: _Apply, data: dict) -> None:
 
 
 def _snapshots(a: _Apply, data: dict) -> None:
-    apply_snapshot_page(a.host.id, data)
+    known, repository = a.repository(data)
+    if known:
+        apply_snapshot_page(a.host.id, data, repository)
 
 
 def _locks(a: _Apply, data: dict) -> None:
-    Host.update(repo_locks=data["count"], repo_locks_at=utcnow()).where(
-        Host.id == a.host.id
-    ).execute()
+    known, repository = a.repository(data)
+    if not known:
+        return
+    now = utcnow()
+    if repository is not None:
+        Repository.update(locks=data["count"], locks_at=now).where(
+            Repository.id == repository
+        ).execute()
+    if repository is None or repository == hot.default_repository(a.host.id):
+        Host.update(repo_locks=data["count"], repo_locks_at=now).where(
+            Host.id == a.host.id
+        ).execute()
 
 
 def _stats(a: _Apply, data: dict) -> None:
-    values = dict(data)
+    known, repository = a.repository(data)
+    if repository is None:
+        return  # sizes of no repository fleetd knows for it
+    values = {k: v for k, v in data.items() if k != "repository_id"}
     if "measured_at" in values:
         values["measured_at"] = parse_ts(values["measured_at"])
-    RepoStats.insert(host=a.host.id, updated_at=utcnow(), **values).on_conflict(
-        conflict_target=[RepoStats.host],
+    RepoStats.insert(
+        host=a.host.id, repository=repository, updated_at=utcnow(), **values
+    ).on_conflict(
+        conflict_target=[RepoStats.host, RepoStats.repository],
         preserve=[
             RepoStats.size_bytes,
             RepoStats.snapshot_count,
@@ -313,7 +360,9 @@ def apply_frames(
     return last
 
 
-def apply_snapshot_page(host_id: int, page: dict[str, Any]) -> None:
+def apply_snapshot_page(
+    host_id: int, page: dict[str, Any], repository: Optional[int] = None
+) -> None:
     """fleetd's projection of `restic snapshots`: exactly what the agent saw.
 
     Each page upserts its snapshots stamped with the report's time; the last
@@ -333,19 +382,21 @@ def apply_snapshot_page(host_id: int, page: dict[str, Any]) -> None:
             "size_bytes": snap.get("size_bytes"),
             "file_count": snap.get("file_count"),
             "reported_at": report_at,
+            "repository": repository,
         }
         Snapshot.insert(**row).on_conflict(
             conflict_target=[Snapshot.host, Snapshot.snapshot_id],
-            preserve=[Snapshot.tags, Snapshot.paths, Snapshot.reported_at],
+            preserve=[Snapshot.tags, Snapshot.paths, Snapshot.reported_at, Snapshot.repository],
             # a size learnt from the backup that made it is kept when later reports lack one
             update={
                 Snapshot.size_bytes: fn.COALESCE(EXCLUDED.size_bytes, Snapshot.size_bytes),
                 Snapshot.file_count: fn.COALESCE(EXCLUDED.file_count, Snapshot.file_count),
             },
         ).execute()
-    if page.get("last", True):
+    if page.get("last", True):  # the rest of this host's list in that repository
         Snapshot.delete().where(
             (Snapshot.host == host_id)
+            & (Snapshot.repository.is_null() | (Snapshot.repository == repository))
             & ((Snapshot.reported_at < report_at) | Snapshot.reported_at.is_null())
         ).execute()
 

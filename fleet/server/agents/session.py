@@ -126,18 +126,31 @@ class AgentSession:
 
 
 def repo_config(host_id: int, box: SecretBox) -> Optional[dict]:
-    """config.update for a host, decrypted on the store thread."""
-    row = hot.repo_secrets(host_id)
-    if row is None:
+    """config.update for a host, decrypted on the store thread: every
+    repository it uses, and its default again in the fields an older agent
+    reads."""
+    repositories = []
+    for rid, name, url_enc, password_enc, env_enc, aad in hot.repo_secrets(host_id):
+        env = {}
+        if env_enc:
+            env = json.loads(box.decrypt(bytes(env_enc), repository_aad(aad, "env")))
+        repositories.append(
+            {
+                "id": rid,
+                "name": name,
+                "url": box.decrypt(bytes(url_enc), repository_aad(aad, "url")),
+                "password": box.decrypt(bytes(password_enc), repository_aad(aad, "password")),
+                "env": env,
+            }
+        )
+    if not repositories:
         return None
-    url_enc, password_enc, env_enc, aad = row
-    env = {}
-    if env_enc:
-        env = json.loads(box.decrypt(bytes(env_enc), repository_aad(aad, "env")))
+    first = repositories[0]
     return {
-        "repo_url": box.decrypt(bytes(url_enc), repository_aad(aad, "url")),
-        "repo_password": box.decrypt(bytes(password_enc), repository_aad(aad, "password")),
-        "repo_env": env,
+        "repo_url": first["url"],
+        "repo_password": first["password"],
+        "repo_env": first["env"],
+        "repositories": repositories,
     }
 
 

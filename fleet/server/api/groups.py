@@ -9,10 +9,12 @@ from ...common.protocol import Field
 from ..scheduling.schedules import bump, retention_warnings
 from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
+from ..store.queries.hot import default_repository
 from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
 from .errors import Conflict, Invalid
 from .registry import Method, collect
+from .repos import attach, get_repository
 from .views import group_json
 
 METHODS: list[Method] = []
@@ -26,6 +28,12 @@ GROUP_FIELDS = (
     Field("post_hook", "str", False),
     Field("retries", "int", False, minimum=0),
     Field("retry_delay", "int", False, minimum=0),
+    # a repository by name ("": the host's default), attached to the host when
+    # it does not use it yet; a second one each new snapshot is copied into
+    # ("": none) and how long the copies are kept there (none: as here)
+    Field("repository", "str", False, limit=64),
+    Field("copy_to", "str", False, limit=64),
+    Field("copy_retention", "dict", False),
 )
 # protocol.Field bounds ints from below only; the upper bounds are checked here
 MAXIMUM = {"retries": 100, "retry_delay": 7 * 24 * 3600}  # retry_delay in seconds: 7 days
@@ -52,6 +60,38 @@ def check_retention(policy: Any) -> dict:
         return retention.normalize(policy)
     except retention.RetentionError as exc:
         raise Invalid(str(exc)) from None
+
+
+def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> list[str]:
+    """The group's repository and copy as named in `p`; returns the names
+    of those the host did not use before (now attached)."""
+    attached = []
+    for key in ("repository", "copy_to"):
+        if key not in p:
+            continue
+        if not p[key]:
+            setattr(g, key, None)
+            continue
+        repo = get_repository(p[key])
+        if attach(ctx, host, repo):
+            attached.append(repo.name)
+        setattr(g, key, repo)
+    if p.get("clear_copy_retention"):
+        g.copy_retention = None
+    if p.get("copy_retention"):
+        merged = dict(g.copy_retention or {})
+        merged.update(p["copy_retention"])
+        g.copy_retention = check_retention(merged)
+    if g.copy_to_id is not None:
+        own = g.repository_id or default_repository(host.id)
+        if g.copy_to_id == own:
+            raise Invalid(
+                f"source group {g.name} would copy into repository {g.copy_to.name}, "
+                "where its backups go already"
+            )
+    elif g.copy_retention is not None and "copy_retention" in p:
+        raise Invalid("a copy retention needs a repository to copy to (--copy-to)")
+    return attached
 
 
 def apply_group_fields(g: SourceGroup, p: dict) -> None:
@@ -107,9 +147,10 @@ def groups_create(ctx: Context, p: dict) -> dict:
     apply_group_fields(group, p)
     group.includes = check_includes(group.includes)
     group.retention = check_retention(p.get("retention"))
+    attached = apply_repositories(ctx, host, group, p)
     group.save()
-    audit(ctx, "group.create", f"{host.name}/{name}")
-    return shown(host, group)
+    audit(ctx, "group.create", f"{host.name}/{name}", {"attached": attached} if attached else None)
+    return {**shown(host, group), "attached": attached}
 
 
 @method(
@@ -120,6 +161,7 @@ def groups_create(ctx: Context, p: dict) -> dict:
         Field("name", "str", limit=64),
         Field("new_name", "str", False, limit=64),
         Field("clear_retention", "bool", False),
+        Field("clear_copy_retention", "bool", False),
         *GROUP_FIELDS,
     ),
 )
@@ -137,13 +179,14 @@ def groups_edit(ctx: Context, p: dict) -> dict:
         merged = {} if p.get("clear_retention") else dict(group.retention)
         merged.update(p.get("retention") or {})
         group.retention = check_retention(merged)
+    attached = apply_repositories(ctx, host, group, p)
     group.updated_at = utcnow()
     group.save()
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
     changed = sorted(k for k in p if k not in ("host", "name"))
-    audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed})
-    return shown(host, group)
+    audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed, "attached": attached})
+    return {**shown(host, group), "attached": attached}
 
 
 @method(

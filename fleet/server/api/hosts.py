@@ -16,8 +16,8 @@ from ..store.queries import listing
 from .common import at_most, audit, get_host
 from .context import Context
 from .registry import Method, collect
-from .repos import default_of
-from .views import host_detail_json, host_row_json
+from .repos import repositories_of
+from .views import host_detail_json, host_row_json, stats_json
 
 METHODS: list[Method] = []
 method = collect(METHODS)
@@ -83,13 +83,21 @@ def hosts_show(ctx: Context, p: dict) -> dict:
     """One host in detail: the listing's fields, its repository's stats,
     platform, groups and schedule versions."""
     h = get_host(p["host"])
-    return host_detail_json(
+    repositories = repositories_of(h)
+    stats = {s.repository_id: s for s in RepoStats.select().where(RepoStats.host == h)}
+    default = repositories[0] if repositories else None
+    out = host_detail_json(
         h,
         last_job(h, "backup"),
-        default_of(h),
-        RepoStats.get_or_none(RepoStats.host == h),
+        default,
+        stats.get(default.id) if default is not None else None,
         [g.name for g in h.groups.order_by(SourceGroup.name)],
     )
+    out["repositories"] = [
+        {"name": r.name, "default": n == 0, "stats": stats_json(stats.get(r.id))}
+        for n, r in enumerate(repositories)
+    ]
+    return out
 
 
 @method("hosts.remove", Role.OPERATOR, (Field("host", "str", limit=64),))

@@ -14,7 +14,7 @@ from ...common.timefmt import iso
 from ..events import MaintenanceChanged
 from ..scheduling import maintenance as policy
 from ..security.auth import Role
-from ..store.models import Host, HostRepository, Job, Maintenance, Repository, utcnow
+from ..store.models import Host, Job, Maintenance, Repository, utcnow
 from .common import audit
 from .context import Context
 from .errors import Conflict, Invalid
@@ -49,18 +49,15 @@ def check_subset(value: str) -> str:
 
 
 def last_jobs(repo: Repository) -> dict[str, Optional[dict[str, Any]]]:
-    """The last ended forget, prune and check into the repository, by any
-    host using it (a failed check stays shown until one succeeds)."""
+    """The last ended forget, prune and check of the repository, by any
+    host (a failed check stays shown until one succeeds)."""
     out: dict[str, Optional[dict[str, Any]]] = {}
     for action in policy.ACTIONS:
         job = (
             Job.select(Job, Host)
             .join(Host)
-            .join(HostRepository, on=(HostRepository.host == Host.id))
             .where(
-                (HostRepository.repository == repo.id)
-                & (Job.kind == action)
-                & Job.status.in_(FINAL_STATUSES)
+                (Job.repository == repo.id) & (Job.kind == action) & Job.status.in_(FINAL_STATUSES)
             )
             .order_by(Job.finished_at.desc(), Job.id.desc())
             .first()

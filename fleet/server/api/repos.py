@@ -2,8 +2,9 @@
 
 A repository's URL, password and backend environment are stored encrypted
 (bound to the repository's row) and never leave fleetd but to the agents of
-the hosts that use it. A host uses one repository today, its default (the
-first): `repos use` and `repo set` make it so. `repo set HOST` (the per-host
+the hosts that use it. A host uses one or more: its default (the first,
+where a group that names none backs up; `repos use` and `repo set` make
+it), and those `repos attach` adds or a group names (--repo, --copy-to). `repo set HOST` (the per-host
 form of the first releases) keeps working: it writes the repository named
 after the host.
 """
@@ -14,13 +15,24 @@ import json
 import re
 from typing import Any, Optional
 
+from peewee import fn
+
 from ...common.protocol import Field
 from ..events import MaintenanceChanged, RepoChanged
 from ..jobs import lifecycle
 from ..scheduling import maintenance
 from ..security.auth import Role
 from ..security.secrets import SecretBox, repository_aad
-from ..store.models import Host, HostRepository, Job, Repository, utcnow
+from ..store.models import (
+    Host,
+    HostRepository,
+    Job,
+    Repository,
+    RepoStats,
+    Snapshot,
+    SourceGroup,
+    utcnow,
+)
 from .common import audit, check_name, get_host
 from .context import Context
 from .errors import Conflict, Invalid, NotFound
@@ -108,6 +120,16 @@ def get_repository(name: str) -> Repository:
     return repo
 
 
+def repositories_of(host: Host) -> list[Repository]:
+    """The repositories the host uses, its default (the first) first."""
+    return list(
+        Repository.select()
+        .join(HostRepository)
+        .where(HostRepository.host == host)
+        .order_by(HostRepository.position, HostRepository.attached_at)
+    )
+
+
 def default_of(host: Host) -> Optional[Repository]:
     """The host's default repository (its first), or None."""
     return (
@@ -140,28 +162,105 @@ def changed(ctx: Context, repo: Repository) -> None:
 
 
 def use(ctx: Context, host: Host, repo: Repository) -> bool:
-    """Make `repo` the host's repository; False when it already was."""
+    """Make `repo` the host's default repository (its first); False when it
+    already was. The old default stays attached only while one of the
+    host's groups names it."""
     current = default_of(host)
     if current is not None and current.id == repo.id:
         return False
-    if current is not None:
-        lifecycle.freed(ctx.events, host.id)  # its jobs leave the old one's queue
-        queued = Job.select(Job.id, Job.params).where(
-            (Job.host == host) & (Job.status == lifecycle.QUEUED)
+    HostRepository.update(position=HostRepository.position + 1).where(
+        HostRepository.host == host
+    ).execute()
+    if not attach(ctx, host, repo, position=0):
+        HostRepository.update(position=0).where(
+            (HostRepository.host == host) & (HostRepository.repository == repo)
+        ).execute()
+        ctx.events.append(RepoChanged(host.id))
+    if current is not None and not named_by(host, current):
+        detach(ctx, host, current, successor=repo)
+    return True
+
+
+def attach(ctx: Context, host: Host, repo: Repository, position: Optional[int] = None) -> bool:
+    """The host uses `repo` too (after those it has, unless `position` is
+    given); False when it already did. Its agent gets it and inits it."""
+    if (
+        HostRepository.select()
+        .where((HostRepository.host == host) & (HostRepository.repository == repo))
+        .exists()
+    ):
+        return False
+    if position is None:
+        last = (
+            HostRepository.select(fn.MAX(HostRepository.position))
+            .where(HostRepository.host == host)
+            .scalar()
         )
-        for job in queued:  # maintenance made for the old repository
-            if (job.params or {}).get("repository") == current.name:
-                lifecycle.end(
-                    ctx.events,
-                    host.id,
-                    job.id,
-                    "cancelled",
-                    error=f"its host no longer uses repository {current.name}",
-                )
-    HostRepository.delete().where(HostRepository.host == host).execute()
-    HostRepository.create(host=host, repository=repo, position=0, attached_at=utcnow())
+        position = 0 if last is None else last + 1
+    HostRepository.create(host=host, repository=repo, position=position, attached_at=utcnow())
     ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
     return True
+
+
+def named_by(host: Host, repo: Repository) -> list[str]:
+    """The host's groups that name `repo`, for their backups or their copies."""
+    return [
+        name
+        for (name,) in SourceGroup.select(SourceGroup.name)
+        .where(
+            (SourceGroup.host == host)
+            & ((SourceGroup.repository == repo) | (SourceGroup.copy_to == repo))
+        )
+        .order_by(SourceGroup.name)
+        .tuples()
+    ]
+
+
+# kinds a job keeps when its repository is the host's default and that moves:
+# they follow the default (a backup of a group that names none, a listing)
+FOLLOW_DEFAULT = ("backup", "snapshots", "stats")
+
+
+def detach(
+    ctx: Context, host: Host, repo: Repository, successor: Optional[Repository] = None
+) -> None:
+    """The host no longer uses `repo`: its queued jobs there follow the new
+    default (`successor`) when they may, else end cancelled; what fleetd
+    knew of its snapshots and sizes there goes (restic's data stays)."""
+    lifecycle.freed(ctx.events, host.id)  # its jobs leave the repository's queue
+    queued = Job.select(Job.id, Job.kind, Job.group, Job.from_repository).where(
+        (Job.host == host)
+        & (Job.status == lifecycle.QUEUED)
+        & ((Job.repository == repo) | (Job.from_repository == repo))
+    )
+    following = {
+        g.id
+        for g in SourceGroup.select(SourceGroup.id).where(
+            (SourceGroup.host == host) & SourceGroup.repository.is_null()
+        )
+    }
+    for job in queued:
+        if (
+            successor is not None
+            and job.kind in FOLLOW_DEFAULT
+            and job.from_repository_id is None
+            and (job.group_id is None or job.group_id in following)
+        ):
+            Job.update(repository=successor).where(Job.id == job.id).execute()
+            continue
+        lifecycle.end(
+            ctx.events,
+            host.id,
+            job.id,
+            "cancelled",
+            error=f"its host no longer uses repository {repo.name}",
+        )
+    HostRepository.delete().where(
+        (HostRepository.host == host) & (HostRepository.repository == repo)
+    ).execute()
+    Snapshot.delete().where((Snapshot.host == host) & (Snapshot.repository == repo)).execute()
+    RepoStats.delete().where((RepoStats.host == host) & (RepoStats.repository == repo)).execute()
+    ctx.events.append(RepoChanged(host.id))
 
 
 def shown(ctx: Context, repo: Repository) -> dict[str, Any]:
@@ -280,6 +379,58 @@ def repos_use(ctx: Context, p: dict) -> dict:
     if moved:
         audit(ctx, "repos.use", repo.name, {"hosts": moved})
     return {**shown(ctx, repo), "changed": moved}
+
+
+HOSTS = Field("hosts", "list[str]", limit=1000)
+
+
+def named_hosts(p: dict) -> list[Host]:
+    if not p["hosts"]:
+        raise Invalid("name at least one host")
+    return [get_host(name) for name in dict.fromkeys(p["hosts"])]
+
+
+@method("repos.attach", Role.OPERATOR, (NAME, HOSTS))
+def repos_attach(ctx: Context, p: dict) -> dict:
+    """These hosts use the repository too, beside their default (a group
+    names it with --repo or --copy-to); their agents get it and init it."""
+    repo = get_repository(p["name"])
+    added = [h.name for h in named_hosts(p) if attach(ctx, h, repo)]
+    if added:
+        audit(ctx, "repos.attach", repo.name, {"hosts": added})
+    return {**shown(ctx, repo), "changed": added}
+
+
+@method("repos.detach", Role.OPERATOR, (NAME, HOSTS))
+def repos_detach(ctx: Context, p: dict) -> dict:
+    """These hosts stop using the repository (restic's data stays). Refused
+    for a host whose groups name it, or for whom it is the only one."""
+    repo = get_repository(p["name"])
+    hosts = named_hosts(p)
+    removed = []
+    for h in hosts:
+        used = [r.id for r in repositories_of(h)]
+        if repo.id not in used:
+            continue
+        groups = named_by(h, repo)
+        if groups:
+            raise Conflict(
+                f"{h.name}'s group(s) {', '.join(groups)} name repository {repo.name}: "
+                "point them elsewhere first (fleetctl groups edit --repo/--copy-to)"
+            )
+        if len(used) == 1:
+            raise Conflict(
+                f"repository {repo.name} is the only one {h.name} uses: "
+                "give it another with 'fleetctl repos use' instead"
+            )
+        successor = None
+        if used[0] == repo.id:  # the default goes: the next one takes its place
+            successor = Repository.get_by_id(used[1])
+        detach(ctx, h, repo, successor)
+        removed.append(h.name)
+    if removed:
+        audit(ctx, "repos.detach", repo.name, {"hosts": removed})
+    return {**shown(ctx, repo), "changed": removed}
 
 
 # -- a host's repository (the per-host form) ---------------------------------------

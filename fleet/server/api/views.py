@@ -134,6 +134,22 @@ def dedup_ratio(restore: int, raw: Optional[int]) -> Optional[float]:
     return round(restore / raw, 2) if raw else None
 
 
+def stats_json(stats: Optional[RepoStats]) -> Optional[dict]:
+    if stats is None:
+        return None
+    return {
+        # what all snapshots restore, summed (restic's restore-size)
+        "size_bytes": stats.size_bytes,
+        # what the repository stores: after deduplication and compression
+        "raw_size_bytes": stats.raw_size_bytes,
+        "dedup_ratio": dedup_ratio(stats.size_bytes, stats.raw_size_bytes),
+        "snapshot_count": stats.snapshot_count,
+        "file_count": stats.file_count,
+        "measured_at": iso(stats.measured_at),
+        "updated_at": iso(stats.updated_at),
+    }
+
+
 def host_detail_json(
     h: Host,
     backup: Optional[Job],
@@ -143,21 +159,7 @@ def host_detail_json(
 ) -> dict:
     """A host as shown: the listing's fields and what only `hosts.show` reads."""
     out = host_json(h, backup)
-    out["repo_stats"] = (
-        None
-        if stats is None
-        else {
-            # what all snapshots restore, summed (restic's restore-size)
-            "size_bytes": stats.size_bytes,
-            # what the repository stores: after deduplication and compression
-            "raw_size_bytes": stats.raw_size_bytes,
-            "dedup_ratio": dedup_ratio(stats.size_bytes, stats.raw_size_bytes),
-            "snapshot_count": stats.snapshot_count,
-            "file_count": stats.file_count,
-            "measured_at": iso(stats.measured_at),
-            "updated_at": iso(stats.updated_at),
-        }
-    )
+    out["repo_stats"] = stats_json(stats)  # its default repository's
     out.update(
         {
             "id": h.id,
@@ -187,6 +189,8 @@ def repository_json(repo: Repository, box: SecretBox, hosts: Sequence[str]) -> d
         "password": REDACTED,
         "env": {name: REDACTED for name in repo.env_names},
         "hosts": list(hosts),
+        "locks": repo.locks,  # restic locks in it, as a host last reported (None: not yet)
+        "locks_at": iso(repo.locks_at),
         "created_at": iso(repo.created_at),
         "updated_at": iso(repo.updated_at),
     }
@@ -209,6 +213,11 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "retry_delay": g.retry_delay,
         "schedules": schedules,
         "retention_warnings": list(warnings),
+        # None: the host's default repository
+        "repository": g.repository.name if g.repository_id is not None else None,
+        "copy_to": g.copy_to.name if g.copy_to_id is not None else None,
+        # the copy's retention; None: the group's own
+        "copy_retention": g.copy_retention,
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

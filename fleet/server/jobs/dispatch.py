@@ -37,14 +37,23 @@ BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
 COMMAND_KEYS = frozenset(
     f.name
     for f in protocol.MESSAGES["command.run"].fields
-    if f.name not in ("job_id", "kind", "uid")
+    if f.name not in ("job_id", "kind", "uid", "repository_id", "from_repository_id")
 )
 
 
 def command_for(
-    job_id: int, kind: str, params: Optional[dict[str, Any]], uid: Optional[str] = None
+    job_id: int,
+    kind: str,
+    params: Optional[dict[str, Any]],
+    uid: Optional[str] = None,
+    repository_id: Optional[int] = None,
+    from_repository_id: Optional[int] = None,
 ) -> dict[str, Any]:
     cmd: dict[str, Any] = {"job_id": job_id, "kind": kind}
+    if repository_id is not None:  # an older agent ignores it: it has one, the default
+        cmd["repository_id"] = repository_id
+    if from_repository_id is not None:
+        cmd["from_repository_id"] = from_repository_id
     if uid and uid.startswith(protocol.FIRE_UID_PREFIX):
         # a job of a schedule fire: the agent may have made it already,
         # having run the fire on its own while fleetd was out of reach
@@ -136,7 +145,15 @@ class Dispatcher:
         while self._outbox:
             event = self._outbox.popleft()
             frame = protocol.encode(
-                "command.run", command_for(event.job_id, event.kind, event.params, event.uid)
+                "command.run",
+                command_for(
+                    event.job_id,
+                    event.kind,
+                    event.params,
+                    event.uid,
+                    event.repository_id,
+                    event.from_repository_id,
+                ),
             )
             if await self.sessions.send_command(event.host_id, event.job_id, frame):
                 continue

@@ -58,7 +58,15 @@ def create(
     not_before: Optional[dt.datetime] = None,
     uid: Optional[str] = None,
     agent_job: Optional[int] = None,
+    repository: Optional[int] = None,
+    from_repository: Optional[int] = None,
 ) -> Job:
+    """A queued job. Its repository: `repository`, else its group's, else
+    the host's default (None while the host has none)."""
+    if repository is None and group is not None:
+        repository = group.repository_id
+    if repository is None:
+        repository = hot.default_repository(host_id)
     values = {
         "uid": uid or new_uid(),  # fleetd's own jobs get a fresh one
         "host_id": host_id,
@@ -73,6 +81,8 @@ def create(
         "created_at": utcnow(),
         "not_before": not_before,
         "agent_job": agent_job,  # the agent's own job: never dispatched
+        "repository_id": repository,
+        "from_repository_id": from_repository,
     }
     # plain SQL, and the model built from what was inserted: building the
     # INSERT through peewee cost more than the write (3,000 run-nows at once)
@@ -83,8 +93,9 @@ def create(
     return job
 
 
-def needs_init(host_id: int) -> bool:
-    """Auto-init: a repository is set and no init job was made since it was.
+def needs_init(host_id: int) -> list[int]:
+    """Auto-init: the host's repositories that no init job was made for
+    since they were set, changed or attached to it.
 
     A failed init is not retried by itself (it would fail again, forever):
     `fleetctl repo init` or a new `repo set` tries again.
@@ -95,17 +106,24 @@ def needs_init(host_id: int) -> bool:
 def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
     """The host's next due job, moved queued -> dispatched in one statement,
     and only when the host has no job with its agent already. Init first."""
-    if needs_init(host_id):
-        create(events, host_id, "init", "system")
+    for repository in needs_init(host_id):
+        create(events, host_id, "init", "system", repository=repository)
     row = hot.claim(host_id, now)
     if row is None:
         return None
-    job_id, kind, params, uid = row
+    job_id, kind, params, uid, repository, source = row
     # what a command.run needs, without reading the row back
     job = Job(
-        id=job_id, host=host_id, kind=kind, params=json.loads(params), status=DISPATCHED, uid=uid
+        id=job_id,
+        host=host_id,
+        kind=kind,
+        params=json.loads(params),
+        status=DISPATCHED,
+        uid=uid,
+        repository=repository,
+        from_repository=source,
     )
-    events.append(JobDispatched(job_id, host_id, kind, job.params, uid))
+    events.append(JobDispatched(job_id, host_id, kind, job.params, uid, repository, source))
     return job
 
 
@@ -180,6 +198,8 @@ def end(
     if not done:
         return False
     events.append(JobEnded(job_id, host_id, status, tuple(hot.sharing_hosts_waiting(host_id))))
+    if status in ("succeeded", "warning"):
+        copy_after(events, host_id, job_id, summary)
     if status == "failed":
         job = Job.get_by_id(job_id)
         again = retry.after_failure(job, now)
@@ -195,8 +215,47 @@ def end(
                 params,
                 schedule=job.schedule_id,
                 not_before=not_before,
+                repository=job.repository_id,  # the same repositories, even if the group moved
+                from_repository=job.from_repository_id,
             )
     return True
+
+
+def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict]) -> None:
+    """A backup of a group that names a second repository is followed by a
+    copy of its new snapshot into that one (3-2-1), a job of its own."""
+    snapshot = (summary or {}).get("snapshot_id")
+    if not isinstance(snapshot, str) or not snapshot:
+        return  # not a backup, or one that made no snapshot
+    job = Job.get_by_id(job_id)
+    if job.kind != "backup" or job.group_id is None:
+        return
+    group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
+    if group is None or group.copy_to_id is None or job.repository_id is None:
+        return
+    if group.copy_to_id == job.repository_id:
+        return  # named as its own copy: nothing to do
+    create(
+        events,
+        host_id,
+        "copy",
+        job.actor_kind,
+        job.actor_user_id,
+        group,
+        copy_params(group, snapshot),
+        schedule=job.schedule_id,
+        repository=group.copy_to_id,
+        from_repository=job.repository_id,
+    )
+
+
+def copy_params(group: SourceGroup, snapshot: Optional[str] = None) -> dict[str, Any]:
+    """What a copy of the group's snapshots carries: the one new snapshot,
+    or (none named) every snapshot of the group the copy lacks."""
+    params: dict[str, Any] = {"group": group.name, "tag": group.name}
+    if snapshot:
+        params["snapshot"] = snapshot
+    return params
 
 
 def cancel(events: Events, job_id: int, now: dt.datetime) -> str:

@@ -19,7 +19,7 @@ def after_failure(
     job: Job, now: dt.datetime
 ) -> Optional[tuple[SourceGroup, dict[str, Any], dt.datetime]]:
     """(group, params, due time) of the retry of a failed job, or None."""
-    if job.kind != "backup" or job.group_id is None:
+    if job.kind not in ("backup", "copy") or job.group_id is None:
         return None
     group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
     attempt = int((job.params or {}).get("attempt", 1))

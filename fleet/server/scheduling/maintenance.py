@@ -31,7 +31,7 @@ from ...common import cron
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Host, HostRepository, Job, Maintenance, Repository, SourceGroup
-from ..store.queries import one
+from ..store.queries import hot, one
 
 log = logging.getLogger("fleetd.maintenance")
 
@@ -73,14 +73,38 @@ def runner(repository_id: int) -> Optional[Host]:
 def pending(repo: Repository, action: str) -> set[Optional[int]]:
     """The groups (None: the whole repository) whose `action` of the
     repository is still queued or dispatched: not made again meanwhile."""
-    rows = Job.select(Job.group, Job.params).where(
-        (Job.kind == action) & Job.status.in_((lifecycle.QUEUED, lifecycle.DISPATCHED))
+    rows = Job.select(Job.group).where(
+        (Job.kind == action)
+        & (Job.repository == repo.id)
+        & Job.status.in_((lifecycle.QUEUED, lifecycle.DISPATCHED))
     )
-    return {
-        job.group_id if action == "forget" else None
-        for job in rows
-        if (job.params or {}).get("repository") == repo.name
-    }
+    return {job.group_id if action == "forget" else None for job in rows}
+
+
+def retentions(repo: Repository) -> list[tuple[SourceGroup, dict]]:
+    """The groups kept in `repo` and by which rules: those that back up into
+    it (their retention) and those that copy into it (their copy's
+    retention, else their own)."""
+    hosts = [
+        hid
+        for (hid,) in HostRepository.select(HostRepository.host)
+        .where(HostRepository.repository == repo.id)
+        .tuples()
+    ]
+    defaults = {hid: hot.default_repository(hid) for hid in hosts}
+    out = []
+    groups = (
+        SourceGroup.select(SourceGroup, Host)
+        .join(Host)
+        .where(SourceGroup.host.in_(hosts))
+        .order_by(Host.name, SourceGroup.name)
+    )
+    for g in groups:
+        if (g.repository_id or defaults[g.host_id]) == repo.id:
+            out.append((g, g.retention))
+        elif g.copy_to_id == repo.id:
+            out.append((g, g.retention if g.copy_retention is None else g.copy_retention))
+    return out
 
 
 def make_jobs(
@@ -102,7 +126,7 @@ def make_jobs(
     waiting = pending(repo, action)
 
     def make(host: int, kind: str, params: dict[str, Any], g: Optional[SourceGroup] = None) -> int:
-        return lifecycle.create(events, host, kind, *actor, g, params).id
+        return lifecycle.create(events, host, kind, *actor, g, params, repository=repo.id).id
 
     if action != "forget":
         if None in waiting:
@@ -110,17 +134,10 @@ def make_jobs(
         params = {**base, "read_data_subset": subset} if action == "check" and subset else base
         return [make(runner_host.id, action, params)]
     made = []
-    groups = (
-        SourceGroup.select(SourceGroup, Host)
-        .join(Host)
-        .join(HostRepository, on=(HostRepository.host == Host.id))
-        .where(HostRepository.repository == repo.id)
-        .order_by(Host.name, SourceGroup.name)
-    )
-    for g in groups:
-        if not g.retention or g.id in waiting:
+    for g, retention in retentions(repo):
+        if not retention or g.id in waiting:
             continue  # keeps everything (restic refuses an empty policy), or still waits
-        params = {**base, "tag": g.name, "group": g.name, "retention": g.retention}
+        params = {**base, "tag": g.name, "group": g.name, "retention": retention}
         made.append(make(g.host_id, "forget", params, g))
     return made
 

@@ -82,7 +82,7 @@ def uses_host_zone(host_id: int) -> bool:
 
 
 def group_wire(g: SourceGroup) -> dict[str, Any]:
-    return {
+    wire = {
         "id": g.id,
         "name": g.name,
         "includes": list(g.includes),
@@ -91,6 +91,9 @@ def group_wire(g: SourceGroup) -> dict[str, Any]:
         "pre_hook": g.pre_hook or "",
         "post_hook": g.post_hook or "",
     }
+    if g.repository_id is not None:  # else its host's default
+        wire["repository_id"] = g.repository_id
+    return wire
 
 
 def schedule_set(host_id: int, host_zone: Optional[str] = None) -> dict[str, Any]:

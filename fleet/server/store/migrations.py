@@ -141,11 +141,39 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "SELECT \"id\", '30 4 * * *', '0 5 * * 0', '0 6 * * 3', '5%', \"updated_at\" FROM \"repository\"",
         ],
     ),
+    (
+        10,
+        "a host uses several repositories: groups name theirs and a copy's; jobs, snapshots, sizes and locks are per repository",
+        [
+            'ALTER TABLE "source_group" ADD COLUMN "repository_id" INTEGER REFERENCES "repository" ("id")',
+            'ALTER TABLE "source_group" ADD COLUMN "copy_to_id" INTEGER REFERENCES "repository" ("id")',
+            'ALTER TABLE "source_group" ADD COLUMN "copy_retention" TEXT',
+            'CREATE INDEX "source_group_repository_id" ON "source_group" ("repository_id")',
+            'CREATE INDEX "source_group_copy_to_id" ON "source_group" ("copy_to_id")',
+            'ALTER TABLE "job" ADD COLUMN "repository_id" INTEGER REFERENCES "repository" ("id") ON DELETE SET NULL',
+            'ALTER TABLE "job" ADD COLUMN "from_repository_id" INTEGER REFERENCES "repository" ("id") ON DELETE SET NULL',
+            'CREATE INDEX "job_repository_id_status" ON "job" ("repository_id", "status")',
+            'CREATE INDEX "job_from_repository_id_status" ON "job" ("from_repository_id", "status")',
+            'UPDATE "job" SET "repository_id" = (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "job"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1)',
+            'ALTER TABLE "snapshot" ADD COLUMN "repository_id" INTEGER REFERENCES "repository" ("id") ON DELETE CASCADE',
+            'UPDATE "snapshot" SET "repository_id" = (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "snapshot"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1)',
+            'CREATE INDEX "snapshot_repository_id" ON "snapshot" ("repository_id")',
+            'ALTER TABLE "repository" ADD COLUMN "locks" INTEGER',
+            'ALTER TABLE "repository" ADD COLUMN "locks_at" DATETIME',
+            'UPDATE "repository" SET ("locks", "locks_at") = (SELECT MAX("h"."repo_locks"), MAX("h"."repo_locks_at") FROM "host" AS "h" JOIN "host_repository" AS "hr" ON "hr"."host_id" = "h"."id" WHERE "hr"."repository_id" = "repository"."id")',
+            # sizes per host and repository: the table is made anew
+            'CREATE TABLE "repo_stats_new" ("host_id" INTEGER NOT NULL, "repository_id" INTEGER NOT NULL, "size_bytes" INTEGER NOT NULL, "raw_size_bytes" INTEGER, "snapshot_count" INTEGER NOT NULL, "file_count" INTEGER, "lock_state" TEXT, "updated_at" DATETIME NOT NULL, "measured_at" DATETIME, PRIMARY KEY ("host_id", "repository_id"), FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE CASCADE, FOREIGN KEY ("repository_id") REFERENCES "repository" ("id") ON DELETE CASCADE)',
+            'INSERT INTO "repo_stats_new" SELECT "s"."host_id", (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "s"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1) AS "rid", "s"."size_bytes", "s"."raw_size_bytes", "s"."snapshot_count", "s"."file_count", "s"."lock_state", "s"."updated_at", "s"."measured_at" FROM "repo_stats" AS "s" WHERE "rid" IS NOT NULL',
+            'DROP TABLE "repo_stats"',
+            'ALTER TABLE "repo_stats_new" RENAME TO "repo_stats"',
+            'CREATE INDEX "repo_stats_repository_id" ON "repo_stats" ("repository_id")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a
 # DROP would otherwise cascade), and checked before they commit
-REBUILDS = {4}
+REBUILDS = {4, 10}
 
 
 def current_version(database: pw.Database) -> int:

@@ -105,6 +105,8 @@ class Repository(Base):
     aad = pw.TextField()
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+    locks = pw.IntegerField(null=True)  # restic locks in it, as a host last reported
+    locks_at = pw.DateTimeField(null=True)
 
 
 class HostRepository(Base):
@@ -132,6 +134,13 @@ class SourceGroup(Base):
     retry_delay = pw.IntegerField(default=300)  # seconds
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+    # where its backups go; NULL: the host's default repository (its first).
+    # A repository a group names is one its host uses (attached with it).
+    repository = pw.ForeignKeyField(Repository, null=True, backref="groups")
+    # a second repository each new snapshot is copied into (3-2-1), kept
+    # there by copy_retention (NULL: the group's own retention)
+    copy_to = pw.ForeignKeyField(Repository, null=True, backref="copy_groups")
+    copy_retention = JSONField(null=True)
 
     class Meta:
         indexes = ((("host", "name"), True),)
@@ -204,9 +213,17 @@ class Job(Base):
     # the agent's own (negative) id of a job it made from a fire while fleetd
     # was out of reach; such a job is the agent's to run, never dispatched
     agent_job = pw.IntegerField(null=True)
+    # the repository it works on (a copy's destination), and the one a copy
+    # reads from: a job waits for what holds either (see queries.hot.claim)
+    repository = pw.ForeignKeyField(Repository, null=True, on_delete="SET NULL")
+    from_repository = pw.ForeignKeyField(
+        Repository, null=True, on_delete="SET NULL", backref="copies_from"
+    )
 
     class Meta:
         indexes = (
+            (("repository", "status"), False),
+            (("from_repository", "status"), False),
             (("host", "status"), False),
             (("status", "not_before"), False),
             (("host", "agent_job"), True),
@@ -235,13 +252,17 @@ class Snapshot(Base):
     size_bytes = pw.BigIntegerField(null=True)
     file_count = pw.BigIntegerField(null=True)
     reported_at = pw.DateTimeField(null=True)  # the report that last named it
+    repository = pw.ForeignKeyField(Repository, null=True, backref="snapshots", on_delete="CASCADE")
 
     class Meta:
         indexes = ((("host", "snapshot_id"), True),)
 
 
 class RepoStats(Base):
-    host = pw.ForeignKeyField(Host, primary_key=True, backref="repo_stats", on_delete="CASCADE")
+    """A repository's sizes as one host using it last reported them."""
+
+    host = pw.ForeignKeyField(Host, backref="repo_stats", on_delete="CASCADE")
+    repository = pw.ForeignKeyField(Repository, backref="stats", on_delete="CASCADE")
     size_bytes = pw.BigIntegerField()
     raw_size_bytes = pw.BigIntegerField(null=True)
     snapshot_count = pw.IntegerField()
@@ -251,6 +272,9 @@ class RepoStats(Base):
     # sizes are measured by restic stats now and then, and grown from each
     # backup's summary in between (see the agent's runner.Sizes)
     measured_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("host", "repository")
 
 
 class AuditLog(Base):

@@ -27,16 +27,23 @@ def set_seq(host_id: int, seq: int) -> None:
 
 # the host's default repository: its first
 DEFAULT_REPOSITORY = (
-    'FROM "host_repository" AS "hr" JOIN "repository" AS "r" ON "r"."id" = "hr"."repository_id" '
-    'WHERE "hr"."host_id" = ? ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1'
+    'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ? '
+    'ORDER BY "position", "attached_at" LIMIT 1'
 )
 
 
-def repo_secrets(host_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes], str]]:
-    """(url, password, env) ciphertexts of the host's repository and what
-    they are bound to, or None."""
-    return one(
-        'SELECT "r"."url_enc", "r"."password_enc", "r"."env_enc", "r"."aad" ' + DEFAULT_REPOSITORY,
+def default_repository(host_id: int) -> Optional[int]:
+    row = one(DEFAULT_REPOSITORY, host_id)
+    return row[0] if row else None
+
+
+def repo_secrets(host_id: int) -> list[tuple[int, str, bytes, bytes, Optional[bytes], str]]:
+    """(id, name, url, password, env ciphertexts, what they are bound to) of
+    each repository the host uses, its default first."""
+    return rows(
+        'SELECT "r"."id", "r"."name", "r"."url_enc", "r"."password_enc", "r"."env_enc", "r"."aad" '
+        'FROM "host_repository" AS "hr" JOIN "repository" AS "r" ON "r"."id" = "hr"."repository_id" '
+        'WHERE "hr"."host_id" = ? ORDER BY "hr"."position", "hr"."attached_at"',
         host_id,
     )
 
@@ -56,17 +63,23 @@ def job_of_agent(host_id: int, agent_job: int) -> Optional[int]:
     return row[0] if row else None
 
 
-def needs_init(host_id: int) -> bool:
-    """The host has a repository and no init job was made since it was
-    changed or the host took it."""
-    row = one(
-        'SELECT NOT EXISTS (SELECT 1 FROM "job" AS "j" WHERE "j"."host_id" = "hr"."host_id" '
-        'AND "j"."kind" = ? AND "j"."created_at" >= MAX("r"."updated_at", "hr"."attached_at")) '
-        + DEFAULT_REPOSITORY,
-        "init",
-        host_id,
-    )
-    return bool(row and row[0])
+def needs_init(host_id: int) -> list[int]:
+    """The repositories the host uses that no init job was made for since
+    they were changed or the host took them."""
+    return [
+        row[0]
+        for row in rows(
+            'SELECT "hr"."repository_id" FROM "host_repository" AS "hr" '
+            'JOIN "repository" AS "r" ON "r"."id" = "hr"."repository_id" '
+            'WHERE "hr"."host_id" = ? AND NOT EXISTS (SELECT 1 FROM "job" AS "j" '
+            'WHERE "j"."host_id" = "hr"."host_id" AND "j"."kind" = ? '
+            'AND "j"."repository_id" = "hr"."repository_id" '
+            'AND "j"."created_at" >= MAX("r"."updated_at", "hr"."attached_at")) '
+            'ORDER BY "hr"."position", "hr"."attached_at"',
+            host_id,
+            "init",
+        )
+    ]
 
 
 # jobs that take their repository for themselves (restic's exclusive lock,
@@ -77,27 +90,35 @@ _IN_EXCLUSIVE = "(" + ", ".join(f"'{k}'" for k in EXCLUSIVE) + ")"
 # an init too: two restic inits of one new repository at once could leave it
 # with two master keys; one at a time, the next finds it and checks its key
 _IN_ALONE = "(" + ", ".join(f"'{k}'" for k in (*EXCLUSIVE, "init")) + ")"
-_HOST_REPOSITORY = (
-    'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ? '
-    'ORDER BY "position", "attached_at" LIMIT 1'
+# jobs that write into a repository without taking it (restic's shared
+# lock): backups, and copies (into one, reading the other)
+WRITERS = ("backup", "copy")
+_IN_WRITERS = "(" + ", ".join(f"'{k}'" for k in WRITERS) + ")"
+# job "o" works on a repository job "j" works on (either end of a copy)
+_SHARES = (
+    '("o"."repository_id" IN ("j"."repository_id", "j"."from_repository_id") '
+    'OR "o"."from_repository_id" IN ("j"."repository_id", "j"."from_repository_id"))'
 )
-# a job of another host using the same repository that keeps job "j" waiting
+# a job of another host that keeps job "j" waiting for a repository
 _REPOSITORY_BUSY = (
-    'SELECT 1 FROM "job" AS "o" JOIN "host_repository" AS "hr" ON "hr"."host_id" = "o"."host_id" '
-    f'WHERE "hr"."repository_id" = ({_HOST_REPOSITORY}) AND "o"."host_id" <> "j"."host_id" AND ('
+    'SELECT 1 FROM "job" AS "o" WHERE "j"."repository_id" IS NOT NULL AND '
+    f'{_SHARES} AND "o"."host_id" <> "j"."host_id" AND ('
     f'("j"."kind" IN {_IN_ALONE} AND "o"."status" IN (?, ?) '
-    f'AND ("o"."kind" = \'backup\' OR "o"."kind" IN {_IN_ALONE})) '
-    f'OR ("j"."kind" = \'backup\' AND "o"."kind" IN {_IN_ALONE} AND ("o"."status" IN (?, ?) '
+    f'AND ("o"."kind" IN {_IN_WRITERS} OR "o"."kind" IN {_IN_ALONE})) '
+    f'OR ("j"."kind" IN {_IN_WRITERS} AND "o"."kind" IN {_IN_ALONE} AND ("o"."status" IN (?, ?) '
     f'OR ("o"."status" = \'queued\' AND "o"."kind" IN {_IN_EXCLUSIVE} AND "o"."id" < "j"."id" '
     'AND "o"."agent_job" IS NULL AND ("o"."not_before" IS NULL OR "o"."not_before" <= ?) '
     'AND EXISTS (SELECT 1 FROM "host" AS "oh" WHERE "oh"."id" = "o"."host_id" AND "oh"."online")))))'
 )
 
 
-def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]:
+def claim(
+    host_id: int, now: dt.datetime
+) -> Optional[tuple[int, str, str, str, Optional[int], Optional[int]]]:
     """queued -> dispatched for the host's next due job, in one statement and
-    only when none is with its agent and its repository lets it (see
-    EXCLUSIVE); (id, kind, params JSON, uid) or None. A job an agent made
+    only when none is with its agent and its repositories let it (see
+    EXCLUSIVE); (id, kind, params JSON, uid, repository, from repository)
+    or None. A job an agent made
     itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
     return one(
@@ -107,13 +128,12 @@ def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]
         f"AND NOT EXISTS ({_REPOSITORY_BUSY}) "
         'ORDER BY "j"."kind" <> ?, "j"."id" LIMIT 1) '
         'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
-        'RETURNING "id", "kind", "params", "uid"',
+        'RETURNING "id", "kind", "params", "uid", "repository_id", "from_repository_id"',
         "dispatched",
         stamp,
         host_id,
         "queued",
         stamp,
-        host_id,
         *WITH_AGENT,
         *WITH_AGENT,
         stamp,
@@ -124,18 +144,18 @@ def claim(host_id: int, now: dt.datetime) -> Optional[tuple[int, str, str, str]]
 
 
 def sharing_hosts_waiting(host_id: int) -> list[int]:
-    """The other hosts using this host's repository that have jobs queued:
-    the end of a job here may be what they wait for."""
+    """The other hosts with jobs queued on a repository this host uses: the
+    end of a job here may be what they wait for."""
+    used = 'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ?'
     return [
         row[0]
         for row in rows(
-            'SELECT DISTINCT "j"."host_id" FROM "job" AS "j" '
-            'JOIN "host_repository" AS "hr" ON "hr"."host_id" = "j"."host_id" '
-            f'WHERE "hr"."repository_id" = ({_HOST_REPOSITORY}) AND "j"."host_id" <> ? '
-            'AND "j"."status" = ?',
-            host_id,
-            host_id,
+            'SELECT DISTINCT "host_id" FROM "job" WHERE "status" = ? AND "host_id" <> ? '
+            f'AND ("repository_id" IN ({used}) OR "from_repository_id" IN ({used}))',
             "queued",
+            host_id,
+            host_id,
+            host_id,
         )
     ]
 
@@ -158,6 +178,8 @@ JOB_COLUMNS = (
     "created_at",
     "not_before",
     "agent_job",
+    "repository_id",
+    "from_repository_id",
 )
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ....common.timefmt import iso
 from ..models import Job
 from . import rows, when
-from .hot import EXCLUSIVE, WITH_AGENT
+from .hot import EXCLUSIVE, WITH_AGENT, WRITERS
 
 
 def _marks(n: int) -> str:
@@ -39,35 +39,40 @@ def reasons(jobs: list[Job], now: dt.datetime) -> dict[int, str]:
         *WITH_AGENT,
     ):
         busy[hid] = (jid, kind)
-    repo_of: dict[int, tuple[int, str]] = {}
-    for hid, rid, name in rows(
-        'SELECT "hr"."host_id", "r"."id", "r"."name" FROM "host_repository" AS "hr" '
-        'JOIN "repository" AS "r" ON "r"."id" = "hr"."repository_id" '
-        f'WHERE "hr"."host_id" IN ({_marks(len(hosts))}) ORDER BY "hr"."position" DESC',
-        *hosts,
-    ):
-        repo_of[hid] = (rid, name)  # the first position last: it wins
+    # the repositories these jobs work on (a copy: both ends), by name
+    wanted = sorted(
+        {r for j in queued for r in (j.repository_id, j.from_repository_id) if r is not None}
+    )
+    names: dict[int, str] = {}
     others: dict[int, list[tuple[int, str, str, str, int, Any, bool]]] = defaultdict(list)
-    repos = sorted({rid for rid, _ in repo_of.values()})
-    if repos:
-        for rid, jid, kind, status, hid, name, not_before, on in rows(
-            'SELECT "hr"."repository_id", "j"."id", "j"."kind", "j"."status", "j"."host_id", '
-            '"h"."name", "j"."not_before", "h"."online" FROM "job" AS "j" '
-            'JOIN "host_repository" AS "hr" ON "hr"."host_id" = "j"."host_id" '
-            'JOIN "host" AS "h" ON "h"."id" = "j"."host_id" '
-            f'WHERE "hr"."repository_id" IN ({_marks(len(repos))}) '
+    if wanted:
+        names = dict(
+            rows(
+                f'SELECT "id", "name" FROM "repository" WHERE "id" IN ({_marks(len(wanted))})',
+                *wanted,
+            )
+        )
+        for rid, source, jid, kind, status, hid, name, not_before, on in rows(
+            'SELECT "j"."repository_id", "j"."from_repository_id", "j"."id", "j"."kind", '
+            '"j"."status", "j"."host_id", "h"."name", "j"."not_before", "h"."online" '
+            'FROM "job" AS "j" JOIN "host" AS "h" ON "h"."id" = "j"."host_id" '
+            f'WHERE ("j"."repository_id" IN ({_marks(len(wanted))}) '
+            f'OR "j"."from_repository_id" IN ({_marks(len(wanted))})) '
             'AND ("j"."status" IN (?, ?) OR ("j"."status" = \'queued\' '
             f'AND "j"."kind" IN ({_marks(len(EXCLUSIVE))}) AND "j"."agent_job" IS NULL)) '
             'ORDER BY "j"."id"',
-            *repos,
+            *wanted,
+            *wanted,
             *WITH_AGENT,
             *EXCLUSIVE,
         ):
-            others[rid].append((jid, kind, status, name, hid, not_before, bool(on)))
+            row = (jid, kind, status, name, hid, not_before, bool(on))
+            for r in {rid, source} - {None}:
+                others[r].append(row)
     stamp = when(now)
     out: dict[int, str] = {}
     for j in queued:
-        why = _why(j, now, stamp, online, busy, repo_of, others)
+        why = _why(j, now, stamp, online, busy, names, others)
         if why:
             out[j.id] = why
     return out
@@ -79,7 +84,7 @@ def _why(
     stamp: Any,
     online: dict[int, bool],
     busy: dict[int, tuple[int, str]],
-    repo_of: dict[int, tuple[int, str]],
+    names: dict[int, str],
     others: dict[int, list],
 ) -> Optional[str]:
     if j.agent_job is not None:
@@ -92,16 +97,23 @@ def _why(
         jid, kind = busy[j.host_id]
         return f"its host runs job {jid} ({kind})"
     alone = (*EXCLUSIVE, "init")  # see hot.claim
-    if j.host_id not in repo_of or j.kind not in ("backup", *alone):
+    if j.kind not in (*WRITERS, *alone):
         return None
-    rid, repo = repo_of[j.host_id]
-    for jid, kind, status, name, hid, not_before, on in others[rid]:
+    for rid in (j.repository_id, j.from_repository_id):
+        why = _repository_wait(j, stamp, names.get(rid, "?"), others.get(rid, ()), alone)
+        if why:
+            return why
+    return None
+
+
+def _repository_wait(j: Job, stamp: Any, repo: str, others: Any, alone: tuple) -> Optional[str]:
+    for jid, kind, status, name, hid, not_before, on in others:
         if hid == j.host_id:
             continue
         running = status in WITH_AGENT
-        if j.kind in alone and running and (kind == "backup" or kind in alone):
+        if j.kind in alone and running and (kind in WRITERS or kind in alone):
             return f"repository {repo}: {kind} job {jid} of {name} runs"
-        if j.kind == "backup" and kind in alone:
+        if j.kind in WRITERS and kind in alone:
             if running:
                 return f"repository {repo}: {kind} job {jid} of {name} runs"
             if (
