@@ -11,17 +11,45 @@ from . import render
 from .app import App, Duration, confirm, json_option, pass_app
 
 
-def retention_options(fn: Any) -> Any:
+def retention_options(fn: Any, prefix: str = "") -> Any:
+    """--keep-* (or, prefix "copy": --copy-keep-*, the copy's retention)."""
+    where = " in the copy" if prefix else ""
     for key in reversed(retention.COUNTS):
         flag = "--" + key.replace("_", "-")
         fn = click.option(
-            flag, key, type=click.IntRange(min=0), help=f"restic forget {flag} N (0 unsets)."
+            _flag(prefix, flag),
+            _key(prefix, key),
+            type=click.IntRange(min=0),
+            help=f"restic forget {flag} N{where} (0 unsets).",
         )(fn)
     return click.option(
-        "--keep-within",
-        "keep_within",
+        _flag(prefix, "--keep-within"),
+        _key(prefix, "keep_within"),
         metavar="DURATION",
-        help="restic forget --keep-within, e.g. 30d or 1y6m ('' unsets).",
+        help=f"restic forget --keep-within{where}, e.g. 30d or 1y6m ('' unsets).",
+    )(fn)
+
+
+def _flag(prefix: str, flag: str) -> str:
+    return f"--{prefix}-{flag[2:]}" if prefix else flag
+
+
+def _key(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}" if prefix else key
+
+
+def repository_options(fn: Any) -> Any:
+    fn = retention_options(fn, "copy")
+    fn = click.option(
+        "--copy-to",
+        metavar="REPO",
+        help="Copy each new snapshot into this second repository (3-2-1; '' stops copying).",
+    )(fn)
+    return click.option(
+        "--repo",
+        "repository",
+        metavar="REPO",
+        help="Back up into this repository (default: the host's first; '' goes back to it).",
     )(fn)
 
 
@@ -38,11 +66,17 @@ def group_options(fn: Any) -> Any:
         metavar="CMD",
         help="Shell command run before the backup; a failure fails the job ('' removes it).",
     )(fn)
-    return retention_options(fn)
+    return repository_options(retention_options(fn))
 
 
-def retention_from(kwargs: dict) -> dict:
-    return {k: kwargs.pop(k) for k in retention.KEYS if kwargs.get(k) is not None}
+def retention_from(kwargs: dict, prefix: str = "") -> dict:
+    """The retention options given (and out of kwargs)."""
+    out = {}
+    for k in retention.KEYS:
+        value = kwargs.pop(_key(prefix, k), None)
+        if value is not None:
+            out[k] = value
+    return out
 
 
 @click.group()
@@ -71,6 +105,19 @@ def render_groups(app: App, rows: list) -> None:
     )
     for g in rows:
         warn(app, g)
+
+
+def copy_retention(g: dict) -> Optional[str]:
+    if not g["copy_to"]:
+        return None
+    if g["copy_retention"] is None:
+        return "as the group's"
+    return retention.describe(g["copy_retention"])
+
+
+def attached(app: App, g: dict) -> None:
+    for name in g.get("attached") or ():
+        app.err.print(f"{g['host']} now uses repository {name} too", markup=False)
 
 
 def warn(app: App, g: dict) -> None:
@@ -114,6 +161,9 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("pre-hook", c(g["pre_hook"])),
             ("post-hook", c(g["post_hook"])),
             ("retries", c(f"{g['retries']} (every {g['retry_delay']} s)")),
+            ("repository", c(g["repository"] or "the host's default")),
+            ("copy to", c(g["copy_to"])),
+            ("copy retention", c(copy_retention(g))),
             ("schedules", c(g["schedules"])),
             ("updated", c(g["updated_at"])),
         ],
@@ -147,6 +197,9 @@ def groups_create(
 ) -> None:
     """Create source group NAME on HOST."""
     policy = retention_from(kwargs)
+    copy_policy = retention_from(kwargs, "copy")
+    if copy_policy:
+        kwargs["copy_retention"] = copy_policy
     g = app.call(
         "groups.create",
         host=host,
@@ -163,6 +216,7 @@ def groups_create(
         f"created source group {g['host']}/{g['name']} ({retention.describe(g['retention'])})",
         markup=False,
     )
+    attached(app, g)
 
 
 @groups.command("edit")
@@ -189,6 +243,11 @@ def groups_create(
     is_flag=True,
     help="Drop the retention rules before applying any given here.",
 )
+@click.option(
+    "--clear-copy-retention",
+    is_flag=True,
+    help="The copy keeps what the group keeps (before applying any --copy-keep-*).",
+)
 @group_options
 @json_option
 @pass_app
@@ -201,11 +260,17 @@ def groups_edit(
     excludes: tuple,
     clear_excludes: bool,
     clear_retention: bool,
+    clear_copy_retention: bool,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
     """Change a source group; options not given stay as they are."""
     policy = retention_from(kwargs)
+    copy_policy = retention_from(kwargs, "copy")
+    if copy_policy:
+        kwargs["copy_retention"] = copy_policy
+    if clear_copy_retention:
+        kwargs["clear_copy_retention"] = True
     if clear_excludes and excludes:
         raise click.UsageError("--exclude and --clear-excludes contradict each other")
     params = {k: v for k, v in kwargs.items() if v is not None}
@@ -226,6 +291,7 @@ def groups_edit(
         render.emit_json(g)
         return
     app.err.print(f"updated source group {g['host']}/{g['name']}", markup=False)
+    attached(app, g)
     warn(app, g)
 
 

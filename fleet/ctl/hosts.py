@@ -26,8 +26,7 @@ def locks(host: dict) -> str:
     return f"[yellow]{n}[/] (a killed restic leaves one: 'fleetctl repo unlock {escape(host['name'])}')"
 
 
-def repo_size(host: dict) -> str:
-    s = host.get("repo_stats")
+def repo_size(s: Optional[dict]) -> str:
     if not s:
         return "-"
     stored = ""
@@ -41,6 +40,15 @@ def repo_size(host: dict) -> str:
         f"{stored}{render.human_bytes(s['size_bytes'])} to restore in "
         f"{s['snapshot_count']} snapshot(s), as of {s['updated_at']}{measured}"
     )
+
+
+def repositories(h: dict) -> list[tuple[str, str]]:
+    """A line per repository the host uses: its name and sizes."""
+    out = []
+    for r in h.get("repositories") or ():
+        label = "repository" + (" (default)" if r["default"] else "")
+        out.append((label, render.cell(r["name"]) + ": " + repo_size(r["stats"])))
+    return out or [("repository", "-")]
 
 
 def status_cell(host: dict) -> str:
@@ -108,9 +116,8 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
             ("agent", c(h["agent_version"])),
             ("restic", c(h["restic_version"])),
             ("enrolled", c(h["enrolled_at"])),
-            ("repository", c(h["repo"])),
+            *repositories(h),
             ("repository locks", locks(h)),
-            ("repository size", repo_size(h)),
             ("source groups", c(h["groups"])),
             (
                 "schedule version",

@@ -188,21 +188,36 @@ def start_job(
 @click.command()
 @click.argument("host")
 @click.argument("group")
+@click.option(
+    "--copy",
+    is_flag=True,
+    help="Instead of a backup, copy the group's snapshots that its second repository lacks.",
+)
 @follow_options
 @pass_app
-def run(app: App, host: str, group: str, follow: bool, strict: bool, as_json: bool) -> None:
+def run(
+    app: App, host: str, group: str, copy: bool, follow: bool, strict: bool, as_json: bool
+) -> None:
     """Back up GROUP of HOST now.
 
     The job waits its turn when HOST is busy or offline. With --follow the
     exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
     or lost.
     """
-    start_job(app, f"backup of {host}/{group}", follow, strict, as_json, host=host, group=group)
+    kind = "copy" if copy else "backup"
+    what = f"{kind} of {host}/{group}"
+    start_job(app, what, follow, strict, as_json, host=host, group=group, kind=kind)
 
 
 @click.group()
 def jobs() -> None:
     """Jobs: every restic operation on every host, queued, running or done."""
+
+
+def repository_cell(j: dict) -> Optional[str]:
+    if j.get("from_repository"):
+        return f"{j['repository']} (copied from {j['from_repository']})"
+    return j.get("repository")
 
 
 def status_cell(j: dict) -> str:
@@ -265,6 +280,7 @@ def jobs_show(app: App, job_id: int, as_json: bool) -> None:
         ("host", c(j["host"])),
         ("kind", c(j["kind"])),
         ("group", c(j["group"])),
+        ("repository", c(repository_cell(j))),
         ("status", status_cell(j)),
         ("by", c(j["actor"])),
     ]
@@ -352,20 +368,25 @@ def jobs_cancel(app: App, job_id: int) -> None:
 @click.command()
 @click.argument("host")
 @click.option("--group", "-g", help="Only snapshots of this source group (its tag).")
+@click.option("--repo", "repository", metavar="REPO", help="Only snapshots in this repository.")
 @json_option
 @pass_app
-def snapshots(app: App, host: str, group: Optional[str], as_json: bool) -> None:
-    """List HOST's snapshots as last reported by its agent."""
-    rows = app.call("snapshots.list", host=host, group=group)
+def snapshots(
+    app: App, host: str, group: Optional[str], repository: Optional[str], as_json: bool
+) -> None:
+    """List HOST's snapshots, in every repository it uses (copies too), as
+    last reported by its agent."""
+    rows = app.call("snapshots.list", host=host, group=group, repository=repository)
     if as_json:
         render.emit_json(rows)
         return
     render.table(
         app.out,
-        ("ID", "TIME", "GROUP", "PATHS", "SIZE"),
+        ("ID", "REPOSITORY", "TIME", "GROUP", "PATHS", "SIZE"),
         (
             (
                 render.cell(s["short_id"]),
+                render.cell(s["repository"]),
                 render.cell(s["time"]),
                 render.cell(s["tags"]),
                 render.cell(s["paths"]),

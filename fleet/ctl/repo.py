@@ -141,26 +141,45 @@ def repo_show(app: App, host: str, as_json: bool) -> None:
     )
 
 
+REPO_OPTION = click.option(
+    "--repo",
+    "repository",
+    metavar="REPO",
+    help="Which of HOST's repositories (default: its first).",
+)
+
+
+def which(host: str, repository: Optional[str]) -> str:
+    return f"repository {repository} on {host}" if repository else f"{host}'s repository"
+
+
 @repo.command("init")
 @click.argument("host")
+@REPO_OPTION
 @follow_options
 @pass_app
-def repo_init(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
+def repo_init(
+    app: App, host: str, repository: Optional[str], follow: bool, strict: bool, as_json: bool
+) -> None:
     """Run restic init on HOST's repository (again).
 
-    fleetd does this by itself once after each 'repo set'; an existing
-    repository counts as success.
+    fleetd does this by itself once after each 'repo set' and for each
+    repository a host is given; an existing repository counts as success
+    once its password opens it.
     """
-    start_job(app, f"init of {host}'s repository", follow, strict, as_json, host=host, kind="init")
+    what = f"init of {which(host, repository)}"
+    start_job(app, what, follow, strict, as_json, host=host, kind="init", repository=repository)
 
 
 @repo.command("unlock")
 @click.argument("host")
+@REPO_OPTION
 @follow_options
 @pass_app
-def repo_unlock(app: App, host: str, follow: bool, strict: bool, as_json: bool) -> None:
+def repo_unlock(
+    app: App, host: str, repository: Optional[str], follow: bool, strict: bool, as_json: bool
+) -> None:
     """Run restic unlock on HOST's repository: remove stale locks left by a
     killed restic."""
-    start_job(
-        app, f"unlock of {host}'s repository", follow, strict, as_json, host=host, kind="unlock"
-    )
+    what = f"unlock of {which(host, repository)}"
+    start_job(app, what, follow, strict, as_json, host=host, kind="unlock", repository=repository)

@@ -196,11 +196,47 @@ def repos_delete(app: App, name: str, yes: bool) -> None:
 @json_option
 @pass_app
 def repos_use(app: App, name: str, hosts: tuple, as_json: bool) -> None:
-    """HOSTS back up into repository NAME from now on; their agents get it
-    and check it with an init."""
+    """Repository NAME becomes HOSTS' default: their groups that name no
+    repository back up into it from now on; their agents get it and check
+    it with an init. The old default stays theirs only while a group names
+    it."""
     r = app.call("repos.use", name=name, hosts=list(hosts))
     if as_json:
         render.emit_json(r)
         return
     moved = ", ".join(r["changed"]) or "no host (they used it already)"
     app.err.print(f"repository {r['name']} now used by {moved}", markup=False)
+
+
+def _changed(app: App, r: dict, as_json: bool, done: str, none: str) -> None:
+    if as_json:
+        render.emit_json(r)
+        return
+    hosts = ", ".join(r["changed"]) or none
+    app.err.print(f"repository {r['name']} {done} {hosts}", markup=False)
+
+
+@repos.command("attach")
+@click.argument("name")
+@click.argument("hosts", nargs=-1, required=True)
+@json_option
+@pass_app
+def repos_attach(app: App, name: str, hosts: tuple, as_json: bool) -> None:
+    """HOSTS use repository NAME too, beside their default: a group then
+    backs up or copies into it (groups edit --repo/--copy-to, which attach
+    it themselves). Their agents get it and init it."""
+    r = app.call("repos.attach", name=name, hosts=list(hosts))
+    _changed(app, r, as_json, "now used by", "no host (they used it already)")
+
+
+@repos.command("detach")
+@click.argument("name")
+@click.argument("hosts", nargs=-1, required=True)
+@json_option
+@pass_app
+def repos_detach(app: App, name: str, hosts: tuple, as_json: bool) -> None:
+    """HOSTS stop using repository NAME (restic's data is not touched).
+    Refused while one of their groups names it, or when it is a host's only
+    repository."""
+    r = app.call("repos.detach", name=name, hosts=list(hosts))
+    _changed(app, r, as_json, "no longer used by", "no host (none used it)")

@@ -16,7 +16,16 @@ from ..agents.ingest import line_json
 from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
 from ..jobs import lifecycle
 from ..security.auth import Role
-from ..store.models import Host, Job, JobLog, SourceGroup, User, utcnow
+from ..store.models import (
+    Host,
+    HostRepository,
+    Job,
+    JobLog,
+    Repository,
+    SourceGroup,
+    User,
+    utcnow,
+)
 from ..store.queries import hot
 from ..store.queries.waits import reasons
 from . import views
@@ -28,16 +37,26 @@ from .registry import Method, collect
 METHODS: list[Method] = []
 method = collect(METHODS)
 
-GROUP_KINDS = ("backup", "forget")  # the kinds that act on one source group
+GROUP_KINDS = ("backup", "forget", "copy")  # the kinds that act on one source group
 
 
 def jobs_with_names() -> Any:
     """Jobs with their host and user in the same query (a listing shows both)."""
+    source = Repository.alias("source")
     return (
-        Job.select(Job, Host, User)
+        Job.select(Job, Host, User, Repository, source)
         .join(Host)
         .switch(Job)
         .join(User, pw.JOIN.LEFT_OUTER, on=(Job.actor_user == User.id))
+        .switch(Job)
+        .join(Repository, pw.JOIN.LEFT_OUTER, on=(Job.repository == Repository.id))
+        .switch(Job)
+        .join(
+            source,
+            pw.JOIN.LEFT_OUTER,
+            on=(Job.from_repository == source.id),
+            attr="from_repository",
+        )
     )
 
 
@@ -70,10 +89,13 @@ def backup_params(group: SourceGroup) -> dict:
         Field("host", "str", limit=64),
         Field("group", "str", False, limit=64),
         Field("kind", "str", False, choices=JOB_KINDS),
+        Field("repository", "str", False, limit=64),
     ),
 )
 def jobs_run(ctx: Context, p: dict) -> dict:
-    """Create a job now (a backup of a group by default) and dispatch it."""
+    """Create a job now (a backup of a group by default) and dispatch it.
+    A job on a whole repository runs on the host's default one, or on the
+    one named (which the host uses); a group's job, on the group's."""
     found = hot.host_by_name(p["host"])  # the hot path of a burst of run-nows: plain SQL
     if found is None:
         raise NotFound(f"no host named {p['host']!r}")
@@ -81,20 +103,40 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     kind = p.get("kind") or "backup"
     group = None
     params: dict[str, Any] = {}
+    repository = source = None
     if kind in GROUP_KINDS:
         if not p.get("group"):
             raise Invalid(f"a {kind} job needs a source group")
+        if p.get("repository"):
+            raise Invalid(f"a {kind} job works on its group's repository (groups edit --repo)")
         group = get_group(host, p["group"])
-        params = (
-            backup_params(group)
-            if kind == "backup"
-            else {"tag": group.name, "retention": group.retention}
-        )
-        if kind == "forget" and not group.retention:
-            raise Invalid(f"source group {group.name} has no retention rules to forget by")
+        if kind == "backup":
+            params = backup_params(group)
+        elif kind == "forget":
+            params = {"tag": group.name, "retention": group.retention}
+            if not group.retention:
+                raise Invalid(f"source group {group.name} has no retention rules to forget by")
+        else:  # copy: every snapshot of the group its second repository lacks
+            if group.copy_to_id is None:
+                raise Invalid(f"source group {group.name} names no repository to copy to")
+            params = lifecycle.copy_params(group)
+            repository = group.copy_to_id
+            source = group.repository_id or hot.default_repository(host.id)
     elif p.get("group"):
         raise Invalid(f"a {kind} job acts on the whole repository, not on a group")
-    job = lifecycle.create(ctx.events, host.id, kind, "user", ctx.caller.user_id, group, params)
+    elif p.get("repository"):
+        repository = used_repository(host, p["repository"])
+    job = lifecycle.create(
+        ctx.events,
+        host.id,
+        kind,
+        "user",
+        ctx.caller.user_id,
+        group,
+        params,
+        repository=repository,
+        from_repository=source,
+    )
     audit(
         ctx,
         "job.run",
@@ -111,6 +153,21 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     job.host = host
     job.actor_user = User(id=ctx.caller.user_id, name=ctx.caller.name)
     return {**job_view(job, ctx), "queued_behind": queued_behind}
+
+
+def used_repository(host: Host, name: str) -> int:
+    """The id of a repository the host uses, by name."""
+    repo = (
+        Repository.select(Repository.id)
+        .join(HostRepository)
+        .where((Repository.name == name) & (HostRepository.host == host.id))
+        .first()
+    )
+    if repo is None:
+        raise NotFound(
+            f"host {host.name} uses no repository named {name!r} (fleetctl repos attach)"
+        )
+    return repo.id
 
 
 def parse_since(value: str) -> dt.datetime:

@@ -231,6 +231,11 @@ def job_json(job: Job) -> dict:
         "host": job.host.name,
         "kind": job.kind,
         "group": job.group_name,
+        # the repository it works on; a copy's: its destination (from: its source)
+        "repository": job.repository.name if job.repository_id is not None else None,
+        "from_repository": (
+            job.from_repository.name if job.from_repository_id is not None else None
+        ),
         "status": job.status,
         "actor": user if job.actor_kind == "user" else job.actor_kind,
         "actor_kind": job.actor_kind,
@@ -268,8 +273,9 @@ def job_view(job: Job, progress: Optional[dict]) -> dict:
     return out
 
 
-def snapshot_json(s: Snapshot) -> dict:
+def snapshot_json(s: Snapshot, repository: Optional[str] = None) -> dict:
     return {
+        "repository": repository,  # where it is stored (a copy is a snapshot of its own)
         "id": s.snapshot_id,
         "short_id": s.short_id,
         "time": iso(s.time),
