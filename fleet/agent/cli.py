@@ -142,9 +142,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     state = State(state_dir(args.state_dir))
     try:
         identity = state.load_identity()
-        repo = state.load_repo()
-    except StateError as exc:
-        fail(str(exc), Exit.NOT_FOUND)
+        repos = state.load_repos()
+    except (StateError, KeyError, TypeError) as exc:
+        fail(f"cannot read the agent's state: {exc}", Exit.NOT_FOUND)
     pending, marks, local = 0, {}, []
     if state.spool_path.exists():
         spool = Spool(state.spool_path)
@@ -174,7 +174,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         "host_id": identity.host_id,
         "server": identity.server_url,
         "tls_pinned": bool(identity.tls_sha256),
-        "repository_configured": repo is not None,
+        "repository_configured": bool(repos),
+        "repositories": [r.name or "(default)" for r in repos],
         "unacknowledged_frames": pending,
         "schedule_version": schedule_set.get("version", 0),
         "schedules": schedules,
@@ -202,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> None:
             continue
         if key == "queued_local_jobs":
             value = len(value)
+        if key == "repositories":
+            value = ", ".join(value) or "-"
         print(f"{key.replace('_', ' '):24} {value}")
 
 
