@@ -14,7 +14,14 @@ import socket
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
-from ..common.protocol import MAX_COALESCED, MAX_STR, Field, ProtocolError, check_fields
+from ..common.protocol import (
+    MAX_COALESCED,
+    MAX_COPY_SNAPSHOTS,
+    MAX_STR,
+    Field,
+    ProtocolError,
+    check_fields,
+)
 from ..common.restic import commands, parse
 from ..common.restic.commands import read_data_subset
 
@@ -273,11 +280,11 @@ KINDS: dict[str, Kind] = {
     # into the job's repository from the one it names (a group's second copy)
     "copy": Kind(
         (
-            _opt("snapshot", "str", limit=128),
+            _opt("snapshots", "list[str]", limit=MAX_COPY_SNAPSHOTS),
             _opt("tag", "str", limit=64),
             _opt("group", "str", limit=64),
         ),
-        lambda p, w: commands.copy(p.get("snapshot") or "", p.get("tag") or "", w.hosts),
+        lambda p, w: commands.copy(p.get("snapshots") or (), p.get("tag") or "", w.hosts),
         run_restic,
         after=after_repository_change,
     ),

@@ -130,6 +130,7 @@ REPOSITORY = (
     _opt("env", "dict[str,str]", limit=100),
 )
 MAX_REPOSITORIES = 32  # a host's repositories
+MAX_COPY_SNAPSHOTS = 1000  # snapshots one copy job names
 
 SCHEDULE = (
     F("id", "int"),
@@ -277,7 +278,8 @@ MESSAGES: dict[str, MessageSpec] = {
             # and the one a copy reads from
             _opt("repository_id", "int"),
             _opt("from_repository_id", "int"),
-            _opt("snapshot", "str", limit=128),  # copy: the one snapshot (none: the group's)
+            # copy: these snapshots (none: every one of the group the copy lacks)
+            _opt("snapshots", "list[str]", limit=MAX_COPY_SNAPSHOTS),
         ),
     ),
     "command.result": MessageSpec(

@@ -41,6 +41,11 @@ def _key(prefix: str, key: str) -> str:
 def repository_options(fn: Any) -> Any:
     fn = retention_options(fn, "copy")
     fn = click.option(
+        "--copy-cron",
+        metavar="CRON",
+        help="Copy on this cron (UTC) instead of after each backup ('' or off: after each).",
+    )(fn)
+    fn = click.option(
         "--copy-to",
         metavar="REPO",
         help="Copy each new snapshot into this second repository (3-2-1; '' stops copying).",
@@ -115,6 +120,14 @@ def copy_retention(g: dict) -> Optional[str]:
     return retention.describe(g["copy_retention"])
 
 
+def copies_run(g: dict) -> Optional[str]:
+    if not g["copy_to"]:
+        return None
+    if not g["copy_cron"]:
+        return "after each backup"
+    return f"{g['copy_cron']} (UTC), next {g['next_copy_at'] or 'computed at the next look'}"
+
+
 def attached(app: App, g: dict) -> None:
     for name in g.get("attached") or ():
         app.err.print(f"{g['host']} now uses repository {name} too", markup=False)
@@ -164,6 +177,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("repository", c(g["repository"] or "the host's default")),
             ("copy to", c(g["copy_to"])),
             ("copy retention", c(copy_retention(g))),
+            ("copies run", c(copies_run(g))),
             ("schedules", c(g["schedules"])),
             ("updated", c(g["updated_at"])),
         ],

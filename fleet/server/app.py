@@ -46,6 +46,7 @@ from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
 from .events import Bus, CredentialsChanged, HostOffline, JobQueued, MaintenanceChanged
+from .scheduling.copies import CopySource
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
 from .scheduling.history import FIRST_DELAY, HistoryPruning, Policy
@@ -514,6 +515,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
                 config.history_delay,
             ),
             MaintenanceSource(agents.lifecycle),
+            CopySource(agents.lifecycle),
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time

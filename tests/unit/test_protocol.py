@@ -121,7 +121,7 @@ WIRE_FIELDS = {
             "hosts",
             "repository_id",
             "from_repository_id",
-            "snapshot",
+            "snapshots",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -324,7 +324,7 @@ EXAMPLES = {
             "hosts": ["web-01"],
             "repository_id": 4,
             "from_repository_id": 5,
-            "snapshot": "4f2a9c1e",
+            "snapshots": ["4f2a9c1e"],
         },
         "r42",
         None,
@@ -333,7 +333,7 @@ EXAMPLES = {
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
         '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
-        '"repository_id":4,"from_repository_id":5,"snapshot":"4f2a9c1e"}}',
+        '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"]}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},

@@ -132,3 +132,23 @@ def test_the_agent_records_and_reads_its_own_snapshots_in_a_shared_repository() 
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--host"] == ["web-01", "vm7"]
     _, _, argv = kinds.prepare({"job_id": 3, "kind": "snapshots"}, where)
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--host"] == ["web-01", "vm7"]
+
+
+def test_copy_names_snapshots_or_selects_the_groups():
+    ids = ["4bc19f3f", "b" * 64]
+    assert commands.copy(ids) == ("restic", "copy", "--", *ids)
+    assert commands.copy(tag="www", hosts=("web-01", "web-01.local")) == (
+        "restic",
+        "copy",
+        "--tag",
+        "www",
+        "--host",
+        "web-01",
+        "--host",
+        "web-01.local",
+    )
+    for bad in (["--delete"], ["4bc1"], ["xyz12345"]):  # never a flag, always an id
+        with pytest.raises(ValueError, match="not a snapshot id"):
+            commands.copy(bad)
+    with pytest.raises(ValueError, match="names a snapshot or a group"):
+        commands.copy()

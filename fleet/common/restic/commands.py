@@ -84,15 +84,16 @@ def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
 _SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
-def copy(snapshot: str = "", tag: str = "", hosts: Sequence[str] = ()) -> Command:
+def copy(snapshots: Sequence[str] = (), tag: str = "", hosts: Sequence[str] = ()) -> Command:
     """restic copy into the repository (RESTIC_REPOSITORY) from the source
-    one (RESTIC_FROM_REPOSITORY): one snapshot by id, else every snapshot of
-    these hosts with this tag that the destination lacks (restic skips those
-    copied before)."""
-    if snapshot:
-        if not _SNAPSHOT_ID.match(snapshot):
-            raise ValueError(f"{snapshot!r} is not a snapshot id")
-        return (RESTIC, "copy", "--", snapshot)
+    one (RESTIC_FROM_REPOSITORY): these snapshots by id, else every snapshot
+    of these hosts with this tag that the destination lacks (restic skips
+    those copied before)."""
+    if snapshots:
+        for snapshot in snapshots:
+            if not _SNAPSHOT_ID.match(snapshot):
+                raise ValueError(f"{snapshot!r} is not a snapshot id")
+        return (RESTIC, "copy", "--", *snapshots)
     if not tag:
         raise ValueError("a copy names a snapshot or a group")
     return (RESTIC, "copy", "--tag", tag, *_hosts(hosts))

@@ -6,6 +6,7 @@ from typing import Any
 
 from ...common import retention
 from ...common.protocol import Field
+from ..events import MaintenanceChanged
 from ..scheduling.schedules import bump, retention_warnings
 from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
@@ -13,6 +14,7 @@ from ..store.queries.hot import default_repository
 from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
 from .errors import Conflict, Invalid
+from .maintenance import check_cron
 from .registry import Method, collect
 from .repos import attach, get_repository
 from .views import group_json
@@ -34,6 +36,8 @@ GROUP_FIELDS = (
     Field("repository", "str", False, limit=64),
     Field("copy_to", "str", False, limit=64),
     Field("copy_retention", "dict", False),
+    # when copies run (cron, UTC); "" or off: after each backup
+    Field("copy_cron", "str", False, limit=256),
 )
 # protocol.Field bounds ints from below only; the upper bounds are checked here
 MAXIMUM = {"retries": 100, "retry_delay": 7 * 24 * 3600}  # retry_delay in seconds: 7 days
@@ -82,6 +86,11 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
         merged = dict(g.copy_retention or {})
         merged.update(p["copy_retention"])
         g.copy_retention = check_retention(merged)
+    if "copy_cron" in p:
+        expr = check_cron("copy-cron", p["copy_cron"])
+        if expr != g.copy_cron:
+            g.copy_cron, g.next_copy_at = expr, None  # due from now on
+            ctx.events.append(MaintenanceChanged(g.copy_to_id or 0))  # the ticker looks again
     if g.copy_to_id is not None:
         own = g.repository_id or default_repository(host.id)
         if g.copy_to_id == own:
@@ -91,6 +100,8 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
             )
     elif g.copy_retention is not None and "copy_retention" in p:
         raise Invalid("a copy retention needs a repository to copy to (--copy-to)")
+    elif g.copy_cron is not None and "copy_cron" in p:
+        raise Invalid("a copy schedule needs a repository to copy to (--copy-to)")
     return attached
 
 

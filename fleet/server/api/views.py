@@ -218,6 +218,9 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "copy_to": g.copy_to.name if g.copy_to_id is not None else None,
         # the copy's retention; None: the group's own
         "copy_retention": g.copy_retention,
+        # when copies run (cron, UTC); None: after each backup
+        "copy_cron": g.copy_cron,
+        "next_copy_at": iso(g.next_copy_at),
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

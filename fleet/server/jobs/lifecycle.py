@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
 
 from ...common.protocol import FINAL_STATUSES
@@ -233,6 +233,8 @@ def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict
     group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
     if group is None or group.copy_to_id is None or job.repository_id is None:
         return
+    if group.copy_cron:
+        return  # its copies run on their own schedule (scheduling.copies)
     if group.copy_to_id == job.repository_id:
         return  # named as its own copy: nothing to do
     create(
@@ -242,19 +244,19 @@ def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict
         job.actor_kind,
         job.actor_user_id,
         group,
-        copy_params(group, snapshot),
+        copy_params(group, [snapshot]),
         schedule=job.schedule_id,
         repository=group.copy_to_id,
         from_repository=job.repository_id,
     )
 
 
-def copy_params(group: SourceGroup, snapshot: Optional[str] = None) -> dict[str, Any]:
-    """What a copy of the group's snapshots carries: the one new snapshot,
-    or (none named) every snapshot of the group the copy lacks."""
+def copy_params(group: SourceGroup, snapshots: Sequence[str] = ()) -> dict[str, Any]:
+    """What a copy of the group's snapshots carries: these snapshots, or
+    (none named) every snapshot of the group the copy lacks."""
     params: dict[str, Any] = {"group": group.name, "tag": group.name}
-    if snapshot:
-        params["snapshot"] = snapshot
+    if snapshots:
+        params["snapshots"] = list(snapshots)
     return params
 
 

@@ -141,6 +141,13 @@ class SourceGroup(Base):
     # there by copy_retention (NULL: the group's own retention)
     copy_to = pw.ForeignKeyField(Repository, null=True, backref="copy_groups")
     copy_retention = JSONField(null=True)
+    # when copies run (cron, UTC); NULL: after each backup. On a schedule, a
+    # copy takes the group's snapshots newer than copied_until (fleetd's
+    # list of the first repository), so one the copy's retention forgot is
+    # not copied again
+    copy_cron = pw.TextField(null=True)
+    next_copy_at = pw.DateTimeField(null=True)
+    copied_until = pw.DateTimeField(null=True)
 
     class Meta:
         indexes = ((("host", "name"), True),)

@@ -1,0 +1,127 @@
+"""Copies on a group's own schedule (3-2-1): a group with a copy cron is
+not copied after each backup; when the cron is due (UTC, on fleetd's
+ticker), one copy job takes the group's snapshots in its first repository
+that are newer than the last copy's, as fleetd's snapshot list knows them.
+Naming them (rather than "all the copy lacks") keeps a snapshot the copy's
+own retention forgot from being copied back.
+
+The job is queued on the group's host, online or not, and waits its turn
+in both repositories' queues; a copy still queued from the last time is
+not made again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Optional
+
+from ...common import cron
+from ...common.protocol import MAX_COPY_SNAPSHOTS
+from ..events import Event
+from ..jobs import lifecycle
+from ..store.models import Job, Snapshot, SourceGroup
+from ..store.queries import hot, one
+
+log = logging.getLogger("fleetd.copies")
+
+UTC = dt.timezone.utc
+
+
+def scheduled() -> list[SourceGroup]:
+    return list(
+        SourceGroup.select().where(
+            SourceGroup.copy_cron.is_null(False) & SourceGroup.copy_to.is_null(False)
+        )
+    )
+
+
+def pending(group: SourceGroup) -> bool:
+    return (
+        Job.select()
+        .where(
+            (Job.group == group.id)
+            & (Job.kind == "copy")
+            & Job.status.in_((lifecycle.QUEUED, lifecycle.DISPATCHED))
+        )
+        .exists()
+    )
+
+
+def new_snapshots(group: SourceGroup, source: Optional[int]) -> list[Snapshot]:
+    """The group's snapshots in its first repository since the last copy
+    (all of them before a first), oldest first."""
+    query = Snapshot.select().where(
+        (Snapshot.host == group.host_id) & (Snapshot.repository == source)
+    )
+    if group.copied_until is not None:
+        query = query.where(Snapshot.time > group.copied_until)
+    return [s for s in query.order_by(Snapshot.time) if group.name in (s.tags or [])]
+
+
+def copy_now(events: list[Event], group: SourceGroup, now: dt.datetime) -> Optional[int]:
+    """The copy job of a due group's new snapshots (None: nothing new, or
+    one still waits)."""
+    if pending(group):
+        return None
+    source = group.repository_id or hot.default_repository(group.host_id)
+    snaps = new_snapshots(group, source)[:MAX_COPY_SNAPSHOTS]  # the rest next time
+    if not snaps or source is None:
+        return None
+    job = lifecycle.create(
+        events,
+        group.host_id,
+        "copy",
+        "system",
+        group=group,
+        params=lifecycle.copy_params(group, [s.snapshot_id for s in snaps]),
+        repository=group.copy_to_id,
+        from_repository=source,
+    )
+    SourceGroup.update(copied_until=snaps[-1].time).where(SourceGroup.id == group.id).execute()
+    return job.id
+
+
+def run_due(events: list[Event], now: dt.datetime) -> None:
+    for group in scheduled():
+        if group.next_copy_at is None:  # new, or just set: from now on
+            due = cron.next_fire(group.copy_cron, UTC, now)
+        elif group.next_copy_at > now:
+            continue
+        else:
+            made = copy_now(events, group, now)
+            log.info(
+                "group %s of host %s: copy %s",
+                group.name,
+                group.host_id,
+                f"job {made}" if made else "skipped (nothing new, or one still waits)",
+            )
+            due = cron.next_fire(group.copy_cron, UTC, now)
+        SourceGroup.update(next_copy_at=due).where(SourceGroup.id == group.id).execute()
+
+
+def next_due() -> Optional[dt.datetime]:
+    """The earliest due copy (dt.datetime.min: one not computed yet)."""
+    (due,) = one(
+        'SELECT MIN(COALESCE("next_copy_at", \'\')) FROM "source_group" '
+        'WHERE "copy_cron" IS NOT NULL AND "copy_to_id" IS NOT NULL'
+    )
+    if due is None:
+        return None
+    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
+
+
+class CopySource:
+    """The ticker's view of scheduled copies."""
+
+    name = "copies"
+
+    def __init__(self, lifecycle_: lifecycle.Lifecycle) -> None:
+        self.lifecycle = lifecycle_
+
+    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
+        due = await self.lifecycle.store.read(next_due)
+        return now if due == dt.datetime.min else due
+
+    async def run_due(self, now: dt.datetime) -> None:
+        await self.lifecycle.apply(run_due, now)
