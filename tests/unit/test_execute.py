@@ -120,6 +120,30 @@ def test_environment_carries_the_repository_and_drops_the_agents_own() -> None:
     assert env["RESTIC_REPOSITORY"] == "/srv/repo" and env["RESTIC_PASSWORD"] == "s3cret"
     assert env["AWS_ACCESS_KEY_ID"] == "k" and env["HOME"] == "/root"
     assert env["RESTIC_PROGRESS_FPS"] == "1"
+    # a copy's source is fleetd's alone too
+    base["RESTIC_FROM_PASSWORD_FILE"] = "/root/other.pw"
+    base["RESTIC_FROM_REPOSITORY"] = "/other"
+    env = execute.environment("/srv/repo", "s3cret", {}, base)
+    assert "RESTIC_FROM_PASSWORD_FILE" not in env and "RESTIC_FROM_REPOSITORY" not in env
+
+
+def test_a_copys_environment_names_both_repositories_and_masks_both_passwords() -> None:
+    from fleet.agent.runner import restic_env
+    from fleet.agent.state import RepoConfig
+
+    dest = RepoConfig("/srv/offsite", "dest-pw-1", {"AWS_REGION": "eu"}, 2, "offsite")
+    source = RepoConfig("/srv/main", "source-pw-2", {"AWS_REGION": "eu", "B2_X": "bbbb"}, 1)
+    env, mask = restic_env(dest, source)
+    assert (env["RESTIC_REPOSITORY"], env["RESTIC_PASSWORD"]) == ("/srv/offsite", "dest-pw-1")
+    assert (env["RESTIC_FROM_REPOSITORY"], env["RESTIC_FROM_PASSWORD"]) == (
+        "/srv/main",
+        "source-pw-2",
+    )
+    assert env["B2_X"] == "bbbb"
+    assert mask("dest-pw-1 source-pw-2 bbbb") == "******** ******** ********"
+    clash = RepoConfig("/srv/main", "pw", {"AWS_REGION": "us"}, 1)
+    with pytest.raises(ValueError, match="AWS_REGION"):
+        restic_env(dest, clash)
 
 
 def test_masker_masks_longest_first_and_ignores_tiny_values() -> None:

@@ -46,6 +46,13 @@ REPO_KEYS = (
     "RESTIC_PASSWORD",
     "RESTIC_PASSWORD_FILE",
     "RESTIC_PASSWORD_COMMAND",
+    # a copy's source: fleetd's too, never the agent's environment's
+    "RESTIC_FROM_REPOSITORY",
+    "RESTIC_FROM_REPOSITORY_FILE",
+    "RESTIC_FROM_PASSWORD",
+    "RESTIC_FROM_PASSWORD_FILE",
+    "RESTIC_FROM_PASSWORD_COMMAND",
+    "RESTIC_FROM_KEY_HINT",
 )
 
 
