@@ -37,6 +37,13 @@ def password_from(path: Optional[str], prompt: bool) -> Optional[str]:
     return password
 
 
+def locks(r: dict) -> Optional[str]:
+    """restic's locks in it, as a host last counted them."""
+    if r.get("locks") is None:
+        return None
+    return f"{r['locks']} (as of {r['locks_at']})"
+
+
 def render_repository(app: App, r: dict) -> None:
     env = ", ".join(f"{k}={v}" for k, v in r["env"].items())
     render.fields(
@@ -47,6 +54,7 @@ def render_repository(app: App, r: dict) -> None:
             ("password", render.cell(r["password"])),
             ("environment", render.cell(env)),
             ("hosts", render.cell(r["hosts"])),
+            ("locks", render.cell(locks(r))),
             ("created", render.cell(r["created_at"])),
             ("updated", render.cell(r["updated_at"])),
         ],

@@ -280,8 +280,8 @@ def _locks(a: _Apply, data: dict) -> None:
 
 def _stats(a: _Apply, data: dict) -> None:
     known, repository = a.repository(data)
-    if repository is None:
-        return  # sizes of no repository fleetd knows for it
+    if not known or repository is None:
+        return  # sizes of a repository the host no longer uses, or of none
     values = {k: v for k, v in data.items() if k != "repository_id"}
     if "measured_at" in values:
         values["measured_at"] = parse_ts(values["measured_at"])

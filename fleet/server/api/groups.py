@@ -77,6 +77,11 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
             setattr(g, key, None)
             continue
         repo = get_repository(p[key])
+        if key == "copy_to" and g.repository_id is None and default_repository(host.id) is None:
+            raise Invalid(
+                f"host {host.name} has no repository to back up into yet: give it one "
+                "(fleetctl repos use, or --repo) before a repository to copy to"
+            )
         if attach(ctx, host, repo):
             attached.append(repo.name)
         setattr(g, key, repo)

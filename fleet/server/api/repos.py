@@ -168,6 +168,7 @@ def use(ctx: Context, host: Host, repo: Repository) -> bool:
     current = default_of(host)
     if current is not None and current.id == repo.id:
         return False
+    refuse_copy_into_default(host, repo)
     HostRepository.update(position=HostRepository.position + 1).where(
         HostRepository.host == host
     ).execute()
@@ -200,6 +201,28 @@ def attach(ctx: Context, host: Host, repo: Repository, position: Optional[int] =
     HostRepository.create(host=host, repository=repo, position=position, attached_at=utcnow())
     ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
     return True
+
+
+def refuse_copy_into_default(host: Host, repo: Repository) -> None:
+    """A group that names no repository backs up into the host's default:
+    `repo` cannot become that while such a group copies into it."""
+    clash = [
+        name
+        for (name,) in SourceGroup.select(SourceGroup.name)
+        .where(
+            (SourceGroup.host == host)
+            & SourceGroup.repository.is_null()
+            & (SourceGroup.copy_to == repo)
+        )
+        .order_by(SourceGroup.name)
+        .tuples()
+    ]
+    if clash:
+        raise Conflict(
+            f"{host.name}'s group(s) {', '.join(clash)} copy into repository {repo.name}, "
+            "which would become where they back up: give them another copy target or a "
+            "repository of their own first (fleetctl groups edit --copy-to/--repo)"
+        )
 
 
 def named_by(host: Host, repo: Repository) -> list[str]:
@@ -426,6 +449,7 @@ def repos_detach(ctx: Context, p: dict) -> dict:
         successor = None
         if used[0] == repo.id:  # the default goes: the next one takes its place
             successor = Repository.get_by_id(used[1])
+            refuse_copy_into_default(h, successor)
         detach(ctx, h, repo, successor)
         removed.append(h.name)
     if removed:

@@ -141,13 +141,14 @@ def requeue(events: Events, job_id: int, why: str, due: bool = True) -> bool:
     ).execute()
     log.info("job %s back in the queue: %s", job_id, why)
     events.append(JobQueued(job_id, job.host_id, due=due))
-    freed(events, job.host_id)  # what it held of its repository, it holds no more
+    freed(events, job.host_id, job_id)  # what it held of its repositories, it holds no more
     return True
 
 
-def freed(events: Events, host_id: int) -> None:
-    """The hosts sharing this host's repository that wait: offered again."""
-    waiting = hot.sharing_hosts_waiting(host_id)
+def freed(events: Events, host_id: int, job_id: Optional[int] = None) -> None:
+    """The hosts sharing this host's repositories (or those of job
+    `job_id`) that wait: offered again."""
+    waiting = hot.sharing_hosts_waiting(host_id, job_id)
     if waiting:
         events.append(RepositoryFreed(tuple(waiting)))
 
@@ -197,7 +198,8 @@ def end(
     )
     if not done:
         return False
-    events.append(JobEnded(job_id, host_id, status, tuple(hot.sharing_hosts_waiting(host_id))))
+    waiting = hot.sharing_hosts_waiting(host_id, job_id)
+    events.append(JobEnded(job_id, host_id, status, tuple(waiting)))
     if status in ("succeeded", "warning"):
         copy_after(events, host_id, job_id, summary)
     if status == "failed":

@@ -143,19 +143,25 @@ def claim(
     )
 
 
-def sharing_hosts_waiting(host_id: int) -> list[int]:
-    """The other hosts with jobs queued on a repository this host uses: the
-    end of a job here may be what they wait for."""
-    used = 'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ?'
+def sharing_hosts_waiting(host_id: int, job_id: Optional[int] = None) -> list[int]:
+    """The other hosts with jobs queued on a repository this host uses, or
+    that job `job_id` held (the host may have let it go meanwhile): the end
+    of a job here may be what they wait for."""
+    held = (
+        'SELECT "repository_id" FROM "host_repository" WHERE "host_id" = ? '
+        'UNION SELECT "repository_id" FROM "job" WHERE "id" = ? '
+        'UNION SELECT "from_repository_id" FROM "job" WHERE "id" = ?'
+    )
+    mine = (host_id, job_id or 0, job_id or 0)
     return [
         row[0]
         for row in rows(
             'SELECT DISTINCT "host_id" FROM "job" WHERE "status" = ? AND "host_id" <> ? '
-            f'AND ("repository_id" IN ({used}) OR "from_repository_id" IN ({used}))',
+            f'AND ("repository_id" IN ({held}) OR "from_repository_id" IN ({held}))',
             "queued",
             host_id,
-            host_id,
-            host_id,
+            *mine,
+            *mine,
         )
     ]
 
