@@ -28,15 +28,16 @@ def test_enroll_saves_private_state_with_server_and_token(fleet, e2e):
     assert identity["server_url"] == fleet.url
     assert identity["host_name"] == h.name
     assert identity["agent_token"].startswith("agent") and len(identity["agent_token"]) > 20
-    repo = json.loads((state / "repo.json").read_text())
-    assert repo["url"] == str(h.repo)
+    repo_name = fleet.ctl_json("repo", "show", h.name)["name"]
+    (repo,) = json.loads((state / "repo.json").read_text())["repositories"]
+    assert repo["url"] == str(h.repo) and repo["name"] == repo_name and repo["id"] > 0
     assert repo["password"] == h.password  # the agent needs it; 0600 protects it
 
     status = h.agent.cli("status", "--state-dir", state, "--json")
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout)
     assert doc["host"] == h.name and doc["server"] == fleet.url
-    assert doc["repository_configured"] is True
+    assert doc["repository_configured"] is True and doc["repositories"] == [repo_name]
     assert identity["agent_token"] not in status.stdout and h.password not in status.stdout
 
 
