@@ -288,3 +288,13 @@ def test_runner_refuses_without_a_repository_and_when_busy(tmp_path):
         assert info.value.code == "bad_params"
 
     asyncio.run(main())
+
+
+def test_a_repo_json_written_before_several_repositories_still_reads(agent):
+    """An agent upgraded in place keeps the one repository it had until
+    fleetd sends the list."""
+    agent.state.repo_path.write_text('{"url": "/old", "password": "pw", "env": {"A": "1"}}\n')
+    (repo,) = agent.state.load_repos()
+    assert (repo.url, repo.password, repo.env, repo.id) == ("/old", "pw", {"A": "1"}, None)
+    assert agent.state.load_repo() == repo
+    assert agent.state.load_repo(3) is None  # a job naming another waits for the list
