@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fleet_scale.py [--agents 10000] [--workers 4]
         [--only scale|backups|all] [--json OUT] [--quick] [--backup-mib 200]
+        [--repositories N]
 
 Scale part (`--only scale`):
 
@@ -802,6 +803,46 @@ def seed_hosts(data_dir: Path, n: int) -> list[tuple[int, str, str]]:
     return agents
 
 
+def seed_repositories(data_dir: Path, n_hosts: int, n_repos: int) -> None:
+    """N repositories (encrypted with fleetd's key, as `repos create` makes
+    them), host i using repository i % N, each already initialised for it
+    (a succeeded init job), so every claim reads a real repository and the
+    exclusive jobs of hosts sharing one wait for each other."""
+    from fleet.server.app import KEY_NAME
+    from fleet.server.security.secrets import load_key_file, repository_aad
+
+    box = load_key_file(data_dir / KEY_NAME)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    con = sqlite3.connect(data_dir / "fleet.db")
+    with con:
+        for r in range(1, n_repos + 1):
+            aad = f"repository:{r}"
+            con.execute(
+                "INSERT INTO repository (id, name, url_enc, password_enc, env_names, aad,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, '[]', ?, ?, ?)",
+                (
+                    r,
+                    f"bench-repo-{r:05d}",
+                    box.encrypt(f"/srv/restic/bench-{r}", repository_aad(aad, "url")),
+                    box.encrypt(f"bench-pw-{r}", repository_aad(aad, "password")),
+                    aad,
+                    now,
+                    now,
+                ),
+            )
+        con.executemany(
+            "INSERT INTO host_repository (host_id, repository_id, position, attached_at)"
+            " VALUES (?, ?, 0, ?)",
+            [(h, (h - 1) % n_repos + 1, now) for h in range(1, n_hosts + 1)],
+        )
+        con.executemany(
+            "INSERT INTO job (uid, host_id, kind, status, actor_kind, params, created_at,"
+            " repository_id) VALUES (?, ?, 'init', 'succeeded', 'system', '{}', ?, ?)",
+            [(secrets.token_hex(16), h, now, (h - 1) % n_repos + 1) for h in range(1, n_hosts + 1)],
+        )
+    con.close()
+
+
 def idle_window(pid: int, seconds: float) -> tuple[float, int]:
     c0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
@@ -1204,8 +1245,12 @@ def run_scale(args, figs: Figures, work: Path) -> None:
     t0 = time.monotonic()
     agents = seed_hosts(data, n)
     names = [a[2] for a in agents]
+    shared = ""
+    if args.repositories:
+        seed_repositories(data, n, args.repositories)
+        shared = f", sharing {args.repositories} repositories"
     print(
-        f"seeded {n} hosts into {data / 'fleet.db'} in {time.monotonic() - t0:.1f} s (direct SQLite insert, not /enroll)",
+        f"seeded {n} hosts{shared} into {data / 'fleet.db'} in {time.monotonic() - t0:.1f} s (direct SQLite insert, not /enroll)",
         flush=True,
     )
     fleet = Fleet(agents, args.workers)
@@ -1574,6 +1619,12 @@ def main() -> int:
     ap.add_argument("--json", dest="json_out", help="also write the figures here as JSON")
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 500 agents, short windows, 20 MiB backups"
+    )
+    ap.add_argument(
+        "--repositories",
+        type=int,
+        default=0,
+        help="seed this many repositories, host i using repository i %% N (0: hosts have none)",
     )
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--ingest-seconds", type=float, default=10.0)

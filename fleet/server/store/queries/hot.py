@@ -94,21 +94,29 @@ _IN_ALONE = "(" + ", ".join(f"'{k}'" for k in (*EXCLUSIVE, "init")) + ")"
 # lock): backups, and copies (into one, reading the other)
 WRITERS = ("backup", "copy")
 _IN_WRITERS = "(" + ", ".join(f"'{k}'" for k in WRITERS) + ")"
-# job "o" works on a repository job "j" works on (either end of a copy)
-_SHARES = (
-    '("o"."repository_id" IN ("j"."repository_id", "j"."from_repository_id") '
-    'OR "o"."from_repository_id" IN ("j"."repository_id", "j"."from_repository_id"))'
-)
-# a job of another host that keeps job "j" waiting for a repository
-_REPOSITORY_BUSY = (
-    'SELECT 1 FROM "job" AS "o" WHERE "j"."repository_id" IS NOT NULL AND '
-    f'{_SHARES} AND "o"."host_id" <> "j"."host_id" AND ('
-    f'("j"."kind" IN {_IN_ALONE} AND "o"."status" IN (?, ?) '
+_IN_WITH_AGENT = "(" + ", ".join(f"'{k}'" for k in WITH_AGENT) + ")"
+# what makes job "o" of another host keep job "j" waiting when both work on
+# one repository; its one parameter is the time now
+_CONFLICT = (
+    f'"o"."status" IN (\'queued\', \'dispatched\', \'running\') AND "o"."host_id" <> "j"."host_id" AND ('
+    f'("j"."kind" IN {_IN_ALONE} AND "o"."status" IN {_IN_WITH_AGENT} '
     f'AND ("o"."kind" IN {_IN_WRITERS} OR "o"."kind" IN {_IN_ALONE})) '
-    f'OR ("j"."kind" IN {_IN_WRITERS} AND "o"."kind" IN {_IN_ALONE} AND ("o"."status" IN (?, ?) '
+    f'OR ("j"."kind" IN {_IN_WRITERS} AND "o"."kind" IN {_IN_ALONE} AND ("o"."status" IN {_IN_WITH_AGENT} '
     f'OR ("o"."status" = \'queued\' AND "o"."kind" IN {_IN_EXCLUSIVE} AND "o"."id" < "j"."id" '
     'AND "o"."agent_job" IS NULL AND ("o"."not_before" IS NULL OR "o"."not_before" <= ?) '
     'AND EXISTS (SELECT 1 FROM "host" AS "oh" WHERE "oh"."id" = "o"."host_id" AND "oh"."online")))))'
+)
+# one look per pair of ends (a copy has two), each an index search on the
+# repository and the active statuses, never a walk of its history
+_PAIRS = (
+    ("repository_id", "repository_id"),
+    ("from_repository_id", "repository_id"),
+    ("repository_id", "from_repository_id"),
+    ("from_repository_id", "from_repository_id"),
+)
+_REPOSITORY_BUSY = " OR ".join(
+    f'EXISTS (SELECT 1 FROM "job" AS "o" WHERE "o"."{mine}" = "j"."{theirs}" AND {_CONFLICT})'
+    for mine, theirs in _PAIRS
 )
 
 
@@ -125,7 +133,7 @@ def claim(
         'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "id" = ('
         'SELECT "j"."id" FROM "job" AS "j" WHERE "j"."host_id" = ? AND "j"."status" = ? '
         'AND "j"."agent_job" IS NULL AND ("j"."not_before" IS NULL OR "j"."not_before" <= ?) '
-        f"AND NOT EXISTS ({_REPOSITORY_BUSY}) "
+        f"AND NOT ({_REPOSITORY_BUSY}) "
         'ORDER BY "j"."kind" <> ?, "j"."id" LIMIT 1) '
         'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
         'RETURNING "id", "kind", "params", "uid", "repository_id", "from_repository_id"',
@@ -134,9 +142,7 @@ def claim(
         host_id,
         "queued",
         stamp,
-        *WITH_AGENT,
-        *WITH_AGENT,
-        stamp,
+        *[stamp] * len(_PAIRS),
         "init",
         host_id,
         *WITH_AGENT,
@@ -152,16 +158,21 @@ def sharing_hosts_waiting(host_id: int, job_id: Optional[int] = None) -> list[in
         'UNION SELECT "repository_id" FROM "job" WHERE "id" = ? '
         'UNION SELECT "from_repository_id" FROM "job" WHERE "id" = ?'
     )
-    mine = (host_id, job_id or 0, job_id or 0)
     return [
         row[0]
         for row in rows(
-            'SELECT DISTINCT "host_id" FROM "job" WHERE "status" = ? AND "host_id" <> ? '
-            f'AND ("repository_id" IN ({held}) OR "from_repository_id" IN ({held}))',
+            f'WITH "held"("r") AS ({held}) '
+            'SELECT "host_id" FROM "job" WHERE "status" = ? AND "host_id" <> ? '
+            'AND "repository_id" IN (SELECT "r" FROM "held") '
+            'UNION SELECT "host_id" FROM "job" WHERE "status" = ? AND "host_id" <> ? '
+            'AND "from_repository_id" IN (SELECT "r" FROM "held")',
+            host_id,
+            job_id or 0,
+            job_id or 0,
             "queued",
             host_id,
-            *mine,
-            *mine,
+            "queued",
+            host_id,
         )
     ]
 
