@@ -228,6 +228,7 @@ def agent_hello(hostname: str = "agent-box", version: int = 0, **extra: Any) -> 
         "os": "linux",
         "arch": "x86_64",
         "timezone": "Europe/Paris",
+        "features": ["repositories"],  # features=[]: an agent from before it
         **extra,
     }
     return json.dumps({"v": 1, "type": "hello", "id": "h1", "data": data})

@@ -301,6 +301,7 @@ class Agent:
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
             "schedule_version": self.scheduler.version,
+            "features": ["repositories"],
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current

@@ -466,6 +466,8 @@ class JobRunner:
                 await job.kind.after(job, outcome)
             if outcome.status != "succeeded" or job.kind.locks_after:
                 await self.report_locks(job.repo)
+                if job.source is not None:  # a copy that failed may have left one there too
+                    await self.report_locks(job.source)
         except Exception:  # a report that fails must not keep the runner busy for ever
             log.exception("reports after job %s failed", job.id)
         finally:

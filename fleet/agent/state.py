@@ -145,7 +145,9 @@ class State:
         return None
 
     def save_repos(self, repos: list[RepoConfig]) -> None:
-        doc = {"repositories": [asdict(r) for r in repos]}
+        doc: dict[str, Any] = {"repositories": [asdict(r) for r in repos]}
+        if repos:  # the default as an agent before several repositories reads it
+            doc.update(url=repos[0].url, password=repos[0].password, env=repos[0].env)
         write_private(self.repo_path, json.dumps(doc) + "\n")
 
     def save_repo(self, repo: RepoConfig) -> None:

@@ -203,6 +203,9 @@ MESSAGES: dict[str, MessageSpec] = {
             # the version of the schedule set the agent holds (fleetd pushes
             # schedule.set after welcome when it has another)
             _opt("schedule_version", "int", minimum=0, maximum=MAX_SEQ),
+            # what the agent can do beyond protocol 1's first frames:
+            # "repositories" (it holds and tells apart several per host)
+            _opt("features", "list[str]", limit=32),
         ),
     ),
     "welcome": MessageSpec(

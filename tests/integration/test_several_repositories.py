@@ -105,11 +105,11 @@ def make_host(fleet, fx, default, *attached):
 
 
 @contextlib.contextmanager
-def connected(fleet, fx, token):
+def connected(fleet, fx, token, **hello):
     """An agent link after hello and welcome; .config: its first config.update."""
     with fx.ws_connect(fleet.url, "/agent", token) as ws:
         agent = FakeAgent(ws)
-        ws.send(fx.agent_hello())
+        ws.send(fx.agent_hello(**hello))
         agent.next_of("welcome")
         agent.config = agent.next_of("config.update")["data"]
         yield agent
@@ -171,6 +171,33 @@ def test_config_update_lists_every_repository_default_first(fleet, fx):
     )
     for secret in ("pw-of-a", "pw-of-b", "hunter2", env_secret):
         assert secret not in text
+
+
+def test_an_agent_from_before_several_repositories_gets_only_its_defaults_jobs(fleet, fx):
+    """Such an agent runs every job on its default repository: a job on
+    another (its init, a backup of a group naming it, a copy) fails with a
+    message instead of acting on the wrong repository."""
+    a, b = make_repo(fleet, fx), make_repo(fleet, fx)
+    host, token = make_host(fleet, fx, a, b)
+    fleet.rpc("groups.create", host=host, name="etc", includes=["/etc"], repository=b)
+    with connected(fleet, fx, token, features=[]) as agent:
+        assert len(agent.config["repositories"]) == 2  # sent; this agent reads repo_url only
+        assert agent.inits(1) == [ids_of(agent.config)[a]]  # its default's goes out
+        inits = {j["repository"]: j for j in jobs_of(fleet, host, "init")}
+        failed = fx.wait_until(
+            lambda: (j := show(fleet, inits[b]["id"]))["status"] == "failed" and j,
+            timeout=10,
+            what="the other repository's init to fail",
+        )
+        assert "predates" in failed["error"] and "upgrade fleet-agent" in failed["error"]
+        backup = fleet.rpc("jobs.run", host=host, group="etc")["id"]
+        fx.wait_until(
+            lambda: show(fleet, backup)["status"] == "failed",
+            timeout=10,
+            what="the backup into the other repository to fail",
+        )
+        prune = fleet.rpc("jobs.run", host=host, kind="prune")["id"]
+        assert agent.take("prune")["job_id"] == prune  # on its default: sent
 
 
 def test_one_init_per_repository_and_one_more_for_each_attached(fleet, fx):

@@ -128,6 +128,8 @@ def test_config_update_saves_every_repository_of_the_host(agent):
         (9, "offsite", "/off"),
     ]
     assert agent.state.load_repo().name == "main"  # none named: the default
+    on_disk = json.loads(agent.state.repo_path.read_text())
+    assert (on_disk["url"], on_disk["password"]) == ("/main", "pw1")  # an older agent's read
     assert agent.state.load_repo(9).env == {"B": "2"}
     assert agent.state.load_repo(4) is None
     main, off = (agent.runner.sizes_of(r) for r in agent.state.load_repos())

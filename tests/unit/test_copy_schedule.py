@@ -78,17 +78,26 @@ def test_a_scheduled_copy_names_the_snapshots_since_the_last_one(setup):
     assert job.params == {"group": "www", "tag": "www", "snapshots": ["a" * 64, "b" * 64]}
     assert copies.next_due() == dt.datetime(2026, 5, 5, 2, 0)
 
-    # still queued the next night: not made again; once it ended, only what is new
+    # still queued the next night: not made again
     snap(web, main, "e" * 64, dt.datetime(2026, 5, 5, 1))
     copies.run_due([], dt.datetime(2026, 5, 5, 2, 0))
     assert len(copy_jobs()) == 1
-    Job.update(status="succeeded").where(Job.id == job.id).execute()
+    # it failed for good: the next takes its snapshots again, with what is new
+    lifecycle.end([], web.id, job.id, "failed", error="offsite unreachable")
     copies.run_due([], dt.datetime(2026, 5, 6, 2, 0))
-    assert [j.params["snapshots"] for j in copy_jobs()][1:] == [["e" * 64]]
-    # nothing new: no job
-    Job.update(status="succeeded").execute()
+    again = copy_jobs()[-1]
+    assert again.params["snapshots"] == ["a" * 64, "b" * 64, "e" * 64]
+    # it got through: the next takes only what is newer
+    lifecycle.end([], web.id, again.id, "succeeded")
+    assert SourceGroup.get_by_id(group.id).copied_until == dt.datetime(2026, 5, 5, 1)
+    snap(web, main, "f" * 64, dt.datetime(2026, 5, 6, 1))
     copies.run_due([], dt.datetime(2026, 5, 7, 2, 0))
-    assert len(copy_jobs()) == 2
+    last = copy_jobs()[-1]
+    assert last.params["snapshots"] == ["f" * 64]
+    # nothing new: no job
+    lifecycle.end([], web.id, last.id, "succeeded")
+    copies.run_due([], dt.datetime(2026, 5, 8, 2, 0))
+    assert len(copy_jobs()) == 3
 
 
 def test_a_group_copied_on_a_schedule_is_not_copied_after_each_backup(setup):

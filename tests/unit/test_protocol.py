@@ -89,6 +89,7 @@ WIRE_FIELDS = {
             "spool_seq",
             "spool_pending",
             "schedule_version",
+            "features",
         ),
     ),
     "welcome": (
@@ -209,13 +210,15 @@ EXAMPLES = {
             "spool_seq": 1200,
             "spool_pending": 1190,
             "schedule_version": 4,
+            "features": ["repositories"],
         },
         "h1",
         None,
         '{"v":1,"type":"hello","id":"h1","data":{"protocol_version":1,"agent_version":"0.1.0",'
         '"restic_version":"0.17.3","hostname":"web-01","os":"linux","arch":"amd64",'
         '"timezone":"Europe/Berlin","boot_time":"2024-05-01T08:00:00Z",'
-        '"running_job":41,"spool_seq":1200,"spool_pending":1190,"schedule_version":4}}',
+        '"running_job":41,"spool_seq":1200,"spool_pending":1190,"schedule_version":4,'
+        '"features":["repositories"]}}',
     ),
     "welcome": (
         {

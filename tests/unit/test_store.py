@@ -884,6 +884,14 @@ def test_migration_10_binds_jobs_snapshots_sizes_and_locks_to_the_hosts_reposito
     )
     raw.execute(f"INSERT INTO host_repository VALUES (1, 7, 0, {t})")
     raw.execute(
+        "INSERT INTO repository (id, name, url_enc, password_enc, env_names, aad, created_at, "
+        f"updated_at) VALUES (8, 'old', x'00', x'00', '[]', 'repository:8', {t}, {t})"
+    )
+    raw.execute(  # a prune made for the repository the host used before: it names it
+        "INSERT INTO job (uid, host_id, kind, status, actor_kind, params, created_at) VALUES "
+        f"""('u9', 1, 'prune', 'succeeded', 'system', '{{"repository": "old"}}', {t})"""
+    )
+    raw.execute(
         "INSERT INTO snapshot (host_id, snapshot_id, short_id, time, hostname, paths, tags) "
         f"VALUES (1, 'abc', 'abc', {t}, 'web1', '[]', '[]')"
     )
@@ -900,8 +908,8 @@ def test_migration_10_binds_jobs_snapshots_sizes_and_locks_to_the_hosts_reposito
     database = open_database(db_path)
     try:
         assert current_version(database) == 10
-        jobs = {j.host.name: j.repository_id for j in m.Job.select()}
-        assert jobs == {"web1": 7, "bare": None}
+        jobs = {(j.host.name, j.kind): j.repository_id for j in m.Job.select()}
+        assert jobs == {("web1", "backup"): 7, ("web1", "prune"): 8, ("bare", "backup"): None}
         assert [(s.snapshot_id, s.repository_id) for s in m.Snapshot.select()] == [("abc", 7)]
         stats = [
             (s.host_id, s.repository_id, s.size_bytes, s.raw_size_bytes)

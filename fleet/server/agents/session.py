@@ -116,6 +116,7 @@ class AgentSession:
         # the agent's own ids of jobs it made itself -> fleetd's (for progress)
         self.agent_jobs: dict[int, int] = {}
         self.schedules_changed = False  # a change committed before that: push after it
+        self.features: frozenset[str] = frozenset()  # what the agent said it can do
 
     async def send(self, frame: str) -> bool:
         try:
@@ -274,6 +275,10 @@ class Agents:
         session = self.sessions.get(host_id)
         return session is not None and session.caught_up
 
+    def features(self, host_id: int) -> frozenset[str]:
+        session = self.sessions.get(host_id)
+        return session.features if session is not None else frozenset()
+
     async def send_command(self, host_id: int, job_id: int, frame: str) -> bool:
         session = self.sessions.get(host_id)
         if session is None:
@@ -383,6 +388,7 @@ class Agents:
         session.running_job = hello.data.get("running_job")
         session.inflight = session.running_job
         session.spool_seq = hello.data.get("spool_seq", 0)
+        session.features = frozenset(hello.data.get("features") or ())
         await self._attach(session)  # an older session's end then sees it replaced
         marked = self.presence.online(host_id, hello.data)
         log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])

@@ -70,6 +70,7 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
     """The group's repository and copy as named in `p`; returns the names
     of those the host did not use before (now attached)."""
     attached = []
+    before = (g.repository_id, g.copy_to_id)
     for key in ("repository", "copy_to"):
         if key not in p:
             continue
@@ -91,9 +92,13 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
         merged = dict(g.copy_retention or {})
         merged.update(p["copy_retention"])
         g.copy_retention = check_retention(merged)
+    if (g.repository_id, g.copy_to_id) != before:
+        g.copied_until = None  # another copy: every snapshot there is to copy
     if "copy_cron" in p:
         expr = check_cron("copy-cron", p["copy_cron"])
         if expr != g.copy_cron:
+            if g.copy_cron is None and g.copied_until is None and before[1] == g.copy_to_id:
+                g.copied_until = utcnow()  # copied after each backup until now
             g.copy_cron, g.next_copy_at = expr, None  # due from now on
             ctx.events.append(MaintenanceChanged(g.copy_to_id or 0))  # the ticker looks again
     if g.copy_to_id is not None:

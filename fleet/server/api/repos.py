@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from peewee import fn
 
-from ...common.protocol import Field
+from ...common.protocol import MAX_REPOSITORIES, Field
 from ..events import MaintenanceChanged, RepoChanged
 from ..jobs import lifecycle
 from ..scheduling import maintenance
@@ -177,7 +177,9 @@ def use(ctx: Context, host: Host, repo: Repository) -> bool:
             (HostRepository.host == host) & (HostRepository.repository == repo)
         ).execute()
         ctx.events.append(RepoChanged(host.id))
-    if current is not None and not named_by(host, current):
+    if current is not None and named_by(host, current):
+        follow_default(host, current, repo)  # it stays, for the groups naming it
+    elif current is not None:
         detach(ctx, host, current, successor=repo)
     return True
 
@@ -191,6 +193,12 @@ def attach(ctx: Context, host: Host, repo: Repository, position: Optional[int] =
         .exists()
     ):
         return False
+    used = HostRepository.select().where(HostRepository.host == host).count()
+    if used >= MAX_REPOSITORIES:
+        raise Conflict(
+            f"{host.name} uses {used} repositories, as many as a host may: "
+            "detach one first (fleetctl repos detach)"
+        )
     if position is None:
         last = (
             HostRepository.select(fn.MAX(HostRepository.position))
@@ -199,6 +207,10 @@ def attach(ctx: Context, host: Host, repo: Repository, position: Optional[int] =
         )
         position = 0 if last is None else last + 1
     HostRepository.create(host=host, repository=repo, position=position, attached_at=utcnow())
+    if position == 0:  # its first: the jobs queued while it had none go there
+        Job.update(repository=repo).where(
+            (Job.host == host) & (Job.status == lifecycle.QUEUED) & Job.repository.is_null()
+        ).execute()
     ctx.events.append(RepoChanged(host.id))  # pushed to its agent; auto-init
     return True
 
@@ -244,6 +256,22 @@ def named_by(host: Host, repo: Repository) -> list[str]:
 FOLLOW_DEFAULT = ("backup", "snapshots", "stats")
 
 
+def follow_default(host: Host, old: Repository, new: Repository) -> None:
+    """The host's queued jobs that follow its default (see FOLLOW_DEFAULT)
+    move from `old` to `new`, its default now."""
+    following = SourceGroup.select(SourceGroup.id).where(
+        (SourceGroup.host == host) & SourceGroup.repository.is_null()
+    )
+    Job.update(repository=new).where(
+        (Job.host == host)
+        & (Job.status == lifecycle.QUEUED)
+        & (Job.repository == old)
+        & Job.from_repository.is_null()
+        & Job.kind.in_(FOLLOW_DEFAULT)
+        & (Job.group.is_null() | Job.group.in_(following))
+    ).execute()
+
+
 def detach(
     ctx: Context, host: Host, repo: Repository, successor: Optional[Repository] = None
 ) -> None:
@@ -251,26 +279,14 @@ def detach(
     default (`successor`) when they may, else end cancelled; what fleetd
     knew of its snapshots and sizes there goes (restic's data stays)."""
     lifecycle.freed(ctx.events, host.id)  # its jobs leave the repository's queue
-    queued = Job.select(Job.id, Job.kind, Job.group, Job.from_repository).where(
+    if successor is not None:
+        follow_default(host, repo, successor)
+    queued = Job.select(Job.id).where(
         (Job.host == host)
         & (Job.status == lifecycle.QUEUED)
         & ((Job.repository == repo) | (Job.from_repository == repo))
     )
-    following = {
-        g.id
-        for g in SourceGroup.select(SourceGroup.id).where(
-            (SourceGroup.host == host) & SourceGroup.repository.is_null()
-        )
-    }
     for job in queued:
-        if (
-            successor is not None
-            and job.kind in FOLLOW_DEFAULT
-            and job.from_repository_id is None
-            and (job.group_id is None or job.group_id in following)
-        ):
-            Job.update(repository=successor).where(Job.id == job.id).execute()
-            continue
         lifecycle.end(
             ctx.events,
             host.id,

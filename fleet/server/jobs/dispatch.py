@@ -20,6 +20,7 @@ import logging
 from typing import Any, Optional, Protocol
 
 from ...common import protocol
+from ...common.protocol import ProtocolError
 from ..clock import Clock
 from ..events import Event, HostOffline, JobDispatched, JobEnded, JobQueued, RepositoryFreed
 from ..store.db import StoreClosed
@@ -31,6 +32,7 @@ log = logging.getLogger("fleetd.dispatch")
 
 BATCH = 1000  # hosts claimed for in one transaction
 BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
+REPOSITORIES = "repositories"  # an agent's hello feature: it holds every repository of its host
 
 # command.run keys taken from a job's params (frozen when the job was made):
 # every field the protocol gives command.run, but the two fleetd sets itself
@@ -66,6 +68,8 @@ def command_for(
 
 class Sessions(Protocol):
     def ready(self, host_id: int) -> bool: ...
+
+    def features(self, host_id: int) -> frozenset[str]: ...
 
     async def send_command(self, host_id: int, job_id: int, frame: str) -> bool: ...
 
@@ -144,17 +148,26 @@ class Dispatcher:
     async def _send(self) -> None:
         while self._outbox:
             event = self._outbox.popleft()
-            frame = protocol.encode(
-                "command.run",
-                command_for(
-                    event.job_id,
-                    event.kind,
-                    event.params,
-                    event.uid,
-                    event.repository_id,
-                    event.from_repository_id,
-                ),
-            )
+            try:
+                why = await self._unsendable(event)
+                frame = protocol.encode(
+                    "command.run",
+                    command_for(
+                        event.job_id,
+                        event.kind,
+                        event.params,
+                        event.uid,
+                        event.repository_id,
+                        event.from_repository_id,
+                    ),
+                )
+            except ProtocolError as exc:  # a job made from what an agent reported, gone wrong
+                why = f"the job cannot be sent to its agent: {exc}"
+            except StoreClosed:
+                return
+            if why is not None:
+                await self._fail(event, why)
+                continue
             if await self.sessions.send_command(event.host_id, event.job_id, frame):
                 continue
             try:  # the link went between the claim and the send
@@ -163,6 +176,31 @@ class Dispatcher:
                 return  # the agent finds the job dispatched when it is back: requeued then
             except Exception:
                 log.exception("requeueing job %s failed", event.job_id)
+
+    async def _unsendable(self, event: JobDispatched) -> Optional[str]:
+        """Why the job must not go to the host's agent: one that predates
+        several repositories per host runs every job on its default, so a
+        job on another one (a forget with another retention, a prune) would
+        act on the wrong repository."""
+        if event.repository_id is None or REPOSITORIES in self.sessions.features(event.host_id):
+            return None
+        if event.from_repository_id is None:
+            default = await self.lifecycle.store.read(hot.default_repository, event.host_id)
+            if default == event.repository_id:
+                return None
+        return (
+            "this host's fleet-agent predates hosts with several repositories and would "
+            "run the job on its default repository: upgrade fleet-agent"
+        )
+
+    async def _fail(self, event: JobDispatched, why: str) -> None:
+        log.warning("job %s not sent: %s", event.job_id, why)
+        try:
+            await self.lifecycle.apply(lifecycle.fail, event.host_id, event.job_id, why)
+        except StoreClosed:
+            return
+        except Exception:
+            log.exception("failing job %s failed", event.job_id)
 
     @staticmethod
     def _claim(events: list[Event], hosts: list[int], now: Any) -> None:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
+
+import peewee as pw
 
 from ...common.protocol import FINAL_STATUSES
 from ..events import (
@@ -30,7 +33,7 @@ from ..events import (
     RepositoryFreed,
 )
 from ..store.db import Store
-from ..store.models import Job, SourceGroup, new_uid, utcnow
+from ..store.models import Job, Snapshot, SourceGroup, new_uid, utcnow
 from ..store.queries import hot
 from . import retry
 
@@ -39,6 +42,7 @@ log = logging.getLogger("fleetd.jobs")
 Events = list[Event]
 T = TypeVar("T")
 
+SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}$")  # what restic names a snapshot by
 QUEUED = "queued"
 DISPATCHED = "dispatched"
 RUNNING = "running"
@@ -201,7 +205,9 @@ def end(
     waiting = hot.sharing_hosts_waiting(host_id, job_id)
     events.append(JobEnded(job_id, host_id, status, tuple(waiting)))
     if status in ("succeeded", "warning"):
-        copy_after(events, host_id, job_id, summary)
+        job = Job.get_by_id(job_id)
+        copy_after(events, job, summary)
+        copied(job)
     if status == "failed":
         job = Job.get_by_id(job_id)
         again = retry.after_failure(job, now)
@@ -223,13 +229,12 @@ def end(
     return True
 
 
-def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict]) -> None:
+def copy_after(events: Events, job: Job, summary: Optional[dict]) -> None:
     """A backup of a group that names a second repository is followed by a
     copy of its new snapshot into that one (3-2-1), a job of its own."""
     snapshot = (summary or {}).get("snapshot_id")
-    if not isinstance(snapshot, str) or not snapshot:
-        return  # not a backup, or one that made no snapshot
-    job = Job.get_by_id(job_id)
+    if not isinstance(snapshot, str) or not SNAPSHOT_ID.match(snapshot):
+        return  # not a backup, one that made no snapshot, or an id that is none
     if job.kind != "backup" or job.group_id is None:
         return
     group = SourceGroup.get_or_none(SourceGroup.id == job.group_id)
@@ -241,7 +246,7 @@ def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict
         return  # named as its own copy: nothing to do
     create(
         events,
-        host_id,
+        job.host_id,
         "copy",
         job.actor_kind,
         job.actor_user_id,
@@ -251,6 +256,31 @@ def copy_after(events: Events, host_id: int, job_id: int, summary: Optional[dict
         repository=group.copy_to_id,
         from_repository=job.repository_id,
     )
+
+
+def copied(job: Job) -> None:
+    """A copy on its group's schedule that got through: the group's copies
+    are made up to its newest snapshot (scheduling.copies takes those
+    after). Moved on success only, so a copy that failed for good leaves its
+    snapshots for the next one."""
+    named = (job.params or {}).get("snapshots") or []
+    if job.kind != "copy" or job.group_id is None or not named:
+        return
+    newest = (
+        Snapshot.select(pw.fn.MAX(Snapshot.time))
+        .where(
+            (Snapshot.host == job.host_id)
+            & (Snapshot.repository == job.from_repository_id)
+            & Snapshot.snapshot_id.in_(named)
+        )
+        .scalar()
+    )
+    if newest is not None:
+        SourceGroup.update(copied_until=newest).where(
+            (SourceGroup.id == job.group_id)
+            & SourceGroup.copy_cron.is_null(False)
+            & (SourceGroup.copied_until.is_null() | (SourceGroup.copied_until < newest))
+        ).execute()
 
 
 def copy_params(group: SourceGroup, snapshots: Sequence[str] = ()) -> dict[str, Any]:

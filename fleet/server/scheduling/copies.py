@@ -7,7 +7,8 @@ own retention forgot from being copied back.
 
 The job is queued on the group's host, online or not, and waits its turn
 in both repositories' queues; a copy still queued from the last time is
-not made again.
+not made again. The group's copies count as made up to a time only once a
+copy succeeded: one that failed for good leaves its snapshots to the next.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def copy_now(events: list[Event], group: SourceGroup, now: dt.datetime) -> Optio
         repository=group.copy_to_id,
         from_repository=source,
     )
-    SourceGroup.update(copied_until=snaps[-1].time).where(SourceGroup.id == group.id).execute()
-    return job.id
+    return job.id  # copied_until moves when it succeeds (lifecycle.copied)
 
 
 def run_due(events: list[Event], now: dt.datetime) -> None:

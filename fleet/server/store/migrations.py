@@ -157,7 +157,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "job" ADD COLUMN "from_repository_id" INTEGER REFERENCES "repository" ("id") ON DELETE SET NULL',
             'CREATE INDEX "job_repository_id_status" ON "job" ("repository_id", "status")',
             'CREATE INDEX "job_from_repository_id_status" ON "job" ("from_repository_id", "status")',
-            'UPDATE "job" SET "repository_id" = (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "job"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1)',
+            'UPDATE "job" SET "repository_id" = COALESCE((SELECT "r"."id" FROM "repository" AS "r" WHERE "r"."name" = json_extract("job"."params", \'$.repository\')), (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "job"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1))',
             'ALTER TABLE "snapshot" ADD COLUMN "repository_id" INTEGER REFERENCES "repository" ("id") ON DELETE CASCADE',
             'UPDATE "snapshot" SET "repository_id" = (SELECT "hr"."repository_id" FROM "host_repository" AS "hr" WHERE "hr"."host_id" = "snapshot"."host_id" ORDER BY "hr"."position", "hr"."attached_at" LIMIT 1)',
             'CREATE INDEX "snapshot_repository_id" ON "snapshot" ("repository_id")',
