@@ -365,6 +365,7 @@ class Worker:
             "arch": "amd64",
             "spool_seq": a.seq,
             "spool_pending": 0,  # the simulated spool keeps nothing unacked across links
+            "features": ["repositories"],  # as fleet-agent says it
         }
         return json.dumps({"v": 1, "type": "hello", "id": "hello", "data": data})
 

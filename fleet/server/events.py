@@ -35,6 +35,9 @@ class JobDispatched:
     uid: Optional[str] = None  # told to the agent: a scheduled job may be its own already
     repository_id: Optional[int] = None  # the repository it works on (of those the agent holds)
     from_repository_id: Optional[int] = None  # a copy's source
+    # it works on a repository other than the host's default (a copy too):
+    # an agent from before several repositories would run it on the default
+    off_default: bool = False
 
 
 @dataclass(frozen=True)

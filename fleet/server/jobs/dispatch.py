@@ -148,8 +148,8 @@ class Dispatcher:
     async def _send(self) -> None:
         while self._outbox:
             event = self._outbox.popleft()
+            why = self._unsendable(event)
             try:
-                why = await self._unsendable(event)
                 frame = protocol.encode(
                     "command.run",
                     command_for(
@@ -163,8 +163,6 @@ class Dispatcher:
                 )
             except ProtocolError as exc:  # a job made from what an agent reported, gone wrong
                 why = f"the job cannot be sent to its agent: {exc}"
-            except StoreClosed:
-                return
             if why is not None:
                 await self._fail(event, why)
                 continue
@@ -177,17 +175,13 @@ class Dispatcher:
             except Exception:
                 log.exception("requeueing job %s failed", event.job_id)
 
-    async def _unsendable(self, event: JobDispatched) -> Optional[str]:
+    def _unsendable(self, event: JobDispatched) -> Optional[str]:
         """Why the job must not go to the host's agent: one that predates
         several repositories per host runs every job on its default, so a
         job on another one (a forget with another retention, a prune) would
         act on the wrong repository."""
-        if event.repository_id is None or REPOSITORIES in self.sessions.features(event.host_id):
+        if not event.off_default or REPOSITORIES in self.sessions.features(event.host_id):
             return None
-        if event.from_repository_id is None:
-            default = await self.lifecycle.store.read(hot.default_repository, event.host_id)
-            if default == event.repository_id:
-                return None
         return (
             "this host's fleet-agent predates hosts with several repositories and would "
             "run the job on its default repository: upgrade fleet-agent"

@@ -127,7 +127,12 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
         repository=repository,
         from_repository=source,
     )
-    events.append(JobDispatched(job_id, host_id, kind, job.params, uid, repository, source))
+    off_default = source is not None or (
+        repository is not None and repository != hot.default_repository(host_id)
+    )
+    events.append(
+        JobDispatched(job_id, host_id, kind, job.params, uid, repository, source, off_default)
+    )
     return job
 
 
