@@ -115,7 +115,8 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
     row = hot.claim(host_id, now)
     if row is None:
         return None
-    job_id, kind, params, uid, repository, source = row
+    job_id, kind, params, uid, repository, source, default = row
+    off_default = source is not None or (repository is not None and repository != default)
     # what a command.run needs, without reading the row back
     job = Job(
         id=job_id,
@@ -126,9 +127,6 @@ def claim(events: Events, host_id: int, now: dt.datetime) -> Optional[Job]:
         uid=uid,
         repository=repository,
         from_repository=source,
-    )
-    off_default = source is not None or (
-        repository is not None and repository != hot.default_repository(host_id)
     )
     events.append(
         JobDispatched(job_id, host_id, kind, job.params, uid, repository, source, off_default)
@@ -194,7 +192,7 @@ def end(
         raise ValueError(f"{status!r} is not a final job status")
     now = now or utcnow()
     endable = ACTIVE + ("lost",) if status != "lost" else WITH_AGENT
-    done = (
+    done = list(
         Job.update(
             status=status,
             finished_at=finished_at or now,
@@ -203,14 +201,17 @@ def end(
             error=error,
         )
         .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_(endable))
+        .returning(Job.kind)
+        .tuples()
         .execute()
     )
     if not done:
         return False
+    ((kind,),) = done
     waiting = hot.sharing_hosts_waiting(host_id, job_id)
     events.append(JobEnded(job_id, host_id, status, tuple(waiting)))
-    if status in ("succeeded", "warning"):
-        job = Job.get_by_id(job_id)
+    if status in ("succeeded", "warning") and kind in ("backup", "copy"):
+        job = Job.get_by_id(job_id)  # only what may be followed by a copy, or end one
         copy_after(events, job, summary)
         copied(job)
     if status == "failed":

@@ -122,11 +122,11 @@ _REPOSITORY_BUSY = " OR ".join(
 
 def claim(
     host_id: int, now: dt.datetime
-) -> Optional[tuple[int, str, str, str, Optional[int], Optional[int]]]:
+) -> Optional[tuple[int, str, str, str, Optional[int], Optional[int], Optional[int]]]:
     """queued -> dispatched for the host's next due job, in one statement and
     only when none is with its agent and its repositories let it (see
-    EXCLUSIVE); (id, kind, params JSON, uid, repository, from repository)
-    or None. A job an agent made
+    EXCLUSIVE); (id, kind, params JSON, uid, repository, from repository,
+    the host's default repository) or None. A job an agent made
     itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
     return one(
@@ -136,7 +136,12 @@ def claim(
         f"AND NOT ({_REPOSITORY_BUSY}) "
         'ORDER BY "j"."kind" <> ?, "j"."id" LIMIT 1) '
         'AND NOT EXISTS (SELECT 1 FROM "job" WHERE "host_id" = ? AND "status" IN (?, ?)) '
-        'RETURNING "id", "kind", "params", "uid", "repository_id", "from_repository_id"',
+        'RETURNING "id", "kind", "params", "uid", "repository_id", "from_repository_id", '
+        # the host's default, to tell a job off it (JobDispatched.off_default); a
+        # value, not a test: SQLite 3.40 answers IS NULL wrongly in a RETURNING
+        '(SELECT "hr"."repository_id" FROM "host_repository" AS "hr" '
+        'WHERE "hr"."host_id" = "job"."host_id" ORDER BY "hr"."position", "hr"."attached_at" '
+        "LIMIT 1)",
         "dispatched",
         stamp,
         host_id,
