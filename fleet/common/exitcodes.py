@@ -15,3 +15,7 @@ class Exit(enum.IntEnum):
     NOT_FOUND = 4
     UNREACHABLE = 5  # the server could not be reached
     INTERRUPTED = 130
+    # fleetctl status, read as a monitoring check does (Nagios' meaning); the
+    # same numbers as ERROR and USAGE, which status never exits with for those
+    WARNING = 1  # something needs looking at: a stale lock, no recent check
+    CRITICAL = 2  # a backup failed or is overdue, a host is offline, a check failed

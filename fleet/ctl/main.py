@@ -19,6 +19,7 @@ from . import (
     repos,
     schedules,
     session,
+    status,
     tokens,
     users,
 )
@@ -72,6 +73,7 @@ cli.add_command(schedules.schedules)
 cli.add_command(users.users)
 cli.add_command(tokens.tokens)
 cli.add_command(audit.audit)
+cli.add_command(status.status)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

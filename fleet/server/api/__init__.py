@@ -21,6 +21,7 @@ from . import (
     repos,
     schedules,
     snapshots,
+    status,
     tokens,
     users,
 )
@@ -38,6 +39,7 @@ NOUNS: tuple[ModuleType, ...] = (
     schedules,
     jobs,
     snapshots,
+    status,
     audit,
 )
 

@@ -33,7 +33,7 @@ from ..events import (
     RepositoryFreed,
 )
 from ..store.db import Store
-from ..store.models import Job, Snapshot, SourceGroup, new_uid, utcnow
+from ..store.models import Host, Job, Snapshot, SourceGroup, new_uid, utcnow
 from ..store.queries import hot
 from . import retry
 
@@ -201,13 +201,24 @@ def end(
             error=error,
         )
         .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_(endable))
-        .returning(Job.kind)
+        .returning(Job.kind, Job.group_name)
         .tuples()
         .execute()
     )
     if not done:
         return False
-    ((kind,),) = done
+    ((kind, group),) = done
+    if status in ("failed", "lost"):  # one line each, for the journal
+        host = Host.get_or_none(Host.id == host_id)
+        log.warning(
+            "job %s (%s%s) on host %s %s: %s",
+            job_id,
+            kind,
+            f" of group {group}" if group else "",
+            host.name if host else host_id,
+            status,
+            error or "no error given",
+        )
     waiting = hot.sharing_hosts_waiting(host_id, job_id)
     events.append(JobEnded(job_id, host_id, status, tuple(waiting)))
     if status in ("succeeded", "warning") and kind in ("backup", "copy"):

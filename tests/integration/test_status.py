@@ -1,0 +1,189 @@
+"""`fleetctl status` on a real fleetd with raw sockets standing in for the
+agents: exit 0 for a healthy fleet, 2 for a failed, an overdue and an
+offline host's backups, 1 for a warning; the JSON names each problem."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import json
+
+from fleet.common import protocol
+
+
+def stamp(delta: dt.timedelta = dt.timedelta()) -> str:
+    now = dt.datetime.now(dt.timezone.utc) + delta
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Agent:
+    def __init__(self, ws):
+        self.ws = ws
+        self.seq = itertools.count(1)
+        self.pending = []
+
+    def next_of(self, kind, timeout=10):
+        for i, frame in enumerate(self.pending):
+            if frame["type"] == kind:
+                return self.pending.pop(i)
+        while True:
+            frame = json.loads(self.ws.recv(timeout=timeout))
+            if frame["type"] == kind:
+                return frame
+            self.pending.append(frame)
+
+    def report(self, kind, data):
+        seq = next(self.seq)
+        self.ws.send(protocol.encode(kind, data, seq=seq))
+        while self.next_of("ack")["data"]["seq"] < seq:
+            pass
+
+    def backup(self, status="succeeded", ago=dt.timedelta(), error=None):
+        """Take the next command.run (a backup) and end it as told, at `ago` before now."""
+        data = self.next_of("command.run")["data"]
+        assert data["kind"] == "backup", data
+        job_id = data["job_id"]
+        self.ws.send(protocol.encode("command.result", {"job_id": job_id, "accepted": True}))
+        self.report("job.started", {"job_id": job_id, "kind": "backup", "started_at": stamp(-ago)})
+        done = {"job_id": job_id, "status": status, "exit_code": 0, "finished_at": stamp(-ago)}
+        if status == "succeeded":
+            done["summary"] = {"snapshot_id": "4f2a9c1e", "data_added": 4096}
+        else:
+            done.update(exit_code=1, error=error or "restic failed")
+        self.report("job.finished", done)
+        return job_id
+
+
+@contextlib.contextmanager
+def connected(fleet, fx, token):
+    with fx.ws_connect(fleet.url, "/agent", token) as ws:
+        agent = Agent(ws)
+        ws.send(fx.agent_hello())
+        agent.next_of("welcome")
+        yield agent
+
+
+def host(fleet, fx, cron="0 * * * *"):
+    """An enrolled host with group etc on an hourly schedule: (name, token)."""
+    name = fx.uniq("st")
+    token = fx.enroll_agent(fleet, name, hostname=name)["agent_token"]
+    fleet.rpc("groups.create", host=name, name="etc", includes=["/etc"])
+    fleet.rpc("schedules.create", host=name, name="hourly", cron=cron, groups=["etc"])
+    return name, token
+
+
+def status(fleet, *args, expect):
+    result = fleet.ctl("status", "--json", *args, expect=expect)
+    return json.loads(result.stdout)
+
+
+def mine(s, name):
+    (h,) = [h for h in s["hosts"] if h["name"] == name]
+    return h
+
+
+def kinds(s, name):
+    return sorted(p["kind"] for p in s["problems"] if p.get("host") == name)
+
+
+def test_status_follows_the_fleet_from_healthy_to_critical(fleetd_factory, fx):
+    fleet = fleetd_factory()  # its own: the whole fleet's status is asserted
+    name, token = host(fleet, fx)
+    with connected(fleet, fx, token) as agent:
+        fleet.rpc("jobs.run", host=name, group="etc")
+        job = agent.backup()
+        s = status(fleet, expect=0)
+        assert (s["status"], s["exit_code"]) == ("ok", 0)
+        (g,) = mine(s, name)["groups"]
+        assert g["last_success_job"] == job and g["last_success_bytes_added"] == 4096
+        assert g["last_status"] == "succeeded" and g["overdue"] is False
+        assert g["scheduled"] is True and g["next_run_at"].endswith(":00:00Z")
+        table = fleet.ctl("status").stdout
+        assert "OK" in table and name in table and "LAST SUCCESS" in table
+
+        # a failed backup: critical, with the job and its error
+        fleet.rpc("jobs.run", host=name, group="etc")
+        failed = agent.backup("failed", error="Fatal: unable to open repository")
+        s = status(fleet, expect=2)
+        (p,) = [p for p in s["problems"] if p.get("host") == name]
+        assert (p["kind"], p["severity"], p["job"]) == ("backup_failed", "critical", failed)
+        assert "unable to open repository" in p["message"]
+        assert mine(s, name)["groups"][0]["last_success_job"] == job  # the success, not the last
+        result = fleet.ctl("status", expect=2)
+        assert "CRITICAL" in result.stdout and "unable to open repository" in result.stdout
+        # fleetd's log says it too, one line
+        logged = fx.wait_until(
+            lambda: [
+                line
+                for line in fleet.fleetd.log().splitlines()
+                if f"job {failed} (backup of group etc) on host {name} failed" in line
+            ],
+            timeout=10,
+            what="the failure in fleetd's log",
+        )
+        assert "unable to open repository" in logged[0]
+
+
+def test_a_backup_that_never_came_is_overdue(fleet, fx):
+    """The last success 3 h ago on an hourly schedule (1.5 h at most)."""
+    name, token = host(fleet, fx)
+    with connected(fleet, fx, token) as agent:
+        fleet.rpc("jobs.run", host=name, group="etc")
+        agent.backup(ago=dt.timedelta(hours=3))
+        s = status(fleet, expect=2)
+        assert kinds(s, name) == ["overdue"]
+        assert mine(s, name)["groups"][0]["overdue"] is True
+        (p,) = [p for p in s["problems"] if p.get("host") == name]
+        assert "every 1h" in p["message"] and p["group"] == "etc"
+        # a success now clears it
+        fleet.rpc("jobs.run", host=name, group="etc")
+        agent.backup()
+        assert kinds(status(fleet, expect=None), name) == []
+
+
+def test_a_new_group_is_not_overdue_before_its_schedule_had_its_chance(fleet, fx):
+    name, token = host(fleet, fx, cron="0 3 * * *")
+    s = status(fleet, "--offline-after", "1d", expect=None)
+    assert kinds(s, name) == []
+    assert mine(s, name)["groups"][0]["last_success_at"] is None
+
+
+def test_an_offline_host_is_critical_past_the_threshold_only(fleet, fx):
+    name, token = host(fleet, fx)
+    with connected(fleet, fx, token):
+        pass
+    fx.wait_until(
+        lambda: fleet.rpc("hosts.show", host=name)["status"] != "online",
+        timeout=10,
+        what="the host to go offline",
+    )
+    s = status(fleet, expect=None)
+    assert "offline" not in kinds(s, name)  # gone for seconds, the threshold is 1 h
+    s = status(fleet, "--offline-after", "0", expect=2)
+    assert kinds(s, name) == ["offline"] and mine(s, name)["online"] is False
+    assert mine(s, name)["offline_seconds"] >= 0
+
+
+def test_a_repository_never_checked_is_a_warning(fleet, fx):
+    repo = fx.uniq("r")
+    fleet.rpc("repos.create", name=repo, url=f"/srv/{repo}", password="pw", env={})
+    s = status(fleet, "--unchecked-after", "0", "--offline-after", "100w", expect=None)
+    (p,) = [p for p in s["problems"] if p.get("repository") == repo]
+    assert (p["kind"], p["severity"]) == ("unchecked", "warning")
+    assert s["exit_code"] >= 1
+    (r,) = [r for r in s["repositories"] if r["name"] == repo]
+    assert r["unchecked"] is True and r["last_check_status"] is None
+
+
+def test_status_exit_codes_on_a_fleet_of_its_own(fleetd_factory, fx):
+    """Exactly 0, 1 and 2 on a fleetd nothing else shares."""
+    own = fleetd_factory()
+    assert status(own, expect=0)["status"] == "ok"
+    own.rpc("repos.create", name="lonely", url="/srv/lonely", password="pw", env={})
+    assert status(own, "--unchecked-after", "0", expect=1)["status"] == "warning"
+    name, token = host(own, fx)
+    with connected(own, fx, token) as agent:
+        own.rpc("jobs.run", host=name, group="etc")
+        agent.backup("failed")
+        assert status(own, expect=2)["status"] == "critical"
