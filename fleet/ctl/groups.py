@@ -59,6 +59,12 @@ def repository_options(fn: Any) -> Any:
 
 
 def group_options(fn: Any) -> Any:
+    fn = click.option(
+        "--expect-every",
+        type=Duration(),
+        help="Without a schedule: a backup is expected this often, e.g. 1d; "
+        "overdue past 1.5 times that (0 unsets).",
+    )(fn)
     fn = click.option("--retry-delay", type=Duration(), help="Wait between retries, e.g. 5m.")(fn)
     fn = click.option("--retries", type=click.IntRange(min=0), help="Retries of a failed backup.")(
         fn
@@ -178,6 +184,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("copy to", c(g["copy_to"])),
             ("copy retention", c(copy_retention(g))),
             ("copies run", c(copies_run(g))),
+            ("expected every", c(f"{g['expect_every']} s" if g["expect_every"] else None)),
             ("schedules", c(g["schedules"])),
             ("updated", c(g["updated_at"])),
         ],

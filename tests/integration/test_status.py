@@ -187,3 +187,23 @@ def test_status_exit_codes_on_a_fleet_of_its_own(fleetd_factory, fx):
         own.rpc("jobs.run", host=name, group="etc")
         agent.backup("failed")
         assert status(own, expect=2)["status"] == "critical"
+
+
+def test_a_group_without_a_schedule_is_overdue_by_what_it_expects(fleet, fx):
+    name = fx.uniq("st")
+    token = fx.enroll_agent(fleet, name, hostname=name)["agent_token"]
+    fleet.ctl("groups", "create", name, "manual", "--include", "/srv", "--expect-every", "1h")
+    fleet.rpc("groups.create", host=name, name="adhoc", includes=["/tmp"])
+    assert fleet.rpc("groups.show", host=name, name="manual")["expect_every"] == 3600
+    with connected(fleet, fx, token) as agent:
+        fleet.rpc("jobs.run", host=name, group="manual")
+        agent.backup(ago=dt.timedelta(hours=2))
+        s = status(fleet, expect=None)
+        (p,) = [p for p in s["problems"] if p.get("host") == name]
+        assert (p["kind"], p["group"]) == ("overdue", "manual")
+        assert "one expected every 1h" in p["message"]
+        groups = {g["name"]: g for g in mine(s, name)["groups"]}
+        assert groups["manual"]["overdue"] and not groups["adhoc"]["overdue"]
+        # unset: no schedule, no expectation, never overdue
+        fleet.ctl("groups", "edit", name, "manual", "--expect-every", "0")
+        assert kinds(status(fleet, expect=None), name) == []

@@ -25,6 +25,7 @@ from fleet.server.store.migrations import MIGRATIONS, current_version, migrate
 NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
 MAINTENANCE = "maintenance per repository, with defaults (forget daily, prune and check weekly)"
 SEVERAL = MIGRATIONS[9][1]
+EXPECT = MIGRATIONS[10][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -79,7 +80,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -95,10 +96,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (8, REPOSITORIES),
             (9, MAINTENANCE),
             (10, SEVERAL),
+            (11, EXPECT),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 10
+        assert current_version(database) == MIGRATIONS[-1][0] == 11
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -122,6 +124,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (8, REPOSITORIES),
         (9, MAINTENANCE),
         (10, SEVERAL),
+        (11, EXPECT),
     ]
     assert m.Host.select().count() == 0
 
@@ -553,7 +556,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     finally:
         database.close()
 
@@ -907,7 +910,7 @@ def test_migration_10_binds_jobs_snapshots_sizes_and_locks_to_the_hosts_reposito
     raw.close()
     database = open_database(db_path)
     try:
-        assert current_version(database) == 10
+        assert current_version(database) == MIGRATIONS[-1][0]
         jobs = {(j.host.name, j.kind): j.repository_id for j in m.Job.select()}
         assert jobs == {("web1", "backup"): 7, ("web1", "prune"): 8, ("bare", "backup"): None}
         assert [(s.snapshot_id, s.repository_id) for s in m.Snapshot.select()] == [("abc", 7)]

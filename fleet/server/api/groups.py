@@ -38,9 +38,15 @@ GROUP_FIELDS = (
     Field("copy_retention", "dict", False),
     # when copies run (cron, UTC); "" or off: after each backup
     Field("copy_cron", "str", False, limit=256),
+    # seconds between backups expected without a schedule; 0: none
+    Field("expect_every", "int", False, minimum=0),
 )
 # protocol.Field bounds ints from below only; the upper bounds are checked here
-MAXIMUM = {"retries": 100, "retry_delay": 7 * 24 * 3600}  # retry_delay in seconds: 7 days
+MAXIMUM = {
+    "retries": 100,
+    "retry_delay": 7 * 24 * 3600,  # seconds: 7 days
+    "expect_every": 366 * 24 * 3600,  # seconds: a year
+}
 
 
 def check_includes(paths: list[str]) -> list[str]:
@@ -126,6 +132,9 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
     for number in ("retries", "retry_delay"):
         if number in p:
             setattr(g, number, at_most(number, p[number], MAXIMUM[number]))
+    if "expect_every" in p:
+        every = at_most("expect_every", p["expect_every"], MAXIMUM["expect_every"])
+        g.expect_every = every or None
 
 
 @method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)

@@ -63,9 +63,18 @@ def overdue(
     crons: list[tuple[str, dt.tzinfo]],
     since: dt.datetime,
     now: dt.datetime,
+    expect_every: Optional[int] = None,
 ) -> Optional[str]:
     """Why a group whose last success (or creation) was at `since` is
-    overdue, or None."""
+    overdue, or None. Without a schedule, by what it expects (if anything)."""
+    if not crons:
+        if not expect_every:
+            return None
+        every = dt.timedelta(seconds=expect_every)
+        late = now - since
+        if late <= every * OVERDUE_FACTOR:
+            return None
+        return f"no successful backup for {_span(late)}, one expected every {_span(every)}"
     fires = last_fires(crons, now)
     if fires is None:
         return None
@@ -147,7 +156,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
             last = outcome.get(g.id)
             own = crons.get(g.id, [])
             nxt = min((cron.next_fire(e, tz, now) for e, tz in own), default=None)
-            late = overdue(own, ok.finished_at if ok else g.created_at, now)
+            late = overdue(own, ok.finished_at if ok else g.created_at, now, g.expect_every)
             where = {"host": h.name, "group": g.name}
             if late:
                 problem(CRITICAL, "overdue", f"{h.name}/{g.name}: {late}", **where)

@@ -221,6 +221,8 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         # when copies run (cron, UTC); None: after each backup
         "copy_cron": g.copy_cron,
         "next_copy_at": iso(g.next_copy_at),
+        # seconds between backups expected without a schedule (None: none)
+        "expect_every": g.expect_every,
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

@@ -172,6 +172,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "repo_stats_repository_id" ON "repo_stats" ("repository_id")',
         ],
     ),
+    (
+        11,
+        "a group may say how often a backup is expected without a schedule",
+        ['ALTER TABLE "source_group" ADD COLUMN "expect_every" INTEGER'],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

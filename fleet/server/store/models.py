@@ -148,6 +148,9 @@ class SourceGroup(Base):
     copy_cron = pw.TextField(null=True)
     next_copy_at = pw.DateTimeField(null=True)
     copied_until = pw.DateTimeField(null=True)
+    # seconds between backups expected of a group no schedule backs up (run
+    # by hand or from the host's own cron): past 1.5 times that it is overdue
+    expect_every = pw.IntegerField(null=True)
 
     class Meta:
         indexes = ((("host", "name"), True),)
