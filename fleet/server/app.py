@@ -1,6 +1,7 @@
 """fleetd's network face: one websockets server, routed by path.
 
 /healthz   plain HTTP GET, "ok"
+/metrics   plain HTTP GET, Prometheus text; off unless --metrics, Bearer API token
 /login     unauthenticated; one auth.login request per frame
 /enroll    unauthenticated; one enroll frame, then close
 /ctl       operators; Bearer API token checked before the upgrade
@@ -38,6 +39,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from ..common import protocol
+from . import metrics
 from .agents import enroll
 from .agents.session import Agents
 from .api import build_registry
@@ -85,6 +87,7 @@ class ServeConfig:
     unauth_per_address: int = 128
     unauth_max_size: int = protocol.MAX_UNAUTH_FRAME_BYTES
     max_connections: Optional[int] = None  # default: from the file descriptor limit
+    metrics: bool = False  # GET /metrics (Prometheus), for a caller with an API token
 
 
 FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
@@ -328,6 +331,8 @@ class FleetServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return text_response(connection, HTTPStatus.OK, "ok")
+        if path == "/metrics":
+            return await self.serve_metrics(connection, request)
         if path not in ("/ctl", "/agent", *UNAUTHENTICATED):
             return text_response(connection, HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         address = self.address(connection)
@@ -373,6 +378,35 @@ class FleetServer:
         return text_response(
             connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
         )
+
+    async def serve_metrics(self, connection: ServerConnection, request: Request) -> Response:
+        """Prometheus' scrape: off unless asked for, and only with an API
+        token (any role), checked and rate limited as /ctl's are."""
+        if not self.config.metrics:
+            return text_response(
+                connection, HTTPStatus.NOT_FOUND, "metrics are off (fleetd serve --metrics)"
+            )
+        address = self.address(connection)
+        if self.token_limiter.blocked(address):
+            return text_response(
+                connection, HTTPStatus.TOO_MANY_REQUESTS, "too many bad tokens; wait"
+            )
+        token = bearer(request.headers)
+        if token is None:
+            return text_response(
+                connection, HTTPStatus.UNAUTHORIZED, "missing 'Authorization: Bearer <token>'"
+            )
+        if await self.state.store.atomic(lookup_token, token) is None:
+            self.token_limiter.fail(address)
+            log.warning("refused /metrics from %s: unknown, revoked or expired token", address)
+            return text_response(
+                connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
+            )
+        body = await self.state.store.read(metrics.render, utcnow())
+        response = connection.respond(HTTPStatus.OK, body.decode())
+        del response.headers["Content-Type"]  # websockets' Headers adds, never replaces
+        response.headers["Content-Type"] = metrics.CONTENT_TYPE
+        return response
 
     async def handler(self, connection: ServerConnection) -> None:
         path = connection.request.path.split("?", 1)[0]

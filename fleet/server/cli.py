@@ -153,6 +153,11 @@ def init(data_dir: Path, admin_name: str) -> None:
     help="Ended jobs of each host, source group and kind kept whatever their age "
     "(the newest failure of each is kept too).",
 )
+@click.option(
+    "--metrics",
+    is_flag=True,
+    help="Serve GET /metrics (Prometheus) to callers with an API token.",
+)
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
 @click.option(
     "--log-level",
@@ -176,6 +181,7 @@ def serve(
     lost_after: int,
     history_days: int,
     history_keep: int,
+    metrics: bool,
     insecure: bool,
     log_level: str,
     idle_timeout: float | None = None,
@@ -214,6 +220,7 @@ def serve(
     config.max_connections = max_connections
     config.unauth_per_address = per_address_limit or config.unauth_per_address
     config.history_days, config.history_keep = history_days, history_keep
+    config.metrics = metrics
     if history_delay is not None:
         config.history_delay = history_delay
     # not asyncio.run: at the end it would cancel and unwind every connection

@@ -207,3 +207,56 @@ def test_a_group_without_a_schedule_is_overdue_by_what_it_expects(fleet, fx):
         # unset: no schedule, no expectation, never overdue
         fleet.ctl("groups", "edit", name, "manual", "--expect-every", "0")
         assert kinds(status(fleet, expect=None), name) == []
+
+
+def scrape(fleet, token):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(fleet.url.replace("ws", "http", 1) + "/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.headers.get("Content-Type"), reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, None, exc.read().decode()
+
+
+def test_metrics_are_off_unless_asked_for(fleet):
+    code, _, body = scrape(fleet, fleet.admin_token)
+    assert code == 404 and "--metrics" in body
+
+
+def test_metrics_carry_the_last_success_and_need_a_token(fleetd_factory, fx):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    own = fleetd_factory("--metrics")
+    assert scrape(own, None)[0] == 401
+    assert scrape(own, "not-a-token")[0] == 401
+    name, token = host(own, fx)
+    own.rpc("repos.create", name="m-repo", url="/srv/m", password="pw", env={})
+    with connected(own, fx, token) as agent:
+        own.rpc("jobs.run", host=name, group="etc")
+        agent.backup(ago=dt.timedelta(minutes=5))
+        own.rpc("jobs.run", host=name, group="etc")
+        agent.backup("failed")
+        code, ctype, body = scrape(own, own.admin_token)
+    assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    where = (("group", "etc"), ("host", name))
+    last = samples[("fleet_group_last_success_timestamp_seconds", where)]
+    assert abs(last - (dt.datetime.now(dt.timezone.utc).timestamp() - 300)) < 120
+    assert samples[("fleet_group_last_success_added_bytes", where)] == 4096
+    assert (
+        samples[("fleet_group_last_backup_status", (*where[:1], *where[1:], ("status", "failed")))]
+        == 1
+    )
+    assert samples[("fleet_group_overdue", where)] == 0
+    assert samples[("fleet_host_online", (("host", name),))] == 1
+    assert samples[("fleet_problems", (("kind", "backup_failed"), ("severity", "critical")))] == 1
+    assert samples[("fleet_jobs", (("status", "failed"),))] == 1

@@ -1,0 +1,200 @@
+"""GET /metrics: Prometheus' text format, computed from the store at each
+scrape (so two replicas would say the same), off unless `fleetd serve
+--metrics`, and only for a caller with an API token (any role).
+
+Per host: online, last seen. Per group: the last successful backup's time
+(`fleet_group_last_success_timestamp_seconds`), the data it added, the last
+backup's duration and outcome, overdue. Per repository: stored size,
+snapshots, locks, the last check's time and outcome. The problems
+`fleetctl status` reports, by kind and severity; jobs by status.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, Optional
+
+from peewee import fn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..common.timefmt import parse_ts
+from .api import status
+from .store.models import Job, Repository, RepoStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _ts(value: Optional[str]) -> Optional[float]:
+    """An ISO time from the status view as Unix seconds."""
+    if not value:
+        return None
+    return float(calendar.timegm(parse_ts(value).timetuple()))
+
+
+def families(now: dt.datetime) -> list[GaugeMetricFamily]:
+    """Every metric, read from the store (on its thread)."""
+    view = status.build(
+        now, status.DEFAULT_OFFLINE_AFTER, status.DEFAULT_UNCHECKED_AFTER, progress={}
+    )
+    online = GaugeMetricFamily(
+        "fleet_host_online", "1 when the host's agent is connected", labels=["host"]
+    )
+    seen = GaugeMetricFamily(
+        "fleet_host_last_seen_timestamp_seconds",
+        "When the host's agent was last heard",
+        labels=["host"],
+    )
+    success = GaugeMetricFamily(
+        "fleet_group_last_success_timestamp_seconds",
+        "When the group's last successful backup ended",
+        labels=["host", "group"],
+    )
+    added = GaugeMetricFamily(
+        "fleet_group_last_success_added_bytes",
+        "What the group's last successful backup added to its repository",
+        labels=["host", "group"],
+    )
+    outcome = GaugeMetricFamily(
+        "fleet_group_last_backup_status",
+        "1 for the status the group's last backup ended with",
+        labels=["host", "group", "status"],
+    )
+    duration = GaugeMetricFamily(
+        "fleet_group_last_backup_duration_seconds",
+        "How long the group's last backup ran",
+        labels=["host", "group"],
+    )
+    overdue = GaugeMetricFamily(
+        "fleet_group_overdue", "1 when the group's backup is overdue", labels=["host", "group"]
+    )
+    durations = _durations()
+    for h in view["hosts"]:
+        online.add_metric([h["name"]], 1.0 if h["online"] else 0.0)
+        if h["last_seen_at"]:
+            seen.add_metric([h["name"]], _ts(h["last_seen_at"]))
+        for g in h["groups"]:
+            labels = [h["name"], g["name"]]
+            if g["last_success_at"]:
+                success.add_metric(labels, _ts(g["last_success_at"]))
+            if g["last_success_bytes_added"] is not None:
+                added.add_metric(labels, float(g["last_success_bytes_added"]))
+            if g["last_status"]:
+                outcome.add_metric([*labels, g["last_status"]], 1.0)
+            if g["last_job"] in durations:
+                duration.add_metric(labels, durations[g["last_job"]])
+            overdue.add_metric(labels, 1.0 if g["overdue"] else 0.0)
+
+    raw = GaugeMetricFamily(
+        "fleet_repository_stored_bytes",
+        "What the repository stores after deduplication and compression",
+        labels=["repository"],
+    )
+    snaps = GaugeMetricFamily(
+        "fleet_repository_snapshots", "Snapshots in the repository", labels=["repository"]
+    )
+    locks = GaugeMetricFamily(
+        "fleet_repository_locks", "restic locks in the repository", labels=["repository"]
+    )
+    checked = GaugeMetricFamily(
+        "fleet_repository_last_check_timestamp_seconds",
+        "When the repository's last check ended",
+        labels=["repository"],
+    )
+    check_ok = GaugeMetricFamily(
+        "fleet_repository_last_check_ok", "1 when its last check succeeded", labels=["repository"]
+    )
+    sizes = _sizes()
+    for r in view["repositories"]:
+        labels = [r["name"]]
+        stored, count = sizes.get(r["name"], (None, None))
+        if stored is not None:
+            raw.add_metric(labels, float(stored))
+        if count is not None:
+            snaps.add_metric(labels, float(count))
+        if r["locks"] is not None:
+            locks.add_metric(labels, float(r["locks"]))
+        if r["last_check_at"]:
+            checked.add_metric(labels, _ts(r["last_check_at"]))
+            check_ok.add_metric(labels, 1.0 if r["last_check_status"] == "succeeded" else 0.0)
+
+    problems = GaugeMetricFamily(
+        "fleet_problems", "Problems fleetctl status reports", labels=["kind", "severity"]
+    )
+    counted: dict[tuple[str, str], int] = defaultdict(int)
+    for p in view["problems"]:
+        counted[(p["kind"], p["severity"])] += 1
+    for (kind, severity), n in sorted(counted.items()):
+        problems.add_metric([kind, severity], float(n))
+    jobs = GaugeMetricFamily("fleet_jobs", "Jobs fleetd holds, by status", labels=["status"])
+    for state, n in Job.select(Job.status, fn.COUNT(Job.id)).group_by(Job.status).tuples():
+        jobs.add_metric([state], float(n))
+    return [
+        online,
+        seen,
+        success,
+        added,
+        outcome,
+        duration,
+        overdue,
+        raw,
+        snaps,
+        locks,
+        checked,
+        check_ok,
+        problems,
+        jobs,
+    ]
+
+
+def _durations() -> dict[int, float]:
+    """job id -> seconds it ran, for each group's last ended backup."""
+    last = (
+        Job.select(fn.MAX(Job.id))
+        .where((Job.kind == "backup") & Job.finished_at.is_null(False) & Job.group.is_null(False))
+        .group_by(Job.group)
+    )
+    out = {}
+    for job_id, started, finished in (
+        Job.select(Job.id, Job.started_at, Job.finished_at).where(Job.id.in_(last)).tuples()
+    ):
+        if started is not None and finished is not None:
+            out[job_id] = max(0.0, (finished - started).total_seconds())
+    return out
+
+
+def _sizes() -> dict[str, tuple[Optional[int], Optional[int]]]:
+    """repository name -> (stored bytes, snapshots): the stored size as the
+    host that measured it last saw it, the snapshots of every host summed."""
+    out: dict[str, tuple[Optional[int], Optional[int]]] = {}
+    rows = (
+        RepoStats.select(RepoStats, Repository.name)
+        .join(Repository)
+        .order_by(RepoStats.measured_at.asc(nulls="first"))
+    )
+    for s in rows:
+        stored, count = out.get(s.repository.name, (None, 0))
+        out[s.repository.name] = (
+            s.raw_size_bytes if s.raw_size_bytes is not None else stored,
+            (count or 0) + s.snapshot_count,
+        )
+    return out
+
+
+class _Snapshot(Collector):
+    def __init__(self, metrics: list[GaugeMetricFamily]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.metrics)
+
+
+def render(now: dt.datetime) -> bytes:
+    """The exposition text of one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families(now)))
+    return generate_latest(registry)
