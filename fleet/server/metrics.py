@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..common.timefmt import parse_ts
-from .api import status
+from . import health
 from .store.models import Job, Repository, RepoStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -38,8 +38,8 @@ def _ts(value: Optional[str]) -> Optional[float]:
 
 def families(now: dt.datetime) -> list[GaugeMetricFamily]:
     """Every metric, read from the store (on its thread)."""
-    view = status.build(
-        now, status.DEFAULT_OFFLINE_AFTER, status.DEFAULT_UNCHECKED_AFTER, progress={}
+    view = health.build(
+        now, health.DEFAULT_OFFLINE_AFTER, health.DEFAULT_UNCHECKED_AFTER, progress={}
     )
     online = GaugeMetricFamily(
         "fleet_host_online", "1 when the host's agent is connected", labels=["host"]
