@@ -10,6 +10,7 @@ import click
 from .. import __version__
 from ..common.exitcodes import Exit
 from . import (
+    alerts,
     audit,
     groups,
     hosts,
@@ -74,6 +75,7 @@ cli.add_command(users.users)
 cli.add_command(tokens.tokens)
 cli.add_command(audit.audit)
 cli.add_command(status.status)
+cli.add_command(alerts.alerts)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -67,7 +67,8 @@ def status(app: App, offline_after: int, unchecked_after: int, as_json: bool) ->
     hosts = s["hosts"]
     app.out.print(
         f"{MARK[s['status']]} {s['hosts_online']}/{len(hosts)} hosts online, "
-        f"{len(s['running'])} job(s) running, {len(s['problems'])} problem(s)"
+        f"{len(s['running'])} job(s) running, {len(s['problems'])} problem(s), "
+        f"{s['alerts_open']} open alert(s)"
     )
     rows = []
     for h in hosts:

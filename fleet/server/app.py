@@ -47,7 +47,15 @@ from .api.auth import login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
-from .events import Bus, CredentialsChanged, HostOffline, JobQueued, MaintenanceChanged
+from .events import (
+    Bus,
+    CredentialsChanged,
+    HostOffline,
+    JobEnded,
+    JobQueued,
+    MaintenanceChanged,
+)
+from .scheduling.alerts import ALERT_EVERY, AlertSource
 from .scheduling.copies import CopySource
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
@@ -88,6 +96,7 @@ class ServeConfig:
     unauth_max_size: int = protocol.MAX_UNAUTH_FRAME_BYTES
     max_connections: Optional[int] = None  # default: from the file descriptor limit
     metrics: bool = False  # GET /metrics (Prometheus), for a caller with an API token
+    alert_interval: float = ALERT_EVERY  # seconds between looks for alerts
 
 
 FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
@@ -536,6 +545,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         bus=bus,
         heartbeat_interval=config.heartbeat_interval,
     )
+    alerts = AlertSource(agents.lifecycle, config.alert_interval)
     ticker = Ticker(
         clock,
         [
@@ -550,10 +560,18 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             ),
             MaintenanceSource(agents.lifecycle),
             CopySource(agents.lifecycle),
+            alerts,
         ],
     )
     bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
     bus.subscribe(HostOffline, lambda e: ticker.poke())  # a silent host's jobs may be lost
+
+    def look_again(_: Any) -> None:  # what changed may raise or resolve an alert
+        alerts.soon(clock.now())
+        ticker.poke()
+
+    bus.subscribe(JobEnded, look_again)
+    bus.subscribe(HostOffline, look_again)
     bus.subscribe(MaintenanceChanged, lambda e: ticker.poke())  # new cron times
     max_connections = config.max_connections or connection_budget(raise_fd_limit())
     limits = ConnectionLimits(max_connections, config.unauth_per_address)

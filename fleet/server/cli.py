@@ -171,6 +171,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option("--max-connections", type=click.IntRange(min=1), hidden=True)
 @click.option("--per-address-limit", type=click.IntRange(min=1), hidden=True)
 @click.option("--history-delay", type=click.FloatRange(min=0), hidden=True)
+@click.option("--alert-interval", type=click.FloatRange(min=0.05), hidden=True)
 def serve(
     data_dir: Path,
     listen: str,
@@ -188,6 +189,7 @@ def serve(
     max_connections: int | None = None,
     per_address_limit: int | None = None,
     history_delay: float | None = None,
+    alert_interval: float | None = None,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -221,6 +223,8 @@ def serve(
     config.unauth_per_address = per_address_limit or config.unauth_per_address
     config.history_days, config.history_keep = history_days, history_keep
     config.metrics = metrics
+    if alert_interval is not None:
+        config.alert_interval = alert_interval
     if history_delay is not None:
         config.history_delay = history_delay
     # not asyncio.run: at the end it would cancel and unwind every connection

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from ..common.timefmt import parse_ts
 from . import health
-from .store.models import Job, Repository, RepoStats
+from .store.models import Alert, Job, Repository, RepoStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -130,6 +130,16 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
         counted[(p["kind"], p["severity"])] += 1
     for (kind, severity), n in sorted(counted.items()):
         problems.add_metric([kind, severity], float(n))
+    alerts = GaugeMetricFamily(
+        "fleet_alerts_open", "Open alerts, by kind and severity", labels=["kind", "severity"]
+    )
+    for kind, severity, n in (
+        Alert.select(Alert.kind, Alert.severity, fn.COUNT(Alert.id))
+        .where(Alert.resolved_at.is_null())
+        .group_by(Alert.kind, Alert.severity)
+        .tuples()
+    ):
+        alerts.add_metric([kind, severity], float(n))
     jobs = GaugeMetricFamily("fleet_jobs", "Jobs fleetd holds, by status", labels=["status"])
     for state, n in Job.select(Job.status, fn.COUNT(Job.id)).group_by(Job.status).tuples():
         jobs.add_metric([state], float(n))
@@ -147,6 +157,7 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
         checked,
         check_ok,
         problems,
+        alerts,
         jobs,
     ]
 

@@ -260,3 +260,43 @@ def test_metrics_carry_the_last_success_and_need_a_token(fleetd_factory, fx):
     assert samples[("fleet_host_online", (("host", name),))] == 1
     assert samples[("fleet_problems", (("kind", "backup_failed"), ("severity", "critical")))] == 1
     assert samples[("fleet_jobs", (("status", "failed"),))] == 1
+
+
+def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_factory, fx):
+    own = fleetd_factory("--alert-interval", "0.2")
+    name, token = host(own, fx)
+
+    def open_alerts():
+        return [a for a in own.rpc("alerts.list") if a["host"] == name]
+
+    with connected(own, fx, token) as agent:
+        own.rpc("jobs.run", host=name, group="etc")
+        first = agent.backup("failed", error="Fatal: first")
+        (alert,) = fx.wait_until(open_alerts, timeout=10, what="an alert for the failure")
+        assert (alert["kind"], alert["severity"], alert["group"]) == (
+            "backup_failed",
+            "critical",
+            "etc",
+        )
+        assert f"job {first}" in alert["message"]
+        # failing again: the same alert, its message the latest
+        own.rpc("jobs.run", host=name, group="etc")
+        again = agent.backup("failed", error="Fatal: second")
+        fx.wait_until(
+            lambda: [a for a in open_alerts() if f"job {again}" in a["message"]],
+            timeout=10,
+            what="the alert to tell the second failure",
+        )
+        assert [a["id"] for a in open_alerts()] == [alert["id"]]  # one, not two
+        acked = own.ctl_json("alerts", "ack", alert["id"])
+        assert acked["acknowledged_by"] == "admin" and acked["open"] is True
+        listing = own.ctl("alerts", "list").stdout
+        assert "acknowledged by admin" in listing and "backup_failed" in listing
+        # a success clears the condition: resolved by itself
+        own.rpc("jobs.run", host=name, group="etc")
+        agent.backup()
+        fx.wait_until(lambda: not open_alerts(), timeout=10, what="the alert to resolve")
+    (done,) = [a for a in own.ctl_json("alerts", "list", "--all") if a["id"] == alert["id"]]
+    assert done["open"] is False and done["resolved_at"]
+    assert "alert raised (critical)" in own.fleetd.log()
+    own.ctl("alerts", "ack", "999999", expect=4)

@@ -26,6 +26,7 @@ NOW = dt.datetime(2024, 5, 1, 12, 0, 0)
 MAINTENANCE = "maintenance per repository, with defaults (forget daily, prune and check weekly)"
 SEVERAL = MIGRATIONS[9][1]
 EXPECT = MIGRATIONS[10][1]
+ALERTS = MIGRATIONS[11][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -80,7 +81,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -97,10 +98,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (9, MAINTENANCE),
             (10, SEVERAL),
             (11, EXPECT),
+            (12, ALERTS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 11
+        assert current_version(database) == MIGRATIONS[-1][0] == 12
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -125,6 +127,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (9, MAINTENANCE),
         (10, SEVERAL),
         (11, EXPECT),
+        (12, ALERTS),
     ]
     assert m.Host.select().count() == 0
 
@@ -556,7 +559,20 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+        assert [v.version for v in m.SchemaVersion.select()] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            8,
+            9,
+            10,
+            11,
+            12,
+        ]
     finally:
         database.close()
 

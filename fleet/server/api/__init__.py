@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    alerts,
     audit,
     auth,
     enroll,
@@ -40,6 +41,7 @@ NOUNS: tuple[ModuleType, ...] = (
     jobs,
     snapshots,
     status,
+    alerts,
     audit,
 )
 

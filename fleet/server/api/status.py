@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...common.protocol import Field
 from .. import health
 from ..security.auth import Role
-from ..store.models import utcnow
+from ..store.models import Alert, utcnow
 from .context import Context
 from .registry import Method, collect
 
@@ -30,4 +30,6 @@ def status_show(ctx: Context, p: dict) -> dict:
         p.get("unchecked_after", health.DEFAULT_UNCHECKED_AFTER), health.MAX_THRESHOLD
     )
     progress = dict(ctx.state.bus.progress) if ctx.state.bus else {}
-    return health.build(utcnow(), offline_after, unchecked_after, progress)
+    view = health.build(utcnow(), offline_after, unchecked_after, progress)
+    view["alerts_open"] = Alert.select().where(Alert.resolved_at.is_null()).count()
+    return view

@@ -177,6 +177,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "a group may say how often a backup is expected without a schedule",
         ['ALTER TABLE "source_group" ADD COLUMN "expect_every" INTEGER'],
     ),
+    (
+        12,
+        "alerts: raised, acknowledged, resolved; one open per key",
+        [
+            'CREATE TABLE "alert" ("id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "key" TEXT NOT NULL, "kind" TEXT NOT NULL, "severity" TEXT NOT NULL, "host" TEXT, "group_name" TEXT, "repository" TEXT, "message" TEXT NOT NULL, "raised_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL, "acknowledged_at" DATETIME, "acknowledged_by" TEXT, "resolved_at" DATETIME)',
+            'CREATE INDEX "alert_key_resolved_at" ON "alert" ("key", "resolved_at")',
+            'CREATE INDEX "alert_resolved_at" ON "alert" ("resolved_at")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -287,6 +287,29 @@ class RepoStats(Base):
         primary_key = pw.CompositeKey("host", "repository")
 
 
+class Alert(Base):
+    """A problem fleetd found (fleet.server.health), from when it was raised
+    until its condition cleared; one open per key (kind, host, group,
+    repository), so a host failing every hour is one alert, not 24."""
+
+    id = pw.AutoField()
+    key = pw.TextField()
+    kind = pw.TextField()  # backup_failed, overdue, offline, check_failed ...
+    severity = pw.TextField()  # warning | critical
+    host = pw.TextField(null=True)
+    group_name = pw.TextField(null=True)
+    repository = pw.TextField(null=True)
+    message = pw.TextField()  # the latest word on it
+    raised_at = pw.DateTimeField()
+    updated_at = pw.DateTimeField()
+    acknowledged_at = pw.DateTimeField(null=True)
+    acknowledged_by = pw.TextField(null=True)
+    resolved_at = pw.DateTimeField(null=True)  # NULL: open
+
+    class Meta:
+        indexes = ((("key", "resolved_at"), False), (("resolved_at",), False))
+
+
 class AuditLog(Base):
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.TextField()  # user name, "agent:<host>" or "system"
@@ -312,5 +335,6 @@ MODELS: list[type[Base]] = [
     JobLog,
     Snapshot,
     RepoStats,
+    Alert,
     AuditLog,
 ]
