@@ -16,6 +16,7 @@ from . import (
     hosts,
     jobs,
     maintenance,
+    notify,
     repo,
     repos,
     schedules,
@@ -76,6 +77,7 @@ cli.add_command(tokens.tokens)
 cli.add_command(audit.audit)
 cli.add_command(status.status)
 cli.add_command(alerts.alerts)
+cli.add_command(notify.notify)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

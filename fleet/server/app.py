@@ -55,6 +55,7 @@ from .events import (
     JobQueued,
     MaintenanceChanged,
 )
+from .notify import Notifications
 from .scheduling.alerts import ALERT_EVERY, AlertSource
 from .scheduling.copies import CopySource
 from .scheduling.due import LostJobs, Retries
@@ -536,6 +537,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     clock = Clock()
     bus = Bus()
     agents = Agents(store, bus, box, clock, config.heartbeat_interval)
+    notifications = Notifications(store, box, bus)  # alerts, through Apprise
     state = ServerState(
         store=store,
         box=box,
@@ -619,6 +621,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         # the store first, while the connections are still open: what a
         # handler still asks of it is refused as `unavailable` (and what an
         # agent reported but was not acked, it sends again)
+        await notifications.stop()
         await agents.presence.flush()
         await store.run(reset_online)
         await store.close()

@@ -128,6 +128,19 @@ class RepoChanged:
     host_id: int
 
 
+@dataclass(frozen=True)
+class AlertChanged:
+    """An alert was raised or resolved: notifiers are told (fleet.server.notify)."""
+
+    alert_id: int
+    raised: bool  # False: resolved
+    kind: str
+    severity: str
+    host: Optional[str]
+    group: Optional[str]
+    message: str
+
+
 Event = Union[
     JobQueued,
     JobDispatched,
@@ -142,6 +155,7 @@ Event = Union[
     SchedulesChanged,
     MaintenanceChanged,
     RepositoryFreed,
+    AlertChanged,
 ]
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store

@@ -300,3 +300,71 @@ def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_facto
     assert done["open"] is False and done["resolved_at"]
     assert "alert raised (critical)" in own.fleetd.log()
     own.ctl("alerts", "ack", "999999", expect=4)
+
+
+class Receiver:
+    """A local HTTP endpoint that keeps what is POSTed to it (Apprise's json://)."""
+
+    def __init__(self):
+        import http.server
+        import queue
+        import threading
+
+        self.got: queue.Queue = queue.Queue()
+        got = self.got
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                size = int(self.headers.get("Content-Length", 0))
+                got.put(json.loads(self.rfile.read(size)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout=20):
+        return self.got.get(timeout=timeout)
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_notification_reaches_a_real_receiver_through_apprise(fleetd_factory, fx, tmp_path):
+    receiver = Receiver()
+    try:
+        own = fleetd_factory("--alert-interval", "0.2")
+        url_file = tmp_path / "url"
+        url_file.write_text(f"json://127.0.0.1:{receiver.port}/hook?secret=s3cr3t\n")
+        added = own.ctl_json(
+            "notify", "add", "ops", "--url-file", str(url_file), "--on", "backup_failed"
+        )
+        assert added["url"] == "json://********" and added["on"] == ["backup_failed"]
+        listed = own.ctl("notify", "list").stdout
+        assert "ops" in listed and "s3cr3t" not in listed
+        own.ctl("notify", "add", "bad", "not a url", expect=2)
+        own.ctl("notify", "test", "ops")
+        assert receiver.next()["title"] == "Fleet: test notification"
+
+        name, token = host(own, fx)
+        with connected(own, fx, token) as agent:
+            own.rpc("jobs.run", host=name, group="etc")
+            job = agent.backup("failed", error="Fatal: disk on fire")
+            raised = receiver.next()
+            assert "backup_failed raised" in raised["title"] and name in raised["title"]
+            assert f"job {job}" in raised["message"] and "disk on fire" in raised["message"]
+            own.rpc("jobs.run", host=name, group="etc")
+            agent.backup()
+            resolved = receiver.next()
+            assert "backup_failed resolved" in resolved["title"]
+        (n,) = own.ctl_json("notify", "list")
+        assert n["last_sent_at"] and n["last_error"] is None
+        assert "s3cr3t" not in own.fleetd.log()
+        own.ctl("notify", "remove", "ops", "--yes")
+        assert own.ctl_json("notify", "list") == []
+    finally:
+        receiver.close()

@@ -27,6 +27,7 @@ MAINTENANCE = "maintenance per repository, with defaults (forget daily, prune an
 SEVERAL = MIGRATIONS[9][1]
 EXPECT = MIGRATIONS[10][1]
 ALERTS = MIGRATIONS[11][1]
+NOTIFIERS = MIGRATIONS[12][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -81,7 +82,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        assert migrate(database) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -99,10 +100,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (10, SEVERAL),
             (11, EXPECT),
             (12, ALERTS),
+            (13, NOTIFIERS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 12
+        assert current_version(database) == MIGRATIONS[-1][0] == 13
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -128,6 +130,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (10, SEVERAL),
         (11, EXPECT),
         (12, ALERTS),
+        (13, NOTIFIERS),
     ]
     assert m.Host.select().count() == 0
 
@@ -559,20 +562,7 @@ def test_a_database_at_version_1_is_migrated_forward_keeping_its_rows(db_path: P
         # schedules from before names: named after their id, in the host's zone
         old = m.Schedule.get()
         assert (old.name, old.timezone, old.cron) == ("schedule-1", None, "0 2 * * *")
-        assert [v.version for v in m.SchemaVersion.select()] == [
-            1,
-            2,
-            3,
-            4,
-            5,
-            6,
-            7,
-            8,
-            9,
-            10,
-            11,
-            12,
-        ]
+        assert [v.version for v in m.SchemaVersion.select()] == [v for v, _, _ in MIGRATIONS]
     finally:
         database.close()
 

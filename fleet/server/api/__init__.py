@@ -19,6 +19,7 @@ from . import (
     hosts,
     jobs,
     maintenance,
+    notify,
     repos,
     schedules,
     snapshots,
@@ -42,6 +43,7 @@ NOUNS: tuple[ModuleType, ...] = (
     snapshots,
     status,
     alerts,
+    notify,
     audit,
 )
 

@@ -15,7 +15,7 @@ import logging
 from typing import Any, Optional
 
 from .. import health
-from ..events import Event
+from ..events import AlertChanged, Event
 from ..jobs import lifecycle
 from ..store.models import Alert
 
@@ -42,7 +42,7 @@ def evaluate(events: list[Event], now: dt.datetime) -> tuple[int, int]:
     for key, p in found.items():
         alert = open_.get(key)
         if alert is None:
-            Alert.create(
+            created = Alert.create(
                 key=key,
                 kind=p["kind"],
                 severity=p["severity"],
@@ -55,6 +55,17 @@ def evaluate(events: list[Event], now: dt.datetime) -> tuple[int, int]:
             )
             raised += 1
             log.warning("alert raised (%s): %s", p["severity"], p["message"])
+            events.append(
+                AlertChanged(
+                    created.id,
+                    True,
+                    p["kind"],
+                    p["severity"],
+                    p.get("host"),
+                    p.get("group"),
+                    p["message"],
+                )
+            )
         elif (alert.message, alert.severity) != (p["message"], p["severity"]):
             Alert.update(message=p["message"], severity=p["severity"], updated_at=now).where(
                 Alert.id == alert.id
@@ -64,6 +75,17 @@ def evaluate(events: list[Event], now: dt.datetime) -> tuple[int, int]:
             Alert.update(resolved_at=now, updated_at=now).where(Alert.id == alert.id).execute()
             resolved += 1
             log.info("alert %s resolved: %s", alert.id, alert.message)
+            events.append(
+                AlertChanged(
+                    alert.id,
+                    False,
+                    alert.kind,
+                    alert.severity,
+                    alert.host,
+                    alert.group_name,
+                    alert.message,
+                )
+            )
     return raised, resolved
 
 

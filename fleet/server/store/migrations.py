@@ -186,6 +186,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "alert_resolved_at" ON "alert" ("resolved_at")',
         ],
     ),
+    (
+        13,
+        "notifiers: Apprise URLs (encrypted) told of alerts",
+        [
+            'CREATE TABLE "notifier" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "url_enc" BLOB NOT NULL, "kinds" TEXT NOT NULL, "hosts" TEXT NOT NULL, "groups" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "last_sent_at" DATETIME, "last_error" TEXT)',
+            'CREATE UNIQUE INDEX "notifier_name" ON "notifier" ("name")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -310,6 +310,20 @@ class Alert(Base):
         indexes = ((("key", "resolved_at"), False), (("resolved_at",), False))
 
 
+class Notifier(Base):
+    """An Apprise URL told of alerts raised and resolved; the URL is a
+    secret (tokens in it), encrypted and bound to the row."""
+
+    name = pw.TextField(unique=True)
+    url_enc = pw.BlobField()
+    kinds = JSONField(default=list)  # alert kinds it is told of; []: all
+    hosts = JSONField(default=list)  # only these hosts' alerts; []: any
+    groups = JSONField(default=list)  # only these groups'; []: any
+    created_at = pw.DateTimeField(default=utcnow)
+    last_sent_at = pw.DateTimeField(null=True)
+    last_error = pw.TextField(null=True)  # the last delivery's failure, if it failed
+
+
 class AuditLog(Base):
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.TextField()  # user name, "agent:<host>" or "system"
@@ -336,5 +350,6 @@ MODELS: list[type[Base]] = [
     Snapshot,
     RepoStats,
     Alert,
+    Notifier,
     AuditLog,
 ]
