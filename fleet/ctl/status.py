@@ -57,7 +57,7 @@ def status(app: App, offline_after: int, unchecked_after: int, as_json: bool) ->
     Exits 0 when all is well, 1 with a warning (a stale lock, a repository
     not checked lately, a backup that could not read some files) and 2 with
     anything critical (a failed or overdue backup, a host offline too long,
-    a failed check): usable as a cron or Nagios check as it is.
+    a failed check or maintenance): usable as a cron or Nagios check as it is.
     """
     s = app.call("status.show", offline_after=offline_after, unchecked_after=unchecked_after)
     code = {0: Exit.OK, 1: Exit.WARNING, 2: Exit.CRITICAL}[int(s["exit_code"])]

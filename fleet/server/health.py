@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from peewee import fn
 
+from .. import __version__
 from ..common import cron
 from ..common.timefmt import iso
 from .scheduling.schedules import zone_of
@@ -80,6 +81,15 @@ def overdue(
     return f"no successful backup for {_span(late)}, its schedules fire every {_span(gap)}"
 
 
+def version_tuple(value: Optional[str]) -> Optional[tuple[int, ...]]:
+    """'0.2.1' -> (0, 2, 1); None for what is not such a version."""
+    head = (value or "").split("-", 1)[0].split("+", 1)[0]
+    parts = head.split(".")
+    if not head or not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
 def _span(delta: dt.timedelta) -> str:
     seconds = int(delta.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -132,7 +142,17 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
     )
 
     out_hosts = []
+    ours = version_tuple(__version__)
     for h in hosts:
+        theirs = version_tuple(h.agent_version)
+        if ours and theirs and theirs < ours:
+            problem(
+                WARNING,
+                "agent_behind",
+                f"{h.name} runs fleet-agent {h.agent_version}, older than fleetd's "
+                f"{__version__}: deploy the new fleet-agent.pyz",
+                host=h.name,
+            )
         offline_for = None
         if not h.online and h.enrolled_at is not None:
             offline_for = int((now - (h.last_seen_at or h.enrolled_at)).total_seconds())
@@ -201,9 +221,22 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
     check_ok = _latest("check", ("succeeded",), Job.repository)
     check_last = _latest("check", ("succeeded", "warning", "failed", "lost"), Job.repository)
     busy = {j.repository_id for j in running}
+    ended = ("succeeded", "warning", "failed", "lost")
+    upkeep = {kind: _latest(kind, ended, Job.repository) for kind in ("forget", "prune")}
     for r in Repository.select().order_by(Repository.name):
         last = check_last.get(r.id)
         ok = check_ok.get(r.id)
+        for kind, latest in upkeep.items():
+            job = latest.get(r.id)
+            if job is not None and job.status in ("failed", "lost"):
+                problem(
+                    CRITICAL,
+                    "maintenance_failed",
+                    f"repository {r.name}: the last {kind} (job {job.id}) {job.status}"
+                    + (f": {job.error}" if job.error else ""),
+                    repository=r.name,
+                    job=job.id,
+                )
         if last is not None and last.status in ("failed", "lost"):
             problem(
                 CRITICAL,

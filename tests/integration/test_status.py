@@ -368,3 +368,46 @@ def test_a_notification_reaches_a_real_receiver_through_apprise(fleetd_factory, 
         assert own.ctl_json("notify", "list") == []
     finally:
         receiver.close()
+
+
+def test_a_failed_prune_and_an_old_agent_are_reported(fleet, fx):
+    name, token = host(fleet, fx)
+    repo = fx.uniq("r")
+    fleet.rpc("repos.create", name=repo, url=f"/srv/{repo}", password="pw", env={})
+    fleet.rpc("repos.use", name=repo, hosts=[name])
+    with fx.ws_connect(fleet.url, "/agent", token) as ws:
+        agent = Agent(ws)
+        ws.send(fx.agent_hello(agent_version="0.0.1"))
+        agent.next_of("welcome")
+
+        def run(kind, status):
+            data = agent.next_of("command.run")["data"]
+            assert data["kind"] == kind, data
+            ws.send(protocol.encode("command.result", {"job_id": data["job_id"], "accepted": True}))
+            agent.report(
+                "job.started", {"job_id": data["job_id"], "kind": kind, "started_at": stamp()}
+            )
+            done = {
+                "job_id": data["job_id"],
+                "status": status,
+                "exit_code": 0,
+                "finished_at": stamp(),
+            }
+            if status == "failed":
+                done.update(exit_code=1, error="Fatal: repository is already locked")
+            agent.report("job.finished", done)
+            return data["job_id"]
+
+        run("init", "succeeded")
+        fleet.rpc("jobs.run", host=name, kind="prune")
+        prune = run("prune", "failed")
+        s = status(fleet, expect=None)
+        mine_ = {
+            p["kind"]: p
+            for p in s["problems"]
+            if p.get("host") == name or p.get("repository") == repo
+        }
+        assert mine_["maintenance_failed"]["job"] == prune
+        assert "already locked" in mine_["maintenance_failed"]["message"]
+        assert mine_["agent_behind"]["severity"] == "warning"
+        assert "0.0.1" in mine_["agent_behind"]["message"]

@@ -30,6 +30,8 @@ KINDS = (
     "check_failed",
     "unchecked",
     "locked",
+    "maintenance_failed",
+    "agent_behind",
 )
 NAME = Field("name", "str", limit=64)
 
