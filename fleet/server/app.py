@@ -56,13 +56,12 @@ from .events import (
     MaintenanceChanged,
 )
 from .notify import Notifications
+from .scheduling import copies, maintenance
 from .scheduling.alerts import ALERT_EVERY, AlertSource
-from .scheduling.copies import CopySource
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
 from .scheduling.history import FIRST_DELAY, HistoryPruning, Policy
-from .scheduling.maintenance import MaintenanceSource
-from .scheduling.ticker import Ticker
+from .scheduling.ticker import RowSource, Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
 from .store.db import Store
@@ -560,8 +559,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
                 clock.now(),
                 config.history_delay,
             ),
-            MaintenanceSource(agents.lifecycle),
-            CopySource(agents.lifecycle),
+            RowSource("maintenance", agents.lifecycle, maintenance.next_due, maintenance.run_due),
+            RowSource("copies", agents.lifecycle, copies.next_due, copies.run_due),
             alerts,
         ],
     )

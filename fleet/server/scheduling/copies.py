@@ -22,7 +22,7 @@ from ...common.protocol import MAX_COPY_SNAPSHOTS
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
-from ..store.queries import hot, one
+from ..store.queries import earliest_due, hot
 
 log = logging.getLogger("fleetd.copies")
 
@@ -102,26 +102,7 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
 
 def next_due() -> Optional[dt.datetime]:
     """The earliest due copy (dt.datetime.min: one not computed yet)."""
-    (due,) = one(
+    return earliest_due(
         'SELECT MIN(COALESCE("next_copy_at", \'\')) FROM "source_group" '
         'WHERE "copy_cron" IS NOT NULL AND "copy_to_id" IS NOT NULL'
     )
-    if due is None:
-        return None
-    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
-
-
-class CopySource:
-    """The ticker's view of scheduled copies."""
-
-    name = "copies"
-
-    def __init__(self, lifecycle_: lifecycle.Lifecycle) -> None:
-        self.lifecycle = lifecycle_
-
-    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
-        due = await self.lifecycle.store.read(next_due)
-        return now if due == dt.datetime.min else due
-
-    async def run_due(self, now: dt.datetime) -> None:
-        await self.lifecycle.apply(run_due, now)

@@ -31,7 +31,7 @@ from ...common import cron
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Host, HostRepository, Job, Maintenance, Repository, SourceGroup
-from ..store.queries import hot, one
+from ..store.queries import earliest_due, hot
 
 log = logging.getLogger("fleetd.maintenance")
 
@@ -197,23 +197,4 @@ _DUE = " UNION ALL ".join(
 def next_due() -> Optional[dt.datetime]:
     """The earliest due time (dt.datetime.min for an action whose time is
     not computed yet); None when no repository has maintenance. One query."""
-    (due,) = one(f'SELECT MIN("t") FROM ({_DUE})')
-    if due is None:
-        return None
-    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
-
-
-class MaintenanceSource:
-    """The ticker's view of maintenance."""
-
-    name = "maintenance"
-
-    def __init__(self, lifecycle_: lifecycle.Lifecycle) -> None:
-        self.lifecycle = lifecycle_
-
-    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
-        due = await self.lifecycle.store.read(next_due)
-        return now if due == dt.datetime.min else due
-
-    async def run_due(self, now: dt.datetime) -> None:
-        await self.lifecycle.apply(run_due, now)
+    return earliest_due(f'SELECT MIN("t") FROM ({_DUE})')

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from ..clock import Clock
 
@@ -27,6 +27,31 @@ class Source(Protocol):
     async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]: ...
 
     async def run_due(self, now: dt.datetime) -> None: ...
+
+
+class RowSource:
+    """A source whose due times are rows: `next_due()` (on the store
+    thread) gives the earliest, dt.datetime.min for one not computed yet
+    (due now); `run_due(events, now)` runs in one transaction."""
+
+    def __init__(
+        self,
+        name: str,
+        lifecycle: Any,  # jobs.lifecycle.Lifecycle: store and transaction
+        next_due: Callable[[], Optional[dt.datetime]],
+        run_due: Callable[..., None],
+    ) -> None:
+        self.name = name
+        self.lifecycle = lifecycle
+        self._next_due = next_due
+        self._run_due = run_due
+
+    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
+        due = await self.lifecycle.store.read(self._next_due)
+        return now if due == dt.datetime.min else due
+
+    async def run_due(self, now: dt.datetime) -> None:
+        await self.lifecycle.apply(self._run_due, now)
 
 
 class Ticker:

@@ -5,8 +5,9 @@ turned into the database's own style."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
-from typing import Any
+from typing import Any, Optional
 
 from ..models import db
 
@@ -30,6 +31,15 @@ def execute_many(sql: str, params: list) -> None:
 
 def one(sql: str, *params: Any) -> Any:
     return execute(sql, *params).fetchone()
+
+
+def earliest_due(sql: str, *params: Any) -> Optional[dt.datetime]:
+    """The one value `sql` selects as a due time: None when nothing is
+    due, dt.datetime.min for '' (one not computed yet, which sorts first)."""
+    (due,) = one(sql, *params)
+    if due is None:
+        return None
+    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
 
 
 def rows(sql: str, *params: Any) -> list:
