@@ -248,9 +248,6 @@ class Job:
         self.runner.refresher.request(summary, self.repo.id)
 
 
-ALL = "all"  # a refresh of every repository the host uses
-
-
 class Refresher:
     """The snapshot lists and stats, refreshed in the background when idle.
 
@@ -265,16 +262,16 @@ class Refresher:
         self.runner = runner
         self.delay = delay
         self.due = False
-        self.wanted: set[Any] = set()  # repository ids (None: an older fleetd's one), or ALL
+        self.wanted: set[Optional[int]] = set()  # repository ids (None: an older fleetd's one)
         self.summaries: list[tuple[Optional[int], dict[str, Any]]] = []
         self.runs = 0  # refreshes started (tests count them)
         self._task: Optional[asyncio.Task] = None
 
-    def request(self, summary: Optional[dict[str, Any]] = None, repository: Any = ALL) -> None:
+    def request(self, summary: Optional[dict[str, Any]], repository: Optional[int]) -> None:
         self.due = True
         self.wanted.add(repository)
         if summary:
-            self.summaries.append((None if repository == ALL else repository, summary))
+            self.summaries.append((repository, summary))
             del self.summaries[:-MAX_SUMMARIES]
         self.kick()
 
@@ -314,7 +311,7 @@ class Refresher:
         wanted = set(self.wanted)
         try:
             for repo in self.runner.state.load_repos():
-                if ALL in wanted or repo.id in wanted:
+                if repo.id in wanted:
                     mine = [s for rid, s in used if rid == repo.id]
                     await self.runner.report_repository(repo, mine)
         except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from .store.models import Host, Job, Repository, Schedule, ScheduleGroup, Source
 
 OK, WARNING, CRITICAL = 0, 1, 2
 SEVERITY = {OK: "ok", WARNING: "warning", CRITICAL: "critical"}
+RANK = {name: n for n, name in SEVERITY.items()}
 OVERDUE_FACTOR = 1.5
 LOOK_BACK = dt.timedelta(days=400)  # how far back a schedule's last fires are looked for
 DEFAULT_OFFLINE_AFTER = 3600  # seconds
@@ -88,6 +89,13 @@ def version_tuple(value: Optional[str]) -> Optional[tuple[int, ...]]:
     if not head or not all(p.isdigit() for p in parts):
         return None
     return tuple(int(p) for p in parts)
+
+
+def _ran(job: Optional[Job]) -> Optional[float]:
+    """How long a job ran, in seconds (None before it started and ended)."""
+    if job is None or job.started_at is None or job.finished_at is None:
+        return None
+    return max(0.0, (job.finished_at - job.started_at).total_seconds())
 
 
 def _span(delta: dt.timedelta) -> str:
@@ -201,6 +209,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                     "last_status": last.status if last else None,
                     "last_job": last.id if last else None,
                     "last_at": iso(last.finished_at) if last else None,
+                    "last_duration_seconds": _ran(last),
                     "next_run_at": iso(nxt),
                     "scheduled": bool(own),
                     "overdue": late is not None,
@@ -273,7 +282,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
             }
         )
 
-    worst = max((_rank(p["severity"]) for p in problems), default=OK)
+    worst = max((RANK[p["severity"]] for p in problems), default=OK)
     return {
         "status": SEVERITY[worst],
         "exit_code": worst,
@@ -295,7 +304,3 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
         ],
         "problems": problems,
     }
-
-
-def _rank(severity: str) -> int:
-    return {name: n for n, name in SEVERITY.items()}[severity]

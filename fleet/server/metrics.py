@@ -72,7 +72,6 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
     overdue = GaugeMetricFamily(
         "fleet_group_overdue", "1 when the group's backup is overdue", labels=["host", "group"]
     )
-    durations = _durations()
     for h in view["hosts"]:
         online.add_metric([h["name"]], 1.0 if h["online"] else 0.0)
         if h["last_seen_at"]:
@@ -85,8 +84,8 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
                 added.add_metric(labels, float(g["last_success_bytes_added"]))
             if g["last_status"]:
                 outcome.add_metric([*labels, g["last_status"]], 1.0)
-            if g["last_job"] in durations:
-                duration.add_metric(labels, durations[g["last_job"]])
+            if g["last_duration_seconds"] is not None:
+                duration.add_metric(labels, g["last_duration_seconds"])
             overdue.add_metric(labels, 1.0 if g["overdue"] else 0.0)
 
     raw = GaugeMetricFamily(
@@ -160,22 +159,6 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
         alerts,
         jobs,
     ]
-
-
-def _durations() -> dict[int, float]:
-    """job id -> seconds it ran, for each group's last ended backup."""
-    last = (
-        Job.select(fn.MAX(Job.id))
-        .where((Job.kind == "backup") & Job.finished_at.is_null(False) & Job.group.is_null(False))
-        .group_by(Job.group)
-    )
-    out = {}
-    for job_id, started, finished in (
-        Job.select(Job.id, Job.started_at, Job.finished_at).where(Job.id.in_(last)).tuples()
-    ):
-        if started is not None and finished is not None:
-            out[job_id] = max(0.0, (finished - started).total_seconds())
-    return out
 
 
 def _sizes() -> dict[str, tuple[Optional[int], Optional[int]]]:
