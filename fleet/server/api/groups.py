@@ -7,10 +7,10 @@ from typing import Any
 from ...common import retention
 from ...common.protocol import Field
 from ..events import MaintenanceChanged
+from ..jobs import lifecycle
 from ..scheduling.schedules import bump, retention_warnings
 from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
-from ..store.queries.hot import default_repository
 from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
 from .errors import Conflict, Invalid
@@ -84,7 +84,7 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
             setattr(g, key, None)
             continue
         repo = get_repository(p[key])
-        if key == "copy_to" and g.repository_id is None and default_repository(host.id) is None:
+        if key == "copy_to" and lifecycle.repository_of(g, host.id) is None:
             raise Invalid(
                 f"host {host.name} has no repository to back up into yet: give it one "
                 "(fleetctl repos use, or --repo) before a repository to copy to"
@@ -108,7 +108,7 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
             g.copy_cron, g.next_copy_at = expr, None  # due from now on
             ctx.events.append(MaintenanceChanged(g.copy_to_id or 0))  # the ticker looks again
     if g.copy_to_id is not None:
-        own = g.repository_id or default_repository(host.id)
+        own = lifecycle.repository_of(g, host.id)
         if g.copy_to_id == own:
             raise Invalid(
                 f"source group {g.name} would copy into repository {g.copy_to.name}, "

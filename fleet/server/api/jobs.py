@@ -121,7 +121,7 @@ def jobs_run(ctx: Context, p: dict) -> dict:
                 raise Invalid(f"source group {group.name} names no repository to copy to")
             params = lifecycle.copy_params(group)
             repository = group.copy_to_id
-            source = group.repository_id or hot.default_repository(host.id)
+            source = lifecycle.repository_of(group, host.id)
     elif p.get("group"):
         raise Invalid(f"a {kind} job acts on the whole repository, not on a group")
     elif p.get("repository"):

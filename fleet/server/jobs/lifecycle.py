@@ -67,10 +67,8 @@ def create(
 ) -> Job:
     """A queued job. Its repository: `repository`, else its group's, else
     the host's default (None while the host has none)."""
-    if repository is None and group is not None:
-        repository = group.repository_id
     if repository is None:
-        repository = hot.default_repository(host_id)
+        repository = repository_of(group, host_id)
     values = {
         "uid": uid or new_uid(),  # fleetd's own jobs get a fresh one
         "host_id": host_id,
@@ -95,6 +93,14 @@ def create(
         job.group = group
     events.append(JobQueued(job.id, host_id, due=not_before is None))
     return job
+
+
+def repository_of(group: Optional[SourceGroup], host_id: int) -> Optional[int]:
+    """Where a group backs up (its own repository, else its host's
+    default); a job without a group, the host's default."""
+    if group is not None and group.repository_id is not None:
+        return group.repository_id
+    return hot.default_repository(host_id)
 
 
 def needs_init(host_id: int) -> list[int]:

@@ -22,7 +22,7 @@ from ...common.protocol import MAX_COPY_SNAPSHOTS
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
-from ..store.queries import earliest_due, hot
+from ..store.queries import earliest_due
 
 log = logging.getLogger("fleetd.copies")
 
@@ -65,7 +65,7 @@ def copy_now(events: list[Event], group: SourceGroup, now: dt.datetime) -> Optio
     one still waits)."""
     if pending(group):
         return None
-    source = group.repository_id or hot.default_repository(group.host_id)
+    source = lifecycle.repository_of(group, group.host_id)
     snaps = new_snapshots(group, source)[:MAX_COPY_SNAPSHOTS]  # the rest next time
     if not snaps or source is None:
         return None
