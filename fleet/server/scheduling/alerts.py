@@ -32,11 +32,20 @@ def key_of(problem: dict[str, Any]) -> str:
     return "|".join(str(problem.get(k) or "") for k in ("kind", "host", "group", "repository"))
 
 
-def evaluate(events: list[Event], now: dt.datetime) -> tuple[int, int]:
-    """Raise, update and resolve alerts from the health found now;
+def find_problems(now: dt.datetime) -> list[dict[str, Any]]:
+    """The fleet's problems now, at the default thresholds (a read of the
+    whole fleet: it runs on the reader thread, not inside a write)."""
+    return health.build(now, health.DEFAULT_OFFLINE_AFTER, health.DEFAULT_UNCHECKED_AFTER, {})[
+        "problems"
+    ]
+
+
+def evaluate(
+    events: list[Event], now: dt.datetime, problems: list[dict[str, Any]]
+) -> tuple[int, int]:
+    """Raise, update and resolve alerts from the problems found now;
     (raised, resolved)."""
-    view = health.build(now, health.DEFAULT_OFFLINE_AFTER, health.DEFAULT_UNCHECKED_AFTER, {})
-    found = {key_of(p): p for p in view["problems"]}
+    found = {key_of(p): p for p in problems}
     open_ = {a.key: a for a in Alert.select().where(Alert.resolved_at.is_null())}
     raised = resolved = 0
     for key, p in found.items():
@@ -116,4 +125,5 @@ class AlertSource:
 
     async def run_due(self, now: dt.datetime) -> None:
         self.due, self.last = now + self.every, now
-        await self.lifecycle.apply(evaluate, now)
+        found = await self.lifecycle.store.read(find_problems, now)
+        await self.lifecycle.apply(evaluate, now, found)
