@@ -9,6 +9,7 @@ import click
 from ..common import retention
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
+from .repo import read_secret_file
 
 
 def retention_options(fn: Any, prefix: str = "") -> Any:
@@ -60,6 +61,18 @@ def repository_options(fn: Any) -> Any:
 
 def group_options(fn: Any) -> Any:
     fn = click.option(
+        "--ping-url-file",
+        metavar="FILE",
+        help="Read the ping URL from FILE ('-': standard input); better than --ping-url, "
+        "which any local user can read in the process list.",
+    )(fn)
+    fn = click.option(
+        "--ping-url",
+        metavar="URL",
+        help="Healthchecks-style URL pinged as each backup starts (URL/start), succeeds "
+        "(URL) and fails (URL/fail) ('' removes it).",
+    )(fn)
+    fn = click.option(
         "--expect-every",
         type=Duration(),
         help="Without a schedule: a backup is expected this often, e.g. 1d; "
@@ -78,6 +91,16 @@ def group_options(fn: Any) -> Any:
         help="Shell command run before the backup; a failure fails the job ('' removes it).",
     )(fn)
     return repository_options(retention_options(fn))
+
+
+def ping_from(kwargs: dict) -> None:
+    """--ping-url-file read into ping_url (a secret: never echoed)."""
+    path = kwargs.pop("ping_url_file", None)
+    if path is None:
+        return
+    if kwargs.get("ping_url") is not None:
+        raise click.UsageError("give --ping-url or --ping-url-file, not both")
+    kwargs["ping_url"] = read_secret_file(path)
 
 
 def retention_from(kwargs: dict, prefix: str = "") -> dict:
@@ -124,6 +147,16 @@ def copy_retention(g: dict) -> Optional[str]:
     if g["copy_retention"] is None:
         return "as the group's"
     return retention.describe(g["copy_retention"])
+
+
+def pinged(g: dict) -> Optional[str]:
+    if not g["ping_url"]:
+        return None
+    if g["ping_error"]:
+        return f"{g['ping_url']} (last ping {g['ping_sent_at']} failed: {g['ping_error']})"
+    if g["ping_sent_at"]:
+        return f"{g['ping_url']} (last ping {g['ping_sent_at']})"
+    return f"{g['ping_url']} (not pinged yet)"
 
 
 def copies_run(g: dict) -> Optional[str]:
@@ -185,6 +218,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("copy retention", c(copy_retention(g))),
             ("copies run", c(copies_run(g))),
             ("expected every", c(f"{g['expect_every']} s" if g["expect_every"] else None)),
+            ("ping URL", c(pinged(g))),
             ("schedules", c(g["schedules"])),
             ("updated", c(g["updated_at"])),
         ],
@@ -217,6 +251,7 @@ def groups_create(
     app: App, host: str, name: str, includes: tuple, excludes: tuple, as_json: bool, **kwargs: Any
 ) -> None:
     """Create source group NAME on HOST."""
+    ping_from(kwargs)
     policy = retention_from(kwargs)
     copy_policy = retention_from(kwargs, "copy")
     if copy_policy:
@@ -286,6 +321,7 @@ def groups_edit(
     **kwargs: Any,
 ) -> None:
     """Change a source group; options not given stay as they are."""
+    ping_from(kwargs)
     policy = retention_from(kwargs)
     copy_policy = retention_from(kwargs, "copy")
     if copy_policy:

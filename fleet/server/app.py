@@ -55,7 +55,7 @@ from .events import (
     JobQueued,
     MaintenanceChanged,
 )
-from .notify import Notifications
+from .notify import Notifications, Pings
 from .scheduling import copies, maintenance
 from .scheduling.alerts import ALERT_EVERY, AlertSource
 from .scheduling.due import LostJobs, Retries
@@ -537,6 +537,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     bus = Bus()
     agents = Agents(store, bus, box, clock, config.heartbeat_interval)
     notifications = Notifications(store, box, bus)  # alerts, through Apprise
+    pings = Pings(store, box, bus)  # groups' Healthchecks-style URLs
     state = ServerState(
         store=store,
         box=box,
@@ -621,6 +622,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         # handler still asks of it is refused as `unavailable` (and what an
         # agent reported but was not acked, it sends again)
         await notifications.stop()
+        await pings.stop()
         await agents.presence.flush()
         await store.run(reset_online)
         await store.close()

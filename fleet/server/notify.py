@@ -1,25 +1,38 @@
-"""Notifications: each alert raised or resolved is sent, through Apprise
-(one library for ntfy, email, Slack, Matrix, Telegram, webhooks and 100+
-more), to the notifiers whose filters it passes.
+"""Telling outside services: notifications and pings.
 
-Sending runs in a worker thread (Apprise blocks on the network), never on
+Notifications: each alert raised or resolved is sent, through Apprise (one
+library for ntfy, email, Slack, Matrix, Telegram, webhooks and 100+ more),
+to the notifiers whose filters it passes.
+
+Pings: a source group with a Healthchecks-style ping URL has it pinged as
+each of its backups starts (URL/start), succeeds (the URL itself) and fails
+(URL/fail), so a dead-man's switch outside the fleet notices a backup that
+never ran even when fleetd itself is down.
+
+Sending runs in worker threads (both block on the network), never on
 fleetd's event loop, and is tried again after RETRIES delays when it fails;
-each notifier records when it last sent and its last failure. Its URL is a
-secret: encrypted in the store, bound to its row, never logged or shown.
+each notifier and group records when it last sent and its last failure.
+URLs are secrets: encrypted in the store, bound to their row, never logged
+or shown past their scheme (and, for a ping, host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Awaitable
+from typing import Any, Callable, Optional
 
 import apprise
 
-from .events import AlertChanged, Bus
+from .. import __version__
+from .events import AlertChanged, Bus, JobEnded, JobStarted
 from .security.secrets import SecretBox
 from .store.db import Store, StoreClosed
-from .store.models import Notifier, utcnow
+from .store.models import Host, Job, Notifier, SourceGroup, utcnow
 
 log = logging.getLogger("fleetd.notify")
 
@@ -96,19 +109,7 @@ class Notifications:
     async def _one(
         self, nid: int, name: str, url: str, title: str, body: str, failure: bool
     ) -> None:
-        error: Optional[str] = None
-        for delay in (0.0, *RETRIES):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                error = await asyncio.to_thread(send, url, title, body, failure)
-            except Exception as exc:  # a plugin's bug must not end the retries
-                error = f"{type(exc).__name__}: {exc}"
-            if error is None:
-                break
-            log.warning(
-                "notifier %s: %s%s", name, error, "; trying again" if delay != RETRIES[-1] else ""
-            )
+        error = await with_retries(f"notifier {name}", send, url, title, body, failure)
         try:
             await self.store.atomic(record, nid, error)
         except StoreClosed:
@@ -123,3 +124,191 @@ class Notifications:
 
 def record(nid: int, error: Optional[str]) -> None:
     Notifier.update(last_sent_at=utcnow(), last_error=error).where(Notifier.id == nid).execute()
+
+
+async def with_retries(who: str, fn: Callable[..., Optional[str]], *args: Any) -> Optional[str]:
+    """fn(*args) in a worker thread until it returns None (sent) or the
+    RETRIES are spent; the last failure, or None."""
+    error: Optional[str] = None
+    for delay in (0.0, *RETRIES):
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            error = await asyncio.to_thread(fn, *args)
+        except Exception as exc:  # a plugin's bug must not end the retries
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None:
+            break
+        log.warning("%s: %s%s", who, error, "; trying again" if delay != RETRIES[-1] else "")
+    return error
+
+
+# -- pings ---------------------------------------------------------------------
+
+PING_TIMEOUT = 10.0  # seconds a ping may take
+PING_BODY = 10_000  # characters of the body at most (Healthchecks keeps 100 kB)
+
+
+def ping_aad(group_id: int) -> str:
+    return f"group:{group_id}:ping_url"
+
+
+def ping_shown(url: str) -> str:
+    """What may be shown of a ping URL: its scheme and host (the path holds
+    the check's key)."""
+    parts = urllib.parse.urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}/********"
+
+
+def ping_url(url: str, phase: str) -> str:
+    """Healthchecks' convention: the URL itself on success, with /start or
+    /fail appended to its path otherwise (a query string stays last)."""
+    if phase == "success":
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{phase}"))
+
+
+def ping(url: str, body: str) -> Optional[str]:
+    """One ping (blocking): POST the body; None, or why it failed (never
+    the URL, which is a secret)."""
+    request = urllib.request.Request(
+        url,
+        data=body[:PING_BODY].encode("utf-8", "replace"),
+        method="POST",
+        headers={
+            "User-Agent": f"fleetd/{__version__}",
+            "Content-Type": "text/plain; charset=utf-8",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=PING_TIMEOUT) as response:
+            response.read(4096)
+    except urllib.error.HTTPError as exc:
+        return f"the ping URL answered HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        return f"the ping URL is out of reach: {exc.reason}"
+    except (OSError, ValueError) as exc:
+        return f"the ping failed: {type(exc).__name__}"
+    return None
+
+
+def phase_of(status: str) -> str:
+    """The ping a backup's end sends: success for a snapshot made (one with
+    unreadable files too: the body says so), fail for none."""
+    return "success" if status in ("succeeded", "warning") else "fail"
+
+
+def ping_body(job: Job, phase: str) -> str:
+    what = f"{job.kind} of {job.host.name}/{job.group_name} (job {job.id})"
+    if phase == "start":
+        return f"{what} started"
+    lines = [f"{what} {job.status}"]
+    s = job.summary or {}
+    if s.get("snapshot_id"):
+        lines.append(
+            f"snapshot {str(s['snapshot_id'])[:8]}: {s.get('files_new', 0)} new, "
+            f"{s.get('files_changed', 0)} changed, {s.get('data_added', 0)} bytes added "
+            f"in {float(s.get('total_duration') or 0):.1f} s"
+        )
+    if job.status == "warning":
+        lines.append("some files could not be read: see fleetctl jobs log")
+    if job.error:
+        lines.append(job.error)
+    return "\n".join(lines)
+
+
+Phase = tuple[int, str]  # (job id, "start" | "end")
+
+
+class Pings:
+    """Subscribed to JobStarted and JobEnded: pings the URL of the group of
+    each backup that has one. Events are gathered into one store read per
+    turn of the loop (10,000 jobs ending at once are one query); a group's
+    pings go out in order, so its start never lands after its end."""
+
+    def __init__(self, store: Store, box: SecretBox, bus: Bus) -> None:
+        self.store = store
+        self.box = box
+        self.waiting: list[Phase] = []
+        self.reader: Optional[asyncio.Task] = None
+        self.last: dict[int, asyncio.Task] = {}  # per group: its latest ping
+        self.tasks: set[asyncio.Task] = set()
+        bus.subscribe(JobStarted, lambda e: self._add((e.job_id, "start")))
+        bus.subscribe(JobEnded, lambda e: self._add((e.job_id, "end")))
+
+    def _add(self, phase: Phase) -> None:
+        if len(self.waiting) + len(self.tasks) >= MAX_PENDING:
+            log.warning("too many pings waiting; job %s not pinged", phase[0])
+            return
+        self.waiting.append(phase)
+        if self.reader is None:
+            self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        await asyncio.sleep(0)  # the rest of this batch of events first
+        phases, self.waiting, self.reader = self.waiting, [], None
+        try:
+            found = await self.store.read(self._targets, phases)
+        except StoreClosed:
+            return
+        for group_id, url, body in found:
+            self._chain(group_id, self._send(group_id, url, body, self.last.get(group_id)))
+
+    def _targets(self, phases: list[Phase]) -> list[tuple[int, str, str]]:
+        """(group, URL, body) of each phase of a backup whose group pings."""
+        ids = sorted({job_id for job_id, _ in phases})
+        jobs = {
+            j.id: j
+            for j in Job.select(Job, SourceGroup, Host)
+            .join(SourceGroup)
+            .switch(Job)
+            .join(Host)
+            .where(Job.id.in_(ids), Job.kind == "backup", SourceGroup.ping_url_enc.is_null(False))
+        }
+        out = []
+        for job_id, phase in phases:
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            if phase == "end":
+                phase = phase_of(job.status)
+            url = self.box.decrypt(bytes(job.group.ping_url_enc), ping_aad(job.group_id))
+            out.append((job.group_id, ping_url(url, phase), ping_body(job, phase)))
+        return out
+
+    def _chain(self, group_id: int, ping_: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(ping_)
+        self.last[group_id] = task
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if self.last.get(group_id) is t:
+                del self.last[group_id]
+
+        task.add_done_callback(done)
+
+    async def _send(
+        self, group_id: int, url: str, body: str, before: Optional[asyncio.Task]
+    ) -> None:
+        if before is not None:
+            await asyncio.wait({before})  # its pings go out in order
+        error = await with_retries(f"ping of group {group_id}", ping, url, body)
+        try:
+            await self.store.atomic(record_ping, group_id, error)
+        except StoreClosed:
+            pass
+
+    async def stop(self) -> None:
+        for task in [*self.tasks, *([self.reader] if self.reader else [])]:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+
+
+def record_ping(group_id: int, error: Optional[str]) -> None:
+    SourceGroup.update(ping_sent_at=utcnow(), ping_error=error).where(
+        SourceGroup.id == group_id
+    ).execute()

@@ -303,7 +303,7 @@ def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_facto
 
 
 class Receiver:
-    """A local HTTP endpoint that keeps what is POSTed to it (Apprise's json://)."""
+    """A local HTTP endpoint that keeps what is POSTed to it: (path, body)."""
 
     def __init__(self):
         import http.server
@@ -316,7 +316,7 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 size = int(self.headers.get("Content-Length", 0))
-                got.put(json.loads(self.rfile.read(size)))
+                got.put((self.path, self.rfile.read(size).decode()))
                 self.send_response(200)
                 self.end_headers()
 
@@ -328,6 +328,10 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def next(self, timeout=20):
+        """The next body, as JSON (Apprise's json://)."""
+        return json.loads(self.got.get(timeout=timeout)[1])
+
+    def next_raw(self, timeout=20):
         return self.got.get(timeout=timeout)
 
     def close(self):
@@ -411,3 +415,60 @@ def test_a_failed_prune_and_an_old_agent_are_reported(fleet, fx):
         assert "already locked" in mine_["maintenance_failed"]["message"]
         assert mine_["agent_behind"]["severity"] == "warning"
         assert "0.0.1" in mine_["agent_behind"]["message"]
+
+
+def test_a_group_pings_its_url_as_backups_start_succeed_and_fail(fleet, fx, tmp_path):
+    """Healthchecks' convention: URL/start, URL, URL/fail; the URL a secret."""
+    receiver = Receiver()
+    try:
+        name, token = host(fleet, fx)
+        url = f"http://127.0.0.1:{receiver.port}/ping/0f1e2d3c-secret-key?create=1"
+        url_file = tmp_path / "ping"
+        url_file.write_text(url + "\n")
+        g = fleet.ctl_json("groups", "edit", name, "etc", "--ping-url-file", str(url_file))
+        assert g["ping_url"] == f"http://127.0.0.1:{receiver.port}/********"
+        shown = fleet.ctl("groups", "show", name, "etc").stdout
+        assert "not pinged yet" in shown and "secret-key" not in shown
+        with connected(fleet, fx, token) as agent:
+            fleet.rpc("jobs.run", host=name, group="etc")
+            job = agent.backup()
+            path, body = receiver.next_raw()
+            assert path == "/ping/0f1e2d3c-secret-key/start?create=1"
+            assert body == f"backup of {name}/etc (job {job}) started"
+            path, body = receiver.next_raw()
+            assert path == "/ping/0f1e2d3c-secret-key?create=1"
+            assert f"(job {job}) succeeded" in body and "snapshot 4f2a9c1e" in body
+
+            fleet.rpc("jobs.run", host=name, group="etc")
+            failed = agent.backup("failed", error="Fatal: wrong password")
+            assert receiver.next_raw()[0].endswith("/start?create=1")
+            path, body = receiver.next_raw()
+            assert path == "/ping/0f1e2d3c-secret-key/fail?create=1"
+            assert f"(job {failed}) failed" in body and "Fatal: wrong password" in body
+            g = fx.wait_until(
+                lambda: (g := fleet.ctl_json("groups", "show", name, "etc"))["ping_sent_at"] and g,
+                timeout=10,
+                what="the ping recorded",
+            )
+            assert g["ping_error"] is None
+
+            # removed: the next backup pings nothing; set again, the one after does
+            fleet.ctl("groups", "edit", name, "etc", "--ping-url", "")
+            assert fleet.ctl_json("groups", "show", name, "etc")["ping_url"] is None
+            fleet.rpc("jobs.run", host=name, group="etc")
+            agent.backup()
+            fleet.ctl("groups", "edit", name, "etc", "--ping-url", url)
+            fleet.rpc("jobs.run", host=name, group="etc")
+            again = agent.backup()
+            path, body = receiver.next_raw()
+            assert path.endswith("/start?create=1") and f"(job {again})" in body
+        for bad in ("ftp://127.0.0.1/x", "not a url", "http://h:99999/x"):
+            fleet.ctl("groups", "edit", name, "etc", "--ping-url", bad, expect=2)
+        fleet.ctl(
+            "groups", "edit", name, "etc", "--ping-url", url, "--ping-url-file", "-", expect=2
+        )
+        assert "secret-key" not in fleet.fleetd.log()
+        for stored in fleet.data_dir.glob("fleet.db*"):  # the WAL too
+            assert b"secret-key" not in stored.read_bytes(), stored
+    finally:
+        receiver.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 from ...common import retention
 from ...common.protocol import Field
+from .. import notify
 from ..events import MaintenanceChanged
 from ..jobs import lifecycle
 from ..scheduling.schedules import bump, retention_warnings
@@ -40,6 +42,8 @@ GROUP_FIELDS = (
     Field("copy_cron", "str", False, limit=256),
     # seconds between backups expected without a schedule; 0: none
     Field("expect_every", "int", False, minimum=0),
+    # a Healthchecks-style URL pinged as its backups start and end; "": none
+    Field("ping_url", "str", False, limit=2048),
 )
 # protocol.Field bounds ints from below only; the upper bounds are checked here
 MAXIMUM = {
@@ -137,6 +141,27 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
         g.expect_every = every or None
 
 
+def apply_ping(ctx: Context, g: SourceGroup, p: dict) -> None:
+    """The group's ping URL as given ("": none), encrypted and bound to the
+    group's row (so it is saved once first)."""
+    if "ping_url" not in p:
+        return
+    url = p["ping_url"].strip()
+    g.ping_sent_at = g.ping_error = None
+    if not url:
+        g.ping_url_enc = g.ping_url_shown = None
+        return
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid("a ping URL is an http:// or https:// URL, e.g. https://hc-ping.com/<uuid>")
+    g.ping_url_enc = ctx.state.box.encrypt(url, notify.ping_aad(g.id))
+    g.ping_url_shown = notify.ping_shown(url)
+
+
 @method("groups.list", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def groups_list(ctx: Context, p: dict) -> list:
     """A host's source groups, by name."""
@@ -179,6 +204,9 @@ def groups_create(ctx: Context, p: dict) -> dict:
     group.retention = check_retention(p.get("retention"))
     attached = apply_repositories(ctx, host, group, p)
     group.save()
+    if p.get("ping_url"):
+        apply_ping(ctx, group, p)  # bound to the row's id: known now
+        group.save()
     audit(ctx, "group.create", f"{host.name}/{name}", {"attached": attached} if attached else None)
     return {**shown(host, group), "attached": attached}
 
@@ -210,6 +238,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
         merged.update(p.get("retention") or {})
         group.retention = check_retention(merged)
     attached = apply_repositories(ctx, host, group, p)
+    apply_ping(ctx, group, p)
     group.updated_at = utcnow()
     group.save()
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():

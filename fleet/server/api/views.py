@@ -223,6 +223,10 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "next_copy_at": iso(g.next_copy_at),
         # seconds between backups expected without a schedule (None: none)
         "expect_every": g.expect_every,
+        # pinged as its backups start and end: scheme and host only (None: none)
+        "ping_url": g.ping_url_shown,
+        "ping_sent_at": iso(g.ping_sent_at),
+        "ping_error": g.ping_error,
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

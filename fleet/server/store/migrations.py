@@ -194,6 +194,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE UNIQUE INDEX "notifier_name" ON "notifier" ("name")',
         ],
     ),
+    (
+        14,
+        "a group may ping a Healthchecks-style URL (encrypted) as its backups start and end",
+        [
+            'ALTER TABLE "source_group" ADD COLUMN "ping_url_enc" BLOB',
+            'ALTER TABLE "source_group" ADD COLUMN "ping_url_shown" TEXT',
+            'ALTER TABLE "source_group" ADD COLUMN "ping_sent_at" DATETIME',
+            'ALTER TABLE "source_group" ADD COLUMN "ping_error" TEXT',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -151,6 +151,13 @@ class SourceGroup(Base):
     # seconds between backups expected of a group no schedule backs up (run
     # by hand or from the host's own cron): past 1.5 times that it is overdue
     expect_every = pw.IntegerField(null=True)
+    # a Healthchecks-style URL pinged as its backups start, succeed and fail
+    # (fleet.server.notify.Pings): a secret, encrypted and bound to the row;
+    # shown as its scheme and host only
+    ping_url_enc = pw.BlobField(null=True)
+    ping_url_shown = pw.TextField(null=True)
+    ping_sent_at = pw.DateTimeField(null=True)
+    ping_error = pw.TextField(null=True)  # the last ping's failure; NULL: it worked
 
     class Meta:
         indexes = ((("host", "name"), True),)
