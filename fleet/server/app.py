@@ -162,6 +162,10 @@ class ConnectionLimits:
         self.live: set[Any] = set()  # every connection with its TCP socket still open
         self.unauth: collections.Counter[str] = collections.Counter()
         self._refusals = Throttle(10.0)
+        # since fleetd started, for /metrics: plain ints, as 10,000 connects
+        # a second should not take a lock each
+        self.accepted: collections.Counter[str] = collections.Counter()  # by endpoint
+        self.refused: collections.Counter[str] = collections.Counter()  # by reason
 
     def claim_unauthenticated(self, connection: Any, address: str) -> bool:
         if self.unauth[address] >= self.per_address:
@@ -199,6 +203,7 @@ def connection_class(limits: ConnectionLimits) -> type[ServerConnection]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             if not limits.opened(self):
+                limits.refused["hard_limit"] += 1
                 limits.note_refusal(f"over {limits.hard_limit} connections open")
                 transport.abort()
 
@@ -328,6 +333,18 @@ class FleetServer:
         self.limits = limits or ConnectionLimits(1 << 30, self.config.unauth_per_address)
         self.callers: dict[ServerConnection, Caller] = {}
         self.agents: dict[ServerConnection, tuple[int, str]] = {}  # (host id, name)
+        self.process = metrics.Process(
+            state.bus,
+            self.limits,
+            lambda: {"agent": len(self.agents), "ctl": len(self.callers), "all": self.limits.open},
+        )
+
+    def refuse(
+        self, reason: str, connection: ServerConnection, status: HTTPStatus, text: str
+    ) -> Response:
+        """An HTTP refusal of the handshake, counted by reason for /metrics."""
+        self.limits.refused[reason] += 1
+        return text_response(connection, status, text)
 
     @staticmethod
     def address(connection: ServerConnection) -> str:
@@ -347,15 +364,19 @@ class FleetServer:
         address = self.address(connection)
         if self.limits.open > self.limits.max_connections:
             self.limits.note_refusal(f"{self.limits.max_connections} connections open")
-            return text_response(
-                connection, HTTPStatus.SERVICE_UNAVAILABLE, "fleetd is at its connection limit"
+            return self.refuse(
+                "connection_limit",
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "fleetd is at its connection limit",
             )
         if path in UNAUTHENTICATED:
             if not self.limits.claim_unauthenticated(connection, address):
                 self.limits.note_refusal(
                     f"{address} holds {self.limits.per_address} unauthenticated connections"
                 )
-                return text_response(
+                return self.refuse(
+                    "unauthenticated_per_address",
                     connection,
                     HTTPStatus.TOO_MANY_REQUESTS,
                     f"at most {self.limits.per_address} connections to {path} per address",
@@ -363,13 +384,19 @@ class FleetServer:
             limit_unauthenticated(connection, self.config.unauth_max_size)
             return None
         if self.token_limiter.blocked(address):
-            return text_response(
-                connection, HTTPStatus.TOO_MANY_REQUESTS, "too many bad tokens; wait"
+            return self.refuse(
+                "rate_limited",
+                connection,
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "too many bad tokens; wait",
             )
         token = bearer(request.headers)
         if token is None:
-            return text_response(
-                connection, HTTPStatus.UNAUTHORIZED, "missing 'Authorization: Bearer <token>'"
+            return self.refuse(
+                "no_token",
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "missing 'Authorization: Bearer <token>'",
             )
         if path == "/ctl":
             caller = await self.state.store.atomic(lookup_token, token)
@@ -384,8 +411,8 @@ class FleetServer:
                 return None
         self.token_limiter.fail(address)
         log.warning("refused %s from %s: unknown, revoked or expired token", path, address)
-        return text_response(
-            connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
+        return self.refuse(
+            "bad_token", connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
         )
 
     async def serve_metrics(self, connection: ServerConnection, request: Request) -> Response:
@@ -397,21 +424,32 @@ class FleetServer:
             )
         address = self.address(connection)
         if self.token_limiter.blocked(address):
-            return text_response(
-                connection, HTTPStatus.TOO_MANY_REQUESTS, "too many bad tokens; wait"
+            return self.refuse(
+                "rate_limited",
+                connection,
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "too many bad tokens; wait",
             )
         token = bearer(request.headers)
         if token is None:
-            return text_response(
-                connection, HTTPStatus.UNAUTHORIZED, "missing 'Authorization: Bearer <token>'"
+            return self.refuse(
+                "no_token",
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "missing 'Authorization: Bearer <token>'",
             )
         if await self.state.store.atomic(lookup_token, token) is None:
             self.token_limiter.fail(address)
             log.warning("refused /metrics from %s: unknown, revoked or expired token", address)
-            return text_response(
-                connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
+            return self.refuse(
+                "bad_token",
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "unknown, revoked or expired token",
             )
-        body = await self.state.store.read(metrics.render, utcnow())
+        self.limits.accepted["metrics"] += 1
+        found = await self.state.store.read(metrics.families, utcnow())
+        body = metrics.render([*found, *self.process.families()])
         response = connection.respond(HTTPStatus.OK, body.decode())
         del response.headers["Content-Type"]  # websockets' Headers adds, never replaces
         response.headers["Content-Type"] = metrics.CONTENT_TYPE
@@ -420,6 +458,7 @@ class FleetServer:
     async def handler(self, connection: ServerConnection) -> None:
         path = connection.request.path.split("?", 1)[0]
         address = self.address(connection)
+        self.limits.accepted[path.lstrip("/")] += 1
         try:
             if path == "/ctl":
                 await self.serve_ctl(connection, self.callers[connection])

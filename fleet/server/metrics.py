@@ -7,23 +7,30 @@ Per host: online, last seen. Per group: the last successful backup's time
 backup's duration and outcome, overdue. Per repository: stored size,
 snapshots, locks, the last check's time and outcome. The problems
 `fleetctl status` reports, by kind and severity; jobs by status.
+
+The fleetd_* metrics are this process's own (Process): connections open,
+accepted and refused, jobs dispatched and ended, since it started; each
+replica has its own, as Prometheus' instance label tells apart.
 """
 
 from __future__ import annotations
 
 import calendar
+import collections
 import datetime as dt
+import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from peewee import fn
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..common.timefmt import parse_ts
 from . import health
+from .events import Bus, JobDispatched, JobEnded
 from .store.models import Alert, Job, Repository, RepoStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -179,16 +186,81 @@ def _sizes() -> dict[str, tuple[Optional[int], Optional[int]]]:
     return out
 
 
+class Counted(Protocol):
+    accepted: collections.Counter[str]  # connections, by endpoint
+    refused: collections.Counter[str]  # connections, by reason
+
+
+class Process:
+    """fleetd's own counters since it started, kept as plain ints where they
+    happen (ConnectionLimits, the bus) and read at scrape time."""
+
+    def __init__(
+        self, bus: Optional[Bus], counted: Counted, open_: Callable[[], dict[str, int]]
+    ) -> None:
+        self.counted = counted
+        self.open = open_
+        self.started = time.time()
+        self.dispatched = 0
+        self.ended: collections.Counter[str] = collections.Counter()  # by status
+        if bus is not None:
+            bus.subscribe(JobDispatched, self._dispatched)
+            bus.subscribe(JobEnded, self._ended)
+
+    def _dispatched(self, _: JobDispatched) -> None:
+        self.dispatched += 1
+
+    def _ended(self, event: JobEnded) -> None:
+        self.ended[event.status] += 1
+
+    def families(self) -> list[Any]:
+        start = GaugeMetricFamily("fleetd_start_time_seconds", "When this fleetd started")
+        start.add_metric([], self.started)
+        open_ = GaugeMetricFamily(
+            "fleetd_connections_open",
+            "Connections open now: agents, operators (ctl) and all TCP connections",
+            labels=["endpoint"],
+        )
+        for endpoint, n in sorted(self.open().items()):
+            open_.add_metric([endpoint], float(n))
+        accepted = CounterMetricFamily(
+            "fleetd_connections_accepted",
+            "Connections accepted, by endpoint (metrics: scrapes)",
+            labels=["endpoint"],
+        )
+        for endpoint, n in sorted(self.counted.accepted.items()):
+            accepted.add_metric([endpoint], float(n))
+        refused = CounterMetricFamily(
+            "fleetd_connections_refused",
+            "Connections refused, by reason (bad_token, no_token, rate_limited, "
+            "connection_limit, hard_limit, unauthenticated_per_address)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.counted.refused.items()):
+            refused.add_metric([reason], float(n))
+        dispatched = CounterMetricFamily(
+            "fleetd_jobs_dispatched", "Jobs this fleetd sent to agents"
+        )
+        dispatched.add_metric([], float(self.dispatched))
+        ended = CounterMetricFamily(
+            "fleetd_jobs_ended", "Jobs this fleetd saw end, by status", labels=["status"]
+        )
+        for state, n in sorted(self.ended.items()):
+            ended.add_metric([state], float(n))
+        return [start, open_, accepted, refused, dispatched, ended]
+
+
 class _Snapshot(Collector):
-    def __init__(self, metrics: list[GaugeMetricFamily]) -> None:
+    def __init__(self, metrics: list[Any]) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
         return iter(self.metrics)
 
 
-def render(now: dt.datetime) -> bytes:
-    """The exposition text of one scrape."""
+def render(metrics: list[Any]) -> bytes:
+    """The exposition text of one scrape: `families` read from the store,
+    and the process's own."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families(now)))
+    registry.register(_Snapshot(metrics))
     return generate_latest(registry)

@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import time
 
 from fleet.common import protocol
 
@@ -260,6 +261,17 @@ def test_metrics_carry_the_last_success_and_need_a_token(fleetd_factory, fx):
     assert samples[("fleet_host_online", (("host", name),))] == 1
     assert samples[("fleet_problems", (("kind", "backup_failed"), ("severity", "critical")))] == 1
     assert samples[("fleet_jobs", (("status", "failed"),))] == 1
+    # fleetd's own counters: the agent was connected at the scrape, two bad
+    # tokens were refused, two jobs were dispatched and ended
+    assert samples[("fleetd_connections_open", (("endpoint", "agent"),))] == 1
+    assert samples[("fleetd_connections_open", (("endpoint", "all"),))] >= 2
+    assert samples[("fleetd_connections_accepted_total", (("endpoint", "agent"),))] == 1
+    assert samples[("fleetd_connections_refused_total", (("reason", "bad_token"),))] == 1
+    assert samples[("fleetd_connections_refused_total", (("reason", "no_token"),))] == 1
+    assert samples[("fleetd_jobs_dispatched_total", ())] == 2
+    assert samples[("fleetd_jobs_ended_total", (("status", "failed"),))] == 1
+    assert samples[("fleetd_jobs_ended_total", (("status", "succeeded"),))] == 1
+    assert abs(samples[("fleetd_start_time_seconds", ())] - time.time()) < 600
 
 
 def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_factory, fx):
