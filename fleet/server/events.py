@@ -207,6 +207,11 @@ class Bus:
     def subscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
         self._subscribers[kind].append(fn)
 
+    def unsubscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
+        subscribers = self._subscribers.get(kind, [])
+        if fn in subscribers:
+            subscribers.remove(fn)
+
     def watch(self, job_id: int, host_id: Optional[int] = None) -> Watch:
         w = Watch(job_id, host_id)
         self._watches[job_id].add(w)

@@ -120,6 +120,19 @@ def _latest(kind: str, statuses: tuple[str, ...], by: Any) -> dict[int, Job]:
     return {getattr(j, column): j for j in Job.select().where(Job.id.in_(ids))}
 
 
+def running_json(j: Job, progress: Optional[dict]) -> dict:
+    """A job with an agent, as status shows it (and status --watch streams it)."""
+    return {
+        "job": j.id,
+        "host": j.host.name,
+        "kind": j.kind,
+        "group": j.group_name,
+        "status": j.status,
+        "started_at": iso(j.started_at),
+        "progress": progress,
+    }
+
+
 def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: dict) -> dict:
     problems: list[dict[str, Any]] = []
 
@@ -290,17 +303,6 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
         "hosts_online": sum(1 for h in hosts if h.online),
         "hosts": out_hosts,
         "repositories": out_repos,
-        "running": [
-            {
-                "job": j.id,
-                "host": j.host.name,
-                "kind": j.kind,
-                "group": j.group_name,
-                "status": j.status,
-                "started_at": iso(j.started_at),
-                "progress": progress.get(j.id),
-            }
-            for j in running
-        ],
+        "running": [running_json(j, progress.get(j.id)) for j in running],
         "problems": problems,
     }

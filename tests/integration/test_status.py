@@ -11,6 +11,7 @@ import json
 import time
 
 from fleet.common import protocol
+from fleet.ctl.status import WatchView, progress_line
 
 
 def stamp(delta: dt.timedelta = dt.timedelta()) -> str:
@@ -484,3 +485,111 @@ def test_a_group_pings_its_url_as_backups_start_succeed_and_fail(fleet, fx, tmp_
             assert b"secret-key" not in stored.read_bytes(), stored
     finally:
         receiver.close()
+
+
+class Lines:
+    """A process's stdout lines, read on a thread, waited for with a timeout."""
+
+    def __init__(self, proc):
+        import queue
+        import threading
+
+        self.proc = proc
+        self.got: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.got.put(line.rstrip("\n"))
+        self.got.put(None)
+
+    def until(self, match, timeout=20):
+        """The first line `match` accepts (earlier ones are dropped)."""
+        import queue
+
+        seen = []
+        while True:
+            try:
+                line = self.got.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no matching line within {timeout} s; saw {seen}") from None
+            assert line is not None, f"fleetctl ended: {seen} {self.proc.stderr.read()}"
+            seen.append(line)
+            if match(line):
+                return line
+
+
+def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factory, fx):
+    import signal
+
+    own = fleetd_factory()  # its own: the watch sees the whole fleet
+    name, token = host(own, fx)
+    kw = {"server": own.url, "token": own.admin_token, "config_dir": own.config_dir}
+    as_json = fx.run_fleetctl_proc("status", "--watch", "--json", **kw)
+    plain = fx.run_fleetctl_proc("status", "--watch", **kw)
+    frames, lines = Lines(as_json), Lines(plain)
+    try:
+        with connected(own, fx, token) as agent:
+            first = json.loads(frames.until(lambda line: '"snapshot"' in line))
+            assert first["running"] == [] and first["hosts"] == 1 and first["hosts_online"] == 1
+            lines.until(lambda line: "1/1 hosts online, 0 job(s) running" in line)
+
+            job = own.rpc("jobs.run", host=name, group="etc")["id"]
+            data = agent.next_of("command.run")["data"]
+            agent.ws.send(protocol.encode("command.result", {"job_id": job, "accepted": True}))
+            agent.report("job.started", {"job_id": job, "kind": "backup", "started_at": stamp()})
+            progress = {
+                "job_id": job,
+                "percent_done": 0.5,
+                "files_done": 5,
+                "total_files": 10,
+                "bytes_done": 500,
+                "total_bytes": 1000,
+                "eta_seconds": 3,
+                "throughput_bps": 100,
+            }
+            agent.ws.send(protocol.encode("job.progress", progress))
+            # the frames, applied as fleetctl's own view applies them, show the
+            # job running with its progress
+            view = WatchView()
+            view.apply(first)
+
+            def shows_progress(line):
+                view.apply(json.loads(line))
+                r = view.running.get(job)
+                return r is not None and (r["progress"] or {}).get("percent_done") == 0.5
+
+            frames.until(shows_progress)
+            assert data["job_id"] == job and view.running[job]["status"] == "running"
+            assert "50% 500 B/1000 B, 5/10 files, ETA 3 s" in progress_line(
+                view.running[job]["progress"]
+            )
+            lines.until(lambda line: line == f"job {job} backup of {name}/etc started")
+
+            agent.report(
+                "job.finished",
+                {
+                    "job_id": job,
+                    "status": "failed",
+                    "exit_code": 1,
+                    "finished_at": stamp(),
+                    "error": "Fatal: disk on fire",
+                },
+            )
+            ended = json.loads(
+                frames.until(lambda line: f'"id": {job},' in line and "ended" in line)
+            )
+            (e,) = [e for e in ended["ended"] if e["id"] == job]
+            assert e["status"] == "failed" and e["host"] == name
+            lines.until(
+                lambda line: line == f"job {job} backup of {name}/etc failed: Fatal: disk on fire"
+            )
+        # Ctrl-C is the way out of a live view: exit 0
+        for proc in (as_json, plain):
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        for proc in (as_json, plain):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
