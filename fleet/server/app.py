@@ -448,7 +448,7 @@ class FleetServer:
                 "unknown, revoked or expired token",
             )
         self.limits.accepted["metrics"] += 1
-        found = await self.state.store.read(metrics.families, utcnow())
+        found = await self.state.store.scan(metrics.families, utcnow())
         body = metrics.render([*found, *self.process.families()])
         response = connection.respond(HTTPStatus.OK, body.decode())
         del response.headers["Content-Type"]  # websockets' Headers adds, never replaces

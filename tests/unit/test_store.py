@@ -933,3 +933,50 @@ def test_migration_10_binds_jobs_snapshots_sizes_and_locks_to_the_hosts_reposito
         assert all(g.repository_id is None for g in m.SourceGroup.select())
     finally:
         database.close()
+
+
+def test_a_long_scan_holds_up_neither_reads_nor_writes(db_path: Path) -> None:
+    """Whole-fleet reads (status, /metrics, the alerts' look) run on a thread
+    and connection of their own: small reads and writes go on beside one, and
+    it cannot write either."""
+    wal = db_path.with_name(db_path.name + "-wal")
+
+    async def main() -> None:
+        store = Store(db_path)
+        await store.open()
+        try:
+            await store.atomic(make_host, "web1")
+            release = threading.Event()
+            entered = threading.Event()
+
+            def long_scan() -> list[str]:
+                entered.set()
+                if not release.wait(10):
+                    raise TimeoutError("never released")
+                return [h.name for h in m.Host.select()]
+
+            scanning = asyncio.ensure_future(store.scan(long_scan))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            ids = {
+                await asyncio.wait_for(store.read(threading.get_ident), 5),
+                await asyncio.wait_for(store.run(threading.get_ident), 5),
+            }
+            assert len(ids) == 2
+            await asyncio.wait_for(store.atomic(make_host, "web2"), 5)
+            assert await asyncio.wait_for(store.read(lambda: m.Host.select().count()), 5) == 2
+            assert not scanning.done()
+            release.set()
+            assert sorted(await scanning) == ["web1", "web2"]  # its first read came after web2
+
+            refused = ""
+            try:
+                await store.scan(make_host, "sneaky")
+            except pw.OperationalError as exc:
+                refused = str(exc)
+            assert "readonly" in refused
+        finally:
+            await store.close()
+        assert not wal.exists()  # all three connections closed
+
+    asyncio.run(main())

@@ -30,16 +30,21 @@ method = collect(METHODS)
         Field("offline_after", "int", False, minimum=0),
         Field("unchecked_after", "int", False, minimum=0),
     ),
-    readonly=True,
 )
-def status_show(ctx: Context, p: dict) -> dict:
+async def status_show(ctx: Context, p: dict) -> dict:
     """The fleet at a glance, with its problems and their worst severity
     (0 ok, 1 warning, 2 critical)."""
+    # a read of the whole fleet: on the store's scan thread, not ahead of
+    # everyone's small reads
     offline_after = min(p.get("offline_after", health.DEFAULT_OFFLINE_AFTER), health.MAX_THRESHOLD)
     unchecked_after = min(
         p.get("unchecked_after", health.DEFAULT_UNCHECKED_AFTER), health.MAX_THRESHOLD
     )
-    progress = dict(ctx.state.bus.progress) if ctx.state.bus else {}
+    progress = dict(ctx.state.bus.progress) if ctx.state.bus else {}  # copied on the loop
+    return await ctx.state.store.scan(status_view, offline_after, unchecked_after, progress)
+
+
+def status_view(offline_after: int, unchecked_after: int, progress: dict) -> dict:
     view = health.build(utcnow(), offline_after, unchecked_after, progress)
     view["alerts_open"] = Alert.select().where(Alert.resolved_at.is_null()).count()
     return view

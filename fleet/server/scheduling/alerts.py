@@ -34,7 +34,7 @@ def key_of(problem: dict[str, Any]) -> str:
 
 def find_problems(now: dt.datetime) -> list[dict[str, Any]]:
     """The fleet's problems now, at the default thresholds (a read of the
-    whole fleet: it runs on the reader thread, not inside a write)."""
+    whole fleet: it runs on the store's scan thread, not inside a write)."""
     return health.build(now, health.DEFAULT_OFFLINE_AFTER, health.DEFAULT_UNCHECKED_AFTER, {})[
         "problems"
     ]
@@ -125,5 +125,5 @@ class AlertSource:
 
     async def run_due(self, now: dt.datetime) -> None:
         self.due, self.last = now + self.every, now
-        found = await self.lifecycle.store.read(find_problems, now)
+        found = await self.lifecycle.store.scan(find_problems, now)
         await self.lifecycle.apply(evaluate, now, found)

@@ -7,7 +7,10 @@ transactions that queue up behind one another commit together. Reads that
 need no transaction (listings, `jobs.show`, a log page) run on a second
 thread with its own read-only connection: under WAL they see the last
 commit and never wait for the writer, so a dispatch does not queue behind
-a page of 500 hosts, nor a listing behind a batch of log lines.
+a page of 500 hosts, nor a listing behind a batch of log lines. Reads of
+the whole fleet's health (`status`, /metrics, the alerts' look: most of a
+second at 10,000 hosts) have a third thread and connection of their own
+(`scan`), so an operator's small reads do not queue behind them either.
 
 Results come back to the loop through one coalesced wake-up: the store
 thread appends finished calls to a deque and calls call_soon_threadsafe
@@ -71,6 +74,57 @@ def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return outcomes
 
 
+class _Reader:
+    """A reading thread with its own query_only connection (peewee keeps one
+    per thread) and its own queue, started on its first call."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.calls: collections.deque[_Call] = collections.deque()
+        self.ready = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, call: Callable[[], Any]) -> asyncio.Future:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        with self.ready:
+            if self.closed or self.store._database is None:
+                raise StoreClosed()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                self.thread.start()
+            self.calls.append(_Call(future, call, False))
+            self.ready.notify()
+        return future
+
+    def _work(self) -> None:
+        database = db.obj
+        database.connect(reuse_if_open=True)
+        try:
+            database.execute_sql("PRAGMA query_only = 1")
+            while True:
+                with self.ready:
+                    while not self.calls and not self.closed:
+                        self.ready.wait()
+                    if not self.calls:
+                        return  # closed and drained
+                    call = self.calls.popleft()
+                if not call.future.cancelled():
+                    self.store._finish(
+                        call, *self.store._outcome(functools.partial(_snapshot, call.call))
+                    )
+        finally:
+            database.close()
+
+    async def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+        if self.thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.thread.join)
+
+
 class StoreClosed(RuntimeError):
     """The store was closed: fleetd is stopping."""
 
@@ -117,10 +171,8 @@ class Store:
         self._ready = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._reads: collections.deque[_Call] = collections.deque()
-        self._reads_ready = threading.Condition()
-        self._reads_closed = False
-        self._reader: threading.Thread | None = None
+        self._reader = _Reader(self, "store-read")
+        self._scanner = _Reader(self, "store-scan")
         # (future, ok, value) of finished calls, delivered to the loop in bulk
         self._done: collections.deque[tuple[asyncio.Future, bool, Any]] = collections.deque()
         self._done_lock = threading.Lock()
@@ -161,38 +213,14 @@ class Store:
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn on the reader thread: it may only read (the connection is
         query_only), and it sees every write whose call has returned."""
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        with self._reads_ready:
-            if self._reads_closed or self._database is None:
-                raise StoreClosed()
-            if self._reader is None:
-                self._reader = threading.Thread(
-                    target=self._read_work, name="store-read", daemon=True
-                )
-                self._reader.start()
-            self._reads.append(_Call(future, functools.partial(fn, *args, **kwargs), False))
-            self._reads_ready.notify()
-        return await future
+        return await self._reader.submit(functools.partial(fn, *args, **kwargs))
+
+    async def scan(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Like read, on a thread of its own: for reads of the whole fleet
+        that take long enough to hold up everyone else's."""
+        return await self._scanner.submit(functools.partial(fn, *args, **kwargs))
 
     # -- the store threads --------------------------------------------------
-
-    def _read_work(self) -> None:
-        database = db.obj
-        # this thread's own connection: peewee keeps one per thread
-        database.connect(reuse_if_open=True)
-        try:
-            database.execute_sql("PRAGMA query_only = 1")
-            while True:
-                with self._reads_ready:
-                    while not self._reads and not self._reads_closed:
-                        self._reads_ready.wait()
-                    if not self._reads:
-                        return  # closed and drained
-                    call = self._reads.popleft()
-                if not call.future.cancelled():
-                    self._finish(call, *self._outcome(functools.partial(_snapshot, call.call)))
-        finally:
-            database.close()
 
     def _work(self) -> None:
         while True:
@@ -257,11 +285,8 @@ class Store:
                 future.set_exception(value)
 
     async def close(self) -> None:
-        with self._reads_ready:  # the reader closes its connection as it ends
-            self._reads_closed = True
-            self._reads_ready.notify()
-        if self._reader is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._reader.join)
+        for reader in (self._reader, self._scanner):  # each closes its connection as it ends
+            await reader.close()
         if self._database is not None:
             await self.run(self._database.close)
             self._database = None
