@@ -151,7 +151,17 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
     def problem(severity: int, kind: str, message: str, **where: Any) -> None:
         problems.append({"severity": SEVERITY[severity], "kind": kind, "message": message, **where})
 
-    hosts = list(Host.select().order_by(Host.name))
+    hosts = list(
+        Host.select(
+            Host.id,
+            Host.name,
+            Host.online,
+            Host.enrolled_at,
+            Host.last_seen_at,
+            Host.agent_version,
+            Host.timezone,
+        ).order_by(Host.name)
+    )
     groups: dict[int, list[SourceGroup]] = defaultdict(list)
     for g in SourceGroup.select().order_by(SourceGroup.name):
         groups[g.host_id].append(g)

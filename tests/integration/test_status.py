@@ -274,6 +274,26 @@ def test_metrics_carry_the_last_success_and_need_a_token(fleetd_factory, fx):
     assert samples[("fleetd_jobs_ended_total", (("status", "succeeded"),))] == 1
     assert abs(samples[("fleetd_start_time_seconds", ())] - time.time()) < 600
 
+    # an overdue group (its last success 3 h ago on an hourly schedule) and an
+    # offline host (the first, its agent gone) are in the next scrape
+    late, late_token = host(own, fx)
+    with connected(own, fx, late_token) as agent:
+        own.rpc("jobs.run", host=late, group="etc")
+        agent.backup(ago=dt.timedelta(hours=3))
+    fx.wait_until(
+        lambda: not own.rpc("hosts.show", host=late)["online"], timeout=10, what="offline"
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scrape(own, own.admin_token)[2])
+        for s in family.samples
+    }
+    assert samples[("fleet_group_overdue", (("group", "etc"), ("host", late)))] == 1
+    assert samples[("fleet_group_overdue", where)] == 0
+    assert samples[("fleet_host_online", (("host", name),))] == 0
+    assert samples[("fleet_host_online", (("host", late),))] == 0
+    assert samples[("fleet_problems", (("kind", "overdue"), ("severity", "critical")))] == 1
+
 
 def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_factory, fx):
     own = fleetd_factory("--alert-interval", "0.2")

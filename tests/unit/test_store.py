@@ -29,6 +29,7 @@ EXPECT = MIGRATIONS[10][1]
 ALERTS = MIGRATIONS[11][1]
 NOTIFIERS = MIGRATIONS[12][1]
 PINGS = MIGRATIONS[13][1]
+LATEST = MIGRATIONS[14][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -83,7 +84,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 15))
+        assert migrate(database) == list(range(1, 16))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -103,10 +104,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (12, ALERTS),
             (13, NOTIFIERS),
             (14, PINGS),
+            (15, LATEST),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 14
+        assert current_version(database) == MIGRATIONS[-1][0] == 15
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -134,6 +136,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (12, ALERTS),
         (13, NOTIFIERS),
         (14, PINGS),
+        (15, LATEST),
     ]
     assert m.Host.select().count() == 0
 

@@ -204,6 +204,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "source_group" ADD COLUMN "ping_error" TEXT',
         ],
     ),
+    (
+        15,
+        "jobs by kind and group or repository: each group's and repository's latest by an index",
+        [
+            'CREATE INDEX "job_kind_group_id_status" ON "job" ("kind", "group_id", "status")',
+            'CREATE INDEX "job_kind_repository_id_status" ON "job" ("kind", "repository_id", "status")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -244,6 +244,10 @@ class Job(Base):
             (("host", "status"), False),
             (("status", "not_before"), False),
             (("host", "agent_job"), True),
+            # the latest job of a kind per group or repository (status,
+            # /metrics, alerts): MAX(id) from the index alone
+            (("kind", "group", "status"), False),
+            (("kind", "repository", "status"), False),
         )
 
 
