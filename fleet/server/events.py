@@ -47,6 +47,7 @@ class JobStarted:
     cancel_requested: bool = False  # a cancel crossed the command on its way
     uid: Optional[str] = None  # set for a job the agent made itself: it knows it by that
     agent_job: Optional[int] = None  # ... and the agent's own id for it
+    kind: str = field(default="", compare=False)  # backup, check, ...
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class JobEnded:
     # other hosts using the host's repository with jobs queued: the end may
     # free the repository for them
     also: tuple[int, ...] = field(default=(), compare=False)
+    kind: str = field(default="", compare=False)  # backup, check, ...
 
 
 @dataclass(frozen=True)

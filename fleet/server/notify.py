@@ -235,8 +235,9 @@ class Pings:
         self.reader: Optional[asyncio.Task] = None
         self.last: dict[int, asyncio.Task] = {}  # per group: its latest ping
         self.tasks: set[asyncio.Task] = set()
-        bus.subscribe(JobStarted, lambda e: self._add((e.job_id, "start")))
-        bus.subscribe(JobEnded, lambda e: self._add((e.job_id, "end")))
+        # only backups ping: other jobs cost no read
+        bus.subscribe(JobStarted, lambda e: e.kind == "backup" and self._add((e.job_id, "start")))
+        bus.subscribe(JobEnded, lambda e: e.kind == "backup" and self._add((e.job_id, "end")))
 
     def _add(self, phase: Phase) -> None:
         if len(self.waiting) + len(self.tasks) >= MAX_PENDING:
@@ -247,14 +248,19 @@ class Pings:
             self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
-        await asyncio.sleep(0)  # the rest of this batch of events first
-        phases, self.waiting, self.reader = self.waiting, [], None
+        """One read per batch, one batch after another: a start read in one
+        batch is chained before the end read in the next."""
         try:
-            found = await self.store.read(self._targets, phases)
+            while self.waiting:
+                await asyncio.sleep(0)  # the rest of this batch of events first
+                phases, self.waiting = self.waiting, []
+                found = await self.store.read(self._targets, phases)
+                for group_id, url, body in found:
+                    self._chain(group_id, self._send(group_id, url, body, self.last.get(group_id)))
         except StoreClosed:
-            return
-        for group_id, url, body in found:
-            self._chain(group_id, self._send(group_id, url, body, self.last.get(group_id)))
+            self.waiting = []
+        finally:
+            self.reader = None
 
     def _targets(self, phases: list[Phase]) -> list[tuple[int, str, str]]:
         """(group, URL, body) of each phase of a backup whose group pings."""

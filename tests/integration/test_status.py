@@ -281,7 +281,7 @@ def test_metrics_carry_the_last_success_and_need_a_token(fleetd_factory, fx):
         own.rpc("jobs.run", host=late, group="etc")
         agent.backup(ago=dt.timedelta(hours=3))
     fx.wait_until(
-        lambda: not own.rpc("hosts.show", host=late)["online"], timeout=10, what="offline"
+        lambda: own.rpc("hosts.show", host=late)["status"] == "offline", timeout=10, what="offline"
     )
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -170,14 +170,14 @@ def start(events: Events, host_id: int, job_id: int, started_at: dt.datetime) ->
     started = list(
         Job.update(status=RUNNING, started_at=started_at)
         .where((Job.id == job_id) & (Job.host == host_id) & Job.status.in_((QUEUED, DISPATCHED)))
-        .returning(Job.cancel_requested_at, Job.uid, Job.agent_job)
+        .returning(Job.cancel_requested_at, Job.uid, Job.agent_job, Job.kind)
         .execute()
     )
     if started:
         row = started[0]
         uid = row.uid if row.agent_job is not None else None
         asked = row.cancel_requested_at is not None
-        events.append(JobStarted(job_id, host_id, asked, uid, row.agent_job))
+        events.append(JobStarted(job_id, host_id, asked, uid, row.agent_job, row.kind))
     return bool(started)
 
 
@@ -226,7 +226,7 @@ def end(
             error or "no error given",
         )
     waiting = hot.sharing_hosts_waiting(host_id, job_id)
-    events.append(JobEnded(job_id, host_id, status, tuple(waiting)))
+    events.append(JobEnded(job_id, host_id, status, tuple(waiting), kind))
     if status in ("succeeded", "warning") and kind in ("backup", "copy"):
         job = Job.get_by_id(job_id)  # only what may be followed by a copy, or end one
         copy_after(events, job, summary)
