@@ -539,6 +539,55 @@ class Lines:
                 return line
 
 
+class Terminal:
+    """fleetctl status --watch on a pseudo-terminal: what it drew so far."""
+
+    def __init__(self, fx, fleet):
+        import os
+        import subprocess
+        import threading
+
+        master, slave = os.openpty()
+        env = fx.clean_env(
+            FLEET_SERVER=fleet.url,
+            FLEET_TOKEN=fleet.admin_token,
+            XDG_CONFIG_HOME=str(fleet.config_dir),
+            COLUMNS="200",
+            LINES="50",
+            TERM="xterm",
+        )
+        self.proc = subprocess.Popen(
+            [str(fx.REPO_ROOT / "fleetctl"), "status", "--watch"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=fx.REPO_ROOT,
+        )
+        os.close(slave)
+        self.text = ""
+        self.changed = threading.Condition()
+
+        def read():
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the process ended: EIO
+                    chunk = b""
+                if not chunk:
+                    os.close(master)
+                    return
+                with self.changed:
+                    self.text += chunk.decode(errors="replace")
+                    self.changed.notify_all()
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def until(self, match, timeout=20):
+        with self.changed:
+            assert self.changed.wait_for(lambda: match(self.text), timeout), self.text[-3000:]
+
+
 def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factory, fx):
     import signal
 
@@ -548,6 +597,7 @@ def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factor
     as_json = fx.run_fleetctl_proc("status", "--watch", "--json", **kw)
     plain = fx.run_fleetctl_proc("status", "--watch", **kw)
     frames, lines = Lines(as_json), Lines(plain)
+    screen = Terminal(fx, own)  # and on a terminal: the live table
     try:
         with connected(own, fx, token) as agent:
             first = json.loads(frames.until(lambda line: '"snapshot"' in line))
@@ -580,6 +630,7 @@ def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factor
                 return r is not None and (r["progress"] or {}).get("percent_done") == 0.5
 
             frames.until(shows_progress)
+            screen.until(lambda text: "1 job(s) running" in text and "50% 500 B/1000 B" in text)
             assert data["job_id"] == job and view.running[job]["status"] == "running"
             assert "50% 500 B/1000 B, 5/10 files, ETA 3 s" in progress_line(
                 view.running[job]["progress"]
@@ -604,12 +655,20 @@ def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factor
             lines.until(
                 lambda line: line == f"job {job} backup of {name}/etc failed: Fatal: disk on fire"
             )
+            # redrawn after the end: no job running, the job among those that ended
+            screen.until(
+                lambda text: (
+                    "recently ended"
+                    in text[text.rfind("1 job(s) running") :].split("0 job(s) running", 1)[-1]
+                    and text.rfind("0 job(s) running") > text.rfind("1 job(s) running")
+                )
+            )
         # Ctrl-C is the way out of a live view: exit 0
-        for proc in (as_json, plain):
+        for proc in (as_json, plain, screen.proc):
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=20) == 0, proc.stderr.read()
+            assert proc.wait(timeout=20) == 0, screen.text
     finally:
-        for proc in (as_json, plain):
+        for proc in (as_json, plain, screen.proc):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
