@@ -3,8 +3,8 @@ restic command builder, runner coroutine).
 
 A command.run is checked against its kind's schema and its restic command
 built before the job starts, so a bad one is refused (code `bad_params`)
-instead of failing half-way. A kind missing from the table (`restore`, for
-now) is refused with code `unknown_kind`.
+instead of failing half-way. A kind missing from the table is refused with
+code `unknown_kind`.
 """
 
 from __future__ import annotations
@@ -240,6 +240,30 @@ async def after_repository_change(job: Job, outcome: Outcome) -> None:
         job.refresh()
 
 
+async def run_restore(job: Job) -> Outcome:
+    """restic restore; an include path that restored nothing (a typo, or a
+    file the snapshot lacks) turns a success into a warning that names it:
+    restic itself says nothing of it."""
+    p = job.params
+    where = "in place" if p["target"] == "/" else f"into {p['target']}"
+    await job.log.note(f"restoring snapshot {p['snapshot'][:8]} {where}")
+    result = await job.restic(job.command)
+    if result.status != "succeeded":
+        return Outcome(result.status, result.exit_code, result.error)
+    missing = [
+        path
+        for path in p.get("includes") or ()
+        if path.startswith("/")
+        and not any(c in path for c in "*?[")
+        and not os.path.lexists(os.path.join(p["target"], path.lstrip("/")))
+    ]
+    if missing:
+        error = "nothing restored for: " + ", ".join(missing)
+        await job.log.note(error)
+        return Outcome("warning", result.exit_code, error)
+    return Outcome("succeeded", result.exit_code)
+
+
 # -- the table -------------------------------------------------------------------
 
 _HOOK = MAX_STR
@@ -295,5 +319,23 @@ KINDS: dict[str, Kind] = {
     ),
     "unlock": Kind((), lambda p, w: commands.unlock(), run_restic, locks_after=True),
     "snapshots": Kind((), lambda p, w: commands.snapshots(hosts=w.hosts), run_restic),
+    # one snapshot by id, of this host or another using the repository
+    "restore": Kind(
+        (
+            _req("snapshot", "str", limit=64),
+            _req("target", "str", limit=4096),
+            _opt("includes", "list[str]", limit=1000),
+            _opt("excludes", "list[str]", limit=1000),
+            _opt("verify", "bool"),
+        ),
+        lambda p, w: commands.restore(
+            p["snapshot"],
+            p["target"],
+            p.get("includes") or (),
+            p.get("excludes") or (),
+            bool(p.get("verify")),
+        ),
+        run_restore,
+    ),
     "stats": Kind((), lambda p, w: commands.stats(), run_restic),
 }

@@ -283,6 +283,10 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("from_repository_id", "int"),
             # copy: these snapshots (none: every one of the group the copy lacks)
             _opt("snapshots", "list[str]", limit=MAX_COPY_SNAPSHOTS),
+            # restore: one snapshot by id, where to, read back and checked
+            _opt("snapshot", "str", limit=64),
+            _opt("target", "str", limit=4096),
+            _opt("verify", "bool"),
         ),
     ),
     "command.result": MessageSpec(

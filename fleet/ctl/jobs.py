@@ -169,12 +169,19 @@ def follow_options(fn: Any) -> Any:
 
 
 def start_job(
-    app: App, what: str, follow: bool, strict: bool, as_json: bool, **params: Any
+    app: App,
+    what: str,
+    follow: bool,
+    strict: bool,
+    as_json: bool,
+    method: str = "jobs.run",
+    **params: Any,
 ) -> None:
-    """Queue a job (jobs.run with params), say so, and follow it when asked."""
+    """Queue a job (`method`, jobs.run by default, with params), say so,
+    and follow it when asked."""
     if strict and not follow:
         raise click.UsageError("--strict goes with --follow")
-    job = app.call("jobs.run", **params)
+    job = app.call(method, **params)
     if as_json and not follow:
         render.emit_json(job)
         return
@@ -291,6 +298,14 @@ def jobs_show(app: App, job_id: int, as_json: bool) -> None:
         pairs.append(("scheduled for", c(fire)))
     if j.get("coalesced"):
         pairs.append(("also covers", c(", ".join(j["coalesced"]) + " (fires while it waited)")))
+    if j.get("restore"):
+        r = j["restore"]
+        what = f"snapshot {r['snapshot'][:8]} of {r['from_host']} into {r['target']}"
+        if r.get("includes"):
+            what += f", only {', '.join(r['includes'])}"
+        if r.get("excludes"):
+            what += f", not {', '.join(r['excludes'])}"
+        pairs.append(("restores", c(what + (" (verified)" if r.get("verify") else ""))))
     pairs += [
         ("created", c(j["created_at"])),
         ("started", c(j["started_at"])),

@@ -19,6 +19,7 @@ from . import (
     notify,
     repo,
     repos,
+    restore,
     schedules,
     session,
     status,
@@ -70,6 +71,7 @@ cli.add_command(maintenance.maintenance)
 cli.add_command(jobs.run)
 cli.add_command(jobs.jobs)
 cli.add_command(jobs.snapshots)
+cli.add_command(restore.restore)
 cli.add_command(groups.groups)
 cli.add_command(schedules.schedules)
 cli.add_command(users.users)

@@ -174,11 +174,11 @@ def test_error_is_logged(agent, caplog):
     assert any("nope (bad_frame)" in r.getMessage() for r in caplog.records)
 
 
-def test_restore_is_refused_as_an_unknown_kind(agent):
+def test_a_restore_without_its_snapshot_is_refused(agent):
     agent.state.save_repo(RepoConfig("/r", "pw"))
     deliver(agent, "command.run", {"job_id": 3, "kind": "restore"})
     (sent,) = agent.ws.sent
-    assert sent["data"]["accepted"] is False and sent["data"]["code"] == "unknown_kind"
+    assert sent["data"]["accepted"] is False and sent["data"]["code"] == "bad_params"
     assert agent.runner.current is None
 
 
@@ -196,6 +196,7 @@ def test_the_kinds():
         "copy",
         "snapshots",
         "stats",
+        "restore",
     }
     assert set(kinds.KINDS) <= set(protocol.JOB_KINDS)
     for kind in kinds.KINDS.values():
@@ -209,8 +210,41 @@ def refusal(command: dict) -> Refused:
 
 
 def test_unknown_kind():
-    assert refusal({"kind": "restore"}).code == "unknown_kind"
     assert refusal({"kind": "dance"}).code == "unknown_kind"
+    assert refusal({"kind": 7}).code == "unknown_kind"
+
+
+def test_restore_params_and_command():
+    snap = "4f2a9c1e" * 8
+    _, params, argv = kinds.prepare(
+        {
+            "job_id": 1,
+            "kind": "restore",
+            "snapshot": snap,
+            "target": "/srv/r",
+            "includes": ["/etc/nginx"],
+            "excludes": ["*.log"],
+            "verify": True,
+        }
+    )
+    assert argv == (
+        "restic",
+        "restore",
+        "--target",
+        "/srv/r",
+        "--include",
+        "/etc/nginx",
+        "--exclude",
+        "*.log",
+        "--verify",
+        "--",
+        snap,
+    )
+    assert argv == commands.restore(snap, "/srv/r", ["/etc/nginx"], ["*.log"], True)
+    _, _, plain = kinds.prepare(
+        {"job_id": 1, "kind": "restore", "snapshot": snap[:8], "target": "/"}
+    )
+    assert plain == ("restic", "restore", "--target", "/", "--", snap[:8])
 
 
 @pytest.mark.parametrize(
@@ -231,6 +265,12 @@ def test_unknown_kind():
         {"kind": "check", "read_data_subset": "lots"},
         {"kind": "check", "read_data_subset": 5},
         {"kind": "check", "args": ["--verbose"]},
+        {"kind": "restore", "target": "/srv"},
+        {"kind": "restore", "snapshot": "4f2a9c1e"},
+        {"kind": "restore", "snapshot": "latest", "target": "/srv"},
+        {"kind": "restore", "snapshot": "--help", "target": "/srv"},
+        {"kind": "restore", "snapshot": "4f2a9c1e", "target": "relative"},
+        {"kind": "restore", "snapshot": "4f2a9c1e", "target": "/srv", "includes": "/etc"},
     ],
 )
 def test_bad_params_are_refused(command):

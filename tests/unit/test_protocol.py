@@ -123,6 +123,9 @@ WIRE_FIELDS = {
             "repository_id",
             "from_repository_id",
             "snapshots",
+            "snapshot",
+            "target",
+            "verify",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -328,6 +331,9 @@ EXAMPLES = {
             "repository_id": 4,
             "from_repository_id": 5,
             "snapshots": ["4f2a9c1e"],
+            "snapshot": "4f2a9c1e",
+            "target": "/srv/restored",
+            "verify": True,
         },
         "r42",
         None,
@@ -336,7 +342,8 @@ EXAMPLES = {
         '"retention":{"keep_last":3},"pre_hook":"sync","post_hook":"true",'
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
         '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
-        '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"]}}',
+        '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"],'
+        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},

@@ -90,13 +90,40 @@ def copy(snapshots: Sequence[str] = (), tag: str = "", hosts: Sequence[str] = ()
     of these hosts with this tag that the destination lacks (restic skips
     those copied before)."""
     if snapshots:
-        for snapshot in snapshots:
-            if not _SNAPSHOT_ID.match(snapshot):
-                raise ValueError(f"{snapshot!r} is not a snapshot id")
-        return (RESTIC, "copy", "--", *snapshots)
+        return (RESTIC, "copy", "--", *(snapshot_id(s) for s in snapshots))
     if not tag:
         raise ValueError("a copy names a snapshot or a group")
     return (RESTIC, "copy", "--tag", tag, *_hosts(hosts))
+
+
+def snapshot_id(value: str) -> str:
+    """A snapshot's id (8 to 64 hex digits); raises ValueError."""
+    if not _SNAPSHOT_ID.match(value):
+        raise ValueError(f"{value!r} is not a snapshot id")
+    return value
+
+
+def restore(
+    snapshot: str,
+    target: str,
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    verify: bool = False,
+) -> Command:
+    """restic restore of one snapshot (by id: what is restored is decided
+    by fleetd, never "latest" at run time) into `target`, only what the
+    include patterns match (none: everything), and with --verify the
+    restored files read back and checked against the snapshot."""
+    if not target.startswith("/"):
+        raise ValueError(f"restore target {target!r} is not an absolute path")
+    args = [RESTIC, "restore", "--target", target]
+    for pattern in includes:
+        args += ["--include", pattern]
+    for pattern in excludes:
+        args += ["--exclude", pattern]
+    if verify:
+        args.append("--verify")
+    return (*args, "--", snapshot_id(snapshot))
 
 
 def prune() -> Command:

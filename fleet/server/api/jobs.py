@@ -101,6 +101,8 @@ def jobs_run(ctx: Context, p: dict) -> dict:
         raise NotFound(f"no host named {p['host']!r}")
     host = Host(id=found[0], name=found[1])
     kind = p.get("kind") or "backup"
+    if kind == "restore":
+        raise Invalid("a restore names a snapshot and a target: use restore.run (fleetctl restore)")
     group = None
     params: dict[str, Any] = {}
     repository = source = None

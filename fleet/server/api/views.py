@@ -257,6 +257,21 @@ def job_json(job: Job) -> dict:
         "summary": job.summary,
         "error": job.error,
         **fire_json(job),
+        **restore_json(job),
+    }
+
+
+def restore_json(job: Job) -> dict:
+    """A restore's snapshot, whose it is, where to and what of it (nothing
+    for other kinds)."""
+    if job.kind != "restore":
+        return {}
+    params = job.params or {}
+    return {
+        "restore": {
+            k: params.get(k)
+            for k in ("snapshot", "from_host", "target", "includes", "excludes", "verify")
+        }
     }
 
 

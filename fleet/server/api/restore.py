@@ -1,0 +1,162 @@
+"""Restore: a snapshot's files back, into a directory of its own host, in
+place, or onto another host that uses the same repository (a dead
+server's data onto its replacement). A restore is a job like a backup:
+queued, dispatched, followed live, in the audit log."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any, Optional
+
+from ...common.protocol import Field
+from ..jobs import lifecycle
+from ..security.auth import Role
+from ..store.models import Host, HostRepository, Repository, Snapshot
+from ..store.queries import hot
+from .common import audit, get_host
+from .context import Context
+from .errors import Conflict, Invalid, NotFound
+from .jobs import job_view
+from .registry import Method, collect
+
+METHODS: list[Method] = []
+method = collect(METHODS)
+
+_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
+
+
+def find_snapshot(
+    host: Host, wanted: str, group: Optional[str] = None, repository: Optional[str] = None
+) -> Snapshot:
+    """One of the host's snapshots as fleetd knows them: by id or a prefix
+    of it (4 hex digits or more, one snapshot only), or the newest
+    ("latest"), of one group (its tag) or repository when named."""
+    query = Snapshot.select().where(Snapshot.host == host)
+    if repository:
+        repo = Repository.get_or_none(Repository.name == repository)
+        if repo is None:
+            raise NotFound(f"no repository named {repository!r}")
+        query = query.where(Snapshot.repository == repo)
+    if wanted != "latest":
+        if not _PREFIX.match(wanted):
+            raise Invalid(f"{wanted!r} is not a snapshot id (hex digits) or 'latest'")
+        query = query.where(Snapshot.snapshot_id.startswith(wanted))
+    found = [s for s in query.order_by(Snapshot.time.desc()) if not group or group in s.tags]
+    what = f"snapshot {wanted}" if wanted != "latest" else "snapshot"
+    if group:
+        what += f" of group {group}"
+    if not found:
+        raise NotFound(
+            f"host {host.name} has no {what} that fleetd knows of "
+            f"('fleetctl snapshots {host.name}' lists them)"
+        )
+    if wanted != "latest" and len({s.snapshot_id for s in found}) > 1:
+        raise Invalid(
+            f"{wanted!r} names {len(found)} snapshots of host {host.name}: give more of the id"
+        )
+    return found[0]
+
+
+def check_target(target: str, in_place: bool) -> str:
+    """An absolute directory; / (restoring in place, over the live files)
+    only when asked for as such."""
+    if not target.startswith("/") or "\x00" in target:
+        raise Invalid(f"restore target {target!r} is not an absolute path")
+    target = posixpath.normpath(target)
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")
+    if target == "/" and not in_place:
+        raise Invalid(
+            "restoring into / writes over the host's live files: "
+            "say so with in_place (fleetctl restore --target / asks first)"
+        )
+    return target
+
+
+def check_patterns(kind: str, patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not pattern.strip():
+            raise Invalid(f"an {kind} pattern is empty")
+    return list(dict.fromkeys(patterns))
+
+
+@method(
+    "restore.run",
+    Role.OPERATOR,
+    (
+        Field("host", "str", limit=64),
+        Field("snapshot", "str", limit=64),
+        Field("target", "str", limit=4096),
+        Field("includes", "list[str]", False, limit=1000),
+        Field("excludes", "list[str]", False, limit=1000),
+        Field("to_host", "str", False, limit=64),
+        Field("group", "str", False, limit=64),
+        Field("repository", "str", False, limit=64),
+        Field("verify", "bool", False),
+        Field("in_place", "bool", False),
+    ),
+)
+def restore_run(ctx: Context, p: dict) -> dict:
+    """Restore one of HOST's snapshots (an id, a prefix of one, or latest)
+    into a directory, on HOST or on another host using the repository that
+    holds it; only what the include patterns match when given."""
+    host = get_host(p["host"])
+    onto = get_host(p["to_host"]) if p.get("to_host") else host
+    snap = find_snapshot(host, p["snapshot"], p.get("group"), p.get("repository"))
+    target = check_target(p["target"], bool(p.get("in_place")))
+    if p.get("includes") and p.get("excludes"):
+        raise Invalid("give --include or --exclude, not both (restic restore takes one kind)")
+    if snap.repository_id is None:
+        raise Conflict(
+            f"fleetd does not know which repository holds snapshot {snap.short_id}; "
+            f"refresh the list with 'fleetctl run {host.name} --kind snapshots'"
+        )
+    repo = snap.repository
+    uses = HostRepository.get_or_none(
+        (HostRepository.host == onto) & (HostRepository.repository == repo)
+    )
+    if uses is None:
+        raise Conflict(
+            f"host {onto.name} does not use repository {repo.name}, which holds snapshot "
+            f"{snap.short_id}: attach it first (fleetctl repos attach {repo.name} {onto.name})"
+        )
+    params: dict[str, Any] = {
+        "snapshot": snap.snapshot_id,
+        "target": target,
+        "includes": check_patterns("include", p.get("includes") or []),
+        "excludes": check_patterns("exclude", p.get("excludes") or []),
+        "verify": bool(p.get("verify")),
+        "from_host": host.name,  # whose snapshot (shown; the agent reads it by id)
+    }
+    job = lifecycle.create(
+        ctx.events, onto.id, "restore", "user", ctx.caller.user_id, None, params, repository=repo.id
+    )
+    audit(
+        ctx,
+        "restore.run",
+        onto.name,
+        {
+            "job": job.id,
+            "snapshot": snap.snapshot_id,
+            "from_host": host.name,
+            "target": target,
+            "includes": params["includes"],
+        },
+    )
+    agents = ctx.state.agents
+    if agents is not None:  # a ready host gets it at once, as jobs.run does
+        claimed = agents.dispatcher.claim_now(ctx.events, onto.id)
+        if claimed is not None and claimed.id == job.id:
+            job.status = claimed.status
+    queued_behind = hot.active_jobs(onto.id, job.id, lifecycle.ACTIVE)
+    job.host = onto
+    job.repository = repo
+    return {
+        **job_view(job, ctx),
+        "queued_behind": queued_behind,
+        "snapshot": snap.snapshot_id,
+        "snapshot_time": snap.time.isoformat(timespec="seconds") + "Z",
+        "from_host": host.name,
+        "target": target,
+    }
