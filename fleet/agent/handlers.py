@@ -88,6 +88,14 @@ async def on_schedule_set(agent: Agent, frame: Envelope) -> None:
     await agent.emit_now("schedule.ack", {"version": version, "applied_at": now_iso()})
 
 
+async def on_query_run(agent: Agent, frame: Envelope) -> None:
+    await agent.queries.submit(dict(frame.data))
+
+
+async def on_query_cancel(agent: Agent, frame: Envelope) -> None:
+    agent.queries.cancel(frame.data["query_id"])
+
+
 async def on_error(agent: Agent, frame: Envelope) -> None:
     log.warning("fleetd: %s (%s)", frame.data["message"], frame.data["code"])
 
@@ -98,6 +106,8 @@ HANDLERS: dict[str, Handler] = {
     "command.run": on_command_run,
     "command.cancel": on_command_cancel,
     "schedule.set": on_schedule_set,
+    "query.run": on_query_run,
+    "query.cancel": on_query_cancel,
     "error": on_error,
 }
 

@@ -33,6 +33,7 @@ from ..common.timefmt import now_iso
 from .enroll import FatalError, tls_context
 from .handlers import dispatch
 from .kinds import Where
+from .queries import Queries
 from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
 from .spool import DEFAULT_MAX_BYTES, Spool
@@ -184,6 +185,7 @@ class Agent:
         self.runner = JobRunner(
             state, self, restic, cancel_grace, refresh_delay, Where(identity.host_name, also)
         )
+        self.queries = Queries(self.runner, self.emit_now)  # browsing, beside the jobs
         self.ws: Optional[ClientConnection] = None
         self.window_frames = window_frames
         self.window_bytes = window_bytes
@@ -301,7 +303,7 @@ class Agent:
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
             "schedule_version": self.scheduler.version,
-            "features": ["repositories"],
+            "features": ["repositories", "queries"],
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current

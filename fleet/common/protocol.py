@@ -169,6 +169,35 @@ SNAPSHOT = (
 )
 
 
+# Browsing a repository (ls, find, diff): queries beside the jobs, answered
+# in pages of at most QUERY_PAGE items; each kind's items as fleetd checks them
+QUERY_KINDS = ("ls", "find", "diff")
+QUERY_PAGE = 500
+QUERY_CODES = ("busy", "unknown_kind", "bad_params", "no_repo", "failed")
+LS_ENTRY = (
+    F("self", "bool"),  # the listed path's own node (a file listed is itself)
+    F("name", "str", limit=MAX_STR),
+    F("type", "str", limit=16),
+    _opt("size", "int", minimum=0),
+    _opt("mode", "str", limit=16),
+    _opt("mtime", _TS),
+    _opt("uid", "int", minimum=0),
+    _opt("gid", "int", minimum=0),
+)
+FIND_MATCH = (F("snapshot", "str", limit=64), F("path", "str", limit=MAX_STR))
+DIFF_ITEM = (
+    _opt("path", "str", limit=MAX_STR),
+    _opt("change", "str", limit=16),
+    _opt("statistics", "dict"),
+)
+QUERY_ITEMS = {"ls": LS_ENTRY, "find": FIND_MATCH, "diff": DIFF_ITEM}
+# what query.result's items may hold: every kind's fields, none required
+# (fleetd then checks each item against its query's kind)
+_ANY_ITEM = tuple(
+    {f.name: f._replace(required=False) for spec in QUERY_ITEMS.values() for f in spec}.values()
+)
+
+
 class MessageSpec(NamedTuple):
     direction: str  # "agent" (agent -> fleetd), "server" (fleetd -> agent), "both"
     fields: tuple[Field, ...]
@@ -383,6 +412,32 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("repository_id", "int"),
         ),
     ),
+    "query.run": MessageSpec(
+        "server",
+        (
+            F("query_id", "int", minimum=1),
+            F("kind", "str", choices=QUERY_KINDS),
+            _opt("repository_id", "int"),
+            _opt("snapshot", "str", limit=64),  # ls; diff's first
+            _opt("snapshot2", "str", limit=64),  # diff's second
+            _opt("path", "str", limit=MAX_STR),  # ls: the directory
+            _opt("patterns", "list[str]", limit=16),  # find
+            _opt("hosts", "list[str]", limit=100),  # find: whose snapshots
+            _opt("tag", "str", limit=64),  # find: one group's
+        ),
+    ),
+    "query.result": MessageSpec(
+        "agent",
+        (
+            F("query_id", "int", minimum=1),
+            # the kind's items (QUERY_ITEMS), checked by fleetd per kind
+            F("items", "list[dict]", limit=QUERY_PAGE, item=_ANY_ITEM),
+            F("done", "bool"),
+            _opt("error", "str", limit=MAX_STR),
+            _opt("code", "str", choices=QUERY_CODES),
+        ),
+    ),
+    "query.cancel": MessageSpec("server", (F("query_id", "int", minimum=1),)),
     "repo.locks": MessageSpec(
         "agent", (F("count", "int", minimum=0), _opt("repository_id", "int"))
     ),

@@ -12,6 +12,7 @@ from ..common.exitcodes import Exit
 from . import (
     alerts,
     audit,
+    browse,
     groups,
     hosts,
     jobs,
@@ -72,6 +73,9 @@ cli.add_command(jobs.run)
 cli.add_command(jobs.jobs)
 cli.add_command(jobs.snapshots)
 cli.add_command(restore.restore)
+cli.add_command(browse.ls)
+cli.add_command(browse.find)
+cli.add_command(browse.diff)
 cli.add_command(groups.groups)
 cli.add_command(schedules.schedules)
 cli.add_command(users.users)

@@ -72,6 +72,8 @@ def test_the_table_covers_what_fleetd_sends_a_session():
         "command.run",
         "command.cancel",
         "schedule.set",
+        "query.run",
+        "query.cancel",
         "error",
     }
     for type_ in handlers.HANDLERS:

@@ -60,6 +60,9 @@ ALL_TYPES = {
     "snapshots.report",
     "repo.stats",
     "repo.locks",
+    "query.run",
+    "query.result",
+    "query.cancel",
     "ack",
     "error",
 }
@@ -163,6 +166,13 @@ WIRE_FIELDS = {
         ("file_count", "raw_size_bytes", "lock_state", "measured_at", "repository_id"),
     ),
     "repo.locks": ("agent", ("count",), ("repository_id",)),
+    "query.run": (
+        "server",
+        ("query_id", "kind"),
+        ("repository_id", "snapshot", "snapshot2", "path", "patterns", "hosts", "tag"),
+    ),
+    "query.result": ("agent", ("query_id", "items", "done"), ("error", "code")),
+    "query.cancel": ("server", ("query_id",), ()),
     "ack": ("server", ("seq",), ()),
     "error": ("both", ("code", "message"), ("re",)),
 }
@@ -486,6 +496,37 @@ EXAMPLES = {
         None,
         9,
         '{"v":1,"type":"repo.locks","seq":9,"data":{"count":1,"repository_id":4}}',
+    ),
+    "query.run": (
+        {
+            "query_id": 3,
+            "kind": "ls",
+            "repository_id": 4,
+            "snapshot": "4f2a9c1e",
+            "snapshot2": "5e3b8d2f",
+            "path": "/etc",
+            "patterns": ["*.conf"],
+            "hosts": ["web-01"],
+            "tag": "etc",
+        },
+        None,
+        None,
+        '{"v":1,"type":"query.run","data":{"query_id":3,"kind":"ls","repository_id":4,'
+        '"snapshot":"4f2a9c1e","snapshot2":"5e3b8d2f","path":"/etc","patterns":["*.conf"],'
+        '"hosts":["web-01"],"tag":"etc"}}',
+    ),
+    "query.result": (
+        {"query_id": 3, "items": [{"name": "hosts"}], "done": True, "error": "x", "code": "failed"},
+        None,
+        None,
+        '{"v":1,"type":"query.result","data":{"query_id":3,"items":[{"name":"hosts"}],'
+        '"done":true,"error":"x","code":"failed"}}',
+    ),
+    "query.cancel": (
+        {"query_id": 3},
+        None,
+        None,
+        '{"v":1,"type":"query.cancel","data":{"query_id":3}}',
     ),
     "ack": (
         {"seq": 6},

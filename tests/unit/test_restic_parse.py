@@ -152,3 +152,127 @@ def test_copy_names_snapshots_or_selects_the_groups():
             commands.copy(bad)
     with pytest.raises(ValueError, match="names a snapshot or a group"):
         commands.copy()
+
+
+# -- browsing: ls, find, diff (0.14 as Debian ships it; 0.17's extra fields) ----
+
+LS_014 = [
+    '{"time":"2026-12-03T13:45:07.18194973Z","tree":"71f2","paths":["/srv"],"hostname":"vm",'
+    '"username":"root","id":"8501f70d9495","short_id":"8501f70d","struct_type":"snapshot"}',
+    '{"name":"a","type":"dir","path":"/srv/a","uid":0,"gid":0,"mode":2147484141,'
+    '"permissions":"drwxr-xr-x","mtime":"2026-12-03T13:45:03.80663851Z",'
+    '"atime":"2026-12-03T13:45:03.80663851Z","ctime":"2026-12-03T13:45:03.80663851Z",'
+    '"struct_type":"node"}',
+    '{"name":"x.txt","type":"file","path":"/srv/a/x.txt","uid":1000,"gid":100,"size":3,'
+    '"mode":420,"permissions":"-rw-r--r--","mtime":"2026-12-03T14:45:03.8+01:00",'
+    '"struct_type":"node"}',
+    '{"name":"link","type":"symlink","path":"/srv/a/link","uid":0,"gid":0,"mode":134218239,'
+    '"permissions":"Lrwxrwxrwx","mtime":"2026-12-03T14:00:42.906832308Z","struct_type":"node"}',
+]
+# restic 0.17 adds message_type, inode and more; the parser takes what it knows
+LS_017_NODE = (
+    '{"name":"x.txt","type":"file","path":"/srv/a/x.txt","uid":0,"gid":0,"size":3,'
+    '"mode":420,"permissions":"-rw-r--r--","mtime":"2026-12-03T13:45:03.8Z",'
+    '"inode":1234,"message_type":"node","struct_type":"node"}'
+)
+
+
+def test_ls_lines_become_entries_of_the_directory() -> None:
+    got = [parse.ls_node(line, "/srv/a") for line in LS_014]
+    assert got[0] is None  # the snapshot line
+    assert got[1] == {
+        "self": True,
+        "name": "a",
+        "type": "dir",
+        "size": None,
+        "mode": "drwxr-xr-x",
+        "mtime": "2026-12-03T13:45:03Z",
+        "uid": 0,
+        "gid": 0,
+    }
+    assert got[2]["self"] is False and got[2]["size"] == 3
+    assert got[2]["mtime"] == "2026-12-03T13:45:03Z"  # +01:00 converted
+    assert (got[2]["uid"], got[2]["gid"]) == (1000, 100)
+    assert got[3]["type"] == "symlink" and got[3]["size"] is None
+    assert parse.ls_node(LS_017_NODE, "/srv/a")["size"] == 3
+    assert parse.ls_node("not json", "/srv") is None
+    assert parse.ls_node('{"name": 3, "path": "/x"}', "/") is None
+    assert parse.ls_node('{"name":"w","type":"whiteout","path":"/w"}', "/")["type"] == "other"
+
+
+def test_find_text_gives_each_match_with_its_snapshot() -> None:
+    state = parse.FindState()
+    text = (
+        "Found matching entries in snapshot e29a45b8 from 2026-12-03 14:00:42\n"
+        "/tmp/src/a/b/y.txt\n"
+        "/tmp/src/a/x.txt\n"
+        "\n"
+        "Found matching entries in snapshot 8501f70d from 2026-12-03 13:45:07\n"
+        "/tmp/src/c/z.txt\n"
+    )
+    got = [m for m in (state.line(line) for line in text.splitlines()) if m]
+    assert got == [
+        {"snapshot": "e29a45b8", "path": "/tmp/src/a/b/y.txt"},
+        {"snapshot": "e29a45b8", "path": "/tmp/src/a/x.txt"},
+        {"snapshot": "8501f70d", "path": "/tmp/src/c/z.txt"},
+    ]
+    assert parse.FindState().line("/before/any/header") is None
+
+
+def test_diff_lines_give_changes_and_statistics() -> None:
+    assert parse.diff_line('{"message_type":"change","path":"/srv/a/x.txt","modifier":"M"}') == {
+        "path": "/srv/a/x.txt",
+        "change": "modified",
+    }
+    assert parse.diff_line('{"message_type":"change","path":"/n","modifier":"+"}')["change"] == (
+        "added"
+    )
+    assert parse.diff_line('{"message_type":"change","path":"/n","modifier":"-"}')["change"] == (
+        "removed"
+    )
+    stats = parse.diff_line(
+        '{"message_type":"statistics","source_snapshot":"8501f70d","target_snapshot":"e29a45b8",'
+        '"changed_files":1,"added":{"files":0,"dirs":0,"others":1,"data_blobs":1,'
+        '"tree_blobs":6,"bytes":2749},"removed":{"files":1,"dirs":0,"others":0,'
+        '"data_blobs":2,"tree_blobs":6,"bytes":2778}}'
+    )
+    assert stats == {
+        "statistics": {
+            "changed_files": 1,
+            "added": {"files": 0, "dirs": 0, "others": 1, "bytes": 2749},
+            "removed": {"files": 1, "dirs": 0, "others": 0, "bytes": 2778},
+        }
+    }
+    assert parse.diff_line("comparing snapshot a to b:") is None
+
+
+def test_browse_commands_take_no_lock_and_check_their_input() -> None:
+    assert commands.ls("8501f70d", "/srv") == (
+        "restic",
+        "ls",
+        "--json",
+        "--no-lock",
+        "--",
+        "8501f70d",
+        "/srv",
+    )
+    assert commands.find(["*.conf"], ("web-01",), "etc") == (
+        "restic",
+        "find",
+        "--no-lock",
+        "--host",
+        "web-01",
+        "--tag",
+        "etc",
+        "--",
+        "*.conf",
+    )
+    assert commands.diff("8501f70d", "e29a45b8")[-3:] == ("--", "8501f70d", "e29a45b8")
+    for bad in (
+        lambda: commands.ls("latest", "/"),
+        lambda: commands.ls("8501f70d", "srv"),
+        lambda: commands.find([]),
+        lambda: commands.diff("8501f70d", "--help"),
+    ):
+        with pytest.raises(ValueError):
+            bad()

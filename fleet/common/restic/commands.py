@@ -126,6 +126,32 @@ def restore(
     return (*args, "--", snapshot_id(snapshot))
 
 
+# -- browsing: read-only, without a lock (they never wait for a job) ----------
+
+
+def ls(snapshot: str, directory: str) -> Command:
+    """One directory of a snapshot: restic lists it and its entries (not
+    deeper)."""
+    if not directory.startswith("/"):
+        raise ValueError(f"{directory!r} is not an absolute path")
+    return (RESTIC, "ls", "--json", "--no-lock", "--", snapshot_id(snapshot), directory)
+
+
+def find(patterns: Sequence[str], hosts: Sequence[str] = (), tag: str = "") -> Command:
+    """The paths matching any of the patterns in every snapshot of these
+    hosts (and tag)."""
+    if not patterns or any(not p for p in patterns):
+        raise ValueError("find needs a pattern")
+    args = [RESTIC, "find", "--no-lock", *_hosts(hosts)]
+    if tag:
+        args += ["--tag", tag]
+    return (*args, "--", *patterns)
+
+
+def diff(first: str, second: str) -> Command:
+    return (RESTIC, "diff", "--json", "--no-lock", "--", snapshot_id(first), snapshot_id(second))
+
+
 def prune() -> Command:
     return (RESTIC, "prune")
 

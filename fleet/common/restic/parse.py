@@ -171,3 +171,77 @@ def already_initialized(stderr: str) -> bool:
     """`restic init` on an existing repository: the soft success of auto-init."""
     text = stderr.lower()
     return "config file already exists" in text or "already initialized" in text
+
+
+# -- browsing: ls, find, diff (one stdout line at a time) ------------------------
+
+_NODE_TYPES = ("file", "dir", "symlink", "dev", "chardev", "fifo", "socket", "irregular")
+_FOUND = re.compile(r"^Found matching entries in snapshot ([0-9a-f]{8,64}) from (.+)$")
+_MODIFIERS = {"+": "added", "-": "removed", "M": "modified", "T": "type", "U": "metadata"}
+
+
+def _time_or_none(value: Any) -> Optional[str]:
+    try:
+        return utc_time(value) if isinstance(value, str) else None
+    except ParseError:
+        return None
+
+
+def ls_node(line: str, directory: str) -> Optional[dict[str, Any]]:
+    """A line of `restic ls --json SNAPSHOT DIR` as a listing entry, or None
+    (the snapshot line, a line that is not JSON). DIR's own node comes with
+    `self` true: a listing of a file is that file alone."""
+    doc = json_line(line)
+    if doc is None or doc.get("struct_type", "node") != "node":
+        return None
+    path, name = doc.get("path"), doc.get("name")
+    if not isinstance(path, str) or not isinstance(name, str):
+        return None
+    kind = doc.get("type")
+    return {
+        "self": path == directory,
+        "name": name,
+        "type": kind if kind in _NODE_TYPES else "other",
+        "size": _int(doc, "size") if kind == "file" else None,
+        "mode": str(doc.get("permissions") or "")[:16],
+        "mtime": _time_or_none(doc.get("mtime")),
+        "uid": _int(doc, "uid"),
+        "gid": _int(doc, "gid"),
+    }
+
+
+class FindState:
+    """`restic find PATTERN` (text: 0.14's --json prints every match as one
+    line, unbounded): a header per snapshot, then its matching paths."""
+
+    def __init__(self) -> None:
+        self.snapshot: Optional[str] = None
+
+    def line(self, line: str) -> Optional[dict[str, Any]]:
+        """A match {snapshot, path}, or None (a header, a blank line)."""
+        text = line.rstrip("\n")
+        found = _FOUND.match(text)
+        if found:
+            self.snapshot = found.group(1)
+            return None
+        if self.snapshot is None or not text.startswith("/"):
+            return None
+        return {"snapshot": self.snapshot, "path": text}
+
+
+def diff_line(line: str) -> Optional[dict[str, Any]]:
+    """A line of `restic diff --json`: a change {path, change}, the
+    statistics {statistics: {...}}, or None."""
+    doc = json_line(line)
+    if doc is None:
+        return None
+    if doc.get("message_type") == "change" and isinstance(doc.get("path"), str):
+        modifier = str(doc.get("modifier") or "")
+        return {"path": doc["path"], "change": _MODIFIERS.get(modifier, modifier[:8] or "other")}
+    if doc.get("message_type") == "statistics":
+        stats: dict[str, Any] = {"changed_files": _int(doc, "changed_files")}
+        for side in ("added", "removed"):
+            part = doc.get(side) if isinstance(doc.get(side), dict) else {}
+            stats[side] = {k: _int(part, k) for k in ("files", "dirs", "others", "bytes")}
+        return {"statistics": stats}
+    return None

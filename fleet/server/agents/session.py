@@ -14,8 +14,9 @@ import asyncio
 import collections
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -42,6 +43,7 @@ from ..store.db import Store, StoreClosed
 from ..store.models import Host, utcnow
 from ..store.queries import hot
 from .ingest import REFUSED, Ingest, sync_seq, weight
+from .queries import Queries, QueryFailed
 
 log = logging.getLogger("fleetd.agent")
 
@@ -259,6 +261,7 @@ class Agents:
         self.ingest = Ingest(self.store, self.bus, self.clock)
         self.presence = Presence(self.store)
         self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
+        self.queries = Queries()  # ls, find, diff: asked of agents, never stored
         self.stopping = False  # fleetd is shutting down: everyone goes offline at once
         self.bus.subscribe(JobEnded, self._job_ended)
         self.bus.subscribe(JobStarted, self._job_started)
@@ -367,8 +370,23 @@ class Agents:
             )
             await old.connection.close(4000, "replaced by a newer connection of the same host")
 
+    def query(
+        self, host_id: int, kind: str, params: dict[str, Any]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Ask the host's agent a query (see agents.queries): its pages.
+        Raises QueryFailed (offline, or an agent without queries)."""
+        session = self.sessions.get(host_id)
+        if session is None:
+            raise QueryFailed("offline", "the host's agent is offline")
+        if "queries" not in session.features:
+            raise QueryFailed(
+                "unsupported", "the host's fleet-agent is too old to browse: deploy the new one"
+            )
+        return self.queries.ask(session.send, session, kind, params)
+
     def _detach(self, session: AgentSession) -> bool:
         """Forget the session; False when a newer one already replaced it."""
+        self.queries.link_gone(session)  # what was asked down it gets no answer
         if self.sessions.get(session.host_id) is session:
             del self.sessions[session.host_id]
             return True
@@ -630,7 +648,12 @@ async def on_command_result(agents: Agents, session: AgentSession, data: dict) -
         )
 
 
+async def on_query_result(agents: Agents, session: AgentSession, data: dict) -> None:
+    agents.queries.deliver(session, data)
+
+
 FRAME_HANDLERS = {
+    "query.result": on_query_result,
     "heartbeat": on_heartbeat,
     "job.progress": on_progress,
     "command.result": on_command_result,

@@ -6,56 +6,22 @@ queued, dispatched, followed live, in the audit log."""
 from __future__ import annotations
 
 import posixpath
-import re
-from typing import Any, Optional
+from typing import Any
 
 from ...common.protocol import Field
 from ..jobs import lifecycle
 from ..security.auth import Role
-from ..store.models import Host, HostRepository, Repository, Snapshot
+from ..store.models import HostRepository
 from ..store.queries import hot
 from .common import audit, get_host
 from .context import Context
-from .errors import Conflict, Invalid, NotFound
+from .errors import Conflict, Invalid
 from .jobs import job_view
 from .registry import Method, collect
+from .snapshots import find_snapshot
 
 METHODS: list[Method] = []
 method = collect(METHODS)
-
-_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
-
-
-def find_snapshot(
-    host: Host, wanted: str, group: Optional[str] = None, repository: Optional[str] = None
-) -> Snapshot:
-    """One of the host's snapshots as fleetd knows them: by id or a prefix
-    of it (4 hex digits or more, one snapshot only), or the newest
-    ("latest"), of one group (its tag) or repository when named."""
-    query = Snapshot.select().where(Snapshot.host == host)
-    if repository:
-        repo = Repository.get_or_none(Repository.name == repository)
-        if repo is None:
-            raise NotFound(f"no repository named {repository!r}")
-        query = query.where(Snapshot.repository == repo)
-    if wanted != "latest":
-        if not _PREFIX.match(wanted):
-            raise Invalid(f"{wanted!r} is not a snapshot id (hex digits) or 'latest'")
-        query = query.where(Snapshot.snapshot_id.startswith(wanted))
-    found = [s for s in query.order_by(Snapshot.time.desc()) if not group or group in s.tags]
-    what = f"snapshot {wanted}" if wanted != "latest" else "snapshot"
-    if group:
-        what += f" of group {group}"
-    if not found:
-        raise NotFound(
-            f"host {host.name} has no {what} that fleetd knows of "
-            f"('fleetctl snapshots {host.name}' lists them)"
-        )
-    if wanted != "latest" and len({s.snapshot_id for s in found}) > 1:
-        raise Invalid(
-            f"{wanted!r} names {len(found)} snapshots of host {host.name}: give more of the id"
-        )
-    return found[0]
 
 
 def check_target(target: str, in_place: bool) -> str:

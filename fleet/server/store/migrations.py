@@ -212,6 +212,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "job_kind_repository_id_status" ON "job" ("kind", "repository_id", "status")',
         ],
     ),
+    (
+        16,
+        "listings of snapshot directories, kept so the next look answers at once",
+        [
+            'CREATE TABLE "listing" ("id" INTEGER NOT NULL PRIMARY KEY, "repository_id" INTEGER NOT NULL, "snapshot_id" TEXT NOT NULL, "path" TEXT NOT NULL, "entries" INTEGER NOT NULL, "node" TEXT, "created_at" DATETIME NOT NULL, "used_at" DATETIME NOT NULL, FOREIGN KEY ("repository_id") REFERENCES "repository" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "listing_repository_id" ON "listing" ("repository_id")',
+            'CREATE INDEX "listing_used_at" ON "listing" ("used_at")',
+            'CREATE UNIQUE INDEX "listing_repository_id_snapshot_id_path" ON "listing" ("repository_id", "snapshot_id", "path")',
+            'CREATE TABLE "listing_page" ("listing_id" INTEGER NOT NULL, "page" INTEGER NOT NULL, "items" TEXT NOT NULL, PRIMARY KEY ("listing_id", "page"), FOREIGN KEY ("listing_id") REFERENCES "listing" ("id") ON DELETE CASCADE)',
+            'CREATE INDEX "listing_page_listing_id" ON "listing_page" ("listing_id")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

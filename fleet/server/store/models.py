@@ -335,6 +335,33 @@ class Notifier(Base):
     last_error = pw.TextField(null=True)  # the last delivery's failure, if it failed
 
 
+class Listing(Base):
+    """A directory of a snapshot as `restic ls` listed it, kept so that the
+    next look answers at once (a snapshot never changes); its entries in
+    pages. Dropped with its repository, when its snapshot is forgotten, and
+    least recently used first past the cache's bound."""
+
+    repository = pw.ForeignKeyField(Repository, on_delete="CASCADE")
+    snapshot_id = pw.TextField()
+    path = pw.TextField()
+    entries = pw.IntegerField()  # how many, over all its pages
+    node = JSONField(null=True)  # the path's own entry (a file listed is itself)
+    created_at = pw.DateTimeField(default=utcnow)
+    used_at = pw.DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        indexes = ((("repository", "snapshot_id", "path"), True),)
+
+
+class ListingPage(Base):
+    listing = pw.ForeignKeyField(Listing, backref="pages", on_delete="CASCADE")
+    page = pw.IntegerField()
+    items = JSONField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("listing", "page")
+
+
 class AuditLog(Base):
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.TextField()  # user name, "agent:<host>" or "system"
@@ -362,5 +389,7 @@ MODELS: list[type[Base]] = [
     RepoStats,
     Alert,
     Notifier,
+    Listing,
+    ListingPage,
     AuditLog,
 ]

@@ -1,0 +1,135 @@
+"""Queries: browsing a repository for fleetd (ls, find, diff) beside the
+jobs. They only read, without a lock (`--no-lock`), so they neither wait
+for the job running nor hold up the next one; at most MAX_RUNNING at once.
+Results go back as query.result frames of at most QUERY_PAGE items, sent
+as restic prints them (a listing of 100,000 files is never held whole);
+they are not spooled: a query lost with the link is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Optional
+
+from ..common.protocol import QUERY_PAGE, ProtocolError, check_fields
+from ..common.restic import commands, execute, parse
+from .kinds import Refused, _opt, _req
+from .runner import JobRunner, restic_env
+
+log = logging.getLogger("fleet-agent")
+
+MAX_RUNNING = 2
+TIMEOUT = 600.0  # seconds a query may run before it is stopped
+
+Parser = Callable[[str], Optional[dict[str, Any]]]
+
+_SCHEMA = {
+    "ls": (_req("snapshot", "str", limit=64), _req("path", "str", limit=4096)),
+    "find": (
+        _req("patterns", "list[str]", limit=16),
+        _opt("hosts", "list[str]", limit=100),
+        _opt("tag", "str", limit=64),
+    ),
+    "diff": (_req("snapshot", "str", limit=64), _req("snapshot2", "str", limit=64)),
+}
+
+
+def prepare(data: dict[str, Any]) -> tuple[tuple, Parser]:
+    """The restic command of a query.run and the parser of its output lines.
+    Raises Refused (unknown_kind, bad_params)."""
+    kind = data.get("kind")
+    schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise Refused("unknown_kind", f"this agent cannot answer {kind} queries")
+    try:
+        p = check_fields(data, schema)
+        if kind == "ls":
+            directory = p["path"]
+            return commands.ls(p["snapshot"], directory), lambda line: parse.ls_node(
+                line, directory
+            )
+        if kind == "find":
+            state = parse.FindState()
+            argv = commands.find(p["patterns"], p.get("hosts") or (), p.get("tag") or "")
+            return argv, state.line
+        return commands.diff(p["snapshot"], p["snapshot2"]), parse.diff_line
+    except (ProtocolError, ValueError) as exc:
+        raise Refused("bad_params", f"bad parameters: {exc}") from None
+
+
+class Queries:
+    """The queries running; `emit` sends a frame now (the link's emit_now)."""
+
+    def __init__(self, runner: JobRunner, emit: Callable[[str, dict], Any]) -> None:
+        self.runner = runner
+        self.emit = emit
+        self.running: dict[int, asyncio.Event] = {}  # query id -> its cancel
+
+    async def submit(self, data: dict[str, Any]) -> None:
+        """Start a query, or answer at once why not."""
+        query_id = data["query_id"]
+        try:
+            if len(self.running) >= MAX_RUNNING:
+                raise Refused("busy", f"{MAX_RUNNING} queries running already")
+            argv, parser = prepare(data)
+            repo = self.runner.repository(data.get("repository_id"))
+        except Refused as exc:
+            await self._page(query_id, [], True, exc.message, exc.code)
+            return
+        cancel = asyncio.Event()
+        self.running[query_id] = cancel
+        asyncio.ensure_future(self._run(query_id, argv, parser, repo, cancel))
+
+    def cancel(self, query_id: int) -> None:
+        cancel = self.running.get(query_id)
+        if cancel is not None:
+            cancel.set()
+
+    async def _page(
+        self,
+        query_id: int,
+        items: list,
+        done: bool,
+        error: Optional[str] = None,
+        code: Optional[str] = None,
+    ) -> None:
+        data: dict[str, Any] = {"query_id": query_id, "items": items, "done": done}
+        if error is not None:
+            data.update(error=error, code=code or "failed")
+        await self.emit("query.result", data)
+
+    async def _run(
+        self, query_id: int, argv: tuple, parser: Parser, repo: Any, cancel: asyncio.Event
+    ) -> None:
+        page: list[dict[str, Any]] = []
+
+        async def on_line(stream: str, line: str) -> None:
+            nonlocal page
+            if stream != "stdout":
+                return
+            item = parser(line)
+            if item is None:
+                return
+            page.append({k: v for k, v in item.items() if v is not None})
+            if len(page) >= QUERY_PAGE:
+                full, page = page, []
+                await self._page(query_id, full, False)
+
+        timer = asyncio.get_running_loop().call_later(TIMEOUT, cancel.set)
+        try:
+            env, mask = restic_env(repo)
+            result = await execute.run(
+                self.runner.argv(argv), env, on_line, mask, cancel, self.runner.grace
+            )
+            if result.exit_code == 0:
+                await self._page(query_id, page, True)
+            else:
+                why = "stopped" if result.cancelled else (result.error or "restic failed")
+                await self._page(query_id, [], True, why, "failed")
+        except Exception as exc:  # the answer must come, whatever broke
+            log.exception("query %s failed", query_id)
+            await self._page(query_id, [], True, f"{type(exc).__name__}: {exc}", "failed")
+        finally:
+            timer.cancel()
+            self.running.pop(query_id, None)

@@ -1,0 +1,111 @@
+"""Queries to agents (ls, find, diff of a repository): sent as query.run,
+answered in pages of query.result that go to the one waiting for them.
+
+Nothing here is stored: a query lives as long as its caller waits. Its
+pages wait in a bounded queue; an agent sending faster than the caller
+takes them, or a page that does not check against its kind's items, ends
+the query with an error instead of holding the agent's link up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Callable
+
+from ...common import protocol
+from ...common.protocol import ProtocolError, check_fields
+
+QUEUE_PAGES = 64  # pages a query may have waiting (32,000 items)
+PAGE_TIMEOUT = 300.0  # seconds without a page before the query is given up
+
+
+class QueryFailed(Exception):
+    """The agent could not answer; `code` is one of protocol.QUERY_CODES or
+    offline / timeout / overflow / bad_frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Pending:
+    def __init__(self, link: object, kind: str) -> None:
+        self.link = link  # the agent session it was sent down
+        self.kind = kind
+        self.pages: asyncio.Queue = asyncio.Queue(QUEUE_PAGES + 1)
+
+
+class Queries:
+    def __init__(self) -> None:
+        self.pending: dict[int, _Pending] = {}
+        self.ids = itertools.count(1)
+
+    async def ask(
+        self,
+        send: Callable[[str], Awaitable[bool]],
+        link: object,
+        kind: str,
+        params: dict[str, Any],
+        timeout: float = PAGE_TIMEOUT,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The pages of the answer, as they come. Raises QueryFailed."""
+        query_id = next(self.ids)
+        pending = _Pending(link, kind)
+        self.pending[query_id] = pending
+        done = False
+        try:
+            frame = protocol.encode("query.run", {"query_id": query_id, "kind": kind, **params})
+            if not await send(frame):
+                raise QueryFailed("offline", "the host's agent went offline")
+            while not done:
+                try:
+                    page = await asyncio.wait_for(pending.pages.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise QueryFailed("timeout", f"no answer within {timeout:.0f} s") from None
+                if isinstance(page, QueryFailed):
+                    done = True  # the agent ended it (or its link did)
+                    raise page
+                items, done = page
+                yield items
+        finally:
+            self.pending.pop(query_id, None)
+            if not done:  # the caller went away: the agent may stop
+                await send(protocol.encode("query.cancel", {"query_id": query_id}))
+
+    def deliver(self, link: object, data: dict[str, Any]) -> None:
+        """A query.result that came up `link` (a stray one is dropped)."""
+        pending = self.pending.get(data["query_id"])
+        if pending is None or pending.link is not link:
+            return
+        page: Any
+        if data.get("error") is not None:
+            page = QueryFailed(data.get("code") or "failed", data["error"])
+        else:
+            try:
+                spec = protocol.QUERY_ITEMS[pending.kind]
+                items = [check_fields(item, spec) for item in data["items"]]
+                page = (items, data["done"])
+            except ProtocolError as exc:
+                page = QueryFailed("bad_frame", f"the agent's answer is malformed: {exc}")
+        if pending.pages.qsize() >= QUEUE_PAGES:
+            page = QueryFailed("overflow", "the agent answered faster than it was read")
+            self.pending.pop(data["query_id"], None)
+        pending.pages.put_nowait(page)
+
+    def link_gone(self, link: object) -> None:
+        """An agent's link ended: every query sent down it fails."""
+        for query_id, pending in list(self.pending.items()):
+            if pending.link is link:
+                self.pending.pop(query_id, None)
+                fail(pending, QueryFailed("offline", "the host's agent went offline"))
+
+
+def fail(pending: _Pending, error: QueryFailed) -> None:
+    try:
+        pending.pages.put_nowait(error)
+    except asyncio.QueueFull:  # full of pages: the last one says it ended
+        pending.pages.get_nowait()
+        pending.pages.put_nowait(error)

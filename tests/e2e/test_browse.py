@@ -1,0 +1,98 @@
+"""Browsing snapshots with real agents and real restic: ls (paged, and
+answered from fleetd's cache without the agent the second time), find
+across snapshots, diff between two."""
+
+from __future__ import annotations
+
+
+def backup(fleet, e2e, h, group):
+    done = e2e.wait_job(fleet, e2e.run(fleet, h.name, group)["id"])
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def test_ls_pages_a_directory_and_answers_again_from_the_cache(fleet, e2e):
+    web = e2e.host(fleet)
+    files = {f"many/f{i:04d}.txt": f"{i}\n" for i in range(1234)}
+    files.update({"etc/app.ini": "[app]\n", "top.txt": "top\n"})
+    e2e.write_tree(web.src, files)
+    group = e2e.group(fleet, web)
+    backup(fleet, e2e, web, group)
+    snap = e2e.fx.wait_until(
+        lambda: fleet.ctl_json("snapshots", web.name), timeout=20, what="the snapshot"
+    )[0]
+
+    many = f"{web.src}/many"
+    first = fleet.rpc(
+        "snapshots.ls", host=web.name, snapshot=snap["short_id"], path=many, limit=500
+    )
+    assert (first["total"], first["cached"], len(first["entries"])) == (1234, False, 500)
+    assert first["entries"][0]["name"] == "f0000.txt" and first["entries"][0]["size"] == 2
+    names = [e["name"] for e in first["entries"]]
+    for offset in (500, 1000):
+        page = fleet.rpc(
+            "snapshots.ls", host=web.name, snapshot=snap["id"], path=many, offset=offset, limit=500
+        )
+        assert page["cached"] is True and page["offset"] == offset
+        names += [e["name"] for e in page["entries"]]
+    assert names == [f"f{i:04d}.txt" for i in range(1234)]
+
+    # the source directory through fleetctl: dirs and files, sizes
+    listed = fleet.ctl_json("ls", web.name, snap["short_id"], str(web.src))
+    by_name = {e["name"]: e for e in listed["entries"]}
+    assert set(by_name) == {"many", "etc", "top.txt"}
+    assert by_name["many"]["type"] == "dir" and by_name["top.txt"]["size"] == 4
+    table = fleet.ctl("ls", web.name, snap["short_id"], str(web.src)).stdout
+    assert "many/" in table and "top.txt" in table
+    # a file listed is itself
+    one = fleet.ctl_json("ls", web.name, "latest", f"{web.src}/etc/app.ini")
+    assert [e["name"] for e in one["entries"]] == ["app.ini"]
+
+    # the agent gone, the listings seen are still there; a new one is not
+    web.agent.stop()
+    e2e.wait_host(fleet, web.name, "offline")
+    again = fleet.ctl_json("ls", web.name, snap["short_id"], many)
+    assert again["cached"] is True and len(again["entries"]) == 1234
+    refused = fleet.ctl("ls", web.name, snap["short_id"], f"{web.src}/etc", expect=1)
+    assert "offline" in refused.stderr
+
+
+def test_find_and_diff_across_snapshots(fleet, e2e):
+    web = e2e.host(fleet)
+    e2e.write_tree(web.src, {"etc/app.ini": "[app]\n", "etc/old.ini": "old\n", "a.txt": "a\n"})
+    group = e2e.group(fleet, web)
+    backup(fleet, e2e, web, group)
+    (web.src / "etc" / "old.ini").unlink()
+    (web.src / "a.txt").write_text("changed\n")
+    e2e.write_tree(web.src, {"etc/new.ini": "new\n"})
+    backup(fleet, e2e, web, group)
+    snaps = e2e.fx.wait_until(
+        lambda: (s := fleet.ctl_json("snapshots", web.name)) and len(s) == 2 and s,
+        timeout=20,
+        what="both snapshots",
+    )
+    new, old = snaps  # newest first
+
+    found = fleet.ctl_json("find", web.name, "*.ini")
+    by_snapshot = {}
+    for m in found["matches"]:
+        by_snapshot.setdefault(m["snapshot"], set()).add(m["path"].rsplit("/", 1)[-1])
+    assert by_snapshot == {
+        old["short_id"]: {"app.ini", "old.ini"},
+        new["short_id"]: {"app.ini", "new.ini"},
+    }
+    assert all(m["time"] for m in found["matches"])
+    assert fleet.ctl_json("find", web.name, "nothing-like-this")["matches"] == []
+
+    d = fleet.ctl_json("diff", web.name, old["short_id"], new["short_id"])
+    changes = {c["path"].removeprefix(str(web.src)): c["change"] for c in d["changes"]}
+    assert changes["/etc/old.ini"] == "removed"
+    assert changes["/etc/new.ini"] == "added"
+    assert changes["/a.txt"] == "modified"
+    assert d["statistics"]["removed"]["files"] == 1 and d["statistics"]["added"]["files"] == 1
+    text = fleet.ctl("diff", web.name, old["short_id"], new["short_id"]).stdout
+    assert f"-  {web.src}/etc/old.ini" in text and f"+  {web.src}/etc/new.ini" in text
+    # bad input: a clear error, nothing asked of the agent
+    fleet.ctl("diff", web.name, old["short_id"], "ffffffff", expect=4)
+    fleet.ctl("ls", web.name, old["short_id"], "relative/path", expect=2)
+    fleet.ctl("find", web.name, "", expect=2)
