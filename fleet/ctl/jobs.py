@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from typing import Any, Optional
@@ -22,7 +23,7 @@ from rich.progress import (
 from ..common.exitcodes import Exit
 from ..common.protocol import JOB_KINDS, JOB_STATUSES
 from . import render
-from .app import App, json_option, pass_app
+from .app import App, json_option, parse_duration, pass_app
 from .render import human_bytes
 
 PLAIN_PROGRESS_EVERY = 2.0
@@ -381,25 +382,58 @@ def jobs_cancel(app: App, job_id: int) -> None:
 
 
 @click.command()
-@click.argument("host")
+@click.argument("host", required=False)
 @click.option("--group", "-g", help="Only snapshots of this source group (its tag).")
+@click.option("--tag", metavar="TAG", help="Only snapshots with this restic tag.")
 @click.option("--repo", "repository", metavar="REPO", help="Only snapshots in this repository.")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="Only snapshots taken since WHEN: a duration ago (7d, 12h) or a UTC time "
+    "(2026-11-30 or 2026-11-30T08:00:00Z).",
+)
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 10_000),
+    default=1000,
+    show_default=True,
+    help="Newest N snapshots.",
+)
 @json_option
 @pass_app
 def snapshots(
-    app: App, host: str, group: Optional[str], repository: Optional[str], as_json: bool
+    app: App,
+    host: Optional[str],
+    group: Optional[str],
+    tag: Optional[str],
+    repository: Optional[str],
+    since: Optional[str],
+    limit: int,
+    as_json: bool,
 ) -> None:
-    """List HOST's snapshots, in every repository it uses (copies too), as
-    last reported by its agent."""
-    rows = app.call("snapshots.list", host=host, group=group, repository=repository)
+    """List snapshots, newest first: HOST's in every repository it uses
+    (copies too), or without HOST the whole fleet's; as last reported by
+    the agents."""
+    rows = app.call(
+        "snapshots.list",
+        host=host,
+        group=group,
+        tag=tag,
+        repository=repository,
+        since=since_time(since) if since else None,
+        limit=limit,
+    )
     if as_json:
         render.emit_json(rows)
         return
+    columns = ("ID", "REPOSITORY", "TIME", "GROUP", "PATHS", "SIZE")
     render.table(
         app.out,
-        ("ID", "REPOSITORY", "TIME", "GROUP", "PATHS", "SIZE"),
+        columns if host else ("HOST", *columns),
         (
             (
+                *(() if host else (render.cell(s["host"]),)),
                 render.cell(s["short_id"]),
                 render.cell(s["repository"]),
                 render.cell(s["time"]),
@@ -411,3 +445,21 @@ def snapshots(
         ),
         empty="no snapshots reported yet",
     )
+
+
+def since_time(value: str) -> str:
+    """--since as the RFC 3339 time fleetd takes: a duration before now, or
+    a date or time (UTC)."""
+    for layout in ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(value, layout).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            pass
+    try:
+        seconds = parse_duration(value)
+    except click.BadParameter:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (7d) nor a time (2026-11-30)", param_hint="--since"
+        ) from None
+    when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds or 0)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -73,6 +73,20 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     )
     new, old = snaps  # newest first
 
+    # the whole fleet's snapshots, with filters
+    def ids(*args):
+        rows = fleet.ctl_json("snapshots", *args)
+        return [r["short_id"] for r in rows if r["host"] == web.name]
+
+    assert ids() == [new["short_id"], old["short_id"]]
+    assert ids("--since", "1h") == ids("--since", "2000-01-01") == ids()
+    assert ids("--since", "2099-01-01T00:00:00Z") == []
+    assert ids("--tag", group) == ids("--group", group) == ids()
+    assert ids("--tag", "no-such-tag") == []
+    assert ids("--limit", "1", web.name) == [new["short_id"]]
+    assert web.name in fleet.ctl("snapshots").stdout  # the HOST column
+    fleet.ctl("snapshots", "--since", "last tuesday", expect=2)
+
     found = fleet.ctl_json("find", web.name, "*.ini")
     by_snapshot = {}
     for m in found["matches"]:

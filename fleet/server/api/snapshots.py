@@ -5,13 +5,14 @@ browsing them (ls, find, diff), asked of an agent that uses the repository
 
 from __future__ import annotations
 
+import datetime as dt
 import posixpath
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from ...common.protocol import QUERY_PAGE, Field
-from ...common.timefmt import iso
+from ...common.timefmt import iso, parse_ts
 from ..agents.queries import QueryFailed
 from ..security.auth import Role
 from ..store.models import Host, HostRepository, Repository, Snapshot, utcnow
@@ -26,32 +27,49 @@ METHODS: list[Method] = []
 method = collect(METHODS)
 
 
+SNAPSHOTS_LIMIT = 10_000  # rows in one answer at most
+
+
 @method(
     "snapshots.list",
     Role.VIEWER,
     (
-        Field("host", "str", limit=64),
+        Field("host", "str", False, limit=64),
         Field("group", "str", False, limit=64),
+        Field("tag", "str", False, limit=255),
         Field("repository", "str", False, limit=64),
+        Field("since", "str", False, limit=32),
+        Field("limit", "int", False, minimum=1),
     ),
     readonly=True,
 )
 def snapshots_list(ctx: Context, p: dict) -> list:
-    """A host's snapshots in every repository it uses (a copy too), newest
-    first; those tagged with one group's name, or in one repository."""
-    host = get_host(p["host"])
+    """Snapshots, newest first: one host's in every repository it uses (a
+    copy too), or the whole fleet's; those of one group (its tag), with a
+    tag, in one repository, or taken since a time (RFC 3339)."""
     names = dict(Repository.select(Repository.id, Repository.name).tuples())
-    query = Snapshot.select().where(Snapshot.host == host)
+    query = Snapshot.select(Snapshot, Host.name).join(Host)
+    if p.get("host"):
+        query = query.where(Snapshot.host == get_host(p["host"]))
     if p.get("repository"):
         wanted = [rid for rid, name in names.items() if name == p["repository"]]
         if not wanted:
             raise NotFound(f"no repository named {p['repository']!r}")
         query = query.where(Snapshot.repository == wanted[0])
+    if p.get("since"):
+        since = parse_ts(p["since"], dt.datetime.min)
+        if since == dt.datetime.min:
+            raise Invalid(f"since {p['since']!r} is not a time such as 2026-11-30T00:00:00Z")
+        query = query.where(Snapshot.time >= since)
+    tags = [t for t in (p.get("group"), p.get("tag")) if t]
+    limit = min(p.get("limit") or 1000, SNAPSHOTS_LIMIT)
     rows = []
-    for s in query.order_by(Snapshot.time.desc(), Snapshot.repository):
-        if p.get("group") and p["group"] not in (s.tags or []):
+    for s in query.order_by(Snapshot.time.desc(), Snapshot.host, Snapshot.repository):
+        if any(t not in (s.tags or []) for t in tags):
             continue
-        rows.append(snapshot_json(s, names.get(s.repository_id)))
+        rows.append({"host": s.host.name, **snapshot_json(s, names.get(s.repository_id))})
+        if len(rows) >= limit:
+            break
     return rows
 
 
