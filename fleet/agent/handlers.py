@@ -96,6 +96,10 @@ async def on_query_cancel(agent: Agent, frame: Envelope) -> None:
     agent.queries.cancel(frame.data["query_id"])
 
 
+async def on_query_more(agent: Agent, frame: Envelope) -> None:
+    agent.queries.grant(frame.data["query_id"], frame.data["pages"])
+
+
 async def on_error(agent: Agent, frame: Envelope) -> None:
     log.warning("fleetd: %s (%s)", frame.data["message"], frame.data["code"])
 
@@ -108,6 +112,7 @@ HANDLERS: dict[str, Handler] = {
     "schedule.set": on_schedule_set,
     "query.run": on_query_run,
     "query.cancel": on_query_cancel,
+    "query.more": on_query_more,
     "error": on_error,
 }
 

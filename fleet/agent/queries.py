@@ -9,10 +9,11 @@ they are not spooled: a query lost with the link is asked again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from typing import Any, Callable, Optional
 
-from ..common.protocol import QUERY_PAGE, ProtocolError, check_fields
+from ..common.protocol import QUERY_CHUNK, QUERY_PAGE, ProtocolError, check_fields
 from ..common.restic import commands, execute, parse
 from .kinds import Refused, _opt, _req
 from .runner import JobRunner, restic_env
@@ -32,12 +33,14 @@ _SCHEMA = {
         _opt("tag", "str", limit=64),
     ),
     "diff": (_req("snapshot", "str", limit=64), _req("snapshot2", "str", limit=64)),
+    "dump": (_req("snapshot", "str", limit=64), _req("path", "str", limit=4096)),
 }
 
 
-def prepare(data: dict[str, Any]) -> tuple[tuple, Parser]:
-    """The restic command of a query.run and the parser of its output lines.
-    Raises Refused (unknown_kind, bad_params)."""
+def prepare(data: dict[str, Any]) -> tuple[tuple, Optional[Parser]]:
+    """The restic command of a query.run and the parser of its output lines
+    (None: its output is a file's bytes, sent as they are). Raises Refused
+    (unknown_kind, bad_params)."""
     kind = data.get("kind")
     schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
     if schema is None:
@@ -53,6 +56,8 @@ def prepare(data: dict[str, Any]) -> tuple[tuple, Parser]:
             state = parse.FindState()
             argv = commands.find(p["patterns"], p.get("hosts") or (), p.get("tag") or "")
             return argv, state.line
+        if kind == "dump":
+            return commands.dump(p["snapshot"], p["path"]), None
         return commands.diff(p["snapshot"], p["snapshot2"]), parse.diff_line
     except (ProtocolError, ValueError) as exc:
         raise Refused("bad_params", f"bad parameters: {exc}") from None
@@ -65,6 +70,9 @@ class Queries:
         self.runner = runner
         self.emit = emit
         self.running: dict[int, asyncio.Event] = {}  # query id -> its cancel
+        # pages each query may still send before fleetd asks for more
+        self.credit: dict[int, int] = {}
+        self.more: dict[int, asyncio.Event] = {}
 
     async def submit(self, data: dict[str, Any]) -> None:
         """Start a query, or answer at once why not."""
@@ -79,12 +87,33 @@ class Queries:
             return
         cancel = asyncio.Event()
         self.running[query_id] = cancel
+        if data.get("window"):
+            self.credit[query_id] = data["window"]
+            self.more[query_id] = asyncio.Event()
         asyncio.ensure_future(self._run(query_id, argv, parser, repo, cancel))
 
     def cancel(self, query_id: int) -> None:
         cancel = self.running.get(query_id)
         if cancel is not None:
             cancel.set()
+            more = self.more.get(query_id)
+            if more is not None:
+                more.set()  # a page waiting for credit gives up
+
+    def grant(self, query_id: int, pages: int) -> None:
+        """query.more: fleetd took `pages` pages."""
+        if query_id in self.credit:
+            self.credit[query_id] += pages
+            self.more[query_id].set()
+
+    async def _room(self, query_id: int) -> None:
+        """Wait until the query may send another page (fleetd's window)."""
+        while self.credit.get(query_id, 1) <= 0 and not self.running[query_id].is_set():
+            more = self.more[query_id]
+            more.clear()
+            await more.wait()
+        if query_id in self.credit:
+            self.credit[query_id] -= 1
 
     async def _page(
         self,
@@ -100,13 +129,18 @@ class Queries:
         await self.emit("query.result", data)
 
     async def _run(
-        self, query_id: int, argv: tuple, parser: Parser, repo: Any, cancel: asyncio.Event
+        self,
+        query_id: int,
+        argv: tuple,
+        parser: Optional[Parser],
+        repo: Any,
+        cancel: asyncio.Event,
     ) -> None:
         page: list[dict[str, Any]] = []
 
         async def on_line(stream: str, line: str) -> None:
             nonlocal page
-            if stream != "stdout":
+            if stream != "stdout" or parser is None:
                 return
             item = parser(line)
             if item is None:
@@ -114,13 +148,25 @@ class Queries:
             page.append({k: v for k, v in item.items() if v is not None})
             if len(page) >= QUERY_PAGE:
                 full, page = page, []
+                await self._room(query_id)
                 await self._page(query_id, full, False)
+
+        async def on_bytes(chunk: bytes) -> None:
+            await self._room(query_id)
+            await self._page(query_id, [{"data": base64.b64encode(chunk).decode()}], False)
 
         timer = asyncio.get_running_loop().call_later(TIMEOUT, cancel.set)
         try:
             env, mask = restic_env(repo)
             result = await execute.run(
-                self.runner.argv(argv), env, on_line, mask, cancel, self.runner.grace
+                self.runner.argv(argv),
+                env,
+                on_line,
+                mask,
+                cancel,
+                self.runner.grace,
+                on_bytes=on_bytes if parser is None else None,
+                chunk=QUERY_CHUNK,
             )
             if result.exit_code == 0:
                 await self._page(query_id, page, True)
@@ -133,3 +179,5 @@ class Queries:
         finally:
             timer.cancel()
             self.running.pop(query_id, None)
+            self.credit.pop(query_id, None)
+            self.more.pop(query_id, None)

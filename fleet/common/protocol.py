@@ -171,8 +171,10 @@ SNAPSHOT = (
 
 # Browsing a repository (ls, find, diff): queries beside the jobs, answered
 # in pages of at most QUERY_PAGE items; each kind's items as fleetd checks them
-QUERY_KINDS = ("ls", "find", "diff")
+QUERY_KINDS = ("ls", "find", "diff", "dump")
 QUERY_PAGE = 500
+QUERY_WINDOW = 16  # pages an agent sends ahead of fleetd's query.more
+QUERY_CHUNK = 192 * 1024  # bytes of a dumped file in one page (base64: 256 KiB)
 QUERY_CODES = ("busy", "unknown_kind", "bad_params", "no_repo", "failed")
 LS_ENTRY = (
     F("self", "bool"),  # the listed path's own node (a file listed is itself)
@@ -190,7 +192,8 @@ DIFF_ITEM = (
     _opt("change", "str", limit=16),
     _opt("statistics", "dict"),
 )
-QUERY_ITEMS = {"ls": LS_ENTRY, "find": FIND_MATCH, "diff": DIFF_ITEM}
+DUMP_CHUNK = (F("data", "str", limit=QUERY_CHUNK * 4 // 3 + 4),)  # base64
+QUERY_ITEMS = {"ls": LS_ENTRY, "find": FIND_MATCH, "diff": DIFF_ITEM, "dump": DUMP_CHUNK}
 # what query.result's items may hold: every kind's fields, none required
 # (fleetd then checks each item against its query's kind)
 _ANY_ITEM = tuple(
@@ -418,9 +421,11 @@ MESSAGES: dict[str, MessageSpec] = {
             F("query_id", "int", minimum=1),
             F("kind", "str", choices=QUERY_KINDS),
             _opt("repository_id", "int"),
-            _opt("snapshot", "str", limit=64),  # ls; diff's first
+            # pages it may send before a query.more (none: no bound)
+            _opt("window", "int", minimum=1, maximum=64),
+            _opt("snapshot", "str", limit=64),  # ls, dump; diff's first
             _opt("snapshot2", "str", limit=64),  # diff's second
-            _opt("path", "str", limit=MAX_STR),  # ls: the directory
+            _opt("path", "str", limit=MAX_STR),  # ls: the directory; dump: the file
             _opt("patterns", "list[str]", limit=16),  # find
             _opt("hosts", "list[str]", limit=100),  # find: whose snapshots
             _opt("tag", "str", limit=64),  # find: one group's
@@ -438,6 +443,10 @@ MESSAGES: dict[str, MessageSpec] = {
         ),
     ),
     "query.cancel": MessageSpec("server", (F("query_id", "int", minimum=1),)),
+    # fleetd took `pages` pages: the agent may send that many more
+    "query.more": MessageSpec(
+        "server", (F("query_id", "int", minimum=1), F("pages", "int", minimum=1, maximum=64))
+    ),
     "repo.locks": MessageSpec(
         "agent", (F("count", "int", minimum=0), _opt("repository_id", "int"))
     ),

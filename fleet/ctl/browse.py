@@ -1,14 +1,20 @@
-"""ls, find, diff: a snapshot's files from the operator's shell."""
+"""ls, find, diff, dump: a snapshot's files from the operator's shell."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import os
+import sys
 from typing import Any, Optional
 
 import click
 from rich.markup import escape
 
+from ..common.exitcodes import Exit
 from . import render
-from .app import App, json_option, pass_app
+from .app import App, CtlError, json_option, pass_app
 
 PAGE = 5000  # entries asked for at a time
 
@@ -166,3 +172,76 @@ def diff(
         )
     if d["truncated"]:
         app.err.print("more than 100,000 changes: the first ones shown")
+
+
+@click.command("dump")
+@click.argument("host")
+@click.argument("snapshot")
+@click.argument("path")
+@click.option("--group", metavar="GROUP", help="With SNAPSHOT latest: the latest of this group.")
+@click.option("--repo", "repository", metavar="REPO", help="The snapshot in this repository.")
+@click.option(
+    "--output",
+    "-o",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to FILE instead of standard output.",
+)
+@pass_app
+def dump(
+    app: App,
+    host: str,
+    snapshot: str,
+    path: str,
+    group: Optional[str],
+    repository: Optional[str],
+    output: Optional[str],
+) -> None:
+    """Write file PATH of SNAPSHOT of HOST to standard output (or --output):
+    `fleetctl dump web-01 latest /etc/hosts > hosts`. A directory comes as
+    a tar archive. The bytes are checked against fleetd's SHA-256 of them."""
+    if output is None and sys.stdout.isatty():
+        raise CtlError(
+            "standard output is a terminal: redirect it (> FILE) or give --output FILE", Exit.USAGE
+        )
+    digest = hashlib.sha256()
+    size = 0
+    sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    result: dict[str, Any] = {}
+    try:
+        with app.client() as c:
+            for kind, payload in c.stream(
+                "snapshots.dump",
+                host=host,
+                snapshot=snapshot,
+                path=path,
+                group=group,
+                repository=repository,
+            ):
+                if kind == "event" and payload.get("type") == "data":
+                    chunk = base64.b64decode(payload["data"])
+                    sink.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                elif kind == "result":
+                    result = payload
+        sink.flush()
+        if (size, digest.hexdigest()) != (result.get("bytes"), result.get("sha256")):
+            raise CtlError(
+                f"the file arrived damaged: {size} bytes, fleetd sent {result.get('bytes')}",
+                Exit.ERROR,
+            )
+    except BaseException:
+        if output:  # no half file left behind to be taken for the whole
+            sink.close()
+            with contextlib.suppress(OSError):
+                os.unlink(output)
+        raise
+    finally:
+        if output:
+            sink.close()
+    app.err.print(
+        f"{escape(result['path'])} of snapshot {result['snapshot'][:8]} of {escape(host)}: "
+        f"{render.human_bytes(size)}, sha256 {result['sha256']}",
+        highlight=False,
+    )

@@ -110,3 +110,59 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     fleet.ctl("diff", web.name, old["short_id"], "ffffffff", expect=4)
     fleet.ctl("ls", web.name, old["short_id"], "relative/path", expect=2)
     fleet.ctl("find", web.name, "", expect=2)
+
+
+def test_dump_streams_a_file_byte_for_byte(fleet, e2e, tmp_path):
+    import hashlib
+    import os
+
+    web = e2e.host(fleet)
+    blob = os.urandom(4_000_000)  # 21 chunks: past the 16 the agent sends unasked
+    e2e.write_tree(web.src, {"data/blob.bin": blob, "etc/hosts": "127.0.0.1 localhost\n"})
+    group = e2e.group(fleet, web)
+    backup(fleet, e2e, web, group)
+    # to standard output, as `fleetctl dump ... > file` is used
+    import subprocess
+
+    env = e2e.fx.clean_env(
+        FLEET_SERVER=fleet.url, FLEET_TOKEN=fleet.admin_token, XDG_CONFIG_HOME=str(fleet.config_dir)
+    )
+    done = subprocess.run(
+        [
+            str(e2e.fx.REPO_ROOT / "fleetctl"),
+            "dump",
+            web.name,
+            "latest",
+            f"{web.src}/data/blob.bin",
+        ],
+        capture_output=True,
+        env=env,
+        cwd=e2e.fx.REPO_ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == blob
+    assert hashlib.sha256(blob).hexdigest() in done.stderr.decode()
+    # to a file; an unknown path fails and leaves no file behind
+    target = tmp_path / "hosts"
+    fleet.ctl("dump", web.name, "latest", f"{web.src}/etc/hosts", "--output", target)
+    assert target.read_text() == "127.0.0.1 localhost\n"
+    missing = tmp_path / "missing"
+    failed = fleet.ctl(
+        "dump", web.name, "latest", f"{web.src}/no/such", "--output", missing, expect=1
+    )
+    assert "not found" in failed.stderr and not missing.exists()
+    audit = fleet.ctl_json("audit", "--action", "snapshot.dump")
+    assert any(a["detail"]["path"] == f"{web.src}/etc/hosts" for a in audit)
+    # a viewer may browse but not take files
+    viewer = fleet.add_user("viewer")
+    fleet.ctl(
+        "dump",
+        web.name,
+        "latest",
+        f"{web.src}/etc/hosts",
+        "-o",
+        tmp_path / "v",
+        token=viewer.token,
+        expect=3,
+    )

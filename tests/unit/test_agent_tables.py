@@ -74,6 +74,7 @@ def test_the_table_covers_what_fleetd_sends_a_session():
         "schedule.set",
         "query.run",
         "query.cancel",
+        "query.more",
         "error",
     }
     for type_ in handlers.HANDLERS:

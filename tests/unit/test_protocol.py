@@ -63,6 +63,7 @@ ALL_TYPES = {
     "query.run",
     "query.result",
     "query.cancel",
+    "query.more",
     "ack",
     "error",
 }
@@ -169,10 +170,11 @@ WIRE_FIELDS = {
     "query.run": (
         "server",
         ("query_id", "kind"),
-        ("repository_id", "snapshot", "snapshot2", "path", "patterns", "hosts", "tag"),
+        ("repository_id", "window", "snapshot", "snapshot2", "path", "patterns", "hosts", "tag"),
     ),
     "query.result": ("agent", ("query_id", "items", "done"), ("error", "code")),
     "query.cancel": ("server", ("query_id",), ()),
+    "query.more": ("server", ("query_id", "pages"), ()),
     "ack": ("server", ("seq",), ()),
     "error": ("both", ("code", "message"), ("re",)),
 }
@@ -502,6 +504,7 @@ EXAMPLES = {
             "query_id": 3,
             "kind": "ls",
             "repository_id": 4,
+            "window": 16,
             "snapshot": "4f2a9c1e",
             "snapshot2": "5e3b8d2f",
             "path": "/etc",
@@ -512,7 +515,7 @@ EXAMPLES = {
         None,
         None,
         '{"v":1,"type":"query.run","data":{"query_id":3,"kind":"ls","repository_id":4,'
-        '"snapshot":"4f2a9c1e","snapshot2":"5e3b8d2f","path":"/etc","patterns":["*.conf"],'
+        '"window":16,"snapshot":"4f2a9c1e","snapshot2":"5e3b8d2f","path":"/etc","patterns":["*.conf"],'
         '"hosts":["web-01"],"tag":"etc"}}',
     ),
     "query.result": (
@@ -527,6 +530,12 @@ EXAMPLES = {
         None,
         None,
         '{"v":1,"type":"query.cancel","data":{"query_id":3}}',
+    ),
+    "query.more": (
+        {"query_id": 3, "pages": 8},
+        None,
+        None,
+        '{"v":1,"type":"query.more","data":{"query_id":3,"pages":8}}',
     ),
     "ack": (
         {"seq": 6},

@@ -148,6 +148,13 @@ def find(patterns: Sequence[str], hosts: Sequence[str] = (), tag: str = "") -> C
     return (*args, "--", *patterns)
 
 
+def dump(snapshot: str, path: str) -> Command:
+    """One file of a snapshot, its bytes on standard output."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return (RESTIC, "dump", "--no-lock", "--", snapshot_id(snapshot), path)
+
+
 def diff(first: str, second: str) -> Command:
     return (RESTIC, "diff", "--json", "--no-lock", "--", snapshot_id(first), snapshot_id(second))
 

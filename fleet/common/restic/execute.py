@@ -157,6 +157,17 @@ async def _pump(
         await on_line(name, line)
 
 
+async def _pump_bytes(
+    stream: asyncio.StreamReader, on_bytes: Callable[[bytes], Awaitable[None]], size: int
+) -> None:
+    """Standard output as it is (a file `restic dump` writes), in chunks."""
+    while True:
+        chunk = await stream.read(size)
+        if not chunk:
+            return
+        await on_bytes(chunk)
+
+
 async def run(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -165,8 +176,12 @@ async def run(
     cancel: Optional[asyncio.Event] = None,
     grace: float = 10.0,
     cwd: Optional[str] = None,
+    on_bytes: Optional[Callable[[bytes], Awaitable[None]]] = None,
+    chunk: int = 1 << 16,
 ) -> Result:
-    """Run argv, streaming each output line (masked) to on_line as it comes.
+    """Run argv, streaming each output line (masked) to on_line as it comes;
+    with `on_bytes`, standard output goes there raw, in chunks of at most
+    `chunk` bytes (standard error still to on_line).
 
     When `cancel` is set: SIGINT (restic removes its lock and exits), then
     SIGTERM after `grace` seconds, then SIGKILL. A missing binary is exit 127.
@@ -195,7 +210,9 @@ async def run(
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     tail: list[str] = []
     pumps = asyncio.gather(
-        _pump(proc.stdout, "stdout", on_line, mask, None),  # type: ignore[arg-type]
+        _pump(proc.stdout, "stdout", on_line, mask, None)  # type: ignore[arg-type]
+        if on_bytes is None
+        else _pump_bytes(proc.stdout, on_bytes, chunk),  # type: ignore[arg-type]
         _pump(proc.stderr, "stderr", on_line, mask, tail),  # type: ignore[arg-type]
     )
     cancelled = False

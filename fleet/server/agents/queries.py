@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ...common import protocol
 from ...common.protocol import ProtocolError, check_fields
 
-QUEUE_PAGES = 64  # pages a query may have waiting (32,000 items)
+# pages a query may have waiting: the agent sends at most QUERY_WINDOW ahead
+QUEUE_PAGES = 64
 PAGE_TIMEOUT = 300.0  # seconds without a page before the query is given up
 
 
@@ -57,19 +58,30 @@ class Queries:
         self.pending[query_id] = pending
         done = False
         try:
-            frame = protocol.encode("query.run", {"query_id": query_id, "kind": kind, **params})
+            frame = protocol.encode(
+                "query.run",
+                {"query_id": query_id, "kind": kind, "window": protocol.QUERY_WINDOW, **params},
+            )
             if not await send(frame):
                 raise QueryFailed("offline", "the host's agent went offline")
+            taken = 0  # pages taken since the agent was last told it may send more
             while not done:
                 try:
                     page = await asyncio.wait_for(pending.pages.get(), timeout)
                 except asyncio.TimeoutError:
                     raise QueryFailed("timeout", f"no answer within {timeout:.0f} s") from None
                 if isinstance(page, QueryFailed):
-                    done = True  # the agent ended it (or its link did)
+                    # the agent ended it (or its link did); it still runs a
+                    # query fleetd gave up on, and is told to stop (finally)
+                    done = page.code not in ("overflow", "bad_frame")
                     raise page
                 items, done = page
                 yield items
+                taken += 1
+                if not done and taken >= protocol.QUERY_WINDOW // 2:
+                    more = {"query_id": query_id, "pages": taken}
+                    await send(protocol.encode("query.more", more))
+                    taken = 0
         finally:
             self.pending.pop(query_id, None)
             if not done:  # the caller went away: the agent may stop

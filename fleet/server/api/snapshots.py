@@ -5,7 +5,9 @@ browsing them (ls, find, diff), asked of an agent that uses the repository
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import posixpath
 import re
 from collections.abc import AsyncIterator
@@ -17,7 +19,7 @@ from ..agents.queries import QueryFailed
 from ..security.auth import Role
 from ..store.models import Host, HostRepository, Repository, Snapshot, utcnow
 from ..store.queries import browse
-from .common import get_host
+from .common import audit, get_host
 from .context import Context
 from .errors import Conflict, Invalid, NotFound
 from .registry import Method, collect
@@ -243,6 +245,49 @@ async def snapshots_ls(ctx: Context, p: dict) -> dict:
         "total": total,
         "entries": entries,
         "cached": cached,
+    }
+
+
+@method(
+    "snapshots.dump",
+    Role.OPERATOR,
+    (
+        Field("host", "str", limit=64),
+        Field("snapshot", "str", limit=64),
+        Field("path", "str", limit=4096),
+        Field("group", "str", False, limit=64),
+        Field("repository", "str", False, limit=64),
+    ),
+)
+async def snapshots_dump(ctx: Context, p: dict) -> dict:
+    """Stream one file of a snapshot (a directory: as a tar archive) as
+    data events of base64 chunks; the answer gives its size and SHA-256."""
+    store = ctx.state.store
+    host, snap, repo_name = await store.read(resolve, p)
+    path = check_path(p["path"])
+    asker = await store.read(browse_target, ctx, host, snap.repository_id, repo_name)
+    await store.atomic(
+        audit, ctx, "snapshot.dump", host.name, {"snapshot": snap.snapshot_id, "path": path}
+    )
+    digest = hashlib.sha256()
+    size = 0
+    params = {"repository_id": snap.repository_id, "snapshot": snap.snapshot_id, "path": path}
+    async for items in pages_of(ctx, asker, "dump", params):
+        for item in items:
+            data = item["data"]
+            try:
+                chunk = base64.b64decode(data, validate=True)
+            except ValueError:
+                raise Conflict("cannot dump: the agent sent a malformed chunk") from None
+            digest.update(chunk)
+            size += len(chunk)
+            await ctx.emit({"type": "data", "data": data})
+    return {
+        "host": host.name,
+        "snapshot": snap.snapshot_id,
+        "path": path,
+        "bytes": size,
+        "sha256": digest.hexdigest(),
     }
 
 
