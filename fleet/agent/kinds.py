@@ -9,11 +9,16 @@ code `unknown_kind`.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import socket
+import tempfile
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
+from ..common.drills import parse_sample
 from ..common.protocol import (
     MAX_COALESCED,
     MAX_COPY_SNAPSHOTS,
@@ -24,6 +29,7 @@ from ..common.protocol import (
 )
 from ..common.restic import commands, parse
 from ..common.restic.commands import read_data_subset
+from . import drill
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Job
@@ -83,6 +89,11 @@ def _check_command(params: dict, _: Where) -> tuple:
     if subset is None and params.get("args"):
         subset = params["args"][0]  # an older fleetd passes it positionally
     return commands.check(read_data_subset(subset) if subset else "")
+
+
+def _drill_command(params: dict, _: Where) -> tuple:
+    parse_sample(params["sample"])  # raises ValueError: refused before it starts
+    return commands.ls_all(params["snapshot"])
 
 
 def check_params(kind: Kind, command: dict) -> dict:
@@ -264,6 +275,77 @@ async def run_restore(job: Job) -> Outcome:
     return Outcome("succeeded", result.exit_code)
 
 
+async def run_drill(job: Job) -> Outcome:
+    """A restore drill (see drill.py): list, sample, restore with --verify
+    into a scratch directory, check, clean up; the verdict is the summary."""
+    p = job.params
+    began = time.monotonic()
+    files: list[drill.FileNode] = []
+
+    def listed(line: str) -> None:
+        doc = parse.json_line(line)
+        if (
+            doc
+            and doc.get("type") == "file"
+            and isinstance(doc.get("path"), str)
+            and len(files) < drill.MAX_LISTED
+        ):
+            files.append(drill.FileNode(doc["path"], _count(doc, "size"), doc.get("mtime")))
+
+    await job.log.note(f"drill of snapshot {p['snapshot'][:8]}: listing its files")
+    listing = await job.restic(commands.ls_all(p["snapshot"]), on_stdout=listed)
+    if listing.status != "succeeded":
+        return Outcome(
+            listing.status, listing.exit_code, f"cannot list the snapshot: {listing.error}"
+        )
+    sample = drill.choose(files, p["sample"])
+    if not sample:
+        return Outcome("failed", 0, "the snapshot holds no file to restore")
+    await job.log.note(
+        f"restoring {len(sample)} of {len(files)} files with --verify into a scratch directory"
+    )
+    scratch = tempfile.mkdtemp(prefix="fleet-drill-", dir=p.get("scratch") or None)
+    try:
+        restored = await job.restic(
+            commands.restore(
+                p["snapshot"], scratch, [drill.include_pattern(n.path) for n in sample], verify=True
+            )
+        )
+        verdict = await asyncio.get_running_loop().run_in_executor(
+            None, drill.check, scratch, sample
+        )
+    finally:
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: shutil.rmtree(scratch, ignore_errors=True)
+        )
+    verdict.update(
+        snapshot=p["snapshot"], listed=len(files), seconds=round(time.monotonic() - began, 3)
+    )
+    job.log.summary = {"drill": verdict}
+    if restored.cancelled:
+        return Outcome("cancelled", restored.exit_code)
+    if restored.exit_code != 0:
+        return Outcome(
+            "failed",
+            restored.exit_code,
+            f"the sample did not restore intact: {restored.error or 'restic failed'}",
+        )
+    for problem in verdict["problems"]:
+        await job.log.note(problem)
+    if verdict["mismatches"]:
+        return Outcome(
+            "failed",
+            1,
+            f"{verdict['mismatches']} of {len(sample)} restored files do not match: "
+            + "; ".join(verdict["problems"][:3]),
+        )
+    await job.log.note(
+        f"proven: {len(sample)} files ({verdict['bytes']} bytes) restored and verified, "
+        f"{verdict['live_checked']} compared with the live file"
+    )
+    return Outcome("succeeded", 0)
+
+
 # -- the table -------------------------------------------------------------------
 
 _HOOK = MAX_STR
@@ -319,6 +401,17 @@ KINDS: dict[str, Kind] = {
     ),
     "unlock": Kind((), lambda p, w: commands.unlock(), run_restic, locks_after=True),
     "snapshots": Kind((), lambda p, w: commands.snapshots(hosts=w.hosts), run_restic),
+    # a sample of a snapshot restored, verified and compared, then removed
+    "drill": Kind(
+        (
+            _req("snapshot", "str", limit=64),
+            _req("sample", "str", limit=16),
+            _opt("tag", "str", limit=64),
+            _opt("group", "str", limit=64),
+        ),
+        _drill_command,
+        run_drill,
+    ),
     # one snapshot by id, of this host or another using the repository
     "restore": Kind(
         (

@@ -205,18 +205,25 @@ class Job:
     def now() -> str:
         return now_iso()
 
-    async def restic(self, argv: tuple, log_stdout: bool = True) -> execute.Result:
+    async def restic(
+        self,
+        argv: tuple,
+        log_stdout: bool = True,
+        on_stdout: Optional[Callable[[str], Any]] = None,
+    ) -> execute.Result:
         """Run restic for the job; its lines go to the job's log (standard
-        output too unless `log_stdout` is false)."""
+        output too unless `log_stdout` is false; to `on_stdout` when given)."""
 
         async def stderr_only(stream: str, line: str) -> None:
             if stream != "stdout":
                 await self.log.line(stream, line)
+            elif on_stdout is not None:
+                on_stdout(line)
 
         return await execute.run(
             self.runner.argv(argv),
             self.env,
-            self.log.line if log_stdout else stderr_only,
+            self.log.line if log_stdout and on_stdout is None else stderr_only,
             self.mask,
             self.cancel,
             self.runner.grace,

@@ -49,6 +49,7 @@ JOB_KINDS = (
     "restore",
     "snapshots",
     "stats",
+    "drill",
 )
 JOB_STATUSES = (
     "queued",
@@ -319,6 +320,8 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("snapshot", "str", limit=64),
             _opt("target", "str", limit=4096),
             _opt("verify", "bool"),
+            # drill: how much of the snapshot it restores ("20" files or "1%")
+            _opt("sample", "str", limit=16),
         ),
     ),
     "command.result": MessageSpec(

@@ -61,6 +61,18 @@ def repository_options(fn: Any) -> Any:
 
 def group_options(fn: Any) -> Any:
     fn = click.option(
+        "--drill-sample",
+        metavar="N|P%",
+        help="How much of the latest snapshot a drill restores: N files or P% of them "
+        "(default 20; '' resets).",
+    )(fn)
+    fn = click.option(
+        "--drill-cron",
+        metavar="CRON",
+        help="Run a restore drill on this cron (UTC): a sample of the latest snapshot "
+        "restored, verified and removed ('' or off: none).",
+    )(fn)
+    fn = click.option(
         "--ping-url-file",
         metavar="FILE",
         help="Read the ping URL from FILE ('-': standard input); better than --ping-url, "
@@ -149,6 +161,15 @@ def copy_retention(g: dict) -> Optional[str]:
     return retention.describe(g["copy_retention"])
 
 
+def drills(g: dict) -> Optional[str]:
+    if not g["drill_cron"]:
+        return None
+    return (
+        f"{g['drill_cron']} (UTC), sample {g['drill_sample']}, "
+        f"next {g['next_drill_at'] or 'computed at the next look'}"
+    )
+
+
 def pinged(g: dict) -> Optional[str]:
     if not g["ping_url"]:
         return None
@@ -219,6 +240,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("copies run", c(copies_run(g))),
             ("expected every", c(f"{g['expect_every']} s" if g["expect_every"] else None)),
             ("ping URL", c(pinged(g))),
+            ("drills", c(drills(g))),
             ("schedules", c(g["schedules"])),
             ("updated", c(g["updated_at"])),
         ],

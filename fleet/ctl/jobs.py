@@ -201,10 +201,23 @@ def start_job(
     is_flag=True,
     help="Instead of a backup, copy the group's snapshots that its second repository lacks.",
 )
+@click.option(
+    "--drill",
+    is_flag=True,
+    help="Instead of a backup, a restore drill: restore a sample of the group's latest "
+    "snapshot into a scratch directory, verify it, and remove it.",
+)
 @follow_options
 @pass_app
 def run(
-    app: App, host: str, group: str, copy: bool, follow: bool, strict: bool, as_json: bool
+    app: App,
+    host: str,
+    group: str,
+    copy: bool,
+    drill: bool,
+    follow: bool,
+    strict: bool,
+    as_json: bool,
 ) -> None:
     """Back up GROUP of HOST now.
 
@@ -212,7 +225,9 @@ def run(
     exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
     or lost.
     """
-    kind = "copy" if copy else "backup"
+    if copy and drill:
+        raise click.UsageError("--copy and --drill are two different jobs: give one")
+    kind = "copy" if copy else "drill" if drill else "backup"
     what = f"{kind} of {host}/{group}"
     start_job(app, what, follow, strict, as_json, host=host, group=group, kind=kind)
 

@@ -28,6 +28,13 @@ def last_success(g: dict) -> str:
     return render.ago(g["last_success_at"]) + extra
 
 
+def proven(g: dict) -> str:
+    """When a restore drill last proved the group restorable."""
+    if g.get("last_drill_status") in ("failed", "lost"):
+        return "[red]drill failed[/]"
+    return render.ago(g["last_proven_at"]) if g.get("last_proven_at") else "-"
+
+
 def state(g: dict) -> str:
     if g["overdue"]:
         return "[red]overdue[/]"
@@ -91,7 +98,7 @@ def status(app: App, offline_after: int, unchecked_after: int, watch: bool, as_j
         host = escape(h["name"]) + ("" if h["online"] else " [dim](offline)[/]")
         for g in h["groups"] or [None]:
             if g is None:
-                rows.append((host, "-", "-", "-", "-"))
+                rows.append((host, "-", "-", "-", "-", "-"))
                 continue
             rows.append(
                 (
@@ -99,12 +106,13 @@ def status(app: App, offline_after: int, unchecked_after: int, watch: bool, as_j
                     render.cell(g["name"]),
                     last_success(g),
                     state(g),
+                    proven(g),
                     render.cell(g["next_run_at"] or ("-" if g["scheduled"] else "unscheduled")),
                 )
             )
     render.table(
         app.out,
-        ("HOST", "GROUP", "LAST SUCCESS", "LAST", "NEXT RUN (UTC)"),
+        ("HOST", "GROUP", "LAST SUCCESS", "LAST", "PROVEN", "NEXT RUN (UTC)"),
         rows,
         empty="no hosts: enroll one with 'fleetctl enroll'",
     )

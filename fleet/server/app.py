@@ -56,7 +56,7 @@ from .events import (
     MaintenanceChanged,
 )
 from .notify import Notifications, Pings
-from .scheduling import copies, maintenance
+from .scheduling import copies, drills, maintenance
 from .scheduling.alerts import ALERT_EVERY, AlertSource
 from .scheduling.due import LostJobs, Retries
 from .scheduling.heap import HeapKeeper
@@ -601,6 +601,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             ),
             RowSource("maintenance", agents.lifecycle, maintenance.next_due, maintenance.run_due),
             RowSource("copies", agents.lifecycle, copies.next_due, copies.run_due),
+            RowSource("drills", agents.lifecycle, drills.next_due, drills.run_due),
             alerts,
         ],
     )

@@ -109,6 +109,12 @@ def _ran(job: Optional[Job]) -> Optional[float]:
     return max(0.0, (job.finished_at - job.started_at).total_seconds())
 
 
+def _drilled(job: Optional[Job]) -> Optional[str]:
+    """The snapshot a drill proved (its verdict names it)."""
+    verdict = ((job.summary or {}) if job else {}).get("drill") or {}
+    return verdict.get("snapshot") if isinstance(verdict, dict) else None
+
+
 def _span(delta: dt.timedelta) -> str:
     seconds = int(delta.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -177,6 +183,8 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
         crons[group_id].append((expr, zone_of(own_zone, zones.get(host_id))[2]))
     success = _latest("backup", DONE, Job.group)
     outcome = _latest("backup", ("succeeded", "warning", "failed", "lost"), Job.group)
+    proven = _latest("drill", ("succeeded",), Job.group)
+    drilled = _latest("drill", ("succeeded", "failed", "lost"), Job.group)
     running = list(
         Job.select(Job, Host)
         .join(Host)
@@ -246,6 +254,16 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                     job=last.id,
                     **where,
                 )
+            drill = drilled.get(g.id)
+            if drill is not None and drill.status in ("failed", "lost"):
+                problem(
+                    CRITICAL,
+                    "drill_failed",
+                    f"{h.name}/{g.name}: the last restore drill (job {drill.id}) {drill.status}"
+                    + (f": {drill.error}" if drill.error else ""),
+                    job=drill.id,
+                    **where,
+                )
             out_groups.append(
                 {
                     "name": g.name,
@@ -261,6 +279,11 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                     "next_run_at": iso(nxt),
                     "scheduled": bool(own),
                     "overdue": late is not None,
+                    # "last proven restorable": the last drill that succeeded
+                    "last_proven_at": iso(proven[g.id].finished_at) if g.id in proven else None,
+                    "last_proven_snapshot": _drilled(proven.get(g.id)),
+                    "last_drill_status": drill.status if drill else None,
+                    "last_drill_job": drill.id if drill else None,
                 }
             )
         out_hosts.append(

@@ -4,7 +4,8 @@ scrape (so two replicas would say the same), off unless `fleetd serve
 
 Per host: online, last seen. Per group: the last successful backup's time
 (`fleet_group_last_success_timestamp_seconds`), the data it added, the last
-backup's duration and outcome, overdue. Per repository: stored size,
+backup's duration and outcome, overdue, the last restore drill that
+succeeded and the last one's outcome. Per repository: stored size,
 snapshots, locks, the last check's time and outcome. The problems
 `fleetctl status` reports, by kind and severity; jobs by status.
 
@@ -79,6 +80,16 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
     overdue = GaugeMetricFamily(
         "fleet_group_overdue", "1 when the group's backup is overdue", labels=["host", "group"]
     )
+    proven = GaugeMetricFamily(
+        "fleet_group_last_proven_timestamp_seconds",
+        "When the group's last restore drill succeeded (last proven restorable)",
+        labels=["host", "group"],
+    )
+    drill_ok = GaugeMetricFamily(
+        "fleet_group_last_drill_ok",
+        "1 when the group's last restore drill succeeded, 0 when it failed",
+        labels=["host", "group"],
+    )
     for h in view["hosts"]:
         online.add_metric([h["name"]], 1.0 if h["online"] else 0.0)
         if h["last_seen_at"]:
@@ -94,6 +105,10 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
             if g["last_duration_seconds"] is not None:
                 duration.add_metric(labels, g["last_duration_seconds"])
             overdue.add_metric(labels, 1.0 if g["overdue"] else 0.0)
+            if g["last_proven_at"]:
+                proven.add_metric(labels, _ts(g["last_proven_at"]))
+            if g["last_drill_status"]:
+                drill_ok.add_metric(labels, 1.0 if g["last_drill_status"] == "succeeded" else 0.0)
 
     raw = GaugeMetricFamily(
         "fleet_repository_stored_bytes",
@@ -157,6 +172,8 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
         outcome,
         duration,
         overdue,
+        proven,
+        drill_ok,
         raw,
         snaps,
         locks,

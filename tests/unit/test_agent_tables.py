@@ -200,6 +200,7 @@ def test_the_kinds():
         "snapshots",
         "stats",
         "restore",
+        "drill",
     }
     assert set(kinds.KINDS) <= set(protocol.JOB_KINDS)
     for kind in kinds.KINDS.values():

@@ -130,6 +130,7 @@ WIRE_FIELDS = {
             "snapshot",
             "target",
             "verify",
+            "sample",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -346,6 +347,7 @@ EXAMPLES = {
             "snapshot": "4f2a9c1e",
             "target": "/srv/restored",
             "verify": True,
+            "sample": "20",
         },
         "r42",
         None,
@@ -355,7 +357,7 @@ EXAMPLES = {
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
         '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
         '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"],'
-        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true}}',
+        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true,"sample":"20"}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},
@@ -620,6 +622,7 @@ def test_wire_enumerations():
         "restore",
         "snapshots",
         "stats",
+        "drill",
     )
     assert protocol.JOB_STATUSES == (
         "queued",

@@ -31,6 +31,7 @@ NOTIFIERS = MIGRATIONS[12][1]
 PINGS = MIGRATIONS[13][1]
 LATEST = MIGRATIONS[14][1]
 LISTINGS = MIGRATIONS[15][1]
+DRILLS = MIGRATIONS[16][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -85,7 +86,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 17))
+        assert migrate(database) == list(range(1, 18))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -107,10 +108,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (14, PINGS),
             (15, LATEST),
             (16, LISTINGS),
+            (17, DRILLS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 16
+        assert current_version(database) == MIGRATIONS[-1][0] == 17
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -140,6 +142,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (14, PINGS),
         (15, LATEST),
         (16, LISTINGS),
+        (17, DRILLS),
     ]
     assert m.Host.select().count() == 0
 

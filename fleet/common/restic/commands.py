@@ -137,6 +137,11 @@ def ls(snapshot: str, directory: str) -> Command:
     return (RESTIC, "ls", "--json", "--no-lock", "--", snapshot_id(snapshot), directory)
 
 
+def ls_all(snapshot: str) -> Command:
+    """Every node of a snapshot, recursively (a drill's sample is drawn from them)."""
+    return (RESTIC, "ls", "--json", "--no-lock", "--", snapshot_id(snapshot))
+
+
 def find(patterns: Sequence[str], hosts: Sequence[str] = (), tag: str = "") -> Command:
     """The paths matching any of the patterns in every snapshot of these
     hosts (and tag)."""

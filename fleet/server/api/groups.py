@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
+from ...common import drills as drills_common
 from ...common import retention
 from ...common.protocol import Field
 from .. import notify
@@ -44,6 +45,9 @@ GROUP_FIELDS = (
     Field("expect_every", "int", False, minimum=0),
     # a Healthchecks-style URL pinged as its backups start and end; "": none
     Field("ping_url", "str", False, limit=2048),
+    # restore drills: when (cron, UTC; "" or off: none) and how much ("20", "1%")
+    Field("drill_cron", "str", False, limit=256),
+    Field("drill_sample", "str", False, limit=16),
 )
 # protocol.Field bounds ints from below only; the upper bounds are checked here
 MAXIMUM = {
@@ -141,6 +145,23 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
         g.expect_every = every or None
 
 
+def apply_drill(ctx: Context, g: SourceGroup, p: dict) -> None:
+    """The group's drill cron and sample; a new cron is due from now on."""
+    if p.get("drill_sample"):
+        try:
+            drills_common.parse_sample(p["drill_sample"])
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        g.drill_sample = p["drill_sample"].strip()
+    elif "drill_sample" in p:
+        g.drill_sample = None  # the default
+    if "drill_cron" in p:
+        expr = check_cron("drill-cron", p["drill_cron"])
+        if expr != g.drill_cron:
+            g.drill_cron, g.next_drill_at = expr, None
+            ctx.events.append(MaintenanceChanged(0))  # the ticker looks again
+
+
 def apply_ping(ctx: Context, g: SourceGroup, p: dict) -> None:
     """The group's ping URL as given ("": none), encrypted and bound to the
     group's row (so it is saved once first)."""
@@ -203,6 +224,7 @@ def groups_create(ctx: Context, p: dict) -> dict:
     group.includes = check_includes(group.includes)
     group.retention = check_retention(p.get("retention"))
     attached = apply_repositories(ctx, host, group, p)
+    apply_drill(ctx, group, p)
     group.save()
     if p.get("ping_url"):
         apply_ping(ctx, group, p)  # bound to the row's id: known now
@@ -239,6 +261,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
         group.retention = check_retention(merged)
     attached = apply_repositories(ctx, host, group, p)
     apply_ping(ctx, group, p)
+    apply_drill(ctx, group, p)
     group.updated_at = utcnow()
     group.save()
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():

@@ -15,6 +15,7 @@ from ...common.timefmt import iso
 from ..agents.ingest import line_json
 from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
 from ..jobs import lifecycle
+from ..scheduling import drills
 from ..security.auth import Role
 from ..store.models import (
     Host,
@@ -37,7 +38,7 @@ from .registry import Method, collect
 METHODS: list[Method] = []
 method = collect(METHODS)
 
-GROUP_KINDS = ("backup", "forget", "copy")  # the kinds that act on one source group
+GROUP_KINDS = ("backup", "forget", "copy", "drill")  # the kinds that act on one source group
 
 
 def jobs_with_names() -> Any:
@@ -118,6 +119,12 @@ def jobs_run(ctx: Context, p: dict) -> dict:
             params = {"tag": group.name, "retention": group.retention}
             if not group.retention:
                 raise Invalid(f"source group {group.name} has no retention rules to forget by")
+        elif kind == "drill":  # a sample of its latest snapshot, restored and checked
+            snap = drills.latest_snapshot(group)
+            if snap is None:
+                raise Invalid(f"source group {group.name} has no snapshot to drill yet")
+            params = drills.drill_params(group, snap)
+            repository = snap.repository_id
         else:  # copy: every snapshot of the group its second repository lacks
             if group.copy_to_id is None:
                 raise Invalid(f"source group {group.name} names no repository to copy to")

@@ -31,6 +31,7 @@ KINDS = (
     "unchecked",
     "locked",
     "maintenance_failed",
+    "drill_failed",
     "agent_behind",
 )
 NAME = Field("name", "str", limit=64)

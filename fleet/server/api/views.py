@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Optional
 
+from ...common.drills import DEFAULT_SAMPLE
 from ...common.timefmt import iso
 from ..security.secrets import SecretBox, repository_aad
 from ..store.models import (
@@ -227,6 +228,10 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "ping_url": g.ping_url_shown,
         "ping_sent_at": iso(g.ping_sent_at),
         "ping_error": g.ping_error,
+        # restore drills: cron (UTC; None: none scheduled), sample, next one
+        "drill_cron": g.drill_cron,
+        "drill_sample": g.drill_sample or DEFAULT_SAMPLE,
+        "next_drill_at": iso(g.next_drill_at),
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
     }

@@ -224,6 +224,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE INDEX "listing_page_listing_id" ON "listing_page" ("listing_id")',
         ],
     ),
+    (
+        17,
+        "restore drills: a group's cron and sample, and when its next one is due",
+        [
+            'ALTER TABLE "source_group" ADD COLUMN "drill_cron" TEXT',
+            'ALTER TABLE "source_group" ADD COLUMN "drill_sample" TEXT',
+            'ALTER TABLE "source_group" ADD COLUMN "next_drill_at" DATETIME',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

@@ -158,6 +158,11 @@ class SourceGroup(Base):
     ping_url_shown = pw.TextField(null=True)
     ping_sent_at = pw.DateTimeField(null=True)
     ping_error = pw.TextField(null=True)  # the last ping's failure; NULL: it worked
+    # restore drills (scheduling/drills.py): when (cron, UTC; NULL: none on a
+    # schedule), how much of the latest snapshot ("20" files, "1%"; NULL: 20)
+    drill_cron = pw.TextField(null=True)
+    drill_sample = pw.TextField(null=True)
+    next_drill_at = pw.DateTimeField(null=True)
 
     class Meta:
         indexes = ((("host", "name"), True),)
