@@ -27,7 +27,7 @@ from ..common.protocol import (
     ProtocolError,
     check_fields,
 )
-from ..common.restic import commands, parse
+from ..common.restic import commands, parse, patterns
 from ..common.restic.commands import read_data_subset
 from . import drill
 
@@ -89,6 +89,17 @@ def _check_command(params: dict, _: Where) -> tuple:
     if subset is None and params.get("args"):
         subset = params["args"][0]  # an older fleetd passes it positionally
     return commands.check(read_data_subset(subset) if subset else "")
+
+
+def _restore_command(p: dict, _: Where) -> tuple:
+    argv = commands.restore(
+        p["snapshot"],
+        p["target"],
+        p.get("includes") or (),
+        p.get("excludes") or (),
+        bool(p.get("verify")),
+    )  # checked even for a dry run, which lists the snapshot instead
+    return commands.ls_all(p["snapshot"]) if p.get("dry_run") else argv
 
 
 def _drill_command(params: dict, _: Where) -> tuple:
@@ -251,11 +262,66 @@ async def after_repository_change(job: Job, outcome: Outcome) -> None:
         job.refresh()
 
 
+DRY_RUN_SHOWN = 1000  # files a dry run names in the job's log (then it counts)
+
+
+async def dry_run_restore(job: Job) -> Outcome:
+    """What a restore would write, without writing: the snapshot listed and
+    matched against the includes and excludes as restic would (restic 0.14
+    has no restore --dry-run); the files named in the log, counted in the
+    summary, with those that exist at the target already (overwritten)."""
+    p = job.params
+    includes, excludes = p.get("includes") or (), p.get("excludes") or ()
+    counts = {"files": 0, "dirs": 0, "bytes": 0, "overwrites": 0}
+    shown: list[str] = []
+
+    def listed(line: str) -> None:
+        doc = parse.json_line(line)
+        path = (doc or {}).get("path")
+        if not doc or doc.get("struct_type", "node") != "node" or not isinstance(path, str):
+            return
+        if not patterns.selected(path, includes, excludes):
+            return
+        if doc.get("type") == "dir":
+            counts["dirs"] += 1
+            return
+        size = _count(doc, "size")
+        dest = os.path.join(p["target"], path.lstrip("/"))
+        exists = os.path.lexists(dest)
+        counts["files"] += 1
+        counts["bytes"] += size
+        counts["overwrites"] += exists
+        if len(shown) < DRY_RUN_SHOWN:
+            shown.append(
+                f"would write {dest} ({size} bytes){' over a file there' if exists else ''}"
+            )
+
+    await job.log.note(f"dry run: what restoring snapshot {p['snapshot'][:8]} would write")
+    result = await job.restic(job.command, on_stdout=listed)
+    if result.status != "succeeded":
+        return Outcome(result.status, result.exit_code, f"cannot list the snapshot: {result.error}")
+    for line in shown:
+        await job.log.note(line)
+    if counts["files"] > len(shown):
+        await job.log.note(f"... and {counts['files'] - len(shown)} more files")
+    job.log.summary = {"dry_run": counts}
+    await job.log.note(
+        f"dry run: {counts['files']} files ({counts['bytes']} bytes) in {counts['dirs']} "
+        f"directories would be written into {p['target']}, {counts['overwrites']} of them over "
+        "files there; nothing was written"
+    )
+    if not counts["files"] and (includes or excludes):
+        return Outcome("warning", 0, "nothing in the snapshot matches: nothing would be restored")
+    return Outcome("succeeded", 0)
+
+
 async def run_restore(job: Job) -> Outcome:
     """restic restore; an include path that restored nothing (a typo, or a
     file the snapshot lacks) turns a success into a warning that names it:
     restic itself says nothing of it."""
     p = job.params
+    if p.get("dry_run"):
+        return await dry_run_restore(job)
     where = "in place" if p["target"] == "/" else f"into {p['target']}"
     await job.log.note(f"restoring snapshot {p['snapshot'][:8]} {where}")
     result = await job.restic(job.command)
@@ -420,14 +486,9 @@ KINDS: dict[str, Kind] = {
             _opt("includes", "list[str]", limit=1000),
             _opt("excludes", "list[str]", limit=1000),
             _opt("verify", "bool"),
+            _opt("dry_run", "bool"),
         ),
-        lambda p, w: commands.restore(
-            p["snapshot"],
-            p["target"],
-            p.get("includes") or (),
-            p.get("excludes") or (),
-            bool(p.get("verify")),
-        ),
+        _restore_command,
         run_restore,
     ),
     "stats": Kind((), lambda p, w: commands.stats(), run_restic),

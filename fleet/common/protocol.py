@@ -322,6 +322,8 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("verify", "bool"),
             # drill: how much of the snapshot it restores ("20" files or "1%")
             _opt("sample", "str", limit=16),
+            # restore: say what it would write, write nothing
+            _opt("dry_run", "bool"),
         ),
     ),
     "command.result": MessageSpec(

@@ -52,6 +52,13 @@ from .jobs import follow_options, start_job
     "--verify", is_flag=True, help="Read each restored file back and check it against the snapshot."
 )
 @click.option(
+    "--dry-run",
+    "-n",
+    is_flag=True,
+    help="Write nothing: the job's log names what would be written (and what it would "
+    "overwrite), its summary counts it.",
+)
+@click.option(
     "--yes", "-y", is_flag=True, help="Do not ask before restoring in place or onto OTHER."
 )
 @follow_options
@@ -67,6 +74,7 @@ def restore(
     group: Optional[str],
     repository: Optional[str],
     verify: bool,
+    dry_run: bool,
     yes: bool,
     follow: bool,
     strict: bool,
@@ -81,13 +89,16 @@ def restore(
     """
     onto = to_host or host
     in_place = target.rstrip("/") == "" and target.startswith("/")
-    if in_place:
+    if dry_run:
+        pass  # nothing is written: nothing to confirm
+    elif in_place:
         confirm(yes, f"Restore {snapshot} of {host} over the live files of {onto} (into /)?")
     elif to_host and to_host != host:
         confirm(yes, f"Restore {snapshot} of {host} onto another host, {to_host}, into {target}?")
     start_job(
         app,
-        f"restore of {snapshot} of {host} onto {onto}, into {target}",
+        f"{'dry run of a ' if dry_run else ''}restore of {snapshot} of {host} onto {onto}, "
+        f"into {target}",
         follow,
         strict,
         as_json,
@@ -102,4 +113,5 @@ def restore(
         repository=repository,
         verify=verify or None,
         in_place=in_place or None,
+        dry_run=dry_run or None,
     )

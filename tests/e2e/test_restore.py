@@ -106,6 +106,82 @@ def test_a_restore_brings_a_directory_back_byte_for_byte(fleet, e2e, tmp_path):
     assert code == 1 and "nothing restored for" in err, out + err
 
 
+def test_a_dry_run_says_what_would_be_written_and_writes_nothing(fleet, e2e, tmp_path):
+    web = e2e.host(fleet)
+    group, snapshot = backed_up(fleet, e2e, web)
+    target = tmp_path / "dry"
+    code, out, err = e2e.fleetctl(
+        fleet, "restore", web.name, snapshot, "--target", target, "--dry-run", "--follow"
+    )
+    assert code == 0, out + err
+    assert not target.exists()
+    (job,) = [j for j in e2e.jobs(fleet, web.name) if j["kind"] == "restore"]
+    shown = e2e.show(fleet, job["id"])
+    assert shown["restore"]["dry_run"] is True
+    assert shown["summary"]["dry_run"] == {
+        "files": 4,
+        "dirs": shown["summary"]["dry_run"]["dirs"],
+        "bytes": sum(len(v) for v in TREE.values()),
+        "overwrites": 0,
+    }
+    lines = [x["payload"] for x in e2e.log_lines(fleet, job["id"])]
+    assert any(f"would write {target}{web.src}/conf/app.ini" in x for x in lines)
+    # in place: no question asked (nothing is written), each file counted as overwritten
+    code, out, err = e2e.fleetctl(
+        fleet,
+        "restore",
+        web.name,
+        snapshot,
+        "--target",
+        "/",
+        "--include",
+        str(web.src / "conf"),
+        "--dry-run",
+        "--follow",
+    )
+    assert code == 0, out + err
+    (_, last) = [j for j in e2e.jobs(fleet, web.name) if j["kind"] == "restore"]
+    counted = e2e.show(fleet, last["id"])["summary"]["dry_run"]
+    assert (counted["files"], counted["overwrites"]) == (2, 2)
+    # an exclude leaves its matches out, as restic would
+    code, out, err = e2e.fleetctl(
+        fleet,
+        "restore",
+        web.name,
+        snapshot,
+        "--target",
+        target,
+        "--exclude",
+        "*.bin",
+        "--exclude",
+        "nested",
+        "--dry-run",
+        "--json",
+        "--follow",
+    )
+    assert code == 0, out + err
+    (*_, last) = [j for j in e2e.jobs(fleet, web.name) if j["kind"] == "restore"]
+    assert e2e.show(fleet, last["id"])["summary"]["dry_run"]["files"] == 2  # index, app.ini
+    # and restic, really restoring with the same excludes, writes those two
+    real = tmp_path / "real"
+    code, out, err = e2e.fleetctl(
+        fleet,
+        "restore",
+        web.name,
+        snapshot,
+        "--target",
+        real,
+        "--exclude",
+        "*.bin",
+        "--exclude",
+        "nested",
+        "--follow",
+    )
+    assert code == 0, out + err
+    written = sorted(p.name for p in real.rglob("*") if p.is_file())
+    assert written == ["app.ini", "index.html"]
+
+
 def test_bad_restores_are_refused_with_nothing_queued(fleet, e2e, tmp_path):
     web = e2e.host(fleet)
     group, snapshot = backed_up(fleet, e2e, web)

@@ -131,6 +131,7 @@ WIRE_FIELDS = {
             "target",
             "verify",
             "sample",
+            "dry_run",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -348,6 +349,7 @@ EXAMPLES = {
             "target": "/srv/restored",
             "verify": True,
             "sample": "20",
+            "dry_run": True,
         },
         "r42",
         None,
@@ -357,7 +359,7 @@ EXAMPLES = {
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
         '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
         '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"],'
-        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true,"sample":"20"}}',
+        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true,"sample":"20","dry_run":true}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},

@@ -61,6 +61,7 @@ def check_patterns(kind: str, patterns: list[str]) -> list[str]:
         Field("repository", "str", False, limit=64),
         Field("verify", "bool", False),
         Field("in_place", "bool", False),
+        Field("dry_run", "bool", False),
     ),
 )
 def restore_run(ctx: Context, p: dict) -> dict:
@@ -70,7 +71,8 @@ def restore_run(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     onto = get_host(p["to_host"]) if p.get("to_host") else host
     snap = find_snapshot(host, p["snapshot"], p.get("group"), p.get("repository"))
-    target = check_target(p["target"], bool(p.get("in_place")))
+    dry_run = bool(p.get("dry_run"))
+    target = check_target(p["target"], bool(p.get("in_place")) or dry_run)
     if p.get("includes") and p.get("excludes"):
         raise Invalid("give --include or --exclude, not both (restic restore takes one kind)")
     if snap.repository_id is None:
@@ -95,6 +97,8 @@ def restore_run(ctx: Context, p: dict) -> dict:
         "verify": bool(p.get("verify")),
         "from_host": host.name,  # whose snapshot (shown; the agent reads it by id)
     }
+    if dry_run:
+        params["dry_run"] = True  # nothing written: says what would be
     job = lifecycle.create(
         ctx.events, onto.id, "restore", "user", ctx.caller.user_id, None, params, repository=repo.id
     )
@@ -108,6 +112,7 @@ def restore_run(ctx: Context, p: dict) -> dict:
             "from_host": host.name,
             "target": target,
             "includes": params["includes"],
+            "dry_run": dry_run,
         },
     )
     agents = ctx.state.agents

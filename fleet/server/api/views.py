@@ -275,7 +275,15 @@ def restore_json(job: Job) -> dict:
     return {
         "restore": {
             k: params.get(k)
-            for k in ("snapshot", "from_host", "target", "includes", "excludes", "verify")
+            for k in (
+                "snapshot",
+                "from_host",
+                "target",
+                "includes",
+                "excludes",
+                "verify",
+                "dry_run",
+            )
         }
     }
 
