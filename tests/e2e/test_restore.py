@@ -53,6 +53,7 @@ def test_a_restore_brings_a_directory_back_byte_for_byte(fleet, e2e, tmp_path):
         "includes": [],
         "excludes": [],
         "verify": True,
+        "dry_run": False,
     }
     audit = fleet.ctl_json("audit", "--action", "restore.run")
     assert any(a["detail"]["job"] == job["id"] for a in audit)

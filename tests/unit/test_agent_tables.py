@@ -234,6 +234,7 @@ def test_restore_params_and_command():
     assert argv == (
         "restic",
         "restore",
+        "--json",
         "--target",
         "/srv/r",
         "--include",
@@ -248,7 +249,7 @@ def test_restore_params_and_command():
     _, _, plain = kinds.prepare(
         {"job_id": 1, "kind": "restore", "snapshot": snap[:8], "target": "/"}
     )
-    assert plain == ("restic", "restore", "--target", "/", "--", snap[:8])
+    assert plain == ("restic", "restore", "--json", "--target", "/", "--", snap[:8])
 
 
 @pytest.mark.parametrize(

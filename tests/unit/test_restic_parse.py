@@ -276,3 +276,14 @@ def test_browse_commands_take_no_lock_and_check_their_input() -> None:
     ):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_a_restores_progress_in_restic_0_17() -> None:
+    status = parse.json_line(
+        '{"message_type":"status","seconds_elapsed":4,"percent_done":0.5,"total_files":10,'
+        '"files_restored":5,"total_bytes":2000,"bytes_restored":1000}'
+    )
+    got = parse.progress(status)
+    assert (got["percent_done"], got["files_done"], got["total_files"]) == (0.5, 5, 10)
+    assert (got["bytes_done"], got["total_bytes"], got["throughput_bps"]) == (1000, 2000, 250)
+    assert commands.restore("4f2a9c1e", "/srv")[:3] == ("restic", "restore", "--json")

@@ -116,7 +116,8 @@ def restore(
     restored files read back and checked against the snapshot."""
     if not target.startswith("/"):
         raise ValueError(f"restore target {target!r} is not an absolute path")
-    args = [RESTIC, "restore", "--target", target]
+    # --json: restic 0.16+ prints its progress (0.14 takes the flag, prints none)
+    args = [RESTIC, "restore", "--json", "--target", target]
     for pattern in includes:
         args += ["--include", pattern]
     for pattern in excludes:

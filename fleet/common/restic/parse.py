@@ -46,13 +46,14 @@ def _int(doc: dict[str, Any], key: str) -> int:
 
 
 def progress(status: dict[str, Any]) -> dict[str, Any]:
-    """A backup `status` message as job.progress fields (without job_id)."""
+    """A backup's `status` message (or a restore's, restic 0.16+: bytes and
+    files "restored") as job.progress fields (without job_id)."""
     elapsed = status.get("seconds_elapsed") or 0
-    done = _int(status, "bytes_done")
+    done = _int(status, "bytes_done") or _int(status, "bytes_restored")
     percent = status.get("percent_done") or 0
     return {
         "percent_done": float(percent) if isinstance(percent, (int, float)) else 0.0,
-        "files_done": _int(status, "files_done"),
+        "files_done": _int(status, "files_done") or _int(status, "files_restored"),
         "total_files": _int(status, "total_files"),
         "bytes_done": done,
         "total_bytes": _int(status, "total_bytes"),

@@ -274,16 +274,11 @@ def restore_json(job: Job) -> dict:
     params = job.params or {}
     return {
         "restore": {
-            k: params.get(k)
-            for k in (
-                "snapshot",
-                "from_host",
-                "target",
-                "includes",
-                "excludes",
-                "verify",
-                "dry_run",
-            )
+            **{k: params.get(k) for k in ("snapshot", "from_host", "target")},
+            "includes": list(params.get("includes") or []),
+            "excludes": list(params.get("excludes") or []),
+            "verify": bool(params.get("verify")),
+            "dry_run": bool(params.get("dry_run")),
         }
     }
 
