@@ -91,8 +91,13 @@ $BIN/fleetctl snapshots demo-host
 step fleetctl jobs list
 $BIN/fleetctl jobs list
 
-step restic -r "$work/repo" ls latest "(restic itself: *.tmp excluded)"
-RESTIC_PASSWORD_FILE="$work/repo.pass" restic -r "$work/repo" ls latest | awk 'NR <= 8'
+step fleetctl ls demo-host latest "$work/sample" "(browsed through the agent: *.tmp excluded)"
+$BIN/fleetctl ls demo-host latest "$work/sample" | awk 'NR <= 8'
+
+step fleetctl restore demo-host latest --target "$work/restored" --follow
+$BIN/fleetctl restore demo-host latest --target "$work/restored" --follow
+step diff -r "$work/sample" "$work/restored$work/sample" "(the restore, byte for byte)"
+diff -r --exclude='*.tmp' "$work/sample" "$work/restored$work/sample" && echo "identical"
 
 step fleetctl schedules create demo-host --cron "30 2 * * *" --group sample --name nightly
 $BIN/fleetctl schedules create demo-host --cron "30 2 * * *" --group sample --name nightly
