@@ -18,12 +18,14 @@ import math
 import os
 import random
 import re
+import shutil
+import sys
 from typing import Any, NamedTuple, Optional
 
 from ..common.drills import parse_sample
 
 MAX_SAMPLE = 1000  # files one drill restores at most (each is an --include)
-MAX_LISTED = 2_000_000  # files of the snapshot looked at for the sample
+MAX_BYTES = 1 << 30  # what one drill restores at most: larger files give way to others
 
 
 class FileNode(NamedTuple):
@@ -38,11 +40,50 @@ def sample_size(value: str, files: int) -> int:
     return max(0, min(k, files, MAX_SAMPLE))
 
 
+class Reservoir:
+    """A uniform random sample of MAX_SAMPLE of the snapshot's files, kept
+    as restic lists them (Algorithm R): memory stays bounded whatever the
+    snapshot holds, and `seen` counts them all for a percentage."""
+
+    def __init__(self, size: int = MAX_SAMPLE, rng: Optional[random.Random] = None) -> None:
+        self.size = size
+        self.rng = rng or random.SystemRandom()
+        self.kept: list[FileNode] = []
+        self.seen = 0
+
+    def add(self, node: FileNode) -> None:
+        self.seen += 1
+        if len(self.kept) < self.size:
+            self.kept.append(node)
+            return
+        slot = self.rng.randrange(self.seen)
+        if slot < self.size:
+            self.kept[slot] = node
+
+    def choose(self, value: str, max_bytes: int = MAX_BYTES) -> list[FileNode]:
+        """The sample a drill restores: as many files as `value` asks of all
+        those seen, drawn from the reservoir, within max_bytes."""
+        k = sample_size(value, self.seen)
+        order = list(self.kept)
+        self.rng.shuffle(order)
+        chosen: list[FileNode] = []
+        total = 0
+        for node in order:
+            if len(chosen) == k:
+                break
+            if total + node.size <= max_bytes:
+                chosen.append(node)
+                total += node.size
+        return sorted(chosen)
+
+
 def choose(
     files: list[FileNode], value: str, rng: Optional[random.Random] = None
 ) -> list[FileNode]:
-    k = sample_size(value, len(files))
-    return sorted((rng or random.SystemRandom()).sample(files, k))
+    reservoir = Reservoir(rng=rng)
+    for node in files:
+        reservoir.add(node)
+    return reservoir.choose(value)
 
 
 def include_pattern(path: str) -> str:
@@ -112,3 +153,22 @@ def check(scratch: str, sample: list[FileNode]) -> dict[str, Any]:
         "mismatches": len(mismatches),
         "problems": mismatches[:20],
     }
+
+
+def remove(scratch: str) -> None:
+    """The scratch directory, whatever it holds: restored directories may
+    be read-only (0555), which an unprivileged agent must open up first."""
+
+    def opened(fn: Any, path: str, _: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+            fn(path)
+        except OSError:
+            pass
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(scratch, onexc=opened)
+    else:  # pragma: no cover - before 3.12 the hook had this name
+        shutil.rmtree(scratch, onerror=opened)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -262,6 +261,32 @@ async def after_repository_change(job: Job, outcome: Outcome) -> None:
         job.refresh()
 
 
+def unwritable(target: str) -> Optional[str]:
+    """Why this agent cannot write into `target` (None: it can): checked
+    first, so a confined agent says how to restore instead of a pile of
+    restic errors. The shipped systemd unit lets it write only its own
+    directories (ProtectSystem=strict) and as its own user."""
+    probe = target
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if os.access(probe, os.W_OK):
+        return None
+    return (
+        f"fleet-agent (user {_user()}) cannot write into {target}: restore under its own "
+        "directory, e.g. --target /var/lib/fleet-agent/restore, or let it write there "
+        "(systemctl edit fleet-agent: [Service] ReadWritePaths=/srv; in place needs User=root)"
+    )
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
 DRY_RUN_SHOWN = 1000  # files a dry run names in the job's log (then it counts)
 
 
@@ -322,6 +347,9 @@ async def run_restore(job: Job) -> Outcome:
     p = job.params
     if p.get("dry_run"):
         return await dry_run_restore(job)
+    why = unwritable(p["target"])
+    if why is not None:
+        return Outcome("failed", 0, why)
     where = "in place" if p["target"] == "/" else f"into {p['target']}"
     await job.log.note(f"restoring snapshot {p['snapshot'][:8]} {where}")
     result = await job.restic(job.command)
@@ -346,17 +374,12 @@ async def run_drill(job: Job) -> Outcome:
     into a scratch directory, check, clean up; the verdict is the summary."""
     p = job.params
     began = time.monotonic()
-    files: list[drill.FileNode] = []
+    files = drill.Reservoir()
 
     def listed(line: str) -> None:
         doc = parse.json_line(line)
-        if (
-            doc
-            and doc.get("type") == "file"
-            and isinstance(doc.get("path"), str)
-            and len(files) < drill.MAX_LISTED
-        ):
-            files.append(drill.FileNode(doc["path"], _count(doc, "size"), doc.get("mtime")))
+        if doc and doc.get("type") == "file" and isinstance(doc.get("path"), str):
+            files.add(drill.FileNode(doc["path"], _count(doc, "size"), doc.get("mtime")))
 
     await job.log.note(f"drill of snapshot {p['snapshot'][:8]}: listing its files")
     listing = await job.restic(commands.ls_all(p["snapshot"]), on_stdout=listed)
@@ -364,13 +387,13 @@ async def run_drill(job: Job) -> Outcome:
         return Outcome(
             listing.status, listing.exit_code, f"cannot list the snapshot: {listing.error}"
         )
-    sample = drill.choose(files, p["sample"])
+    sample = files.choose(p["sample"])
     if not sample:
         return Outcome("failed", 0, "the snapshot holds no file to restore")
     await job.log.note(
-        f"restoring {len(sample)} of {len(files)} files with --verify into a scratch directory"
+        f"restoring {len(sample)} of {files.seen} files with --verify into a scratch directory"
     )
-    scratch = tempfile.mkdtemp(prefix="fleet-drill-", dir=p.get("scratch") or None)
+    scratch = tempfile.mkdtemp(prefix="fleet-drill-")
     try:
         restored = await job.restic(
             commands.restore(
@@ -381,11 +404,9 @@ async def run_drill(job: Job) -> Outcome:
             None, drill.check, scratch, sample
         )
     finally:
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: shutil.rmtree(scratch, ignore_errors=True)
-        )
+        await asyncio.get_running_loop().run_in_executor(None, drill.remove, scratch)
     verdict.update(
-        snapshot=p["snapshot"], listed=len(files), seconds=round(time.monotonic() - began, 3)
+        snapshot=p["snapshot"], listed=files.seen, seconds=round(time.monotonic() - began, 3)
     )
     job.log.summary = {"drill": verdict}
     if restored.cancelled:

@@ -303,7 +303,7 @@ class Agent:
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
             "schedule_version": self.scheduler.version,
-            "features": ["repositories", "queries"],
+            "features": ["repositories", "queries", "restore", "drills"],
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current
@@ -358,6 +358,7 @@ class Agent:
                 self.connected.clear()
                 self.disconnected.set()
                 self.scheduler.link_down()
+                self.queries.cancel_all()  # their answers have nowhere to go
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from typing import Any, Callable, Optional
 
-from ..common.protocol import QUERY_CHUNK, QUERY_PAGE, ProtocolError, check_fields
+from ..common.protocol import MAX_STR, QUERY_CHUNK, QUERY_PAGE, ProtocolError, check_fields
 from ..common.restic import commands, execute, parse
 from .kinds import Refused, _opt, _req
 from .runner import JobRunner, restic_env
@@ -22,6 +23,7 @@ log = logging.getLogger("fleet-agent")
 
 MAX_RUNNING = 2
 TIMEOUT = 600.0  # seconds a query may run before it is stopped
+PAGE_BYTES = 512 * 1024  # a page is sent at this much JSON, whatever its count
 
 Parser = Callable[[str], Optional[dict[str, Any]]]
 
@@ -78,6 +80,8 @@ class Queries:
         """Start a query, or answer at once why not."""
         query_id = data["query_id"]
         try:
+            if query_id in self.running:
+                raise Refused("bad_params", f"query {query_id} runs already")
             if len(self.running) >= MAX_RUNNING:
                 raise Refused("busy", f"{MAX_RUNNING} queries running already")
             argv, parser = prepare(data)
@@ -99,6 +103,11 @@ class Queries:
             more = self.more.get(query_id)
             if more is not None:
                 more.set()  # a page waiting for credit gives up
+
+    def cancel_all(self) -> None:
+        """The link went: no answer can reach whoever asked."""
+        for query_id in list(self.running):
+            self.cancel(query_id)
 
     def grant(self, query_id: int, pages: int) -> None:
         """query.more: fleetd took `pages` pages."""
@@ -138,16 +147,26 @@ class Queries:
     ) -> None:
         page: list[dict[str, Any]] = []
 
+        size = 0  # of the page's items, as JSON (a frame holds 1 MiB at most)
+
         async def on_line(stream: str, line: str) -> None:
-            nonlocal page
+            nonlocal page, size
             if stream != "stdout" or parser is None:
                 return
-            item = parser(line)
+            try:
+                item = parser(line)
+            except Exception:  # one odd line must not stop restic's output being read
+                log.exception("query %s: a line of restic's output could not be read", query_id)
+                return
             if item is None:
                 return
-            page.append({k: v for k, v in item.items() if v is not None})
-            if len(page) >= QUERY_PAGE:
-                full, page = page, []
+            item = {k: v for k, v in item.items() if v is not None}
+            if any(isinstance(v, str) and len(v) > MAX_STR for v in item.values()):
+                return  # a path longer than the protocol carries (PATH_MAX is 4096)
+            page.append(item)
+            size += len(json.dumps(item))
+            if len(page) >= QUERY_PAGE or size >= PAGE_BYTES:
+                full, page, size = page, [], 0
                 await self._room(query_id)
                 await self._page(query_id, full, False)
 
@@ -155,7 +174,7 @@ class Queries:
             await self._room(query_id)
             await self._page(query_id, [{"data": base64.b64encode(chunk).decode()}], False)
 
-        timer = asyncio.get_running_loop().call_later(TIMEOUT, cancel.set)
+        timer = asyncio.get_running_loop().call_later(TIMEOUT, self.cancel, query_id)
         try:
             env, mask = restic_env(repo)
             result = await execute.run(
@@ -178,6 +197,7 @@ class Queries:
             await self._page(query_id, [], True, f"{type(exc).__name__}: {exc}", "failed")
         finally:
             timer.cancel()
-            self.running.pop(query_id, None)
-            self.credit.pop(query_id, None)
-            self.more.pop(query_id, None)
+            if self.running.get(query_id) is cancel:
+                del self.running[query_id]
+                self.credit.pop(query_id, None)
+                self.more.pop(query_id, None)

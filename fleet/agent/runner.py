@@ -214,11 +214,19 @@ class Job:
         """Run restic for the job; its lines go to the job's log (standard
         output too unless `log_stdout` is false; to `on_stdout` when given)."""
 
+        broken = False
+
         async def stderr_only(stream: str, line: str) -> None:
+            nonlocal broken
             if stream != "stdout":
                 await self.log.line(stream, line)
-            elif on_stdout is not None:
-                on_stdout(line)
+            elif on_stdout is not None and not broken:
+                try:
+                    on_stdout(line)
+                except Exception as exc:  # restic's output must still be drained
+                    broken = True
+                    log.exception("job %s: reading restic's output failed", self.id)
+                    await self.log.note(f"reading restic's output failed: {exc}")
 
         return await execute.run(
             self.runner.argv(argv),

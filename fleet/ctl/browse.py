@@ -160,7 +160,12 @@ def diff(
         render.emit_json(d)
         return
     for c in d["changes"]:
-        app.out.print(f"{MARK.get(c['change'], '?')}  {c['path']}", markup=False, highlight=False)
+        app.out.print(
+            f"{MARK.get(c['change'], '?')}  {c['path']}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,  # one line a path, however long (scripts read it)
+        )
     s = d.get("statistics")
     if s:
         app.err.print(
@@ -206,7 +211,10 @@ def dump(
         )
     digest = hashlib.sha256()
     size = 0
-    sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    # into a file beside FILE, renamed over it only once whole: a failure
+    # leaves an existing FILE as it was
+    partial = f"{output}.fleetctl-partial" if output else None
+    sink = open(partial, "wb") if partial else sys.stdout.buffer  # noqa: SIM115 - closed below
     result: dict[str, Any] = {}
     try:
         with app.client() as c:
@@ -232,14 +240,14 @@ def dump(
                 Exit.ERROR,
             )
     except BaseException:
-        if output:  # no half file left behind to be taken for the whole
+        if partial:  # no half file left behind to be taken for the whole
             sink.close()
             with contextlib.suppress(OSError):
-                os.unlink(output)
+                os.unlink(partial)
         raise
-    finally:
-        if output:
-            sink.close()
+    if partial and output:
+        sink.close()
+        os.replace(partial, output)
     app.err.print(
         f"{escape(result['path'])} of snapshot {result['snapshot'][:8]} of {escape(host)}: "
         f"{render.human_bytes(size)}, sha256 {result['sha256']}",

@@ -259,12 +259,16 @@ def watch_fleet(app: App, as_json: bool) -> None:
                         live.start()
                     live.update(view.renderable(), refresh=True)
                 elif frame["type"] == "snapshot":
-                    app.out.print(view.header(), markup=False)
+                    app.out.print(view.header(), markup=False, soft_wrap=True)
                     for r in sorted(view.running.values(), key=lambda r: r["job"]):
-                        app.out.print(f"job {r['job']} {describe(r)} {r['status']}", markup=False)
+                        app.out.print(
+                            f"job {r['job']} {describe(r)} {r['status']}",
+                            markup=False,
+                            soft_wrap=True,
+                        )
                 else:
                     for line in lines:
-                        app.out.print(line, markup=False)
+                        app.out.print(line, markup=False, soft_wrap=True)
     except KeyboardInterrupt:
         pass  # the way out of a live view: not an error
     finally:

@@ -184,7 +184,8 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
     success = _latest("backup", DONE, Job.group)
     outcome = _latest("backup", ("succeeded", "warning", "failed", "lost"), Job.group)
     proven = _latest("drill", ("succeeded",), Job.group)
-    drilled = _latest("drill", ("succeeded", "failed", "lost"), Job.group)
+    # a drill lost with its agent proves nothing either way: not counted
+    drilled = _latest("drill", ("succeeded", "failed"), Job.group)
     running = list(
         Job.select(Job, Host)
         .join(Host)
@@ -255,7 +256,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                     **where,
                 )
             drill = drilled.get(g.id)
-            if drill is not None and drill.status in ("failed", "lost"):
+            if drill is not None and drill.status == "failed":
                 problem(
                     CRITICAL,
                     "drill_failed",

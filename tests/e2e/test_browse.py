@@ -152,6 +152,10 @@ def test_dump_streams_a_file_byte_for_byte(fleet, e2e, tmp_path):
         "dump", web.name, "latest", f"{web.src}/no/such", "--output", missing, expect=1
     )
     assert "not found" in failed.stderr and not missing.exists()
+    # a dump that fails leaves a file already there as it was
+    fleet.ctl("dump", web.name, "latest", f"{web.src}/no/such", "--output", target, expect=1)
+    assert target.read_text() == "127.0.0.1 localhost\n"
+    assert not list(tmp_path.glob("*partial*"))
     audit = fleet.ctl_json("audit", "--action", "snapshot.dump")
     assert any(a["detail"]["path"] == f"{web.src}/etc/hosts" for a in audit)
     # a viewer may browse but not take files

@@ -614,3 +614,32 @@ def test_run_on_a_named_repository(fleet, fx):
     with pytest.raises(fx.RpcError) as err:  # a group's job goes where the group does
         fleet.rpc("jobs.run", host=host, group="etc", repository=b)
     assert err.value.code == "bad_request"
+
+
+# -- 8: job kinds an older agent does not know ---------------------------------------
+
+
+def test_a_restore_or_drill_for_an_agent_that_predates_them_fails_without_blocking(fleet, fx):
+    """An agent whose hello does not say 'restore' or 'drills' would drop
+    the command unanswered (its decoder refuses the kind) and the host's
+    queue would wait on it for ever: fleetd fails such a job at once,
+    saying why, and the next job goes."""
+    repo = make_repo(fleet, fx)
+    host, token = make_host(fleet, fx, repo)
+    fleet.rpc("groups.create", host=host, name="etc", includes=["/etc"])
+    with connected(fleet, fx, token) as agent:  # features: repositories only
+        (rid,) = agent.inits(1)
+        sid = "4f2a9c1e" * 8
+        page = {"snapshots": [{**snap(sid), "tags": ["etc"]}], "report_at": ts(2)}
+        agent.report("snapshots.report", {**page, "repository_id": rid})
+        restore = fleet.rpc("restore.run", host=host, snapshot="4f2a9c1e", target="/srv/r")
+        drill = fleet.rpc("jobs.run", host=host, group="etc", kind="drill")
+        for job in (restore, drill):
+            done = fx.wait_until(
+                lambda job=job: (j := show(fleet, job["id"]))["status"] == "failed" and j,
+                timeout=10,
+                what=f"job {job['id']} failed",
+            )
+            assert "predates" in done["error"] and "upgrade fleet-agent" in done["error"]
+        backup = fleet.rpc("jobs.run", host=host, group="etc")
+        assert agent.take("backup")["job_id"] == backup["id"]  # the queue goes on

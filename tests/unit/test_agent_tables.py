@@ -345,3 +345,11 @@ def test_a_repo_json_written_before_several_repositories_still_reads(agent):
     assert (repo.url, repo.password, repo.env, repo.id) == ("/old", "pw", {"A": "1"}, None)
     assert agent.state.load_repo() == repo
     assert agent.state.load_repo(3) is None  # a job naming another waits for the list
+
+
+def test_a_restore_target_the_agent_cannot_write_is_refused_with_the_way_out(tmp_path):
+    assert kinds.unwritable(str(tmp_path / "new" / "dir")) is None  # made by restic
+    # a directory nobody may write in, even root (a /proc/<pid> directory)
+    why = kinds.unwritable("/proc/1/restored")
+    assert why is not None and "cannot write into /proc/1/restored" in why
+    assert "/var/lib/fleet-agent/restore" in why and "ReadWritePaths" in why

@@ -87,6 +87,32 @@ def test_a_bad_sample_is_refused(bad):
         parse_sample(bad)
 
 
+def test_the_reservoir_keeps_a_bounded_uniform_sample_and_a_byte_budget():
+    reservoir = drill.Reservoir(size=100, rng=random.Random(3))
+    for i in range(100_000):
+        reservoir.add(drill.FileNode(f"/srv/f{i:06d}", 1, None))
+    assert reservoir.seen == 100_000 and len(reservoir.kept) == 100
+    # a uniform sample: its items are spread over the whole listing
+    picked = sorted(int(n.path[-6:]) for n in reservoir.kept)
+    assert picked[0] < 10_000 and picked[-1] > 90_000
+    assert len(reservoir.choose("0.05%")) == 50  # of all seen, from the reservoir
+    big = drill.Reservoir(rng=random.Random(1))
+    for name, size in (("vm.img", 8 << 30), ("a", 10), ("b", 20)):
+        big.add(drill.FileNode(f"/srv/{name}", size, None))
+    assert [n.path for n in big.choose("3")] == ["/srv/a", "/srv/b"]  # the image gives way
+
+
+def test_the_scratch_directory_goes_even_with_read_only_directories(tmp_path):
+    scratch = tmp_path / "fleet-drill-x"
+    locked = scratch / "go" / "pkg"
+    locked.mkdir(parents=True)
+    (locked / "mod.go").write_text("package x\n")
+    locked.chmod(0o555)
+    (scratch / "go").chmod(0o555)
+    drill.remove(str(scratch))
+    assert not scratch.exists()
+
+
 def test_the_sample_is_drawn_from_the_files_and_its_paths_are_exact_patterns():
     files = [drill.FileNode(f"/srv/f{i}", i, None) for i in range(50)]
     chosen = drill.choose(files, "10", random.Random(7))

@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
+
+_NEVER = re.compile(r"(?!)")
 
 
 @lru_cache(maxsize=4096)
 def _component(pattern: str) -> re.Pattern[str]:
-    """One path component's pattern as a regular expression."""
+    """One path component's pattern as a regular expression (one Go's
+    matcher cannot use, such as the range [z-a], matches nothing)."""
+    try:
+        return re.compile(_translate(pattern))
+    except re.error:
+        return _NEVER
+
+
+def _translate(pattern: str) -> str:
     out, i = [], 0
     while i < len(pattern):
         c = pattern[i]
@@ -29,20 +39,20 @@ def _component(pattern: str) -> re.Pattern[str]:
             out.append("[^/]*")
         elif c == "?":
             out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "^", "]") else i + 1)
+        elif c == "[":  # Go's class: only ^ negates
+            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("^", "]") else i + 1)
             if end < 0:
                 out.append(re.escape(c))
             else:
                 body = pattern[i + 1 : end]
-                if body[:1] in ("!", "^"):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
+                negate = body.startswith("^")
+                body = re.sub(r"([\\\[\]^])", r"\\\1", body[1:] if negate else body)
+                out.append("[" + ("^" if negate else "") + body + "]")
                 i = end
         else:
             out.append(re.escape(c))
         i += 1
-    return re.compile("".join(out) + r"\Z")
+    return "".join(out) + r"\Z"
 
 
 def _split(pattern: str) -> tuple[str, ...]:
@@ -53,15 +63,19 @@ def _split(pattern: str) -> tuple[str, ...]:
 
 
 def _match(pattern: Sequence[str], path: Sequence[str]) -> bool:
-    """Whether the pattern matches the path or one of its ancestors."""
-    if not pattern:
-        return True  # the whole pattern matched a prefix: this is under it
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_match(rest, path[i:]) for i in range(len(path) + 1))
-    if not path or not _component(head).match(path[0]):
-        return False
-    return _match(rest, path[1:])
+    """Whether the pattern matches the path or one of its ancestors: each
+    (pattern part, path part) pair decided once, so ** parts cost
+    len(pattern) x len(path) steps, not exponentially many."""
+
+    @cache
+    def at(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return True  # the whole pattern matched a prefix: this is under it
+        if pattern[i] == "**":
+            return any(at(i + 1, k) for k in range(j, len(path) + 1))
+        return j < len(path) and bool(_component(pattern[i]).match(path[j])) and at(i + 1, j + 1)
+
+    return at(0, 0)
 
 
 def matches(pattern: str, path: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Callable
 
@@ -42,7 +43,9 @@ class _Pending:
 class Queries:
     def __init__(self) -> None:
         self.pending: dict[int, _Pending] = {}
-        self.ids = itertools.count(1)
+        # from a random start: an agent may still run a query of a fleetd
+        # that restarted, whose ids would otherwise start again at 1
+        self.ids = itertools.count(random.randrange(1, 1 << 48))
 
     async def ask(
         self,

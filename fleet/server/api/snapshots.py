@@ -201,6 +201,8 @@ async def snapshots_ls(ctx: Context, p: dict) -> dict:
         cached = False
         asker = await store.read(browse_target, ctx, host, snap.repository_id, repo_name)
         listing = await store.atomic(browse.start, *key, utcnow())
+        if listing is None:
+            raise Conflict(f"{path} is being listed for another caller now: ask again shortly")
         buffer: list[dict[str, Any]] = []
         number = total = 0
         node = None
@@ -316,15 +318,21 @@ async def snapshots_find(ctx: Context, p: dict) -> dict:
     if p.get("group"):
         params["tag"] = p["group"]
     matches: list[dict[str, Any]] = []
-    truncated = False
-    async for items in pages_of(ctx, asker, "find", params):
-        for m in items:
-            short = m["snapshot"][:8]
-            matches.append({**m, "snapshot": short, "time": times.get(short)})
-        if len(matches) >= limit:
-            truncated = len(matches) > limit
-            del matches[limit:]
-            break
+    cut = False  # restic prints snapshots by id: all are read before the newest are kept
+    pages = pages_of(ctx, asker, "find", params)
+    try:
+        async for items in pages:
+            for m in items:
+                short = m["snapshot"][:8]
+                matches.append({**m, "snapshot": short, "time": times.get(short)})
+            if len(matches) >= FIND_LIMIT:
+                cut = True
+                break
+    finally:
+        await pages.aclose()  # the agent stops now, not when the generator is collected
+    matches.sort(key=lambda m: (m["time"] or "", m["snapshot"]), reverse=True)
+    truncated = cut or len(matches) > limit
+    del matches[limit:]
     return {"host": host.name, "repository": repo_name, "matches": matches, "truncated": truncated}
 
 

@@ -33,6 +33,8 @@ log = logging.getLogger("fleetd.dispatch")
 BATCH = 1000  # hosts claimed for in one transaction
 BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
 REPOSITORIES = "repositories"  # an agent's hello feature: it holds every repository of its host
+# job kinds an agent runs only when its hello says so (an older one drops them)
+KIND_FEATURES = {"restore": "restore", "drill": "drills"}
 
 # command.run keys taken from a job's params (frozen when the job was made):
 # every field the protocol gives command.run, but the two fleetd sets itself
@@ -179,7 +181,15 @@ class Dispatcher:
         """Why the job must not go to the host's agent: one that predates
         several repositories per host runs every job on its default, so a
         job on another one (a forget with another retention, a prune) would
-        act on the wrong repository."""
+        act on the wrong repository; one that predates a job kind drops the
+        command unanswered (the host's queue would wait on it for ever), or
+        would take a dry run for a restore."""
+        needs = KIND_FEATURES.get(event.kind)
+        if needs is not None and needs not in self.sessions.features(event.host_id):
+            return (
+                f"this host's fleet-agent predates {event.kind} jobs "
+                f"(it does not say '{needs}'): upgrade fleet-agent"
+            )
         if not event.off_default or REPOSITORIES in self.sessions.features(event.host_id):
             return None
         return (

@@ -58,8 +58,21 @@ def ids(snapshot_id: str) -> tuple[str, ...]:
     return (snapshot_id, snapshot_id[:8])
 
 
-def start(repository_id: int, snapshot_id: str, path: str, now: dt.datetime) -> int:
-    """A new listing being filled (one there was, whole or not, goes)."""
+FILLING = dt.timedelta(minutes=10)  # a listing filled for longer was abandoned
+
+
+def start(repository_id: int, snapshot_id: str, path: str, now: dt.datetime) -> Optional[int]:
+    """A new listing being filled (one there was, whole or abandoned, goes);
+    None while another caller is filling it."""
+    filling = Listing.get_or_none(
+        (Listing.repository == repository_id)
+        & Listing.snapshot_id.in_(ids(snapshot_id))
+        & (Listing.path == path)
+        & (Listing.entries < 0)
+        & (Listing.created_at > now - FILLING)
+    )
+    if filling is not None:
+        return None
     Listing.delete().where(
         (Listing.repository == repository_id)
         & Listing.snapshot_id.in_(ids(snapshot_id))
