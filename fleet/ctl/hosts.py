@@ -159,16 +159,25 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
     show_default=True,
     help="How long the token may be used.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Re-enroll a host that is enrolled already (admin): whoever redeems the new "
+    "token replaces its agent.",
+)
 @json_option
 @pass_app
-def enroll(app: App, host: str, install: bool, expires: Optional[int], as_json: bool) -> None:
+def enroll(
+    app: App, host: str, install: bool, expires: Optional[int], force: bool, as_json: bool
+) -> None:
     """Print the one-line command that enrolls HOST's agent.
 
-    The token inside is single use and expires; HOST is created here if it
-    is new, so its repository and groups can be set up before the agent runs.
-    With --install, print the whole root shell snippet for a systemd server.
+    The token inside is single use and expires, and voids any older token
+    of HOST; HOST is created here if it is new, so its repository and
+    groups can be set up before the agent runs. With --install, print the
+    whole root shell snippet for a systemd server.
     """
-    result = app.call("enroll.create", host=host, expires_in=expires)
+    result = app.call("enroll.create", host=host, expires_in=expires, force=force or None)
     if install:
         result["install"] = install_snippet(result["enrollment"])
     if as_json:

@@ -202,7 +202,7 @@ def test_agent_tokens_that_are_unknown_replaced_or_of_another_kind_get_401(fleet
 
     # enrolling again replaces the agent token: the old one stops working
     old = enrolled["agent_token"]
-    enrollment = fleet.ctl_json("enroll", enrolled["host"])["enrollment"]
+    enrollment = fleet.ctl_json("enroll", enrolled["host"], "--force")["enrollment"]
     new = _redeem(fx, fleet.url, protocol.parse_enrollment(enrollment)["token"])
     assert new["type"] == "enrolled" and new["data"]["agent_token"] != old
     assert status("/agent", old) == 401
@@ -211,7 +211,7 @@ def test_agent_tokens_that_are_unknown_replaced_or_of_another_kind_get_401(fleet
         assert _recv(ws)["type"] == "welcome"
 
     # removing the host revokes its agent, and its pending enrollment tokens
-    pending = fleet.ctl_json("enroll", enrolled["host"])["enrollment"]
+    pending = fleet.ctl_json("enroll", enrolled["host"], "--force")["enrollment"]
     fleet.ctl("hosts", "remove", enrolled["host"], "--yes")
     assert status("/agent", new["data"]["agent_token"]) == 401
     refused = _redeem(fx, fleet.url, protocol.parse_enrollment(pending)["token"])
@@ -322,3 +322,35 @@ def test_a_run_now_on_a_ready_host_is_claimed_as_it_is_made(fleet, fx, enrolled)
         # the end of the second frees the host: the third goes out, once
         assert _next_of(ws, "command.run")["data"]["job_id"] == third["id"]
         assert fleet.rpc("jobs.show", id=third["id"])["status"] == "dispatched"
+
+
+def test_re_enrolling_takes_an_admin_and_force_and_a_token_voids_the_older_ones(fleet, fx):
+    """Whoever redeems a host's enrollment token becomes that host and gets
+    its repositories' secrets: an operator cannot hand one out for a host
+    that is enrolled, an admin only on purpose, and only the newest token
+    of a host works."""
+    host = fx.uniq("h")
+    first = protocol.parse_enrollment(fleet.ctl_json("enroll", host)["enrollment"])["token"]
+    second = protocol.parse_enrollment(fleet.ctl_json("enroll", host)["enrollment"])["token"]
+    refused = _redeem(fx, fleet.url, first)  # voided by the second
+    assert refused["type"] == "error" and "expired" in refused["data"]["message"]
+    third = protocol.parse_enrollment(fleet.ctl_json("enroll", host)["enrollment"])["token"]
+    assert _redeem(fx, fleet.url, third)["type"] == "enrolled"
+    refused = _redeem(fx, fleet.url, second)  # voided by the enrollment
+    assert refused["type"] == "error"
+
+    operator = fleet.add_user("operator")
+    out = fleet.ctl("enroll", host, token=operator.token, expect=1)
+    assert "enrolled already" in out.stderr and "--force" in out.stderr
+    out = fleet.ctl("enroll", host, "--force", token=operator.token, expect=3)
+    assert "admin" in out.stderr
+    fleet.ctl("enroll", host, expect=1)  # an admin too, without --force
+    forced = fleet.ctl_json("enroll", host, "--force")
+    assert (
+        _redeem(fx, fleet.url, protocol.parse_enrollment(forced["enrollment"])["token"])["type"]
+        == "enrolled"
+    )
+    (entry, *_) = [
+        a for a in fleet.ctl_json("audit", "--action", "host.enroll_token") if a["target"] == host
+    ]
+    assert entry["detail"]["reenroll"] is True

@@ -627,3 +627,33 @@ def test_fleetctl_malformed_server_url_is_a_usage_error(fleet, fx, tmp_path):
     assert "Traceback" not in err
     assert err.startswith("fleetctl: error: ")
     assert code == 2
+
+
+def test_only_an_admin_sets_a_hook_and_the_audit_log_keeps_it(fleet, fx):
+    """A hook is a shell command run as the agent's user on the host at
+    every backup: an operator may configure groups, not run commands."""
+    host = fx.uniq("hk")
+    fleet.ctl("enroll", host)
+    operator = fleet.add_user("operator")
+    out = fleet.ctl(
+        "groups",
+        "create",
+        host,
+        "g",
+        "--include",
+        "/etc",
+        "--pre-hook",
+        "id",
+        token=operator.token,
+        expect=3,
+    )
+    assert "admin" in out.stderr
+    fleet.ctl("groups", "create", host, "g", "--include", "/etc", token=operator.token)
+    fleet.ctl("groups", "edit", host, "g", "--post-hook", "true", token=operator.token, expect=3)
+    fleet.ctl("groups", "edit", host, "g", "--pre-hook", "systemctl stop app")  # admin
+    fleet.ctl("groups", "edit", host, "g", "--pre-hook", "", token=operator.token)  # removing
+    assert fleet.ctl_json("groups", "show", host, "g")["pre_hook"] is None
+    edits = [
+        a for a in fleet.ctl_json("audit", "--action", "group.edit") if a["target"] == f"{host}/g"
+    ]
+    assert any(a["detail"].get("pre_hook") == "systemctl stop app" for a in edits)

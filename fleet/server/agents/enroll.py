@@ -51,6 +51,12 @@ def redeem_enrollment(token: str, hostname: str, address: str) -> dict:
         last_seq=0,  # a new agent numbers its reports from 1 again
     ).where(Host.id == host.id).execute()
     EnrollmentToken.update(used_at=now).where(EnrollmentToken.id == row.id).execute()
+    # any other token still out for this host dies with this enrollment
+    EnrollmentToken.update(expires_at=now).where(
+        (EnrollmentToken.host == host.id)
+        & EnrollmentToken.used_at.is_null()
+        & (EnrollmentToken.expires_at > now)
+    ).execute()
     AuditLog.create(
         actor=f"agent:{host.name}",
         action="host.enroll",

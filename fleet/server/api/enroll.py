@@ -13,6 +13,7 @@ from ..store.models import EnrollmentToken, Host, utcnow
 from .auth import lifetime
 from .common import audit, check_name
 from .context import Context
+from .errors import Conflict, Forbidden
 from .registry import Method, collect
 
 METHODS: list[Method] = []
@@ -24,15 +25,40 @@ ENROLL_TTL = timedelta(hours=1)
 @method(
     "enroll.create",
     Role.OPERATOR,
-    (Field("host", "str", limit=64), Field("expires_in", "int", False, minimum=60)),
+    (
+        Field("host", "str", limit=64),
+        Field("expires_in", "int", False, minimum=60),
+        Field("force", "bool", False),
+    ),
 )
 def enroll_create(ctx: Context, p: dict) -> dict:
     """A single-use enrollment token for a host (created if new), as the
-    string and the `fleet-agent enroll` command to paste."""
+    string and the `fleet-agent enroll` command to paste. Re-enrolling an
+    enrolled host (whoever redeems the token becomes that host, and gets
+    its repositories' secrets) takes an admin and `force`. A new token
+    voids the host's older ones."""
     name = check_name("host", p["host"])
     host = Host.get_or_none(Host.name == name)
     if host is None:
         host = Host.create(name=name)
+    elif host.agent_token_hash is not None:
+        if not p.get("force"):
+            raise Conflict(
+                f"host {name} is enrolled already: a new token would let whoever redeems it "
+                "replace its agent (an admin may, with --force)"
+            )
+        if not ctx.caller.role.allows(Role.ADMIN):
+            raise Forbidden(f"re-enrolling host {name} needs the admin role")
+    now = utcnow()
+    voided = (
+        EnrollmentToken.update(expires_at=now)
+        .where(
+            (EnrollmentToken.host == host)
+            & EnrollmentToken.used_at.is_null()
+            & (EnrollmentToken.expires_at > now)
+        )
+        .execute()
+    )
     token = auth.new_token("enroll")
     ttl = lifetime(p.get("expires_in")) or ENROLL_TTL
     row = EnrollmentToken.create(
@@ -43,7 +69,10 @@ def enroll_create(ctx: Context, p: dict) -> dict:
     )
     url = ctx.state.public_url(ctx.host_header)
     string = protocol.format_enrollment(url, token, ctx.state.tls_fingerprint)
-    audit(ctx, "host.enroll_token", name, {"expires_at": iso(row.expires_at)})
+    detail = {"expires_at": iso(row.expires_at), "voided": voided}
+    if p.get("force"):
+        detail["reenroll"] = True
+    audit(ctx, "host.enroll_token", name, detail)
     return {
         "host": name,
         "enrollment": string,

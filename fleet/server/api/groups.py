@@ -16,7 +16,7 @@ from ..security.auth import Role
 from ..store.models import Host, Schedule, ScheduleGroup, SourceGroup, utcnow
 from .common import at_most, audit, check_name, get_group, get_host
 from .context import Context
-from .errors import Conflict, Invalid
+from .errors import Conflict, Forbidden, Invalid
 from .maintenance import check_cron
 from .registry import Method, collect
 from .repos import attach, get_repository
@@ -129,6 +129,16 @@ def apply_repositories(ctx: Context, host: Host, g: SourceGroup, p: dict) -> lis
     return attached
 
 
+def check_hooks(ctx: Context, p: dict) -> dict[str, str]:
+    """Hooks are shell commands every run executes as the agent's user on
+    the host: only an admin sets one (anyone may remove one). The hooks
+    set, for the audit log."""
+    hooks = {k: p[k].strip() for k in ("pre_hook", "post_hook") if (p.get(k) or "").strip()}
+    if hooks and not ctx.caller.role.allows(Role.ADMIN):
+        raise Forbidden("hooks run as shell commands on the host: setting one needs the admin role")
+    return hooks
+
+
 def apply_group_fields(g: SourceGroup, p: dict) -> None:
     if "includes" in p:
         g.includes = check_includes(p["includes"])
@@ -219,6 +229,7 @@ def groups_create(ctx: Context, p: dict) -> dict:
     name = check_name("group", p["name"])
     if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == name)):
         raise Conflict(f"host {host.name} already has a source group {name!r}")
+    hooks = check_hooks(ctx, p)
     group = SourceGroup(host=host, name=name, includes=[], excludes=[])
     apply_group_fields(group, p)
     group.includes = check_includes(group.includes)
@@ -229,7 +240,9 @@ def groups_create(ctx: Context, p: dict) -> dict:
     if p.get("ping_url"):
         apply_ping(ctx, group, p)  # bound to the row's id: known now
         group.save()
-    audit(ctx, "group.create", f"{host.name}/{name}", {"attached": attached} if attached else None)
+    detail: dict[str, Any] = {"attached": attached} if attached else {}
+    detail.update(hooks)
+    audit(ctx, "group.create", f"{host.name}/{name}", detail or None)
     return {**shown(host, group), "attached": attached}
 
 
@@ -249,6 +262,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     """Change a source group: the fields given, retention merged (or cleared)."""
     host = get_host(p["host"])
     group = get_group(host, p["name"])
+    hooks = check_hooks(ctx, p)
     if p.get("new_name") and p["new_name"] != group.name:
         new = check_name("group", p["new_name"])
         if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == new)):
@@ -267,7 +281,12 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
     changed = sorted(k for k in p if k not in ("host", "name"))
-    audit(ctx, "group.edit", f"{host.name}/{p['name']}", {"changed": changed, "attached": attached})
+    audit(
+        ctx,
+        "group.edit",
+        f"{host.name}/{p['name']}",
+        {"changed": changed, "attached": attached, **hooks},
+    )
     return {**shown(host, group), "attached": attached}
 
 
