@@ -335,6 +335,55 @@ def run_fleetctl_proc(
     return proc
 
 
+def run_fleetctl_tty(
+    *args: str,
+    answers: tuple[str, ...] = (),
+    server: Optional[str] = None,
+    token: Optional[str] = None,
+    config_dir: Optional[Path] = None,
+    timeout: float = 60,
+) -> tuple[int, str]:
+    """The ./fleetctl launcher on a pseudo-terminal, typing each answer when
+    a prompt (a line ending in ': ') appears; (exit status, what it showed)."""
+    import pty
+    import select
+
+    env = clean_env(
+        FLEET_SERVER=server,
+        FLEET_TOKEN=token,
+        XDG_CONFIG_HOME=str(config_dir) if config_dir else None,
+        COLUMNS="200",
+    )
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(FLEETCTL), *args], cwd=REPO_ROOT, env=env, stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    shown, pending = "", list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096).decode(errors="replace")
+                except OSError:  # the process ended: EIO
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+                if pending and shown.rstrip(" ").endswith(":"):
+                    os.write(master, (pending.pop(0) + "\n").encode())
+                    shown += "\n"
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), shown
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
     out, err = proc.communicate(getattr(proc, "input_text", None), timeout=timeout)
     return proc.returncode, out, err
@@ -471,6 +520,7 @@ def fx() -> types.SimpleNamespace:
         rpc_on=rpc_on,
         run_ctl=run_ctl,
         run_fleetctl_proc=run_fleetctl_proc,
+        run_fleetctl_tty=run_fleetctl_tty,
         run_fleetd=run_fleetd,
         start_fleet=start_fleet,
         stop_and_check=stop_and_check,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -61,6 +62,14 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+def ask_secret(question: str, instead: str, twice: bool = False) -> str:
+    """A password typed at the terminal (hidden; twice to confirm). Without
+    a terminal there is nobody to ask: say what to give instead, exit 2."""
+    if not sys.stdin.isatty():
+        raise CtlError(f"no terminal to ask for the password: use {instead}", Exit.USAGE)
+    return click.prompt(question, hide_input=True, confirmation_prompt=twice, err=True)
 
 
 def confirm(yes: bool, question: str) -> None:

@@ -10,7 +10,7 @@ import click
 
 from ..common.exitcodes import Exit
 from . import render
-from .app import App, CtlError, json_option, pass_app
+from .app import App, CtlError, ask_secret, json_option, pass_app
 from .jobs import follow_options, start_job
 
 
@@ -102,8 +102,8 @@ def repo_set(
     if password_file:
         password = read_secret_file(password_file)
     else:
-        password = click.prompt(
-            "Repository password", hide_input=True, confirmation_prompt=True, err=True
+        password = ask_secret(
+            "Repository password", "--password-file FILE (- for standard input)", twice=True
         )
     if not password:
         raise CtlError("the repository password is empty", Exit.USAGE)

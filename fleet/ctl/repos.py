@@ -10,7 +10,7 @@ import click
 
 from ..common.exitcodes import Exit
 from . import render
-from .app import App, CtlError, confirm, json_option, pass_app
+from .app import App, CtlError, ask_secret, confirm, json_option, pass_app
 from .repo import read_env_file, read_secret_file
 
 
@@ -27,8 +27,8 @@ def password_from(path: Optional[str], prompt: bool) -> Optional[str]:
     if path:
         password = read_secret_file(path)
     elif prompt:
-        password = click.prompt(
-            "Repository password", hide_input=True, confirmation_prompt=True, err=True
+        password = ask_secret(
+            "Repository password", "--password-file FILE (- for standard input)", twice=True
         )
     else:
         return None

@@ -10,7 +10,7 @@ import click
 
 from ..common.exitcodes import Exit
 from . import config, render
-from .app import App, CtlError, Duration, json_option, pass_app
+from .app import App, CtlError, Duration, ask_secret, json_option, pass_app
 from .client import Client, Failure
 
 
@@ -50,7 +50,7 @@ def login(
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = click.prompt(f"Password for {user} at {settings.server}", hide_input=True)
+        password = ask_secret(f"Password for {user} at {settings.server}", "--password-stdin")
     if not password:
         raise CtlError("empty password", Exit.USAGE)
     params = {

@@ -8,7 +8,7 @@ import click
 
 from ..common.exitcodes import Exit
 from . import render
-from .app import App, CtlError, confirm, json_option, pass_app
+from .app import App, CtlError, ask_secret, confirm, json_option, pass_app
 
 ROLES = click.Choice(["viewer", "operator", "admin"])
 
@@ -17,9 +17,7 @@ def read_password(from_stdin: bool, who: str) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = click.prompt(
-            f"New password for {who}", hide_input=True, confirmation_prompt=True
-        )
+        password = ask_secret(f"New password for {who}", "--password-stdin", twice=True)
     if not password:
         raise CtlError("empty password", Exit.USAGE)
     return password

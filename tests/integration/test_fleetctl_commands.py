@@ -197,7 +197,28 @@ def test_repo_set_reads_the_password_from_stdin(fleet, fx):
 def test_repo_set_prompts_when_no_password_file(fleet, fx):
     host = fx.uniq("prompt")
     fleet.ctl("enroll", host)
-    fleet.ctl("repo", "set", host, "--url", "/r", input="typed-pw\ntyped-pw\n")
+    code, shown = fx.run_fleetctl_tty(
+        "repo",
+        "set",
+        host,
+        "--url",
+        "/r",
+        answers=("typed-pw", "typed-pw"),
+        server=fleet.url,
+        token=fleet.admin_token,
+        config_dir=fleet.config_dir,
+    )
+    assert code == 0, shown
+    assert "Repository password" in shown and "typed-pw" not in shown
+    assert fleet.ctl_json("repo", "show", host)["url"] == "/r"
+    # without a terminal: no prompt, no Python warning, exit 2 saying what to give
+    for args in (
+        ("repo", "set", host, "--url", "/r2"),
+        ("repos", "create", fx.uniq("r"), "--url", "/r3"),
+        ("users", "add", fx.uniq("u"), "--role", "viewer"),
+    ):
+        refused = fleet.ctl(*args, expect=2)
+        assert "no terminal" in refused.stderr and "Warning" not in refused.stderr, args
     assert fleet.ctl_json("repo", "show", host)["url"] == "/r"
 
 

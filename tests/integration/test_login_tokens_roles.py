@@ -43,19 +43,29 @@ def test_login_saves_the_token_0600_and_later_commands_use_it(fleet, fx, tmp_pat
 
 def test_login_prompts_for_the_password(fleet, fx, tmp_path):
     xdg = tmp_path / "xdg"
-    result = fleet.ctl(
+    code, shown = fx.run_fleetctl_tty(
         "login",
         "--expires",
         "never",
+        answers=(fx.ADMIN_PASSWORD,),
+        server=fleet.url,
+        config_dir=xdg,
+    )
+    assert code == 0, shown
+    assert "Password for admin" in shown
+    assert fx.ADMIN_PASSWORD not in shown  # not echoed
+    assert "expires never" in shown
+    # no terminal to ask on: says what to give instead, exit 2
+    refused = fleet.ctl(
+        "login",
         server=None,
         token=None,
-        config_dir=xdg,
-        input=fx.ADMIN_PASSWORD + "\n",
+        config_dir=tmp_path / "x",
+        expect=2,
         env={"FLEET_SERVER": fleet.url},
     )
-    assert "Password for admin" in result.stdout + result.stderr
-    assert fx.ADMIN_PASSWORD not in result.stdout + result.stderr
-    assert "expires never" in result.stderr
+    assert "no terminal" in refused.stderr and "--password-stdin" in refused.stderr
+    assert "Warning" not in refused.stderr
     me = fleet.ctl_json("whoami", token=None, config_dir=xdg)
     assert me["token_expires_at"] is None
 
