@@ -342,6 +342,7 @@ def run_fleetctl_tty(
     token: Optional[str] = None,
     config_dir: Optional[Path] = None,
     timeout: float = 60,
+    cwd: Optional[Path] = None,
 ) -> tuple[int, str]:
     """The ./fleetctl launcher on a pseudo-terminal, typing each answer when
     a prompt (a line ending in ': ') appears; (exit status, what it showed)."""
@@ -356,7 +357,12 @@ def run_fleetctl_tty(
     )
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [str(FLEETCTL), *args], cwd=REPO_ROOT, env=env, stdin=slave, stdout=slave, stderr=slave
+        [str(FLEETCTL), *args],
+        cwd=cwd or REPO_ROOT,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
     )
     os.close(slave)
     shown, pending = "", list(answers)

@@ -40,10 +40,10 @@ class App:
         if self._settings is None:
             try:
                 self._settings = config.load()
+                if self.server:
+                    self._settings.server = config.normalize_server(self.server)
             except ValueError as exc:
                 raise CtlError(str(exc), Exit.USAGE) from None
-            if self.server:
-                self._settings.server = config.normalize_server(self.server)
         return self._settings
 
     def save_settings(self) -> str:

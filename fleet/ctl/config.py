@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_SERVER = "ws://127.0.0.1:8433"
+DEFAULT_SERVER = "ws://127.0.0.1:8433"  # DEFAULT_PORT
 
 
 @dataclass
@@ -27,15 +27,26 @@ def config_path() -> Path:
     return Path(base) / "fleet" / "config.json"
 
 
+DEFAULT_PORT = 8433  # fleetd serve's
+
+
 def normalize_server(url: str) -> str:
-    """Accept ws(s)://, http(s):// or a bare host:port; answer ws(s)://host:port."""
+    """Accept ws(s)://, http(s):// or a bare host[:port] (fleetd's port
+    8433 when none is given); answer a ws(s):// URL. Raises ValueError for
+    any other scheme."""
     url = url.strip().rstrip("/")
     for plain, ws in (("http://", "ws://"), ("https://", "wss://")):
         if url.startswith(plain):
             return ws + url[len(plain) :]
     if url.startswith(("ws://", "wss://")):
         return url
-    return "ws://" + url
+    if "://" in url or not url:
+        raise ValueError(f"server URL {url!r}: give ws://, wss://, http://, https:// or host:port")
+    host = url.split("/", 1)[0]
+    bare_port = host.rsplit(":", 1)[-1].isdigit() if ":" in host.lstrip("[") else False
+    if host.startswith("[") and not host.endswith("]"):
+        bare_port = True  # [::1]:8433
+    return "ws://" + (url if bare_port else f"{host}:{DEFAULT_PORT}" + url[len(host) :])
 
 
 def load() -> Settings:

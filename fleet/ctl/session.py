@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from typing import Optional
@@ -44,9 +45,13 @@ def login(
     """Log in and save an API token (mode 0600) under the XDG config dir."""
     settings = app.settings
     if server:
-        settings.server = config.normalize_server(server)
+        try:
+            settings.server = config.normalize_server(server)
+        except ValueError as exc:
+            raise CtlError(str(exc), Exit.USAGE) from None
     if cafile:
-        settings.cafile = cafile
+        # kept as an absolute path: later commands run from anywhere
+        settings.cafile = os.path.abspath(cafile)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:

@@ -678,3 +678,37 @@ def test_only_an_admin_sets_a_hook_and_the_audit_log_keeps_it(fleet, fx):
         a for a in fleet.ctl_json("audit", "--action", "group.edit") if a["target"] == f"{host}/g"
     ]
     assert any(a["detail"].get("pre_hook") == "systemctl stop app" for a in edits)
+
+
+def test_server_urls_and_error_messages_are_for_people(fleet, fx, tmp_path):
+    # another scheme is a usage error, not "unreachable"
+    out = fleet.ctl("--server", "ftp://fleet.example", "whoami", expect=2)
+    assert "ws://, wss://, http://, https:// or host:port" in out.stderr
+    # a bare host means fleetd's port, 8433, not the web's 80
+    out = fleet.ctl("--server", "127.0.0.1", "whoami", expect=None)
+    assert "ws://127.0.0.1:8433" in out.stderr or out.exit_code == 0
+    # a role refusal says what is needed, without the internal method's name
+    viewer = fleet.add_user("viewer")
+    host = fx.uniq("msg")
+    fleet.ctl("enroll", host)
+    out = fleet.ctl(
+        "groups", "create", host, "g", "--include", "/etc", token=viewer.token, expect=3
+    )
+    assert "needs the operator role" in out.stderr and "is a viewer" in out.stderr
+    assert "groups.create" not in out.stderr
+    # login keeps the CA file as an absolute path, whatever the directory
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not used: the server is plain ws\n")
+    xdg = tmp_path / "xdg"
+    code, shown = fx.run_fleetctl_tty(
+        "login",
+        "--cafile",
+        "ca.pem",
+        answers=(fx.ADMIN_PASSWORD,),
+        server=fleet.url,
+        config_dir=xdg,
+        cwd=tmp_path,
+    )
+    assert code == 0, shown
+    saved = json.loads((xdg / "fleet" / "config.json").read_text())
+    assert saved["cafile"] == str(ca)

@@ -240,7 +240,7 @@ def test_hosts_list_refuses_bad_page_sizes(rpc: Api) -> None:
         "message": "limit: must be at most 1000",
     }
     assert rpc.error("hosts.list", after=5)["code"] == "bad_request"
-    assert rpc.error("hosts.list", page=2)["message"] == "hosts.list: unknown parameter 'page'"
+    assert rpc.error("hosts.list", page=2)["message"] == "unknown parameter 'page'"
 
 
 def test_a_revoked_token_stops_at_once_despite_the_check_cache(rpc: Api) -> None:

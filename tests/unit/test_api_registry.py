@@ -182,7 +182,7 @@ def test_dispatch_is_the_edge_that_turns_typed_errors_into_frames(caplog) -> Non
         "result": "ok",
     }
     reply = _dispatch(registry, {"id": 6, "method": "t.missing", "params": {"x": 1}})
-    assert reply["error"] == {"code": "bad_request", "message": "t.missing: unknown parameter 'x'"}
+    assert reply["error"] == {"code": "bad_request", "message": "unknown parameter 'x'"}
     gone = Registry(collected, refresh=lambda caller: None)
     assert _dispatch(gone, {"id": 7, "method": "t.admin"})["error"]["code"] == "unauthorized"
 

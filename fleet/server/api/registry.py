@@ -178,17 +178,19 @@ class Registry:
         if m is None:
             raise UnknownMethod(f"unknown method {name!r}")
         ctx.caller = await self._check(ctx)
+        # messages for people: what is wrong, not which internal method said it
         if not ctx.caller.role.allows(m.role):
             raise Forbidden(
-                f"{name} needs the {m.role.value} role; {ctx.caller.name} is {ctx.caller.role.value}"
+                f"this needs the {m.role.value} role; {ctx.caller.name} is "
+                f"{_a(ctx.caller.role.value)}"
             )
         unknown = sorted(set(params) - {f.name for f in m.fields})
         if unknown:
-            raise Invalid(f"{name}: unknown parameter {unknown[0]!r}")
+            raise Invalid(f"unknown parameter {unknown[0]!r}")
         try:
             checked = protocol.check_fields(params, m.fields)
         except ProtocolError as exc:
-            raise Invalid(f"{name}: {exc}") from None
+            raise Invalid(f"bad parameter {exc}") from None
         ctx.after = []
         ctx.events = []
         try:
@@ -210,3 +212,7 @@ class Registry:
         except Exception:
             log.exception("%s failed", name)
             raise Internal(f"{name} failed inside fleetd; see its log") from None
+
+
+def _a(role: str) -> str:
+    return ("an " if role[0] in "aeiou" else "a ") + role
