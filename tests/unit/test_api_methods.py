@@ -96,7 +96,7 @@ def test_group_retries_and_retry_delay_are_bounded(rpc: Api) -> None:
     assert error["code"] == "bad_request"
     assert rpc.error("groups.edit", host="web-01", name="etc", retries=-1) == {
         "code": "bad_request",
-        "message": "groups.edit: retries: must be at least 0",
+        "message": "bad parameter retries: must be at least 0",
     }
     shown = rpc("groups.show", host="web-01", name="etc")
     assert (shown["retries"], shown["retry_delay"]) == (100, 604800)  # refusals changed nothing
@@ -233,7 +233,7 @@ def test_the_whole_list_is_stitched_from_pages_without_a_gap_or_a_repeat(rpc: Ap
 def test_hosts_list_refuses_bad_page_sizes(rpc: Api) -> None:
     assert rpc.error("hosts.list", limit=0) == {
         "code": "bad_request",
-        "message": "hosts.list: limit: must be at least 1",
+        "message": "bad parameter limit: must be at least 1",
     }
     assert rpc.error("hosts.list", limit=1001) == {
         "code": "bad_request",
