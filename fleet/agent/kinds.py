@@ -201,9 +201,16 @@ async def run_backup(job: Job) -> Outcome:
             return Outcome(
                 "failed", pre.exit_code, f"pre-hook exited {pre.exit_code}; backup not run"
             )
+    # restic skips an include path that is not there and still succeeds:
+    # a backup that silently lost a directory must say so
+    missing = [path for path in p["includes"] if not os.path.lexists(path)]
     job.restic_started = job.now()
     result = await job.restic(job.command)
     status, error = result.status, result.error
+    if missing and status == "succeeded":
+        status = "warning"
+        error = "include path(s) missing on the host, not backed up: " + ", ".join(missing)
+        await job.log.note(error)
     if p.get("post_hook") and not result.cancelled:
         post = await job.hook("post-hook", p["post_hook"])
         if post.exit_code != 0:

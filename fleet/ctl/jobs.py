@@ -156,7 +156,9 @@ def finish(app: App, job: dict, strict: bool) -> None:
 
 
 strict_option = click.option(
-    "--strict", is_flag=True, help="Exit 1 on a warning too (restic could not read some files)."
+    "--strict",
+    is_flag=True,
+    help="Exit 1 on a warning too (files restic could not read, an include path missing).",
 )
 
 

@@ -75,7 +75,8 @@ def status(app: App, offline_after: int, unchecked_after: int, watch: bool, as_j
     backup, last outcome and next run; running jobs; and the problems.
 
     Exits 0 when all is well, 1 with a warning (a stale lock, a repository
-    not checked lately, a backup that could not read some files) and 2 with
+    not checked lately, a backup with a warning: files it could not read, an
+    include path missing) and 2 with
     anything critical (a failed or overdue backup, a host offline too long,
     a failed check or maintenance): usable as a cron or Nagios check as it is.
     """

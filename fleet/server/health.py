@@ -251,7 +251,8 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                 problem(
                     WARNING,
                     "backup_warning",
-                    f"{h.name}/{g.name}: the last backup (job {last.id}) could not read some files",
+                    f"{h.name}/{g.name}: the last backup (job {last.id}) ended with a warning: "
+                    + (last.error.splitlines()[-1] if last.error else "some files were not read"),
                     job=last.id,
                     **where,
                 )

@@ -189,6 +189,23 @@ def test_missing_include_fails_with_restics_words(fleet, e2e):
     assert e2e.host_info(fleet, h.name)["last_backup"]["status"] == "failed"
 
 
+def test_one_missing_include_of_several_is_a_warning_naming_it(fleet, e2e):
+    """restic skips an include path that is not there and exits 0: the job
+    says so instead of a silent success, and status shows it."""
+    h = e2e.host(fleet)
+    e2e.write_tree(h.src, {"kept.txt": "kept\n"})
+    missing = h.base / "gone-dir"
+    group = e2e.group(fleet, h, "--include", h.src, "--include", missing)
+    code, out, err = e2e.fleetctl(fleet, "run", h.name, group, "--follow")
+    assert code == 0, f"{out}\n{err}"  # a warning: 0 without --strict
+    job = e2e.show(fleet, job_id_from(err))
+    assert job["status"] == "warning" and str(missing) in job["error"]
+    assert job["summary"]["snapshot_id"]  # what is there was backed up
+    status = json.loads(fleet.ctl("status", "--json", expect=None).stdout)
+    (p,) = [p for p in status["problems"] if p.get("host") == h.name]
+    assert p["kind"] == "backup_warning" and str(missing) in p["message"]
+
+
 def test_wrong_repository_password_fails_init_and_the_backup(fleet, e2e, tmp_path):
     # an existing repository (a copy of the session's) and the wrong password for it
     repo = tmp_path / "foreign-repo"
