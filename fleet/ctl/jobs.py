@@ -139,9 +139,21 @@ def follow_job(app: App, job_id: int, raw: bool, strict: bool) -> None:
                     printer.event(payload)
                 else:
                     job = payload
+    except KeyboardInterrupt:
+        printer.close()
+        interrupted(app, job_id)
     finally:
         printer.close()
     finish(app, job, strict)
+
+
+def interrupted(app: App, job_id: int) -> None:
+    """Ctrl-C while following: the job is fleetd's and goes on."""
+    app.err.print(
+        f"stopped following; job {job_id} goes on (fleetctl jobs tail {job_id} follows it "
+        f"again, fleetctl jobs cancel {job_id} stops it)"
+    )
+    raise click.exceptions.Exit(int(Exit.INTERRUPTED))
 
 
 def finish(app: App, job: dict, strict: bool) -> None:
@@ -188,11 +200,19 @@ def start_job(
     if as_json and not follow:
         render.emit_json(job)
         return
-    ahead = job.get("queued_behind") or 0
-    note = f", waiting behind {ahead} job(s)" if ahead else ""
-    app.err.print(f"job {job['id']} queued: {escape(what)}{note}")
-    if follow:
-        follow_job(app, job["id"], raw=as_json, strict=strict)
+    try:  # from here the job exists: an interrupt leaves it be, and says so
+        ahead = job.get("queued_behind") or 0
+        note = f", waiting behind {ahead} job(s)" if ahead else ""
+        app.err.print(f"job {job['id']} queued: {escape(what)}{note}")
+        if job.get("host_online") is False:
+            app.err.print(
+                f"[yellow]{escape(job['host'])} is offline:[/] the job waits until its agent "
+                "connects"
+            )
+        if follow:
+            follow_job(app, job["id"], raw=as_json, strict=strict)
+    except KeyboardInterrupt:
+        interrupted(app, job["id"])
 
 
 @click.command()

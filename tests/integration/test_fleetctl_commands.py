@@ -712,3 +712,32 @@ def test_server_urls_and_error_messages_are_for_people(fleet, fx, tmp_path):
     assert code == 0, shown
     saved = json.loads((xdg / "fleet" / "config.json").read_text())
     assert saved["cafile"] == str(ca)
+
+
+def test_run_on_an_offline_host_says_so_and_ctrl_c_says_the_job_goes_on(fleet, fx):
+    import signal
+
+    host = fx.uniq("off")
+    fleet.ctl("enroll", host)
+    fleet.ctl("groups", "create", host, "g", "--include", "/etc")
+    out = fleet.ctl("run", host, "g")
+    assert f"{host} is offline" in out.stderr and "waits until its agent connects" in out.stderr
+    proc = fx.run_fleetctl_proc(
+        "run",
+        host,
+        "g",
+        "--follow",
+        server=fleet.url,
+        token=fleet.admin_token,
+        config_dir=fleet.config_dir,
+    )
+    line = proc.stderr.readline()  # "job N queued: ..." once it is queued
+    job_id = int(line.split()[1])
+    fx.wait_until(
+        lambda: any("offline" in x for x in [proc.stderr.readline()]), timeout=20, what="the note"
+    )
+    proc.send_signal(signal.SIGINT)
+    code, out, err = fx.finish(proc, timeout=20)
+    assert code == 130, err
+    assert f"job {job_id} goes on" in err and f"fleetctl jobs tail {job_id}" in err
+    assert fleet.ctl_json("jobs", "show", job_id)["status"] == "queued"  # not cancelled

@@ -161,7 +161,8 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     # the view from what is at hand, not from reading the new row back
     job.host = host
     job.actor_user = User(id=ctx.caller.user_id, name=ctx.caller.name)
-    return {**job_view(job, ctx), "queued_behind": queued_behind}
+    online = agents.connected(host.id) if agents is not None else False
+    return {**job_view(job, ctx), "queued_behind": queued_behind, "host_online": online}
 
 
 def used_repository(host: Host, name: str) -> int:

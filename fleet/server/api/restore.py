@@ -126,6 +126,7 @@ def restore_run(ctx: Context, p: dict) -> dict:
     return {
         **job_view(job, ctx),
         "queued_behind": queued_behind,
+        "host_online": agents.connected(onto.id) if agents is not None else False,
         "snapshot": snap.snapshot_id,
         "snapshot_time": snap.time.isoformat(timespec="seconds") + "Z",
         "from_host": host.name,
