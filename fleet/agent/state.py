@@ -109,9 +109,18 @@ class State:
                 f"not enrolled: {self.identity_path} does not exist; run 'fleet-agent enroll' first"
             )
         try:
-            return Identity(**doc)
+            identity = Identity(**doc)
         except TypeError:
             raise StateError(f"{self.identity_path} is damaged") from None
+        token = identity.agent_token
+        # a token that cannot go into a header (a line break, a space) would
+        # be quoted whole by the HTTP library's error on every redial
+        if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
+            raise StateError(
+                f"{self.identity_path} is damaged: its agent token is not one "
+                "(run 'fleet-agent enroll' again)"
+            )
+        return identity
 
     def save_identity(self, identity: Identity) -> None:
         try:

@@ -44,11 +44,11 @@ ALIASES = {
 }
 MAX_LEN = 100
 # a field: numbers or three-letter names, with * , - and / between them
-FIELD = re.compile(r"^[0-9a-z*,/-]+$")
+FIELD = re.compile(r"^[0-9a-z*,/-]+\Z")
 NAMES = re.compile(r"[a-z]+")
 MONTHS = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"}
 DAYS = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"}
-ZONE_NAME = re.compile(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$")
+ZONE_NAME = re.compile(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*\Z")
 FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 # the longest a matching time can be away: 29 February of a leap year 8 years on
 HORIZON = dt.timedelta(days=366 * 8 + 2)

@@ -8,7 +8,7 @@ import re
 from typing import Optional
 
 DEFAULT_SAMPLE = "20"
-_SAMPLE = re.compile(r"^(?:([1-9]\d{0,5})|(\d{1,3}(?:\.\d{1,3})?)%)$")
+_SAMPLE = re.compile(r"^(?:([1-9]\d{0,5})|(\d{1,3}(?:\.\d{1,3})?)%)\Z")
 
 
 def parse_sample(value: str) -> tuple[Optional[int], Optional[float]]:

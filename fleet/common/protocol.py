@@ -202,6 +202,13 @@ _ANY_ITEM = tuple(
 )
 
 
+def printable(text: str) -> str:
+    """A peer's label with its control characters (an escape sequence, a
+    line break) as '?': what an agent says of itself reaches operators'
+    terminals and fleetd's log."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class MessageSpec(NamedTuple):
     direction: str  # "agent" (agent -> fleetd), "server" (fleetd -> agent), "both"
     fields: tuple[Field, ...]

@@ -10,7 +10,7 @@ from typing import Any, Optional
 COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 KEYS = (*COUNTS, "keep_within")
 # restic's duration: years, months, days, hours, each optional, in this order
-_WITHIN = re.compile(r"^(?=\d)(\d+y)?(\d+m)?(\d+d)?(\d+h)?$")
+_WITHIN = re.compile(r"^(?=\d)(\d+y)?(\d+m)?(\d+d)?(\d+h)?\Z")
 
 
 class RetentionError(ValueError):

@@ -741,3 +741,17 @@ def test_run_on_an_offline_host_says_so_and_ctrl_c_says_the_job_goes_on(fleet, f
     assert code == 130, err
     assert f"job {job_id} goes on" in err and f"fleetctl jobs tail {job_id}" in err
     assert fleet.ctl_json("jobs", "show", job_id)["status"] == "queued"  # not cancelled
+
+
+def test_a_name_may_not_end_in_a_line_break(fleet, fx):
+    """Python's $ matches before a final newline: names were taken with one."""
+    for method, params in (
+        ("enroll.create", {"host": "web\n"}),
+        ("repos.create", {"name": "r\n", "url": "/r", "password": "pw", "env": {}}),
+        ("users.add", {"name": "bob\n", "password": "pw-long-enough-1", "role": "viewer"}),
+    ):
+        try:
+            fleet.rpc(method, **params)
+            raise AssertionError(f"{method} took a name ending in a newline")
+        except fx.RpcError as exc:
+            assert exc.code == "bad_request", (method, exc)

@@ -672,3 +672,19 @@ def test_status_watch_streams_jobs_starting_progressing_and_ending(fleetd_factor
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_what_an_agent_says_of_itself_reaches_operators_without_escapes(fleet, fx):
+    name, token = host(fleet, fx)
+    with fx.ws_connect(fleet.url, "/agent", token) as ws:
+        agent = Agent(ws)
+        ws.send(fx.agent_hello(hostname="\x1b[2Jevil\nline", os="li\x07nux", agent_version="1\r2"))
+        agent.next_of("welcome")
+        shown = fleet.ctl_json("hosts", "show", name)
+    assert (shown["hostname"], shown["os"], shown["agent_version"]) == (
+        "?[2Jevil?line",
+        "li?nux",
+        "1?2",
+    )
+    assert "\x1b" not in fleet.ctl("hosts", "show", name).stdout
+    assert "\x1b[2J" not in fleet.fleetd.log()

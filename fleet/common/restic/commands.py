@@ -81,7 +81,7 @@ def forget(tag: str, policy: dict, hosts: Sequence[str] = ()) -> Command:
     )
 
 
-_SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}\Z")
 
 
 def copy(snapshots: Sequence[str] = (), tag: str = "", hosts: Sequence[str] = ()) -> Command:
@@ -170,9 +170,9 @@ def prune() -> Command:
 
 
 # restic check --read-data-subset: n/t, a percentage, or a size (K, M, G, T)
-_FRACTION = re.compile(r"^([1-9]\d{0,8})/([1-9]\d{0,8})$")
-_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,6})?)%$")
-_SIZE = re.compile(r"^[1-9]\d{0,15}[KMGTkmgt]?$")
+_FRACTION = re.compile(r"^([1-9]\d{0,8})/([1-9]\d{0,8})\Z")
+_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,6})?)%\Z")
+_SIZE = re.compile(r"^[1-9]\d{0,15}[KMGTkmgt]?\Z")
 
 
 def read_data_subset(value: str) -> str:

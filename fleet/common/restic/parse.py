@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 _VERSION = re.compile(r"^restic (\d+\.\d+\.\d+\S*)")
 # restic prints times with nanoseconds and a zone: keep seconds, say UTC
-_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)$")
+_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)\Z")
 
 
 class ParseError(ValueError):
@@ -177,7 +177,7 @@ def already_initialized(stderr: str) -> bool:
 # -- browsing: ls, find, diff (one stdout line at a time) ------------------------
 
 _NODE_TYPES = ("file", "dir", "symlink", "dev", "chardev", "fifo", "socket", "irregular")
-_FOUND = re.compile(r"^Found matching entries in snapshot ([0-9a-f]{8,64}) from (.+)$")
+_FOUND = re.compile(r"^Found matching entries in snapshot ([0-9a-f]{8,64}) from (.+)\Z")
 _MODIFIERS = {"+": "added", "-": "removed", "M": "modified", "T": "type", "U": "metadata"}
 
 

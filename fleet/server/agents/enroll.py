@@ -43,6 +43,7 @@ def redeem_enrollment(token: str, hostname: str, address: str) -> dict:
         raise EnrollError("this enrollment token has expired; ask for a new one")
     agent_token = auth.new_token("agent")
     host = row.host
+    hostname = protocol.printable(hostname)  # shown to operators: no escape sequences
     # a re-enrollment replaces the previous agent token: the old one stops working
     Host.update(
         agent_token_hash=auth.token_hash(agent_token),

@@ -50,6 +50,7 @@ log = logging.getLogger("fleetd.agent")
 APPLY_BATCH = 250  # job log lines (or other frames) of one agent handed to the ingest at once
 APPLY_BYTES = 1 << 20  # ... and their size on the wire, at most (one bigger frame goes alone)
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
+LABELS = ("agent_version", "restic_version", "hostname", "os", "arch", "timezone")
 FEATURES = ["job.logs"]  # told to agents in welcome: they may pack log lines
 INBOX_BYTES = 2 << 20  # and bytes: an agent's send window is 1 MiB, so only a rogue one waits
 # frames of one agent handled in a row before the loop goes round: frames
@@ -491,6 +492,9 @@ class Agents:
             await connection.send(protocol.error_frame("unsupported_version", message, hello.id))
             await connection.close(1008, "unsupported protocol version")
             return None
+        for key in LABELS:  # shown to operators and logged: no escape sequences
+            if isinstance(hello.data.get(key), str):
+                hello.data[key] = protocol.printable(hello.data[key])
         return hello
 
     async def _enqueue(self, session: AgentSession, frame: protocol.Envelope, size: int) -> None:

@@ -9,7 +9,7 @@ from ..store.queries import hot
 from .context import Context
 from .errors import Invalid, NotFound
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 def audit(ctx: Context, action: str, target: str | None = None, detail: dict | None = None) -> None:

@@ -42,7 +42,7 @@ from .views import redact_url, repository_json
 METHODS: list[Method] = []
 method = collect(METHODS)
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # restic backends: a local path, or one of these prefixes
 REPO_SCHEMES = ("sftp:", "rest:", "s3:", "b2:", "azure:", "gs:", "swift:", "rclone:")
 

@@ -75,7 +75,7 @@ def snapshots_list(ctx: Context, p: dict) -> list:
     return rows
 
 
-_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
+_PREFIX = re.compile(r"^[0-9a-f]{4,64}\Z")
 
 
 def find_snapshot(

@@ -42,7 +42,7 @@ log = logging.getLogger("fleetd.jobs")
 Events = list[Event]
 T = TypeVar("T")
 
-SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}$")  # what restic names a snapshot by
+SNAPSHOT_ID = re.compile(r"^[0-9a-f]{8,64}\Z")  # what restic names a snapshot by
 QUEUED = "queued"
 DISPATCHED = "dispatched"
 RUNNING = "running"

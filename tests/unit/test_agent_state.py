@@ -1,0 +1,33 @@
+"""fleet.agent.state: an identity whose token could not go into a header
+(a line break slipped into agent.json) is refused as damaged, without the
+token in the message, instead of being quoted by the HTTP library's error
+on every redial."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleet.agent.state import Identity, State, StateError
+
+
+@pytest.mark.parametrize("token", ["agent_abc\r\nX-Evil: 1", "agent abc", "", "agent_\x1b[2J"])
+def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it(tmp_path, token):
+    state = State(tmp_path)
+    state.identity_path.write_text(
+        json.dumps(
+            {"server_url": "ws://f:8433", "host_id": 1, "host_name": "web", "agent_token": token}
+        )
+    )
+    with pytest.raises(StateError) as refused:
+        state.load_identity()
+    assert "damaged" in str(refused.value)
+    if token:
+        assert token not in str(refused.value)
+
+
+def test_a_good_identity_loads(tmp_path):
+    state = State(tmp_path)
+    state.save_identity(Identity("ws://f:8433", 1, "web", "agent_" + "x" * 43))
+    assert state.load_identity().host_name == "web"
