@@ -343,6 +343,7 @@ def run_fleetctl_tty(
     config_dir: Optional[Path] = None,
     timeout: float = 60,
     cwd: Optional[Path] = None,
+    env: Optional[dict[str, str]] = None,
 ) -> tuple[int, str]:
     """The ./fleetctl launcher on a pseudo-terminal, typing each answer when
     a prompt (a line ending in ': ') appears; (exit status, what it showed)."""
@@ -354,6 +355,7 @@ def run_fleetctl_tty(
         FLEET_TOKEN=token,
         XDG_CONFIG_HOME=str(config_dir) if config_dir else None,
         COLUMNS="200",
+        **(env or {}),
     )
     master, slave = pty.openpty()
     proc = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
@@ -12,13 +13,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+PIPED_WIDTH = 4096  # columns of a table written to a pipe: a line a row, unwrapped
+
 
 def make_consoles() -> tuple[Console, Console]:
     # file=None: rich writes to whatever sys.stdout/stderr is at write time,
-    # which is what lets click's test runner capture it.
-    return Console(highlight=False, soft_wrap=False), Console(
-        stderr=True, highlight=False, soft_wrap=True
-    )
+    # which is what lets click's test runner capture it. Piped (and no
+    # COLUMNS given), a table is not wrapped at 80 columns: scripts read it
+    # a line a row. NO_COLOR: no escape sequences at all, bold included.
+    plain = "NO_COLOR" in os.environ
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(
+        highlight=False,
+        soft_wrap=False,
+        width=PIPED_WIDTH if piped else None,
+        color_system=None if plain else "auto",
+    ), Console(stderr=True, highlight=False, soft_wrap=True, color_system=None if plain else "auto")
 
 
 def emit_json(data: Any) -> None:

@@ -755,3 +755,41 @@ def test_a_name_may_not_end_in_a_line_break(fleet, fx):
             raise AssertionError(f"{method} took a name ending in a newline")
         except fx.RpcError as exc:
             assert exc.code == "bad_request", (method, exc)
+
+
+def test_output_for_scripts_is_a_line_a_row_and_plain_with_no_color(fleet, fx):
+    import subprocess
+
+    host = fx.uniq("a-long-host-name-for-a-row-wider-than-eighty-columns")
+    fleet.ctl("enroll", host)
+    env = fx.clean_env(
+        FLEET_SERVER=fleet.url,
+        FLEET_TOKEN=fleet.admin_token,
+        XDG_CONFIG_HOME=str(fleet.config_dir),
+        COLUMNS=None,  # piped, as in a script: no width given
+    )
+    listed = subprocess.run(
+        [str(fx.REPO_ROOT / "fleetctl"), "hosts", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=fx.REPO_ROOT,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line for line in listed.stdout.splitlines() if host in line]
+    assert row.split()[0] == host and "pending" in row  # the whole row on its line
+    # NO_COLOR on a terminal: no escape sequence at all (bold included)
+    code, shown = fx.run_fleetctl_tty(
+        "hosts",
+        "list",
+        server=fleet.url,
+        token=fleet.admin_token,
+        config_dir=fleet.config_dir,
+        env={"NO_COLOR": "1"},
+    )
+    assert code == 0 and host in shown and "\x1b[" not in shown, shown
+    code, shown = fx.run_fleetctl_tty(
+        "hosts", "list", server=fleet.url, token=fleet.admin_token, config_dir=fleet.config_dir
+    )
+    assert code == 0 and "\x1b[1m" in shown  # the header is bold on a terminal otherwise
