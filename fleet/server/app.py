@@ -43,7 +43,7 @@ from . import metrics
 from .agents import enroll
 from .agents.session import Agents
 from .api import build_registry
-from .api.auth import login, lookup_token
+from .api.auth import known_token, login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .clock import Clock
@@ -383,13 +383,6 @@ class FleetServer:
                 )
             limit_unauthenticated(connection, self.config.unauth_max_size)
             return None
-        if self.token_limiter.blocked(address):
-            return self.refuse(
-                "rate_limited",
-                connection,
-                HTTPStatus.TOO_MANY_REQUESTS,
-                "too many bad tokens; wait",
-            )
         token = bearer(request.headers)
         if token is None:
             return self.refuse(
@@ -398,8 +391,14 @@ class FleetServer:
                 HTTPStatus.UNAUTHORIZED,
                 "missing 'Authorization: Bearer <token>'",
             )
+        # an address that sent many bad tokens (one behind a NAT, say) still
+        # gets its good ones through: only its bad ones are answered 429, and
+        # checked on the reader, not the writer (a token cannot be guessed;
+        # the limit keeps a flood of them off the store's writer)
+        blocked = self.token_limiter.blocked(address)
         if path == "/ctl":
-            caller = await self.state.store.atomic(lookup_token, token)
+            known = not blocked or await self.state.store.read(known_token, token)
+            caller = await self.state.store.atomic(lookup_token, token) if known else None
             if caller is not None:
                 caller.address = address
                 self.callers[connection] = caller
@@ -409,7 +408,19 @@ class FleetServer:
             if host is not None:
                 self.agents[connection] = host
                 return None
+        return self.bad_token(connection, address, path, blocked)
+
+    def bad_token(
+        self, connection: ServerConnection, address: str, path: str, blocked: bool
+    ) -> Response:
         self.token_limiter.fail(address)
+        if blocked:
+            return self.refuse(
+                "rate_limited",
+                connection,
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "too many bad tokens; wait",
+            )
         log.warning("refused %s from %s: unknown, revoked or expired token", path, address)
         return self.refuse(
             "bad_token", connection, HTTPStatus.UNAUTHORIZED, "unknown, revoked or expired token"
@@ -423,13 +434,6 @@ class FleetServer:
                 connection, HTTPStatus.NOT_FOUND, "metrics are off (fleetd serve --metrics)"
             )
         address = self.address(connection)
-        if self.token_limiter.blocked(address):
-            return self.refuse(
-                "rate_limited",
-                connection,
-                HTTPStatus.TOO_MANY_REQUESTS,
-                "too many bad tokens; wait",
-            )
         token = bearer(request.headers)
         if token is None:
             return self.refuse(
@@ -438,15 +442,10 @@ class FleetServer:
                 HTTPStatus.UNAUTHORIZED,
                 "missing 'Authorization: Bearer <token>'",
             )
-        if await self.state.store.atomic(lookup_token, token) is None:
-            self.token_limiter.fail(address)
-            log.warning("refused /metrics from %s: unknown, revoked or expired token", address)
-            return self.refuse(
-                "bad_token",
-                connection,
-                HTTPStatus.UNAUTHORIZED,
-                "unknown, revoked or expired token",
-            )
+        blocked = self.token_limiter.blocked(address)
+        known = not blocked or await self.state.store.read(known_token, token)
+        if not known or await self.state.store.atomic(lookup_token, token) is None:
+            return self.bad_token(connection, address, "/metrics", blocked)
         self.limits.accepted["metrics"] += 1
         found = await self.state.store.scan(metrics.families, utcnow())
         body = metrics.render([*found, *self.process.families()])

@@ -34,6 +34,8 @@ def test_units_restart_on_failure_and_are_hardened(name: str) -> None:
         assert "AmbientCapabilities=CAP_DAC_READ_SEARCH" in text
         assert "StateDirectory=fleet-agent" in text  # writable under ProtectSystem=strict
         assert "--state-dir /var/lib/fleet-agent" in text
+        # refused for good (exit 3): not restarted for ever
+        assert "RestartPreventExitStatus=3" in text.splitlines()
 
 
 @pytest.mark.parametrize("name", UNITS)

@@ -292,3 +292,18 @@ def test_limit_of_one(clock: FakeClock) -> None:
     assert 1 <= limiter.retry_after("k") <= 6
     clock.advance(5.0)
     assert not limiter.blocked("k")
+
+
+def test_a_blocked_key_lets_one_try_through_every_so_often(clock: FakeClock) -> None:
+    limiter = RateLimiter(limit=2, window=60.0, clock=clock)
+    limiter.fail("k")
+    limiter.fail("k")
+    assert limiter.blocked("k")
+    assert limiter.probe("k", 10.0) is True  # one try now
+    assert limiter.probe("k", 10.0) is False  # not another at once
+    clock.advance(9.9)
+    assert limiter.probe("k", 10.0) is False
+    clock.advance(0.2)
+    assert limiter.probe("k", 10.0) is True
+    limiter.reset("k")
+    assert not limiter.blocked("k") and limiter.probe("k", 10.0) is True

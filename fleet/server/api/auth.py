@@ -46,6 +46,13 @@ def lookup_token(token: str) -> Optional[Caller]:
     return caller
 
 
+def known_token(token: str) -> bool:
+    """Whether a bearer token is good, read only (an address over its
+    limit of bad ones is checked so, off the store's writer)."""
+    row = _tokens().where(ApiToken.token_hash == auth.token_hash(token)).first()
+    return _caller(row, "") is not None
+
+
 def lifetime(seconds: Optional[int]) -> Optional[timedelta]:
     """A token lifetime from seconds; None or 0 for none. Bounded to ten years."""
     if not seconds:
@@ -88,15 +95,20 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
         ),
     )
     name, password = checked["user"], checked["password"]
-    limits = ((state.user_limiter, name), (state.addr_limiter, address))
+    limits = (
+        (state.pair_limiter, f"{name}\x00{address}"),
+        (state.user_limiter, name),
+        (state.addr_limiter, address),
+    )
     # one password check at a time: parallel attempts cannot slip past the
     # limits between the check and the count, nor stack 64 MiB argon2 runs
     async with state.login_lock:
-        for limiter, key in limits:
-            if limiter.blocked(key):
-                raise RateLimited(
-                    f"too many failed logins; try again in {limiter.retry_after(key)} s"
-                )
+        blocked = [(limiter, key) for limiter, key in limits if limiter.blocked(key)]
+        # past a limit, one try every PROBE_EVERY s still goes ahead: the
+        # right password is never shut out, guessing is slowed to a crawl
+        let_through = [limiter.probe(key, PROBE_EVERY) for limiter, key in blocked]
+        if not all(let_through):
+            raise RateLimited(f"too many failed logins; try again in {int(PROBE_EVERY)} s")
         user = await state.store.read(User.get_or_none, User.name == name)
         loop = asyncio.get_running_loop()
         if user is None:
@@ -112,8 +124,13 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
             await state.store.run(
                 AuditLog.create, actor=name, action="auth.login_failed", address=address
             )
+            if blocked:
+                raise RateLimited(
+                    f"wrong user name or password, and too many failed logins: "
+                    f"the next try in {int(PROBE_EVERY)} s"
+                )
             raise Unauthorized("wrong user name or password")
-        state.user_limiter.reset(name)
+        state.pair_limiter.reset(f"{name}\x00{address}")
     expires = checked.get("expires_in")
     ttl = LOGIN_TTL if expires is None else lifetime(expires)
 
@@ -124,6 +141,9 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
 
     issued = await state.store.atomic(record)
     return {**issued, "user": user.name, "role": user.role}
+
+
+PROBE_EVERY = 10.0  # seconds between the tries a blocked login still gets
 
 
 @method("auth.whoami")

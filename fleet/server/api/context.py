@@ -37,8 +37,12 @@ class ServerState:
     agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
     bus: Any = None  # events.Bus: domain events, live tails
     heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline
-    # failed logins: 5 per user, 20 per address (many users may share one NAT)
-    user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
+    # failed logins in 5 minutes: 5 per user from one address, 50 per user
+    # from anywhere, 20 per address (many users may share one NAT); past a
+    # limit a login is still tried once every PROBE_EVERY seconds, so the
+    # right password gets in while guessing slows to a crawl
+    pair_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(5, 300))
+    user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(50, 300))
     addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
     login_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -78,6 +78,7 @@ class RateLimiter:
         self.window = window
         self._clock = clock
         self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._probes: dict[str, float] = {}  # a blocked key's last try let through
 
     def _prune(self, key: str) -> deque[float]:
         q = self._failures[key]
@@ -97,9 +98,23 @@ class RateLimiter:
             return 0
         return max(1, math.ceil(q[-self.limit] + self.window - self._clock()))
 
+    def probe(self, key: str, every: float) -> bool:
+        """For a blocked key: whether one more try may go ahead now (one
+        every `every` seconds), counting it as taken."""
+        now = self._clock()
+        last = self._probes.get(key)
+        if last is not None and now - last < every:
+            return False
+        self._probes[key] = now
+        if len(self._probes) > 10_000:  # keys long gone: forget the oldest half
+            for old in sorted(self._probes, key=self._probes.__getitem__)[:5_000]:
+                del self._probes[old]
+        return True
+
     def fail(self, key: str) -> None:
         self._prune(key)
         self._failures[key].append(self._clock())
 
     def reset(self, key: str) -> None:
         self._failures.pop(key, None)
+        self._probes.pop(key, None)
