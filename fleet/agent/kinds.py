@@ -22,6 +22,7 @@ from ..common.protocol import (
     MAX_COALESCED,
     MAX_COPY_SNAPSHOTS,
     MAX_STR,
+    MAX_TIMEOUT,
     Field,
     ProtocolError,
     check_fields,
@@ -195,6 +196,12 @@ async def run_backup(job: Job) -> Outcome:
     await note_fire(job)
     if p.get("pre_hook"):
         pre = await job.hook("pre-hook", p["pre_hook"])
+        if pre.cancelled and job.hook_timed_out:
+            return Outcome(
+                "failed",
+                pre.exit_code,
+                f"pre-hook ran longer than {job.hook_limit} s and was stopped; backup not run",
+            )
         if pre.cancelled:
             return Outcome("cancelled", pre.exit_code)
         if pre.exit_code != 0:
@@ -213,7 +220,12 @@ async def run_backup(job: Job) -> Outcome:
         await job.log.note(error)
     if p.get("post_hook") and not result.cancelled:
         post = await job.hook("post-hook", p["post_hook"])
-        if post.exit_code != 0:
+        if job.hook_timed_out:
+            error = f"{error}\npost-hook ran longer than {job.hook_limit} s and was stopped"
+            error = error.strip()
+            if status == "succeeded":
+                status = "warning"
+        elif post.exit_code != 0:
             error = f"{error}\npost-hook exited {post.exit_code}".strip()
             if status == "succeeded":
                 status = "warning"
@@ -457,6 +469,8 @@ KINDS: dict[str, Kind] = {
             _opt("scheduled_at", "str", limit=32),
             _opt("catch_up", "bool"),
             _opt("coalesced", "list[str]", limit=MAX_COALESCED),
+            _opt("hook_timeout", "int", minimum=1, maximum=MAX_TIMEOUT),
+            _opt("timeout", "int", minimum=1, maximum=MAX_TIMEOUT),
         ),
         lambda p, w: commands.backup(
             p["includes"], p.get("excludes") or (), p.get("tag") or "", w.host

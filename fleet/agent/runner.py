@@ -29,6 +29,7 @@ from .state import RepoConfig, State, StateError
 log = logging.getLogger("fleet-agent.jobs")
 
 PROGRESS_EVERY = 1.0  # seconds between job.progress frames
+HOOK_TIMEOUT = 1800  # seconds a hook may run unless its group says otherwise
 # after the last job ends, before the snapshot list and stats are refreshed;
 # at least a second, so the refresh's report_at is later than the partial
 # report of the backup that asked for it (timestamps have whole seconds)
@@ -200,6 +201,8 @@ class Job:
         self.cancel = asyncio.Event()
         self.env, self.mask = restic_env(repo, source)
         self.restic_started: Optional[str] = None  # when restic backup began (its snapshot's time)
+        self.hook_timed_out = False  # the last hook outlived hook_limit
+        self.timed_out = False  # the job outlived its timeout
 
     @staticmethod
     def now() -> str:
@@ -237,21 +240,43 @@ class Job:
             self.runner.grace,
         )
 
+    @property
+    def hook_limit(self) -> int:
+        """Seconds a hook may run: the group's, else HOOK_TIMEOUT."""
+        return int(self.params.get("hook_timeout") or HOOK_TIMEOUT)
+
     async def hook(self, name: str, command: str) -> execute.Result:
+        """Run a hook; one that outlives hook_limit is stopped (as a cancel
+        stops it) and hook_timed_out says so: a hung hook must not hold the
+        host's queue for ever."""
         # hooks get the agent's environment and what the job is, never the
         # repository's credentials
         env = {k: v for k, v in os.environ.items() if k not in execute.REPO_KEYS}
         env["FLEET_JOB_ID"] = str(self.id)
         env["FLEET_GROUP"] = str(self.params.get("group") or self.params.get("tag") or "")
         await self.log.note(f"running {name}: {command}")
-        return await execute.run(
-            ["/bin/sh", "-c", command],
-            env,
-            self.log.line,
-            self.mask,
-            self.cancel,
-            self.runner.grace,
-        )
+        stop = asyncio.Event()
+        self.hook_timed_out = False
+
+        def too_long() -> None:
+            self.hook_timed_out = True
+            stop.set()
+
+        timer = asyncio.get_running_loop().call_later(self.hook_limit, too_long)
+        relay = asyncio.ensure_future(self.cancel.wait())
+        relay.add_done_callback(lambda _: stop.set())
+        try:
+            return await execute.run(
+                ["/bin/sh", "-c", command],
+                env,
+                self.log.line,
+                self.mask,
+                stop,
+                self.runner.grace,
+            )
+        finally:
+            timer.cancel()
+            relay.cancel()
 
     @property
     def sizes(self) -> Sizes:
@@ -455,11 +480,27 @@ class JobRunner:
             drop_local=job.local,
         )
         outcome = Outcome("failed", -1)
+        limit = job.params.get("timeout")
+        timer = None
+        if limit:  # past it the job is stopped as a cancel stops it, and fails
+
+            def too_long() -> None:
+                job.timed_out = True
+                job.cancel.set()
+
+            timer = asyncio.get_running_loop().call_later(limit, too_long)
         try:
             outcome = await job.kind.run(job)
         except Exception as exc:  # a bug must still end the job, not leave it running
             log.exception("job %s crashed", job.id)
             outcome = Outcome("failed", -1, f"agent error: {exc}")
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if job.timed_out and outcome.status == "cancelled":
+            outcome = Outcome(
+                "failed", outcome.exit_code, f"ran longer than its timeout of {limit} s: stopped"
+            )
         finished: dict[str, Any] = {
             "job_id": job.id,
             "status": outcome.status,

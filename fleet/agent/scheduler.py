@@ -147,6 +147,8 @@ def local_job(host_id: int, e: Entry, group: dict[str, Any], at: str, catch_up: 
             group.get("excludes") or (),
             group.get("pre_hook") or None,
             group.get("post_hook") or None,
+            group.get("hook_timeout") or None,
+            group.get("timeout") or None,
         ),
         "scheduled_at": at,
         "catch_up": catch_up,

@@ -112,6 +112,7 @@ def _opt(name: str, kind: str, **kw: Any) -> Field:
 
 _TS = "str"  # timestamps travel as RFC 3339 strings
 
+MAX_TIMEOUT = 30 * 86400  # seconds: a hook's or a job's time limit, at most
 SOURCE_GROUP = (
     F("id", "int"),
     F("name", "str", limit=64),
@@ -121,6 +122,9 @@ SOURCE_GROUP = (
     _opt("pre_hook", "str"),
     _opt("post_hook", "str"),
     _opt("repository_id", "int"),  # where its backups go; none: the host's default
+    # seconds a hook may run (none: the agent's default), and a backup
+    _opt("hook_timeout", "int", minimum=0, maximum=MAX_TIMEOUT),
+    _opt("timeout", "int", minimum=0, maximum=MAX_TIMEOUT),
 )
 # a repository an agent holds; its id is what jobs and reports name
 REPOSITORY = (
@@ -331,6 +335,10 @@ MESSAGES: dict[str, MessageSpec] = {
             _opt("sample", "str", limit=16),
             # restore: say what it would write, write nothing
             _opt("dry_run", "bool"),
+            # backup: seconds each hook may run (none: the agent's default),
+            # and the whole job (none: no limit)
+            _opt("hook_timeout", "int", minimum=1, maximum=MAX_TIMEOUT),
+            _opt("timeout", "int", minimum=1, maximum=MAX_TIMEOUT),
         ),
     ),
     "command.result": MessageSpec(
@@ -499,10 +507,12 @@ def backup_params(
     excludes: Sequence[str],
     pre_hook: Optional[str] = None,
     post_hook: Optional[str] = None,
+    hook_timeout: Optional[int] = None,
+    timeout: Optional[int] = None,
 ) -> dict[str, Any]:
     """What command.run carries for a backup of a source group: the same
     whether fleetd sends it or an agent runs a scheduled one on its own."""
-    return {
+    params: dict[str, Any] = {
         "group": group,
         "includes": list(includes),
         "excludes": list(excludes),
@@ -510,6 +520,11 @@ def backup_params(
         "pre_hook": pre_hook,
         "post_hook": post_hook,
     }
+    if hook_timeout:
+        params["hook_timeout"] = hook_timeout
+    if timeout:
+        params["timeout"] = timeout
+    return params
 
 
 class Envelope(NamedTuple):

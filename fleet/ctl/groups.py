@@ -90,6 +90,16 @@ def group_options(fn: Any) -> Any:
         help="Without a schedule: a backup is expected this often, e.g. 1d; "
         "overdue past 1.5 times that (0 unsets).",
     )(fn)
+    fn = click.option(
+        "--timeout",
+        type=Duration(),
+        help="Stop a backup that runs longer, e.g. 6h, and fail it (0: no limit, the default).",
+    )(fn)
+    fn = click.option(
+        "--hook-timeout",
+        type=Duration(),
+        help="Stop a hook that runs longer, e.g. 10m (0: the default, 30m).",
+    )(fn)
     fn = click.option("--retry-delay", type=Duration(), help="Wait between retries, e.g. 5m.")(fn)
     fn = click.option("--retries", type=click.IntRange(min=0), help="Retries of a failed backup.")(
         fn
@@ -159,6 +169,12 @@ def copy_retention(g: dict) -> Optional[str]:
     if g["copy_retention"] is None:
         return "as the group's"
     return retention.describe(g["copy_retention"])
+
+
+def limits(g: dict) -> str:
+    hooks = f"{g['hook_timeout']} s" if g.get("hook_timeout") else "30 min (default)"
+    backup = f"{g['timeout']} s" if g.get("timeout") else "none"
+    return f"hooks {hooks}, backup {backup}"
 
 
 def drills(g: dict) -> Optional[str]:
@@ -234,6 +250,7 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("pre-hook", c(g["pre_hook"])),
             ("post-hook", c(g["post_hook"])),
             ("retries", c(f"{g['retries']} (every {g['retry_delay']} s)")),
+            ("time limits", c(limits(g))),
             ("repository", c(g["repository"] or "the host's default")),
             ("copy to", c(g["copy_to"])),
             ("copy retention", c(copy_retention(g))),

@@ -192,3 +192,24 @@ def test_a_failed_backup_is_retried_as_its_group_says(fleet, e2e):
     done = e2e.wait_job(fleet, retry["id"], timeout=60)
     assert done["status"] == "succeeded", done
     assert len(e2e.jobs(fleet, h.name, kind="backup")) == 2  # no third attempt after a success
+
+
+def test_a_hung_hook_or_a_backup_past_its_timeout_is_stopped_and_fails(fleet, e2e):
+    """A hook or a backup that never ends must not hold the host's queue for
+    ever: past its limit it is stopped (as a cancel stops it) and fails,
+    saying so, and the next job runs."""
+    h = e2e.host(fleet)
+    e2e.write_tree(h.src, {"a.txt": "a\n"})
+    hung = e2e.group(fleet, h, "--pre-hook", "sleep 600", "--hook-timeout", "2s")
+    job = e2e.wait_job(fleet, e2e.run(fleet, h.name, hung)["id"], timeout=60)
+    assert job["status"] == "failed"
+    assert "pre-hook ran longer than 2 s" in job["error"], job
+    slow = e2e.group(fleet, h, "--pre-hook", "sleep 600", "--timeout", "3s")
+    shown = fleet.ctl("groups", "show", h.name, slow).stdout
+    assert "backup 3 s" in shown and "hooks 30 min (default)" in shown
+    job = e2e.wait_job(fleet, e2e.run(fleet, h.name, slow)["id"], timeout=60)
+    assert job["status"] == "failed"
+    assert "ran longer than its timeout of 3 s" in job["error"], job
+    # the host is free again: a plain backup runs
+    plain = e2e.group(fleet, h)
+    assert e2e.wait_job(fleet, e2e.run(fleet, h.name, plain)["id"])["status"] == "succeeded"

@@ -132,6 +132,8 @@ WIRE_FIELDS = {
             "verify",
             "sample",
             "dry_run",
+            "hook_timeout",
+            "timeout",
         ),
     ),
     "command.result": ("agent", ("job_id", "accepted"), ("error", "code")),
@@ -195,7 +197,7 @@ WIRE_ITEM_FIELDS = {
 }
 WIRE_SOURCE_GROUP_FIELDS = (
     ("id", "name", "includes", "excludes"),
-    ("retention", "pre_hook", "post_hook", "repository_id"),
+    ("retention", "pre_hook", "post_hook", "repository_id", "hook_timeout", "timeout"),
 )
 
 # type -> (data with every field, frame id, seq, the exact frame encode() gives)
@@ -350,6 +352,8 @@ EXAMPLES = {
             "verify": True,
             "sample": "20",
             "dry_run": True,
+            "hook_timeout": 600,
+            "timeout": 21600,
         },
         "r42",
         None,
@@ -359,7 +363,8 @@ EXAMPLES = {
         '"read_data_subset":"5%","args":["--verbose"],"scheduled_at":"2024-05-02T03:00:00Z",'
         '"catch_up":true,"coalesced":["2024-05-02T04:00:00Z"],"hosts":["web-01"],'
         '"repository_id":4,"from_repository_id":5,"snapshots":["4f2a9c1e"],'
-        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true,"sample":"20","dry_run":true}}',
+        '"snapshot":"4f2a9c1e","target":"/srv/restored","verify":true,"sample":"20","dry_run":true,'
+        '"hook_timeout":600,"timeout":21600}}',
     ),
     "command.result": (
         {"job_id": 42, "accepted": False, "error": "busy with job 41", "code": "busy"},

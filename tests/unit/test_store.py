@@ -32,6 +32,7 @@ PINGS = MIGRATIONS[13][1]
 LATEST = MIGRATIONS[14][1]
 LISTINGS = MIGRATIONS[15][1]
 DRILLS = MIGRATIONS[16][1]
+LIMITS = MIGRATIONS[17][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -86,7 +87,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 18))
+        assert migrate(database) == list(range(1, 19))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -109,10 +110,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (15, LATEST),
             (16, LISTINGS),
             (17, DRILLS),
+            (18, LIMITS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 17
+        assert current_version(database) == MIGRATIONS[-1][0] == 18
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -143,6 +145,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (15, LATEST),
         (16, LISTINGS),
         (17, DRILLS),
+        (18, LIMITS),
     ]
     assert m.Host.select().count() == 0
 

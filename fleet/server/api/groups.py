@@ -7,7 +7,7 @@ from typing import Any
 
 from ...common import drills as drills_common
 from ...common import retention
-from ...common.protocol import Field
+from ...common.protocol import MAX_TIMEOUT, Field
 from .. import notify
 from ..events import MaintenanceChanged
 from ..jobs import lifecycle
@@ -45,6 +45,9 @@ GROUP_FIELDS = (
     Field("expect_every", "int", False, minimum=0),
     # a Healthchecks-style URL pinged as its backups start and end; "": none
     Field("ping_url", "str", False, limit=2048),
+    # time limits in seconds (0: the default: 30 minutes a hook, none a backup)
+    Field("hook_timeout", "int", False, minimum=0),
+    Field("timeout", "int", False, minimum=0),
     # restore drills: when (cron, UTC; "" or off: none) and how much ("20", "1%")
     Field("drill_cron", "str", False, limit=256),
     Field("drill_sample", "str", False, limit=16),
@@ -54,6 +57,8 @@ MAXIMUM = {
     "retries": 100,
     "retry_delay": 7 * 24 * 3600,  # seconds: 7 days
     "expect_every": 366 * 24 * 3600,  # seconds: a year
+    "hook_timeout": MAX_TIMEOUT,
+    "timeout": MAX_TIMEOUT,
 }
 
 
@@ -153,6 +158,9 @@ def apply_group_fields(g: SourceGroup, p: dict) -> None:
     if "expect_every" in p:
         every = at_most("expect_every", p["expect_every"], MAXIMUM["expect_every"])
         g.expect_every = every or None
+    for limit in ("hook_timeout", "timeout"):
+        if limit in p:
+            setattr(g, limit, at_most(limit, p[limit], MAXIMUM[limit]) or None)
 
 
 def apply_drill(ctx: Context, g: SourceGroup, p: dict) -> None:

@@ -79,7 +79,13 @@ def job_view(job: Job, ctx: Context, waits: Optional[dict[int, str]] = None) -> 
 def backup_params(group: SourceGroup) -> dict:
     """What command.run carries for a backup of `group`, frozen at job creation."""
     return protocol.backup_params(
-        group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
+        group.name,
+        group.includes,
+        group.excludes,
+        group.pre_hook,
+        group.post_hook,
+        group.hook_timeout,
+        group.timeout,
     )
 
 

@@ -212,6 +212,9 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "post_hook": g.post_hook,
         "retries": g.retries,
         "retry_delay": g.retry_delay,
+        # seconds (None: the defaults, 30 minutes a hook, no limit a backup)
+        "hook_timeout": g.hook_timeout,
+        "timeout": g.timeout,
         "schedules": schedules,
         "retention_warnings": list(warnings),
         # None: the host's default repository

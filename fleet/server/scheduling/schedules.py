@@ -93,6 +93,9 @@ def group_wire(g: SourceGroup) -> dict[str, Any]:
     }
     if g.repository_id is not None:  # else its host's default
         wire["repository_id"] = g.repository_id
+    for key in ("hook_timeout", "timeout"):
+        if getattr(g, key):
+            wire[key] = getattr(g, key)
     return wire
 
 
@@ -170,7 +173,13 @@ def fire_params(
     params: dict[str, Any] = {}
     if group is not None:
         params = protocol.backup_params(
-            group.name, group.includes, group.excludes, group.pre_hook, group.post_hook
+            group.name,
+            group.includes,
+            group.excludes,
+            group.pre_hook,
+            group.post_hook,
+            group.hook_timeout,
+            group.timeout,
         )
     params.update(scheduled_at=scheduled_at, catch_up=catch_up)
     return params

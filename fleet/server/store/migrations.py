@@ -233,6 +233,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "source_group" ADD COLUMN "next_drill_at" DATETIME',
         ],
     ),
+    (
+        18,
+        "time limits: a group's hooks and its backups",
+        [
+            'ALTER TABLE "source_group" ADD COLUMN "hook_timeout" INTEGER',
+            'ALTER TABLE "source_group" ADD COLUMN "timeout" INTEGER',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

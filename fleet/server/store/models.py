@@ -160,6 +160,10 @@ class SourceGroup(Base):
     ping_error = pw.TextField(null=True)  # the last ping's failure; NULL: it worked
     # restore drills (scheduling/drills.py): when (cron, UTC; NULL: none on a
     # schedule), how much of the latest snapshot ("20" files, "1%"; NULL: 20)
+    # seconds a hook may run (NULL: the agent's default, 30 minutes), and a
+    # backup (NULL: no limit); past it the job is stopped and fails
+    hook_timeout = pw.IntegerField(null=True)
+    timeout = pw.IntegerField(null=True)
     drill_cron = pw.TextField(null=True)
     drill_sample = pw.TextField(null=True)
     next_drill_at = pw.DateTimeField(null=True)
