@@ -13,6 +13,7 @@ from . import (
     alerts,
     audit,
     browse,
+    completion,
     groups,
     hosts,
     jobs,
@@ -85,6 +86,8 @@ cli.add_command(audit.audit)
 cli.add_command(status.status)
 cli.add_command(alerts.alerts)
 cli.add_command(notify.notify)
+cli.add_command(completion.completion)
+completion.attach(cli)  # host, group, repository, job names from fleetd
 
 
 def main(argv: Optional[list[str]] = None) -> None:

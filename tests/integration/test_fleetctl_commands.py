@@ -793,3 +793,44 @@ def test_output_for_scripts_is_a_line_a_row_and_plain_with_no_color(fleet, fx):
         "hosts", "list", server=fleet.url, token=fleet.admin_token, config_dir=fleet.config_dir
     )
     assert code == 0 and "\x1b[1m" in shown  # the header is bold on a terminal otherwise
+
+
+def test_shell_completion_names_hosts_groups_and_jobs_from_fleetd(fleet, fx):
+    import subprocess
+
+    host = fx.uniq("compl")
+    fleet.ctl("enroll", host)
+    fleet.ctl("groups", "create", host, "www-data", "--include", "/var/www")
+    job = fleet.ctl_json("run", host, "www-data")["id"]
+
+    def complete(line, server=fleet.url):
+        words = line.split(" ")
+        env = fx.clean_env(
+            FLEET_SERVER=server,
+            FLEET_TOKEN=fleet.admin_token,
+            XDG_CONFIG_HOME=str(fleet.config_dir),
+            _FLEETCTL_COMPLETE="bash_complete",
+            COMP_WORDS=line,
+            COMP_CWORD=str(len(words) - 1),
+        )
+        done = subprocess.run(
+            [str(fx.REPO_ROOT / "fleetctl")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=fx.REPO_ROOT,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return [x.split(",", 1)[1] for x in done.stdout.splitlines() if x]
+
+    assert host in complete(f"fleetctl hosts show {host[:6]}")
+    assert complete(f"fleetctl run {host} www") == ["www-data"]
+    assert complete(f"fleetctl groups show {host} ") == ["www-data"]
+    assert str(job) in complete("fleetctl jobs show ")
+    assert "status" in complete("fleetctl sta")  # commands, from click itself
+    # fleetd out of reach: no candidates, and no error on the terminal
+    assert complete("fleetctl hosts show ", server="ws://127.0.0.1:9") == []
+    script = fleet.ctl("completion", "bash").stdout
+    assert "_FLEETCTL_COMPLETE=bash_complete" in script
+    fleet.ctl("completion", "tcsh", expect=2)
