@@ -62,6 +62,18 @@ def snapshots(ctx: click.Context, param: click.Parameter, incomplete: str) -> li
     return items(["latest", *(s["short_id"] for s in found)], incomplete)
 
 
+def host_then_group(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """run's HOST GROUP: a host first, then that host's groups."""
+    given = ctx.params.get("target") or ()
+    if not given:
+        return hosts(ctx, param, incomplete)
+    if len(given) == 1:
+        return items((g["name"] for g in ask(ctx, "groups.list", host=given[0])), incomplete)
+    return []
+
+
 Completer = Callable[[click.Context, click.Parameter, str], list[CompletionItem]]
 # parameter name -> where its candidates come from
 BY_NAME: dict[str, Completer] = {
@@ -75,6 +87,7 @@ BY_NAME: dict[str, Completer] = {
     "job_id": jobs,
     "snapshot": snapshots,
     "snapshot2": snapshots,
+    "target": host_then_group,
 }
 # commands whose NAME argument is a group of HOST, or a repository
 NAMED = {"groups": groups, "repos": repositories}

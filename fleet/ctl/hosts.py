@@ -67,18 +67,29 @@ def last_backup(host: dict) -> str:
     return f"{render.status(b['status'])} {render.ago(b['at'])} (job {b['job']})"
 
 
+SELECTOR_HELP = (
+    "Only the hosts whose labels match, e.g. 'role=web,env!=test' (key=value, key!=value, "
+    "key, !key; all must hold)."
+)
+
+
+def labels_cell(labels: dict) -> str:
+    return render.cell(",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+
+
 @hosts.command("list")
+@click.option("--selector", "-l", metavar="SELECTOR", help=SELECTOR_HELP)
 @json_option
 @pass_app
-def hosts_list(app: App, as_json: bool) -> None:
-    """List hosts with their state and last backup."""
-    rows = app.call("hosts.list")
+def hosts_list(app: App, selector: Optional[str], as_json: bool) -> None:
+    """List hosts with their state, labels and last backup."""
+    rows = app.call("hosts.list", selector=selector)
     if as_json:
         render.emit_json(rows)
         return
     render.table(
         app.out,
-        ("HOST", "STATUS", "LAST SEEN", "AGENT", "LAST BACKUP"),
+        ("HOST", "STATUS", "LAST SEEN", "AGENT", "LAST BACKUP", "LABELS"),
         (
             (
                 render.cell(h["name"]),
@@ -86,11 +97,38 @@ def hosts_list(app: App, as_json: bool) -> None:
                 render.ago(h["last_seen_at"]),
                 render.cell(h["agent_version"]),
                 last_backup(h),
+                labels_cell(h.get("labels") or {}),
             )
             for h in rows
         ),
-        empty="no hosts yet: add one with 'fleetctl enroll HOST'",
+        empty="no host matches"
+        if selector
+        else "no hosts yet: add one with 'fleetctl enroll HOST'",
     )
+
+
+@hosts.command("label")
+@click.argument("host")
+@click.argument("labels", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--remove", "removed", multiple=True, metavar="KEY", help="Remove this label.")
+@json_option
+@pass_app
+def hosts_label(app: App, host: str, labels: tuple, removed: tuple, as_json: bool) -> None:
+    """Set labels of HOST (KEY=VALUE; a key given again takes the new value)
+    or remove them: what --selector picks hosts by."""
+    if not labels and not removed:
+        raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
+    pairs = {}
+    for text in labels:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="KEY=VALUE")
+        pairs[key] = value
+    result = app.call("hosts.label", host=host, set=pairs or None, remove=list(removed) or None)
+    if as_json:
+        render.emit_json(result)
+        return
+    app.err.print(f"{escape(result['host'])}: {labels_cell(result['labels'])}")
 
 
 @hosts.command("show")
@@ -108,6 +146,7 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
         app.out,
         [
             ("host", c(h["name"])),
+            ("labels", labels_cell(h.get("labels") or {})),
             ("status", render.status(h["status"])),
             ("last seen", render.ago(h["last_seen_at"])),
             ("hostname", c(h["hostname"])),
@@ -160,6 +199,13 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
     help="How long the token may be used.",
 )
 @click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Give the host this label (repeatable), as 'hosts label' does.",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Re-enroll a host that is enrolled already (admin): whoever redeems the new "
@@ -168,7 +214,13 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
 @json_option
 @pass_app
 def enroll(
-    app: App, host: str, install: bool, expires: Optional[int], force: bool, as_json: bool
+    app: App,
+    host: str,
+    install: bool,
+    expires: Optional[int],
+    labels: tuple,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Print the one-line command that enrolls HOST's agent.
 
@@ -177,7 +229,15 @@ def enroll(
     groups can be set up before the agent runs. With --install, print the
     whole root shell snippet for a systemd server.
     """
-    result = app.call("enroll.create", host=host, expires_in=expires, force=force or None)
+    pairs = {}
+    for text in labels:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="--label")
+        pairs[key] = value
+    result = app.call(
+        "enroll.create", host=host, expires_in=expires, force=force or None, labels=pairs or None
+    )
     if install:
         result["install"] = install_snippet(result["enrollment"])
     if as_json:

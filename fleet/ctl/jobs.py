@@ -216,8 +216,13 @@ def start_job(
 
 
 @click.command()
-@click.argument("host")
-@click.argument("group")
+@click.argument("target", nargs=-1, metavar="HOST GROUP | --selector SELECTOR GROUP")
+@click.option(
+    "--selector",
+    "-l",
+    metavar="SELECTOR",
+    help="Run on every host whose labels match, e.g. role=web (then give GROUP alone).",
+)
 @click.option(
     "--copy",
     is_flag=True,
@@ -233,25 +238,54 @@ def start_job(
 @pass_app
 def run(
     app: App,
-    host: str,
-    group: str,
+    target: tuple,
+    selector: Optional[str],
     copy: bool,
     drill: bool,
     follow: bool,
     strict: bool,
     as_json: bool,
 ) -> None:
-    """Back up GROUP of HOST now.
+    """Back up GROUP of HOST now, or of every host --selector picks.
 
     The job waits its turn when HOST is busy or offline. With --follow the
     exit status is the job's: 0 succeeded (or warning), 1 failed, cancelled
-    or lost.
+    or lost. With --selector: one job a host, a line each, and exit 1 when
+    any host was skipped (it lacks the group, say).
     """
     if copy and drill:
         raise click.UsageError("--copy and --drill are two different jobs: give one")
     kind = "copy" if copy else "drill" if drill else "backup"
+    if selector is not None:
+        if len(target) != 1:
+            raise click.UsageError("with --selector give the GROUP alone")
+        if follow:
+            raise click.UsageError("--follow follows one job: leave it out with --selector")
+        run_selected(app, selector, target[0], kind, as_json)
+        return
+    if len(target) != 2:
+        raise click.UsageError("give HOST and GROUP (or --selector SELECTOR GROUP)")
+    host, group = target
     what = f"{kind} of {host}/{group}"
     start_job(app, what, follow, strict, as_json, host=host, group=group, kind=kind)
+
+
+def run_selected(app: App, selector: str, group: str, kind: str, as_json: bool) -> None:
+    result = app.call("jobs.run_selected", selector=selector, group=group, kind=kind)
+    if as_json:
+        render.emit_json(result)
+    else:
+        for j in result["jobs"]:
+            app.err.print(f"job {j['id']} queued: {kind} of {escape(j['host'])}/{escape(group)}")
+        for s in result["skipped"]:
+            app.err.print(f"[yellow]skipped[/] {escape(s['host'])}: {escape(s['error'])}")
+        app.err.print(
+            f"{len(result['jobs'])} job(s) queued, {len(result['skipped'])} host(s) skipped"
+        )
+    if not result["jobs"] and not result["skipped"]:
+        raise click.exceptions.Exit(int(Exit.NOT_FOUND))  # no host matched
+    if result["skipped"]:
+        raise click.exceptions.Exit(int(Exit.ERROR))
 
 
 @click.group()

@@ -825,6 +825,7 @@ def test_shell_completion_names_hosts_groups_and_jobs_from_fleetd(fleet, fx):
         return [x.split(",", 1)[1] for x in done.stdout.splitlines() if x]
 
     assert host in complete(f"fleetctl hosts show {host[:6]}")
+    assert host in complete(f"fleetctl run {host[:6]}")
     assert complete(f"fleetctl run {host} www") == ["www-data"]
     assert complete(f"fleetctl groups show {host} ") == ["www-data"]
     assert str(job) in complete("fleetctl jobs show ")
@@ -834,3 +835,45 @@ def test_shell_completion_names_hosts_groups_and_jobs_from_fleetd(fleet, fx):
     script = fleet.ctl("completion", "bash").stdout
     assert "_FLEETCTL_COMPLETE=bash_complete" in script
     fleet.ctl("completion", "tcsh", expect=2)
+
+
+def test_labels_pick_hosts_and_one_run_covers_them(fleet, fx):
+    """Fifty servers, one command: hosts carry labels (at enrollment or
+    later), a selector picks them, `run --selector` queues a job on each and
+    says which it skipped."""
+    tag = fx.uniq("t").replace("-", "")
+    webs = [fx.uniq("web") for _ in range(3)]
+    for h in webs:
+        fleet.ctl("enroll", h, "--label", "role=web", "--label", f"batch={tag}")
+        fleet.ctl("groups", "create", h, "www", "--include", "/var/www")
+    db = fx.uniq("db")
+    fleet.ctl("enroll", db, "--label", f"batch={tag}")
+    fleet.ctl("hosts", "label", db, "role=db", "env=prod")
+    fleet.ctl("hosts", "label", webs[0], "env=test")
+    assert fleet.ctl_json("hosts", "show", db)["labels"] == {
+        "batch": tag,
+        "role": "db",
+        "env": "prod",
+    }
+
+    def picked(selector):
+        return sorted(h["name"] for h in fleet.ctl_json("hosts", "list", "--selector", selector))
+
+    assert picked(f"batch={tag},role=web") == sorted(webs)
+    assert picked(f"batch={tag},env!=test") == sorted([*webs[1:], db])
+    assert picked(f"batch={tag},!env") == sorted(webs[1:])
+    assert "role=web" in fleet.ctl("hosts", "list", "--selector", f"batch={tag}").stdout
+    fleet.ctl("hosts", "list", "--selector", "Bad=Key", expect=2)
+
+    result = fleet.ctl_json("run", "--selector", f"batch={tag}", "www", expect=1)  # db lacks it
+    assert sorted(j["host"] for j in result["jobs"]) == sorted(webs)
+    assert [s["host"] for s in result["skipped"]] == [db]
+    assert "www" in result["skipped"][0]["error"]
+    out = fleet.ctl("run", "--selector", f"batch={tag},role=web", "www")
+    assert "3 job(s) queued, 0 host(s) skipped" in out.stderr
+    fleet.ctl("run", "--selector", "role=nobody-has-this", "www", expect=4)
+    fleet.ctl("run", "--selector", f"batch={tag}", expect=2)  # GROUP alone is needed
+    fleet.ctl("hosts", "label", db, "--remove", "env")
+    assert "env" not in fleet.ctl_json("hosts", "show", db)["labels"]
+    audit = fleet.ctl_json("audit", "--action", "host.label")
+    assert any(a["target"] == db for a in audit)

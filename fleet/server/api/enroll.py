@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from ...common import protocol
+from ...common import protocol, selectors
 from ...common.protocol import Field
 from ...common.timefmt import iso
 from ..security import auth
@@ -13,7 +13,7 @@ from ..store.models import EnrollmentToken, Host, utcnow
 from .auth import lifetime
 from .common import audit, check_name
 from .context import Context
-from .errors import Conflict, Forbidden
+from .errors import Conflict, Forbidden, Invalid
 from .registry import Method, collect
 
 METHODS: list[Method] = []
@@ -29,6 +29,7 @@ ENROLL_TTL = timedelta(hours=1)
         Field("host", "str", limit=64),
         Field("expires_in", "int", False, minimum=60),
         Field("force", "bool", False),
+        Field("labels", "dict[str,str]", False, limit=selectors.MAX_LABELS),
     ),
 )
 def enroll_create(ctx: Context, p: dict) -> dict:
@@ -49,6 +50,15 @@ def enroll_create(ctx: Context, p: dict) -> dict:
             )
         if not ctx.caller.role.allows(Role.ADMIN):
             raise Forbidden(f"re-enrolling host {name} needs the admin role")
+    if p.get("labels"):
+        try:
+            given = {
+                selectors.check_key(k): selectors.check_value(v) for k, v in p["labels"].items()
+            }
+        except selectors.SelectorError as exc:
+            raise Invalid(str(exc)) from None
+        host.labels = {**(host.labels or {}), **given}
+        host.save()
     now = utcnow()
     voided = (
         EnrollmentToken.update(expires_at=now)

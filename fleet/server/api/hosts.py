@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import peewee as pw
 
+from ...common import selectors
 from ...common.protocol import Encoded, Field
 from ..events import HostRemoved
 from ..jobs import lifecycle
@@ -15,6 +16,7 @@ from ..store.models import Host, Job, RepoStats, SourceGroup
 from ..store.queries import listing
 from .common import at_most, audit, get_host
 from .context import Context
+from .errors import Invalid
 from .registry import Method, collect
 from .repos import repositories_of
 from .views import host_detail_json, host_row_json, stats_json
@@ -45,12 +47,19 @@ def last_job(host: Host, kind: str) -> Optional[Job]:
 @method(
     "hosts.list",
     Role.VIEWER,
-    (Field("limit", "int", False, minimum=1), Field("after", "str", False, limit=64)),
+    (
+        Field("limit", "int", False, minimum=1),
+        Field("after", "str", False, limit=64),
+        Field("selector", "str", False, limit=1024),
+    ),
 )
 async def hosts_list(ctx: Context, p: dict) -> Encoded:
-    """Hosts by name: status, versions and the latest backup of each. Every
-    host, or a page: at most `limit` (1..1000) hosts whose names sort after
-    `after` (pass the last name of a page to get the next)."""
+    """Hosts by name: status, labels, versions and the latest backup of
+    each. Every host (those the label selector picks), or a page: at most
+    `limit` (1..1000) hosts whose names sort after `after` (pass the last
+    name of a page to get the next)."""
+    if p.get("selector"):
+        return Encoded(json.dumps(await ctx.state.store.read(selected, p["selector"])))
     limit = p.get("limit")
     if limit is not None:
         at_most("limit", limit, MAX_PAGE)
@@ -68,6 +77,65 @@ async def hosts_list(ctx: Context, p: dict) -> Encoded:
         if count < MAX_PAGE:
             return Encoded("[" + ", ".join(parts) + "]")
         after = last
+
+
+def selected(selector: str) -> list[dict]:
+    """Every host the selector picks, as listed."""
+    try:
+        wanted = selectors.parse(selector)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc)) from None
+    out: list[dict] = []
+    after: Optional[str] = None
+    while True:
+        page = listing.hosts_page(after, MAX_PAGE)
+        for row in page:
+            host = host_row_json(row)
+            if selectors.matches(wanted, host["labels"]):
+                out.append(host)
+        if len(page) < MAX_PAGE:
+            return out
+        after = page[-1].name
+
+
+def selected_hosts(selector: str) -> list[Host]:
+    """The hosts (rows) a selector picks, by name; raises Invalid."""
+    try:
+        wanted = selectors.parse(selector)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc)) from None
+    return [h for h in Host.select().order_by(Host.name) if selectors.matches(wanted, h.labels)]
+
+
+@method(
+    "hosts.label",
+    Role.OPERATOR,
+    (
+        Field("host", "str", limit=64),
+        Field("set", "dict[str,str]", False, limit=selectors.MAX_LABELS),
+        Field("remove", "list[str]", False, limit=selectors.MAX_LABELS),
+    ),
+)
+def hosts_label(ctx: Context, p: dict) -> dict:
+    """Set labels of a host (key=value; a key given again takes the new
+    value) and remove others: what selectors pick hosts by."""
+    host = get_host(p["host"])
+    labels = dict(host.labels or {})
+    try:
+        for key in p.get("remove") or []:
+            labels.pop(selectors.check_key(key), None)
+        for key, value in (p.get("set") or {}).items():
+            labels[selectors.check_key(key)] = selectors.check_value(value)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc)) from None
+    if len(labels) > selectors.MAX_LABELS:
+        raise Invalid(f"a host carries at most {selectors.MAX_LABELS} labels")
+    host.labels = labels
+    host.save()
+    audit(
+        ctx, "host.label", host.name, {"set": p.get("set") or {}, "remove": p.get("remove") or []}
+    )
+    return {"host": host.name, "labels": labels}
 
 
 def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str]:

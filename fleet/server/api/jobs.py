@@ -32,7 +32,8 @@ from ..store.queries.waits import reasons
 from . import views
 from .common import audit, get_group, get_host
 from .context import Context
-from .errors import Conflict, Invalid, NotFound
+from .errors import ApiError, Conflict, Invalid, NotFound
+from .hosts import selected_hosts
 from .registry import Method, collect
 
 METHODS: list[Method] = []
@@ -106,7 +107,32 @@ def jobs_run(ctx: Context, p: dict) -> dict:
     found = hot.host_by_name(p["host"])  # the hot path of a burst of run-nows: plain SQL
     if found is None:
         raise NotFound(f"no host named {p['host']!r}")
-    host = Host(id=found[0], name=found[1])
+    return run_on(ctx, Host(id=found[0], name=found[1]), p)
+
+
+@method(
+    "jobs.run_selected",
+    Role.OPERATOR,
+    (
+        Field("selector", "str", limit=1024),
+        Field("group", "str", False, limit=64),
+        Field("kind", "str", False, choices=JOB_KINDS),
+    ),
+)
+def jobs_run_selected(ctx: Context, p: dict) -> dict:
+    """jobs.run on every host the label selector picks: the jobs made, and
+    the hosts skipped with why (one without the group, say)."""
+    made, skipped = [], []
+    for host in selected_hosts(p["selector"]):
+        try:
+            made.append(run_on(ctx, host, {**p, "host": host.name}))
+        except ApiError as exc:
+            skipped.append({"host": host.name, "error": exc.message})
+    return {"selector": p["selector"], "jobs": made, "skipped": skipped}
+
+
+def run_on(ctx: Context, host: Host, p: dict) -> dict:
+    """jobs.run on one host."""
     kind = p.get("kind") or "backup"
     if kind == "restore":
         raise Invalid("a restore names a snapshot and a target: use restore.run (fleetctl restore)")

@@ -6,6 +6,7 @@ follows the group's schedule links and host).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Optional
@@ -87,6 +88,7 @@ def host_json(h: Host, backup: Optional[Job]) -> dict:
             "at": iso(backup.finished_at or backup.created_at),
         },
         h.applied_schedule_version < h.schedule_version,
+        h.labels,
     )
 
 
@@ -103,6 +105,7 @@ def host_row_json(r: HostRow) -> dict:
         if r.backup_id is None
         else {"job": r.backup_id, "status": r.backup_status, "at": wire_time(r.backup_at)},
         bool(r.schedule_lagging),
+        json.loads(r.labels or "{}"),
     )
 
 
@@ -115,9 +118,11 @@ def listed_host(
     repo_locks: Optional[int],
     last_backup: Optional[dict],
     schedule_lagging: bool = False,
+    labels: Optional[dict] = None,
 ) -> dict:
     return {
         "name": name,
+        "labels": dict(labels or {}),
         "status": status,
         "last_seen_at": last_seen_at,
         "agent_version": agent_version,

@@ -241,6 +241,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "source_group" ADD COLUMN "timeout" INTEGER',
         ],
     ),
+    (
+        19,
+        "host labels, for selectors",
+        ['ALTER TABLE "host" ADD COLUMN "labels" TEXT NOT NULL DEFAULT \'{}\''],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

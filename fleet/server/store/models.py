@@ -80,6 +80,7 @@ class Host(Base):
     last_seq = pw.IntegerField(default=0)  # highest delivery seq applied from the agent
     repo_locks = pw.IntegerField(null=True)  # restic locks in the repository, as last reported
     repo_locks_at = pw.DateTimeField(null=True)
+    labels = JSONField(default=dict)  # key -> value (fleet.common.selectors)
 
 
 class EnrollmentToken(Base):

@@ -21,6 +21,7 @@ class HostRow(NamedTuple):
     backup_status: Optional[str]
     backup_at: Optional[str]  # its end, or its creation while it has not ended
     schedule_lagging: bool  # its agent has not acknowledged the latest schedule set
+    labels: str  # as stored: a JSON object
 
 
 def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
@@ -34,7 +35,7 @@ def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
             'SELECT "h"."name", "h"."agent_token_hash" IS NOT NULL, "h"."online", '
             '"h"."last_seen_at", "h"."agent_version", "h"."restic_version", "h"."repo_locks", '
             '"j"."id", "j"."status", COALESCE("j"."finished_at", "j"."created_at"), '
-            '"h"."applied_schedule_version" < "h"."schedule_version" '
+            '"h"."applied_schedule_version" < "h"."schedule_version", "h"."labels" '
             'FROM "host" AS "h" LEFT OUTER JOIN "job" AS "j" ON "j"."id" = ('
             'SELECT "n"."id" FROM "job" AS "n" WHERE "n"."host_id" = "h"."id" '
             'AND "n"."kind" = ? ORDER BY "n"."created_at" DESC, "n"."id" DESC LIMIT 1) '
