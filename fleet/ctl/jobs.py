@@ -441,11 +441,36 @@ def jobs_tail(app: App, job_id: int, as_json: bool, strict: bool) -> None:
 
 
 @jobs.command("cancel")
-@click.argument("job_id", metavar="JOB", type=int)
+@click.argument("job_id", metavar="JOB", type=int, required=False)
+@click.option(
+    "--selector",
+    "-l",
+    metavar="SELECTOR",
+    help="Instead of JOB: every job not ended on the hosts whose labels match.",
+)
 @pass_app
-def jobs_cancel(app: App, job_id: int) -> None:
-    """Cancel a queued job, or stop a running one (restic gets SIGINT, then SIGTERM)."""
-    j = app.call("jobs.cancel", id=job_id)
+def jobs_cancel(app: App, job_id: Optional[int], selector: Optional[str]) -> None:
+    """Cancel a queued job, or stop a running one (restic gets SIGINT, then
+    SIGTERM); with --selector, every job not ended on the picked hosts
+    (exit 1 when one could not be, 4 when there was none)."""
+    if (job_id is None) == (selector is None):
+        raise click.UsageError("give JOB or --selector SELECTOR (one of them)")
+    if selector is not None:
+        result = app.call("jobs.cancel_selected", selector=selector)
+        for j in result["cancelled"]:
+            said_cancelled(app, j)
+        for f in result["failed"]:
+            app.err.print(f"[yellow]job {f['job']}[/]: {escape(f['error'])}")
+        if not result["cancelled"] and not result["failed"]:
+            app.err.print("no job to cancel on the hosts picked")
+            raise click.exceptions.Exit(int(Exit.NOT_FOUND))
+        if result["failed"]:
+            raise click.exceptions.Exit(int(Exit.ERROR))
+        return
+    said_cancelled(app, app.call("jobs.cancel", id=job_id))
+
+
+def said_cancelled(app: App, j: dict) -> None:
     if j.get("cancel") == "requested":
         app.err.print(f"job {j['id']}: cancel sent to {escape(j['host'])}")
     else:

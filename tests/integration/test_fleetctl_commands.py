@@ -873,6 +873,11 @@ def test_labels_pick_hosts_and_one_run_covers_them(fleet, fx):
     assert "3 job(s) queued, 0 host(s) skipped" in out.stderr
     fleet.ctl("run", "--selector", "role=nobody-has-this", "www", expect=4)
     fleet.ctl("run", "--selector", f"batch={tag}", expect=2)  # GROUP alone is needed
+    # and one command cancels what waits on them (offline: each was queued)
+    out = fleet.ctl("jobs", "cancel", "--selector", f"batch={tag},role=web")
+    assert out.stderr.count("cancelled") == 6  # the two runs' three jobs each
+    fleet.ctl("jobs", "cancel", "--selector", f"batch={tag}", expect=4)  # none left
+    fleet.ctl("jobs", "cancel", expect=2)  # JOB or --selector
     fleet.ctl("hosts", "label", db, "--remove", "env")
     assert "env" not in fleet.ctl_json("hosts", "show", db)["labels"]
     audit = fleet.ctl_json("audit", "--action", "host.label")

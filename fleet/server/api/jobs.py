@@ -362,8 +362,34 @@ async def next_event(watch: Watch, ctx: Context) -> Any:
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))
 async def jobs_cancel(ctx: Context, p: dict) -> dict:
     """Cancel a job: a queued one at once, a running one through its agent."""
+    return await cancel_one(ctx, p["id"])
+
+
+@method("jobs.cancel_selected", Role.OPERATOR, (Field("selector", "str", limit=1024),))
+async def jobs_cancel_selected(ctx: Context, p: dict) -> dict:
+    """jobs.cancel of every job not ended on the hosts the label selector
+    picks: those cancelled (or asked to stop), and those that could not be."""
+    ids = await ctx.state.store.read(active_on_selected, p["selector"])
+    done, failed = [], []
+    for job_id in ids:
+        try:
+            done.append(await cancel_one(ctx, job_id))
+        except ApiError as exc:
+            failed.append({"job": job_id, "error": exc.message})
+    return {"selector": p["selector"], "cancelled": done, "failed": failed}
+
+
+def active_on_selected(selector: str) -> list[int]:
+    hosts = [h.id for h in selected_hosts(selector)]
+    if not hosts:
+        return []
+    query = Job.select(Job.id).where(Job.host.in_(hosts) & Job.status.in_(lifecycle.ACTIVE))
+    return [j.id for j in query.order_by(Job.id)]
+
+
+async def cancel_one(ctx: Context, job_id: int) -> dict:
     store, agents = ctx.state.store, ctx.state.agents
-    job = await store.read(get_job, p["id"])
+    job = await store.read(get_job, job_id)
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already ended: {job.status}")
     with_agent = job.status in lifecycle.WITH_AGENT or job.agent_job is not None
