@@ -12,9 +12,9 @@ import pytest
 from fleet.common.protocol import Envelope
 from fleet.server.agents.ingest import apply_frames as _apply_frames
 from fleet.server.agents.ingest import sync_seq
-from fleet.server.api.jobs import backup_params
 from fleet.server.events import JobEnded, JobLogged, JobQueued
 from fleet.server.jobs import lifecycle
+from fleet.server.jobs.lifecycle import backup_params
 from fleet.server.store.db import open_database
 from fleet.server.store.models import Host, Job, JobLog, Snapshot
 

@@ -23,7 +23,6 @@ from ..store.models import (
     Job,
     JobLog,
     Repository,
-    SourceGroup,
     User,
     utcnow,
 )
@@ -75,19 +74,6 @@ def job_view(job: Job, ctx: Context, waits: Optional[dict[int, str]] = None) -> 
     if job.status == "queued":
         out["waiting_for"] = (waits or {}).get(job.id)
     return out
-
-
-def backup_params(group: SourceGroup) -> dict:
-    """What command.run carries for a backup of `group`, frozen at job creation."""
-    return protocol.backup_params(
-        group.name,
-        group.includes,
-        group.excludes,
-        group.pre_hook,
-        group.post_hook,
-        group.hook_timeout,
-        group.timeout,
-    )
 
 
 @method(
@@ -146,7 +132,7 @@ def run_on(ctx: Context, host: Host, p: dict) -> dict:
             raise Invalid(f"a {kind} job works on its group's repository (groups edit --repo)")
         group = get_group(host, p["group"])
         if kind == "backup":
-            params = backup_params(group)
+            params = lifecycle.backup_params(group)
         elif kind == "forget":
             params = {"tag": group.name, "retention": group.retention}
             if not group.retention:

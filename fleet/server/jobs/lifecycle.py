@@ -22,6 +22,7 @@ from typing import Any, Optional, TypeVar
 
 import peewee as pw
 
+from ...common import protocol
 from ...common.protocol import FINAL_STATUSES
 from ..events import (
     Bus,
@@ -304,6 +305,20 @@ def copied(job: Job) -> None:
             & SourceGroup.copy_cron.is_null(False)
             & (SourceGroup.copied_until.is_null() | (SourceGroup.copied_until < newest))
         ).execute()
+
+
+def backup_params(group: SourceGroup) -> dict[str, Any]:
+    """What a backup of the group carries, frozen at job creation (run now
+    or fired by a schedule)."""
+    return protocol.backup_params(
+        group.name,
+        group.includes,
+        group.excludes,
+        group.pre_hook,
+        group.post_hook,
+        group.hook_timeout,
+        group.timeout,
+    )
 
 
 def copy_params(group: SourceGroup, snapshots: Sequence[str] = ()) -> dict[str, Any]:

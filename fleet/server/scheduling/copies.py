@@ -14,19 +14,14 @@ copy succeeded: one that failed for good leaves its snapshots to the next.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import Optional
 
-from ...common import cron
 from ...common.protocol import MAX_COPY_SNAPSHOTS
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
 from ..store.queries import earliest_due
-
-log = logging.getLogger("fleetd.copies")
-
-UTC = dt.timezone.utc
+from . import group_crons
 
 
 def scheduled() -> list[SourceGroup]:
@@ -83,21 +78,16 @@ def copy_now(events: list[Event], group: SourceGroup, now: dt.datetime) -> Optio
 
 
 def run_due(events: list[Event], now: dt.datetime) -> None:
-    for group in scheduled():
-        if group.next_copy_at is None:  # new, or just set: from now on
-            due = cron.next_fire(group.copy_cron, UTC, now)
-        elif group.next_copy_at > now:
-            continue
-        else:
-            made = copy_now(events, group, now)
-            log.info(
-                "group %s of host %s: copy %s",
-                group.name,
-                group.host_id,
-                f"job {made}" if made else "skipped (nothing new, or one still waits)",
-            )
-            due = cron.next_fire(group.copy_cron, UTC, now)
-        SourceGroup.update(next_copy_at=due).where(SourceGroup.id == group.id).execute()
+    group_crons.run_due(
+        events,
+        now,
+        scheduled(),
+        SourceGroup.copy_cron,
+        SourceGroup.next_copy_at,
+        lambda evs, group: copy_now(evs, group, now),
+        "copy",
+        "nothing new, or one still waits",
+    )
 
 
 def next_due() -> Optional[dt.datetime]:

@@ -8,19 +8,14 @@ overdue, which status says)."""
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import Any, Optional
 
-from ...common import cron
 from ...common.drills import DEFAULT_SAMPLE
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
 from ..store.queries import earliest_due
-
-log = logging.getLogger("fleetd.drills")
-
-UTC = dt.timezone.utc
+from . import group_crons
 
 
 def latest_snapshot(group: SourceGroup) -> Optional[Snapshot]:
@@ -75,19 +70,16 @@ def drill_now(events: list[Event], group: SourceGroup) -> Optional[int]:
 
 
 def run_due(events: list[Event], now: dt.datetime) -> None:
-    for group in SourceGroup.select().where(SourceGroup.drill_cron.is_null(False)):
-        if group.next_drill_at is not None and group.next_drill_at > now:
-            continue
-        if group.next_drill_at is not None:  # due (None: new, or just set: from now on)
-            made = drill_now(events, group)
-            log.info(
-                "group %s of host %s: drill %s",
-                group.name,
-                group.host_id,
-                f"job {made}" if made else "skipped (no snapshot yet, or one still waits)",
-            )
-        due = cron.next_fire(group.drill_cron, UTC, now)
-        SourceGroup.update(next_drill_at=due).where(SourceGroup.id == group.id).execute()
+    group_crons.run_due(
+        events,
+        now,
+        SourceGroup.select().where(SourceGroup.drill_cron.is_null(False)),
+        SourceGroup.drill_cron,
+        SourceGroup.next_drill_at,
+        drill_now,
+        "drill",
+        "no snapshot yet, or one still waits",
+    )
 
 
 def next_due() -> Optional[dt.datetime]:

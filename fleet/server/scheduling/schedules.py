@@ -170,17 +170,7 @@ def fire_params(
 ) -> dict[str, Any]:
     """A fire's backup of the group: what command.run carries, and the fire
     (a group gone since: the fire only)."""
-    params: dict[str, Any] = {}
-    if group is not None:
-        params = protocol.backup_params(
-            group.name,
-            group.includes,
-            group.excludes,
-            group.pre_hook,
-            group.post_hook,
-            group.hook_timeout,
-            group.timeout,
-        )
+    params = lifecycle.backup_params(group) if group is not None else {}
     params.update(scheduled_at=scheduled_at, catch_up=catch_up)
     return params
 
