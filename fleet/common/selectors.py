@@ -49,6 +49,11 @@ def parse_label(text: str) -> tuple[str, str]:
     return check_key(key.strip()), check_value(value.strip())
 
 
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Labels as given, each key and value checked. Raises SelectorError."""
+    return {check_key(k): check_value(v) for k, v in labels.items()}
+
+
 def parse(selector: str) -> tuple[Requirement, ...]:
     """A selector's requirements. Raises SelectorError."""
     parts = [p.strip() for p in selector.split(",") if p.strip()]

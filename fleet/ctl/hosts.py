@@ -8,6 +8,7 @@ import click
 from rich.markup import escape
 
 from .. import units
+from ..common import selectors
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
 
@@ -73,6 +74,14 @@ SELECTOR_HELP = (
 )
 
 
+def label_pairs(texts: tuple, hint: str) -> dict[str, str]:
+    """KEY=VALUE arguments as labels (fleetd checks them again)."""
+    try:
+        return dict(selectors.parse_label(text) for text in texts)
+    except selectors.SelectorError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
 def labels_cell(labels: dict) -> str:
     return render.cell(",".join(f"{k}={v}" for k, v in sorted(labels.items())))
 
@@ -118,12 +127,7 @@ def hosts_label(app: App, host: str, labels: tuple, removed: tuple, as_json: boo
     or remove them: what --selector picks hosts by."""
     if not labels and not removed:
         raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
-    pairs = {}
-    for text in labels:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="KEY=VALUE")
-        pairs[key] = value
+    pairs = label_pairs(labels, "KEY=VALUE")
     result = app.call("hosts.label", host=host, set=pairs or None, remove=list(removed) or None)
     if as_json:
         render.emit_json(result)
@@ -229,12 +233,7 @@ def enroll(
     groups can be set up before the agent runs. With --install, print the
     whole root shell snippet for a systemd server.
     """
-    pairs = {}
-    for text in labels:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="--label")
-        pairs[key] = value
+    pairs = label_pairs(labels, "--label")
     result = app.call(
         "enroll.create", host=host, expires_in=expires, force=force or None, labels=pairs or None
     )

@@ -13,7 +13,8 @@ from ..store.models import EnrollmentToken, Host, utcnow
 from .auth import lifetime
 from .common import audit, check_name
 from .context import Context
-from .errors import Conflict, Forbidden, Invalid
+from .errors import Conflict, Forbidden
+from .hosts import checked_labels
 from .registry import Method, collect
 
 METHODS: list[Method] = []
@@ -51,13 +52,7 @@ def enroll_create(ctx: Context, p: dict) -> dict:
         if not ctx.caller.role.allows(Role.ADMIN):
             raise Forbidden(f"re-enrolling host {name} needs the admin role")
     if p.get("labels"):
-        try:
-            given = {
-                selectors.check_key(k): selectors.check_value(v) for k, v in p["labels"].items()
-            }
-        except selectors.SelectorError as exc:
-            raise Invalid(str(exc)) from None
-        host.labels = {**(host.labels or {}), **given}
+        host.labels = {**(host.labels or {}), **checked_labels(p["labels"])}
         host.save()
     now = utcnow()
     voided = (

@@ -79,12 +79,23 @@ async def hosts_list(ctx: Context, p: dict) -> Encoded:
         after = last
 
 
-def selected(selector: str) -> list[dict]:
-    """Every host the selector picks, as listed."""
+def requirements(selector: str) -> tuple[selectors.Requirement, ...]:
     try:
-        wanted = selectors.parse(selector)
+        return selectors.parse(selector)
     except selectors.SelectorError as exc:
         raise Invalid(str(exc)) from None
+
+
+def checked_labels(labels: dict[str, str]) -> dict[str, str]:
+    try:
+        return selectors.check_labels(labels)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def selected(selector: str) -> list[dict]:
+    """Every host the selector picks, as listed."""
+    wanted = requirements(selector)
     out: list[dict] = []
     after: Optional[str] = None
     while True:
@@ -100,10 +111,7 @@ def selected(selector: str) -> list[dict]:
 
 def selected_hosts(selector: str) -> list[Host]:
     """The hosts (rows) a selector picks, by name; raises Invalid."""
-    try:
-        wanted = selectors.parse(selector)
-    except selectors.SelectorError as exc:
-        raise Invalid(str(exc)) from None
+    wanted = requirements(selector)
     return [h for h in Host.select().order_by(Host.name) if selectors.matches(wanted, h.labels)]
 
 
@@ -121,13 +129,9 @@ def hosts_label(ctx: Context, p: dict) -> dict:
     value) and remove others: what selectors pick hosts by."""
     host = get_host(p["host"])
     labels = dict(host.labels or {})
-    try:
-        for key in p.get("remove") or []:
-            labels.pop(selectors.check_key(key), None)
-        for key, value in (p.get("set") or {}).items():
-            labels[selectors.check_key(key)] = selectors.check_value(value)
-    except selectors.SelectorError as exc:
-        raise Invalid(str(exc)) from None
+    for key in checked_labels(dict.fromkeys(p.get("remove") or [], "")):
+        labels.pop(key, None)
+    labels.update(checked_labels(p.get("set") or {}))
     if len(labels) > selectors.MAX_LABELS:
         raise Invalid(f"a host carries at most {selectors.MAX_LABELS} labels")
     host.labels = labels
