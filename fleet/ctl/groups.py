@@ -259,10 +259,20 @@ def groups_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("ping URL", c(pinged(g))),
             ("drills", c(drills(g))),
             ("schedules", c(g["schedules"])),
+            ("from", c(origin(g))),
             ("updated", c(g["updated_at"])),
         ],
     )
     warn(app, g)
+
+
+def origin(row: dict[str, Any]) -> str:
+    """Where a group's or schedule's settings came from."""
+    if not row.get("template"):
+        return "set on this host"
+    overridden = row.get("overrides") or []
+    mine = f"; this host overrides {', '.join(overridden)}" if overridden else ""
+    return f"template {row['template']}{mine}"
 
 
 @groups.command("create")
@@ -343,6 +353,13 @@ def groups_create(
     is_flag=True,
     help="The copy keeps what the group keeps (before applying any --copy-keep-*).",
 )
+@click.option(
+    "--inherit",
+    "inherit",
+    multiple=True,
+    metavar="SETTING",
+    help="Hand SETTING back to the template it came from (repeatable; 'all': every one).",
+)
 @group_options
 @json_option
 @pass_app
@@ -356,10 +373,13 @@ def groups_edit(
     clear_excludes: bool,
     clear_retention: bool,
     clear_copy_retention: bool,
+    inherit: tuple,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Change a source group; options not given stay as they are."""
+    """Change a source group; options not given stay as they are. On a
+    group a template made, what is changed here overrides the template on
+    this host (until --inherit gives it back)."""
     ping_from(kwargs)
     policy = retention_from(kwargs)
     copy_policy = retention_from(kwargs, "copy")
@@ -380,6 +400,8 @@ def groups_edit(
         params["clear_retention"] = True
     if new_name:
         params["new_name"] = new_name
+    if inherit:
+        params["inherit"] = list(inherit)
     if not params:
         raise click.UsageError("nothing to change: give at least one option")
     g = app.call("groups.edit", host=host, name=name, **params)

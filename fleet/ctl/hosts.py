@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from .. import units
 from ..common import selectors
+from ..common.exitcodes import Exit
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
 
@@ -129,10 +130,18 @@ def hosts_label(app: App, host: str, labels: tuple, removed: tuple, as_json: boo
         raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
     pairs = label_pairs(labels, "KEY=VALUE")
     result = app.call("hosts.label", host=host, set=pairs or None, remove=list(removed) or None)
+    applied = result["templates"]
     if as_json:
         render.emit_json(result)
-        return
-    app.err.print(f"{escape(result['host'])}: {labels_cell(result['labels'])}")
+    else:
+        app.err.print(f"{escape(result['host'])}: {labels_cell(result['labels'])}")
+        for key, word in (("created", "added"), ("updated", "updated"), ("removed", "removed")):
+            if applied[key]:
+                app.err.print(f"templates {word}: {escape(', '.join(applied[key]))}")
+        if applied["error"]:
+            app.err.print(f"[red]templates not applied[/]: {escape(applied['error'])}")
+    if applied["error"]:  # the labels are set; what they pick is not
+        raise click.exceptions.Exit(int(Exit.ERROR))
 
 
 @hosts.command("show")
@@ -170,7 +179,24 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
                 ),
             ),
             ("last backup", last_backup(h)),
+            ("templates", c(h["templates"] or None)),
         ],
+    )
+    if h.get("template_error"):
+        app.out.print(f"[red]templates not applied[/]: {escape(h['template_error'])}")
+    render.table(
+        app.out,
+        ("SETTING", "NAME", "FROM", "OVERRIDDEN HERE"),
+        (
+            (
+                s["kind"],
+                c(s["name"]),
+                c(f"template {s['template']}" if s["template"] else "this host"),
+                c(", ".join(s["overrides"]) or None),
+            )
+            for s in h["settings"]
+        ),
+        empty="no repositories, groups or schedules yet",
     )
 
 

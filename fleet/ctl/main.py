@@ -25,6 +25,7 @@ from . import (
     schedules,
     session,
     status,
+    templates,
     tokens,
     users,
 )
@@ -80,6 +81,7 @@ cli.add_command(browse.diff)
 cli.add_command(browse.dump)
 cli.add_command(groups.groups)
 cli.add_command(schedules.schedules)
+cli.add_command(templates.templates)
 cli.add_command(users.users)
 cli.add_command(tokens.tokens)
 cli.add_command(audit.audit)

@@ -8,6 +8,7 @@ import click
 
 from . import render
 from .app import App, confirm, json_option, pass_app
+from .groups import origin
 
 CRON_HELP = (
     "Five fields (minute hour day-of-month month day-of-week), or @hourly, "
@@ -92,6 +93,7 @@ def schedules_show(app: App, host: str, name: str, as_json: bool) -> None:
             ("groups", c(s["groups"])),
             ("enabled", c("yes" if s["enabled"] else "no")),
             ("next fires", c(fires_text(s["next_fires"]) or "-")),
+            ("from", c(origin(s))),
             ("updated", c(s["updated_at"])),
         ],
     )
@@ -156,6 +158,13 @@ def schedules_create(
 )
 @click.option("--rename", "new_name", metavar="NEW", help="New name.")
 @click.option("--timezone", metavar="ZONE", help="IANA zone; '' goes back to the host's own zone.")
+@click.option(
+    "--inherit",
+    "inherit",
+    multiple=True,
+    metavar="SETTING",
+    help="Hand SETTING back to the template it came from (repeatable; 'all': every one).",
+)
 @json_option
 @pass_app
 def schedules_edit(
@@ -166,9 +175,12 @@ def schedules_edit(
     groups: tuple,
     new_name: Optional[str],
     timezone: Optional[str],
+    inherit: tuple,
     as_json: bool,
 ) -> None:
-    """Change a schedule; options not given stay as they are."""
+    """Change a schedule; options not given stay as they are. On a schedule
+    a template made, what is changed here (enabling or disabling too)
+    overrides the template on this host, until --inherit gives it back."""
     params: dict[str, Any] = {}
     if cron_expr is not None:
         params["cron"] = cron_expr
@@ -178,6 +190,8 @@ def schedules_edit(
         params["new_name"] = new_name
     if timezone is not None:
         params["timezone"] = timezone
+    if inherit:
+        params["inherit"] = list(inherit)
     if not params:
         raise click.UsageError("nothing to change: give at least one option")
     s = app.call("schedules.edit", host=host, name=name, **params)

@@ -25,6 +25,7 @@ from . import (
     schedules,
     snapshots,
     status,
+    templates,
     tokens,
     users,
 )
@@ -36,6 +37,7 @@ NOUNS: tuple[ModuleType, ...] = (
     tokens,
     enroll,
     hosts,
+    templates,
     repos,
     maintenance,
     groups,

@@ -16,6 +16,7 @@ from .context import Context
 from .errors import Conflict, Forbidden
 from .hosts import checked_labels
 from .registry import Method, collect
+from .templates import materialise
 
 METHODS: list[Method] = []
 method = collect(METHODS)
@@ -51,9 +52,12 @@ def enroll_create(ctx: Context, p: dict) -> dict:
             )
         if not ctx.caller.role.allows(Role.ADMIN):
             raise Forbidden(f"re-enrolling host {name} needs the admin role")
+    applied = None
     if p.get("labels"):
         host.labels = {**(host.labels or {}), **checked_labels(p["labels"])}
         host.save()
+        # its settings are ready before its agent first says hello
+        applied = materialise(ctx, host).json()
     now = utcnow()
     voided = (
         EnrollmentToken.update(expires_at=now)
@@ -84,4 +88,5 @@ def enroll_create(ctx: Context, p: dict) -> dict:
         "command": f"fleet-agent enroll {string}",
         "server_url": url,
         "expires_at": iso(row.expires_at),
+        "templates": applied,
     }

@@ -52,6 +52,8 @@ GROUP_FIELDS = (
     Field("drill_cron", "str", False, limit=256),
     Field("drill_sample", "str", False, limit=16),
 )
+# what groups.edit's params change, as the setting a template gives
+OVERRIDDEN = {"clear_retention": "retention", "clear_copy_retention": "copy_retention"}
 # protocol.Field bounds ints from below only; the upper bounds are checked here
 MAXIMUM = {
     "retries": 100,
@@ -263,15 +265,34 @@ def groups_create(ctx: Context, p: dict) -> dict:
         Field("new_name", "str", False, limit=64),
         Field("clear_retention", "bool", False),
         Field("clear_copy_retention", "bool", False),
+        # settings handed back to the group's template (or "all")
+        Field("inherit", "list[str]", False, limit=len(GROUP_FIELDS) + 1),
         *GROUP_FIELDS,
     ),
 )
 def groups_edit(ctx: Context, p: dict) -> dict:
-    """Change a source group: the fields given, retention merged (or cleared)."""
+    """Change a source group: the fields given, retention merged (or cleared).
+    On a group a template made, what is changed here is the host's own from
+    then on (an override); `inherit` hands settings back to the template."""
+    from . import templates  # it builds on this module's appliers
+
     host = get_host(p["host"])
     group = get_group(host, p["name"])
     hooks = check_hooks(ctx, p)
+    changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
+    settings = {OVERRIDDEN.get(k, k) for k in changed}
+    given_back: list[str] = []
+    if p.get("inherit"):
+        given_back = templates.inherit(group, p["inherit"], templates.GROUP_SETTINGS)
+        both = sorted(settings & set(p["inherit"]))
+        if both:
+            raise Invalid(f"{both[0]}: give it a value or inherit it, not both")
+    templates.record_overrides(group, settings, templates.GROUP_SETTINGS)
     if p.get("new_name") and p["new_name"] != group.name:
+        if group.template is not None:
+            raise Conflict(
+                f"source group {group.name} comes from template {group.template}: its name is the template's"
+            )
         new = check_name("group", p["new_name"])
         if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == new)):
             raise Conflict(f"host {host.name} already has a source group {new!r}")
@@ -288,12 +309,14 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     group.save()
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
-    changed = sorted(k for k in p if k not in ("host", "name"))
+    if given_back:
+        templates.materialise(ctx, host)  # the template's values come back
+        group = get_group(host, group.name)
     audit(
         ctx,
         "group.edit",
         f"{host.name}/{p['name']}",
-        {"changed": changed, "attached": attached, **hooks},
+        {"changed": changed, "inherited": given_back, "attached": attached, **hooks},
     )
     return {**shown(host, group), "attached": attached}
 
@@ -302,9 +325,12 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     "groups.delete", Role.OPERATOR, (Field("host", "str", limit=64), Field("name", "str", limit=64))
 )
 def groups_delete(ctx: Context, p: dict) -> dict:
-    """Delete a source group that no schedule uses."""
+    """Delete a source group that no schedule uses (and no template made)."""
+    from .templates import refuse_removal
+
     host = get_host(p["host"])
     group = get_group(host, p["name"])
+    refuse_removal(group, "source group")
     used = [
         s.name
         for s in Schedule.select(Schedule.name)

@@ -19,6 +19,7 @@ from .context import Context
 from .errors import Invalid
 from .registry import Method, collect
 from .repos import repositories_of
+from .templates import materialise, origins, picked_by
 from .views import host_detail_json, host_row_json, stats_json
 
 METHODS: list[Method] = []
@@ -139,7 +140,9 @@ def hosts_label(ctx: Context, p: dict) -> dict:
     audit(
         ctx, "host.label", host.name, {"set": p.get("set") or {}, "remove": p.get("remove") or []}
     )
-    return {"host": host.name, "labels": labels}
+    # the templates its labels pick now: what they define comes, what they no longer do goes
+    applied = materialise(ctx, host)
+    return {"host": host.name, "labels": labels, "templates": applied.json()}
 
 
 def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str]:
@@ -169,6 +172,10 @@ def hosts_show(ctx: Context, p: dict) -> dict:
         {"name": r.name, "default": n == 0, "stats": stats_json(stats.get(r.id))}
         for n, r in enumerate(repositories)
     ]
+    # where each setting came from: a template (and what the host overrides) or by hand
+    out["templates"] = picked_by(h)
+    out["template_error"] = h.template_error
+    out["settings"] = origins(h)
     return out
 
 

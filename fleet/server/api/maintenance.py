@@ -77,7 +77,13 @@ def last_jobs(repo: Repository) -> dict[str, Optional[dict[str, Any]]]:
 
 
 def maintenance_json(repo: Repository, m: Maintenance, now: dt.datetime) -> dict[str, Any]:
-    out: dict[str, Any] = {"repository": repo.name, "check_subset": m.check_subset}
+    out: dict[str, Any] = {
+        "repository": repo.name,
+        "check_subset": m.check_subset,
+        # the template that set it (None: by hand), and what was set by hand since
+        "template": m.template,
+        "overrides": m.overrides or [],
+    }
     for action in policy.ACTIONS:
         expr = getattr(m, f"{action}_cron")
         due = getattr(m, f"next_{action}_at")
@@ -103,32 +109,50 @@ def maintenance_show(ctx: Context, p: dict) -> dict:
     return maintenance_json(repo, get_maintenance(repo), utcnow())
 
 
-@method(
-    "maintenance.set",
-    Role.OPERATOR,
-    (
-        NAME,
-        Field("forget", "str", False, limit=100),
-        Field("prune", "str", False, limit=100),
-        Field("check", "str", False, limit=100),
-        Field("check_subset", "str", False, limit=32),
-    ),
+SET_FIELDS = (
+    Field("forget", "str", False, limit=100),
+    Field("prune", "str", False, limit=100),
+    Field("check", "str", False, limit=100),
+    Field("check_subset", "str", False, limit=32),
 )
-def maintenance_set(ctx: Context, p: dict) -> dict:
-    """Change when a repository's forget, prune and check run (cron, UTC;
-    'off' never) and how much of its data a check reads."""
-    repo = get_repository(p["name"])
-    changes: dict[str, Any] = {}
+
+
+def changes(p: dict) -> dict[str, Any]:
+    """The maintenance row's columns for these settings (crons UTC, 'off'
+    never); a new cron is due from now on."""
+    out: dict[str, Any] = {}
     for action in policy.ACTIONS:
         if action in p:
-            changes[f"{action}_cron"] = check_cron(action, p[action])
-            changes[f"next_{action}_at"] = None  # due from now on
+            out[f"{action}_cron"] = check_cron(action, p[action])
+            out[f"next_{action}_at"] = None
     if "check_subset" in p:
-        changes["check_subset"] = check_subset(p["check_subset"])
-    if not changes:
+        out["check_subset"] = check_subset(p["check_subset"])
+    return out
+
+
+def checked_settings(p: dict) -> dict[str, str]:
+    """Settings as a template keeps them: crons normalised, 'off' for never."""
+    columns = changes(p)
+    out = {a: columns[f"{a}_cron"] or "off" for a in policy.ACTIONS if a in p}
+    if "check_subset" in p:
+        out["check_subset"] = columns["check_subset"]
+    return out
+
+
+@method("maintenance.set", Role.OPERATOR, (NAME, *SET_FIELDS))
+def maintenance_set(ctx: Context, p: dict) -> dict:
+    """Change when a repository's forget, prune and check run (cron, UTC;
+    'off' never) and how much of its data a check reads. What a template
+    set, set here, is this repository's own from then on."""
+    repo = get_repository(p["name"])
+    updates = changes(p)
+    if not updates:
         raise Invalid("nothing to change: give --forget, --prune, --check or --check-subset")
     now = utcnow()
-    Maintenance.update(updated_at=now, **changes).where(Maintenance.repository == repo.id).execute()
+    m = get_maintenance(repo)
+    if m.template is not None:
+        updates["overrides"] = sorted(set(m.overrides or []) | (set(p) - {"name"}))
+    Maintenance.update(updated_at=now, **updates).where(Maintenance.repository == repo.id).execute()
     ctx.events.append(MaintenanceChanged(repo.id))
     audit(ctx, "maintenance.set", repo.name, {k: v for k, v in p.items() if k != "name"})
     return maintenance_json(repo, Maintenance.get(Maintenance.repository == repo.id), now)

@@ -31,6 +31,7 @@ from ..store.models import (
     RepoStats,
     Snapshot,
     SourceGroup,
+    Template,
     utcnow,
 )
 from .common import audit, check_name, get_host
@@ -139,6 +140,21 @@ def default_of(host: Host) -> Optional[Repository]:
         .order_by(HostRepository.position, HostRepository.attached_at)
         .first()
     )
+
+
+def templates_naming(name: str) -> list[str]:
+    """The templates whose specs name the repository (fleet.server.api.templates)."""
+    out = []
+    for t in Template.select(Template.name, Template.spec).order_by(Template.name):
+        spec = t.spec
+        groups = spec.get("groups", {}).values()
+        if (
+            name in spec.get("repositories", [])
+            or name in spec.get("maintenance", {})
+            or any(name in (g.get("repository"), g.get("copy_to")) for g in groups)
+        ):
+            out.append(t.name)
+    return out
 
 
 def users_of(repo: Repository) -> list[str]:
@@ -391,6 +407,12 @@ def repos_delete(ctx: Context, p: dict) -> dict:
     """Forget a repository (restic's data is not touched); refused while a
     host uses it."""
     repo = get_repository(p["name"])
+    naming = templates_naming(repo.name)
+    if naming:
+        raise Conflict(
+            f"repository {repo.name!r} is named by template(s) {', '.join(naming)}: "
+            "change them first (fleetctl templates set)"
+        )
     users = users_of(repo)
     if users:
         raise Conflict(
@@ -451,6 +473,16 @@ def repos_detach(ctx: Context, p: dict) -> dict:
         used = [r.id for r in repositories_of(h)]
         if repo.id not in used:
             continue
+        template = (
+            HostRepository.select(HostRepository.template)
+            .where((HostRepository.host == h) & (HostRepository.repository == repo))
+            .scalar()
+        )
+        if template is not None:
+            raise Conflict(
+                f"template {template} attached repository {repo.name} to {h.name}: "
+                "change the template or the host's labels (fleetctl templates)"
+            )
         groups = named_by(h, repo)
         if groups:
             raise Conflict(

@@ -71,6 +71,9 @@ def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) 
         "next_fires": [{"utc": iso(w), "local": cron.to_local(w, tz).isoformat()} for w in fires],
         "created_at": iso(s.created_at),
         "updated_at": iso(s.updated_at),
+        # the template that made it (None: by hand), and what this host overrides of it
+        "template": s.template,
+        "overrides": s.overrides or [],
     }
 
 
@@ -206,13 +209,36 @@ def schedules_create(ctx: Context, p: dict) -> dict:
 @method(
     "schedules.edit",
     Role.OPERATOR,
-    (HOST, NAME, Field("new_name", "str", False, limit=64), *SCHEDULE_FIELDS),
+    (
+        HOST,
+        NAME,
+        Field("new_name", "str", False, limit=64),
+        # settings handed back to the schedule's template (or "all")
+        Field("inherit", "list[str]", False, limit=8),
+        *SCHEDULE_FIELDS,
+    ),
 )
 def schedules_edit(ctx: Context, p: dict) -> dict:
-    """Change a schedule: the fields given; --group replaces its groups."""
+    """Change a schedule: the fields given; --group replaces its groups. On
+    a schedule a template made, what is changed here is the host's own from
+    then on; `inherit` hands settings back to the template."""
+    from . import templates  # it builds on this module
+
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
+    changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
+    given_back: list[str] = []
+    if p.get("inherit"):
+        given_back = templates.inherit(s, p["inherit"], templates.SCHEDULE_SETTINGS)
+        both = sorted(set(changed) & set(p["inherit"]))
+        if both:
+            raise Invalid(f"{both[0]}: give it a value or inherit it, not both")
+    templates.record_overrides(s, changed, templates.SCHEDULE_SETTINGS)
     if p.get("new_name") and p["new_name"] != s.name:
+        if s.template is not None:
+            raise Conflict(
+                f"schedule {s.name} comes from template {s.template}: its name is the template's"
+            )
         s.name = check_free(host, p["new_name"])
     if "cron" in p:
         s.cron = check_cron(p["cron"])
@@ -223,8 +249,15 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     s.updated_at = utcnow()
     s.save()
     bump(ctx.events, host.id)
-    changed = sorted(k for k in p if k not in ("host", "name"))
-    audit(ctx, "schedule.edit", f"{host.name}/{p['name']}", {"changed": changed})
+    if given_back:
+        templates.materialise(ctx, host)  # the template's values come back
+        s = get_schedule(host, s.name)
+    audit(
+        ctx,
+        "schedule.edit",
+        f"{host.name}/{p['name']}",
+        {"changed": changed, "inherited": given_back},
+    )
     return one_json(s, host, s.updated_at)
 
 
@@ -233,6 +266,8 @@ def set_enabled(ctx: Context, p: dict, enabled: bool) -> dict:
     s = get_schedule(host, p["name"])
     now = utcnow()
     if s.enabled != enabled:
+        if s.template is not None:  # the host's own from now on
+            s.overrides = sorted({*s.overrides, "enabled"})
         s.enabled = enabled
         s.updated_at = now
         s.save()
@@ -255,9 +290,12 @@ def schedules_disable(ctx: Context, p: dict) -> dict:
 
 @method("schedules.delete", Role.OPERATOR, (HOST, NAME))
 def schedules_delete(ctx: Context, p: dict) -> dict:
-    """Delete a schedule; its past jobs stay, without it."""
+    """Delete a schedule (one no template made); its past jobs stay, without it."""
+    from .templates import refuse_removal
+
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
+    refuse_removal(s, "schedule")
     s.delete_instance()  # cascades to its group links; jobs keep schedule_id NULL
     bump(ctx.events, host.id)
     audit(ctx, "schedule.delete", f"{host.name}/{s.name}")

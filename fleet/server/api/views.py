@@ -242,6 +242,9 @@ def group_json(g: SourceGroup, warnings: Sequence[str] = ()) -> dict:
         "next_drill_at": iso(g.next_drill_at),
         "created_at": iso(g.created_at),
         "updated_at": iso(g.updated_at),
+        # the template that made it (None: by hand), and what this host overrides of it
+        "template": g.template,
+        "overrides": g.overrides or [],
     }
 
 

@@ -246,6 +246,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "host labels, for selectors",
         ['ALTER TABLE "host" ADD COLUMN "labels" TEXT NOT NULL DEFAULT \'{}\''],
     ),
+    (
+        20,
+        "templates: settings defined once for the hosts a selector picks",
+        [
+            'CREATE TABLE "template" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "selector" TEXT NOT NULL, "priority" INTEGER NOT NULL, "spec" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL)',
+            'CREATE UNIQUE INDEX "template_name" ON "template" ("name")',
+            'ALTER TABLE "host" ADD COLUMN "template_error" TEXT',
+            'ALTER TABLE "host_repository" ADD COLUMN "template" TEXT',
+            'ALTER TABLE "source_group" ADD COLUMN "template" TEXT',
+            'ALTER TABLE "source_group" ADD COLUMN "overrides" TEXT NOT NULL DEFAULT \'[]\'',
+            'ALTER TABLE "schedule" ADD COLUMN "template" TEXT',
+            'ALTER TABLE "schedule" ADD COLUMN "overrides" TEXT NOT NULL DEFAULT \'[]\'',
+            'ALTER TABLE "maintenance" ADD COLUMN "template" TEXT',
+            'ALTER TABLE "maintenance" ADD COLUMN "overrides" TEXT NOT NULL DEFAULT \'[]\'',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

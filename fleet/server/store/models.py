@@ -81,6 +81,23 @@ class Host(Base):
     repo_locks = pw.IntegerField(null=True)  # restic locks in the repository, as last reported
     repo_locks_at = pw.DateTimeField(null=True)
     labels = JSONField(default=dict)  # key -> value (fleet.common.selectors)
+    # why the templates its labels pick could not be applied (None: they were)
+    template_error = pw.TextField(null=True)
+
+
+class Template(Base):
+    """Settings defined once for every host a label selector picks
+    (fleet.server.api.templates): repositories, source groups, schedules
+    and repositories' maintenance. What it made on a host names it
+    (`template`); the fields an operator changed there are that row's
+    `overrides`, which the template no longer touches."""
+
+    name = pw.TextField(unique=True)
+    selector = pw.TextField()
+    priority = pw.IntegerField(default=100)  # lower first: wins a name two templates define
+    spec = JSONField()
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
 
 
 class EnrollmentToken(Base):
@@ -118,6 +135,7 @@ class HostRepository(Base):
     repository = pw.ForeignKeyField(Repository, backref="hosts")
     position = pw.IntegerField(default=0)
     attached_at = pw.DateTimeField(default=utcnow)  # a new one is initialised from then
+    template = pw.TextField(null=True)  # the template that attached it (None: by hand)
 
     class Meta:
         primary_key = pw.CompositeKey("host", "repository")
@@ -168,6 +186,8 @@ class SourceGroup(Base):
     drill_cron = pw.TextField(null=True)
     drill_sample = pw.TextField(null=True)
     next_drill_at = pw.DateTimeField(null=True)
+    template = pw.TextField(null=True)  # the template that made it (None: by hand)
+    overrides = JSONField(default=list)  # its fields changed here, which the template leaves
 
     class Meta:
         indexes = ((("host", "name"), True),)
@@ -181,6 +201,8 @@ class Schedule(Base):
     enabled = pw.BooleanField(default=True)
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+    template = pw.TextField(null=True)
+    overrides = JSONField(default=list)
 
     class Meta:
         indexes = ((("host", "name"), True),)
@@ -211,6 +233,8 @@ class Maintenance(Base):
     next_prune_at = pw.DateTimeField(null=True)
     next_check_at = pw.DateTimeField(null=True)
     updated_at = pw.DateTimeField(default=utcnow)
+    template = pw.TextField(null=True)
+    overrides = JSONField(default=list)
 
 
 class Job(Base):
@@ -386,6 +410,7 @@ MODELS: list[type[Base]] = [
     User,
     ApiToken,
     Host,
+    Template,
     EnrollmentToken,
     Repository,
     HostRepository,
