@@ -87,6 +87,14 @@ def confirm(yes: bool, question: str) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+# on a group or schedule a template made (see fleetctl templates)
+inherit_option = click.option(
+    "--inherit",
+    "inherit",
+    multiple=True,
+    metavar="SETTING",
+    help="Hand SETTING back to the template it came from (repeatable; 'all': every one).",
+)
 
 _DURATION = re.compile(r"^(\d+)([smhdw])\Z")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

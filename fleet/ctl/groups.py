@@ -8,7 +8,7 @@ import click
 
 from ..common import retention
 from . import render
-from .app import App, Duration, confirm, json_option, pass_app
+from .app import App, Duration, confirm, inherit_option, json_option, pass_app
 from .repo import read_secret_file
 
 
@@ -353,13 +353,7 @@ def groups_create(
     is_flag=True,
     help="The copy keeps what the group keeps (before applying any --copy-keep-*).",
 )
-@click.option(
-    "--inherit",
-    "inherit",
-    multiple=True,
-    metavar="SETTING",
-    help="Hand SETTING back to the template it came from (repeatable; 'all': every one).",
-)
+@inherit_option
 @group_options
 @json_option
 @pass_app

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import click
 
 from . import render
-from .app import App, confirm, json_option, pass_app
+from .app import App, confirm, inherit_option, json_option, pass_app
 from .groups import origin
 
 CRON_HELP = (
@@ -158,13 +158,7 @@ def schedules_create(
 )
 @click.option("--rename", "new_name", metavar="NEW", help="New name.")
 @click.option("--timezone", metavar="ZONE", help="IANA zone; '' goes back to the host's own zone.")
-@click.option(
-    "--inherit",
-    "inherit",
-    multiple=True,
-    metavar="SETTING",
-    help="Hand SETTING back to the template it came from (repeatable; 'all': every one).",
-)
+@inherit_option
 @json_option
 @pass_app
 def schedules_edit(

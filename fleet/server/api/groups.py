@@ -281,13 +281,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     hooks = check_hooks(ctx, p)
     changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
     settings = {OVERRIDDEN.get(k, k) for k in changed}
-    given_back: list[str] = []
-    if p.get("inherit"):
-        given_back = templates.inherit(group, p["inherit"], templates.GROUP_SETTINGS)
-        both = sorted(settings & set(p["inherit"]))
-        if both:
-            raise Invalid(f"{both[0]}: give it a value or inherit it, not both")
-    templates.record_overrides(group, settings, templates.GROUP_SETTINGS)
+    given_back = templates.edited(group, settings, p.get("inherit") or [], templates.GROUP_SETTINGS)
     if p.get("new_name") and p["new_name"] != group.name:
         if group.template is not None:
             raise Conflict(

@@ -227,13 +227,7 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
     changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
-    given_back: list[str] = []
-    if p.get("inherit"):
-        given_back = templates.inherit(s, p["inherit"], templates.SCHEDULE_SETTINGS)
-        both = sorted(set(changed) & set(p["inherit"]))
-        if both:
-            raise Invalid(f"{both[0]}: give it a value or inherit it, not both")
-    templates.record_overrides(s, changed, templates.SCHEDULE_SETTINGS)
+    given_back = templates.edited(s, changed, p.get("inherit") or [], templates.SCHEDULE_SETTINGS)
     if p.get("new_name") and p["new_name"] != s.name:
         if s.template is not None:
             raise Conflict(

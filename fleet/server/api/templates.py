@@ -811,13 +811,23 @@ def picked_by(host: Host) -> list[str]:
     return [t.name for t in picking(host.labels, list(Template.select()))]
 
 
-def record_overrides(row: pw.Model, settings: Iterable[str], valid: Sequence[str]) -> None:
-    """An operator changed these fields of a template's row on its host:
-    the host's from now on."""
-    if row.template is None:
-        return
-    fields = set(row.overrides or []) | {s for s in settings if s in valid}
-    row.overrides = sorted(fields)
+def edited(
+    row: pw.Model, settings: Iterable[str], inherited: Sequence[str], valid: Sequence[str]
+) -> list[str]:
+    """An operator changed these settings of a row on its host, and hands
+    `inherited` back to its template: what is changed on a template's row
+    is the host's from now on (an override). Returns the settings given
+    back; the caller applies the templates again when there are any."""
+    settings = set(settings)
+    given_back: list[str] = []
+    if inherited:
+        both = sorted(settings & set(inherited))
+        if both:
+            raise Invalid(f"{both[0]}: give it a value or inherit it, not both")
+        given_back = inherit(row, inherited, valid)
+    if row.template is not None:
+        row.overrides = sorted(set(row.overrides or []) | (settings & set(valid)))
+    return given_back
 
 
 def inherit(row: pw.Model, fields: Sequence[str], valid: Sequence[str]) -> list[str]:
