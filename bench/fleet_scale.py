@@ -1,7 +1,7 @@
 """fleetd at scale: every figure beside a bare websockets server measured in the same run.
 
     .venv/bin/python bench/fleet_scale.py [--agents 10000] [--workers 4]
-        [--only scale|status|backups|all] [--json OUT] [--quick] [--backup-mib 200]
+        [--only scale|status|templates|backups|all] [--json OUT] [--quick] [--backup-mib 200]
         [--repositories N]
 
 Scale part (`--only scale`):
@@ -32,6 +32,13 @@ Status part (`--only status`): N hosts, each with a source group on a
 nightly schedule and three backups behind it, seeded the same way; the
 median of `status.show` and of a `/metrics` scrape beside a whole-fleet
 `hosts.list`, and the operator's round trip while status.show loops.
+
+Templates part (`--only templates`): N hosts seeded the same way, half of
+them labelled role=web; one `templates.set` gives those a repository, a
+group and a schedule, beside the same made by hand (repos.use,
+groups.create, schedules.create: one call each per host) on a sample,
+scaled to as many hosts; then `templates.apply` with nothing to change, and
+the operator's round trip while the template is applied.
 
 Backups part (`--only backups`): raw `restic backup` vs a real fleet-agent
 (`fleet-agent enroll` + `fleet-agent run` from the checkout) driven by
@@ -1578,6 +1585,152 @@ def run_status(args, figs: Figures, work: Path) -> None:
     )
 
 
+# -- the templates part ------------------------------------------------------------
+
+
+def run_templates(args, figs: Figures, work: Path) -> None:
+    """One template over N/2 hosts beside the same settings made by hand,
+    and the operator's round trip while it is applied."""
+    n = args.agents
+    env = clean_env(FLEET_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    data = work / "templates-fleetd"
+    subprocess.run(
+        [sys.executable, "-m", "fleet.server.cli", "init", "--data-dir", str(data)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    seed_hosts(data, n)
+    con = sqlite3.connect(data / "fleet.db")
+    with con:  # every other host is a web server
+        con.execute(
+            """UPDATE host SET labels = '{"role":"web"}' WHERE id % 2 = 1"""
+        )  # names bench-00000, -00002 ...
+    con.close()
+    picked = n // 2
+    fleetd = Server(
+        "fleetd",
+        [
+            "-m",
+            "fleet.server.cli",
+            "serve",
+            "--data-dir",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+        ],
+        work / "templates-fleetd.log",
+        clean_env(),
+    ).start()
+    url = f"ws://127.0.0.1:{fleetd.port}"
+    spec = {
+        "repositories": ["bench-repo"],
+        "groups": {"www": {"includes": ["/etc", "/var/www"], "retention": {"keep_daily": 7}}},
+        "schedules": {"nightly": {"cron": "0 2 * * *", "groups": ["www"]}},
+    }
+    sample = min(200, picked)
+    try:
+
+        async def measure() -> dict[str, Any]:
+            token = await login(url)
+            out: dict[str, Any] = {}
+            async with Ctl(url + "/ctl", token) as c:
+
+                async def ok(method: str, **params: Any) -> Any:
+                    reply = await c.call(method, timeout=600, **params)
+                    assert "result" in reply, reply
+                    return reply["result"]
+
+                await ok("repos.create", name="bench-repo", url="/srv/bench", password="pw")
+                # by hand, on hosts the template does not pick: three calls a host
+                odd = [f"bench-{i:05d}" for i in range(n) if i % 2 == 1][:sample]
+                t = time.perf_counter()
+                for h in odd:
+                    await ok("repos.use", name="bench-repo", hosts=[h])
+                    await ok("groups.create", host=h, name="www", includes=["/etc", "/var/www"])
+                    await ok(
+                        "schedules.create", host=h, name="nightly", cron="0 2 * * *", groups=["www"]
+                    )
+                out["by_hand"] = (time.perf_counter() - t) / len(odd)
+                rtts: list[float] = []
+                t = time.perf_counter()
+                busy = asyncio.ensure_future(
+                    ok("templates.set", name="web", selector="role=web", spec=spec)
+                )
+                writes: list[float] = []
+                flip = itertools.count()
+                while not busy.done():
+                    t1 = time.perf_counter()
+                    await c.call("hosts.show", host="bench-00001")
+                    rtts.append(time.perf_counter() - t1)
+                    t1 = time.perf_counter()  # a write waits for the chunk in hand
+                    await ok("hosts.label", host="bench-00003", set={"n": str(next(flip) % 2)})
+                    writes.append(time.perf_counter() - t1)
+                    await asyncio.sleep(0.01)
+                result = await busy
+                out["set"] = time.perf_counter() - t
+                out["result"] = result
+                out["rtts"] = rtts
+                out["writes"] = writes
+                t = time.perf_counter()
+                out["again"] = await ok("templates.apply", name="web")
+                out["apply"] = time.perf_counter() - t
+            return out
+
+        got = asyncio.run(measure())
+    finally:
+        fleetd.sigterm()
+    result = got["result"]
+    assert (result["picked"], result["changed"], result["failed"]) == (picked, picked, 0), {
+        k: result[k] for k in ("picked", "changed", "failed")
+    }
+    by_hand = got["by_hand"] * picked
+    figs.add(
+        f"templates.set, {picked} of {n} hosts",
+        got["set"],
+        "s",
+        bare=by_hand,
+        ref="by hand",
+        target="<= by hand",
+        met=got["set"] <= by_hand,
+        note=f"by hand: 3 calls a host, {got['by_hand'] * 1000:.1f} ms a host over {sample}",
+    )
+    again = got["again"]
+    figs.add(
+        f"templates.apply, nothing to change, {picked} hosts",
+        got["apply"],
+        "s",
+        bare=got["set"],
+        ref="templates.set",
+        target="<= templates.set",
+        met=got["apply"] <= got["set"] and again["changed"] == 0,
+        note=f"{again['changed']} changed",
+    )
+    rtts = sorted(got["rtts"])
+    p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] if rtts else None
+    figs.add(
+        "ctl round trip (hosts.show) while it applies, p99",
+        None if p99 is None else p99 * 1000,
+        "ms",
+        target="<= 50 ms",
+        met=p99 is not None and p99 <= 0.05,
+        note=f"{len(rtts)} round trips",
+    )
+    writes = sorted(got["writes"])
+    p99 = writes[min(len(writes) - 1, int(len(writes) * 0.99))] if writes else None
+    figs.add(
+        "a write (hosts.label) while it applies, p99",
+        None if p99 is None else p99 * 1000,
+        "ms",
+        target="<= 500 ms",
+        met=p99 is not None and p99 <= 0.5,
+        note=f"{len(writes)} writes; it waits for the chunk of 25 hosts in hand",
+    )
+
+
 # -- the backups part --------------------------------------------------------------
 
 
@@ -1798,7 +1951,9 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=4, help="agent simulator processes")
     ap.add_argument("--concurrency", type=int, default=200, help="connects in flight per worker")
-    ap.add_argument("--only", choices=("scale", "status", "backups", "all"), default="all")
+    ap.add_argument(
+        "--only", choices=("scale", "status", "templates", "backups", "all"), default="all"
+    )
     ap.add_argument("--json", dest="json_out", help="also write the figures here as JSON")
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 500 agents, short windows, 20 MiB backups"
@@ -1852,6 +2007,8 @@ def main() -> int:
             run_scale(args, figs, work)
         if args.only in ("status", "all"):
             run_status(args, figs, work)
+        if args.only in ("templates", "all"):
+            run_templates(args, figs, work)
         if args.only in ("backups", "all"):
             run_backups(args, figs, work)
     finally:

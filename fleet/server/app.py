@@ -42,7 +42,7 @@ from ..common import protocol
 from . import metrics
 from .agents import enroll
 from .agents.session import Agents
-from .api import build_registry
+from .api import build_registry, templates
 from .api.auth import known_token, login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
@@ -601,6 +601,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             RowSource("maintenance", agents.lifecycle, maintenance.next_due, maintenance.run_due),
             RowSource("copies", agents.lifecycle, copies.next_due, copies.run_due),
             RowSource("drills", agents.lifecycle, drills.next_due, drills.run_due),
+            # templates left to apply by a request that did not finish
+            RowSource("templates", agents.lifecycle, templates.next_due, templates.run_due),
             alerts,
         ],
     )

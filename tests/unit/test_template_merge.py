@@ -63,3 +63,47 @@ def test_group_params_fill_defaults_and_leave_overrides() -> None:
 def test_hooks_of_names_each_hook() -> None:
     spec = {"groups": {"a": {"pre_hook": "pg_dump x", "post_hook": " "}, "b": {}}}
     assert templates.hooks_of(spec) == {"a.pre_hook": "pg_dump x"}
+
+
+def test_marks_a_request_left_behind_are_applied_by_the_ticker(tmp_path) -> None:
+    """fleetd stopped while applying a template: the hosts still marked get
+    it from the ticker once the mark is older than GRACE, not before."""
+    import datetime as dt
+
+    from fleet.server.events import RepoChanged, SchedulesChanged
+    from fleet.server.store import models as m
+    from fleet.server.store.db import open_database
+
+    database = open_database(tmp_path / "fleet.db")
+    try:
+        web = m.Host.create(name="web-1", labels={"role": "web"})
+        m.Host.create(name="db-1", labels={"role": "db"})
+        m.Template.create(
+            name="web",
+            selector="role=web",
+            spec={
+                "repositories": [],
+                "maintenance": {},
+                "groups": {"www": {"includes": ["/var/www"]}},
+                "schedules": {
+                    "n": {"cron": "0 2 * * *", "groups": ["www"], "timezone": "", "enabled": True}
+                },
+            },
+        )
+        now = dt.datetime(2026, 12, 3, 12, 0)
+        templates.mark_due([web.id])
+        m.Host.update(templates_due_at=now - dt.timedelta(seconds=30)).execute()
+        assert templates.next_due() == now - dt.timedelta(seconds=30) + templates.GRACE
+        events: list = []
+        templates.run_due(events, now)  # not yet: the request may still be at it
+        assert not m.SourceGroup.select().exists()
+        templates.run_due(events, now + templates.GRACE)
+        group = m.SourceGroup.get()
+        assert (group.host.name, group.name, group.template) == ("web-1", "www", "web")
+        assert m.Schedule.get().template == "web"
+        assert any(isinstance(e, SchedulesChanged) for e in events)
+        assert not any(isinstance(e, RepoChanged) for e in events)
+        assert m.Host.get_by_id(web.id).templates_due_at is None
+        assert templates.next_due() is None
+    finally:
+        database.close()

@@ -18,10 +18,12 @@ reach; `repos detach` drops one).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import peewee as pw
 
@@ -45,7 +47,7 @@ from ..store.models import (
 )
 from . import maintenance, schedules
 from .common import at_most, audit, check_name
-from .context import Context
+from .context import Caller, Context
 from .errors import ApiError, Conflict, Forbidden, Invalid, NotFound
 from .groups import (
     GROUP_FIELDS,
@@ -62,6 +64,11 @@ from .repos import MAX_REPOSITORIES, attach
 
 METHODS: list[Method] = []
 method = collect(METHODS)
+log = logging.getLogger("fleetd.templates")
+T = TypeVar("T")
+
+CHUNK = 25  # hosts applied in one transaction: about 0.1 s of the store thread
+GRACE = dt.timedelta(seconds=60)  # a mark older than this was left by a request that ended
 
 NAME = Field("name", "str", limit=64)
 MAX_TEMPLATES = 1000
@@ -358,9 +365,11 @@ def materialise(
             savepoint.rollback()
             del ctx.events[mark:]
             out = Outcome(host.name, error=exc.message)
-    if host.template_error != out.error:
-        Host.update(template_error=out.error).where(Host.id == host.id).execute()
-        host.template_error = out.error
+    if host.template_error != out.error or host.templates_due_at is not None:
+        Host.update(template_error=out.error, templates_due_at=None).where(
+            Host.id == host.id
+        ).execute()
+        host.template_error, host.templates_due_at = out.error, None
     return out
 
 
@@ -568,11 +577,6 @@ def hosts_touched(names: Sequence[str], selector_texts: Sequence[str]) -> list[H
     ]
 
 
-def materialise_all(ctx: Context, hosts: Sequence[Host]) -> list[Outcome]:
-    templates = list(Template.select())
-    return [materialise(ctx, h, templates) for h in hosts]
-
-
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     failed = [o for o in outcomes if o.error]
     return {
@@ -616,7 +620,7 @@ def template_json(t: Template, hosts: Optional[Sequence[dict]] = None) -> dict[s
     return out
 
 
-def dry_run(ctx: Context, work) -> Any:
+def dry_run(ctx: Context, work: Callable[[], T]) -> T:
     """Run `work` and undo every change it made: what it would do."""
     mark = len(ctx.events)
     with db.atomic() as savepoint:
@@ -624,6 +628,93 @@ def dry_run(ctx: Context, work) -> Any:
         savepoint.rollback()
     del ctx.events[mark:]
     return result
+
+
+def mark_due(host_ids: Sequence[int]) -> None:
+    """These hosts are to have the templates applied."""
+    now = utcnow()
+    for i in range(0, len(host_ids), 500):  # SQLite's bound on variables
+        Host.update(templates_due_at=now).where(Host.id.in_(host_ids[i : i + 500])).execute()
+
+
+def apply_marked(ctx: Context, host_ids: Sequence[int]) -> list[Outcome]:
+    """Apply the templates to those of these hosts still marked (by name)."""
+    templates = list(Template.select())
+    hosts = (
+        Host.select()
+        .where(Host.id.in_(list(host_ids)) & Host.templates_due_at.is_null(False))
+        .order_by(Host.name)
+    )
+    return [materialise(ctx, h, templates) for h in hosts]
+
+
+# a change to templates: on the store thread, the change made and the hosts
+# (ids, by name) to apply the templates to, which it marks
+Change = Callable[[], "tuple[dict[str, Any], list[int]]"]
+
+
+async def run_change(ctx: Context, change: Change, dry: bool) -> dict[str, Any]:
+    """Make `change` in one transaction, then apply the templates to its
+    hosts CHUNK at a time, each chunk its own transaction, so that the
+    agents' reports and other requests go in between (5,000 hosts take
+    seconds). Each chunk's events go out as it commits. A host still marked
+    because fleetd stopped midway is the ticker's (`run_due`). With `dry`,
+    each step runs inside a transaction that is rolled back, the change
+    made again in each."""
+    store = ctx.state.store
+    if dry:
+        info, ids = await store.atomic(dry_run, ctx, change)
+    else:
+        info, ids = await store.atomic(change)
+    outcomes: list[Outcome] = []
+    for i in range(0, len(ids), CHUNK):
+        chunk = ids[i : i + CHUNK]
+        if dry:
+            outcomes += await store.atomic(dry_run, ctx, dry_chunk(ctx, change, chunk))
+            continue
+        outcomes += await store.atomic(apply_marked, ctx, chunk)
+        if ctx.events and ctx.state.bus is not None:
+            ctx.state.bus.publish(list(ctx.events))
+            ctx.events.clear()
+    return {**info, **summary(outcomes), "dry_run": dry}
+
+
+def dry_chunk(ctx: Context, change: Change, chunk: list[int]) -> Callable[[], list[Outcome]]:
+    """What applying would do on `chunk`, the change made first (to be rolled back)."""
+
+    def work() -> list[Outcome]:
+        change()
+        return apply_marked(ctx, chunk)
+
+    return work
+
+
+def system_context(events: list[Any]) -> Context:
+    """A context for the ticker's applying: what it changes goes in `events`."""
+    caller = Caller(user_id=0, name="system", role=Role.ADMIN, token_id=None, address="")
+    return Context(caller=caller, state=None, events=events)  # type: ignore[arg-type]
+
+
+def next_due() -> Optional[dt.datetime]:
+    """When a mark left by a request that did not finish is the ticker's."""
+    first = Host.select(pw.fn.MIN(Host.templates_due_at)).scalar()
+    return None if first is None else first + GRACE
+
+
+def run_due(events: list[Any], now: dt.datetime) -> None:
+    """Apply the templates to CHUNK hosts whose marks were left behind."""
+    ctx = system_context(events)
+    templates = list(Template.select())
+    left = (
+        Host.select()
+        .where(Host.templates_due_at <= now - GRACE)
+        .order_by(Host.templates_due_at, Host.id)
+        .limit(CHUNK)
+    )
+    for host in left:
+        out = materialise(ctx, host, templates)
+        if out.error:
+            log.warning("templates not applied on %s: %s", host.name, out.error)
 
 
 @method(
@@ -637,22 +728,22 @@ def dry_run(ctx: Context, work) -> Any:
         Field("dry_run", "bool", False),
     ),
 )
-def templates_set(ctx: Context, p: dict) -> dict:
+async def templates_set(ctx: Context, p: dict) -> dict:
     """Create or replace a template (a selector and a spec of repositories,
     groups, schedules and maintenance) and apply it to every host it
     picks, and to those it picked before; with `dry_run`, say what that
     would do and change nothing."""
     name = check_name("template", p["name"])
     selector = check_selector(p["selector"])
-    spec = check_spec(p["spec"])
-    hooks = hooks_of(spec)
-    if hooks and not ctx.caller.role.allows(Role.ADMIN):
-        raise Forbidden(
-            "hooks run as shell commands on every host: a template with one needs the admin role"
-        )
     priority = at_most("priority", p.get("priority", 100), 1_000_000)
 
-    def work() -> dict:
+    def change() -> tuple[dict[str, Any], list[int]]:
+        spec = check_spec(p["spec"])  # on the store thread: it reads repositories
+        hooks = hooks_of(spec)
+        if hooks and not ctx.caller.role.allows(Role.ADMIN):
+            raise Forbidden(
+                "hooks run as shell commands on every host: a template with one needs the admin role"
+            )
         t = Template.get_or_none(Template.name == name)
         old_selector = t.selector if t is not None else None
         if t is None:
@@ -663,21 +754,14 @@ def templates_set(ctx: Context, p: dict) -> dict:
         t.save()
         release_maintenance(name, keep=spec["maintenance"])
         maint = apply_maintenance(ctx, t)
-        hosts = hosts_touched([name], [s for s in (selector, old_selector) if s])
-        result = summary(materialise_all(ctx, hosts))
-        result["maintenance"] = maint
-        return {**template_json(t), **result, "created": old_selector is None}
+        ids = [h.id for h in hosts_touched([name], [s for s in (selector, old_selector) if s])]
+        mark_due(ids)
+        if not p.get("dry_run"):
+            audit(ctx, "template.set", name, {"selector": selector, "hosts": len(ids), **hooks})
+        info = {**template_json(t), "maintenance": maint, "created": old_selector is None}
+        return info, ids
 
-    if p.get("dry_run"):
-        return {**dry_run(ctx, work), "dry_run": True}
-    result = work()
-    audit(
-        ctx,
-        "template.set",
-        name,
-        {"selector": selector, "hosts": result["picked"], "failed": result["failed"], **hooks},
-    )
-    return {**result, "dry_run": False}
+    return await run_change(ctx, change, bool(p.get("dry_run")))
 
 
 @method("templates.list", Role.VIEWER, (), readonly=True)
@@ -727,26 +811,25 @@ def templates_show(ctx: Context, p: dict) -> dict:
     Role.OPERATOR,
     (NAME, Field("keep", "bool", False), Field("dry_run", "bool", False)),
 )
-def templates_delete(ctx: Context, p: dict) -> dict:
+async def templates_delete(ctx: Context, p: dict) -> dict:
     """Delete a template: what it made on hosts goes (but what was changed
     there), or with `keep` stays on each host as its own."""
-    t = get_template(p["name"])
 
-    def work() -> dict:
-        hosts = hosts_touched([t.name], [t.selector])
+    def change() -> tuple[dict[str, Any], list[int]]:
+        t = get_template(p["name"])
+        ids = [h.id for h in hosts_touched([t.name], [t.selector])]
         if p.get("keep"):
             for model in (SourceGroup, Schedule):
                 model.update(template=None, overrides=[]).where(model.template == t.name).execute()
             HostRepository.update(template=None).where(HostRepository.template == t.name).execute()
         release_maintenance(t.name)
         t.delete_instance()
-        return {"removed": t.name, **summary(materialise_all(ctx, hosts))}
+        mark_due(ids)
+        if not p.get("dry_run"):
+            audit(ctx, "template.delete", t.name, {"keep": bool(p.get("keep")), "hosts": len(ids)})
+        return {"removed": t.name}, ids
 
-    if p.get("dry_run"):
-        return {**dry_run(ctx, work), "dry_run": True}
-    result = work()
-    audit(ctx, "template.delete", t.name, {"keep": bool(p.get("keep")), "hosts": result["picked"]})
-    return {**result, "dry_run": False}
+    return await run_change(ctx, change, bool(p.get("dry_run")))
 
 
 @method(
@@ -754,26 +837,20 @@ def templates_delete(ctx: Context, p: dict) -> dict:
     Role.OPERATOR,
     (Field("name", "str", False, limit=64), Field("dry_run", "bool", False)),
 )
-def templates_apply(ctx: Context, p: dict) -> dict:
+async def templates_apply(ctx: Context, p: dict) -> dict:
     """Apply the templates again: to the hosts one template picks, or to
     every host (after fixing what kept them from applying)."""
-    if p.get("name"):
-        t = get_template(p["name"])
-        names, picks = [t.name], [t.selector]
-    else:
-        templates = list(Template.select())
-        names, picks = [t.name for t in templates], [t.selector for t in templates]
 
-    def work() -> dict:
-        for t in Template.select().where(Template.name.in_(names)):
-            apply_maintenance(ctx, t)
-        return summary(materialise_all(ctx, hosts_touched(names, picks)))
+    def change() -> tuple[dict[str, Any], list[int]]:
+        chosen = [get_template(p["name"])] if p.get("name") else list(Template.select())
+        maint = [name for t in chosen for name in apply_maintenance(ctx, t)]
+        ids = [h.id for h in hosts_touched([t.name for t in chosen], [t.selector for t in chosen])]
+        mark_due(ids)
+        if not p.get("dry_run"):
+            audit(ctx, "template.apply", p.get("name"), {"hosts": len(ids)})
+        return {"maintenance": maint}, ids
 
-    if p.get("dry_run"):
-        return {**dry_run(ctx, work), "dry_run": True}
-    result = work()
-    audit(ctx, "template.apply", p.get("name"), {"hosts": result["picked"]})
-    return {**result, "dry_run": False}
+    return await run_change(ctx, change, bool(p.get("dry_run")))
 
 
 def origins(host: Host) -> list[dict[str, Any]]:

@@ -253,6 +253,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE TABLE "template" ("id" INTEGER NOT NULL PRIMARY KEY, "name" TEXT NOT NULL, "selector" TEXT NOT NULL, "priority" INTEGER NOT NULL, "spec" TEXT NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL)',
             'CREATE UNIQUE INDEX "template_name" ON "template" ("name")',
             'ALTER TABLE "host" ADD COLUMN "template_error" TEXT',
+            'ALTER TABLE "host" ADD COLUMN "templates_due_at" DATETIME',
+            'CREATE INDEX "host_templates_due_at" ON "host" ("templates_due_at")',
             'ALTER TABLE "host_repository" ADD COLUMN "template" TEXT',
             'ALTER TABLE "source_group" ADD COLUMN "template" TEXT',
             'ALTER TABLE "source_group" ADD COLUMN "overrides" TEXT NOT NULL DEFAULT \'[]\'',

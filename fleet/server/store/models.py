@@ -83,6 +83,9 @@ class Host(Base):
     labels = JSONField(default=dict)  # key -> value (fleet.common.selectors)
     # why the templates its labels pick could not be applied (None: they were)
     template_error = pw.TextField(null=True)
+    # set while templates are to be applied to it (fleet.server.api.templates):
+    # a mark a request left behind (fleetd stopped midway) is the ticker's
+    templates_due_at = pw.DateTimeField(null=True, index=True)
 
 
 class Template(Base):
