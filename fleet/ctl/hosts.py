@@ -135,11 +135,7 @@ def hosts_label(app: App, host: str, labels: tuple, removed: tuple, as_json: boo
         render.emit_json(result)
     else:
         app.err.print(f"{escape(result['host'])}: {labels_cell(result['labels'])}")
-        for key, word in (("created", "added"), ("updated", "updated"), ("removed", "removed")):
-            if applied[key]:
-                app.err.print(f"templates {word}: {escape(', '.join(applied[key]))}")
-        if applied["error"]:
-            app.err.print(f"[red]templates not applied[/]: {escape(applied['error'])}")
+        show_applied(app, applied)
     if applied["error"]:  # the labels are set; what they pick is not
         raise click.exceptions.Exit(int(Exit.ERROR))
 
@@ -270,6 +266,17 @@ def enroll(
         return
     app.out.print(result["install"] if install else result["command"], markup=False, soft_wrap=True)
     app.err.print(f"run this on {result['host']} before {result['expires_at']} (single use)")
+    if result.get("templates"):  # the token stands even if they could not be applied
+        show_applied(app, result["templates"])
+
+
+def show_applied(app: App, applied: dict) -> None:
+    """What applying the templates a host's labels pick did, on stderr."""
+    for key, word in (("created", "added"), ("updated", "updated"), ("removed", "removed")):
+        if applied[key]:
+            app.err.print(f"templates {word}: {escape(', '.join(applied[key]))}")
+    if applied["error"]:
+        app.err.print(f"[red]templates not applied[/]: {escape(applied['error'])}")
 
 
 AGENT_PYZ = "/usr/local/lib/fleet/fleet-agent.pyz"

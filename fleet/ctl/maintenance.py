@@ -7,7 +7,7 @@ from typing import Any, Optional
 import click
 
 from . import render
-from .app import App, json_option, pass_app
+from .app import App, inherit_option, json_option, pass_app
 from .jobs import follow_job, follow_options
 
 
@@ -59,6 +59,7 @@ def maintenance_show(app: App, repo: str, as_json: bool) -> None:
 @click.option(
     "--check-subset", metavar="SUBSET", help="Data a check reads: 5%, 1/10 or 500M ('' none)."
 )
+@inherit_option
 @json_option
 @pass_app
 def maintenance_set(
@@ -68,10 +69,14 @@ def maintenance_set(
     prune: Optional[str],
     check: Optional[str],
     check_subset: Optional[str],
+    inherit: tuple,
     as_json: bool,
 ) -> None:
-    """Change when REPO's maintenance runs."""
+    """Change when REPO's maintenance runs. What a template set, set here,
+    is the repository's own until --inherit hands it back."""
     params: dict[str, Any] = {"name": repo}
+    if inherit:
+        params["inherit"] = list(inherit)
     for key, value in (
         ("forget", forget),
         ("prune", prune),
@@ -82,7 +87,7 @@ def maintenance_set(
             params[key] = value
     if len(params) == 1:
         raise click.UsageError(
-            "nothing to change: give --forget, --prune, --check or --check-subset"
+            "nothing to change: give --forget, --prune, --check, --check-subset or --inherit"
         )
     m = app.call("maintenance.set", **params)
     if as_json:

@@ -92,9 +92,8 @@ def report(app: App, result: dict[str, Any], as_json: bool, verb: str) -> None:
 @click.option(
     "--priority",
     type=click.IntRange(0, 1_000_000),
-    default=100,
-    show_default=True,
-    help="Of two templates defining one group or schedule, the lower wins.",
+    help="Of two templates defining one group or schedule, the lower wins "
+    "(default: as it was; 100 for a new template).",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Say what it would change on each host; change nothing."
@@ -102,7 +101,13 @@ def report(app: App, result: dict[str, Any], as_json: bool, verb: str) -> None:
 @json_option
 @pass_app
 def templates_set(
-    app: App, name: str, selector: str, path: str, priority: int, dry_run: bool, as_json: bool
+    app: App,
+    name: str,
+    selector: str,
+    path: str,
+    priority: Optional[int],
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Create or replace template NAME and apply it to every host the
     selector picks (and to those it picked before). Exit 1 when it could

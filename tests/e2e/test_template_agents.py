@@ -60,3 +60,21 @@ def test_a_template_configures_real_agents_that_back_up(fleet, e2e, tmp_path, fx
     snaps = json.loads(proc.stdout)
     assert sorted(s["hostname"] for s in snaps) == sorted(h.name for h in hosts)
     assert all(s["paths"] == [str(src)] for s in snaps)
+
+    # a change to the template reaches the running agents: a new schedule version, applied
+    before = {h.name: fleet.ctl_json("hosts", "show", h.name)["schedule_version"] for h in hosts}
+    doc = json.loads(spec.read_text())
+    doc["schedules"]["nightly"]["cron"] = "30 3 * * *"
+    spec.write_text(json.dumps(doc))
+    fleet.ctl("templates", "set", "web" + tag, "--selector", f"batch={tag}", "-f", spec)
+    for h in hosts:
+        shown = fx.wait_until(
+            lambda h=h: (
+                (s := fleet.ctl_json("hosts", "show", h.name))["applied_schedule_version"]
+                > before[h.name]
+                and s
+            ),
+            timeout=20,
+            what=f"{h.name}'s agent to apply the changed schedule",
+        )
+        assert shown["schedule_lagging"] is False

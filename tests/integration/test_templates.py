@@ -250,3 +250,96 @@ def test_bad_templates_are_refused_and_change_nothing(fleet, fx, tmp_path, spec_
     assert "t" + tag in fleet.ctl("templates", "list").stdout
     audit = fleet.ctl_json("audit", "--action", "template")
     assert any(e["action"] == "template.set" and e["target"] == "t" + tag for e in audit)
+
+
+def test_edges_of_overrides_repositories_hooks_and_failures(
+    fleetd_factory, fx, tmp_path, spec_file
+):
+    """A fleetd of its own: a selector here picks hosts without labels too."""
+    fleet = fleetd_factory()
+    r1, r2 = make_repo(fleet, fx, tmp_path), make_repo(fleet, fx, tmp_path)
+    base = {
+        "repositories": [r1],
+        "maintenance": {r1: {"prune": "0 5 * * 0"}},
+        "groups": {"g": {"includes": ["/etc"]}},
+        "schedules": {"s": {"cron": "0 2 * * *", "groups": ["g"]}},
+    }
+    fleet.ctl(
+        "templates", "set", "a", "--selector", "!role", "-f", spec_file(base), "--priority", "5"
+    )
+    extra = {"groups": {"x": {"includes": ["/srv/x"]}}}
+    fleet.ctl("templates", "set", "b", "--selector", "extra=y", "-f", spec_file(extra))
+
+    # a host enrolled without labels is picked by !role at once
+    fleet.ctl("enroll", "h1", "--label", "extra=y")
+    done = fleet.ctl_json("enroll", "h0")
+    assert "group g" in done["templates"]["created"]
+
+    # the priority given once stays when the template is set again without it
+    fleet.ctl("templates", "set", "a", "--selector", "!role", "-f", spec_file(base))
+    assert fleet.ctl_json("templates", "show", "a")["priority"] == 5
+
+    # a schedule whose groups were changed here keeps the group it now backs up
+    fleet.ctl("schedules", "edit", "h1", "s", "--group", "x")
+    version = fleet.ctl_json("hosts", "show", "h1")["schedule_version"]
+    fleet.ctl("hosts", "label", "h1", "--remove", "extra")
+    kept = settings(fleet, "h1")
+    assert kept[("group", "x")]["template"] is None
+    assert fleet.ctl_json("schedules", "show", "h1", "s")["groups"] == ["x"]
+    assert fleet.ctl_json("hosts", "show", "h1")["schedule_version"] == version
+
+    # a repository a template attached stays when another becomes the default
+    fleet.ctl("repos", "use", r2, "h0")
+    h0 = settings(fleet, "h0")
+    assert h0[("repository", r1)]["template"] == "a" and ("repository", r2) in h0
+    fleet.ctl("repos", "edit", r1, "--rename", "renamed", expect=1)  # templates name it
+
+    # the host's own group of the template's name wins; once it goes, the template's comes
+    fleet.ctl("enroll", "h2", "--label", "role=own")
+    fleet.ctl("groups", "create", "h2", "g", "--include", "/mine")
+    fleet.ctl("hosts", "label", "h2", "--remove", "role")
+    assert settings(fleet, "h2")[("group", "g")]["template"] is None
+    fleet.ctl("schedules", "delete", "h2", "s", "--yes", expect=1)  # the template's
+    fleet.ctl("schedules", "edit", "h2", "s", "--group", "g")  # make it the host's own...
+    fleet.ctl("templates", "apply", "a")
+    s = fleet.ctl_json("schedules", "show", "h2", "s")
+    assert s["template"] == "a" and s["overrides"] == ["groups"]
+    fleet.ctl("schedules", "edit", "h2", "s", "--inherit", "groups")
+    fleet.ctl("hosts", "label", "h2", "role=own")  # h2 leaves: s goes, its own g stays
+    fleet.ctl("groups", "delete", "h2", "g", "--yes")
+    fleet.ctl("hosts", "label", "h2", "--remove", "role")  # back: the template's g is made
+    assert fleet.ctl_json("groups", "show", "h2", "g")["includes"] == ["/etc"]
+
+    # maintenance: set by hand overrides the template's, --inherit gives it back
+    m = fleet.ctl_json("maintenance", "set", r1, "--prune", "0 6 * * 0")
+    assert (m["prune"]["cron"], m["overrides"]) == ("0 6 * * 0", ["prune"])
+    m = fleet.ctl_json("maintenance", "set", r1, "--inherit", "prune")
+    assert (m["prune"]["cron"], m["overrides"], m["template"]) == ("0 5 * * 0", [], "a")
+
+    # hooks: an operator may not give a host an admin's hook template by labelling it
+    hooked = {"groups": {"db": {"includes": ["/var/lib/db"], "pre_hook": "true"}}}
+    fleet.ctl("templates", "set", "hooks", "--selector", "role=db", "-f", spec_file(hooked))
+    operator = fleet.add_user("operator")
+    fleet.ctl("hosts", "label", "h0", "role=db", token=operator.token, expect=3)
+    fleet.ctl("enroll", "h9", "--label", "role=db", token=operator.token, expect=3)
+    assert settings(fleet, "h0")[("group", "g")]["template"] == "a"  # nothing changed
+    fleet.ctl("hosts", "label", "h0", "role=db")  # an admin may
+    assert settings(fleet, "h0")[("group", "db")]["template"] == "hooks"
+
+    # a host another template fails on still lets go of a deleted template's rows,
+    # and a failed --inherit is an error that keeps the override
+    clash = {"groups": {"c": {"includes": ["/c"], "copy_to": r2}}}
+    fleet.ctl("enroll", "h3", "--label", "clash=y")
+    fleet.ctl("repos", "use", r2, "h3")
+    fleet.ctl("groups", "edit", "h3", "g", "--keep-daily", "3")
+    failed = fleet.ctl_json(
+        "templates", "set", "clash", "--selector", "clash=y", "-f", spec_file(clash), expect=1
+    )
+    assert failed["failed"] == 1
+    fleet.ctl("groups", "edit", "h3", "g", "--inherit", "retention", expect=1)
+    assert settings(fleet, "h3")[("group", "g")]["overrides"] == ["retention"]
+    fleet.ctl("templates", "delete", "a", expect=1)  # h3 still fails on clash
+    h3 = settings(fleet, "h3")
+    assert ("schedule", "s") not in h3
+    assert h3[("group", "g")]["template"] is None  # changed there: the host's own
+    assert ("group", "g") not in settings(fleet, "h0")

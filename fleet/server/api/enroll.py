@@ -16,7 +16,7 @@ from .context import Context
 from .errors import Conflict, Forbidden
 from .hosts import checked_labels
 from .registry import Method, collect
-from .templates import materialise
+from .templates import check_label_powers, materialise
 
 METHODS: list[Method] = []
 method = collect(METHODS)
@@ -42,6 +42,7 @@ def enroll_create(ctx: Context, p: dict) -> dict:
     voids the host's older ones."""
     name = check_name("host", p["host"])
     host = Host.get_or_none(Host.name == name)
+    new = host is None
     if host is None:
         host = Host.create(name=name)
     elif host.agent_token_hash is not None:
@@ -54,9 +55,13 @@ def enroll_create(ctx: Context, p: dict) -> dict:
             raise Forbidden(f"re-enrolling host {name} needs the admin role")
     applied = None
     if p.get("labels"):
-        host.labels = {**(host.labels or {}), **checked_labels(p["labels"])}
+        labels = {**(host.labels or {}), **checked_labels(p["labels"])}
+        check_label_powers(ctx, name, host.labels or {}, labels)
+        host.labels = labels
         host.save()
-        # its settings are ready before its agent first says hello
+    if new or p.get("labels"):
+        # its settings are ready before its agent first says hello (a
+        # selector such as !role picks a host without labels too)
         applied = materialise(ctx, host).json()
     now = utcnow()
     voided = (

@@ -52,6 +52,7 @@ GROUP_FIELDS = (
     Field("drill_cron", "str", False, limit=256),
     Field("drill_sample", "str", False, limit=16),
 )
+MAX_GROUPS = 200  # source groups per host: each goes to its agent in one frame
 # what groups.edit's params change, as the setting a template gives
 OVERRIDDEN = {"clear_retention": "retention", "clear_copy_retention": "copy_retention"}
 # protocol.Field bounds ints from below only; the upper bounds are checked here
@@ -239,6 +240,8 @@ def groups_create(ctx: Context, p: dict) -> dict:
     name = check_name("group", p["name"])
     if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == name)):
         raise Conflict(f"host {host.name} already has a source group {name!r}")
+    if SourceGroup.select().where(SourceGroup.host == host).count() >= MAX_GROUPS:
+        raise Invalid(f"host {host.name} has {MAX_GROUPS} source groups, the most it may")
     hooks = check_hooks(ctx, p)
     group = SourceGroup(host=host, name=name, includes=[], excludes=[])
     apply_group_fields(group, p)
@@ -282,7 +285,8 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
     settings = {OVERRIDDEN.get(k, k) for k in changed}
     given_back = templates.edited(group, settings, p.get("inherit") or [], templates.GROUP_SETTINGS)
-    if p.get("new_name") and p["new_name"] != group.name:
+    renamed = bool(p.get("new_name")) and p["new_name"] != group.name
+    if renamed:
         if group.template is not None:
             raise Conflict(
                 f"source group {group.name} comes from template {group.template}: its name is the template's"
@@ -303,8 +307,10 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     group.save()
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
-    if given_back:
-        templates.materialise(ctx, host)  # the template's values come back
+    if given_back or renamed:  # the template's values come back, or its group of the old name
+        applied = templates.materialise(ctx, host)
+        if applied.error:
+            raise Conflict(f"the templates of {host.name} cannot be applied: {applied.error}")
         group = get_group(host, group.name)
     audit(
         ctx,
@@ -320,7 +326,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
 )
 def groups_delete(ctx: Context, p: dict) -> dict:
     """Delete a source group that no schedule uses (and no template made)."""
-    from .templates import refuse_removal
+    from .templates import materialise, refuse_removal
 
     host = get_host(p["host"])
     group = get_group(host, p["name"])
@@ -339,4 +345,5 @@ def groups_delete(ctx: Context, p: dict) -> dict:
         )
     group.delete_instance()
     audit(ctx, "group.delete", f"{host.name}/{group.name}")
+    materialise(ctx, host)  # a template's group of that name, shadowed until now, comes
     return {"removed": group.name, "host": host.name}

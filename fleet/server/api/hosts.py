@@ -19,7 +19,7 @@ from .context import Context
 from .errors import Invalid
 from .registry import Method, collect
 from .repos import repositories_of
-from .templates import materialise, origins, picked_by
+from .templates import check_label_powers, materialise, origins, picked_by
 from .views import host_detail_json, host_row_json, stats_json
 
 METHODS: list[Method] = []
@@ -135,6 +135,7 @@ def hosts_label(ctx: Context, p: dict) -> dict:
     labels.update(checked_labels(p.get("set") or {}))
     if len(labels) > selectors.MAX_LABELS:
         raise Invalid(f"a host carries at most {selectors.MAX_LABELS} labels")
+    check_label_powers(ctx, host.name, host.labels or {}, labels)
     host.labels = labels
     host.save()
     audit(

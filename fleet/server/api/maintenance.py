@@ -139,22 +139,40 @@ def checked_settings(p: dict) -> dict[str, str]:
     return out
 
 
-@method("maintenance.set", Role.OPERATOR, (NAME, *SET_FIELDS))
+@method(
+    "maintenance.set",
+    Role.OPERATOR,
+    (NAME, *SET_FIELDS, Field("inherit", "list[str]", False, limit=len(SET_FIELDS) + 1)),
+)
 def maintenance_set(ctx: Context, p: dict) -> dict:
     """Change when a repository's forget, prune and check run (cron, UTC;
     'off' never) and how much of its data a check reads. What a template
-    set, set here, is this repository's own from then on."""
+    set, set here, is this repository's own from then on; `inherit` hands
+    settings (or "all") back to the template."""
+    from . import templates  # it builds on this module
+
     repo = get_repository(p["name"])
     updates = changes(p)
-    if not updates:
+    if not updates and not p.get("inherit"):
         raise Invalid("nothing to change: give --forget, --prune, --check or --check-subset")
     now = utcnow()
     m = get_maintenance(repo)
+    m.name = repo.name  # for templates' messages
+    settings = set(p) - {"name", "inherit"}
+    given_back = templates.edited(
+        m, settings, p.get("inherit") or [], templates.MAINTENANCE_SETTINGS
+    )
     if m.template is not None:
-        updates["overrides"] = sorted(set(m.overrides or []) | (set(p) - {"name"}))
-    Maintenance.update(updated_at=now, **updates).where(Maintenance.repository == repo.id).execute()
-    ctx.events.append(MaintenanceChanged(repo.id))
-    audit(ctx, "maintenance.set", repo.name, {k: v for k, v in p.items() if k != "name"})
+        updates["overrides"] = m.overrides
+    if updates:
+        Maintenance.update(updated_at=now, **updates).where(
+            Maintenance.repository == repo.id
+        ).execute()
+        ctx.events.append(MaintenanceChanged(repo.id))
+    if given_back:  # the template's values come back
+        templates.apply_maintenance(ctx, templates.get_template(m.template))
+    detail = {k: v for k, v in p.items() if k not in ("name", "inherit")}
+    audit(ctx, "maintenance.set", repo.name, {**detail, "inherited": given_back})
     return maintenance_json(repo, Maintenance.get(Maintenance.repository == repo.id), now)
 
 

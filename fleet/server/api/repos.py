@@ -193,11 +193,20 @@ def use(ctx: Context, host: Host, repo: Repository) -> bool:
             (HostRepository.host == host) & (HostRepository.repository == repo)
         ).execute()
         ctx.events.append(RepoChanged(host.id))
-    if current is not None and named_by(host, current):
-        follow_default(host, current, repo)  # it stays, for the groups naming it
+    if current is not None and (named_by(host, current) or attached_by_template(host, current)):
+        follow_default(host, current, repo)  # it stays, for the groups or template naming it
     elif current is not None:
         detach(ctx, host, current, successor=repo)
     return True
+
+
+def attached_by_template(host: Host, repo: Repository) -> Optional[str]:
+    """The template that attached `repo` to the host, if one did."""
+    return (
+        HostRepository.select(HostRepository.template)
+        .where((HostRepository.host == host) & (HostRepository.repository == repo))
+        .scalar()
+    )
 
 
 def attach(ctx: Context, host: Host, repo: Repository, position: Optional[int] = None) -> bool:
@@ -378,6 +387,12 @@ def repos_edit(ctx: Context, p: dict) -> dict:
     settings and check them with an init."""
     repo = get_repository(p["name"])
     if p.get("new_name") and p["new_name"] != repo.name:
+        naming = templates_naming(repo.name)
+        if naming:  # they name it by its name
+            raise Conflict(
+                f"repository {repo.name!r} is named by template(s) {', '.join(naming)}: "
+                "change them first (fleetctl templates set)"
+            )
         new = check_name("repository", p["new_name"])
         if Repository.get_or_none(Repository.name == new) is not None:
             raise Conflict(f"a repository named {new!r} exists already")
@@ -473,11 +488,7 @@ def repos_detach(ctx: Context, p: dict) -> dict:
         used = [r.id for r in repositories_of(h)]
         if repo.id not in used:
             continue
-        template = (
-            HostRepository.select(HostRepository.template)
-            .where((HostRepository.host == h) & (HostRepository.repository == repo))
-            .scalar()
-        )
+        template = attached_by_template(h, repo)
         if template is not None:
             raise Conflict(
                 f"template {template} attached repository {repo.name} to {h.name}: "

@@ -228,7 +228,8 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     s = get_schedule(host, p["name"])
     changed = sorted(k for k in p if k not in ("host", "name", "inherit"))
     given_back = templates.edited(s, changed, p.get("inherit") or [], templates.SCHEDULE_SETTINGS)
-    if p.get("new_name") and p["new_name"] != s.name:
+    renamed = bool(p.get("new_name")) and p["new_name"] != s.name
+    if renamed:
         if s.template is not None:
             raise Conflict(
                 f"schedule {s.name} comes from template {s.template}: its name is the template's"
@@ -243,8 +244,10 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     s.updated_at = utcnow()
     s.save()
     bump(ctx.events, host.id)
-    if given_back:
-        templates.materialise(ctx, host)  # the template's values come back
+    if given_back or renamed:  # the template's values come back, or its schedule of the old name
+        applied = templates.materialise(ctx, host)
+        if applied.error:
+            raise Conflict(f"the templates of {host.name} cannot be applied: {applied.error}")
         s = get_schedule(host, s.name)
     audit(
         ctx,
@@ -285,7 +288,7 @@ def schedules_disable(ctx: Context, p: dict) -> dict:
 @method("schedules.delete", Role.OPERATOR, (HOST, NAME))
 def schedules_delete(ctx: Context, p: dict) -> dict:
     """Delete a schedule (one no template made); its past jobs stay, without it."""
-    from .templates import refuse_removal
+    from .templates import materialise, refuse_removal
 
     host = get_host(p["host"])
     s = get_schedule(host, p["name"])
@@ -293,4 +296,5 @@ def schedules_delete(ctx: Context, p: dict) -> dict:
     s.delete_instance()  # cascades to its group links; jobs keep schedule_id NULL
     bump(ctx.events, host.id)
     audit(ctx, "schedule.delete", f"{host.name}/{s.name}")
+    materialise(ctx, host)  # a template's schedule of that name, shadowed until now, comes
     return {"removed": s.name, "host": host.name}

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -51,6 +54,7 @@ from .context import Caller, Context
 from .errors import ApiError, Conflict, Forbidden, Invalid, NotFound
 from .groups import (
     GROUP_FIELDS,
+    MAX_GROUPS,
     MAXIMUM,
     apply_drill,
     apply_group_fields,
@@ -67,6 +71,8 @@ method = collect(METHODS)
 log = logging.getLogger("fleetd.templates")
 T = TypeVar("T")
 
+MAX_PRIORITY = 1_000_000
+DEFAULT_PRIORITY = 100
 CHUNK = 25  # hosts applied in one transaction: about 0.1 s of the store thread
 GRACE = dt.timedelta(seconds=60)  # a mark older than this was left by a request that ended
 
@@ -350,21 +356,32 @@ def materialise(
     ctx: Context, host: Host, templates: Optional[Sequence[Template]] = None
 ) -> Outcome:
     """Make the host hold what the templates picking it define. A host
-    where that fails (a repository gone, too many schedules) is left as it
-    was, with the reason on the host (`template_error`)."""
+    where that fails (a repository gone, too many schedules) keeps what it
+    had, with the reason on the host (`template_error`), but for what no
+    template picking it gives any more: that goes all the same."""
     if templates is None:
         templates = list(Template.select())
+    picked = picking(host.labels, templates)
     out = Outcome(host.name)
     mark = len(ctx.events)
     with db.atomic() as savepoint:
         try:
-            want = merge((t.name, t.spec) for t in picking(host.labels, templates))
+            want = merge((t.name, t.spec) for t in picked)
             out.notes.extend(want.shadowed)
             apply_wanted(ctx, host, want, out)
         except ApiError as exc:
             savepoint.rollback()
             del ctx.events[mark:]
             out = Outcome(host.name, error=exc.message)
+    if out.error is not None:
+        names = {t.name for t in picked}
+        with db.atomic() as savepoint:
+            try:
+                let_go(ctx, host, out, lambda row: row.template not in names)
+            except ApiError:  # nothing of it, then: the host as it was
+                savepoint.rollback()
+                del ctx.events[mark:]
+                out.removed.clear()
     if host.template_error != out.error or host.templates_due_at is not None:
         Host.update(template_error=out.error, templates_due_at=None).where(
             Host.id == host.id
@@ -387,16 +404,6 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
             HostRepository.update(template=tname).where(
                 mine & HostRepository.template.is_null(False)
             ).execute()
-    for link in (
-        HostRepository.select(HostRepository, Repository)
-        .join(Repository)
-        .where((HostRepository.host == host) & HostRepository.template.is_null(False))
-    ):
-        if link.repository.name not in wanted_repos:  # stays attached, now the host's own
-            HostRepository.update(template=None).where(
-                (HostRepository.host == host) & (HostRepository.repository == link.repository)
-            ).execute()
-            out.notes.append(f"repository {link.repository.name} stays attached, as the host's own")
 
     groups = {g.name: g for g in SourceGroup.select().where(SourceGroup.host == host)}
     linked = {
@@ -413,6 +420,8 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
             continue
         fresh = g is None
         if fresh:
+            if len(groups) >= MAX_GROUPS:
+                raise Invalid(f"host {host.name} has {MAX_GROUPS} source groups already")
             g = SourceGroup(host=host, name=name, includes=[], excludes=[], template=tname)
         before = None if fresh else group_state(g)
         g.template = tname
@@ -420,7 +429,13 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
         apply_group_fields(g, p)
         if "retention" in p:
             g.retention = p["retention"]
-        apply_repositories(ctx, host, g, p)
+        for repo_name in apply_repositories(ctx, host, g, p):  # attached for it: the template's
+            HostRepository.update(template=tname).where(
+                (HostRepository.host == host)
+                & (HostRepository.repository == Repository.get(Repository.name == repo_name))
+            ).execute()
+            wanted_repos.add(repo_name)
+            out.created.append(f"repository {repo_name}")
         apply_drill(ctx, g, p)
         if fresh:
             g.save()
@@ -433,7 +448,11 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
             if g.id in linked:
                 bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
 
+    # what the templates no longer give goes first, so a schedule renamed in
+    # a spec does not count twice against the host's bound
+    drop_schedules(ctx, host, out, lambda s: s.name not in want.schedules)
     existing = {s.name: s for s in Schedule.select().where(Schedule.host == host)}
+    current = schedules.group_names(*(s.id for s in existing.values()))
     for name, (tname, settings) in want.schedules.items():
         s = existing.get(name)
         if s is not None and s.template is None:
@@ -454,13 +473,13 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
         else:
             for key in s.overrides:
                 target.pop(key, None)
-            current = {
+            now_ = {
                 "cron": s.cron,
                 "timezone": s.timezone,
                 "enabled": s.enabled,
-                "groups": sorted(schedule_groups(s)),
+                "groups": sorted(current[s.id]),
             }
-            if s.template == tname and all(current[k] == v for k, v in target.items()):
+            if s.template == tname and all(now_[k] == v for k, v in target.items()):
                 continue
             out.updated.append(f"schedule {name}")
         s.template = tname
@@ -469,48 +488,76 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
                 setattr(s, key, target[key])
         s.updated_at = utcnow()
         s.save()
-        if "groups" in target:
+        if "groups" in target:  # a group of the host's own by that name, if it has one
             schedules.link(s, [groups[g] for g in target["groups"]])
         bump(ctx.events, host.id)
+    drop_groups(ctx, host, out, lambda g: g.name not in want.groups)
+    for link in (
+        HostRepository.select(HostRepository, Repository)
+        .join(Repository)
+        .where((HostRepository.host == host) & HostRepository.template.is_null(False))
+    ):
+        if link.repository.name not in wanted_repos:
+            release_repository(host, link.repository, out)
 
-    for s in existing.values():
-        if s.template is not None and s.name not in want.schedules:
+
+def release_repository(host: Host, repo: Repository, out: Outcome) -> None:
+    """A repository a template attached stays attached (its snapshots stay
+    in reach), as the host's own."""
+    HostRepository.update(template=None).where(
+        (HostRepository.host == host) & (HostRepository.repository == repo)
+    ).execute()
+    out.notes.append(f"repository {repo.name} stays attached, as the host's own")
+
+
+def drop_schedules(
+    ctx: Context, host: Host, out: Outcome, gone: Callable[[Schedule], bool]
+) -> None:
+    for s in Schedule.select().where((Schedule.host == host) & Schedule.template.is_null(False)):
+        if gone(s):
             drop(ctx, host, s, "schedule", out)
-    used_by_own = {
+
+
+def drop_groups(
+    ctx: Context, host: Host, out: Outcome, gone: Callable[[SourceGroup], bool]
+) -> None:
+    """Template groups that go, but those a schedule that stays backs up
+    (they stay, as the host's own, so no schedule loses a group unseen)."""
+    linked = {
         gid
         for (gid,) in ScheduleGroup.select(ScheduleGroup.group)
         .join(Schedule)
-        .where((Schedule.host == host) & Schedule.template.is_null())
+        .where(Schedule.host == host)
         .tuples()
     }
-    for g in groups.values():
-        if g.template is not None and g.name not in want.groups:
-            drop(
-                ctx,
-                host,
-                g,
-                "group",
-                out,
-                kept="a schedule of the host's own backs it up" if g.id in used_by_own else None,
-            )
+    for g in SourceGroup.select().where(
+        (SourceGroup.host == host) & SourceGroup.template.is_null(False)
+    ):
+        if gone(g):
+            kept = "a schedule that stays backs it up" if g.id in linked else None
+            drop(ctx, host, g, "group", out, kept=kept)
 
 
-def schedule_groups(s: Schedule) -> list[str]:
-    return [
-        name
-        for (name,) in SourceGroup.select(SourceGroup.name)
-        .join(ScheduleGroup)
-        .where(ScheduleGroup.schedule == s)
-        .tuples()
-    ]
+def let_go(ctx: Context, host: Host, out: Outcome, gone: Callable[[pw.Model], bool]) -> None:
+    """Drop what of these templates' the host holds (but what was changed
+    here, or is needed by what stays)."""
+    drop_schedules(ctx, host, out, gone)
+    drop_groups(ctx, host, out, gone)
+    for link in (
+        HostRepository.select(HostRepository, Repository)
+        .join(Repository)
+        .where((HostRepository.host == host) & HostRepository.template.is_null(False))
+    ):
+        if gone(link):
+            release_repository(host, link.repository, out)
 
 
 def drop(
     ctx: Context, host: Host, row: pw.Model, kind: str, out: Outcome, kept: Optional[str] = None
 ) -> None:
     """A row whose template no longer picks the host: gone, unless an
-    operator changed it here or something of the host's own needs it
-    (then it stays, as the host's own)."""
+    operator changed it here or something that stays needs it (then it
+    stays, as the host's own)."""
     if row.overrides and kept is None:
         kept = "it was changed here"
     if kept is not None:
@@ -648,30 +695,36 @@ def apply_marked(ctx: Context, host_ids: Sequence[int]) -> list[Outcome]:
     return [materialise(ctx, h, templates) for h in hosts]
 
 
-# a change to templates: on the store thread, the change made and the hosts
-# (ids, by name) to apply the templates to, which it marks
-Change = Callable[[], "tuple[dict[str, Any], list[int]]"]
+# a change to templates, on the store thread: given None, it makes the
+# change and names the hosts (ids, by name) to apply the templates to; given
+# those ids (a dry run's later steps), it makes the change for them alone
+Change = Callable[[Optional[list[int]]], "tuple[dict[str, Any], list[int]]"]
 
 
 async def run_change(ctx: Context, change: Change, dry: bool) -> dict[str, Any]:
     """Make `change` in one transaction, then apply the templates to its
     hosts CHUNK at a time, each chunk its own transaction, so that the
     agents' reports and other requests go in between (5,000 hosts take
-    seconds). Each chunk's events go out as it commits. A host still marked
-    because fleetd stopped midway is the ticker's (`run_due`). With `dry`,
-    each step runs inside a transaction that is rolled back, the change
-    made again in each."""
+    seconds). Each chunk's events go out as it commits. The hosts still to
+    do are marked, and the marks kept fresh while this goes on: a mark left
+    by a fleetd that stopped midway is the ticker's (`run_due`). With
+    `dry`, each step runs inside a transaction that is rolled back, the
+    change made again for its chunk."""
     store = ctx.state.store
     if dry:
-        info, ids = await store.atomic(dry_run, ctx, change)
+        info, ids = await store.atomic(dry_run, ctx, lambda: change(None))
     else:
-        info, ids = await store.atomic(change)
+        info, ids = await store.atomic(change, None)
     outcomes: list[Outcome] = []
+    fresh = time.monotonic()
     for i in range(0, len(ids), CHUNK):
         chunk = ids[i : i + CHUNK]
         if dry:
             outcomes += await store.atomic(dry_run, ctx, dry_chunk(ctx, change, chunk))
             continue
+        if time.monotonic() - fresh > GRACE.total_seconds() / 3:
+            await store.atomic(mark_due, ids[i:])  # still this request's
+            fresh = time.monotonic()
         outcomes += await store.atomic(apply_marked, ctx, chunk)
         if ctx.events and ctx.state.bus is not None:
             ctx.state.bus.publish(list(ctx.events))
@@ -683,7 +736,7 @@ def dry_chunk(ctx: Context, change: Change, chunk: list[int]) -> Callable[[], li
     """What applying would do on `chunk`, the change made first (to be rolled back)."""
 
     def work() -> list[Outcome]:
-        change()
+        change(chunk)
         return apply_marked(ctx, chunk)
 
     return work
@@ -732,12 +785,14 @@ async def templates_set(ctx: Context, p: dict) -> dict:
     """Create or replace a template (a selector and a spec of repositories,
     groups, schedules and maintenance) and apply it to every host it
     picks, and to those it picked before; with `dry_run`, say what that
-    would do and change nothing."""
+    would do and change nothing. The priority stays as it was unless given
+    (100 for a new template)."""
     name = check_name("template", p["name"])
     selector = check_selector(p["selector"])
-    priority = at_most("priority", p.get("priority", 100), 1_000_000)
+    if "priority" in p:
+        at_most("priority", p["priority"], MAX_PRIORITY)
 
-    def change() -> tuple[dict[str, Any], list[int]]:
+    def change(only: Optional[list[int]]) -> tuple[dict[str, Any], list[int]]:
         spec = check_spec(p["spec"])  # on the store thread: it reads repositories
         hooks = hooks_of(spec)
         if hooks and not ctx.caller.role.allows(Role.ADMIN):
@@ -745,33 +800,47 @@ async def templates_set(ctx: Context, p: dict) -> dict:
                 "hooks run as shell commands on every host: a template with one needs the admin role"
             )
         t = Template.get_or_none(Template.name == name)
-        old_selector = t.selector if t is not None else None
+        before = None if t is None else (t.selector, t.priority, hosts_part(t.spec))
         if t is None:
             if Template.select().count() >= MAX_TEMPLATES:
                 raise Invalid(f"fleetd holds {MAX_TEMPLATES} templates, the most it may")
-            t = Template(name=name, created_at=utcnow())
-        t.selector, t.spec, t.priority, t.updated_at = selector, spec, priority, utcnow()
+            t = Template(name=name, created_at=utcnow(), priority=DEFAULT_PRIORITY)
+        t.selector, t.spec, t.updated_at = selector, spec, utcnow()
+        t.priority = p.get("priority", t.priority)
         t.save()
         release_maintenance(name, keep=spec["maintenance"])
         maint = apply_maintenance(ctx, t)
-        ids = [h.id for h in hosts_touched([name], [s for s in (selector, old_selector) if s])]
+        if only is not None:
+            ids = only
+        elif before == (t.selector, t.priority, hosts_part(spec)):
+            ids = []  # its maintenance alone changed: no host's settings did
+        else:
+            old = [before[0]] if before is not None else []
+            ids = [h.id for h in hosts_touched([name], [selector, *old])]
         mark_due(ids)
-        if not p.get("dry_run"):
+        if not p.get("dry_run") and only is None:
             audit(ctx, "template.set", name, {"selector": selector, "hosts": len(ids), **hooks})
-        info = {**template_json(t), "maintenance": maint, "created": old_selector is None}
+        info = {**template_json(t), "maintenance": maint, "created": before is None}
         return info, ids
 
     return await run_change(ctx, change, bool(p.get("dry_run")))
 
 
+def hosts_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """What of a spec is applied host by host (maintenance is the repositories')."""
+    return {k: v for k, v in spec.items() if k != "maintenance"}
+
+
 @method("templates.list", Role.VIEWER, (), readonly=True)
 def templates_list(ctx: Context, p: dict) -> list:
     """Every template by name, with how many hosts its selector picks."""
-    hosts = [(h.labels or {}) for h in Host.select(Host.labels)]
+    # hosts share few distinct label sets: match each set once
+    sets = Counter(json.dumps(h.labels or {}, sort_keys=True) for h in Host.select(Host.labels))
+    label_sets = [(json.loads(k), n) for k, n in sets.items()]
     out = []
     for t in Template.select().order_by(Template.name):
         wanted = parsed(t.selector)
-        picked = sum(1 for labels in hosts if selectors.matches(wanted, labels))
+        picked = sum(n for labels, n in label_sets if selectors.matches(wanted, labels))
         out.append({**template_json(t), "picked": picked})
     return out
 
@@ -815,9 +884,9 @@ async def templates_delete(ctx: Context, p: dict) -> dict:
     """Delete a template: what it made on hosts goes (but what was changed
     there), or with `keep` stays on each host as its own."""
 
-    def change() -> tuple[dict[str, Any], list[int]]:
+    def change(only: Optional[list[int]]) -> tuple[dict[str, Any], list[int]]:
         t = get_template(p["name"])
-        ids = [h.id for h in hosts_touched([t.name], [t.selector])]
+        ids = only if only is not None else [h.id for h in hosts_touched([t.name], [t.selector])]
         if p.get("keep"):
             for model in (SourceGroup, Schedule):
                 model.update(template=None, overrides=[]).where(model.template == t.name).execute()
@@ -825,7 +894,7 @@ async def templates_delete(ctx: Context, p: dict) -> dict:
         release_maintenance(t.name)
         t.delete_instance()
         mark_due(ids)
-        if not p.get("dry_run"):
+        if not p.get("dry_run") and only is None:
             audit(ctx, "template.delete", t.name, {"keep": bool(p.get("keep")), "hosts": len(ids)})
         return {"removed": t.name}, ids
 
@@ -841,12 +910,13 @@ async def templates_apply(ctx: Context, p: dict) -> dict:
     """Apply the templates again: to the hosts one template picks, or to
     every host (after fixing what kept them from applying)."""
 
-    def change() -> tuple[dict[str, Any], list[int]]:
+    def change(only: Optional[list[int]]) -> tuple[dict[str, Any], list[int]]:
         chosen = [get_template(p["name"])] if p.get("name") else list(Template.select())
         maint = [name for t in chosen for name in apply_maintenance(ctx, t)]
-        ids = [h.id for h in hosts_touched([t.name for t in chosen], [t.selector for t in chosen])]
+        names, picks = [t.name for t in chosen], [t.selector for t in chosen]
+        ids = only if only is not None else [h.id for h in hosts_touched(names, picks)]
         mark_due(ids)
-        if not p.get("dry_run"):
+        if not p.get("dry_run") and only is None:
             audit(ctx, "template.apply", p.get("name"), {"hosts": len(ids)})
         return {"maintenance": maint}, ids
 
@@ -885,7 +955,32 @@ def origins(host: Host) -> list[dict[str, Any]]:
 
 
 def picked_by(host: Host) -> list[str]:
-    return [t.name for t in picking(host.labels, list(Template.select()))]
+    """The templates whose selectors pick the host, strongest first."""
+    light = Template.select(Template.name, Template.selector, Template.priority)
+    return [t.name for t in picking(host.labels, list(light))]
+
+
+def hooked_templates_gained(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Templates with hooks that pick a host with labels `after` but did not
+    with `before`: labelling it so puts their shell commands on it."""
+    templates = list(Template.select())
+    had = {t.name for t in picking(before, templates)}
+    return [t.name for t in picking(after, templates) if t.name not in had and hooks_of(t.spec)]
+
+
+def check_label_powers(
+    ctx: Context, host: str, before: dict[str, str], after: dict[str, str]
+) -> None:
+    """Hooks are the admin's: an operator may not give a host a template's
+    hooks by labelling it."""
+    if ctx.caller.role.allows(Role.ADMIN):
+        return
+    gained = hooked_templates_gained(before, after)
+    if gained:
+        raise Forbidden(
+            f"these labels make template(s) {', '.join(gained)} apply to {host}, whose hooks run "
+            "as shell commands there: that needs the admin role"
+        )
 
 
 def edited(
