@@ -98,7 +98,7 @@ def test_status_follows_the_fleet_from_healthy_to_critical(fleetd_factory, fx):
         s = status(fleet, expect=0)
         assert (s["status"], s["exit_code"]) == ("ok", 0)
         (g,) = mine(s, name)["groups"]
-        assert g["last_success_job"] == job and g["last_success_bytes_added"] == 4096
+        assert g["last_success_job"] == job and g["last_success_added_bytes"] == 4096
         assert g["last_status"] == "succeeded" and g["overdue"] is False
         assert g["scheduled"] is True and g["next_run_at"].endswith(":00:00Z")
         table = fleet.ctl("status").stdout
