@@ -39,6 +39,7 @@ def test_ls_pages_a_directory_and_answers_again_from_the_cache(fleet, e2e):
 
     # the source directory through fleetctl: dirs and files, sizes
     listed = fleet.ctl_json("ls", web.name, snap["short_id"], str(web.src))
+    e2e.fx.check_json(listed, "listing")  # man/fleetctl.1's JSON OUTPUT
     by_name = {e["name"]: e for e in listed["entries"]}
     assert set(by_name) == {"many", "etc", "top.txt"}
     assert by_name["many"]["type"] == "dir" and by_name["top.txt"]["size_bytes"] == 4
@@ -95,6 +96,7 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     fleet.ctl("snapshots", "--since", "last tuesday", expect=2)
 
     found = fleet.ctl_json("find", web.name, "*.ini")
+    e2e.fx.check_json(found, "find result")
     by_snapshot = {}
     for m in found["matches"]:
         by_snapshot.setdefault(m["snapshot"], set()).add(m["path"].rsplit("/", 1)[-1])
@@ -106,6 +108,7 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     assert fleet.ctl_json("find", web.name, "nothing-like-this")["matches"] == []
 
     d = fleet.ctl_json("diff", web.name, old["short_id"], new["short_id"])
+    e2e.fx.check_json(d, "diff")
     changes = {c["path"].removeprefix(str(web.src)): c["change"] for c in d["changes"]}
     assert changes["/etc/old.ini"] == "removed"
     assert changes["/etc/new.ini"] == "added"

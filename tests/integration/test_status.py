@@ -322,6 +322,7 @@ def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_facto
         )
         assert [a["id"] for a in open_alerts()] == [alert["id"]]  # one, not two
         acked = own.ctl_json("alerts", "ack", alert["id"])
+        fx.check_json(acked, "alert")  # man/fleetctl.1's JSON OUTPUT
         assert acked["acknowledged_by"] == "admin" and acked["open"] is True
         listing = own.ctl("alerts", "list").stdout
         assert "acknowledged by admin" in listing and "backup_failed" in listing

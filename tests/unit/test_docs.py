@@ -322,6 +322,18 @@ def test_man_page_invents_no_option(page: str) -> None:
     assert not invented, f"{page} documents options the code does not have: {invented}"
 
 
+def test_json_output_names_every_command_with_json() -> None:
+    """Every fleetctl command that takes --json says, in JSON OUTPUT, what it
+    prints (tests/integration/test_json_output.py checks the fields)."""
+    text = section_text(page_source("fleetctl.1"), "JSON OUTPUT").replace('"', "")
+    with_json = [
+        " ".join(path) for path, cmd in walk(fleetctl_cli) if path and "--json" in long_options(cmd)
+    ]
+    assert len(with_json) > 30
+    missing = [name for name in with_json if not mentions(text, name)]
+    assert not missing, f"JSON OUTPUT does not say what these print: {missing}"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_man_page_has_the_classic_sections(page: str) -> None:
     source = page_source(page)
