@@ -311,7 +311,22 @@ def known_options(page: str) -> set[str]:
         subs = [sub for _, sub in subcommands(build_parser()).values()]
         return set(agent_options()).union(*(argparse_options(s) for s in subs))
     prog = next(p for p, (_, pg) in PROGRAMS.items() if pg == page)
-    return {o for _, cmd in walk(PROGRAMS[prog][0]) for o in long_options(cmd)}
+    known = {o for _, cmd in walk(PROGRAMS[prog][0]) for o in long_options(cmd)}
+    if page == "fleetd.8":  # its INSTALLATION documents the install script
+        known |= set(install_script_options())
+    return known
+
+
+def install_script_options() -> list[str]:
+    """The options build/install-fleetd.sh --help lists (it must answer it)."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "build" / "install-fleetd.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return _LONG_OPTION.findall(proc.stdout)
 
 
 @pytest.mark.parametrize("page", PAGES)
