@@ -88,6 +88,7 @@ def collect(fleet, fx, pw):
     j("repos", "create", REPO, "--url", f"/srv/{REPO}", "--password-file", pw)
     j("repos", "create", SECOND, "--url", f"/srv/{SECOND}", "--password-file", pw)
     j("enroll", OTHER)
+    j("enroll", fx.uniq("inst"), "--install")
     token = fx.enroll_agent(fleet, HOST, hostname=HOST)["agent_token"]
     j("repos", "use", REPO, HOST)
     j("repos", "attach", SECOND, HOST)
@@ -151,6 +152,7 @@ def collect(fleet, fx, pw):
 CHECKS = [
     (("whoami",), "whoami", ()),
     (("enroll", OTHER), "enrollment", ()),
+    (("enroll", "--install"), "enrollment", ()),
     (("hosts", "list"), "host", ()),
     (("hosts", "show", HOST), "host", ()),
     (("hosts", "show", HOST), "repository stats", ("repo_stats",)),
@@ -200,8 +202,13 @@ CHECKS = [
 
 
 def found(printed, args):
-    """What the command whose arguments start with `args` printed."""
-    (value,) = [v for k, v in printed.items() if k[: len(args)] == args]
+    """What the one command whose arguments hold `args`, in order, printed."""
+
+    def holds(command):
+        rest = iter(map(str, command))
+        return all(arg in rest for arg in args)
+
+    (value,) = [v for k, v in printed.items() if holds(k)]
     return value
 
 
