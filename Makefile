@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint restic venv clean agent
+.PHONY: demo test lint restic venv clean agent install
 
 venv: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: venv restic
 # the agent as one file: dist/fleet-agent.pyz (reproducible, CPython 3.9+)
 agent: venv
 	bash build/build-agent.sh
+
+# fleetd and fleetctl for good, as root: a virtualenv in /opt/fleet, the man
+# pages, the fleetd user and its unit (build/install-fleetd.sh; again to
+# upgrade). DESTDIR=DIR installs under DIR instead, for a test or staging.
+install:
+	bash build/install-fleetd.sh $(if $(DESTDIR),--root $(DESTDIR))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist demo-data

@@ -121,6 +121,59 @@ def wait_until(
         time.sleep(interval)  # polling interval, not synchronisation: the deadline decides
 
 
+# -- fleetctl's JSON against its man page ----------------------------------------
+
+MAN_FLEETCTL = REPO_ROOT / "man" / "fleetctl.1"
+_FIELD = re.compile(r'^\.BI (\w+) " \(([^)]*)\)"$')
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "time": lambda v: isinstance(v, str) and _TIME.fullmatch(v) is not None,
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def documented_json() -> dict[str, dict[str, str]]:
+    """fleetctl.1's JSON OUTPUT: each object (by its .SS title), its fields
+    with their written types ("time or null; only hosts show")."""
+    objects: dict[str, dict[str, str]] = {}
+    inside, current = False, None
+    for line in MAN_FLEETCTL.read_text(encoding="utf-8").splitlines():
+        if line.startswith(".SH"):
+            inside = line == '.SH "JSON OUTPUT"'
+        elif inside and line.startswith(".SS"):
+            current = line[4:].strip('"')
+        elif inside and current and (field := _FIELD.match(line)):
+            objects.setdefault(current, {})[field.group(1)] = field.group(2)
+    return objects
+
+
+def check_json(value: Any, kind: str) -> None:
+    """Every object in `value` (one, or a list) has exactly the fields the man
+    page gives `kind` (those written "only ..." may be missing), each of its
+    written type: a new field or a rename fails until the page says it."""
+    fields = documented_json()[kind]
+    items = value if isinstance(value, list) else [value]
+    assert items, f"nothing to check against {kind!r}"
+    for item in items:
+        keys = set(item)
+        always = {f for f, written in fields.items() if "; only" not in written}
+        assert keys <= set(fields), f"{kind}: undocumented fields {sorted(keys - set(fields))}"
+        assert always <= keys, f"{kind}: documented fields missing {sorted(always - keys)}"
+        for key, v in item.items():
+            written = fields[key].split(";")[0]
+            base = written.removesuffix(" or null")
+            if v is None:
+                assert written.endswith(" or null"), f"{kind}.{key} is null, documented {written!r}"
+            else:
+                ok = _TYPES[base.split()[0]](v)
+                assert ok, f"{kind}.{key} = {v!r} is not the documented {written!r}"
+
+
 class Fleetd:
     """One `fleetd serve` subprocess; stdout lines arrive on a queue."""
 
@@ -537,4 +590,6 @@ def fx() -> types.SimpleNamespace:
         ws_connect=ws_connect,
         agent_hello=agent_hello,
         enroll_agent=enroll_agent,
+        documented_json=documented_json,
+        check_json=check_json,
     )

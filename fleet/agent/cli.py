@@ -23,10 +23,15 @@ from ..common.timefmt import iso
 from .enroll import FatalError, enroll
 from .link import Agent
 from .scheduler import Clock, entries, next_fire
-from .spool import Spool
-from .state import State, StateError, state_dir
+from .spool import Spool, SpoolDamaged
+from .state import State, StateDamaged, StateError, state_dir
 
 log = logging.getLogger("fleet-agent")
+
+
+# a damaged state file or spool: restarting cannot mend it, so the status the
+# unit does not restart after (RestartPreventExitStatus=3) ends it for good
+DAMAGED = Exit.AUTH
 
 
 def fail(message: str, code: Exit) -> None:
@@ -127,6 +132,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     state = State(state_dir(args.state_dir))
     try:
         state.load_identity()
+    except StateDamaged as exc:
+        fail(str(exc), DAMAGED)
     except StateError as exc:
         fail(str(exc), Exit.USAGE)
     _lock = lock_state_dir(state)  # noqa: F841 - released at exit
@@ -134,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(asyncio.run(run_agent(state, args)))
     except FatalError as exc:
         fail(str(exc), Exit(exc.exit_code))
+    except (SpoolDamaged, StateError) as exc:  # schedules.json, read as the agent starts
+        fail(str(exc), DAMAGED)
     except (sqlite3.Error, OSError) as exc:
         fail(f"cannot open the spool in {state.root}: {exc}", Exit.ERROR)
 
@@ -147,9 +156,12 @@ def cmd_status(args: argparse.Namespace) -> None:
         fail(f"cannot read the agent's state: {exc}", Exit.NOT_FOUND)
     pending, marks, local = 0, {}, []
     if state.spool_path.exists():
-        spool = Spool(state.spool_path)
-        pending, marks, local = spool.count(), spool.marks(), spool.local_jobs()
-        spool.close()
+        try:
+            spool = Spool(state.spool_path)
+            pending, marks, local = spool.count(), spool.marks(), spool.local_jobs()
+            spool.close()
+        except SpoolDamaged as exc:
+            fail(str(exc), Exit.ERROR)
     try:
         schedule_set = state.load_schedules() or {}
     except StateError as exc:

@@ -36,7 +36,7 @@ from .kinds import Where
 from .queries import Queries
 from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
-from .spool import DEFAULT_MAX_BYTES, Spool
+from .spool import DEFAULT_MAX_BYTES, Spool, SpoolDamaged
 from .state import Identity, State
 
 log = logging.getLogger("fleet-agent")
@@ -256,7 +256,7 @@ class Agent:
             try:
                 await self.session()
                 reason = "connection closed"
-            except FatalError:
+            except (FatalError, SpoolDamaged):
                 raise
             except InvalidStatus as exc:
                 status = exc.response.status_code

@@ -30,6 +30,17 @@ from typing import Any, NamedTuple, Optional, Union
 Frame = tuple[int, str, dict[str, Any]]  # (seq, type, data)
 
 
+class SpoolDamaged(Exception):
+    """The spool cannot be read (a frame that is not JSON, a file that is not
+    a database): resending or redialling cannot help, a person must look."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(
+            f"{path} is damaged ({what}): stop the agent and move it aside to start "
+            "a new one; what it held that fleetd had not acknowledged is lost"
+        )
+
+
 class Mark(NamedTuple):
     """Where a schedule stands: the form it has (`key`), and the time its
     next fire is counted from: its last fire, or (`fired` false) the time
@@ -71,7 +82,13 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, unreadable: not damage
+                raise
+            self._db.close()
+            raise SpoolDamaged(path, str(exc)) from None
         # NORMAL in WAL survives a crash of the agent; only a power cut can
         # take the last commits, and a job running then is lost anyway.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -89,6 +106,17 @@ class Spool:
 
     def close(self) -> None:
         self._db.close()
+
+    def _decode(self, text: str, where: str) -> dict[str, Any]:
+        """Stored data (`where`: what holds it, for the message); SpoolDamaged
+        when it is not a JSON object."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise SpoolDamaged(self.path, f"{where} is not JSON")
+        return data
 
     @property
     def size(self) -> int:
@@ -134,7 +162,7 @@ class Spool:
             for seq, old, size in self._db.execute(
                 "SELECT seq, data, size FROM frames WHERE type = ?", (type_,)
             ).fetchall():
-                held = json.loads(old)
+                held = self._decode(old, f"frame {seq}")
                 if all(held.get(k) == v for k, v in match.items()):
                     self._db.execute("DELETE FROM frames WHERE seq = ?", (seq,))
                     self._bytes -= size
@@ -161,7 +189,7 @@ class Spool:
             "SELECT seq, data, size, dropped FROM frames WHERE type='job.log' ORDER BY seq"
         )
         for seq, text, size, dropped in rows:
-            data = json.loads(text)
+            data = self._decode(text, f"frame {seq}")
             victims.setdefault(data["job_id"], []).append((seq, data, size, dropped))
             freed += size
             if freed >= need:
@@ -230,8 +258,8 @@ class Spool:
 
     def local_jobs(self) -> list[dict[str, Any]]:
         """The local jobs not yet started, oldest first."""
-        rows = self._db.execute("SELECT data FROM local_jobs ORDER BY job_id DESC")
-        return [json.loads(data) for (data,) in rows]
+        rows = self._db.execute("SELECT job_id, data FROM local_jobs ORDER BY job_id DESC")
+        return [self._decode(data, f"local job {job_id}") for job_id, data in rows]
 
     def queue_local(
         self, local: Sequence[dict[str, Any]], coalesce: dict[int, dict[str, Any]]
@@ -274,7 +302,7 @@ class Spool:
         rows = self._db.execute(
             "SELECT seq, type, data FROM frames WHERE type = 'schedule.fire' ORDER BY seq"
         ).fetchall()
-        return [(seq, type_, json.loads(data)) for seq, type_, data in rows]
+        return [(seq, type_, self._decode(data, f"frame {seq}")) for seq, type_, data in rows]
 
     def drop_local(self, job_id: int) -> None:
         with self._db:
@@ -291,7 +319,7 @@ class Spool:
         rows = self._db.execute(
             "SELECT seq, type, data FROM frames WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()
-        return [(seq, type_, json.loads(data)) for seq, type_, data in rows]
+        return [(seq, type_, self._decode(data, f"frame {seq}")) for seq, type_, data in rows]
 
     def ack(self, seq: int) -> int:
         """Drop every frame up to seq; returns how many left the spool."""

@@ -24,6 +24,10 @@ class StateError(Exception):
     pass
 
 
+class StateDamaged(StateError):
+    """A state file that exists but cannot be read or is not what it should be."""
+
+
 def state_dir(value: Optional[str]) -> Path:
     return Path(value or os.environ.get("FLEET_AGENT_STATE_DIR") or DEFAULT_STATE_DIR)
 
@@ -47,9 +51,9 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise StateError(f"cannot read {path}: {exc}") from None
+        raise StateDamaged(f"cannot read {path}: {exc}") from None
     if not isinstance(doc, dict):
-        raise StateError(f"{path} is damaged")
+        raise StateDamaged(f"{path} is damaged")
     return doc
 
 
@@ -111,12 +115,12 @@ class State:
         try:
             identity = Identity(**doc)
         except TypeError:
-            raise StateError(f"{self.identity_path} is damaged") from None
+            raise StateDamaged(f"{self.identity_path} is damaged") from None
         token = identity.agent_token
         # a token that cannot go into a header (a line break, a space) would
         # be quoted whole by the HTTP library's error on every redial
         if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
-            raise StateError(
+            raise StateDamaged(
                 f"{self.identity_path} is damaged: its agent token is not one "
                 "(run 'fleet-agent enroll' again)"
             )

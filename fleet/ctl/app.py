@@ -16,14 +16,24 @@ from .client import Client
 
 
 class CtlError(click.ClickException):
-    """One line on stderr, and the exit status from Exit."""
+    """One line on stderr, and the exit status from Exit; under --json also
+    the error object on stdout, where the script reads the result."""
 
     def __init__(self, message: str, exit: Exit = Exit.ERROR) -> None:
         super().__init__(message)
         self.exit_code = int(exit)
+        self.as_json = False
 
     def show(self, file: Any = None) -> None:
         click.echo(f"fleetctl: error: {self.message}", err=True)
+        if self.as_json:  # one line: it may end an NDJSON stream (jobs tail, status --watch)
+            render.emit_json_line(error_json(self.message, Exit(self.exit_code)))
+
+
+def error_json(message: str, exit: Exit) -> dict[str, Any]:
+    """The object a failed --json command prints: its code is the name of
+    the exit status (not_found for 4), stable as the statuses are."""
+    return {"error": {"code": exit.name.lower(), "exit": int(exit), "message": message}}
 
 
 @dataclass
@@ -33,6 +43,7 @@ class App:
     out: Console = field(default_factory=lambda: render.make_consoles()[0])
     err: Console = field(default_factory=lambda: render.make_consoles()[1])
     server: Optional[str] = None  # --server, above the config file and FLEET_SERVER
+    json: bool = False  # the command was given --json: an error is printed as JSON too
     _settings: Optional[config.Settings] = None
 
     @property
@@ -86,7 +97,18 @@ def confirm(yes: bool, question: str) -> None:
         )
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """--json's callback: remember it, so that an error is JSON too."""
+    if value:
+        ctx.ensure_object(App).json = True
+    return value
+
+
+def json_option(fn: Any = None, *, help: str = "Print JSON instead of a table.") -> Any:
+    option = click.option("--json", "as_json", is_flag=True, callback=json_flag, help=help)
+    return option if fn is None else option(fn)
+
+
 # on a group or schedule a template made (see fleetctl templates)
 inherit_option = click.option(
     "--inherit",

@@ -34,7 +34,7 @@ def audit(app: App, limit: int, actor: Optional[str], action: Optional[str], as_
         ("TIME", "ACTOR", "ACTION", "TARGET", "FROM"),
         (
             (
-                render.cell(a["at"]),
+                render.cell(a["created_at"]),
                 render.cell(a["actor"]),
                 render.cell(a["action"]),
                 render.cell(a["target"]),

@@ -74,8 +74,8 @@ def ls(
                 escape(e.get("mode") or "-"),
                 str(e.get("uid", "-")),
                 str(e.get("gid", "-")),
-                render.human_bytes(e.get("size")) if e["type"] == "file" else "-",
-                render.cell(e.get("mtime")),
+                render.human_bytes(e.get("size_bytes")) if e["type"] == "file" else "-",
+                render.cell(e.get("modified_at")),
                 escape(e["name"]) + ("/" if e["type"] == "dir" else ""),
             )
             for e in entries
@@ -85,7 +85,7 @@ def ls(
     source = "fleetd's cache" if first["cached"] else "restic"
     app.err.print(
         f"{len(entries)} entries of {escape(first['path'])} in snapshot "
-        f"{first['snapshot'][:8]} of {escape(first['host'])} ({first['snapshot_time']}), "
+        f"{first['snapshot'][:8]} of {escape(first['host'])} ({first['snapshot_taken_at']}), "
         f"from {source}",
         highlight=False,
     )
@@ -131,7 +131,10 @@ def find(
     render.table(
         app.out,
         ("SNAPSHOT", "TIME (UTC)", "PATH"),
-        ((m["snapshot"], render.cell(m.get("time")), escape(m["path"])) for m in found["matches"]),
+        (
+            (m["snapshot"], render.cell(m.get("snapshot_taken_at")), escape(m["path"]))
+            for m in found["matches"]
+        ),
         empty="no match",
     )
     if found["truncated"]:
@@ -169,7 +172,7 @@ def diff(
     s = d.get("statistics")
     if s:
         app.err.print(
-            f"{d['from'][:8]} -> {d['to'][:8]}: {s['added']['files']} files added, "
+            f"{d['from_snapshot'][:8]} -> {d['to_snapshot'][:8]}: {s['added']['files']} files added, "
             f"{s['removed']['files']} removed, {s['changed_files']} changed; "
             f"{render.human_bytes(s['added']['bytes'])} added, "
             f"{render.human_bytes(s['removed']['bytes'])} removed",

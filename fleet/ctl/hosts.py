@@ -66,7 +66,8 @@ def last_backup(host: dict) -> str:
     b = host.get("last_backup")
     if not b:
         return "-"
-    return f"{render.status(b['status'])} {render.ago(b['at'])} (job {b['job']})"
+    when = b["finished_at"] or b["created_at"]  # queued or running: since when
+    return f"{render.status(b['status'])} {render.ago(when)} (job {b['job']})"
 
 
 SELECTOR_HELP = (

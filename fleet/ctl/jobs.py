@@ -420,7 +420,7 @@ def jobs_show(app: App, job_id: int, as_json: bool) -> None:
 
 @jobs.command("log")
 @click.argument("job_id", metavar="JOB", type=int)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (NDJSON).")
+@json_option(help="One JSON object per line (NDJSON).")
 @pass_app
 def jobs_log(app: App, job_id: int, as_json: bool) -> None:
     """Print a job's stored log."""
@@ -432,7 +432,7 @@ def jobs_log(app: App, job_id: int, as_json: bool) -> None:
 
 @jobs.command("tail")
 @click.argument("job_id", metavar="JOB", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Log lines as NDJSON, no progress bar.")
+@json_option(help="Log lines as NDJSON, no progress bar.")
 @strict_option
 @pass_app
 def jobs_tail(app: App, job_id: int, as_json: bool, strict: bool) -> None:
@@ -532,7 +532,7 @@ def snapshots(
                 *(() if host else (render.cell(s["host"]),)),
                 render.cell(s["short_id"]),
                 render.cell(s["repository"]),
-                render.cell(s["time"]),
+                render.cell(s["taken_at"]),
                 render.cell(s["tags"]),
                 render.cell(s["paths"]),
                 render.cell(human_bytes(s["size_bytes"]) if s["size_bytes"] is not None else None),

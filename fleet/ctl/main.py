@@ -34,13 +34,22 @@ from .client import Failure
 
 
 class FleetGroup(click.Group):
-    """Turns client Failures into one-line errors with their exit status."""
+    """Turns client Failures into one-line errors with their exit status
+    (and, under --json, the error object)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Failure as exc:
-            raise CtlError(exc.message, exc.exit) from None
+            raise as_json(ctx, CtlError(exc.message, exc.exit)) from None
+        except CtlError as exc:
+            raise as_json(ctx, exc) from None
+
+
+def as_json(ctx: click.Context, exc: CtlError) -> CtlError:
+    app = ctx.find_object(App)
+    exc.as_json = app is not None and app.json
+    return exc
 
 
 @click.group(cls=FleetGroup, context_settings={"help_option_names": ["-h", "--help"]})

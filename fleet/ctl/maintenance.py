@@ -21,7 +21,7 @@ def maintenance() -> None:
 def last_cell(last: Optional[dict]) -> str:
     if not last:
         return "-"
-    return f"job {last['job']} on {last['host']}: {render.status(last['status'])} {last['at']}"
+    return f"job {last['job']} on {last['host']}: {render.status(last['status'])} {last['finished_at']}"
 
 
 @maintenance.command("show")

@@ -36,6 +36,11 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def emit_json_line(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
 def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
     if not value:
         return None

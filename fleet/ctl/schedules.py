@@ -34,7 +34,7 @@ def schedules() -> None:
 
 def fires_text(fires: list) -> str:
     """Fire times one a line: local, then UTC."""
-    return "\n".join(f"{f['local']}  ({f['utc']})" for f in fires)
+    return "\n".join(f"{f['local']}  ({f['fires_at']})" for f in fires)
 
 
 def fires_cell(s: dict) -> str:
@@ -140,7 +140,7 @@ def schedules_create(
         render.emit_json(s)
         return
     first = s["next_fires"][0] if s["next_fires"] else None
-    when = f", first at {first['local']} ({first['utc']})" if first else " (disabled)"
+    when = f", first at {first['local']} ({first['fires_at']})" if first else " (disabled)"
     app.err.print(f"created schedule {s['host']}/{s['name']}{when}", markup=False)
     warn_retention(app, s["retention_warnings"])
 

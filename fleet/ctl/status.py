@@ -23,7 +23,7 @@ MARK = {"critical": "[red]CRITICAL[/]", "warning": "[yellow]WARNING[/]", "ok": "
 def last_success(g: dict) -> str:
     if not g["last_success_at"]:
         return "never"
-    added = g["last_success_bytes_added"]
+    added = g["last_success_added_bytes"]
     extra = f" (+{render.human_bytes(added)})" if added is not None else ""
     return render.ago(g["last_success_at"]) + extra
 
@@ -123,7 +123,7 @@ def status(app: App, offline_after: int, unchecked_after: int, watch: bool, as_j
             ("JOB", "HOST", "KIND", "GROUP", "PROGRESS"),
             (
                 (
-                    str(j["job"]),
+                    str(j["id"]),
                     render.cell(j["host"]),
                     render.cell(j["kind"]),
                     render.cell(j["group"]),
@@ -168,13 +168,13 @@ class WatchView:
         """Take one frame; lines saying what started and ended (plain text)."""
         lines = []
         if frame["type"] == "snapshot":
-            self.running = {r["job"]: r for r in frame["running"]}
+            self.running = {r["id"]: r for r in frame["running"]}
             self.ended = frame["ended"][:RECENT]
         else:
             for r in frame["started"]:
-                if r["job"] not in self.running:
-                    lines.append(f"job {r['job']} {describe(r)} started")
-                self.running[r["job"]] = r
+                if r["id"] not in self.running:
+                    lines.append(f"job {r['id']} {describe(r)} started")
+                self.running[r["id"]] = r
             for job_id, progress in frame["progress"].items():
                 if int(job_id) in self.running:
                     self.running[int(job_id)]["progress"] = progress
@@ -188,7 +188,7 @@ class WatchView:
                 )
             del self.ended[RECENT:]
         self.counts = {k: frame[k] for k in ("hosts", "hosts_online", "queued")}
-        self.at = frame["at"]
+        self.at = frame["checked_at"]
         return lines
 
     def header(self) -> str:
@@ -202,9 +202,9 @@ class WatchView:
         running = Table(show_edge=False, box=None, pad_edge=False, header_style="bold")
         for name in ("JOB", "HOST", "KIND", "GROUP", "STATUS", "STARTED", "PROGRESS"):
             running.add_column(name, overflow="fold")
-        for r in sorted(self.running.values(), key=lambda r: r["job"]):
+        for r in sorted(self.running.values(), key=lambda r: r["id"]):
             running.add_row(
-                str(r["job"]),
+                str(r["id"]),
                 escape(r["host"]),
                 r["kind"],
                 render.cell(r["group"]),
@@ -261,9 +261,9 @@ def watch_fleet(app: App, as_json: bool) -> None:
                     live.update(view.renderable(), refresh=True)
                 elif frame["type"] == "snapshot":
                     app.out.print(view.header(), markup=False, soft_wrap=True)
-                    for r in sorted(view.running.values(), key=lambda r: r["job"]):
+                    for r in sorted(view.running.values(), key=lambda r: r["id"]):
                         app.out.print(
-                            f"job {r['job']} {describe(r)} {r['status']}",
+                            f"job {r['id']} {describe(r)} {r['status']}",
                             markup=False,
                             soft_wrap=True,
                         )

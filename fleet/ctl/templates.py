@@ -120,7 +120,7 @@ def templates_set(
         priority=priority,
         dry_run=dry_run,
     )
-    report(app, result, as_json, f"template {name} {'created' if result['created'] else 'set'}")
+    report(app, result, as_json, f"template {name} {'created' if result['new'] else 'set'}")
 
 
 @templates.command("example")

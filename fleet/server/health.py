@@ -141,7 +141,7 @@ def _latest(kind: str, statuses: tuple[str, ...], by: Any) -> dict[int, Job]:
 def running_json(j: Job, progress: Optional[dict]) -> dict:
     """A job with an agent, as status shows it (and status --watch streams it)."""
     return {
-        "job": j.id,
+        "id": j.id,
         "host": j.host.name,
         "kind": j.kind,
         "group": j.group_name,
@@ -271,7 +271,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                     "name": g.name,
                     "last_success_at": iso(ok.finished_at) if ok else None,
                     "last_success_job": ok.id if ok else None,
-                    "last_success_bytes_added": (ok.summary or {}).get("data_added")
+                    "last_success_added_bytes": (ok.summary or {}).get("data_added")
                     if ok
                     else None,
                     "last_status": last.status if last else None,

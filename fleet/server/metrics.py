@@ -98,8 +98,8 @@ def families(now: dt.datetime) -> list[GaugeMetricFamily]:
             labels = [h["name"], g["name"]]
             if g["last_success_at"]:
                 success.add_metric(labels, _ts(g["last_success_at"]))
-            if g["last_success_bytes_added"] is not None:
-                added.add_metric(labels, float(g["last_success_bytes_added"]))
+            if g["last_success_added_bytes"] is not None:
+                added.add_metric(labels, float(g["last_success_added_bytes"]))
             if g["last_status"]:
                 outcome.add_metric([*labels, g["last_status"]], 1.0)
             if g["last_duration_seconds"] is not None:

@@ -96,7 +96,12 @@ def test_run_now_makes_a_restic_snapshot(fleet, e2e):
     assert fleet.ctl_json("snapshots", h.name, "--group", group) == listed
     assert fleet.ctl_json("snapshots", h.name, "--group", "other") == []
     info = e2e.host_info(fleet, h.name)
-    assert info["last_backup"] == {"job": job_id, "status": "succeeded", "at": job["finished_at"]}
+    assert info["last_backup"] == {
+        "job": job_id,
+        "status": "succeeded",
+        "created_at": job["created_at"],
+        "finished_at": job["finished_at"],
+    }
 
     # repository sizes, as hosts show says them
     stats = e2e.fx.wait_until(

@@ -27,7 +27,7 @@ def test_ls_pages_a_directory_and_answers_again_from_the_cache(fleet, e2e):
         "snapshots.ls", host=web.name, snapshot=snap["short_id"], path=many, limit=500
     )
     assert (first["total"], first["cached"], len(first["entries"])) == (1234, False, 500)
-    assert first["entries"][0]["name"] == "f0000.txt" and first["entries"][0]["size"] == 2
+    assert first["entries"][0]["name"] == "f0000.txt" and first["entries"][0]["size_bytes"] == 2
     names = [e["name"] for e in first["entries"]]
     for offset in (500, 1000):
         page = fleet.rpc(
@@ -39,9 +39,10 @@ def test_ls_pages_a_directory_and_answers_again_from_the_cache(fleet, e2e):
 
     # the source directory through fleetctl: dirs and files, sizes
     listed = fleet.ctl_json("ls", web.name, snap["short_id"], str(web.src))
+    e2e.fx.check_json(listed, "listing")  # man/fleetctl.1's JSON OUTPUT
     by_name = {e["name"]: e for e in listed["entries"]}
     assert set(by_name) == {"many", "etc", "top.txt"}
-    assert by_name["many"]["type"] == "dir" and by_name["top.txt"]["size"] == 4
+    assert by_name["many"]["type"] == "dir" and by_name["top.txt"]["size_bytes"] == 4
     table = fleet.ctl("ls", web.name, snap["short_id"], str(web.src)).stdout
     assert "many/" in table and "top.txt" in table
     # a file listed is itself
@@ -76,7 +77,7 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     by_id = {s["short_id"]: s for s in snaps}
     old = by_id[first["summary"]["snapshot_id"][:8]]
     new = by_id[second["summary"]["snapshot_id"][:8]]
-    tied = old["time"] == new["time"]  # then "newest first" cannot tell them apart
+    tied = old["taken_at"] == new["taken_at"]  # then "newest first" cannot tell them apart
 
     # the whole fleet's snapshots, with filters
     def ids(*args):
@@ -95,6 +96,7 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
     fleet.ctl("snapshots", "--since", "last tuesday", expect=2)
 
     found = fleet.ctl_json("find", web.name, "*.ini")
+    e2e.fx.check_json(found, "find result")
     by_snapshot = {}
     for m in found["matches"]:
         by_snapshot.setdefault(m["snapshot"], set()).add(m["path"].rsplit("/", 1)[-1])
@@ -102,10 +104,11 @@ def test_find_and_diff_across_snapshots(fleet, e2e):
         old["short_id"]: {"app.ini", "old.ini"},
         new["short_id"]: {"app.ini", "new.ini"},
     }
-    assert all(m["time"] for m in found["matches"])
+    assert all(m["snapshot_taken_at"] for m in found["matches"])
     assert fleet.ctl_json("find", web.name, "nothing-like-this")["matches"] == []
 
     d = fleet.ctl_json("diff", web.name, old["short_id"], new["short_id"])
+    e2e.fx.check_json(d, "diff")
     changes = {c["path"].removeprefix(str(web.src)): c["change"] for c in d["changes"]}
     assert changes["/etc/old.ini"] == "removed"
     assert changes["/etc/new.ini"] == "added"

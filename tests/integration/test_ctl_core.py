@@ -71,7 +71,7 @@ def test_removing_a_host_ends_the_tails_of_its_jobs(fleet, fx, queued_check):
 
 def test_job_ids_are_never_reused_and_carry_a_uid(fleet, fx, queued_check):
     host, job = queued_check
-    assert len(job["uid"]) == 32 and job["not_before"] is None
+    assert len(job["uid"]) == 32 and job["due_at"] is None
     fleet.ctl("hosts", "remove", host, "--yes")  # its jobs go with it
     other = fx.uniq("idle")
     fleet.ctl("enroll", other)

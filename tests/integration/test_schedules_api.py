@@ -43,7 +43,7 @@ def test_create_list_show_and_the_next_fire_times(fleet, fx, host):
     assert len(fires) == 3
     for fire in fires:
         local = dt.datetime.fromisoformat(fire["local"])
-        utc = dt.datetime.strptime(fire["utc"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        utc = dt.datetime.strptime(fire["fires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=dt.timezone.utc
         )
         assert local == utc  # the same instant, shown twice
@@ -60,7 +60,7 @@ def test_without_a_zone_it_follows_the_hosts_and_gets_a_free_name(fleet, fx, hos
     assert (made["timezone"], made["timezone_from"]) == ("UTC", "default")
     second = fleet.rpc("schedules.create", host=host, cron="@daily", groups=["etc"])
     assert second["name"] == "schedule-2"
-    first_fire = dt.datetime.strptime(second["next_fires"][0]["utc"], "%Y-%m-%dT%H:%M:%SZ")
+    first_fire = dt.datetime.strptime(second["next_fires"][0]["fires_at"], "%Y-%m-%dT%H:%M:%SZ")
     assert (first_fire.hour, first_fire.minute, first_fire.second) == (0, 0, 0)
 
 

@@ -339,7 +339,7 @@ def test_a_succeeded_backup_is_followed_by_a_copy_of_its_snapshot(fleet, fx):
             b,
             c,
         )
-        assert retry["not_before"] is not None and retry["params"]["attempt"] == 2
+        assert retry["due_at"] is not None and retry["params"]["attempt"] == 2
         agent.assert_nothing_sent(fleet)
 
 

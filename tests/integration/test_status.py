@@ -98,7 +98,7 @@ def test_status_follows_the_fleet_from_healthy_to_critical(fleetd_factory, fx):
         s = status(fleet, expect=0)
         assert (s["status"], s["exit_code"]) == ("ok", 0)
         (g,) = mine(s, name)["groups"]
-        assert g["last_success_job"] == job and g["last_success_bytes_added"] == 4096
+        assert g["last_success_job"] == job and g["last_success_added_bytes"] == 4096
         assert g["last_status"] == "succeeded" and g["overdue"] is False
         assert g["scheduled"] is True and g["next_run_at"].endswith(":00:00Z")
         table = fleet.ctl("status").stdout
@@ -322,6 +322,7 @@ def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_facto
         )
         assert [a["id"] for a in open_alerts()] == [alert["id"]]  # one, not two
         acked = own.ctl_json("alerts", "ack", alert["id"])
+        fx.check_json(acked, "alert")  # man/fleetctl.1's JSON OUTPUT
         assert acked["acknowledged_by"] == "admin" and acked["open"] is True
         listing = own.ctl("alerts", "list").stdout
         assert "acknowledged by admin" in listing and "backup_failed" in listing

@@ -53,7 +53,7 @@ def test_fifty_hosts_one_template_overrides_and_labels(fleet, fx, tmp_path, spec
     done = fleet.ctl_json(
         "templates", "set", "web" + tag, "--selector", selector, "-f", spec_file(spec)
     )
-    assert (done["picked"], done["changed"], done["failed"], done["created"]) == (50, 50, 0, True)
+    assert (done["picked"], done["changed"], done["failed"], done["new"]) == (50, 50, 0, True)
     assert sorted(h["host"] for h in done["hosts"]) == webs
     assert done["hosts"][0]["created"] == [f"repository {repo}", "group www", "schedule nightly"]
     assert done["maintenance"] == [repo]

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from fleet.agent.state import Identity, State, StateError
+from fleet.agent.state import Identity, State, StateDamaged, StateError
 
 
 @pytest.mark.parametrize("token", ["agent_abc\r\nX-Evil: 1", "agent abc", "", "agent_\x1b[2J"])
@@ -31,3 +31,18 @@ def test_a_good_identity_loads(tmp_path):
     state = State(tmp_path)
     state.save_identity(Identity("ws://f:8433", 1, "web", "agent_" + "x" * 43))
     assert state.load_identity().host_name == "web"
+
+
+@pytest.mark.parametrize("text", ['{"server_url": "ws://f:84', "[1, 2]", '{"nothing": 1}'])
+def test_a_damaged_state_file_is_told_apart_from_a_missing_one(tmp_path, text):
+    state = State(tmp_path)
+    with pytest.raises(StateError) as missing:
+        state.load_identity()
+    assert not isinstance(missing.value, StateDamaged)  # not enrolled: a usage error
+    state.identity_path.write_text(text)
+    with pytest.raises(StateDamaged):
+        state.load_identity()
+    if text != '{"nothing": 1}':  # any object is a schedule set
+        state.schedules_path.write_text(text)
+        with pytest.raises(StateDamaged):
+            state.load_schedules()

@@ -156,7 +156,8 @@ def test_hosts_list_shows_each_hosts_latest_backup(rpc: Api, fleet_of_50) -> Non
             assert shown == {
                 "job": backups[0].id,
                 "status": "queued",
-                "at": iso(backups[0].created_at),
+                "created_at": iso(backups[0].created_at),
+                "finished_at": None,
             }
     # hosts.show agrees with the listing
     shown = rpc("hosts.show", host="h02")

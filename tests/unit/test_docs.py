@@ -311,7 +311,22 @@ def known_options(page: str) -> set[str]:
         subs = [sub for _, sub in subcommands(build_parser()).values()]
         return set(agent_options()).union(*(argparse_options(s) for s in subs))
     prog = next(p for p, (_, pg) in PROGRAMS.items() if pg == page)
-    return {o for _, cmd in walk(PROGRAMS[prog][0]) for o in long_options(cmd)}
+    known = {o for _, cmd in walk(PROGRAMS[prog][0]) for o in long_options(cmd)}
+    if page == "fleetd.8":  # its INSTALLATION documents the install script
+        known |= set(install_script_options())
+    return known
+
+
+def install_script_options() -> list[str]:
+    """The options build/install-fleetd.sh --help lists (it must answer it)."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "build" / "install-fleetd.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return _LONG_OPTION.findall(proc.stdout)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -320,6 +335,18 @@ def test_man_page_invents_no_option(page: str) -> None:
     text = normalise(page_source(page))
     invented = sorted(set(_LONG_OPTION.findall(text)) - known_options(page))
     assert not invented, f"{page} documents options the code does not have: {invented}"
+
+
+def test_json_output_names_every_command_with_json() -> None:
+    """Every fleetctl command that takes --json says, in JSON OUTPUT, what it
+    prints (tests/integration/test_json_output.py checks the fields)."""
+    text = section_text(page_source("fleetctl.1"), "JSON OUTPUT").replace('"', "")
+    with_json = [
+        " ".join(path) for path, cmd in walk(fleetctl_cli) if path and "--json" in long_options(cmd)
+    ]
+    assert len(with_json) > 30
+    missing = [name for name in with_json if not mentions(text, name)]
+    assert not missing, f"JSON OUTPUT does not say what these print: {missing}"
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 
-from fleet.agent.spool import Spool
+from fleet.agent.spool import Spool, SpoolDamaged
 
 
 def log_frame(job: int, seq: int, payload: str = "x" * 50) -> dict:
@@ -145,3 +146,34 @@ def test_a_newer_snapshot_report_supersedes_unsent_ones(path: Path) -> None:
         len(json.dumps(d, separators=(",", ":"))) for _, _, d in spool.pending()
     )
     spool.close()
+
+
+def damage(path: Path, seq: int) -> None:
+    """Overwrite one frame's data with what is not JSON, as a bad disk might."""
+    db = sqlite3.connect(str(path))
+    with db:
+        db.execute("UPDATE frames SET data = ? WHERE seq = ?", ('{"job_id": 1, "se', seq))
+    db.close()
+
+
+def test_a_damaged_frame_is_named_not_a_traceback(path: Path) -> None:
+    spool = Spool(path)
+    spool.append("job.log", log_frame(1, 1))
+    spool.append("schedule.fire", {"schedule_id": 1, "fired_at": "2026-11-22T00:00:00Z"})
+    spool.close()
+    for seq in (1, 2):
+        damage(path, seq)
+    spool = Spool(path)
+    for read in (spool.pending, spool.pending_fires):
+        with pytest.raises(SpoolDamaged) as damaged:
+            read()
+        assert str(path) in str(damaged.value) and "is not JSON" in str(damaged.value)
+        assert "move it aside" in str(damaged.value)
+    spool.close()
+
+
+def test_a_file_that_is_not_a_spool_is_damaged(path: Path) -> None:
+    path.write_bytes(b"\x00garbage, not SQLite" * 100)
+    with pytest.raises(SpoolDamaged) as damaged:
+        Spool(path)
+    assert str(path) in str(damaged.value)

@@ -46,8 +46,9 @@ INSERT_ROWS = 100  # job log rows per INSERT statement
 
 
 def line_json(job_id: int, seq: int, ts: str, stream: str, payload: str) -> dict:
-    """A job log line as followers and `jobs.log` get it (ts: RFC 3339 text)."""
-    return {"job": job_id, "seq": seq, "ts": ts, "stream": stream, "payload": payload}
+    """A job log line as followers and `jobs.log` get it (ts: RFC 3339 text,
+    named logged_at there as every time fleetctl prints)."""
+    return {"job": job_id, "seq": seq, "logged_at": ts, "stream": stream, "payload": payload}
 
 
 def line_time(value: str) -> dt.datetime:

@@ -69,7 +69,7 @@ def last_jobs(repo: Repository) -> dict[str, Optional[dict[str, Any]]]:
                 "job": job.id,
                 "host": job.host.name,
                 "status": job.status,
-                "at": iso(job.finished_at),
+                "finished_at": iso(job.finished_at),
                 "error": job.error,
             }
         )

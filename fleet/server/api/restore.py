@@ -128,7 +128,7 @@ def restore_run(ctx: Context, p: dict) -> dict:
         "queued_behind": queued_behind,
         "host_online": agents.connected(onto.id) if agents is not None else False,
         "snapshot": snap.snapshot_id,
-        "snapshot_time": snap.time.isoformat(timespec="seconds") + "Z",
+        "snapshot_taken_at": snap.time.isoformat(timespec="seconds") + "Z",
         "from_host": host.name,
         "target": target,
     }

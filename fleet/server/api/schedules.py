@@ -68,7 +68,9 @@ def schedule_json(s: Schedule, host: Host, groups: list[str], now: dt.datetime) 
         "timezone_from": source,
         "groups": groups,
         "enabled": s.enabled,
-        "next_fires": [{"utc": iso(w), "local": cron.to_local(w, tz).isoformat()} for w in fires],
+        "next_fires": [
+            {"fires_at": iso(w), "local": cron.to_local(w, tz).isoformat()} for w in fires
+        ],
         "created_at": iso(s.created_at),
         "updated_at": iso(s.updated_at),
         # the template that made it (None: by hand), and what this host overrides of it

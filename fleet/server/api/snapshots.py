@@ -166,6 +166,16 @@ async def pages_of(
         await pages.aclose()
 
 
+def entry_json(node: dict) -> dict:
+    """A listing entry as fleetctl prints it: sizes in *_bytes and times in
+    *_at, as everywhere in its JSON (agents and the cache keep restic's
+    size and mtime)."""
+    out = {k: v for k, v in node.items() if k not in ("size", "mtime")}
+    out["size_bytes"] = node.get("size")
+    out["modified_at"] = node.get("mtime")
+    return out
+
+
 def check_path(path: str) -> str:
     if not path.startswith("/") or "\x00" in path:
         raise Invalid(f"{path!r} is not an absolute path")
@@ -240,12 +250,12 @@ async def snapshots_ls(ctx: Context, p: dict) -> dict:
     return {
         "host": host.name,
         "snapshot": snap.snapshot_id,
-        "snapshot_time": iso(snap.time),
+        "snapshot_taken_at": iso(snap.time),
         "repository": repo_name,
         "path": path,
         "offset": offset,
         "total": total,
-        "entries": entries,
+        "entries": [entry_json(e) for e in entries],
         "cached": cached,
     }
 
@@ -324,13 +334,13 @@ async def snapshots_find(ctx: Context, p: dict) -> dict:
         async for items in pages:
             for m in items:
                 short = m["snapshot"][:8]
-                matches.append({**m, "snapshot": short, "time": times.get(short)})
+                matches.append({**m, "snapshot": short, "snapshot_taken_at": times.get(short)})
             if len(matches) >= FIND_LIMIT:
                 cut = True
                 break
     finally:
         await pages.aclose()  # the agent stops now, not when the generator is collected
-    matches.sort(key=lambda m: (m["time"] or "", m["snapshot"]), reverse=True)
+    matches.sort(key=lambda m: (m["snapshot_taken_at"] or "", m["snapshot"]), reverse=True)
     truncated = cut or len(matches) > limit
     del matches[limit:]
     return {"host": host.name, "repository": repo_name, "matches": matches, "truncated": truncated}
@@ -391,8 +401,8 @@ async def snapshots_diff(ctx: Context, p: dict) -> dict:
     return {
         "host": host.name,
         "repository": repo_name,
-        "from": first.snapshot_id,
-        "to": second.snapshot_id,
+        "from_snapshot": first.snapshot_id,
+        "to_snapshot": second.snapshot_id,
         "changes": changes,
         "statistics": statistics,
         "truncated": truncated,

@@ -138,7 +138,7 @@ def watch_snapshot(progress: dict[int, dict]) -> dict[str, Any]:
     )
     return {
         "type": "snapshot",
-        "at": iso(utcnow()),
+        "checked_at": iso(utcnow()),
         **fleet_counts(),
         "running": [health.running_json(j, progress.get(j.id)) for j in running],
         "ended": [views.job_json(j) for j in recent],
@@ -153,7 +153,7 @@ def watch_update(started: set[int], progress: dict[int, dict], ended: set[int]) 
     }
     return {
         "type": "update",
-        "at": iso(utcnow()),
+        "checked_at": iso(utcnow()),
         **fleet_counts(),
         "started": [
             health.running_json(rows[i], progress.get(i))
@@ -175,18 +175,18 @@ async def status_watch(ctx: Context, p: dict) -> None:
     watch = FleetWatch(bus)  # before the snapshot, so nothing falls between
     try:
         snapshot = await store.read(watch_snapshot, dict(bus.progress))
-        watch.known = {r["job"] for r in snapshot["running"]}
+        watch.known = {r["id"] for r in snapshot["running"]}
         await ctx.emit(snapshot)
         while True:
             await changed_or_quiet(watch, ctx)
             started, progress, ended, overflowed = watch.take()
             if overflowed:
                 snapshot = await store.read(watch_snapshot, dict(bus.progress))
-                watch.known = {r["job"] for r in snapshot["running"]}
+                watch.known = {r["id"] for r in snapshot["running"]}
                 await ctx.emit(snapshot)
             else:
                 update = await store.read(watch_update, started, progress, ended)
-                watch.known |= {r["job"] for r in update["started"]}
+                watch.known |= {r["id"] for r in update["started"]}
                 watch.known -= ended
                 await ctx.emit(update)
             await asyncio.sleep(WATCH_EVERY)  # what comes meanwhile is one update

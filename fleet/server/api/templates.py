@@ -820,7 +820,7 @@ async def templates_set(ctx: Context, p: dict) -> dict:
         mark_due(ids)
         if not p.get("dry_run") and only is None:
             audit(ctx, "template.set", name, {"selector": selector, "hosts": len(ids), **hooks})
-        info = {**template_json(t), "maintenance": maint, "created": before is None}
+        info = {**template_json(t), "maintenance": maint, "new": before is None}
         return info, ids
 
     return await run_change(ctx, change, bool(p.get("dry_run")))

@@ -85,7 +85,8 @@ def host_json(h: Host, backup: Optional[Job]) -> dict:
         else {
             "job": backup.id,
             "status": backup.status,
-            "at": iso(backup.finished_at or backup.created_at),
+            "created_at": iso(backup.created_at),
+            "finished_at": iso(backup.finished_at),
         },
         h.applied_schedule_version < h.schedule_version,
         h.labels,
@@ -103,7 +104,12 @@ def host_row_json(r: HostRow) -> dict:
         r.repo_locks,
         None
         if r.backup_id is None
-        else {"job": r.backup_id, "status": r.backup_status, "at": wire_time(r.backup_at)},
+        else {
+            "job": r.backup_id,
+            "status": r.backup_status,
+            "created_at": wire_time(r.backup_created_at),
+            "finished_at": wire_time(r.backup_finished_at),
+        },
         bool(r.schedule_lagging),
         json.loads(r.labels or "{}"),
     )
@@ -266,7 +272,8 @@ def job_json(job: Job) -> dict:
         "actor_kind": job.actor_kind,
         "schedule": job.schedule_id,
         "created_at": iso(job.created_at),
-        "not_before": iso(job.not_before),
+        # a retry's: not started before then (None: as soon as it can)
+        "due_at": iso(job.not_before),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "exit_code": job.exit_code,
@@ -321,7 +328,7 @@ def snapshot_json(s: Snapshot, repository: Optional[str] = None) -> dict:
         "repository": repository,  # where it is stored (a copy is a snapshot of its own)
         "id": s.snapshot_id,
         "short_id": s.short_id,
-        "time": iso(s.time),
+        "taken_at": iso(s.time),  # restic's snapshot time
         "hostname": s.hostname,
         "paths": s.paths,
         "tags": s.tags,
@@ -333,7 +340,7 @@ def snapshot_json(s: Snapshot, repository: Optional[str] = None) -> dict:
 def audit_json(a: AuditLog) -> dict:
     return {
         "id": a.id,
-        "at": iso(a.at),
+        "created_at": iso(a.at),
         "actor": a.actor,
         "action": a.action,
         "target": a.target,

@@ -1,6 +1,6 @@
 """The operator's big reads as plain SQL: a page of 500 hosts through the
 ORM built 1,000 model objects (every column of each host and of its newest
-backup job, JSON fields decoded) to use eight values of each."""
+backup job, JSON fields decoded) to use nine values of each."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class HostRow(NamedTuple):
     repo_locks: Optional[int]
     backup_id: Optional[int]  # the newest backup job, if any
     backup_status: Optional[str]
-    backup_at: Optional[str]  # its end, or its creation while it has not ended
+    backup_created_at: Optional[str]
+    backup_finished_at: Optional[str]  # None while it has not ended
     schedule_lagging: bool  # its agent has not acknowledged the latest schedule set
     labels: str  # as stored: a JSON object
 
@@ -34,7 +35,7 @@ def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
         for row in rows(
             'SELECT "h"."name", "h"."agent_token_hash" IS NOT NULL, "h"."online", '
             '"h"."last_seen_at", "h"."agent_version", "h"."restic_version", "h"."repo_locks", '
-            '"j"."id", "j"."status", COALESCE("j"."finished_at", "j"."created_at"), '
+            '"j"."id", "j"."status", "j"."created_at", "j"."finished_at", '
             '"h"."applied_schedule_version" < "h"."schedule_version", "h"."labels" '
             'FROM "host" AS "h" LEFT OUTER JOIN "job" AS "j" ON "j"."id" = ('
             'SELECT "n"."id" FROM "job" AS "n" WHERE "n"."host_id" = "h"."id" '
