@@ -368,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
-    # internal, not listed: the watch over an upgrade, run from the old file
-    p = sub.add_parser("upgrade-guard")
+    # internal: the watch over an upgrade, run from the old file
+    p = sub.add_parser(
+        "upgrade-guard",
+        help="(internal) after an upgrade, put the old agent back if the new one is not "
+        "welcomed by its deadline",
+    )
     p.add_argument("--state-dir", help=state_help)
     p.set_defaults(func=cmd_upgrade_guard)
     return parser
