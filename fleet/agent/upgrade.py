@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
+from ..common.protocol import agent_file_url
 from .state import State, write_private
 
 log = logging.getLogger("fleet-agent")
@@ -172,10 +173,9 @@ def running_program(argv0: Optional[str] = None) -> Optional[Path]:
 
 def pyz_url(server_url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path) of GET /agent.pyz on the fleetd the agent dials."""
-    parts = urlsplit(server_url)
-    scheme = "https" if parts.scheme == "wss" else "http"
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, parts.hostname or "", port, parts.path.rstrip("/") + "/agent.pyz"
+    parts = urlsplit(agent_file_url(server_url))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname or "", port, parts.path
 
 
 def download(

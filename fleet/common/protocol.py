@@ -923,6 +923,15 @@ def format_enrollment(server_url: str, token: str, fingerprint: Optional[str] = 
     return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def agent_file_url(server_url: str) -> str:
+    """GET /agent.pyz on the fleetd an agent dials at `server_url` (ws:// or
+    wss://, perhaps with a path): the same place in http(s)://."""
+    scheme, sep, rest = server_url.partition("://")
+    if not sep or scheme not in ("ws", "wss"):
+        raise ProtocolError(f"{server_url!r} is not a ws:// or wss:// URL")
+    return ("https" if scheme == "wss" else "http") + "://" + rest.rstrip("/") + "/agent.pyz"
+
+
 def parse_enrollment(value: str) -> dict[str, str]:
     """Inverse of format_enrollment; raises ProtocolError on anything else."""
     value = value.strip()

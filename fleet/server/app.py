@@ -45,6 +45,7 @@ from websockets.protocol import State
 from ..common import protocol
 from . import agentfile, metrics
 from .agents import enroll
+from .agents.rollout import Rollouts
 from .agents.session import Agents
 from .api import build_registry
 from .api.auth import known_token, login, lookup_token
@@ -102,6 +103,7 @@ class ServeConfig:
     metrics: bool = False  # GET /metrics (Prometheus), for a caller with an API token
     alert_interval: float = ALERT_EVERY  # seconds between looks for alerts
     agent_pyz: Optional[Path] = None  # the agent file to serve; None: look in the usual places
+    serve_agent: bool = True  # False: serve none, whatever there is
 
 
 FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
@@ -653,7 +655,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     socket its 1001. The caller ends the process next, without running the
     loop again (the kernel closes the sockets)."""
     box = load_key_file(config.data_dir / KEY_NAME)
-    agent_file = agentfile.find(config.agent_pyz, config.data_dir)  # read once, before serving
+    # read once, before serving
+    agent_file = agentfile.find(config.agent_pyz, config.data_dir) if config.serve_agent else None
     ssl_ctx = None
     fingerprint = None
     if config.tls_cert:
@@ -679,6 +682,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         heartbeat_interval=config.heartbeat_interval,
         agent_file=agent_file,
     )
+    state.rollouts = Rollouts(store, bus, agents, agent_file)
     if agent_file is not None:
         log.info(
             "serving fleet-agent %s from %s (SHA-256 %s)",
@@ -746,6 +750,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         if ready is not None and not ready.done():
             ready.set_result(port)
         ticking = asyncio.ensure_future(ticker.run())
+        await state.rollouts.resume()  # one under way when fleetd stopped goes on
         signum = await stop
         ticking.cancel()
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -761,6 +766,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         # the store first, while the connections are still open: what a
         # handler still asks of it is refused as `unavailable` (and what an
         # agent reported but was not acked, it sends again)
+        await state.rollouts.stop()  # taken up again at the next start
         await notifications.stop()
         await pings.stop()
         await agents.presence.flush()

@@ -180,6 +180,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option("--per-address-limit", type=click.IntRange(min=1), hidden=True)
 @click.option("--history-delay", type=click.FloatRange(min=0), hidden=True)
 @click.option("--alert-interval", type=click.FloatRange(min=0.05), hidden=True)
+@click.option("--no-agent-pyz", is_flag=True, hidden=True)
 def serve(
     data_dir: Path,
     listen: str,
@@ -199,6 +200,7 @@ def serve(
     per_address_limit: int | None = None,
     history_delay: float | None = None,
     alert_interval: float | None = None,
+    no_agent_pyz: bool = False,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -233,6 +235,7 @@ def serve(
     config.history_days, config.history_keep = history_days, history_keep
     config.metrics = metrics
     config.agent_pyz = agent_pyz
+    config.serve_agent = not no_agent_pyz
     if alert_interval is not None:
         config.alert_interval = alert_interval
     if history_delay is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    agents,
     alerts,
     audit,
     auth,
@@ -36,6 +37,7 @@ NOUNS: tuple[ModuleType, ...] = (
     tokens,
     enroll,
     hosts,
+    agents,
     repos,
     maintenance,
     groups,
