@@ -1,4 +1,4 @@
-"""systemd units and the `fleetctl enroll --install` snippet."""
+"""systemd units (the `fleetctl enroll --install` snippet: test_agent_delivery.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from fleet import units
-from fleet.common.protocol import parse_enrollment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("fleetd.service", "fleet-agent.service")
@@ -36,6 +35,8 @@ def test_units_restart_on_failure_and_are_hardened(name: str) -> None:
         assert "--state-dir /var/lib/fleet-agent" in text
         # refused for good (exit 3): not restarted for ever
         assert "RestartPreventExitStatus=3" in text.splitlines()
+        # it replaces its own file when upgraded (the install snippet's directory)
+        assert "ReadWritePaths=-/usr/local/lib/fleet" in text.splitlines()
 
 
 @pytest.mark.parametrize("name", UNITS)
@@ -59,19 +60,3 @@ def test_units_verify(name: str, tmp_path: Path) -> None:
         and "Failed to" not in line
     ]
     assert not problems, problems
-
-
-def test_enroll_install_prints_a_working_snippet(fleet, tmp_path: Path) -> None:
-    result = fleet.ctl_json("enroll", "web-install", "--install")
-    snippet = result["install"]
-    assert parse_enrollment(result["enrollment"])["url"] == fleet.url
-    assert f"enroll {result['enrollment']} --state-dir /var/lib/fleet-agent" in snippet
-    assert units.unit("fleet-agent.service").rstrip("\n") in snippet
-    assert "systemctl enable --now fleet-agent" in snippet
-    script = tmp_path / "install.sh"
-    script.write_text(snippet)
-    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    table = fleet.ctl("enroll", "web-install-2", "--install")
-    assert table.stdout.startswith("# as root on the server")
-    assert "fleet-agent enroll" not in table.stdout.splitlines()[0]
