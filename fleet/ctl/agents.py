@@ -172,6 +172,9 @@ def agents_upgrade(
     if result["status"] == "running":
         follow(app, result["id"], as_json)
         return
+    if not as_json:  # nothing to do (every host at the version): ended at once
+        for h in result["hosts"]:
+            app.out.print(line_text(h, result["version"]))
     finish(app, result, as_json)
 
 
