@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import ssl
+import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -138,7 +139,10 @@ def after_stop(state: State, after: tuple) -> None:
         marker.state, marker.error = "rolled_back", f"could not install the new agent: {exc}"
         upgrade.save_marker(state, marker)
         upgrade.restart(str(program), argv)
-    upgrade.start_guard(state, marker)
+    try:
+        upgrade.start_guard(state, marker)
+    except (OSError, subprocess.SubprocessError) as exc:  # the new agent's own timer still watches
+        log.warning("could not start the upgrade guard: %s", exc)
     log.info("restarting as fleet-agent %s", version)
     upgrade.restart(str(program), argv)
 
