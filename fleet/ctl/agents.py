@@ -128,7 +128,16 @@ def outcome_exit(r: dict[str, Any]) -> Exit:
     "it runs.",
 )
 @click.option(
-    "--rollout", "rollout_id", type=click.IntRange(min=1), help="With --status: this rollout."
+    "--halt",
+    is_flag=True,
+    help="Halt the rollout under way (or --rollout ID): no host is sent the upgrade after "
+    "this; those sent it go on with theirs.",
+)
+@click.option(
+    "--rollout",
+    "rollout_id",
+    type=click.IntRange(min=1),
+    help="With --status or --halt: this rollout.",
 )
 @json_option
 @pass_app
@@ -139,6 +148,7 @@ def agents_upgrade(
     timeout: int,
     dry_run: bool,
     show_status: bool,
+    halt: bool,
     rollout_id: Optional[int],
     as_json: bool,
 ) -> None:
@@ -150,13 +160,22 @@ def agents_upgrade(
     rollback, no hello with the new version within --timeout) halts the
     rollout; offline hosts and agents too old to upgrade themselves are
     skipped. The rollout lives in fleetd: Ctrl-C stops following, not the
-    rollout. Exit status 0 when every host runs the new version, 1 when it
-    halted or hosts were skipped, 4 when no host matched.
+    rollout (--halt does). Exit status 0 when every host runs the new
+    version, 1 when it halted or hosts were skipped, 4 when no host matched.
     """
-    if rollout_id is not None and not show_status:
-        raise click.UsageError("--rollout goes with --status")
+    if rollout_id is not None and not (show_status or halt):
+        raise click.UsageError("--rollout goes with --status or --halt")
+    if show_status and halt:
+        raise click.UsageError("--status and --halt are two things: give one")
     if show_status:
         follow(app, rollout_id, as_json)
+        return
+    if halt:
+        result = app.call("agents.halt", id=rollout_id)
+        if as_json:
+            render.emit_json(result)
+        else:
+            app.err.print(summary(result))
         return
     result = app.call(
         "agents.upgrade", selector=selector, batch=batch, timeout=timeout, dry_run=dry_run or None

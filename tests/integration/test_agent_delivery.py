@@ -228,5 +228,8 @@ def test_upgrades_take_an_admin_and_a_dry_run_changes_nothing(served, fx) -> Non
     listed = {a["host"]: a for a in env.ctl_json("agents", "list")["agents"]}
     assert listed[host]["state"] == "unknown" and listed[host]["status"] == "offline"
     env.ctl("agents", "upgrade", "--status", expect=4)  # nothing was started
+    assert (
+        "no agent rollout is under way" in env.ctl("agents", "upgrade", "--halt", expect=4).stderr
+    )
     selected = env.ctl("agents", "upgrade", "--dry-run", "--selector", "role=none", expect=4)
     assert "0 host(s)" in selected.stderr

@@ -205,3 +205,25 @@ def test_a_rollout_of_a_file_fleetd_no_longer_serves_halts(tmp_path: Path) -> No
         assert sessions.sent.empty()
 
     run(tmp_path, scenario)
+
+
+def test_a_halted_rollout_sends_nothing_more(tmp_path: Path) -> None:
+    async def scenario(store: Store, bus: Bus) -> None:
+        hosts = await store.run(make_hosts, ["s", "t"])
+        sessions = Sessions({h: ("upgrade",) for h in hosts.values()})
+        rollouts = rollout.Rollouts(store, bus, sessions, AgentFile())
+        rid = await start(store, hosts, batch=1, timeout=60)
+        rollouts.start(rid)
+        assert (await sessions.next_sent())[0] == hosts["s"]
+        assert await rollouts.halt(rid, "halted by alice") is True
+        assert await rollouts.halt(rid, "again") is False  # ended already
+        bus.publish([AgentHello(hosts["s"], NEW)])  # nobody follows it any more
+        view = await store.read(rollout.load, rid)
+        assert (view["status"], view["reason"]) == ("halted", "halted by alice")
+        assert [(h["host"], h["status"]) for h in view["hosts"]] == [
+            ("s", "sent"),
+            ("t", "pending"),
+        ]
+        assert rid not in rollouts.tasks and sessions.sent.empty()
+
+    run(tmp_path, scenario)

@@ -226,10 +226,15 @@ def mark(row_id: int, status: str, detail: Optional[str] = None) -> dict[str, An
     return host_line(row)
 
 
-def finish(rollout_id: int, status: str, reason: Optional[str]) -> None:
-    Rollout.update(status=status, reason=reason, finished_at=utcnow()).where(
-        Rollout.id == rollout_id
-    ).execute()
+def finish(rollout_id: int, status: str, reason: Optional[str]) -> bool:
+    """End a running rollout; False when it had ended already."""
+    ended = (
+        Rollout.update(status=status, reason=reason, finished_at=utcnow())
+        .where((Rollout.id == rollout_id) & (Rollout.status == "running"))
+        .execute()
+    )
+    if not ended:
+        return False
     hot.insert_audit(
         utcnow(),
         "system",
@@ -238,6 +243,7 @@ def finish(rollout_id: int, status: str, reason: Optional[str]) -> None:
         {"reason": reason} if reason else None,
         None,
     )
+    return True
 
 
 # -- the driver ---------------------------------------------------------------------
@@ -317,10 +323,21 @@ class Rollouts:
         )
         self.bus.publish([RolloutChanged(rollout_id, line)])
 
-    async def _finish(self, rollout_id: int, status: str, reason: Optional[str]) -> None:
-        await self.store.atomic(finish, rollout_id, status, reason)
+    async def _finish(self, rollout_id: int, status: str, reason: Optional[str]) -> bool:
+        if not await self.store.atomic(finish, rollout_id, status, reason):
+            return False
         log.info("rollout %s %s%s", rollout_id, status, f": {reason}" if reason else "")
         self.bus.publish([RolloutChanged(rollout_id, ended=True)])
+        return True
+
+    async def halt(self, rollout_id: int, reason: str) -> bool:
+        """Stop a rollout where it is: no host is sent the upgrade after
+        this (those sent it go on with theirs). False: it had ended."""
+        task = self.tasks.get(rollout_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return await self._finish(rollout_id, "halted", reason)
 
     def _frame(self, r: dict[str, Any]) -> str:
         # the agent has a third of the timeout to be welcomed before it rolls

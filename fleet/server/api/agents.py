@@ -161,6 +161,23 @@ def start(ctx: Context, selector: Optional[str], batch: int, timeout: int, offer
     return rollout.load(r.id)  # type: ignore[return-value]
 
 
+@method("agents.halt", Role.ADMIN, (Field("id", "int", False, minimum=1),))
+async def agents_halt(ctx: Context, p: dict) -> dict:
+    """Halt the rollout under way (or rollout `id`): no host is sent the
+    upgrade after this; those sent it already go on with theirs."""
+    store = ctx.state.store
+    rollout_id = p.get("id") or await store.read(rollout.running)
+    view = await store.read(rollout.load, rollout_id) if rollout_id else None
+    if view is None or view["status"] != "running":
+        raise NotFound(
+            f"rollout {rollout_id} has ended" if view else "no agent rollout is under way"
+        )
+    reason = f"halted by {ctx.caller.name}"
+    if await ctx.state.rollouts.halt(view["id"], reason):
+        await store.atomic(audit, ctx, "agents.halt", f"rollout {view['id']}", None)
+    return await store.read(rollout.load, view["id"])
+
+
 @method(
     "agents.rollout",
     Role.VIEWER,
