@@ -301,6 +301,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         "state_dir": str(state.root),
         "agent_version": __version__,
         "protocol_version": PROTOCOL_VERSION,
+        # an upgrade on trial, or rolled back and not yet told to fleetd
+        "upgrade": upgrade_status(upgrade.load_marker(state)),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -319,7 +321,24 @@ def cmd_status(args: argparse.Namespace) -> None:
             value = len(value)
         if key == "repositories":
             value = ", ".join(value) or "-"
+        if key == "upgrade":
+            if value is None:
+                continue
+            value = f"to {value['to']} from {value['from']}: {value['state']}" + (
+                f" ({value['error']})" if value["error"] else ""
+            )
         print(f"{key.replace('_', ' '):24} {value}")
+
+
+def upgrade_status(marker: Optional[upgrade.Marker]) -> Optional[dict[str, Any]]:
+    if marker is None:
+        return None
+    return {
+        "to": marker.to,
+        "from": marker.previous,
+        "state": "on trial" if marker.state == "pending" else "rolled back",
+        "error": marker.error or None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import sys
 import threading
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.agent import upgrade
-from fleet.agent.state import State
+from fleet.agent import cli, upgrade
+from fleet.agent.state import Identity, State
 from fleet.common import protocol
 from fleet.common.exitcodes import Exit
 from fleet.ctl import agents as ctl_agents
@@ -354,3 +355,26 @@ def test_the_install_snippet_pins_checks_and_updates_apt() -> None:
     )
     assert "install -d -m 0755 -o fleet-agent -g fleet-agent /usr/local/lib/fleet" in snippet
     assert "python3 - /usr/local/lib/fleet/fleet-agent.pyz <<'PY'\n" + script + "\nPY\n" in snippet
+
+
+def test_fleet_agent_status_shows_an_upgrade_on_trial_and_a_rollback(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    state = State(tmp_path)
+    state.save_identity(Identity("ws://127.0.0.1:1", 1, "h1", "agent-token"))
+
+    def status(*extra: str):
+        cli.main(["status", "--state-dir", str(tmp_path), *extra])
+        return capsys.readouterr().out
+
+    assert json.loads(status("--json"))["upgrade"] is None
+    assert "upgrade" not in status()
+    upgrade.save_marker(state, marker())
+    assert json.loads(status("--json"))["upgrade"] == {
+        "to": "0.2.0",
+        "from": "0.1.0",
+        "state": "on trial",
+        "error": None,
+    }
+    upgrade.save_marker(state, marker(state="rolled_back", error="no hello"))
+    assert "upgrade                  to 0.2.0 from 0.1.0: rolled back (no hello)" in status()
