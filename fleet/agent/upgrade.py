@@ -346,7 +346,11 @@ def guard(state: State) -> int:
     marker = load_marker(state)
     if marker is None or marker.state != "pending" or marker.to != to:
         return 0  # welcomed, or rolled back by the new agent itself
-    roll_back(state, marker, f"the new agent {to} got no hello accepted by its deadline")
+    if is_agent(marker.pid, marker.program):
+        why = f"the new agent {to} got no hello accepted by its deadline"
+    else:  # a crash at start (under systemd, perhaps between two restarts)
+        why = f"the new agent {to} exited before fleetd welcomed it (see the agent's log)"
+    roll_back(state, marker, why)
     stop_process(marker.pid, marker.program)
     if os.environ.get("INVOCATION_ID"):
         return 0  # systemd restarts the unit (SIGKILL is a failure): the old file now
@@ -354,13 +358,18 @@ def guard(state: State) -> int:
     return 0  # not reached
 
 
-def stop_process(pid: int, program: str, timeout: float = 10.0) -> None:
-    """SIGKILL the agent `pid`, if it is still the agent (pids are reused)."""
+def is_agent(pid: int, program: str) -> bool:
+    """Whether `pid` is still the agent running `program` (pids are reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return  # gone already
-    if program.encode() not in cmdline.split(b"\0"):
+        return False  # gone
+    return program.encode() in cmdline.split(b"\0")
+
+
+def stop_process(pid: int, program: str, timeout: float = 10.0) -> None:
+    """SIGKILL the agent `pid`, if it is still the agent."""
+    if not is_agent(pid, program):
         return
     try:
         os.kill(pid, signal.SIGKILL)

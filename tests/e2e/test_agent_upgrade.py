@@ -106,7 +106,10 @@ def test_a_new_agent_that_dies_at_start_is_rolled_back_and_the_rollout_halts(
 
     code, out, err = e2e.fleetctl(fleet, "agents", "upgrade", "--timeout", "9s")
     assert code == 1, out + err
-    assert f"batch 1 {h1.name}: failed: rolled back: the new agent {BROKEN}" in out
+    assert (
+        f"batch 1 {h1.name}: failed: rolled back: the new agent {BROKEN} exited before "
+        "fleetd welcomed it" in out
+    )
     assert f"batch 2 {h2.name}: pending (not tried)" in out
     assert f"halted: {h1.name}: rolled back" in err
     # the new agent died (the process the test started); the guard put the
