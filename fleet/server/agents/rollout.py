@@ -256,7 +256,14 @@ class AskAgain:
     host_id: int
 
 
-Wake = Union[AgentHello, UpgradeAnswered, AskAgain, HostRemoved]
+@dataclass(frozen=True)
+class Halt:
+    """An operator halted the rollout."""
+
+    host_id: int = 0
+
+
+Wake = Union[AgentHello, UpgradeAnswered, AskAgain, HostRemoved, Halt]
 
 
 @dataclass
@@ -276,6 +283,7 @@ class Rollouts:
         self.agent_file = agent_file  # agentfile.AgentFile, or None
         self.tasks: dict[int, asyncio.Task] = {}
         self.queues: dict[int, asyncio.Queue] = {}
+        self.halting: dict[int, str] = {}  # rollout -> why, until its driver stops
         for kind in (AgentHello, UpgradeAnswered, HostRemoved):
             bus.subscribe(kind, self._wake)
 
@@ -332,12 +340,15 @@ class Rollouts:
 
     async def halt(self, rollout_id: int, reason: str) -> bool:
         """Stop a rollout where it is: no host is sent the upgrade after
-        this (those sent it go on with theirs). False: it had ended."""
+        this (those sent it go on with theirs). The driver ends it at its
+        next step, not in the middle of one. False: it had ended."""
         task = self.tasks.get(rollout_id)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return await self._finish(rollout_id, "halted", reason)
+        if task is None:
+            return await self._finish(rollout_id, "halted", reason)
+        self.halting[rollout_id] = reason
+        self.queues[rollout_id].put_nowait(Halt())
+        await asyncio.gather(task, return_exceptions=True)
+        return self.halting.pop(rollout_id, None) is None  # the driver took it
 
     def _frame(self, r: dict[str, Any]) -> str:
         # the agent has a third of the timeout to be welcomed before it rolls
@@ -388,6 +399,8 @@ class Rollouts:
             waiting: dict[int, Waiting] = {}
             failed: list[tuple[str, str]] = []
             for row in rows:
+                if rollout_id in self.halting:
+                    break
                 if row.status == "failed":
                     failed.append((row.host_name, row.detail or "failed"))
                 if row.status != "sent" and row.status != "pending":
@@ -412,6 +425,9 @@ class Rollouts:
                         continue
                 waiting[host_id] = Waiting(row.id, row.host_name, sent + r["timeout"])
             failed += await self._wait(rollout_id, r, frame, waiting, queue)
+            if rollout_id in self.halting:
+                await self._finish(rollout_id, "halted", self.halting.pop(rollout_id))
+                return
             if failed:
                 name, why = failed[0]
                 await self._finish(rollout_id, "halted", f"{name}: {why}")
@@ -433,7 +449,7 @@ class Rollouts:
         failed: list[tuple[str, str]] = []
         loop = asyncio.get_running_loop()
         version = r["version"]
-        while waiting:
+        while waiting and rollout_id not in self.halting:
             left = min(w.deadline for w in waiting.values()) - time.time()
             try:
                 event = await asyncio.wait_for(queue.get(), max(0.0, left))
