@@ -167,26 +167,28 @@ def test_a_rollback_halts_before_the_next_batch(tmp_path: Path) -> None:
 
 def test_a_rollout_is_taken_up_again_after_a_restart(tmp_path: Path) -> None:
     async def scenario(store: Store, bus: Bus) -> None:
-        hosts = await store.run(make_hosts, ["p", "q"])
+        hosts = await store.run(make_hosts, ["o", "p", "q"])
         rid = await start(store, hosts, batch=1, timeout=60)
 
         def sent_before_the_restart() -> None:
-            # p was sent the upgrade, came back new while fleetd was down
+            # p was sent the upgrade, came back new while fleetd was down; so
+            # did o, sent it as fleetd stopped, before its row said so
             RolloutHost.update(status="sent", sent_at=utcnow() - dt.timedelta(seconds=5)).where(
                 RolloutHost.host == hosts["p"]
             ).execute()
-            Host.update(agent_version=NEW).where(Host.id == hosts["p"]).execute()
+            Host.update(agent_version=NEW).where(Host.id.in_([hosts["o"], hosts["p"]])).execute()
 
         await store.atomic(sent_before_the_restart)
         sessions = Sessions({h: ("upgrade",) for h in hosts.values()})
         rollouts = rollout.Rollouts(store, bus, sessions, AgentFile())
         done = await ended(bus, rid)
         await rollouts.resume()
-        assert (await sessions.next_sent())[0] == hosts["q"]  # p is done: q's turn
+        assert (await sessions.next_sent())[0] == hosts["q"]  # o and p are done: q's turn
         bus.publish([AgentHello(hosts["q"], NEW)])
         await asyncio.wait_for(done, 5)
         view = await store.read(rollout.load, rid)
         assert (view["status"], view["outcome"]) == ("succeeded", "ok")
+        assert view["counts"] == {"upgraded": 3} and sessions.sent.empty()
 
     run(tmp_path, scenario)
 

@@ -410,6 +410,11 @@ class Rollouts:
                     await self._mark(rollout_id, row.id, "skipped", "the host was removed")
                     continue
                 if row.status == "pending":
+                    if self.agents.connected(host_id) and await self._current(
+                        host_id, r["version"]
+                    ):  # there already (sent before a restart, or upgraded by hand)
+                        await self._mark(rollout_id, row.id, "upgraded")
+                        continue
                     why = await self._send(host_id, frame)
                     if why is not None:
                         await self._mark(rollout_id, row.id, "skipped", why)
