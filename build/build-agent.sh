@@ -2,6 +2,8 @@
 # Build dist/fleet-agent.pyz: one file, pure Python, CPython 3.9+.
 # Reproducible: timestamps come from the last commit (SOURCE_DATE_EPOCH),
 # nothing machine-specific is packed, so two builds are byte-identical.
+# FLEET_AGENT_VERSION=V stamps another version into the file (fleet/__init__.py
+# and its metadata): a hotfix build, or the second agent of an upgrade test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -22,6 +24,14 @@ mkdir "$stage/src"
 cp -r pyproject.toml README.md fleet "$stage/src/"
 # the agent side only: fleetd and fleetctl stay out of the file dropped on every server
 rm -rf "$stage/src/fleet/server" "$stage/src/fleet/ctl"
+if [ -n "${FLEET_AGENT_VERSION:-}" ]; then
+  # the agent reports this version in its hello and fleetd reads it back from the file
+  if ! [[ "$FLEET_AGENT_VERSION" =~ ^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$ ]]; then
+    echo "build-agent: FLEET_AGENT_VERSION=$FLEET_AGENT_VERSION is not a version (letters, digits, . + -)" >&2
+    exit 2
+  fi
+  sed -i "s/^__version__ = .*/__version__ = \"$FLEET_AGENT_VERSION\"/" "$stage/src/fleet/__init__.py"
+fi
 find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
 "$BIN/pip" install --quiet --no-compile --no-deps --target "$site/.fleet" "$stage/src" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 mv "$site/.fleet/fleet" "$site/.fleet"/fleet-*.dist-info "$site/"

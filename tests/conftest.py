@@ -191,10 +191,12 @@ class Fleetd:
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> Fleetd:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        extra = list(self.extra)
+        if not {"--agent-pyz", "--no-agent-pyz"} & set(extra):
+            # the same in a fresh clone as in one where 'make agent' left dist/
+            extra.append("--no-agent-pyz")
         self.proc = subprocess.Popen(
-            fleetd_argv(
-                "serve", "--data-dir", str(self.data_dir), "--listen", self.listen, *self.extra
-            ),
+            fleetd_argv("serve", "--data-dir", str(self.data_dir), "--listen", self.listen, *extra),
             cwd=REPO_ROOT,
             env=clean_env(),
             stdout=subprocess.PIPE,

@@ -11,8 +11,10 @@ import os
 import signal
 import sqlite3
 import ssl
+import subprocess
 import sys
-from typing import Optional
+import time
+from typing import Any, Optional
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -20,6 +22,7 @@ from .. import __version__
 from ..common.exitcodes import Exit
 from ..common.protocol import PROTOCOL_VERSION, ProtocolError
 from ..common.timefmt import iso
+from . import upgrade
 from .enroll import FatalError, enroll
 from .link import Agent
 from .scheduler import Clock, entries, next_fire
@@ -75,16 +78,88 @@ def cmd_enroll(args: argparse.Namespace) -> None:
 
 
 def lock_state_dir(state: State):
-    """One agent per state dir: a second one would double every job."""
-    fh = open(state.root / "agent.lock", "w")  # noqa: SIM115 - held for the process lifetime
+    """One agent per state dir: a second one would double every job. The
+    lock file holds the pid of the agent holding it (an upgrade's rollback
+    may restart the agent under another pid)."""
+    # not truncated before the lock is ours: it holds the running agent's pid
+    fh = os.fdopen(os.open(state.root / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fail(f"another fleet-agent is running with {state.root}", Exit.ERROR)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
     return fh
 
 
-async def run_agent(state: State, args: argparse.Namespace) -> int:
+def upgrade_on_start(state: State) -> tuple[bool, Optional[tuple[str, str]]]:
+    """What the upgrade marker says at start: (on trial, rollback to report).
+    A new agent that must give way puts the old one back and execs it."""
+    marker = upgrade.load_marker(state)
+    action, why = upgrade.on_start(marker, __version__, time.time())
+    if marker is None or action == "none":
+        return False, None
+    if action == "rollback":
+        upgrade.roll_back(state, marker, why)
+        upgrade.restart(marker.program, marker.argv)
+    if action == "trial":
+        marker.starts += 1
+        marker.pid = os.getpid()
+        upgrade.save_marker(state, marker)
+        log.info(
+            "on trial as fleet-agent %s: the old agent comes back unless fleetd welcomes this one",
+            __version__,
+        )
+        return True, None
+    if marker.state == "pending":  # the swap never happened: write down why
+        marker.state, marker.error = "rolled_back", why
+        upgrade.save_marker(state, marker)
+    return False, (marker.to, why)
+
+
+def after_stop(state: State, after: tuple) -> None:
+    """An upgrade: swap the files and exec the new agent. A rollback: put
+    the old file back and exec it. Neither returns unless the exec fails."""
+    if after[0] == "rollback":
+        marker = upgrade.load_marker(state)
+        if marker is None:
+            return
+        upgrade.roll_back(state, marker, after[1])
+        upgrade.restart(marker.program, marker.argv)
+    _, program, new, version, deadline = after
+    argv = sys.argv[1:]
+    marker = upgrade.Marker(
+        to=version,
+        previous=__version__,
+        program=str(program),
+        deadline=time.time() + deadline,
+        argv=argv,
+        pid=os.getpid(),
+    )
+    try:
+        upgrade.install(state, program, new, marker)
+    except OSError as exc:  # the old file is still in place: run it again, say why
+        new.unlink(missing_ok=True)
+        marker.state, marker.error = "rolled_back", f"could not install the new agent: {exc}"
+        upgrade.save_marker(state, marker)
+        upgrade.restart(str(program), argv)
+    try:
+        upgrade.start_guard(state, marker)
+    except (OSError, subprocess.SubprocessError) as exc:  # the new agent's own timer still watches
+        log.warning("could not start the upgrade guard: %s", exc)
+    log.info("restarting as fleet-agent %s", version)
+    upgrade.restart(str(program), argv)
+
+
+async def run_agent(
+    state: State,
+    args: argparse.Namespace,
+    trial: bool = False,
+    report: Optional[tuple[str, str]] = None,
+) -> tuple[int, Optional[tuple]]:
+    """Run until a signal, or until the agent stops for an upgrade or a
+    rollback; returns the exit status and what to do after the stop."""
     agent = Agent(
         state,
         state.load_identity(),
@@ -93,21 +168,43 @@ async def run_agent(state: State, args: argparse.Namespace) -> int:
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         clock=Clock(clock_offset()),
     )
+    agent.trial, agent.upgrade_report = trial, report
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future = loop.create_future()
+    agent.request_stop = lambda why: stop.done() or stop.set_result(why)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+        loop.add_signal_handler(
+            sig, lambda s=sig: stop.done() or stop.set_result(f"received {signal.Signals(s).name}")
+        )
+    timer: Any = None
+    if trial:
+        marker = upgrade.load_marker(state)
+        left = marker.deadline - time.time() if marker is not None else 0.0
+
+        def give_up() -> None:
+            if agent.trial:  # not welcomed in time: the old agent comes back
+                agent.stop_for(
+                    (
+                        "rollback",
+                        f"the new agent {__version__} got no hello accepted by its deadline",
+                    ),
+                    "upgrade deadline passed",
+                )
+
+        timer = loop.call_later(max(0.0, left), give_up)
     main = asyncio.ensure_future(agent.run_forever())
     done, _ = await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if timer is not None:
+        timer.cancel()
     if main in done:
         agent.spool.close()
         main.result()  # raises FatalError
-        return 0
-    log.info("received %s: stopping", signal.Signals(stop.result()).name)
+        return 0, None
+    log.info("%s: stopping", stop.result())
     await agent.shutdown()
     main.cancel()
     await asyncio.gather(main, return_exceptions=True)
-    return 0
+    return 0, agent.after_stop
 
 
 def clock_offset() -> float:
@@ -136,15 +233,32 @@ def cmd_run(args: argparse.Namespace) -> None:
         fail(str(exc), DAMAGED)
     except StateError as exc:
         fail(str(exc), Exit.USAGE)
-    _lock = lock_state_dir(state)  # noqa: F841 - released at exit
+    _lock = lock_state_dir(state)  # noqa: F841 - released at exit (and at exec)
+    trial, report = upgrade_on_start(state)
     try:
-        sys.exit(asyncio.run(run_agent(state, args)))
+        code, after = asyncio.run(run_agent(state, args, trial, report))
     except FatalError as exc:
         fail(str(exc), Exit(exc.exit_code))
     except (SpoolDamaged, StateError) as exc:  # schedules.json, read as the agent starts
         fail(str(exc), DAMAGED)
     except (sqlite3.Error, OSError) as exc:
         fail(f"cannot open the spool in {state.root}: {exc}", Exit.ERROR)
+    if after is not None:
+        try:
+            after_stop(state, after)
+        except OSError as exc:
+            fail(f"cannot restart for the upgrade: {exc}", Exit.ERROR)
+    sys.exit(code)
+
+
+def cmd_upgrade_guard(args: argparse.Namespace) -> None:
+    """Internal: started by an upgrading agent (see upgrade.py)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    sys.exit(upgrade.guard(State(state_dir(args.state_dir))))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -199,6 +313,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         "state_dir": str(state.root),
         "agent_version": __version__,
         "protocol_version": PROTOCOL_VERSION,
+        # an upgrade on trial, or rolled back and not yet told to fleetd
+        "upgrade": upgrade_status(upgrade.load_marker(state)),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -217,7 +333,24 @@ def cmd_status(args: argparse.Namespace) -> None:
             value = len(value)
         if key == "repositories":
             value = ", ".join(value) or "-"
+        if key == "upgrade":
+            if value is None:
+                continue
+            value = f"to {value['to']} from {value['from']}: {value['state']}" + (
+                f" ({value['error']})" if value["error"] else ""
+            )
         print(f"{key.replace('_', ' '):24} {value}")
+
+
+def upgrade_status(marker: Optional[upgrade.Marker]) -> Optional[dict[str, Any]]:
+    if marker is None:
+        return None
+    return {
+        "to": marker.to,
+        "from": marker.previous,
+        "state": "on trial" if marker.state == "pending" else "rolled back",
+        "error": marker.error or None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help=state_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    # internal: the watch over an upgrade, run from the old file
+    p = sub.add_parser(
+        "upgrade-guard",
+        help="(internal) after an upgrade, put the old agent back if the new one is not "
+        "welcomed by its deadline",
+    )
+    p.add_argument("--state-dir", help=state_help)
+    p.set_defaults(func=cmd_upgrade_guard)
     return parser
 
 

@@ -9,12 +9,16 @@ job kind's schema).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..common.protocol import Envelope
 from ..common.timefmt import now_iso
+from . import upgrade
+from .enroll import tls_context
 from .kinds import Refused
 from .scheduler import started_fields
 from .state import RepoConfig, StateError
@@ -100,6 +104,68 @@ async def on_query_more(agent: Agent, frame: Envelope) -> None:
     agent.queries.grant(frame.data["query_id"], frame.data["pages"])
 
 
+async def on_agent_upgrade(agent: Agent, frame: Envelope) -> None:
+    """Fetch and check the agent fleetd serves, beside the link (which goes
+    on reading: acks, cancels); see prepare_upgrade."""
+    if agent.upgrading or agent.after_stop is not None:
+        return  # one at a time: the first one answers
+    agent.upgrading = True
+    agent.upgrade_task = asyncio.ensure_future(prepare_upgrade(agent, frame.data))
+
+
+async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
+    """Once the new file passes its checks, answer accepted and stop, to
+    restart as the new agent (see upgrade.py). A failure before that is
+    answered with why, and the old agent goes on."""
+    version = data["version"]
+    result: dict[str, Any] = {"version": version, "accepted": False}
+    new = None
+    try:
+        program = upgrade.running_program()
+        refused = upgrade.refusal(program, agent.runner.current)
+        if refused is not None:
+            raise refused
+        assert program is not None
+        identity = agent.identity
+        ssl_ctx = None
+        if identity.server_url.startswith("wss://"):
+            ssl_ctx = tls_context(agent.state, identity.tls_sha256)
+        loop = asyncio.get_running_loop()
+        log.info("upgrade to fleet-agent %s: downloading it", version)
+        new = await loop.run_in_executor(
+            None,
+            upgrade.download,
+            identity.server_url,
+            identity.agent_token,
+            ssl_ctx,
+            program.parent,
+            data["size"],
+            data["sha256"],
+        )
+        await loop.run_in_executor(None, upgrade.self_check, sys.executable, new, version)
+        refused = upgrade.refusal(program, agent.runner.current)  # a job may have started
+        if refused is not None:
+            raise refused
+    except upgrade.UpgradeError as exc:
+        if new is not None:
+            new.unlink(missing_ok=True)
+        agent.upgrading = False
+        log.warning("not upgrading to fleet-agent %s (%s): %s", version, exc.code, exc)
+        result.update(code=exc.code, error=str(exc))
+        await agent.emit_now("upgrade.result", result)
+        return
+    except BaseException:
+        if new is not None:
+            new.unlink(missing_ok=True)
+        agent.upgrading = False
+        raise
+    result["accepted"] = True
+    await agent.emit_now("upgrade.result", result)
+    agent.stop_for(
+        ("upgrade", program, new, version, data["deadline"]), f"upgrading to fleet-agent {version}"
+    )
+
+
 async def on_error(agent: Agent, frame: Envelope) -> None:
     log.warning("fleetd: %s (%s)", frame.data["message"], frame.data["code"])
 
@@ -113,6 +179,7 @@ HANDLERS: dict[str, Handler] = {
     "query.run": on_query_run,
     "query.cancel": on_query_cancel,
     "query.more": on_query_more,
+    "agent.upgrade": on_agent_upgrade,
     "error": on_error,
 }
 

@@ -38,6 +38,7 @@ from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
 from .spool import DEFAULT_MAX_BYTES, Spool, SpoolDamaged
 from .state import Identity, State
+from .upgrade import clear_marker
 
 log = logging.getLogger("fleet-agent")
 
@@ -202,6 +203,16 @@ class Agent:
         self.scheduler = Scheduler(self, clock, autonomy_after)
         self.runner.on_idle = self.scheduler.kick
         self.scheduler.load()
+        # upgrades (see upgrade.py): on trial until fleetd welcomes this
+        # version; an upgrade rolled back, told in hello until welcomed
+        self.trial = False
+        self.upgrade_report: Optional[tuple[str, str]] = None  # (version, why)
+        self.upgrading = False  # an agent.upgrade is being prepared
+        self.upgrade_task: Optional[asyncio.Future] = None
+        # what cli does once the agent has stopped: ("upgrade", program, new
+        # file, version, deadline) or ("rollback", why)
+        self.after_stop: Optional[tuple] = None
+        self.request_stop: Any = None  # set by cli.run_agent: stop, saying why
 
     # -- Reporter: how jobs talk to fleetd -------------------------------
 
@@ -303,11 +314,30 @@ class Agent:
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
             "schedule_version": self.scheduler.version,
-            "features": ["repositories", "queries", "restore", "drills"],
+            "features": ["repositories", "queries", "restore", "drills", "upgrade"],
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current
+        if self.upgrade_report is not None:
+            data["upgrade_failed"], data["upgrade_error"] = self.upgrade_report
         return data
+
+    def welcomed(self) -> None:
+        """fleetd accepted this hello: a new agent on trial has made it, and
+        a rollback has been told."""
+        if self.trial:
+            self.trial = False
+            clear_marker(self.state)
+            log.info("upgrade to fleet-agent %s confirmed: fleetd welcomed it", __version__)
+        if self.upgrade_report is not None:
+            self.upgrade_report = None
+            clear_marker(self.state)
+
+    def stop_for(self, after: tuple, why: str) -> None:
+        """Stop as SIGTERM would, then do `after` (an upgrade, a rollback)."""
+        self.after_stop = after
+        if self.request_stop is not None:
+            self.request_stop(why)
 
     async def session(self) -> None:
         url = self.identity.server_url + "/agent"
@@ -334,6 +364,7 @@ class Agent:
                 raise ProtocolError(f"expected welcome, got {reply.type}")
             interval = reply.data["heartbeat_interval"]
             log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
+            self.welcomed()
             self.ws = ws
             self.disconnected.clear()
             self.connected.set()

@@ -37,6 +37,12 @@ INT_MIN = -INT_MAX
 MAX_SEQ = 1 << 62  # delivery and log seqs: room left for arithmetic on them
 MAX_COALESCED = 20  # fire times a waiting scheduled backup remembers having absorbed
 MAX_UNAUTH_FRAME_BYTES = 64 * 1024  # /login and /enroll frames (fleetd's websockets limit)
+MAX_AGENT_BYTES = 64 << 20  # an agent file fleetd serves, and an agent downloads, at most
+MAX_UPGRADE_DEADLINE = 3600  # seconds a new agent may take to get its hello accepted
+# why an agent did not upgrade: it was busy with a job, it cannot replace its
+# own file, the download or its checksum failed, the new file failed its
+# self-check, or something else went wrong before the swap
+UPGRADE_CODES = ("busy", "unsupported", "download", "checksum", "self_check", "failed")
 
 JOB_KINDS = (
     "init",
@@ -250,6 +256,10 @@ MESSAGES: dict[str, MessageSpec] = {
             # what the agent can do beyond protocol 1's first frames:
             # "repositories" (it holds and tells apart several per host)
             _opt("features", "list[str]", limit=32),
+            # the version it was upgraded to and rolled back from, and why
+            # (sent until fleetd has welcomed that hello once)
+            _opt("upgrade_failed", "str", limit=64),
+            _opt("upgrade_error", "str", limit=MAX_STR),
         ),
     ),
     "welcome": MessageSpec(
@@ -469,6 +479,29 @@ MESSAGES: dict[str, MessageSpec] = {
     ),
     "repo.locks": MessageSpec(
         "agent", (F("count", "int", minimum=0), _opt("repository_id", "int"))
+    ),
+    # replace yourself with the agent fleetd serves (GET /agent.pyz): its
+    # version, SHA-256 and size, and the seconds the new agent has to get a
+    # hello accepted before the old one is put back
+    "agent.upgrade": MessageSpec(
+        "server",
+        (
+            F("version", "str", limit=64),
+            F("sha256", "str", limit=64),
+            F("size", "int", minimum=1, maximum=MAX_AGENT_BYTES),
+            F("deadline", "int", minimum=1, maximum=MAX_UPGRADE_DEADLINE),
+        ),
+    ),
+    # the agent's answer: accepted (it restarts into `version` now), or
+    # not, with why (its old self keeps running)
+    "upgrade.result": MessageSpec(
+        "agent",
+        (
+            F("version", "str", limit=64),
+            F("accepted", "bool"),
+            _opt("code", "str", choices=UPGRADE_CODES),
+            _opt("error", "str", limit=MAX_STR),
+        ),
     ),
     "ack": MessageSpec("server", (F("seq", "int", minimum=0, maximum=MAX_SEQ),)),
     "error": MessageSpec(
@@ -888,6 +921,15 @@ def format_enrollment(server_url: str, token: str, fingerprint: Optional[str] = 
         doc["sha256"] = fingerprint
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def agent_file_url(server_url: str) -> str:
+    """GET /agent.pyz on the fleetd an agent dials at `server_url` (ws:// or
+    wss://, perhaps with a path): the same place in http(s)://."""
+    scheme, sep, rest = server_url.partition("://")
+    if not sep or scheme not in ("ws", "wss"):
+        raise ProtocolError(f"{server_url!r} is not a ws:// or wss:// URL")
+    return ("https" if scheme == "wss" else "http") + "://" + rest.rstrip("/") + "/agent.pyz"
 
 
 def parse_enrollment(value: str) -> dict[str, str]:

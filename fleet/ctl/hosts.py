@@ -8,10 +8,10 @@ import click
 from rich.markup import escape
 
 from .. import units
-from ..common import selectors
+from ..common import protocol, selectors
 from ..common.exitcodes import Exit
 from . import render
-from .app import App, Duration, confirm, json_option, pass_app
+from .app import App, CtlError, Duration, confirm, json_option, pass_app
 
 
 @click.group()
@@ -216,7 +216,8 @@ def hosts_remove(app: App, host: str, yes: bool) -> None:
 @click.option(
     "--install",
     is_flag=True,
-    help="Print a root shell snippet: install the pyz, enroll, enable the systemd unit.",
+    help="Print a root shell snippet: install restic, fetch the agent from fleetd and check "
+    "it, enroll, enable the systemd unit.",
 )
 @click.option(
     "--expires",
@@ -254,14 +255,28 @@ def enroll(
     The token inside is single use and expires, and voids any older token
     of HOST; HOST is created here if it is new, so its repository and
     groups can be set up before the agent runs. With --install, print the
-    whole root shell snippet for a systemd server.
+    whole root shell snippet for a systemd server, which fetches the agent
+    fleetd serves (pinned TLS, the token, its SHA-256 checked).
     """
     pairs = label_pairs(labels, "--label")
-    result = app.call(
-        "enroll.create", host=host, expires_in=expires, force=force or None, labels=pairs or None
-    )
+    with app.client() as c:
+        agent = c.call("agents.served") if install else None
+        if install and agent is None:  # before a token is made for nothing
+            raise CtlError(
+                "fleetd serves no agent file for --install: start it with --agent-pyz FILE "
+                "(see fleetd(8))",
+                Exit.NOT_FOUND,
+            )
+        result = c.call(
+            "enroll.create",
+            host=host,
+            expires_in=expires,
+            force=force or None,
+            labels=pairs or None,
+        )
     if install:
-        result["install"] = install_snippet(result["enrollment"])
+        result["install"] = install_snippet(result["enrollment"], agent)
+        result["agent"] = agent
     if as_json:
         render.emit_json(result)
         return
@@ -280,19 +295,84 @@ def show_applied(app: App, applied: dict) -> None:
         app.err.print(f"[red]templates not applied[/]: {escape(applied['error'])}")
 
 
-AGENT_PYZ = "/usr/local/lib/fleet/fleet-agent.pyz"
+AGENT_DIR = "/usr/local/lib/fleet"
+AGENT_PYZ = f"{AGENT_DIR}/fleet-agent.pyz"
 AGENT_STATE = "/var/lib/fleet-agent"
 
+# The download step of the install snippet: stdlib Python 3.9+, which the
+# agent needs anyway (curl may be missing, and its --pinnedpubkey pins a
+# public key, while the enrollment string pins the certificate). The pin is
+# checked on the very connection the file comes over, before the request.
+DOWNLOAD = """import hashlib, http.client, os, ssl, sys, tempfile
+from urllib.parse import urlsplit
+URL, PIN, TOKEN, SHA256, SIZE, VERSION = %(args)s
+dest = sys.argv[1]
+u = urlsplit(URL)
+if u.scheme == "https":
+    ctx = ssl.create_default_context()
+    if PIN:  # the certificate's SHA-256 identifies fleetd, not a CA or its name
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=ctx, timeout=60)
+    conn.connect()
+    if PIN and hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest() != PIN:
+        sys.exit("fleetd presented a certificate other than the pinned one: refusing")
+else:
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=60)
+conn.request("GET", u.path, headers={"Authorization": "Bearer " + TOKEN})
+r = conn.getresponse()
+if r.status != 200:
+    sys.exit("GET %%s: HTTP %%d %%s" %% (u.path, r.status, r.read(300).decode("utf-8", "replace").strip()))
+fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".fleet-agent-", suffix=".tmp")
+digest, n = hashlib.sha256(), 0
+with os.fdopen(fd, "wb") as out:
+    while n <= SIZE:
+        chunk = r.read(65536)
+        if not chunk:
+            break
+        n += len(chunk)
+        digest.update(chunk)
+        out.write(chunk)
+    out.flush()
+    os.fsync(out.fileno())
+if n != SIZE or digest.hexdigest() != SHA256:
+    os.unlink(tmp)
+    sys.exit("the download is not fleet-agent %%s (%%d bytes, SHA-256 %%s): refusing" %% (VERSION, n, digest.hexdigest()))
+os.chmod(tmp, 0o755)
+os.replace(tmp, dest)
+print("fleet-agent %%s (SHA-256 %%s) installed as %%s" %% (VERSION, SHA256, dest))"""
 
-def install_snippet(enrollment: str) -> str:
-    """Root shell commands: user, pyz, enrollment, unit. Copy fleet-agent.pyz
-    (from `make agent`) next to where they run first."""
+
+def download_script(enrollment: str, agent: dict) -> str:
+    """Python that fetches the agent fleetd serves into argv[1], over TLS
+    with the enrollment's pinned certificate, authenticated by its token,
+    and keeps it only when its size and SHA-256 are what fleetd announced."""
+    doc = protocol.parse_enrollment(enrollment)
+    args = (
+        protocol.agent_file_url(doc["url"]),
+        (doc.get("sha256") or "").lower(),
+        doc["token"],
+        agent["sha256"],
+        agent["size_bytes"],
+        agent["version"],
+    )
+    return DOWNLOAD % {"args": repr(args)}
+
+
+def install_snippet(enrollment: str, agent: dict) -> str:
+    """Root shell commands: restic, the user, the agent fetched from fleetd
+    and checked, enrollment, the unit. The agent's directory is its own, so
+    that it can replace its file when upgraded (fleetctl agents upgrade)."""
     unit = units.unit("fleet-agent.service").rstrip("\n")
-    return f"""# as root on the server, in a directory holding fleet-agent.pyz (built by 'make agent'):
+    return f"""# as root on the server (Debian or Ubuntu, systemd): fleet-agent {agent["version"]} from fleetd
 set -e
-command -v restic >/dev/null || apt-get install -y restic
+command -v restic >/dev/null || {{ apt-get update && apt-get install -y restic; }}
+command -v python3 >/dev/null || {{ apt-get update && apt-get install -y python3; }}
 id fleet-agent >/dev/null 2>&1 || useradd --system --home-dir {AGENT_STATE} --shell /usr/sbin/nologin fleet-agent
-install -D -m 0755 fleet-agent.pyz {AGENT_PYZ}
+install -d -m 0755 -o fleet-agent -g fleet-agent {AGENT_DIR}
+python3 - {AGENT_PYZ} <<'PY'
+{download_script(enrollment, agent)}
+PY
+chown fleet-agent:fleet-agent {AGENT_PYZ}
 install -d -m 0700 -o fleet-agent -g fleet-agent {AGENT_STATE} /var/cache/fleet-agent
 runuser -u fleet-agent -- env SHIV_ROOT=/var/cache/fleet-agent/shiv python3 {AGENT_PYZ} enroll {enrollment} --state-dir {AGENT_STATE}
 cat > /etc/systemd/system/fleet-agent.service <<'UNIT'

@@ -10,6 +10,7 @@ import click
 from .. import __version__
 from ..common.exitcodes import Exit
 from . import (
+    agents,
     alerts,
     audit,
     browse,
@@ -77,6 +78,7 @@ cli.add_command(session.logout)
 cli.add_command(session.whoami)
 cli.add_command(hosts.enroll)
 cli.add_command(hosts.hosts)
+cli.add_command(agents.agents)
 cli.add_command(repo.repo)
 cli.add_command(repos.repos)
 cli.add_command(maintenance.maintenance)

@@ -2,6 +2,8 @@
 
 /healthz   plain HTTP GET, "ok"
 /metrics   plain HTTP GET, Prometheus text; off unless --metrics, Bearer API token
+/agent.pyz plain HTTP GET, the agent file (--agent-pyz); Bearer agent, enrollment or API token
+/agent.pyz.sha256  plain HTTP GET, its SHA-256 as sha256sum prints it
 /login     unauthenticated; one auth.login request per frame
 /enroll    unauthenticated; one enroll frame, then close
 /ctl       operators; Bearer API token checked before the upgrade
@@ -13,7 +15,9 @@ and /enroll take small frames (64 KiB), a few connections per address
 enroll_timeout, /login: a frame every login_idle_timeout); every connection
 buffers a few frames at most (max_queue, write_limit); and fleetd refuses
 connections (503, or a bare close when too close to its file descriptor
-limit) rather than running out of descriptors.
+limit) rather than running out of descriptors. At most MAX_DOWNLOADS
+agent files are being sent at once (503 past that): each holds a copy of
+the file in its socket's buffer until the peer has read it.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from ..common import protocol
-from . import metrics
+from . import agentfile, metrics
 from .agents import enroll
+from .agents.rollout import Rollouts
 from .agents.session import Agents
 from .api import build_registry, templates
 from .api.auth import known_token, login, lookup_token
@@ -97,12 +102,16 @@ class ServeConfig:
     max_connections: Optional[int] = None  # default: from the file descriptor limit
     metrics: bool = False  # GET /metrics (Prometheus), for a caller with an API token
     alert_interval: float = ALERT_EVERY  # seconds between looks for alerts
+    agent_pyz: Optional[Path] = None  # the agent file to serve; None: look in the usual places
+    serve_agent: bool = True  # False: serve none, whatever there is
 
 
 FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
 MAX_QUEUE = 8  # incoming frames buffered per connection before reading pauses
 WRITE_LIMIT = 64 * 1024  # outgoing bytes buffered per connection before send() waits
 UNAUTHENTICATED = ("/login", "/enroll")
+MAX_DOWNLOADS = 32  # agent files being sent at once
+RETRY_AFTER = "5"  # seconds, told to a download refused for being one too many
 
 
 def raise_fd_limit() -> int:
@@ -166,6 +175,15 @@ class ConnectionLimits:
         # a second should not take a lock each
         self.accepted: collections.Counter[str] = collections.Counter()  # by endpoint
         self.refused: collections.Counter[str] = collections.Counter()  # by reason
+        self.downloads = 0  # agent files being sent
+
+    def claim_download(self, connection: Any) -> bool:
+        """A download slot, given back when the connection closes."""
+        if self.downloads >= MAX_DOWNLOADS:
+            return False
+        self.downloads += 1
+        connection.fleet_download = True
+        return True
 
     def claim_unauthenticated(self, connection: Any, address: str) -> bool:
         if self.unauth[address] >= self.per_address:
@@ -182,6 +200,9 @@ class ConnectionLimits:
     def closed(self, connection: Any) -> None:
         self.open -= 1
         self.live.discard(connection)
+        if getattr(connection, "fleet_download", False):
+            connection.fleet_download = False
+            self.downloads -= 1
         address = getattr(connection, "fleet_unauth", None)
         if address is not None:
             connection.fleet_unauth = None
@@ -199,6 +220,7 @@ class ConnectionLimits:
 def connection_class(limits: ConnectionLimits) -> type[ServerConnection]:
     class FleetConnection(ServerConnection):
         fleet_unauth: Optional[str] = None
+        fleet_download = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -309,6 +331,12 @@ def bearer(headers: Headers) -> Optional[str]:
     return token.strip()
 
 
+NO_AGENT_FILE = (
+    "fleetd serves no agent file: build one ('make agent') and start fleetd with "
+    "--agent-pyz PATH, or put it in its data directory as fleet-agent.pyz"
+)
+
+
 def text_response(connection: ServerConnection, status: HTTPStatus, text: str) -> Response:
     response = connection.respond(status, text + "\n")
     if status == HTTPStatus.UNAUTHORIZED:
@@ -359,6 +387,10 @@ class FleetServer:
             return text_response(connection, HTTPStatus.OK, "ok")
         if path == "/metrics":
             return await self.serve_metrics(connection, request)
+        if path == "/agent.pyz.sha256":
+            return self.serve_agent_sum(connection)
+        if path == "/agent.pyz":
+            return await self.serve_agent_file(connection, request)
         if path not in ("/ctl", "/agent", *UNAUTHENTICATED):
             return text_response(connection, HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         address = self.address(connection)
@@ -452,6 +484,68 @@ class FleetServer:
         response = connection.respond(HTTPStatus.OK, body.decode())
         del response.headers["Content-Type"]  # websockets' Headers adds, never replaces
         response.headers["Content-Type"] = metrics.CONTENT_TYPE
+        return response
+
+    def serve_agent_sum(self, connection: ServerConnection) -> Response:
+        """The SHA-256 of the agent file, to anyone: a line of text."""
+        agent = self.state.agent_file
+        if agent is None:
+            return text_response(connection, HTTPStatus.NOT_FOUND, NO_AGENT_FILE)
+        response = connection.respond(HTTPStatus.OK, agentfile.sha256_line(agent))
+        response.headers["X-Fleet-Agent-Version"] = agent.version
+        return response
+
+    async def serve_agent_file(self, connection: ServerConnection, request: Request) -> Response:
+        """GET /agent.pyz, with its SHA-256 and version in headers, to a
+        caller with a token: an agent's (upgrades), an enrollment token not
+        yet used (the install snippet) or an API token. The file is no
+        secret, but it is a megabyte: open to anyone, a few bytes asked
+        would have fleetd send megabytes, and take the download slots
+        that enrolling and upgrading hosts need."""
+        agent = self.state.agent_file
+        if agent is None:
+            return text_response(connection, HTTPStatus.NOT_FOUND, NO_AGENT_FILE)
+        if self.limits.open > self.limits.max_connections:
+            self.limits.note_refusal(f"{self.limits.max_connections} connections open")
+            return self.refuse(
+                "connection_limit",
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "fleetd is at its connection limit",
+            )
+        address = self.address(connection)
+        token = bearer(request.headers)
+        if token is None:
+            return self.refuse(
+                "no_token",
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "missing 'Authorization: Bearer <token>' (an agent, enrollment or API token)",
+            )
+        blocked = self.token_limiter.blocked(address)
+        store = self.state.store
+        if not (
+            await store.read(enroll.may_download, token) or await store.read(known_token, token)
+        ):
+            return self.bad_token(connection, address, "/agent.pyz", blocked)
+        if not self.limits.claim_download(connection):
+            response = self.refuse(
+                "downloads",
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{MAX_DOWNLOADS} agent files are being sent; try again in a moment",
+            )
+            response.headers["Retry-After"] = RETRY_AFTER
+            return response
+        self.limits.accepted["agent.pyz"] += 1
+        response = connection.respond(HTTPStatus.OK, "")
+        for name in ("Content-Type", "Content-Length"):  # Headers adds, never replaces
+            del response.headers[name]
+        response.headers["Content-Type"] = "application/octet-stream"
+        response.headers["Content-Length"] = str(agent.size)
+        response.headers["X-Fleet-Agent-Version"] = agent.version
+        response.headers["X-Fleet-Agent-SHA256"] = agent.sha256
+        response.body = agent.data
         return response
 
     async def handler(self, connection: ServerConnection) -> None:
@@ -561,6 +655,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     socket its 1001. The caller ends the process next, without running the
     loop again (the kernel closes the sockets)."""
     box = load_key_file(config.data_dir / KEY_NAME)
+    # read once, before serving
+    agent_file = agentfile.find(config.agent_pyz, config.data_dir) if config.serve_agent else None
     ssl_ctx = None
     fingerprint = None
     if config.tls_cert:
@@ -584,7 +680,16 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         agents=agents,
         bus=bus,
         heartbeat_interval=config.heartbeat_interval,
+        agent_file=agent_file,
     )
+    state.rollouts = Rollouts(store, bus, agents, agent_file)
+    if agent_file is not None:
+        log.info(
+            "serving fleet-agent %s from %s (SHA-256 %s)",
+            agent_file.version,
+            agent_file.path,
+            agent_file.sha256,
+        )
     alerts = AlertSource(agents.lifecycle, config.alert_interval)
     ticker = Ticker(
         clock,
@@ -647,6 +752,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         if ready is not None and not ready.done():
             ready.set_result(port)
         ticking = asyncio.ensure_future(ticker.run())
+        await state.rollouts.resume()  # one under way when fleetd stopped goes on
         signum = await stop
         ticking.cancel()
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -662,6 +768,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         # the store first, while the connections are still open: what a
         # handler still asks of it is refused as `unavailable` (and what an
         # agent reported but was not acked, it sends again)
+        await state.rollouts.stop()  # taken up again at the next start
         await notifications.stop()
         await pings.stop()
         await agents.presence.flush()

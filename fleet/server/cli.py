@@ -14,6 +14,7 @@ import peewee
 
 from .. import __version__
 from ..common.exitcodes import Exit
+from .agentfile import AgentFileError
 from .api.common import NAME_RE
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
 from .security import auth
@@ -87,7 +88,7 @@ def init(data_dir: Path, admin_name: str) -> None:
         )
     try:
         create_key_file(key_path)
-    except SecretError as exc:
+    except (SecretError, AgentFileError) as exc:
         raise Fail(str(exc)) from None
     database = open_database(db_path)
     with database.atomic():
@@ -158,6 +159,13 @@ def init(data_dir: Path, admin_name: str) -> None:
     is_flag=True,
     help="Serve GET /metrics (Prometheus) to callers with an API token.",
 )
+@click.option(
+    "--agent-pyz",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The agent file to serve at GET /agent.pyz, for enroll --install and "
+    "agents upgrade (default: DATA_DIR/fleet-agent.pyz, else the checkout's "
+    "dist/fleet-agent.pyz, if there is one).",
+)
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without TLS.")
 @click.option(
     "--log-level",
@@ -172,6 +180,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option("--per-address-limit", type=click.IntRange(min=1), hidden=True)
 @click.option("--history-delay", type=click.FloatRange(min=0), hidden=True)
 @click.option("--alert-interval", type=click.FloatRange(min=0.05), hidden=True)
+@click.option("--no-agent-pyz", is_flag=True, hidden=True)
 def serve(
     data_dir: Path,
     listen: str,
@@ -183,6 +192,7 @@ def serve(
     history_days: int,
     history_keep: int,
     metrics: bool,
+    agent_pyz: Path | None,
     insecure: bool,
     log_level: str,
     idle_timeout: float | None = None,
@@ -190,6 +200,7 @@ def serve(
     per_address_limit: int | None = None,
     history_delay: float | None = None,
     alert_interval: float | None = None,
+    no_agent_pyz: bool = False,
 ) -> None:
     """Serve agents and operators until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -223,6 +234,8 @@ def serve(
     config.unauth_per_address = per_address_limit or config.unauth_per_address
     config.history_days, config.history_keep = history_days, history_keep
     config.metrics = metrics
+    config.agent_pyz = agent_pyz
+    config.serve_agent = not no_agent_pyz
     if alert_interval is not None:
         config.alert_interval = alert_interval
     if history_delay is not None:
@@ -234,7 +247,7 @@ def serve(
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(run_server(config))
-    except SecretError as exc:
+    except (SecretError, AgentFileError) as exc:
         raise Fail(str(exc)) from None
     except ssl.SSLError as exc:
         raise Fail(f"cannot load the TLS certificate or key: {exc.reason or exc}") from None

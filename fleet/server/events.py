@@ -143,6 +143,37 @@ class AlertChanged:
     message: str
 
 
+@dataclass(frozen=True)
+class AgentHello:
+    """fleetd welcomed an agent's hello: the version it runs, and an upgrade
+    it rolled back from (with why), if it says so."""
+
+    host_id: int
+    version: str
+    upgrade_failed: Optional[str] = None
+    upgrade_error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class UpgradeAnswered:
+    """An agent's upgrade.result: it restarts into `version` now, or not (why)."""
+
+    host_id: int
+    version: str
+    accepted: bool
+    code: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RolloutChanged:
+    """A host of a rollout moved on (committed), or the rollout ended."""
+
+    rollout_id: int
+    host: Optional[dict[str, Any]] = None  # the host's line, as views show it
+    ended: bool = False
+
+
 Event = Union[
     JobQueued,
     JobDispatched,
@@ -158,6 +189,9 @@ Event = Union[
     MaintenanceChanged,
     RepositoryFreed,
     AlertChanged,
+    AgentHello,
+    UpgradeAnswered,
+    RolloutChanged,
 ]
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store

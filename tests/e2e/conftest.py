@@ -419,11 +419,14 @@ def interpreter(name: str) -> str:
     return path
 
 
-def build_pyz(out: Path) -> Path:
+def build_pyz(out: Path, version: Optional[str] = None) -> Path:
+    """The agent zipapp, as `make agent` builds it; `version` stamps another
+    version into it (FLEET_AGENT_VERSION), for an upgrade to go to."""
+    extra = {"FLEET_AGENT_VERSION": version} if version else {}
     proc = subprocess.run(
         ["bash", "build/build-agent.sh", str(out)],
         cwd=REPO_ROOT,
-        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000", **extra},
         capture_output=True,
         text=True,
         timeout=300,

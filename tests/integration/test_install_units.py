@@ -1,4 +1,4 @@
-"""systemd units, build/install-fleetd.sh and the `fleetctl enroll --install` snippet."""
+"""systemd units and build/install-fleetd.sh (the `fleetctl enroll --install` snippet: test_agent_delivery.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from fleet import __version__, units
-from fleet.common.protocol import parse_enrollment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("fleetd.service", "fleet-agent.service")
@@ -38,6 +37,8 @@ def test_units_restart_on_failure_and_are_hardened(name: str) -> None:
         assert "--state-dir /var/lib/fleet-agent" in text
         # refused for good (exit 3): not restarted for ever
         assert "RestartPreventExitStatus=3" in text.splitlines()
+        # it replaces its own file when upgraded (the install snippet's directory)
+        assert "ReadWritePaths=-/usr/local/lib/fleet" in text.splitlines()
 
 
 SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
@@ -160,19 +161,3 @@ def test_install_fleetd_refuses_bad_arguments(tmp_path: Path, args: tuple) -> No
     proc = install(tmp_path, *args)
     assert proc.returncode == 2 and "install-fleetd: " in proc.stderr
     assert not (tmp_path / "opt").exists()  # refused before anything was made
-
-
-def test_enroll_install_prints_a_working_snippet(fleet, tmp_path: Path) -> None:
-    result = fleet.ctl_json("enroll", "web-install", "--install")
-    snippet = result["install"]
-    assert parse_enrollment(result["enrollment"])["url"] == fleet.url
-    assert f"enroll {result['enrollment']} --state-dir /var/lib/fleet-agent" in snippet
-    assert units.unit("fleet-agent.service").rstrip("\n") in snippet
-    assert "systemctl enable --now fleet-agent" in snippet
-    script = tmp_path / "install.sh"
-    script.write_text(snippet)
-    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    table = fleet.ctl("enroll", "web-install-2", "--install")
-    assert table.stdout.startswith("# as root on the server")
-    assert "fleet-agent enroll" not in table.stdout.splitlines()[0]

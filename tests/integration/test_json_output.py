@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import zipfile
 
 import pytest
 
@@ -68,8 +69,15 @@ class Agent:
 @pytest.fixture(scope="module")
 def printed(fx, tmp_path_factory):
     """What each command printed with --json, by its arguments."""
-    # its own fleetd: alerts looked for every 0.2 s, not a minute
-    fleet = fx.start_fleet(tmp_path_factory.mktemp("fleet"), "--alert-interval", "0.2")
+    # its own fleetd: alerts looked for every 0.2 s, not a minute, and an
+    # agent file to serve (enroll --install)
+    pyz = tmp_path_factory.mktemp("pyz") / "fleet-agent.pyz"
+    with zipfile.ZipFile(pyz, "w") as zf:
+        zf.writestr("__main__.py", "print('not a real agent')\n")
+        zf.writestr("site-packages/fleet/__init__.py", '__version__ = "9.9.9"\n')
+    fleet = fx.start_fleet(
+        tmp_path_factory.mktemp("fleet"), "--alert-interval", "0.2", "--agent-pyz", str(pyz)
+    )
     try:
         yield collect(fleet, fx, tmp_path_factory.mktemp("json") / "pw")
     finally:
@@ -145,6 +153,7 @@ def collect(fleet, fx, pw):
             ("notify", "list"),
             ("templates", "list"),
             ("templates", "show", "jt"),
+            ("agents", "list"),
         ):
             j(*args)
         j("jobs", "log", ok, ndjson=True)
@@ -170,6 +179,8 @@ CHECKS = [
     (("templates", "apply", "jt"), "template change", ()),
     (("templates", "delete", "jt"), "template change", ()),
     (("templates", "list"), "template", ()),
+    (("agents", "list"), "agent versions", ()),
+    (("agents", "list"), "agent version", ("agents",)),
     (("templates", "show", "jt"), "template", ()),
     (("repos", "create", REPO, "--url", f"/srv/{REPO}"), "repository", ()),
     (("repos", "list"), "repository", ()),
@@ -246,9 +257,9 @@ def test_json_fields_are_the_documented_ones(printed, fx, args, kind, path):
 
 
 def test_every_documented_object_is_checked(fx):
-    assert {kind for _, kind, _ in CHECKS} | {"listing", "find result", "diff"} == set(
-        fx.documented_json()
-    )
+    elsewhere = {"listing", "find result", "diff"}  # tests/e2e/test_browse.py
+    elsewhere |= {"rollout plan", "rollout host", "rollout"}  # test_agent_delivery, e2e upgrade
+    assert {kind for _, kind, _ in CHECKS} | elsewhere == set(fx.documented_json())
 
 
 def test_a_failure_under_json_names_its_exit_status(printed):

@@ -75,6 +75,7 @@ def test_the_table_covers_what_fleetd_sends_a_session():
         "query.run",
         "query.cancel",
         "query.more",
+        "agent.upgrade",
         "error",
     }
     for type_ in handlers.HANDLERS:
@@ -89,6 +90,35 @@ def test_unknown_type_is_ignored_at_debug(agent, caplog):
     assert agent.ws.sent == []
     assert any("ignoring welcome" in r.getMessage() for r in caplog.records)
     assert all(r.levelno == logging.DEBUG for r in caplog.records if "ignoring" in r.getMessage())
+
+
+UPGRADE = {"version": "9.9.9", "sha256": "0" * 64, "size": 100, "deadline": 60}
+
+
+def upgrade_answer(agent: Agent) -> dict:
+    async def deliver_and_wait() -> None:
+        env, _ = frame("agent.upgrade", UPGRADE)
+        await handlers.dispatch(agent, env)
+        await agent.upgrade_task
+
+    asyncio.run(deliver_and_wait())
+    (sent,) = agent.ws.sent
+    assert sent["type"] == "upgrade.result"
+    return sent["data"]
+
+
+def test_an_agent_not_running_from_a_pyz_refuses_to_upgrade(agent):
+    answer = upgrade_answer(agent)  # pytest's argv[0] is no .pyz
+    assert answer["accepted"] is False and answer["code"] == "unsupported"
+    assert "does not run from a fleet-agent .pyz" in answer["error"]
+    assert agent.after_stop is None and not agent.upgrading  # it goes on, and may try again
+
+
+def test_a_busy_agent_refuses_to_upgrade(agent):
+    agent.runner.current = 7
+    answer = upgrade_answer(agent)
+    assert (answer["accepted"], answer["code"]) == (False, "busy")
+    assert "job 7 is running" in answer["error"]
 
 
 def test_ack_drops_the_spool_up_to_seq_and_ignores_an_older_one(agent):

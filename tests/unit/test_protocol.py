@@ -64,6 +64,8 @@ ALL_TYPES = {
     "query.result",
     "query.cancel",
     "query.more",
+    "agent.upgrade",
+    "upgrade.result",
     "ack",
     "error",
 }
@@ -94,6 +96,8 @@ WIRE_FIELDS = {
             "spool_pending",
             "schedule_version",
             "features",
+            "upgrade_failed",
+            "upgrade_error",
         ),
     ),
     "welcome": (
@@ -179,6 +183,8 @@ WIRE_FIELDS = {
     "query.result": ("agent", ("query_id", "items", "done"), ("error", "code")),
     "query.cancel": ("server", ("query_id",), ()),
     "query.more": ("server", ("query_id", "pages"), ()),
+    "agent.upgrade": ("server", ("version", "sha256", "size", "deadline"), ()),
+    "upgrade.result": ("agent", ("version", "accepted"), ("code", "error")),
     "ack": ("server", ("seq",), ()),
     "error": ("both", ("code", "message"), ("re",)),
 }
@@ -230,6 +236,8 @@ EXAMPLES = {
             "spool_pending": 1190,
             "schedule_version": 4,
             "features": ["repositories"],
+            "upgrade_failed": "0.2.0",
+            "upgrade_error": "no hello accepted within 120 s",
         },
         "h1",
         None,
@@ -237,7 +245,8 @@ EXAMPLES = {
         '"restic_version":"0.17.3","hostname":"web-01","os":"linux","arch":"amd64",'
         '"timezone":"Europe/Berlin","boot_time":"2024-05-01T08:00:00Z",'
         '"running_job":41,"spool_seq":1200,"spool_pending":1190,"schedule_version":4,'
-        '"features":["repositories"]}}',
+        '"features":["repositories"],"upgrade_failed":"0.2.0",'
+        '"upgrade_error":"no hello accepted within 120 s"}}',
     ),
     "welcome": (
         {
@@ -545,6 +554,21 @@ EXAMPLES = {
         None,
         None,
         '{"v":1,"type":"query.more","data":{"query_id":3,"pages":8}}',
+    ),
+    "agent.upgrade": (
+        {"version": "0.2.0", "sha256": "ab" * 32, "size": 923881, "deadline": 120},
+        None,
+        None,
+        '{"v":1,"type":"agent.upgrade","data":{"version":"0.2.0","sha256":"'
+        + "ab" * 32
+        + '","size":923881,"deadline":120}}',
+    ),
+    "upgrade.result": (
+        {"version": "0.2.0", "accepted": False, "code": "busy", "error": "job 7 is running"},
+        None,
+        None,
+        '{"v":1,"type":"upgrade.result","data":{"version":"0.2.0","accepted":false,'
+        '"code":"busy","error":"job 7 is running"}}',
     ),
     "ack": (
         {"seq": 6},

@@ -35,6 +35,7 @@ DRILLS = MIGRATIONS[16][1]
 LIMITS = MIGRATIONS[17][1]
 LABELS = MIGRATIONS[18][1]
 TEMPLATES = MIGRATIONS[19][1]
+ROLLOUTS = MIGRATIONS[20][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -89,7 +90,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 21))
+        assert migrate(database) == list(range(1, 22))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -115,10 +116,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (18, LIMITS),
             (19, LABELS),
             (20, TEMPLATES),
+            (21, ROLLOUTS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 20
+        assert current_version(database) == MIGRATIONS[-1][0] == 21
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -152,6 +154,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (18, LIMITS),
         (19, LABELS),
         (20, TEMPLATES),
+        (21, ROLLOUTS),
     ]
     assert m.Host.select().count() == 0
 
@@ -189,7 +192,7 @@ def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     try:
         versions = raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-        assert versions == [(v,) for v in range(1, latest + 2)]
+        assert versions == [(v,) for v, _, _ in MIGRATIONS] + [(latest + 1,)]
         assert raw.execute("SELECT name FROM host").fetchall() == [("survivor",)]
     finally:
         raw.close()

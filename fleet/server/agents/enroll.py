@@ -68,6 +68,23 @@ def redeem_enrollment(token: str, hostname: str, address: str) -> dict:
     return {"host_id": host.id, "host_name": host.name, "agent_token": agent_token}
 
 
+def may_download(token: str) -> bool:
+    """Whether a bearer token is an agent's or an enrollment token still
+    good (not used, not expired): those fetch the agent file."""
+    digest = auth.token_hash(token)
+    if hot.agent_by_token(digest) is not None:
+        return True
+    return (
+        EnrollmentToken.select()
+        .where(
+            (EnrollmentToken.token_hash == digest)
+            & EnrollmentToken.used_at.is_null()
+            & (EnrollmentToken.expires_at > utcnow())
+        )
+        .exists()
+    )
+
+
 def lookup_agent(token: str) -> Optional[tuple[int, str]]:
     """(host id, host name) of an agent token, or None."""
     return hot.agent_by_token(auth.token_hash(token))

@@ -26,6 +26,7 @@ from ...common import protocol
 from ...common.protocol import ProtocolError
 from ..clock import Clock
 from ..events import (
+    AgentHello,
     Bus,
     HostOffline,
     HostRemoved,
@@ -34,6 +35,7 @@ from ..events import (
     JobStarted,
     RepoChanged,
     SchedulesChanged,
+    UpgradeAnswered,
 )
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
@@ -50,7 +52,16 @@ log = logging.getLogger("fleetd.agent")
 APPLY_BATCH = 250  # job log lines (or other frames) of one agent handed to the ingest at once
 APPLY_BYTES = 1 << 20  # ... and their size on the wire, at most (one bigger frame goes alone)
 INBOX = 2000  # frames read ahead of the ingest; past that the socket is not read (backpressure)
-LABELS = ("agent_version", "restic_version", "hostname", "os", "arch", "timezone")
+LABELS = (
+    "agent_version",
+    "restic_version",
+    "hostname",
+    "os",
+    "arch",
+    "timezone",
+    "upgrade_failed",
+    "upgrade_error",
+)
 FEATURES = ["job.logs"]  # told to agents in welcome: they may pack log lines
 INBOX_BYTES = 2 << 20  # and bytes: an agent's send window is 1 MiB, so only a rogue one waits
 # frames of one agent handled in a row before the loop goes round: frames
@@ -283,6 +294,11 @@ class Agents:
         session = self.sessions.get(host_id)
         return session.features if session is not None else frozenset()
 
+    async def send_to(self, host_id: int, frame: str) -> bool:
+        """A frame to the host's agent; False when its link is down."""
+        session = self.sessions.get(host_id)
+        return session is not None and await session.send(frame)
+
     async def send_command(self, host_id: int, job_id: int, frame: str) -> bool:
         session = self.sessions.get(host_id)
         if session is None:
@@ -436,6 +452,23 @@ class Agents:
             if schedule_set is not None:
                 await connection.send(protocol.encode("schedule.set", schedule_set))
             session.welcomed = True
+            self.bus.publish(
+                [
+                    AgentHello(
+                        host_id,
+                        hello.data["agent_version"],
+                        hello.data.get("upgrade_failed"),
+                        hello.data.get("upgrade_error"),
+                    )
+                ]
+            )
+            if hello.data.get("upgrade_failed"):
+                log.warning(
+                    "host %s rolled back its upgrade to fleet-agent %s: %s",
+                    host_name,
+                    hello.data["upgrade_failed"],
+                    hello.data.get("upgrade_error") or "no reason given",
+                )
             if session.schedules_changed:  # since the set above was read
                 await self.push_schedules(host_id)
             await self._catch_up(session, last_seq)
@@ -652,6 +685,31 @@ async def on_command_result(agents: Agents, session: AgentSession, data: dict) -
         )
 
 
+async def on_upgrade_result(agents: Agents, session: AgentSession, data: dict) -> None:
+    if data["accepted"]:
+        log.info("host %s restarts as fleet-agent %s", session.host_name, data["version"])
+    else:
+        log.warning(
+            "host %s did not upgrade to fleet-agent %s (%s): %s",
+            session.host_name,
+            data["version"],
+            data.get("code") or "refused",
+            data.get("error") or "no reason given",
+        )
+    error = data.get("error")
+    agents.bus.publish(
+        [
+            UpgradeAnswered(
+                session.host_id,
+                data["version"],
+                data["accepted"],
+                data.get("code"),
+                protocol.printable(error) if error else None,  # shown to operators
+            )
+        ]
+    )
+
+
 async def on_query_result(agents: Agents, session: AgentSession, data: dict) -> None:
     agents.queries.deliver(session, data)
 
@@ -662,4 +720,5 @@ FRAME_HANDLERS = {
     "job.progress": on_progress,
     "command.result": on_command_result,
     "schedule.ack": on_schedule_ack,
+    "upgrade.result": on_upgrade_result,
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    agents,
     alerts,
     audit,
     auth,
@@ -38,6 +39,7 @@ NOUNS: tuple[ModuleType, ...] = (
     enroll,
     hosts,
     templates,
+    agents,
     repos,
     maintenance,
     groups,

@@ -37,6 +37,8 @@ class ServerState:
     agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
     bus: Any = None  # events.Bus: domain events, live tails
     heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline
+    agent_file: Any = None  # agentfile.AgentFile served at GET /agent.pyz; None: none
+    rollouts: Any = None  # agents.rollout.Rollouts: agent upgrades under way
     # failed logins in 5 minutes: 5 per user from one address, 50 per user
     # from anywhere, 20 per address (many users may share one NAT); past a
     # limit a login is still tried once every PROBE_EVERY seconds, so the

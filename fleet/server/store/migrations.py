@@ -264,6 +264,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'ALTER TABLE "maintenance" ADD COLUMN "overrides" TEXT NOT NULL DEFAULT \'[]\'',
         ],
     ),
+    (
+        21,
+        "agent upgrades rolled out host by host",
+        [
+            'CREATE TABLE "rollout" ("id" INTEGER NOT NULL PRIMARY KEY, "created_at" DATETIME NOT NULL, "created_by" TEXT NOT NULL, "selector" TEXT, "batch" INTEGER NOT NULL, "timeout" INTEGER NOT NULL, "version" TEXT NOT NULL, "sha256" TEXT NOT NULL, "size" INTEGER NOT NULL, "status" TEXT NOT NULL, "reason" TEXT, "finished_at" DATETIME)',
+            'CREATE TABLE "rollout_host" ("id" INTEGER NOT NULL PRIMARY KEY, "rollout_id" INTEGER NOT NULL, "host_id" INTEGER, "host_name" TEXT NOT NULL, "position" INTEGER NOT NULL, "batch" INTEGER NOT NULL, "from_version" TEXT, "status" TEXT NOT NULL, "detail" TEXT, "sent_at" DATETIME, "finished_at" DATETIME, FOREIGN KEY ("rollout_id") REFERENCES "rollout" ("id") ON DELETE CASCADE, FOREIGN KEY ("host_id") REFERENCES "host" ("id") ON DELETE SET NULL)',
+            'CREATE INDEX "rollout_host_rollout_id" ON "rollout_host" ("rollout_id")',
+            'CREATE INDEX "rollout_host_host_id" ON "rollout_host" ("host_id")',
+            'CREATE UNIQUE INDEX "rollout_host_rollout_id_position" ON "rollout_host" ("rollout_id", "position")',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

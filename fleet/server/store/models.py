@@ -408,6 +408,43 @@ class AuditLog(Base):
     address = pw.TextField(null=True)
 
 
+class Rollout(Base):
+    """An agent upgrade across hosts (fleetctl agents upgrade). The store is
+    its truth: it goes on when the operator's connection drops, and after
+    a fleetd restart."""
+
+    created_at = pw.DateTimeField(default=utcnow)
+    created_by = pw.TextField()  # the user's name
+    selector = pw.TextField(null=True)  # None: every host
+    batch = pw.IntegerField()  # hosts upgraded at once
+    timeout = pw.IntegerField()  # seconds a host has to come back with the new version
+    version = pw.TextField()  # of the agent file, when the rollout began
+    sha256 = pw.TextField()
+    size = pw.IntegerField()
+    status = pw.TextField(default="running")  # running | succeeded | halted
+    reason = pw.TextField(null=True)  # why it halted
+    finished_at = pw.DateTimeField(null=True)
+
+
+class RolloutHost(Base):
+    """One host of a rollout, in the order it goes."""
+
+    rollout = pw.ForeignKeyField(Rollout, backref="hosts", on_delete="CASCADE")
+    host = pw.ForeignKeyField(Host, null=True, on_delete="SET NULL")
+    host_name = pw.TextField()  # kept when the host is removed
+    position = pw.IntegerField()
+    batch = pw.IntegerField()  # 1, 2, ...; 0: nothing to do (at the version already)
+    from_version = pw.TextField(null=True)
+    # pending | sent | upgraded | current | skipped | failed
+    status = pw.TextField(default="pending")
+    detail = pw.TextField(null=True)  # why skipped or failed
+    sent_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("rollout", "position"), True),)
+
+
 MODELS: list[type[Base]] = [
     SchemaVersion,
     User,
@@ -430,4 +467,6 @@ MODELS: list[type[Base]] = [
     Listing,
     ListingPage,
     AuditLog,
+    Rollout,
+    RolloutHost,
 ]
