@@ -37,6 +37,7 @@ INT_MIN = -INT_MAX
 MAX_SEQ = 1 << 62  # delivery and log seqs: room left for arithmetic on them
 MAX_COALESCED = 20  # fire times a waiting scheduled backup remembers having absorbed
 MAX_UNAUTH_FRAME_BYTES = 64 * 1024  # /login and /enroll frames (fleetd's websockets limit)
+MAX_PINS = 8  # key pins an agent holds (fleet.common.tlspins): served, staged, room to spare
 
 JOB_KINDS = (
     "init",
@@ -250,6 +251,10 @@ MESSAGES: dict[str, MessageSpec] = {
             # what the agent can do beyond protocol 1's first frames:
             # "repositories" (it holds and tells apart several per host)
             _opt("features", "list[str]", limit=32),
+            # the key pins it trusts fleetd by (fleet.common.tlspins); [] when it
+            # pins a certificate (enrolled before key pins), absent when it pins
+            # nothing (plain ws://, or the system's CAs)
+            _opt("tls_pins", "list[str]", limit=MAX_PINS),
         ),
     ),
     "welcome": MessageSpec(
@@ -279,6 +284,19 @@ MESSAGES: dict[str, MessageSpec] = {
         (
             F("version", "int", minimum=0, maximum=MAX_SEQ),
             F("schedules", "list[dict]", limit=1000, item=SCHEDULE),
+        ),
+    ),
+    # the key pins the agent is to trust fleetd by from now on (replacing
+    # what it held): the key fleetd serves and the one staged next
+    "tls.pins": MessageSpec("server", (F("pins", "list[str]", limit=MAX_PINS),)),
+    # what the agent holds now (stored atomically before it says so); `error`
+    # when it kept its old set (a set without the key it is connected to)
+    "tls.ack": MessageSpec(
+        "agent",
+        (
+            F("pins", "list[str]", limit=MAX_PINS),
+            F("applied_at", _TS),
+            _opt("error", "str", limit=MAX_STR),
         ),
     ),
     "schedule.ack": MessageSpec(
@@ -881,16 +899,25 @@ def request_error_frame(req_id: Any, code: str, message: str) -> str:
 ENROLL_PREFIX = "fleet1:"
 
 
-def format_enrollment(server_url: str, token: str, fingerprint: Optional[str] = None) -> str:
-    """The one string an operator pastes: server URL, token, TLS pin."""
-    doc: dict[str, str] = {"url": server_url, "token": token}
+def format_enrollment(
+    server_url: str,
+    token: str,
+    fingerprint: Optional[str] = None,
+    pins: Optional[Sequence[str]] = None,
+) -> str:
+    """The one string an operator pastes: server URL, token and, with TLS,
+    the pins of fleetd's keys (served and staged) and the SHA-256 of its
+    certificate (what agents from before key pins check)."""
+    doc: dict[str, Any] = {"url": server_url, "token": token}
     if fingerprint:
         doc["sha256"] = fingerprint
+    if pins:
+        doc["pins"] = list(pins)
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def parse_enrollment(value: str) -> dict[str, str]:
+def parse_enrollment(value: str) -> dict[str, Any]:
     """Inverse of format_enrollment; raises ProtocolError on anything else."""
     value = value.strip()
     if not value.startswith(ENROLL_PREFIX):
@@ -906,5 +933,6 @@ def parse_enrollment(value: str) -> dict[str, str]:
         Field("url", "str", limit=2048),
         Field("token", "str", limit=1024),
         Field("sha256", "str", False, limit=128),
+        Field("pins", "list[str]", False, limit=MAX_PINS),
     )
     return check_fields(doc, fields, "enrollment.")
