@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..common import tlspins
 from ..common.protocol import Envelope
 from ..common.timefmt import now_iso
 from .kinds import Refused
@@ -88,6 +89,37 @@ async def on_schedule_set(agent: Agent, frame: Envelope) -> None:
     await agent.emit_now("schedule.ack", {"version": version, "applied_at": now_iso()})
 
 
+async def on_tls_pins(agent: Agent, frame: Envelope) -> None:
+    """Hold these key pins from now on (fleetd's served key and the one it
+    staged), replacing the set atomically; answer with what is held. A set
+    without the key of the fleetd this link is verified against, or for an
+    agent that pins nothing, is refused: it would lock the agent out."""
+    error = None
+    try:
+        pins = tlspins.check_pins(frame.data["pins"])
+        if agent.tls_pin is None:
+            raise tlspins.PinError("this agent trusts the system's CAs, not pins")
+        if agent.tls_pin not in pins:
+            raise tlspins.PinError(
+                f"the set lacks the key this fleetd presents (sha256 {tlspins.short(agent.tls_pin)})"
+            )
+        held = agent.state.load_pins()
+        if held != pins:
+            agent.state.save_pins(pins, now_iso())
+            log.info("fleetd's key pins are now %s", tlspins.describe(pins))
+    except (tlspins.PinError, StateError) as exc:
+        error = str(exc)
+        log.warning("kept the key pins held: fleetd sent a set I refuse: %s", error)
+    try:
+        held = agent.state.load_pins() or []
+    except StateError:
+        held = []
+    answer: dict[str, Any] = {"pins": held, "applied_at": now_iso()}
+    if error:
+        answer["error"] = error
+    await agent.emit_now("tls.ack", answer)
+
+
 async def on_query_run(agent: Agent, frame: Envelope) -> None:
     await agent.queries.submit(dict(frame.data))
 
@@ -110,6 +142,7 @@ HANDLERS: dict[str, Handler] = {
     "command.run": on_command_run,
     "command.cancel": on_command_cancel,
     "schedule.set": on_schedule_set,
+    "tls.pins": on_tls_pins,
     "query.run": on_query_run,
     "query.cancel": on_query_cancel,
     "query.more": on_query_more,
