@@ -34,6 +34,9 @@ LISTINGS = MIGRATIONS[15][1]
 DRILLS = MIGRATIONS[16][1]
 LIMITS = MIGRATIONS[17][1]
 LABELS = MIGRATIONS[18][1]
+TLS_PINS = MIGRATIONS[19][1]
+# the versions this branch holds (20 and 21 come from other branches)
+VERSIONS = [*range(1, 20), 22]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -88,7 +91,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 20))
+        assert migrate(database) == VERSIONS
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -113,10 +116,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (17, DRILLS),
             (18, LIMITS),
             (19, LABELS),
+            (22, TLS_PINS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 19
+        assert current_version(database) == MIGRATIONS[-1][0] == 22
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -149,6 +153,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (17, DRILLS),
         (18, LIMITS),
         (19, LABELS),
+        (22, TLS_PINS),
     ]
     assert m.Host.select().count() == 0
 
@@ -186,7 +191,7 @@ def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     try:
         versions = raw.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-        assert versions == [(v,) for v in range(1, latest + 2)]
+        assert versions == [(v,) for v in [*VERSIONS, latest + 1]]
         assert raw.execute("SELECT name FROM host").fetchall() == [("survivor",)]
     finally:
         raw.close()

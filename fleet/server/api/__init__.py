@@ -25,6 +25,7 @@ from . import (
     schedules,
     snapshots,
     status,
+    tls,
     tokens,
     users,
 )
@@ -47,6 +48,7 @@ NOUNS: tuple[ModuleType, ...] = (
     alerts,
     notify,
     audit,
+    tls,
 )
 
 

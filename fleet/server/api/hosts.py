@@ -19,6 +19,7 @@ from .context import Context
 from .errors import Invalid
 from .registry import Method, collect
 from .repos import repositories_of
+from .tls import host_tls_json
 from .views import host_detail_json, host_row_json, stats_json
 
 METHODS: list[Method] = []
@@ -153,7 +154,8 @@ def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def hosts_show(ctx: Context, p: dict) -> dict:
     """One host in detail: the listing's fields, its repository's stats,
-    platform, groups and schedule versions."""
+    platform, groups, schedule versions, and how its agent trusts fleetd's
+    TLS key (`tls.problem`: why it cannot connect, when fleetd can tell)."""
     h = get_host(p["host"])
     repositories = repositories_of(h)
     stats = {s.repository_id: s for s in RepoStats.select().where(RepoStats.host == h)}
@@ -169,6 +171,7 @@ def hosts_show(ctx: Context, p: dict) -> dict:
         {"name": r.name, "default": n == 0, "stats": stats_json(stats.get(r.id))}
         for n, r in enumerate(repositories)
     ]
+    out["tls"] = host_tls_json(h.tls_trust, h.tls_pins, h.online, ctx.state.tls)
     return out
 
 
