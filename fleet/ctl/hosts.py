@@ -11,6 +11,7 @@ from .. import units
 from ..common import selectors
 from . import render
 from .app import App, Duration, confirm, json_option, pass_app
+from .tls import trust_text
 
 
 @click.group()
@@ -170,6 +171,7 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
                 ),
             ),
             ("last backup", last_backup(h)),
+            ("tls", trust_text(h["tls"]) if h.get("tls") else "-"),
         ],
     )
 
