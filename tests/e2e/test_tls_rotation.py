@@ -1,8 +1,9 @@
 """fleetd's TLS certificate renewed and its key rotated under real agents
 (the zipapp under CPython 3.9): a renewal that keeps the key needs nothing,
 a staged key is pushed, activated and the agent follows without enrolling
-again; a key served without staging is refused by the agent, and fleetctl
-hosts show says why it cannot connect."""
+again; an agent enrolled before key pins learns them from fleetd; a key served
+without staging is refused by the agent, and fleetctl hosts show says why
+it cannot connect."""
 
 from __future__ import annotations
 
@@ -166,10 +167,17 @@ def test_renewal_then_a_staged_key_activated_under_a_running_agent(e2e, fx, pki,
     assert "presented a certificate" not in h.agent.log()
 
 
-def test_a_key_served_without_staging_is_refused_and_hosts_show_says_why(e2e, pki, tls_fleets):
+def test_an_older_enrollment_learns_key_pins_then_refuses_an_unstaged_key(e2e, fx, pki, tls_fleets):
     tf = tls_fleets(pki, "a")
     fleet = tf.env
-    h = e2e.host(fleet, set_repo=False)
+    # enrolled as before key pins: agent.json holds the certificate's SHA-256 only
+    h = e2e.host(fleet, set_repo=False, start=False)
+    assert h.agent.identity["tls_sha256"] == pki["a"]["sha256"]
+    (h.agent.state_dir / "pins.json").unlink()
+    e2e.start(fleet, h)  # connects by the certificate pin, then gets the key pins
+    fx.wait_until(lambda: (h.agent.state_dir / "pins.json").exists(), what="pins.json")
+    assert pins_of(h.agent) == [pki["a"]["pin"]]
+    fx.wait_until(lambda: tls_of(fleet, h.name)["trust"] == "pins", what="the pins recorded")
     token = h.agent.identity["agent_token"]
 
     tf.install(pki["c"])
