@@ -45,6 +45,7 @@ from .api.auth import known_token, login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
 from .api.tls import started as tls_started
+from .api.tls import without_tls as tls_without
 from .clock import Clock
 from .events import (
     Bus,
@@ -562,6 +563,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     await store.run(reset_online)
     if tls is not None:
         await start_tls(store, tls)
+    else:
+        await store.atomic(tls_without)
     clock = Clock()
     bus = Bus()
     agents = Agents(store, bus, box, clock, config.heartbeat_interval, tls)

@@ -196,6 +196,11 @@ def test_an_older_enrollment_learns_key_pins_then_refuses_an_unstaged_key(e2e, f
     assert tlspins.short(pki["c"]["pin"]) in shown["problem"]
     text = fleet.ctl("hosts", "show", h.name).stdout
     assert "cannot connect" in text and "enroll it again" in " ".join(text.split())
+    # fleetctl status (and so alerts) says it at once, as critical
+    result = fleet.ctl("status", "--json", expect=2)
+    (problem,) = [p for p in json.loads(result.stdout)["problems"] if p["kind"] == "tls_refused"]
+    assert problem["host"] == h.name and problem["severity"] == "critical"
+    assert problem["message"].startswith(f"{h.name} cannot connect: fleetd's certificate key")
 
     status = h.agent.cli("status", "--state-dir", h.agent.state_dir, "--json")
     assert status.returncode == 0, status.stderr

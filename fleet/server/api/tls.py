@@ -8,6 +8,7 @@ holds the new key's pin). See security/tls.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Optional
 
@@ -146,8 +147,10 @@ async def tls_activate(ctx: Context, p: dict) -> dict:
     its pin (`force`: every online one; an offline agent without it must be
     enrolled again). Agents connected with the old key are told to redial."""
     state = served(ctx)
-    try:
-        new = tls.load(state.cert_file, state.key_file)
+    try:  # files: read off the event loop
+        new = await asyncio.get_running_loop().run_in_executor(
+            None, tls.load, state.cert_file, state.key_file
+        )
     except tls.TlsError as exc:
         raise Invalid(str(exc)) from None
     old = state.pin
@@ -188,6 +191,11 @@ def record_activated(ctx: Context, pin: str, old: str, offline: list[str]) -> No
     if offline:
         detail["locked_out"] = offline
     audit(ctx, "tls.activate", pin, detail)
+
+
+def without_tls() -> None:
+    """At a start without TLS: no key is served, none to compare pins with."""
+    TlsKey.delete().where(TlsKey.state == "served").execute()
 
 
 def started(pin: str) -> tuple[Optional[str], Optional[str], bool]:
