@@ -59,6 +59,8 @@ def status_cell(host: dict) -> str:
         text += " [yellow](repo locked)[/]"
     if host.get("schedule_lagging"):
         text += " [yellow](schedules not applied)[/]"
+    if host.get("tls_refused"):
+        text += " [red](refuses fleetd's key)[/]"
     return text
 
 

@@ -22,7 +22,8 @@ from ..common import cron
 from ..common.timefmt import iso
 from .scheduling.schedules import zone_of
 from .security.tls import cannot_connect
-from .store.models import Host, Job, Repository, Schedule, ScheduleGroup, SourceGroup, TlsKey
+from .store.models import Host, Job, Repository, Schedule, ScheduleGroup, SourceGroup
+from .store.queries.listing import served_pin
 
 OK, WARNING, CRITICAL = 0, 1, 2
 SEVERITY = {OK: "ok", WARNING: "warning", CRITICAL: "critical"}
@@ -172,7 +173,7 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
         ).order_by(Host.name)
     )
     # the key fleetd serves, as recorded at its start and at each activation
-    served = TlsKey.select(TlsKey.pin).where(TlsKey.state == "served").scalar()
+    served = served_pin()
     groups: dict[int, list[SourceGroup]] = defaultdict(list)
     for g in SourceGroup.select().order_by(SourceGroup.name):
         groups[g.host_id].append(g)

@@ -196,6 +196,9 @@ def test_an_older_enrollment_learns_key_pins_then_refuses_an_unstaged_key(e2e, f
     assert tlspins.short(pki["c"]["pin"]) in shown["problem"]
     text = fleet.ctl("hosts", "show", h.name).stdout
     assert "cannot connect" in text and "enroll it again" in " ".join(text.split())
+    (listed,) = [r for r in fleet.ctl_json("hosts", "list") if r["name"] == h.name]
+    assert listed["tls_refused"] is True and listed["status"] == "offline"
+    assert "(refuses fleetd's key)" in fleet.ctl("hosts", "list").stdout
     # fleetctl status (and so alerts) says it at once, as critical
     result = fleet.ctl("status", "--json", expect=2)
     (problem,) = [p for p in json.loads(result.stdout)["problems"] if p["kind"] == "tls_refused"]

@@ -172,6 +172,7 @@ def hosts_show(ctx: Context, p: dict) -> dict:
         for n, r in enumerate(repositories)
     ]
     out["tls"] = host_tls_json(h.tls_trust, h.tls_pins, h.online, ctx.state.tls)
+    out["tls_refused"] = out["tls"].get("problem") is not None
     return out
 
 
