@@ -28,15 +28,25 @@ class PinMismatch(Exception):
     """fleetd presented a certificate whose key this agent does not pin: a
     definite refusal (the agent backs off long, and says why)."""
 
-    def __init__(self, url: str, presented: str, pins: list[str], cert_sha256: str) -> None:
+    def __init__(
+        self, url: str, presented: str, pins: list[str], cert_sha256: str, pinned_cert: str = ""
+    ) -> None:
         self.url = url
         self.presented = presented  # the key pin of the certificate presented
-        self.pins = pins  # the pins held (or the certificate pin of an older enrollment)
-        self.cert_sha256 = cert_sha256
-        held = f"the {len(pins)} pin(s) this agent holds ({tlspins.describe(pins)})"
+        self.pins = pins  # the key pins held ([]: a certificate pin, from an older enrollment)
+        self.cert_sha256 = cert_sha256  # of the certificate presented
+        if pins:
+            held = (
+                f"is not among the {len(pins)} pin(s) this agent holds ({tlspins.describe(pins)})"
+            )
+        else:
+            held = (
+                f"is in a certificate (sha256 {tlspins.short(cert_sha256)}) other than the one "
+                f"this agent pinned at enrollment (sha256 {tlspins.short(pinned_cert)})"
+            )
         super().__init__(
             f"{url} presented a certificate whose key (sha256 {tlspins.short(presented)}) "
-            f"is not among {held}: refusing to send it anything"
+            f"{held}: refusing to send it anything"
         )
 
 
@@ -73,7 +83,7 @@ class Trust:
         if not self.pinned:
             return None
         if not cert_der:
-            raise PinMismatch(url, "0" * 64, self.held(), "")
+            raise PinMismatch(url, "0" * 64, self.held(), "", self.cert_sha256 or "")
         try:
             presented = tlspins.spki_pin(cert_der)
         except tlspins.PinError:
@@ -84,7 +94,7 @@ class Trust:
                 return presented
         elif whole == self.cert_sha256:
             return presented
-        raise PinMismatch(url, presented, self.pins or [f"certificate {self.cert_sha256}"], whole)
+        raise PinMismatch(url, presented, self.pins or [], whole, self.cert_sha256 or "")
 
 
 def pinned_connection(trust: Trust, url: str, seen: Optional[dict[str, Any]] = None) -> type:

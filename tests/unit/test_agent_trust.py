@@ -90,8 +90,10 @@ def test_trust_by_the_certificate_pin_of_an_older_enrollment(cert):
     trust = Trust(None, whole.upper())
     assert trust.pinned and trust.held() == []
     assert trust.check("wss://f", cert["der"]) == cert["pin"]  # its key pin, learnt
-    with pytest.raises(PinMismatch):
+    with pytest.raises(PinMismatch) as refused:
         Trust(None, C).check("wss://f", cert["der"])
+    assert "other than the one this agent pinned at enrollment" in str(refused.value)
+    assert tlspins.short(C) in str(refused.value) and tlspins.short(whole) in str(refused.value)
     # key pins, once held, decide alone
     with pytest.raises(PinMismatch):
         Trust([A], whole).check("wss://f", cert["der"])

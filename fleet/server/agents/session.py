@@ -687,13 +687,15 @@ def trust_of(hello: dict) -> Optional[str]:
 
 async def on_tls_ack(agents: Agents, session: AgentSession, data: dict) -> None:
     """The key pins the agent holds now (it stored them before saying so)."""
+    if data.get("error"):
+        log.warning("host %s kept its key pins: %s", session.host_name, data["error"])
+    if not data["pins"]:
+        return  # it holds none yet (a certificate pin): nothing new to record
     try:
         pins = tlspins.check_pins(data["pins"])
     except tlspins.PinError as exc:
         log.warning("host %s acknowledged pins fleetd cannot read: %s", session.host_name, exc)
         return
-    if data.get("error"):
-        log.warning("host %s kept its key pins: %s", session.host_name, data["error"])
     session.tls_pins = pins
     try:
         await agents.store.atomic(record_pins, session.host_id, pins)
