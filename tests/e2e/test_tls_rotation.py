@@ -139,7 +139,9 @@ def test_renewal_then_a_staged_key_activated_under_a_running_agent(e2e, fx, pki,
 
     # a new key: staged, its pin pushed to the running agent
     fleet.ctl("tls", "stage", pki["b"]["cert"])
-    fx.wait_until(lambda: tls_of(fleet, h.name).get("holds_staged"), what="the staged pin held")
+    fx.wait_until(
+        lambda: tls_of(fleet, h.name).get("holds_staged"), what="the staged pin held", interval=0.2
+    )
     assert pins_of(h.agent) == [pki["a"]["pin"], pki["b"]["pin"]]
     # a host enrolled now gets both pins, though it never connects in this test
     late = e2e.host(fleet, set_repo=False, start=False)
@@ -161,8 +163,12 @@ def test_renewal_then_a_staged_key_activated_under_a_running_agent(e2e, fx, pki,
     # the agent was told to redial: it checks the new key and keeps only its pin
     h.agent.wait_log("connected to", connected + 1)
     e2e.wait_host(fleet, h.name, "online")
-    fx.wait_until(lambda: pins_of(h.agent) == [pki["b"]["pin"]], what="the old pin dropped")
-    fx.wait_until(lambda: tls_of(fleet, h.name)["pins"] == [pki["b"]["pin"]], what="recorded")
+    fx.wait_until(
+        lambda: pins_of(h.agent) == [pki["b"]["pin"]], what="the old pin dropped", interval=0.2
+    )
+    fx.wait_until(
+        lambda: tls_of(fleet, h.name)["pins"] == [pki["b"]["pin"]], what="recorded", interval=0.2
+    )
     assert fleet.ctl_json("tls", "status")["served"]["pin"] == pki["b"]["pin"]
     assert "presented a certificate" not in h.agent.log()
 
@@ -175,9 +181,13 @@ def test_an_older_enrollment_learns_key_pins_then_refuses_an_unstaged_key(e2e, f
     assert h.agent.identity["tls_sha256"] == pki["a"]["sha256"]
     (h.agent.state_dir / "pins.json").unlink()
     e2e.start(fleet, h)  # connects by the certificate pin, then gets the key pins
-    fx.wait_until(lambda: (h.agent.state_dir / "pins.json").exists(), what="pins.json")
+    fx.wait_until(
+        lambda: (h.agent.state_dir / "pins.json").exists(), what="pins.json", interval=0.2
+    )
     assert pins_of(h.agent) == [pki["a"]["pin"]]
-    fx.wait_until(lambda: tls_of(fleet, h.name)["trust"] == "pins", what="the pins recorded")
+    fx.wait_until(
+        lambda: tls_of(fleet, h.name)["trust"] == "pins", what="the pins recorded", interval=0.2
+    )
     token = h.agent.identity["agent_token"]
 
     tf.install(pki["c"])
