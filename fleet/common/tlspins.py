@@ -22,6 +22,9 @@ PIN_RE = re.compile(r"^[0-9a-f]{64}$")
 _PEM_RE = re.compile(
     r"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----"
 )
+# what a new key's pin can be read from before its certificate exists
+KEY_BLOCKS = ("CERTIFICATE", "CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST", "PUBLIC KEY")
+_BLOCK_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\s*([A-Za-z0-9+/=\s]*?)\s*-----END \1-----")
 
 
 class PinError(ValueError):
@@ -76,6 +79,59 @@ def spki_der(cert_der: bytes) -> bytes:
     if tag != SEQUENCE:
         raise PinError("not a DER certificate (no subjectPublicKeyInfo)")
     return der[pos:key_end]
+
+
+def csr_spki_der(csr_der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo of a PKCS#10 certificate request:
+    CertificationRequest ::= SEQUENCE { SEQUENCE { version, subject,
+    subjectPKInfo, attributes }, ... }. Raises PinError."""
+    der = bytes(csr_der)
+    tag, start, end = _tlv(der, 0, len(der))
+    if tag != SEQUENCE or end != len(der):
+        raise PinError("not a DER certificate request")
+    tag, pos, info_end = _tlv(der, start, end)
+    if tag != SEQUENCE:
+        raise PinError("not a DER certificate request (no certificationRequestInfo)")
+    for _ in range(2):  # version, subject
+        _, _, pos = _tlv(der, pos, info_end)
+    tag, _, key_end = _tlv(der, pos, info_end)
+    if tag != SEQUENCE:
+        raise PinError("not a DER certificate request (no subjectPKInfo)")
+    return der[pos:key_end]
+
+
+def public_key_block(text: str) -> tuple[str, bytes]:
+    """The first certificate, certificate request or public key of a PEM
+    text: (its PEM block, alone, and the SPKI it holds). A private key is
+    passed over: only this block need leave the machine. Raises PinError."""
+    private = False
+    for match in _BLOCK_RE.finditer(text):
+        kind, body = match.group(1), match.group(2)
+        if "PRIVATE KEY" in kind:
+            private = True
+            continue
+        if kind not in KEY_BLOCKS:
+            continue
+        try:
+            der = base64.b64decode("".join(body.split()), validate=True)
+        except ValueError:
+            raise PinError(f"a damaged PEM {kind.lower()}") from None
+        if kind == "CERTIFICATE":
+            spki = spki_der(der)
+        elif kind == "PUBLIC KEY":
+            tag, _, end = _tlv(der, 0, len(der))
+            if tag != SEQUENCE or end != len(der):
+                raise PinError("not a DER public key")
+            spki = der
+        else:
+            spki = csr_spki_der(der)
+        return match.group(0) + "\n", spki
+    if private:
+        raise PinError(
+            "only a private key found: give the certificate, its request (CSR) or the "
+            "public key (openssl pkey -in KEY -pubout)"
+        )
+    raise PinError("no PEM certificate, certificate request or public key found")
 
 
 def spki_pin(cert_der: bytes) -> str:

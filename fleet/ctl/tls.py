@@ -100,27 +100,29 @@ def tls_status(app: App, as_json: bool) -> None:
 
 
 @tls.command("stage")
-@click.argument("certificate", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", metavar="PEM", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
 @pass_app
-def tls_stage(app: App, certificate: Path, as_json: bool) -> None:
-    """Send the pin of a new certificate's key to every agent.
+def tls_stage(app: App, file: Path, as_json: bool) -> None:
+    """Send the pin of a new key to every agent.
 
-    CERTIFICATE is the new PEM certificate (read here; only its public key
-    counts, the private key never leaves fleetd's host). Agents store the
-    pin beside the served key's; agents enrolled from now on get both.
+    PEM is a file holding the new certificate, or (before it is issued) its
+    certificate request or the public key (openssl pkey -in KEY -pubout).
+    Only that block is sent to fleetd, never a private key in the same
+    file. Agents store the pin beside the served key's; agents enrolled
+    from now on get both.
     """
     try:
-        pem = certificate.read_text()
+        text = file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise CtlError(
-            f"cannot read {certificate}: {getattr(exc, 'strerror', None) or exc}", Exit.USAGE
+            f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}", Exit.USAGE
         ) from None
     try:
-        tlspins.pem_certificates(pem)
+        block, _ = tlspins.public_key_block(text)
     except tlspins.PinError as exc:
-        raise CtlError(f"{certificate}: {exc}", Exit.USAGE) from None
-    result = app.call("tls.stage", certificate=pem)
+        raise CtlError(f"{file}: {exc}", Exit.USAGE) from None
+    result = app.call("tls.stage", pem=block)
     if as_json:
         render.emit_json(result)
         return

@@ -136,3 +136,22 @@ def test_check_pins():
         tlspins.check_pins([f"{i:064x}" for i in range(9)])
     assert tlspins.short(a) == "a" * 16 + "…"
     assert tlspins.describe([]) == "none"
+
+
+def test_a_new_keys_pin_from_its_certificate_request_or_public_key(certs, tmp_path):
+    key = certs["rsa"]["key"]
+    csr = openssl("req", "-new", "-key", str(key), "-subj", "/CN=next").decode()
+    public = openssl("pkey", "-in", str(key), "-pubout").decode()
+    private = key.read_text()
+    cert = certs["rsa"]["pem"]
+    for text in (cert, csr, public, private + cert, "junk\n" + private + public):
+        block, spki = tlspins.public_key_block(text)
+        assert hashlib.sha256(spki).hexdigest() == certs["rsa"]["pin"]
+        assert "PRIVATE" not in block and block.count("-----BEGIN") == 1
+        assert tlspins.public_key_block(block)[1] == spki  # what fleetctl sends reads alike
+    with pytest.raises(PinError, match="only a private key"):
+        tlspins.public_key_block(private)
+    with pytest.raises(PinError, match="no PEM certificate"):
+        tlspins.public_key_block("nothing here")
+    with pytest.raises(PinError):
+        tlspins.public_key_block("-----BEGIN PUBLIC KEY-----\nAgEA\n-----END PUBLIC KEY-----\n")

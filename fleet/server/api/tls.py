@@ -9,6 +9,7 @@ holds the new key's pin). See security/tls.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ method = collect(METHODS)
 
 log = logging.getLogger("fleetd")
 
-MAX_CERT = 64 * 1024  # a PEM certificate (a chain fits too; its first is read)
+MAX_CERT = 64 * 1024  # a PEM certificate, request or public key
 NAMED = 10  # hosts named in a refusal, at most
 
 
@@ -94,16 +95,18 @@ def tls_status(ctx: Context, p: dict) -> dict:
     return status_of(served(ctx))
 
 
-@method("tls.stage", Role.ADMIN, (Field("certificate", "str", limit=MAX_CERT),))
+@method("tls.stage", Role.ADMIN, (Field("pem", "str", limit=MAX_CERT),))
 async def tls_stage(ctx: Context, p: dict) -> dict:
-    """Stage the key of a new certificate (PEM; only its public key is
-    read): its pin goes to every agent now, and to agents enrolled from now
-    on, beside the served key's. Replaces a key staged before."""
+    """Stage a new key, given as PEM: its certificate, certificate request
+    or public key (only the public key is read). Its pin goes to every agent
+    now, and to agents enrolled from now on, beside the served key's.
+    Replaces a key staged before."""
     state = served(ctx)
     try:
-        pin = tlspins.spki_pin(tlspins.pem_certificates(p["certificate"])[0])
+        _, spki = tlspins.public_key_block(p["pem"])
     except tlspins.PinError as exc:
-        raise Invalid(f"not a certificate: {exc}") from None
+        raise Invalid(str(exc)) from None
+    pin = hashlib.sha256(spki).hexdigest()
     if pin == state.pin:
         raise Invalid(
             f"this certificate's key (sha256 {tlspins.short(pin)}) is the one fleetd serves: "
