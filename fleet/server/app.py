@@ -690,18 +690,26 @@ def going_away(connection: ServerConnection) -> None:
 async def start_tls(store: Store, tls: ServedTls) -> None:
     """Record the key fleetd serves; say loudly when it changed without
     being staged first (agents pinning the old key cannot connect)."""
-    tls.staged, before, was_staged = await store.atomic(tls_started, tls.pin)
+    tls.staged, before, was_staged, lacking = await store.atomic(tls_started, tls.pin)
     if before is None:
         log.info("serving TLS key %s", tls.pin)
     elif was_staged:
         log.info("serving TLS key %s, staged before (was %s)", tls.pin, before)
+        if lacking:  # restarted onto the staged key without tls activate's check
+            log.warning(
+                "%d host(s) may not hold the pin of the key served now and may not connect: "
+                "%s ('fleetctl tls status' says why)",
+                len(lacking),
+                ", ".join(lacking[:10]) + (" ..." if len(lacking) > 10 else ""),
+            )
     else:
         log.warning(
-            "serving TLS key %s, which was never staged (fleetd served %s before): agents "
-            "pinning only the old key cannot connect ('fleetctl tls status' names them); "
-            "serve the old key again, or enroll those agents again",
+            "serving TLS key %s, which was never staged (fleetd served %s before): the agents "
+            "of %d host(s) pinning only the old key cannot connect ('fleetctl tls status' "
+            "names them); serve the old key again, or enroll those agents again",
             tlspins.short(tls.pin),
             tlspins.short(before),
+            len(lacking),
         )
 
 

@@ -113,7 +113,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option(
     "--tls-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="PEM certificate chain.",
+    help="PEM certificate chain (agents pin its key; 'fleetctl tls activate' reads it again).",
 )
 @click.option(
     "--tls-key",

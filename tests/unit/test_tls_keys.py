@@ -89,14 +89,18 @@ def keys() -> dict[str, str]:
 
 
 def test_start_records_the_served_key_and_tells_an_unstaged_change(database):
-    assert api_tls.started(A) == (None, None, False)  # first start: nothing to compare
+    m.Host.create(name="both", agent_token_hash="h1", tls_trust="pins", tls_pins=[A, B])
+    m.Host.create(name="old", agent_token_hash="h2", tls_trust="pins", tls_pins=[A])
+    m.Host.create(name="pending")  # never enrolled: not counted
+    assert api_tls.started(A) == (None, None, False, [])  # first start: nothing to compare
     assert keys() == {"served": A}
-    assert api_tls.started(A) == (None, None, False)  # the same key again
+    assert api_tls.started(A) == (None, None, False, [])  # the same key again
     m.TlsKey.create(pin=B, state="staged")
-    assert api_tls.started(A) == (B, None, False)  # still staged, not yet served
-    assert api_tls.started(B) == (None, A, True)  # restarted with the staged key
+    assert api_tls.started(A) == (B, None, False, [])  # still staged, not yet served
+    # restarted with the staged key installed: "old" may not connect
+    assert api_tls.started(B) == (None, A, True, ["old"])
     assert keys() == {"served": B}
-    assert api_tls.started(C) == (None, B, False)  # a key nobody staged: fleetd warns
+    assert api_tls.started(C) == (None, B, False, ["both", "old"])  # never staged: warned
     assert keys() == {"served": C}
 
 

@@ -201,15 +201,17 @@ def without_tls() -> None:
     TlsKey.delete().where(TlsKey.state == "served").execute()
 
 
-def started(pin: str) -> tuple[Optional[str], Optional[str], bool]:
+def started(pin: str) -> tuple[Optional[str], Optional[str], bool, list[str]]:
     """At start, with the key fleetd serves: (the staged key's pin, the key
-    served before when it changed, whether the new one had been staged).
-    Records the served key (store thread)."""
+    served before when it changed, whether the new one had been staged, the
+    hosts that may not hold its pin then). Records the served key (store
+    thread)."""
     rows = {k.state: k.pin for k in TlsKey.select()}
     before, staged = rows.get("served"), rows.get("staged")
     if before == pin and staged != pin:
-        return staged, None, False
+        return staged, None, False, []
     was_staged = staged == pin
     TlsKey.delete().where((TlsKey.state == "served") | (TlsKey.pin == pin)).execute()
     TlsKey.create(pin=pin, state="served", since=utcnow(), actor="system")
-    return (None if was_staged else staged), before, was_staged
+    lack = [h.name for h in tls.lacking(host_trust(), pin)] if before is not None else []
+    return (None if was_staged else staged), before, was_staged, lack
