@@ -233,6 +233,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         fail(str(exc), DAMAGED)
     except StateError as exc:
         fail(str(exc), Exit.USAGE)
+    try:
+        state.load_pins()  # damaged: say so now, not at the first dial
+    except StateError as exc:
+        fail(str(exc), Exit.ERROR)
     _lock = lock_state_dir(state)  # noqa: F841 - released at exit (and at exec)
     trial, report = upgrade_on_start(state)
     try:
@@ -278,8 +282,10 @@ def cmd_status(args: argparse.Namespace) -> None:
             fail(str(exc), Exit.ERROR)
     try:
         schedule_set = state.load_schedules() or {}
+        pins = state.load_pins()
     except StateError as exc:
         fail(str(exc), Exit.ERROR)
+    refusal = state.load_refusal()
     now = Clock(clock_offset()).now()
     schedules = []
     for e in entries(schedule_set):
@@ -299,7 +305,12 @@ def cmd_status(args: argparse.Namespace) -> None:
         "host": identity.host_name,
         "host_id": identity.host_id,
         "server": identity.server_url,
-        "tls_pinned": bool(identity.tls_sha256),
+        "tls_pinned": bool(pins or identity.tls_sha256),
+        # the keys fleetd is trusted by; None: a certificate pin of before
+        # key pins (until fleetd sends them), or no pin at all
+        "tls_pins": pins,
+        # why fleetd's certificate was last refused, until a connection succeeds
+        "tls_refused": refusal,
         "repository_configured": bool(repos),
         "repositories": [r.name or "(default)" for r in repos],
         "unacknowledged_frames": pending,
@@ -331,6 +342,12 @@ def cmd_status(args: argparse.Namespace) -> None:
             continue
         if key == "queued_local_jobs":
             value = len(value)
+        if key == "tls_pins":
+            value = ", ".join(value) if value else "-"
+        if key == "tls_refused":
+            if not value:
+                continue
+            value = f"{value.get('at', '?')}: {value.get('message') or value.get('error')}"
         if key == "repositories":
             value = ", ".join(value) or "-"
         if key == "upgrade":

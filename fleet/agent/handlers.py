@@ -15,10 +15,10 @@ import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..common import tlspins
 from ..common.protocol import Envelope
 from ..common.timefmt import now_iso
 from . import upgrade
-from .enroll import tls_context
 from .kinds import Refused
 from .scheduler import started_fields
 from .state import RepoConfig, StateError
@@ -92,6 +92,37 @@ async def on_schedule_set(agent: Agent, frame: Envelope) -> None:
     await agent.emit_now("schedule.ack", {"version": version, "applied_at": now_iso()})
 
 
+async def on_tls_pins(agent: Agent, frame: Envelope) -> None:
+    """Hold these key pins from now on (fleetd's served key and the one it
+    staged), replacing the set atomically; answer with what is held. A set
+    without the key of the fleetd this link is verified against, or for an
+    agent that pins nothing, is refused: it would lock the agent out."""
+    error = None
+    try:
+        pins = tlspins.check_pins(frame.data["pins"])
+        if agent.tls_pin is None:
+            raise tlspins.PinError("this agent trusts the system's CAs, not pins")
+        if agent.tls_pin not in pins:
+            raise tlspins.PinError(
+                f"the set lacks the key this fleetd presents (sha256 {tlspins.short(agent.tls_pin)})"
+            )
+        held = agent.state.load_pins()
+        if held != pins:
+            agent.state.save_pins(pins, now_iso())
+            log.info("fleetd's key pins are now %s", tlspins.describe(pins))
+    except (tlspins.PinError, StateError) as exc:
+        error = str(exc)
+        log.warning("kept the key pins held: fleetd sent a set I refuse: %s", error)
+    try:
+        held = agent.state.load_pins() or []
+    except StateError:
+        held = []
+    answer: dict[str, Any] = {"pins": held, "applied_at": now_iso()}
+    if error:
+        answer["error"] = error
+    await agent.emit_now("tls.ack", answer)
+
+
 async def on_query_run(agent: Agent, frame: Envelope) -> None:
     await agent.queries.submit(dict(frame.data))
 
@@ -127,9 +158,8 @@ async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
             raise refused
         assert program is not None
         identity = agent.identity
-        ssl_ctx = None
-        if identity.server_url.startswith("wss://"):
-            ssl_ctx = tls_context(agent.state, identity.tls_sha256)
+        # the same trust as the link's: fleetd's key checked before the token goes
+        trust = agent.trust() if identity.server_url.startswith("wss://") else None
         loop = asyncio.get_running_loop()
         log.info("upgrade to fleet-agent %s: downloading it", version)
         new = await loop.run_in_executor(
@@ -137,7 +167,7 @@ async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
             upgrade.download,
             identity.server_url,
             identity.agent_token,
-            ssl_ctx,
+            trust,
             program.parent,
             data["size"],
             data["sha256"],
@@ -176,6 +206,7 @@ HANDLERS: dict[str, Handler] = {
     "command.run": on_command_run,
     "command.cancel": on_command_cancel,
     "schedule.set": on_schedule_set,
+    "tls.pins": on_tls_pins,
     "query.run": on_query_run,
     "query.cancel": on_query_cancel,
     "query.more": on_query_more,

@@ -6,7 +6,9 @@ its handler, see handlers.py) and the sender, which drains the spool in seq
 order with at most a window of frames sent and not yet acknowledged (so a
 slow fleetd pushes back instead of buffering without bound). After a drop
 the agent redials with exponential backoff and jitter (1 s to 60 s) and the
-sender starts again from the last acknowledged seq.
+sender starts again from the last acknowledged seq. A server whose
+certificate key the agent does not pin (see trust.py) is a definite
+refusal: one clear line, and redials an hour apart at most (1 min, 2, 4 ...).
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from ..common import protocol
 from ..common.protocol import ProtocolError
 from ..common.restic import commands, parse
 from ..common.timefmt import now_iso
-from .enroll import FatalError, tls_context
+from .enroll import FatalError
 from .handlers import dispatch
 from .kinds import Where
 from .queries import Queries
 from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
 from .spool import DEFAULT_MAX_BYTES, Spool, SpoolDamaged
-from .state import Identity, State
+from .state import Identity, State, StateError
+from .trust import PinMismatch, Trust, pinned_connection
 from .upgrade import clear_marker
 
 log = logging.getLogger("fleet-agent")
@@ -47,6 +50,8 @@ BACKOFF_MAX = 60.0
 SEND_BATCH = 500  # frames read from the spool at once
 WINDOW_FRAMES = 1000  # frames sent and not yet acknowledged, at most
 WINDOW_BYTES = 1 << 20  # ... and their size (one larger frame still goes alone)
+REFUSED_MIN = 60.0  # after fleetd's certificate was refused: its key will not change soon
+REFUSED_MAX = 3600.0
 
 
 def backoff(attempt: int, rng: Optional[random.Random] = None) -> float:
@@ -56,6 +61,14 @@ def backoff(attempt: int, rng: Optional[random.Random] = None) -> float:
     first redial."""
     ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (attempt + 1))
     return (rng or random).uniform(BACKOFF_MIN, ceiling)
+
+
+def refused_backoff(refusals: int, rng: Optional[random.Random] = None) -> float:
+    """Delay after refusal number `refusals` (0-based) of fleetd's
+    certificate: a ceiling doubling from 1 min to an hour, the last half of
+    it at random (no hot loop on a key that will not change by itself)."""
+    ceiling = min(REFUSED_MAX, REFUSED_MIN * 2**refusals)
+    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
@@ -200,6 +213,7 @@ class Agent:
         self.disconnected = asyncio.Event()  # set while it is not
         self.disconnected.set()
         self.dialled = asyncio.Event()  # the first dial connected or failed
+        self.tls_pin: Optional[str] = None  # the key pin of this session's fleetd, checked
         self.scheduler = Scheduler(self, clock, autonomy_after)
         self.runner.on_idle = self.scheduler.kick
         self.scheduler.load()
@@ -260,8 +274,42 @@ class Agent:
         finally:
             scheduler.cancel()
 
+    def trust(self) -> Trust:
+        """How fleetd is trusted, read anew for each dial (fleetd may have
+        sent new pins); a damaged pins.json ends the agent, clearly."""
+        try:
+            return Trust(self.state.load_pins(), self.identity.tls_sha256)
+        except StateError as exc:
+            raise FatalError(str(exc), 1) from None
+
+    def refused(self, exc: PinMismatch, refusals: int) -> float:
+        """Say once, clearly, why fleetd was refused (and keep it for `fleet-agent
+        status`); the delay before trying again."""
+        delay = refused_backoff(refusals)
+        log.error(
+            "%s; redialling in %.0f s (fleetd's key must be staged before it is served: "
+            "serve the old key again, or enroll this agent again)",
+            exc,
+            delay,
+        )
+        try:
+            self.state.save_refusal(
+                {
+                    "at": now_iso(),
+                    "server": exc.url,
+                    "presented_key": exc.presented,
+                    "presented_certificate": exc.cert_sha256,
+                    "pins": exc.pins,
+                    "message": str(exc),
+                }
+            )
+        except OSError as err:
+            log.warning("cannot record the refusal in %s: %s", self.state.root, err)
+        return delay
+
     async def _dial_forever(self) -> None:
         attempt = 0
+        refusals = 0
         while True:
             started = time.monotonic()
             try:
@@ -269,6 +317,12 @@ class Agent:
                 reason = "connection closed"
             except (FatalError, SpoolDamaged):
                 raise
+            except PinMismatch as exc:
+                self.dialled.set()
+                delay = self.refused(exc, refusals)
+                refusals += 1
+                await asyncio.sleep(delay)
+                continue
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status == 401:
@@ -290,6 +344,7 @@ class Agent:
                 log.exception("session failed")
                 reason = f"{type(exc).__name__}: {exc}"
             self.dialled.set()  # connected or not: the scheduler stops waiting
+            refusals = 0  # the key was not refused: a later refusal starts short again
             if time.monotonic() - started > BACKOFF_MAX:
                 attempt = 0  # the link had been up a while: start over quickly
             delay = backoff(attempt)
@@ -314,7 +369,8 @@ class Agent:
             "spool_seq": self.spool.last_seq(),
             "spool_pending": self.spool.first_pending(),
             "schedule_version": self.scheduler.version,
-            "features": ["repositories", "queries", "restore", "drills", "upgrade"],
+            # tls.pins: it takes key pins from fleetd (and says in tls_pins which it holds)
+            "features": ["repositories", "queries", "restore", "drills", "upgrade", "tls.pins"],
         }
         if self.runner.current is not None:
             data["running_job"] = self.runner.current
@@ -339,22 +395,31 @@ class Agent:
         if self.request_stop is not None:
             self.request_stop(why)
 
+    def hello_with(self, trust: Trust) -> dict:
+        data = self.hello()
+        if trust.pinned:  # fleetd then sends the pins it wants held
+            data["tls_pins"] = trust.held()
+        return data
+
     async def session(self) -> None:
         url = self.identity.server_url + "/agent"
-        ssl_ctx = (
-            tls_context(self.state, self.identity.tls_sha256) if url.startswith("wss://") else None
-        )
+        secure = url.startswith("wss://")
+        trust = self.trust() if secure else Trust()
+        seen: dict[str, Any] = {}
         headers = {"Authorization": f"Bearer {self.identity.agent_token}"}
         async with connect(
             url,
             additional_headers=headers,
-            ssl=ssl_ctx,
+            ssl=trust.ssl_context() if secure else None,
             open_timeout=15,
             compression=None,
             max_size=4 * protocol.MAX_FRAME_BYTES,
             user_agent_header=f"fleet-agent/{__version__}",
+            # checks fleetd's key before the upgrade request (the token) goes out
+            create_connection=pinned_connection(trust, self.identity.server_url, seen),
         ) as ws:
-            await ws.send(protocol.encode("hello", self.hello(), id="hello"))
+            self.tls_pin = seen.get("pin")
+            await ws.send(protocol.encode("hello", self.hello_with(trust), id="hello"))
             reply = protocol.decode(await asyncio.wait_for(ws.recv(), 30), expect="server")
             if reply.type == "error":
                 if reply.data["code"] == "unsupported_version":
@@ -365,6 +430,7 @@ class Agent:
             interval = reply.data["heartbeat_interval"]
             log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
             self.welcomed()
+            self.state.clear_refusal()
             self.ws = ws
             self.disconnected.clear()
             self.connected.set()

@@ -1,7 +1,12 @@
 """What the agent keeps on disk, all of it mode 0600 in its state dir.
 
-agent.json    server URL, host id and name, agent token, TLS pin
-server.pem    the server certificate pinned at enrollment (TLS only)
+agent.json    server URL, host id and name, agent token, and (from before
+              key pins) the SHA-256 of the certificate pinned at enrollment
+server.pem    the server certificate seen at enrollment (TLS only)
+pins.json     the public-key pins fleetd is trusted by (TLS only): the key
+              it serves and the one staged next, as fleetd last sent them
+tls-refused.json  why the agent last refused fleetd's certificate (gone once
+              a connection succeeds), for `fleet-agent status`
 repo.json     the repositories the host uses (URL, password, backend
               environment, fleetd's id and name), its default first
 schedules.json  the schedule set fleetd last sent (its version, crons, groups)
@@ -16,6 +21,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from ..common import tlspins
 
 DEFAULT_STATE_DIR = "/var/lib/fleet-agent"
 
@@ -95,6 +102,14 @@ class State:
         return self.root / "server.pem"
 
     @property
+    def pins_path(self) -> Path:
+        return self.root / "pins.json"
+
+    @property
+    def refusal_path(self) -> Path:
+        return self.root / "tls-refused.json"
+
+    @property
     def repo_path(self) -> Path:
         return self.root / "repo.json"
 
@@ -131,6 +146,49 @@ class State:
             write_private(self.identity_path, json.dumps(asdict(identity), indent=2) + "\n")
         except OSError as exc:
             raise StateError(f"cannot write {self.identity_path}: {exc.strerror}") from None
+
+    def load_pins(self) -> Optional[list[str]]:
+        """The public-key pins fleetd is trusted by; None when the agent holds
+        none (no TLS, the system's CAs, or a certificate pin from before key
+        pins). A damaged file is a StateError: guessing could trust anyone."""
+        doc = _read_json(self.pins_path)
+        if doc is None:
+            return None
+        try:
+            return tlspins.check_pins(doc.get("pins") or [])
+        except tlspins.PinError as exc:
+            raise StateError(
+                f"{self.pins_path} is damaged ({exc}); enroll again, or restore the file"
+            ) from None
+
+    def save_pins(self, pins: list[str], updated_at: str) -> None:
+        """Replace the pin set at once (write, fsync, rename): a crash leaves
+        the old set or the new one, never a mix or nothing."""
+        pins = tlspins.check_pins(pins)
+        try:
+            write_private(
+                self.pins_path,
+                json.dumps({"pins": pins, "updated_at": updated_at}, indent=2) + "\n",
+            )
+        except OSError as exc:
+            raise StateError(f"cannot write {self.pins_path}: {exc.strerror}") from None
+
+    def load_refusal(self) -> Optional[dict[str, Any]]:
+        """The last refusal of fleetd's certificate, if the agent has not
+        connected since (shown by `fleet-agent status`)."""
+        try:
+            return _read_json(self.refusal_path)
+        except StateError:
+            return {"error": f"{self.refusal_path} is damaged"}
+
+    def save_refusal(self, refusal: dict[str, Any]) -> None:
+        write_private(self.refusal_path, json.dumps(refusal, indent=2) + "\n")
+
+    def clear_refusal(self) -> None:
+        try:
+            self.refusal_path.unlink()
+        except FileNotFoundError:
+            pass
 
     def load_repos(self) -> list[RepoConfig]:
         """The host's repositories, its default first ([]: none yet). Raises

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -41,11 +40,12 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from ..common.protocol import agent_file_url
 from .state import State, write_private
+from .trust import PinMismatch, Trust
 
 log = logging.getLogger("fleet-agent")
 
@@ -181,17 +181,21 @@ def pyz_url(server_url: str) -> tuple[str, str, int, str]:
 def download(
     server_url: str,
     token: str,
-    ssl_ctx: Optional[ssl.SSLContext],
+    trust: Optional[Trust],
     directory: Path,
     size: int,
     sha256: str,
 ) -> Path:
     """The agent fleetd serves, in a temp file in `directory` (mode 0755),
-    checked against the size and SHA-256 announced. Raises UpgradeError."""
+    checked against the size and SHA-256 announced. Over https, fleetd's
+    certificate is checked against `trust` (the link's key pins) right after
+    the TLS handshake, before the request carries the token. Raises
+    UpgradeError."""
     scheme, host, port, path = pyz_url(server_url)
     if scheme == "https":
+        ctx = (trust or Trust()).ssl_context()
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, context=ssl_ctx, timeout=DOWNLOAD_TIMEOUT
+            host, port, context=ctx, timeout=DOWNLOAD_TIMEOUT
         )
     else:
         conn = http.client.HTTPConnection(host, port, timeout=DOWNLOAD_TIMEOUT)
@@ -200,6 +204,13 @@ def download(
     try:
         with os.fdopen(fd, "wb") as out:
             try:
+                conn.connect()
+                if scheme == "https" and trust is not None:
+                    sock: Any = conn.sock
+                    try:
+                        trust.check(server_url, sock.getpeercert(binary_form=True))
+                    except PinMismatch as exc:
+                        raise UpgradeError("download", str(exc)) from None
                 conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
                 response = conn.getresponse()
                 if response.status != 200:

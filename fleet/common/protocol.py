@@ -43,6 +43,7 @@ MAX_UPGRADE_DEADLINE = 3600  # seconds a new agent may take to get its hello acc
 # own file, the download or its checksum failed, the new file failed its
 # self-check, or something else went wrong before the swap
 UPGRADE_CODES = ("busy", "unsupported", "download", "checksum", "self_check", "failed")
+MAX_PINS = 8  # key pins an agent holds (fleet.common.tlspins): served, staged, room to spare
 
 JOB_KINDS = (
     "init",
@@ -260,6 +261,10 @@ MESSAGES: dict[str, MessageSpec] = {
             # (sent until fleetd has welcomed that hello once)
             _opt("upgrade_failed", "str", limit=64),
             _opt("upgrade_error", "str", limit=MAX_STR),
+            # the key pins it trusts fleetd by (fleet.common.tlspins); [] when it
+            # pins a certificate (enrolled before key pins), absent when it pins
+            # nothing (plain ws://, or the system's CAs)
+            _opt("tls_pins", "list[str]", limit=MAX_PINS),
         ),
     ),
     "welcome": MessageSpec(
@@ -289,6 +294,19 @@ MESSAGES: dict[str, MessageSpec] = {
         (
             F("version", "int", minimum=0, maximum=MAX_SEQ),
             F("schedules", "list[dict]", limit=1000, item=SCHEDULE),
+        ),
+    ),
+    # the key pins the agent is to trust fleetd by from now on (replacing
+    # what it held): the key fleetd serves and the one staged next
+    "tls.pins": MessageSpec("server", (F("pins", "list[str]", limit=MAX_PINS),)),
+    # what the agent holds now (stored atomically before it says so); `error`
+    # when it kept its old set (a set without the key it is connected to)
+    "tls.ack": MessageSpec(
+        "agent",
+        (
+            F("pins", "list[str]", limit=MAX_PINS),
+            F("applied_at", _TS),
+            _opt("error", "str", limit=MAX_STR),
         ),
     ),
     "schedule.ack": MessageSpec(
@@ -914,11 +932,20 @@ def request_error_frame(req_id: Any, code: str, message: str) -> str:
 ENROLL_PREFIX = "fleet1:"
 
 
-def format_enrollment(server_url: str, token: str, fingerprint: Optional[str] = None) -> str:
-    """The one string an operator pastes: server URL, token, TLS pin."""
-    doc: dict[str, str] = {"url": server_url, "token": token}
+def format_enrollment(
+    server_url: str,
+    token: str,
+    fingerprint: Optional[str] = None,
+    pins: Optional[Sequence[str]] = None,
+) -> str:
+    """The one string an operator pastes: server URL, token and, with TLS,
+    the pins of fleetd's keys (served and staged) and the SHA-256 of its
+    certificate (what agents from before key pins check)."""
+    doc: dict[str, Any] = {"url": server_url, "token": token}
     if fingerprint:
         doc["sha256"] = fingerprint
+    if pins:
+        doc["pins"] = list(pins)
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -932,7 +959,7 @@ def agent_file_url(server_url: str) -> str:
     return ("https" if scheme == "wss" else "http") + "://" + rest.rstrip("/") + "/agent.pyz"
 
 
-def parse_enrollment(value: str) -> dict[str, str]:
+def parse_enrollment(value: str) -> dict[str, Any]:
     """Inverse of format_enrollment; raises ProtocolError on anything else."""
     value = value.strip()
     if not value.startswith(ENROLL_PREFIX):
@@ -948,5 +975,6 @@ def parse_enrollment(value: str) -> dict[str, str]:
         Field("url", "str", limit=2048),
         Field("token", "str", limit=1024),
         Field("sha256", "str", False, limit=128),
+        Field("pins", "list[str]", False, limit=MAX_PINS),
     )
     return check_fields(doc, fields, "enrollment.")

@@ -12,6 +12,7 @@ from ..common import protocol, selectors
 from ..common.exitcodes import Exit
 from . import render
 from .app import App, CtlError, Duration, confirm, json_option, pass_app
+from .tls import trust_text
 
 
 @click.group()
@@ -59,6 +60,8 @@ def status_cell(host: dict) -> str:
         text += " [yellow](repo locked)[/]"
     if host.get("schedule_lagging"):
         text += " [yellow](schedules not applied)[/]"
+    if host.get("tls_refused"):
+        text += " [red](refuses fleetd's key)[/]"
     return text
 
 
@@ -177,6 +180,7 @@ def hosts_show(app: App, host: str, as_json: bool) -> None:
             ),
             ("last backup", last_backup(h)),
             ("templates", c(h["templates"] or None)),
+            ("tls", trust_text(h["tls"]) if h.get("tls") else "-"),
         ],
     )
     if h.get("template_error"):

@@ -27,6 +27,7 @@ from . import (
     session,
     status,
     templates,
+    tls,
     tokens,
     users,
 )
@@ -99,6 +100,7 @@ cli.add_command(audit.audit)
 cli.add_command(status.status)
 cli.add_command(alerts.alerts)
 cli.add_command(notify.notify)
+cli.add_command(tls.tls)
 cli.add_command(completion.completion)
 completion.attach(cli)  # host, group, repository, job names from fleetd
 

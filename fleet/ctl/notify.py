@@ -35,7 +35,8 @@ def notify() -> None:
     default="all",
     show_default=True,
     help="Alert kinds, comma-separated: backup_failed, backup_warning, overdue, offline, "
-    "check_failed, unchecked, locked, maintenance_failed, drill_failed, agent_behind, or all.",
+    "check_failed, unchecked, locked, maintenance_failed, drill_failed, agent_behind, "
+    "tls_refused, or all.",
 )
 @click.option("--host", "hosts", multiple=True, help="Only this host's alerts (repeatable).")
 @click.option("--group", "groups", multiple=True, help="Only this group's alerts (repeatable).")

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import ipaddress
 import logging
 import signal
-import ssl
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,7 +40,7 @@ from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ..common import protocol
+from ..common import protocol, tlspins
 from . import agentfile, metrics
 from .agents import enroll
 from .agents.rollout import Rollouts
@@ -51,6 +49,8 @@ from .api import build_registry, templates
 from .api.auth import known_token, login, lookup_token
 from .api.context import Caller, Context, ServerState
 from .api.errors import ApiError, Invalid, UnknownMethod
+from .api.tls import started as tls_started
+from .api.tls import without_tls as tls_without
 from .clock import Clock
 from .events import (
     Bus,
@@ -69,6 +69,7 @@ from .scheduling.history import FIRST_DELAY, HistoryPruning, Policy
 from .scheduling.ticker import RowSource, Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
+from .security.tls import ServedTls
 from .store.db import Store
 from .store.models import Host, utcnow
 
@@ -313,14 +314,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     if int(port) > 65535:
         raise ConfigError(f"--listen {value!r}: port out of range")
     return host.strip("[]"), int(port)
-
-
-def cert_fingerprint(cert_file: Path) -> str:
-    """SHA-256 of the server certificate (DER), which agents pin."""
-    pem = cert_file.read_text()
-    start = pem.index("-----BEGIN CERTIFICATE-----")
-    end = pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem[start:end])).hexdigest()
 
 
 def bearer(headers: Headers) -> Optional[str]:
@@ -657,26 +650,27 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     box = load_key_file(config.data_dir / KEY_NAME)
     # read once, before serving
     agent_file = agentfile.find(config.agent_pyz, config.data_dir) if config.serve_agent else None
-    ssl_ctx = None
-    fingerprint = None
-    if config.tls_cert:
-        ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ssl_ctx.load_cert_chain(config.tls_cert, config.tls_key)
-        fingerprint = cert_fingerprint(config.tls_cert)
+    tls = None
+    if config.tls_cert and config.tls_key:
+        tls = ServedTls(config.tls_cert, config.tls_key)
+    ssl_ctx = tls.listening if tls is not None else None
     store = Store(config.data_dir / DB_NAME)
     await store.open()
     await store.run(reset_online)
+    if tls is not None:
+        await start_tls(store, tls)
+    else:
+        await store.atomic(tls_without)
     clock = Clock()
     bus = Bus()
-    agents = Agents(store, bus, box, clock, config.heartbeat_interval)
+    agents = Agents(store, bus, box, clock, config.heartbeat_interval, tls)
     notifications = Notifications(store, box, bus)  # alerts, through Apprise
     pings = Pings(store, box, bus)  # groups' Healthchecks-style URLs
     state = ServerState(
         store=store,
         box=box,
         public_url=lambda h: h,
-        tls_fingerprint=fingerprint,
+        tls=tls,
         agents=agents,
         bus=bus,
         heartbeat_interval=config.heartbeat_interval,
@@ -800,6 +794,32 @@ def going_away(connection: ServerConnection) -> None:
             connection.transport.write(GOING_AWAY)
     except Exception:  # a transport already gone: nothing to be polite to
         pass
+
+
+async def start_tls(store: Store, tls: ServedTls) -> None:
+    """Record the key fleetd serves; say loudly when it changed without
+    being staged first (agents pinning the old key cannot connect)."""
+    tls.staged, before, was_staged, lacking = await store.atomic(tls_started, tls.pin)
+    if before is None:
+        log.info("serving TLS key %s", tls.pin)
+    elif was_staged:
+        log.info("serving TLS key %s, staged before (was %s)", tls.pin, before)
+        if lacking:  # restarted onto the staged key without tls activate's check
+            log.warning(
+                "%d host(s) may not hold the pin of the key served now and may not connect: "
+                "%s ('fleetctl tls status' says why)",
+                len(lacking),
+                ", ".join(lacking[:10]) + (" ..." if len(lacking) > 10 else ""),
+            )
+    else:
+        log.warning(
+            "serving TLS key %s, which was never staged (fleetd served %s before): the agents "
+            "of %d host(s) pinning only the old key cannot connect ('fleetctl tls status' "
+            "names them); serve the old key again, or enroll those agents again",
+            tlspins.short(tls.pin),
+            tlspins.short(before),
+            len(lacking),
+        )
 
 
 def reset_online() -> None:

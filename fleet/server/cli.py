@@ -19,6 +19,7 @@ from .api.common import NAME_RE
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
 from .security import auth
 from .security.secrets import SecretError, create_key_file
+from .security.tls import TlsError
 from .store.db import open_database
 from .store.models import AuditLog, User
 
@@ -113,7 +114,7 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option(
     "--tls-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="PEM certificate chain.",
+    help="PEM certificate chain (agents pin its key; 'fleetctl tls activate' reads it again).",
 )
 @click.option(
     "--tls-key",
@@ -251,6 +252,8 @@ def serve(
         raise Fail(str(exc)) from None
     except ssl.SSLError as exc:
         raise Fail(f"cannot load the TLS certificate or key: {exc.reason or exc}") from None
+    except TlsError as exc:
+        raise Fail(str(exc)) from None
     except (RuntimeError, peewee.DatabaseError) as exc:  # a newer schema, a damaged file
         raise Fail(f"cannot open {data_dir / DB_NAME}: {exc}") from None
     except OSError as exc:

@@ -21,7 +21,9 @@ from .. import __version__
 from ..common import cron
 from ..common.timefmt import iso
 from .scheduling.schedules import zone_of
+from .security.tls import cannot_connect
 from .store.models import Host, Job, Repository, Schedule, ScheduleGroup, SourceGroup
+from .store.queries.listing import served_pin
 
 OK, WARNING, CRITICAL = 0, 1, 2
 SEVERITY = {OK: "ok", WARNING: "warning", CRITICAL: "critical"}
@@ -166,8 +168,12 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
             Host.last_seen_at,
             Host.agent_version,
             Host.timezone,
+            Host.tls_trust,
+            Host.tls_pins,
         ).order_by(Host.name)
     )
+    # the key fleetd serves, as recorded at its start and at each activation
+    served = served_pin()
     groups: dict[int, list[SourceGroup]] = defaultdict(list)
     for g in SourceGroup.select().order_by(SourceGroup.name):
         groups[g.host_id].append(g)
@@ -217,6 +223,10 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                 host=h.name,
             )
         offline_for = None
+        refused = cannot_connect(h.tls_trust, h.tls_pins, served) if served else None
+        if refused and not h.online and h.enrolled_at is not None:
+            # certain, and not curable by waiting: said at once, not after offline_after
+            problem(CRITICAL, "tls_refused", f"{h.name} {refused}", host=h.name)
         if not h.online and h.enrolled_at is not None:
             offline_for = int((now - (h.last_seen_at or h.enrolled_at)).total_seconds())
             if offline_for >= offline_after:

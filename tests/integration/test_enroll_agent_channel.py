@@ -354,3 +354,27 @@ def test_re_enrolling_takes_an_admin_and_force_and_a_token_voids_the_older_ones(
         a for a in fleet.ctl_json("audit", "--action", "host.enroll_token") if a["target"] == host
     ]
     assert entry["detail"]["reenroll"] is True
+
+
+def test_the_pins_an_agent_reports_are_bounded_and_only_pins_are_recorded(fleet, fx, enrolled):
+    """What an agent says it pins reaches operators (hosts show): only
+    well-formed pins are kept, a hostile tls.ack changes nothing."""
+    host, good = enrolled["host"], "a" * 64
+    junk = ["\x1b[2J" + "b" * 60, "B" * 64, "c" * 4000, good]
+    with fx.ws_connect(fleet.url, "/agent", enrolled["agent_token"]) as ws:
+        ws.send(_hello(tls_pins=junk, features=["repositories", "tls.pins"]))
+        assert _recv(ws)["type"] == "welcome"
+        assert fleet.ctl_json("hosts", "show", host)["tls"] == {"trust": "pins", "pins": [good]}
+        too_many = [f"{i:064x}" for i in range(protocol.MAX_PINS + 1)]
+        for pins in (["nothex"], too_many):
+            ack = {"pins": pins, "applied_at": "2030-01-01T00:00:00Z"}
+            ws.send(json.dumps({"v": 1, "type": "tls.ack", "id": "t", "data": ack}))
+        # the oversized one is a bad frame; the malformed pin is dropped quietly
+        assert _recv(ws)["data"]["code"] == "bad_frame"
+        ack = {"pins": ["d" * 64], "applied_at": "2030-01-01T00:00:00Z"}
+        ws.send(json.dumps({"v": 1, "type": "tls.ack", "data": ack}))
+        fx.wait_until(
+            lambda: fleet.ctl_json("hosts", "show", host)["tls"]["pins"] == ["d" * 64],
+            what="the acknowledged pins recorded",
+            interval=0.2,
+        )

@@ -36,7 +36,25 @@ def cert(tmp_path_factory):
         capture_output=True,
         timeout=60,
     ).stdout
-    return {"cert": cert_file, "key": key_file, "sha256": hashlib.sha256(der).hexdigest()}
+    pub = subprocess.run(
+        ["openssl", "x509", "-in", str(cert_file), "-pubkey", "-noout"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    spki = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-outform", "DER"],
+        input=pub,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    return {
+        "cert": cert_file,
+        "key": key_file,
+        "sha256": hashlib.sha256(der).hexdigest(),
+        "pin": hashlib.sha256(spki).hexdigest(),  # of its key, as openssl extracts it
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +112,15 @@ def test_login_over_wss_with_cafile_then_list_hosts(tls_fleet, cert, fx, tmp_pat
     assert host in table.stdout
 
 
-def test_enrollment_string_carries_wss_url_and_certificate_fingerprint(tls_fleet, cert, fx):
+def test_enrollment_string_carries_wss_url_key_pins_and_certificate_fingerprint(
+    tls_fleet, cert, fx
+):
     result = tls_fleet.ctl_json("enroll", "web-01")
     doc = protocol.parse_enrollment(result["enrollment"])
     assert doc["url"] == tls_fleet.url
     assert doc["url"].startswith("wss://")
-    assert doc["sha256"] == cert["sha256"]
+    assert doc["sha256"] == cert["sha256"]  # what agents from before key pins check
+    assert doc["pins"] == [cert["pin"]]  # the served key; no key is staged
     assert doc["token"].startswith("enroll_")
     assert result["command"] == f"fleet-agent enroll {result['enrollment']}"
 

@@ -259,6 +259,7 @@ def test_json_fields_are_the_documented_ones(printed, fx, args, kind, path):
 def test_every_documented_object_is_checked(fx):
     elsewhere = {"listing", "find result", "diff"}  # tests/e2e/test_browse.py
     elsewhere |= {"rollout plan", "rollout host", "rollout"}  # test_agent_delivery, e2e upgrade
+    elsewhere |= {"tls status", "host trust", "tls change"}  # e2e test_tls_rotation
     assert {kind for _, kind, _ in CHECKS} | elsewhere == set(fx.documented_json())
 
 

@@ -72,6 +72,7 @@ def test_the_table_covers_what_fleetd_sends_a_session():
         "command.run",
         "command.cancel",
         "schedule.set",
+        "tls.pins",
         "query.run",
         "query.cancel",
         "query.more",

@@ -39,6 +39,7 @@ class State:
     store = InlineStore()
     agents = None
     bus = None
+    tls = None  # fleetd without TLS
 
 
 class Api:

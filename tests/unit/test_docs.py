@@ -417,7 +417,14 @@ def test_agent_page_documents_environment_and_files() -> None:
         assert mentions(env, var), f"{AGENT_PAGE} ENVIRONMENT lacks {var}"
     files = section_text(source, "FILES")
     state = State(Path(DEFAULT_STATE_DIR))
-    names = [state.identity_path, state.cert_path, state.repo_path, state.spool_path]
+    names = [
+        state.identity_path,
+        state.cert_path,
+        state.pins_path,
+        state.refusal_path,
+        state.repo_path,
+        state.spool_path,
+    ]
     for name in [p.name for p in names] + ["agent.lock", DEFAULT_STATE_DIR]:
         assert mentions(files, name), f"{AGENT_PAGE} FILES lacks {name}"
     assert "0600" in files

@@ -49,6 +49,8 @@ ALL_TYPES = {
     "schedule.set",
     "schedule.ack",
     "schedule.fire",
+    "tls.pins",
+    "tls.ack",
     "command.run",
     "command.result",
     "command.cancel",
@@ -98,6 +100,7 @@ WIRE_FIELDS = {
             "features",
             "upgrade_failed",
             "upgrade_error",
+            "tls_pins",
         ),
     ),
     "welcome": (
@@ -109,6 +112,8 @@ WIRE_FIELDS = {
     "config.update": ("server", ("repo_url", "repo_password"), ("repo_env", "repositories")),
     "schedule.set": ("server", ("version", "schedules"), ()),
     "schedule.ack": ("agent", ("version", "applied_at"), ()),
+    "tls.pins": ("server", ("pins",), ()),
+    "tls.ack": ("agent", ("pins", "applied_at"), ("error",)),
     "schedule.fire": ("agent", ("schedule_id", "scheduled_at"), ("catch_up", "jobs")),
     "command.run": (
         "server",
@@ -235,9 +240,10 @@ EXAMPLES = {
             "spool_seq": 1200,
             "spool_pending": 1190,
             "schedule_version": 4,
-            "features": ["repositories"],
+            "features": ["repositories", "tls.pins"],
             "upgrade_failed": "0.2.0",
             "upgrade_error": "no hello accepted within 120 s",
+            "tls_pins": ["c" * 64],
         },
         "h1",
         None,
@@ -245,8 +251,8 @@ EXAMPLES = {
         '"restic_version":"0.17.3","hostname":"web-01","os":"linux","arch":"amd64",'
         '"timezone":"Europe/Berlin","boot_time":"2024-05-01T08:00:00Z",'
         '"running_job":41,"spool_seq":1200,"spool_pending":1190,"schedule_version":4,'
-        '"features":["repositories"],"upgrade_failed":"0.2.0",'
-        '"upgrade_error":"no hello accepted within 120 s"}}',
+        '"features":["repositories","tls.pins"],"upgrade_failed":"0.2.0",'
+        '"upgrade_error":"no hello accepted within 120 s","tls_pins":["' + "c" * 64 + '"]}}',
     ),
     "welcome": (
         {
@@ -314,6 +320,20 @@ EXAMPLES = {
         '"includes":["/etc"],"excludes":["/etc/shadow"],"retention":{"keep_daily":7},'
         '"pre_hook":"pg_dumpall -f /var/dump.sql","post_hook":"rm /var/dump.sql"}],'
         '"name":"nightly","timezone":"Europe/Berlin"}]}}',
+    ),
+    "tls.pins": (
+        {"pins": ["a" * 64, "b" * 64]},
+        None,
+        None,
+        '{"v":1,"type":"tls.pins","data":{"pins":["' + "a" * 64 + '","' + "b" * 64 + '"]}}',
+    ),
+    "tls.ack": (
+        {"pins": ["a" * 64], "applied_at": "2024-05-01T12:00:01Z", "error": "kept"},
+        None,
+        None,
+        '{"v":1,"type":"tls.ack","data":{"pins":["'
+        + "a" * 64
+        + '"],"applied_at":"2024-05-01T12:00:01Z","error":"kept"}}',
     ),
     "schedule.ack": (
         {"version": 4, "applied_at": "2024-05-01T12:00:01Z"},

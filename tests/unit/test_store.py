@@ -36,6 +36,7 @@ LIMITS = MIGRATIONS[17][1]
 LABELS = MIGRATIONS[18][1]
 TEMPLATES = MIGRATIONS[19][1]
 ROLLOUTS = MIGRATIONS[20][1]
+TLS_PINS = MIGRATIONS[21][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -90,7 +91,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 22))
+        assert migrate(database) == list(range(1, 23))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -117,10 +118,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (19, LABELS),
             (20, TEMPLATES),
             (21, ROLLOUTS),
+            (22, TLS_PINS),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 21
+        assert current_version(database) == MIGRATIONS[-1][0] == 22
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -155,6 +157,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (19, LABELS),
         (20, TEMPLATES),
         (21, ROLLOUTS),
+        (22, TLS_PINS),
     ]
     assert m.Host.select().count() == 0
 

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ... import __version__
-from ...common import protocol
+from ...common import protocol, tlspins
 from ...common.protocol import ProtocolError
 from ..clock import Clock
 from ..events import (
@@ -131,6 +131,8 @@ class AgentSession:
         self.agent_jobs: dict[int, int] = {}
         self.schedules_changed = False  # a change committed before that: push after it
         self.features: frozenset[str] = frozenset()  # what the agent said it can do
+        self.tls_pins: Optional[list[str]] = None  # the key pins it holds; None: it pins none
+        self.served_pin: Optional[str] = None  # the key fleetd served when it connected
 
     async def send(self, frame: str) -> bool:
         try:
@@ -266,6 +268,7 @@ class Agents:
     box: SecretBox
     clock: Clock
     heartbeat_interval: int = 30
+    tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
 
     def __post_init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
@@ -340,6 +343,31 @@ class Agents:
             return
         if self.sessions.get(host_id) is session:  # not replaced meanwhile
             await session.send(protocol.encode("schedule.set", data))
+
+    async def push_pins(self) -> int:
+        """The key pins agents are to hold (the served key's and the staged
+        one's), to every connected agent that pins keys and was served the
+        current key; how many were sent it. The others get it at hello."""
+        if self.tls is None:
+            return 0
+        pins = self.tls.pins()
+        frame = protocol.encode("tls.pins", {"pins": pins})
+        sent = 0
+        for session in list(self.sessions.values()):
+            if session.tls_pins is not None and session.served_pin == self.tls.pin:
+                sent += await session.send(frame)
+        return sent
+
+    async def redial_all(self, reason: str, served_pin: str) -> int:
+        """Close the links of the agents connected while fleetd served the key
+        `served_pin`: they redial, and check the key served now at once."""
+        closing = [s for s in self.sessions.values() if s.served_pin == served_pin]
+        for session in closing:
+            try:
+                await session.connection.close(4002, reason)
+            except ConnectionClosed:
+                pass
+        return len(closing)
 
     async def disconnect(self, host_id: int, reason: str) -> None:
         session = self.sessions.get(host_id)
@@ -424,6 +452,12 @@ class Agents:
         session.inflight = session.running_job
         session.spool_seq = hello.data.get("spool_seq", 0)
         session.features = frozenset(hello.data.get("features") or ())
+        if "tls_pins" in hello.data:  # shown to operators: pins only, nothing else
+            hello.data["tls_pins"] = [p for p in hello.data["tls_pins"] if tlspins.PIN_RE.match(p)]
+            session.tls_pins = hello.data["tls_pins"]
+        hello.data["tls_trust"] = trust_of(hello.data)
+        if self.tls is not None:
+            session.served_pin = self.tls.pin
         await self._attach(session)  # an older session's end then sees it replaced
         marked = self.presence.online(host_id, hello.data)
         log.info("host %s connected (agent %s)", host_name, hello.data["agent_version"])
@@ -451,6 +485,13 @@ class Agents:
                 await connection.send(protocol.encode("config.update", config))
             if schedule_set is not None:
                 await connection.send(protocol.encode("schedule.set", schedule_set))
+            if (
+                self.tls is not None
+                and session.tls_pins is not None
+                and session.served_pin == self.tls.pin
+                and session.tls_pins != self.tls.pins()
+            ):  # an agent from before key pins learns them here, over a checked link
+                await connection.send(protocol.encode("tls.pins", {"pins": self.tls.pins()}))
             session.welcomed = True
             self.bus.publish(
                 [
@@ -668,6 +709,39 @@ async def on_schedule_ack(agents: Agents, session: AgentSession, data: dict) -> 
         )
 
 
+def trust_of(hello: dict) -> Optional[str]:
+    """How an agent trusts fleetd, from its hello (Host.tls_trust)."""
+    if "tls_pins" in hello:
+        return "pins" if hello["tls_pins"] else "certificate"
+    if "tls.pins" in (hello.get("features") or ()):
+        return "unpinned"
+    return None  # an agent older than key pins: it may pin a certificate
+
+
+async def on_tls_ack(agents: Agents, session: AgentSession, data: dict) -> None:
+    """The key pins the agent holds now (it stored them before saying so)."""
+    if data.get("error"):
+        log.warning("host %s kept its key pins: %s", session.host_name, data["error"])
+    if not data["pins"]:
+        return  # it holds none yet (a certificate pin): nothing new to record
+    try:
+        pins = tlspins.check_pins(data["pins"])
+    except tlspins.PinError as exc:
+        log.warning("host %s acknowledged pins fleetd cannot read: %s", session.host_name, exc)
+        return
+    session.tls_pins = pins
+    try:
+        await agents.store.atomic(record_pins, session.host_id, pins)
+    except StoreClosed:
+        return
+
+
+def record_pins(host_id: int, pins: list[str]) -> None:
+    Host.update(tls_trust="pins", tls_pins=pins, tls_pins_at=utcnow()).where(
+        Host.id == host_id
+    ).execute()
+
+
 async def on_command_result(agents: Agents, session: AgentSession, data: dict) -> None:
     job_id = data["job_id"]
     if data["accepted"] or job_id != session.inflight:
@@ -721,4 +795,5 @@ FRAME_HANDLERS = {
     "command.result": on_command_result,
     "schedule.ack": on_schedule_ack,
     "upgrade.result": on_upgrade_result,
+    "tls.ack": on_tls_ack,
 }

@@ -27,6 +27,7 @@ from . import (
     snapshots,
     status,
     templates,
+    tls,
     tokens,
     users,
 )
@@ -51,6 +52,7 @@ NOUNS: tuple[ModuleType, ...] = (
     alerts,
     notify,
     audit,
+    tls,
 )
 
 

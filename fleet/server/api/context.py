@@ -33,7 +33,7 @@ class ServerState:
     store: Store
     box: SecretBox
     public_url: Callable[[str], str]  # Host header -> the URL agents dial
-    tls_fingerprint: Optional[str] = None
+    tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
     agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
     bus: Any = None  # events.Bus: domain events, live tails
     heartbeat_interval: int = 30  # seconds; an agent silent for 3 intervals is offline

@@ -82,7 +82,13 @@ def enroll_create(ctx: Context, p: dict) -> dict:
         expires_at=utcnow() + ttl,
     )
     url = ctx.state.public_url(ctx.host_header)
-    string = protocol.format_enrollment(url, token, ctx.state.tls_fingerprint)
+    served = ctx.state.tls
+    string = protocol.format_enrollment(
+        url,
+        token,
+        served.fingerprint if served is not None else None,
+        served.pins() if served is not None else None,  # a staged key too: it may come next
+    )
     detail = {"expires_at": iso(row.expires_at), "voided": voided}
     if p.get("force"):
         detail["reenroll"] = True

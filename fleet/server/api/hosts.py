@@ -20,6 +20,7 @@ from .errors import Invalid
 from .registry import Method, collect
 from .repos import repositories_of
 from .templates import check_label_powers, materialise, origins, picked_by
+from .tls import host_tls_json
 from .views import host_detail_json, host_row_json, stats_json
 
 METHODS: list[Method] = []
@@ -157,7 +158,8 @@ def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)
 def hosts_show(ctx: Context, p: dict) -> dict:
     """One host in detail: the listing's fields, its repository's stats,
-    platform, groups and schedule versions."""
+    platform, groups, schedule versions, and how its agent trusts fleetd's
+    TLS key (`tls.problem`: why it cannot connect, when fleetd can tell)."""
     h = get_host(p["host"])
     repositories = repositories_of(h)
     stats = {s.repository_id: s for s in RepoStats.select().where(RepoStats.host == h)}
@@ -177,6 +179,8 @@ def hosts_show(ctx: Context, p: dict) -> dict:
     out["templates"] = picked_by(h)
     out["template_error"] = h.template_error
     out["settings"] = origins(h)
+    out["tls"] = host_tls_json(h.tls_trust, h.tls_pins, h.online, ctx.state.tls)
+    out["tls_refused"] = out["tls"].get("problem") is not None
     return out
 
 

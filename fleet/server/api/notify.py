@@ -33,6 +33,7 @@ KINDS = (
     "maintenance_failed",
     "drill_failed",
     "agent_behind",
+    "tls_refused",
 )
 NAME = Field("name", "str", limit=64)
 

@@ -14,6 +14,7 @@ from typing import Optional
 from ...common.drills import DEFAULT_SAMPLE
 from ...common.timefmt import iso
 from ..security.secrets import SecretBox, repository_aad
+from ..security.tls import cannot_connect
 from ..store.models import (
     ApiToken,
     AuditLog,
@@ -95,6 +96,11 @@ def host_json(h: Host, backup: Optional[Job]) -> dict:
 
 def host_row_json(r: HostRow) -> dict:
     """host_json of a listing's row (the same fields, read without the ORM)."""
+    refused = (
+        r.served_pin is not None
+        and not r.online
+        and cannot_connect(r.tls_trust, json.loads(r.tls_pins or "null"), r.served_pin) is not None
+    )
     return listed_host(
         r.name,
         status_of(r.enrolled, r.online),
@@ -112,6 +118,7 @@ def host_row_json(r: HostRow) -> dict:
         },
         bool(r.schedule_lagging),
         json.loads(r.labels or "{}"),
+        refused,
     )
 
 
@@ -125,6 +132,7 @@ def listed_host(
     last_backup: Optional[dict],
     schedule_lagging: bool = False,
     labels: Optional[dict] = None,
+    tls_refused: bool = False,
 ) -> dict:
     return {
         "name": name,
@@ -138,6 +146,9 @@ def listed_host(
         # the agent has not acknowledged the latest schedule set (offline, or
         # an agent too old to apply it): it fires from an older one
         "schedule_lagging": schedule_lagging,
+        # offline, and its agent does not pin the key fleetd serves: it cannot
+        # connect (hosts show says why)
+        "tls_refused": tls_refused,
     }
 
 

@@ -275,6 +275,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             'CREATE UNIQUE INDEX "rollout_host_rollout_id_position" ON "rollout_host" ("rollout_id", "position")',
         ],
     ),
+    (
+        22,
+        "TLS key pins: what each agent trusts fleetd by, fleetd's served and staged keys",
+        [
+            'ALTER TABLE "host" ADD COLUMN "tls_trust" TEXT',
+            'ALTER TABLE "host" ADD COLUMN "tls_pins" TEXT',
+            'ALTER TABLE "host" ADD COLUMN "tls_pins_at" DATETIME',
+            'CREATE TABLE "tls_key" ("pin" TEXT NOT NULL PRIMARY KEY, "state" TEXT NOT NULL, "since" DATETIME NOT NULL, "actor" TEXT)',
+        ],
+    ),
 ]
 
 # migrations that rebuild a table: foreign keys are off while they run (a

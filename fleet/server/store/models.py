@@ -81,6 +81,13 @@ class Host(Base):
     repo_locks = pw.IntegerField(null=True)  # restic locks in the repository, as last reported
     repo_locks_at = pw.DateTimeField(null=True)
     labels = JSONField(default=dict)  # key -> value (fleet.common.selectors)
+    # how its agent trusts fleetd's certificate, as it last said: "pins" (the
+    # key pins in tls_pins), "certificate" (one certificate's SHA-256, from
+    # before key pins), "unpinned" (the system's CAs, or plain ws://); NULL:
+    # it never said (an agent older than key pins, or never connected)
+    tls_trust = pw.TextField(null=True)
+    tls_pins = JSONField(null=True)
+    tls_pins_at = pw.DateTimeField(null=True)  # when it last said (hello, or tls.ack)
     # why the templates its labels pick could not be applied (None: they were)
     template_error = pw.TextField(null=True)
     # set while templates are to be applied to it (fleet.server.api.templates):
@@ -399,6 +406,16 @@ class ListingPage(Base):
         primary_key = pw.CompositeKey("listing", "page")
 
 
+class TlsKey(Base):
+    """fleetd's TLS keys by pin (fleet.common.tlspins): the one it served
+    last, and the one staged next, whose pin agents get before it is served."""
+
+    pin = pw.TextField(primary_key=True)
+    state = pw.TextField()  # served | staged
+    since = pw.DateTimeField(default=utcnow)
+    actor = pw.TextField(null=True)  # who staged it
+
+
 class AuditLog(Base):
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.TextField()  # user name, "agent:<host>" or "system"
@@ -466,6 +483,7 @@ MODELS: list[type[Base]] = [
     Notifier,
     Listing,
     ListingPage,
+    TlsKey,
     AuditLog,
     Rollout,
     RolloutHost,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Optional
 
 from ..models import AuditLog, Job
@@ -254,7 +255,8 @@ def mark_online(now: dt.datetime, hellos: list[tuple[int, dict]]) -> None:
     stamp = when(now)
     execute_many(
         'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "hostname" = ?, "agent_version" = ?, '
-        '"restic_version" = ?, "os" = ?, "arch" = ?, "timezone" = ? WHERE "id" = ?',
+        '"restic_version" = ?, "os" = ?, "arch" = ?, "timezone" = ?, "tls_trust" = ?, '
+        '"tls_pins" = ?, "tls_pins_at" = ? WHERE "id" = ?',
         [
             (
                 True,
@@ -265,6 +267,9 @@ def mark_online(now: dt.datetime, hellos: list[tuple[int, dict]]) -> None:
                 h["os"],
                 h["arch"],
                 h.get("timezone"),
+                h.get("tls_trust"),
+                json.dumps(h["tls_pins"], separators=(",", ":")) if "tls_pins" in h else None,
+                stamp,
                 host_id,
             )
             for host_id, h in hellos

@@ -23,6 +23,9 @@ class HostRow(NamedTuple):
     backup_finished_at: Optional[str]  # None while it has not ended
     schedule_lagging: bool  # its agent has not acknowledged the latest schedule set
     labels: str  # as stored: a JSON object
+    tls_trust: Optional[str]  # how its agent trusts fleetd (Host.tls_trust)
+    tls_pins: Optional[str]  # as stored: a JSON list
+    served_pin: Optional[str]  # the key fleetd serves (the same on every row)
 
 
 def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
@@ -36,15 +39,25 @@ def hosts_page(after: Optional[str], limit: int) -> list[HostRow]:
             'SELECT "h"."name", "h"."agent_token_hash" IS NOT NULL, "h"."online", '
             '"h"."last_seen_at", "h"."agent_version", "h"."restic_version", "h"."repo_locks", '
             '"j"."id", "j"."status", "j"."created_at", "j"."finished_at", '
-            '"h"."applied_schedule_version" < "h"."schedule_version", "h"."labels" '
+            '"h"."applied_schedule_version" < "h"."schedule_version", "h"."labels", '
+            '"h"."tls_trust", "h"."tls_pins", '
+            '(SELECT "t"."pin" FROM "tls_key" AS "t" WHERE "t"."state" = ?) '
             'FROM "host" AS "h" LEFT OUTER JOIN "job" AS "j" ON "j"."id" = ('
             'SELECT "n"."id" FROM "job" AS "n" WHERE "n"."host_id" = "h"."id" '
             'AND "n"."kind" = ? ORDER BY "n"."created_at" DESC, "n"."id" DESC LIMIT 1) '
             f'{where}ORDER BY "h"."name" LIMIT ?',
+            "served",
             "backup",
             *params,
         )
     ]
+
+
+def served_pin() -> Optional[str]:
+    """The pin of the key fleetd serves, as recorded at its start and at each
+    activation (None: it serves no TLS itself)."""
+    found = rows('SELECT "pin" FROM "tls_key" WHERE "state" = ?', "served")
+    return found[0][0] if found else None
 
 
 def wire_time(stored: Optional[str]) -> Optional[str]:
