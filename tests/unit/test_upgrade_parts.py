@@ -155,8 +155,10 @@ def test_the_guard_looks_after_the_new_agents_own_timer() -> None:
 class Serve(http.server.BaseHTTPRequestHandler):
     body = b""
     status = 200
+    requests = 0  # GETs received (each carries the token)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        Serve.requests += 1
         assert self.headers["Authorization"] == "Bearer agent-token"
         self.send_response(self.status)
         self.send_header("Content-Length", str(len(self.body)))
@@ -378,3 +380,40 @@ def test_fleet_agent_status_shows_an_upgrade_on_trial_and_a_rollback(
     }
     upgrade.save_marker(state, marker(state="rolled_back", error="no hello"))
     assert "upgrade                  to 0.2.0 from 0.1.0: rolled back (no hello)" in status()
+
+
+def test_download_over_tls_sends_the_token_only_to_a_pinned_key(server, tmp_path: Path) -> None:
+    """The upgrade's download trusts fleetd as the link does, by key pin,
+    checked before the request (and its token) is sent."""
+    import ssl
+    import subprocess
+
+    from fleet.agent.trust import Trust
+    from fleet.common import tlspins
+
+    pem, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-subj", "/CN=fleetd", "-days", "1", "-keyout", str(key), "-out", str(pem),
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    pin = tlspins.spki_pin(tlspins.pem_certificates(pem.read_text())[0])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    Serve.body, Serve.status = b"new agent", 200
+    url = f"wss://127.0.0.1:{server.server_address[1]}"
+    digest = hashlib.sha256(b"new agent").hexdigest()
+    out = tmp_path / "out"
+    out.mkdir()
+    got = upgrade.download(url, "agent-token", Trust([pin]), out, 9, digest)
+    assert got.read_bytes() == b"new agent"
+    got.unlink()
+    requests_before = Serve.requests
+    with pytest.raises(upgrade.UpgradeError, match="refusing to send it anything") as info:
+        upgrade.download(url, "agent-token", Trust(["f" * 64]), out, 9, digest)
+    assert info.value.code == "download"
+    assert Serve.requests == requests_before  # the token never left
+    assert list(out.iterdir()) == []
