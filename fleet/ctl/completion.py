@@ -50,6 +50,10 @@ def repositories(
     return items((r["name"] for r in ask(ctx, "repos.list")), incomplete)
 
 
+def templates(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return items((t["name"] for t in ask(ctx, "templates.list")), incomplete)
+
+
 def jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     return items((j["id"] for j in ask(ctx, "jobs.list", limit=50)), incomplete)
 
@@ -89,8 +93,12 @@ BY_NAME: dict[str, Completer] = {
     "snapshot2": snapshots,
     "target": host_then_group,
 }
-# commands whose NAME argument is a group of HOST, or a repository
-NAMED = {"groups": groups, "repos": repositories}
+# commands whose NAME argument is a group of HOST, a repository or a template
+NAMED = {
+    "groups": groups,
+    "repos": repositories,
+    "templates": templates,
+}
 
 
 def attach(command: click.Command, path: tuple[str, ...] = ()) -> None:
@@ -112,8 +120,8 @@ def attach(command: click.Command, path: tuple[str, ...] = ()) -> None:
 @click.pass_context
 def completion(ctx: click.Context, shell: str) -> None:
     """Print the completion script for SHELL, e.g. in ~/.bashrc:
-    eval "$(fleetctl completion bash)". Host, group, repository, job and
-    snapshot names are completed from fleetd (with the saved login)."""
+    eval "$(fleetctl completion bash)". Host, group, repository, template,
+    job and snapshot names are completed from fleetd (with the saved login)."""
     cls = get_completion_class(shell)
     assert cls is not None  # the choice above is what click knows
     click.echo(cls(ctx.find_root().command, {}, PROG, VAR).source())

@@ -829,6 +829,10 @@ def test_shell_completion_names_hosts_groups_and_jobs_from_fleetd(fleet, fx):
     assert complete(f"fleetctl run {host} www") == ["www-data"]
     assert complete(f"fleetctl groups show {host} ") == ["www-data"]
     assert str(job) in complete("fleetctl jobs show ")
+    spec = fleet.config_dir / "compl-spec.json"
+    spec.write_text('{"groups": {"c": {"includes": ["/etc"]}}}')
+    fleet.ctl("templates", "set", host, "--selector", f"compl={host}", "-f", spec)
+    assert complete(f"fleetctl templates show {host[:8]}") == [host]
     assert "status" in complete("fleetctl sta")  # commands, from click itself
     # fleetd out of reach: no candidates, and no error on the terminal
     assert complete("fleetctl hosts show ", server="ws://127.0.0.1:9") == []
