@@ -236,7 +236,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         state.load_pins()  # damaged: say so now, not at the first dial
     except StateError as exc:
-        fail(str(exc), Exit.ERROR)
+        fail(str(exc), DAMAGED)  # the unit does not restart after it
     _lock = lock_state_dir(state)  # noqa: F841 - released at exit (and at exec)
     trial, report = upgrade_on_start(state)
     try:

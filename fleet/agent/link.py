@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .. import __version__
 from ..common import protocol
+from ..common.exitcodes import Exit
 from ..common.protocol import ProtocolError
 from ..common.restic import commands, parse
 from ..common.timefmt import now_iso
@@ -280,7 +281,7 @@ class Agent:
         try:
             return Trust(self.state.load_pins(), self.identity.tls_sha256)
         except StateError as exc:
-            raise FatalError(str(exc), 1) from None
+            raise FatalError(str(exc), Exit.AUTH) from None  # damaged: the unit does not restart
 
     def refused(self, exc: PinMismatch, refusals: int) -> float:
         """Say once, clearly, why fleetd was refused (and keep it for `fleet-agent

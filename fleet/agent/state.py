@@ -50,6 +50,13 @@ def write_private(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+    # the rename itself made durable: what fleetd is told was stored (tls.ack)
+    # must be there after a power loss
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:

@@ -23,6 +23,10 @@ from websockets.asyncio.client import ClientConnection
 
 from ..common import tlspins
 
+# what a certificate the agent cannot read (or none) counts as: never a pin,
+# so no pin set can match it
+UNREADABLE = "unreadable"
+
 
 class PinMismatch(Exception):
     """fleetd presented a certificate whose key this agent does not pin: a
@@ -83,11 +87,11 @@ class Trust:
         if not self.pinned:
             return None
         if not cert_der:
-            raise PinMismatch(url, "0" * 64, self.held(), "", self.cert_sha256 or "")
+            raise PinMismatch(url, UNREADABLE, self.held(), "", self.cert_sha256 or "")
         try:
             presented = tlspins.spki_pin(cert_der)
         except tlspins.PinError:
-            presented = "0" * 64  # a certificate we cannot read holds no key we pin
+            presented = UNREADABLE  # a certificate we cannot read holds no key we pin
         whole = tlspins.cert_pin(cert_der)
         if self.pins is not None:
             if presented in self.pins:
@@ -106,6 +110,8 @@ def pinned_connection(trust: Trust, url: str, seen: Optional[dict[str, Any]] = N
     class PinnedConnection(ClientConnection):
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             ssl_object = self.transport.get_extra_info("ssl_object")
+            if ssl_object is None and trust.pinned:  # no TLS at all: nothing to check
+                raise PinMismatch(url, UNREADABLE, trust.held(), "", trust.cert_sha256 or "")
             if ssl_object is not None:
                 der = ssl_object.getpeercert(binary_form=True)
                 pin = trust.check(url, der)

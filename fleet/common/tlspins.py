@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from .protocol import MAX_PINS
 
-PIN_RE = re.compile(r"^[0-9a-f]{64}$")
+PIN_RE = re.compile(r"[0-9a-f]{64}\Z")
 _PEM_RE = re.compile(
     r"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----"
 )

@@ -135,10 +135,14 @@ def tls_stage(app: App, file: Path, as_json: bool) -> None:
 
 
 @tls.command("unstage")
+@json_option
 @pass_app
-def tls_unstage(app: App) -> None:
+def tls_unstage(app: App, as_json: bool) -> None:
     """Forget the staged key; agents drop its pin."""
     result = app.call("tls.unstage")
+    if as_json:
+        render.emit_json(result)
+        return
     app.err.print(f"unstaged key {result['unstaged']}", markup=False)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.common import tlspins
+from fleet.common import protocol, tlspins
 
 
 def openssl(*args: str) -> None:
@@ -227,3 +227,29 @@ def test_an_older_enrollment_learns_key_pins_then_refuses_an_unstaged_key(e2e, f
     refused = json.loads(status.stdout)["tls_refused"]
     assert refused["presented_key"] == pki["c"]["pin"] and refused["pins"] == [pki["a"]["pin"]]
     assert token not in status.stdout
+
+
+def test_a_renewal_waits_for_an_agent_that_pins_the_certificate(fx, pki, tls_fleets):
+    """An agent enrolled before key pins that has not connected since holds
+    the certificate's SHA-256: a renewal with the same key would lock it
+    out, so activate names it and needs --force."""
+    tf = tls_fleets(pki, "a")
+    fleet = tf.env
+    host = fx.uniq("old")
+    enrollment = fleet.ctl_json("enroll", host)["enrollment"]
+    token = protocol.parse_enrollment(enrollment)["token"]
+    redeem = {"v": 1, "type": "enroll", "id": "e1", "data": {"token": token, "hostname": host}}
+    with fx.ws_connect(fleet.url, "/enroll", ssl=fleet.ssl) as ws:
+        ws.send(json.dumps(redeem))
+        agent_token = json.loads(ws.recv(timeout=10))["data"]["agent_token"]
+    # an older agent's hello: it pins a certificate (tls_pins []) and takes no key pins
+    with fx.ws_connect(fleet.url, "/agent", agent_token, ssl=fleet.ssl) as ws:
+        ws.send(fx.agent_hello(hostname=host, tls_pins=[]))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        assert tls_of(fleet, host)["trust"] == "certificate"
+    tf.install(pki["a2"])  # the same key, a new certificate
+    refused = fleet.ctl("tls", "activate", expect=1)
+    assert host in refused.stderr and "pin fleetd's certificate itself" in refused.stderr
+    assert tf.presented() == pki["a"]["sha256"]  # still the old one
+    done = fleet.ctl_json("tls", "activate", "--force")
+    assert done["renewed"] is True and tf.presented() == pki["a2"]["sha256"]

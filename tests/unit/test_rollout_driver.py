@@ -234,3 +234,25 @@ def test_a_halted_rollout_sends_nothing_more(tmp_path: Path) -> None:
         assert rid not in rollouts.tasks and sessions.sent.empty()
 
     run(tmp_path, scenario)
+
+
+def test_a_resumed_rollout_waits_for_its_agents_to_come_back(tmp_path: Path) -> None:
+    """After a restart no agent has redialled yet: the rollout waits for
+    them (up to its grace) instead of skipping every host as offline."""
+
+    async def scenario(store: Store, bus: Bus) -> None:
+        hosts = await store.run(make_hosts, ["s", "t"])
+        rid = await start(store, hosts, batch=1, timeout=60)
+        sessions = Sessions({})  # fleetd just started: nobody is back
+        rollouts = rollout.Rollouts(store, bus, sessions, AgentFile(), reconnect_grace=30)
+        await rollouts.resume()
+        assert sessions.sent.empty() and rid not in rollouts.tasks
+        sessions.links[hosts["s"]] = ("upgrade",)
+        bus.publish([AgentHello(hosts["s"], OLD)])  # s is back; t is not yet
+        sessions.links[hosts["t"]] = ("upgrade",)
+        bus.publish([AgentHello(hosts["t"], OLD)])
+        assert (await sessions.next_sent())[0] == hosts["s"]  # not skipped as offline
+        assert rid in rollouts.tasks
+        await rollouts.halt(rid, "test over")
+
+    run(tmp_path, scenario)

@@ -34,6 +34,7 @@ from ..store.queries import hot
 
 log = logging.getLogger("fleetd.rollout")
 
+RECONNECT_GRACE = 90.0  # seconds agents get to come back to a restarted fleetd
 FEATURE = "upgrade"  # what an agent says in hello when it can upgrade itself
 BUSY_RETRY = 5.0  # seconds before a busy agent is asked again
 FINAL = ("upgraded", "current", "skipped", "failed")
@@ -115,6 +116,20 @@ def host_line(row: RolloutHost) -> dict[str, Any]:
         "sent_at": iso(row.sent_at),
         "finished_at": iso(row.finished_at),
     }
+
+
+def hosts_to_do(rollout_id: int) -> list[int]:
+    """The hosts a rollout has still to upgrade or hear from."""
+    return [
+        h
+        for (h,) in RolloutHost.select(RolloutHost.host)
+        .where(
+            (RolloutHost.rollout == rollout_id)
+            & RolloutHost.status.in_(["pending", "sent"])
+            & RolloutHost.host.is_null(False)
+        )
+        .tuples()
+    ]
 
 
 def rollout_json(r: Rollout, rows: list[RolloutHost]) -> dict[str, Any]:
@@ -276,8 +291,17 @@ class Waiting:
 class Rollouts:
     """The rollouts under way: one task each, woken by what agents say."""
 
-    def __init__(self, store: Store, bus: Bus, agents: Any, agent_file: Any) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        agents: Any,
+        agent_file: Any,
+        reconnect_grace: float = RECONNECT_GRACE,
+    ) -> None:
         self.store = store
+        self.reconnect_grace = reconnect_grace
+        self._hello = asyncio.Event()  # an agent said hello: one awaited may be back
         self.bus = bus
         self.agents = agents  # session.Agents: who is connected, and their features
         self.agent_file = agent_file  # agentfile.AgentFile, or None
@@ -288,15 +312,38 @@ class Rollouts:
             bus.subscribe(kind, self._wake)
 
     def _wake(self, event: Wake) -> None:
+        if isinstance(event, AgentHello):
+            self._hello.set()
         for queue in self.queues.values():
             queue.put_nowait(event)
 
     async def resume(self) -> None:
-        """Take up the rollout fleetd was driving when it stopped."""
+        """Take up the rollout fleetd was driving when it stopped, once the
+        agents it has still to do are back (they redial a restarted fleetd
+        within a minute or so), or RECONNECT_GRACE has passed: an agent not
+        back yet is not offline, and would otherwise be skipped."""
         rollout_id = await self.store.read(running)
-        if rollout_id is not None:
-            log.info("taking up agent rollout %s again", rollout_id)
+        if rollout_id is None:
+            return
+        log.info("taking up agent rollout %s again", rollout_id)
+        waiting = await self.store.read(hosts_to_do, rollout_id)
+        if all(self.agents.connected(h) for h in waiting):
             self.start(rollout_id)
+        else:
+            asyncio.ensure_future(self._start_when_back(rollout_id, waiting))
+
+    async def _start_when_back(self, rollout_id: int, waiting: list[int]) -> None:
+        deadline = time.monotonic() + self.reconnect_grace
+        while not all(self.agents.connected(h) for h in waiting):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._hello.clear()
+            try:
+                await asyncio.wait_for(self._hello.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        self.start(rollout_id)
 
     def start(self, rollout_id: int) -> None:
         if rollout_id in self.tasks:

@@ -354,7 +354,12 @@ class Agents:
         frame = protocol.encode("tls.pins", {"pins": pins})
         sent = 0
         for session in list(self.sessions.values()):
-            if session.tls_pins is not None and session.served_pin == self.tls.pin:
+            # a session not yet welcomed gets the set in its welcome, not before it
+            if (
+                session.welcomed
+                and session.tls_pins is not None
+                and session.served_pin == self.tls.pin
+            ):
                 sent += await session.send(frame)
         return sent
 

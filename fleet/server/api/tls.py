@@ -102,22 +102,23 @@ async def tls_stage(ctx: Context, p: dict) -> dict:
     now, and to agents enrolled from now on, beside the served key's.
     Replaces a key staged before."""
     state = served(ctx)
-    try:
-        _, spki = tlspins.public_key_block(p["pem"])
-    except tlspins.PinError as exc:
-        raise Invalid(str(exc)) from None
-    pin = hashlib.sha256(spki).hexdigest()
-    if pin == state.pin:
-        raise Invalid(
-            f"this certificate's key (sha256 {tlspins.short(pin)}) is the one fleetd serves: "
-            "a renewal that keeps the key needs no staging; install it and run "
-            "'fleetctl tls activate' (or restart fleetd)"
-        )
-    await ctx.state.store.atomic(record_staged, ctx, pin, state.staged)
-    state.staged = pin
-    pushed = await ctx.state.agents.push_pins()
-    log.info("staged TLS key %s; its pin went to %d agent(s)", pin, pushed)
-    return {"staged": pin, "pushed": pushed}
+    async with state.changing:
+        try:
+            _, spki = tlspins.public_key_block(p["pem"])
+        except tlspins.PinError as exc:
+            raise Invalid(str(exc)) from None
+        pin = hashlib.sha256(spki).hexdigest()
+        if pin == state.pin:
+            raise Invalid(
+                f"this certificate's key (sha256 {tlspins.short(pin)}) is the one fleetd serves: "
+                "a renewal that keeps the key needs no staging; install it and run "
+                "'fleetctl tls activate' (or restart fleetd)"
+            )
+        await ctx.state.store.atomic(record_staged, ctx, pin, state.staged)
+        state.staged = pin
+        pushed = await ctx.state.agents.push_pins()
+        log.info("staged TLS key %s; its pin went to %d agent(s)", pin, pushed)
+        return {"staged": pin, "pushed": pushed}
 
 
 def record_staged(ctx: Context, pin: Optional[str], before: Optional[str]) -> None:
@@ -133,13 +134,14 @@ def record_staged(ctx: Context, pin: Optional[str], before: Optional[str]) -> No
 async def tls_unstage(ctx: Context, p: dict) -> dict:
     """Forget the staged key; agents are told to drop its pin."""
     state = served(ctx)
-    if state.staged is None:
-        raise Invalid("no key is staged")
-    before = state.staged
-    await ctx.state.store.atomic(record_staged, ctx, None, before)
-    state.staged = None
-    pushed = await ctx.state.agents.push_pins()
-    return {"unstaged": before, "pushed": pushed}
+    async with state.changing:
+        if state.staged is None:
+            raise Invalid("no key is staged")
+        before = state.staged
+        await ctx.state.store.atomic(record_staged, ctx, None, before)
+        state.staged = None
+        pushed = await ctx.state.agents.push_pins()
+        return {"unstaged": before, "pushed": pushed}
 
 
 @method("tls.activate", Role.ADMIN, (Field("force", "bool", False),))
@@ -150,41 +152,57 @@ async def tls_activate(ctx: Context, p: dict) -> dict:
     its pin (`force`: every online one; an offline agent without it must be
     enrolled again). Agents connected with the old key are told to redial."""
     state = served(ctx)
-    try:  # files: read off the event loop
-        new = await asyncio.get_running_loop().run_in_executor(
-            None, tls.load, state.cert_file, state.key_file
-        )
-    except tls.TlsError as exc:
-        raise Invalid(str(exc)) from None
-    old = state.pin
-    if new.pin == old:
+    async with state.changing:
+        try:  # files: read off the event loop
+            new = await asyncio.get_running_loop().run_in_executor(
+                None, tls.load, state.cert_file, state.key_file
+            )
+        except tls.TlsError as exc:
+            raise Invalid(str(exc)) from None
+        old = state.pin
+        if new.pin == old:
+            if new.fingerprint != state.fingerprint and not p.get("force"):
+                # the same key, but agents enrolled before key pins pin the
+                # certificate itself until they connect once
+                hosts = await ctx.state.store.read(host_trust)
+                whole = [h.name for h in hosts if h.trust == "certificate"]
+                if whole:
+                    raise Conflict(
+                        f"{len(whole)} host(s) pin fleetd's certificate itself, not its key "
+                        f"(enrolled before key pins, not connected since): "
+                        f"{', '.join(whole[:NAMED])}; a new certificate would lock them out: "
+                        "let their agents connect once (they then learn the key pins), "
+                        "or --force"
+                    )
+            state.switch(new)
+            await ctx.state.store.atomic(
+                audit, ctx, "tls.renew", new.pin, {"sha256": new.fingerprint}
+            )
+            return {"activated": new.pin, "renewed": True, "lacking": []}
+        if new.pin != state.staged:
+            raise Conflict(
+                f"{state.cert_file} holds key sha256 {tlspins.short(new.pin)}, which is not staged: "
+                "stage it first ('fleetctl tls stage CERT') and activate once every agent holds its pin"
+            )
+        hosts = await ctx.state.store.read(host_trust)
+        lack = tls.lacking(hosts, new.pin, bool(p.get("force")))
+        if lack:
+            named = "; ".join(f"{h.name} ({tls.why_not(h, new.pin)})" for h in lack[:NAMED])
+            more = f" and {len(lack) - NAMED} more" if len(lack) > NAMED else ""
+            hint = "" if p.get("force") else " (--force: only online hosts must hold it)"
+            raise Conflict(
+                f"{len(lack)} host(s) do not hold the staged key's pin and could not connect: "
+                f"{named}{more}{hint}"
+            )
+        offline = [h.name for h in tls.lacking(hosts, new.pin) if not h.online]
+        await ctx.state.store.atomic(record_activated, ctx, new.pin, old, offline)
         state.switch(new)
-        await ctx.state.store.atomic(audit, ctx, "tls.renew", new.pin, {"sha256": new.fingerprint})
-        return {"activated": new.pin, "renewed": True, "lacking": []}
-    if new.pin != state.staged:
-        raise Conflict(
-            f"{state.cert_file} holds key sha256 {tlspins.short(new.pin)}, which is not staged: "
-            "stage it first ('fleetctl tls stage CERT') and activate once every agent holds its pin"
+        state.staged = None
+        log.info("serving TLS key %s (was %s)", new.pin, old)
+        redialled = await ctx.state.agents.redial_all(
+            "fleetd serves a new certificate key; redial", old
         )
-    hosts = await ctx.state.store.read(host_trust)
-    lack = tls.lacking(hosts, new.pin, bool(p.get("force")))
-    if lack:
-        named = "; ".join(f"{h.name} ({tls.why_not(h, new.pin)})" for h in lack[:NAMED])
-        more = f" and {len(lack) - NAMED} more" if len(lack) > NAMED else ""
-        hint = "" if p.get("force") else " (--force: only online hosts must hold it)"
-        raise Conflict(
-            f"{len(lack)} host(s) do not hold the staged key's pin and could not connect: "
-            f"{named}{more}{hint}"
-        )
-    offline = [h.name for h in tls.lacking(hosts, new.pin) if not h.online]
-    await ctx.state.store.atomic(record_activated, ctx, new.pin, old, offline)
-    state.switch(new)
-    state.staged = None
-    log.info("serving TLS key %s (was %s)", new.pin, old)
-    redialled = await ctx.state.agents.redial_all(
-        "fleetd serves a new certificate key; redial", old
-    )
-    return {"activated": new.pin, "renewed": False, "lacking": offline, "redialled": redialled}
+        return {"activated": new.pin, "renewed": False, "lacking": offline, "redialled": redialled}
 
 
 def record_activated(ctx: Context, pin: str, old: str, offline: list[str]) -> None:

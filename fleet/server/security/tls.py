@@ -10,6 +10,7 @@ and serves them to new connections), then the old pin is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ class ServedTls:
         self.key_file = key_file
         self.current = load(cert_file, key_file)
         self.staged: Optional[str] = None  # the pin of the key staged next
+        # stage, unstage and activate one at a time: each awaits between its
+        # check and its switch, and an unstage in an activate's gap would
+        # push agents a pin set without the key then served
+        self.changing = asyncio.Lock()
         self.listening = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.listening.minimum_version = ssl.TLSVersion.TLSv1_2
         # the listening context needs a certificate of its own to start a
