@@ -93,6 +93,24 @@ def lock_state_dir(state: State):
     return fh
 
 
+def give_way(state: State, why: str) -> None:
+    """A new agent on trial that cannot even start (it cannot read the state
+    the old one left) puts the old one back at once and execs it, rather
+    than exit for the unit to give up on (status 3) or restart in a loop.
+    Returns when there is no upgrade on trial, or the old file is gone."""
+    marker = upgrade.load_marker(state)
+    action, _ = upgrade.on_start(marker, __version__, time.time())
+    if marker is None or action not in ("trial", "rollback"):
+        return
+    log.error("the new fleet-agent %s cannot start: %s; putting the old one back", __version__, why)
+    try:
+        upgrade.roll_back(state, marker, f"the new agent could not start: {why}")
+    except OSError as exc:
+        log.error("cannot put the old agent back: %s", exc)
+        return
+    upgrade.restart(marker.program, marker.argv)
+
+
 def upgrade_on_start(state: State) -> tuple[bool, Optional[tuple[str, str]]]:
     """What the upgrade marker says at start: (on trial, rollback to report).
     A new agent that must give way puts the old one back and execs it."""
@@ -227,16 +245,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
     state = State(state_dir(args.state_dir))
+    enrolled = False
     try:
         state.load_identity()
-    except StateDamaged as exc:
-        fail(str(exc), DAMAGED)
-    except StateError as exc:
-        fail(str(exc), Exit.USAGE)
-    try:
+        enrolled = True
         state.load_pins()  # damaged: say so now, not at the first dial
     except StateError as exc:
-        fail(str(exc), DAMAGED)  # the unit does not restart after it
+        give_way(state, str(exc))
+        damaged = enrolled or isinstance(exc, StateDamaged)
+        fail(str(exc), DAMAGED if damaged else Exit.USAGE)  # DAMAGED: the unit stays down
     _lock = lock_state_dir(state)  # noqa: F841 - released at exit (and at exec)
     trial, report = upgrade_on_start(state)
     try:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..common import tlspins
+from ..common import protocol, tlspins
 from ..common.protocol import Envelope
 from ..common.timefmt import now_iso
 from . import upgrade
@@ -176,15 +176,19 @@ async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
         refused = upgrade.refusal(program, agent.runner.current)  # a job may have started
         if refused is not None:
             raise refused
-    except upgrade.UpgradeError as exc:
+    except (upgrade.UpgradeError, Exception) as exc:
+        # whatever went wrong (a full disk, a damaged pins.json), fleetd hears
+        # why now instead of waiting out its timeout
         if new is not None:
             new.unlink(missing_ok=True)
         agent.upgrading = False
-        log.warning("not upgrading to fleet-agent %s (%s): %s", version, exc.code, exc)
-        result.update(code=exc.code, error=str(exc))
+        code = exc.code if isinstance(exc, upgrade.UpgradeError) else "failed"
+        why = str(exc) or type(exc).__name__
+        log.warning("not upgrading to fleet-agent %s (%s): %s", version, code, why)
+        result.update(code=code, error=why[: protocol.MAX_STR])
         await agent.emit_now("upgrade.result", result)
         return
-    except BaseException:
+    except BaseException:  # cancelled: the agent is stopping
         if new is not None:
             new.unlink(missing_ok=True)
         agent.upgrading = False

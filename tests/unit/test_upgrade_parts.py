@@ -417,3 +417,80 @@ def test_download_over_tls_sends_the_token_only_to_a_pinned_key(server, tmp_path
     assert info.value.code == "download"
     assert Serve.requests == requests_before  # the token never left
     assert list(out.iterdir()) == []
+
+
+def test_an_unexpected_failure_is_answered_not_left_to_fleetds_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or any error that is not an UpgradeError) while preparing
+    an upgrade: fleetd hears `failed` and why at once, and the agent goes on."""
+    import asyncio
+    import types
+
+    from fleet.agent import handlers
+
+    program = tmp_path / "fleet-agent.pyz"
+    program.write_bytes(b"old")
+    monkeypatch.setattr(upgrade, "running_program", lambda: program)
+    monkeypatch.setattr(upgrade, "refusal", lambda program, current: None)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(upgrade, "download", full_disk)
+    sent: list[tuple[str, dict]] = []
+
+    async def emit_now(kind: str, data: dict) -> None:
+        sent.append((kind, data))
+
+    agent = types.SimpleNamespace(
+        upgrading=True,
+        runner=types.SimpleNamespace(current=None),
+        identity=types.SimpleNamespace(server_url="ws://127.0.0.1:9", agent_token="t"),
+        emit_now=emit_now,
+        stop_for=lambda *a: pytest.fail("an upgrade that failed must not stop the agent"),
+    )
+    data = {"version": "0.2.0", "sha256": "ab" * 32, "size": 10, "deadline": 60}
+    asyncio.run(handlers.prepare_upgrade(agent, data))
+    ((kind, result),) = sent
+    assert kind == "upgrade.result" and result["accepted"] is False
+    assert result["code"] == "failed" and "No space left" in result["error"]
+    assert agent.upgrading is False and program.read_bytes() == b"old"
+
+
+def test_a_new_agent_that_cannot_read_its_state_puts_the_old_one_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fleet-agent run on trial with a state it cannot read: the old file
+    comes back and is exec'd at once, instead of the new one exiting 3
+    (which its unit would not restart) or looping."""
+    import time as time_
+
+    from fleet import __version__
+    from fleet.agent import cli
+    from fleet.agent.state import State
+
+    state = State(tmp_path / "state")
+    state.root.mkdir()
+    program = tmp_path / "fleet-agent.pyz"
+    program.write_bytes(b"new agent")
+    Path(f"{program}.prev").write_bytes(b"old agent")
+    m = marker(to=__version__, program=str(program), deadline=time_.time() + 300)
+    upgrade.save_marker(state, m)
+    execs: list[tuple[str, list]] = []
+
+    def restart(program: str, argv: list) -> None:
+        execs.append((program, argv))
+        raise SystemExit("exec'd")
+
+    monkeypatch.setattr(upgrade, "restart", restart)
+    with pytest.raises(SystemExit, match="exec'd"):
+        cli.give_way(state, "agent.json is damaged")
+    assert program.read_bytes() == b"old agent" and execs == [(str(program), m.argv)]
+    back = upgrade.load_marker(state)
+    assert back is not None and back.state == "rolled_back"
+    assert "could not start: agent.json is damaged" in (back.error or "")
+    # no upgrade on trial: nothing to give way to
+    upgrade.clear_marker(state)
+    cli.give_way(state, "agent.json is damaged")
+    assert len(execs) == 1

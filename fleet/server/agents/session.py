@@ -765,15 +765,16 @@ async def on_command_result(agents: Agents, session: AgentSession, data: dict) -
 
 
 async def on_upgrade_result(agents: Agents, session: AgentSession, data: dict) -> None:
+    version = protocol.printable(data["version"])  # an agent's words, for fleetd's log
     if data["accepted"]:
-        log.info("host %s restarts as fleet-agent %s", session.host_name, data["version"])
+        log.info("host %s restarts as fleet-agent %s", session.host_name, version)
     else:
         log.warning(
             "host %s did not upgrade to fleet-agent %s (%s): %s",
             session.host_name,
-            data["version"],
+            version,
             data.get("code") or "refused",
-            data.get("error") or "no reason given",
+            protocol.printable(data.get("error") or "no reason given"),
         )
     error = data.get("error")
     agents.bus.publish(
