@@ -119,7 +119,12 @@ def upgrade_on_start(state: State) -> tuple[bool, Optional[tuple[str, str]]]:
     if marker is None or action == "none":
         return False, None
     if action == "rollback":
-        upgrade.roll_back(state, marker, why)
+        try:
+            upgrade.roll_back(state, marker, why)
+        except OSError as exc:  # the old file is gone: this one is all there is
+            log.error("cannot put the old agent back (%s); going on as %s", exc, __version__)
+            upgrade.clear_marker(state)
+            return False, None
         upgrade.restart(marker.program, marker.argv)
     if action == "trial":
         marker.starts += 1

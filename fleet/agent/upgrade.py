@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -98,7 +98,10 @@ def load_marker(state: State) -> Optional[Marker]:
     path = marker_path(state)
     try:
         doc = json.loads(path.read_text())
-        return Marker(**doc)
+        # the old and the new agent share this file: a field one of them
+        # does not know is left out, not taken for damage
+        known = {f.name for f in fields(Marker)}
+        return Marker(**{k: v for k, v in doc.items() if k in known})
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as exc:
@@ -279,14 +282,21 @@ def self_check(python: str, path: Path, version: str) -> None:
 
 
 def copy_atomically(source: Path, dest: Path) -> None:
-    """dest becomes a copy of source (mode 0755), all at once."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(source, "rb") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, dest)
+    """dest becomes a copy of source (mode 0755), all at once. The temp file
+    is this call's own: the guard and a new agent rolling back at once must
+    not write into one file."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
+    tmp = Path(name)
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     sync_dir(dest.parent)
 
 
