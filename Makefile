@@ -26,8 +26,11 @@ restic:
 lint: venv
 	$(BIN)/ruff check .
 
+# four workers on any machine: the tests mostly wait on fleetd, agents and
+# restic, so even two cores keep four busy; a module's tests stay together
+# (--dist loadfile), as they share one fleetd
 test: venv restic lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadfile
 
 demo: venv restic
 	bash build/demo.sh
