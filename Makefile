@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint restic venv clean agent install
+.PHONY: demo test lint restic postgresql venv clean agent install
 
 venv: $(STAMP)
 
@@ -23,13 +23,20 @@ restic:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic >/dev/null; }
 	@restic version
 
+# Debian's PostgreSQL server, for the tests of the store on it (they start
+# their own server in a temp dir; the package's own cluster is not used)
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
 lint: venv
 	$(BIN)/ruff check .
 
 # four workers on any machine: the tests mostly wait on fleetd, agents and
 # restic, so even two cores keep four busy; a module's tests stay together
 # (--dist loadfile), as they share one fleetd
-test: venv restic lint
+test: venv restic postgresql lint
 	$(BIN)/pytest -q -n 4 --dist loadfile
 
 demo: venv restic

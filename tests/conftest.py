@@ -568,6 +568,17 @@ def fleetd_factory(tmp_path: Path) -> Iterator[Callable[..., FleetEnv]]:
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server (tests/postgres.py), one per test session
+    (per worker), started on first use."""
+    from postgres import Postgres  # tests/ is on sys.path (rootdir conftest)
+
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def fx() -> types.SimpleNamespace:
     """The harness's helpers, for test modules (which import nothing from here)."""
     return types.SimpleNamespace(
