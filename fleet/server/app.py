@@ -367,6 +367,18 @@ class FleetServer:
         self.limits.refused[reason] += 1
         return text_response(connection, status, text)
 
+    def over_limit(self, connection: ServerConnection) -> Optional[Response]:
+        """The refusal of a connection past fleetd's limit, or None."""
+        if self.limits.open <= self.limits.max_connections:
+            return None
+        self.limits.note_refusal(f"{self.limits.max_connections} connections open")
+        return self.refuse(
+            "connection_limit",
+            connection,
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "fleetd is at its connection limit",
+        )
+
     @staticmethod
     def address(connection: ServerConnection) -> str:
         peer = connection.remote_address
@@ -387,14 +399,9 @@ class FleetServer:
         if path not in ("/ctl", "/agent", *UNAUTHENTICATED):
             return text_response(connection, HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         address = self.address(connection)
-        if self.limits.open > self.limits.max_connections:
-            self.limits.note_refusal(f"{self.limits.max_connections} connections open")
-            return self.refuse(
-                "connection_limit",
-                connection,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "fleetd is at its connection limit",
-            )
+        full = self.over_limit(connection)
+        if full is not None:
+            return full
         if path in UNAUTHENTICATED:
             if not self.limits.claim_unauthenticated(connection, address):
                 self.limits.note_refusal(
@@ -475,8 +482,7 @@ class FleetServer:
         found = await self.state.store.scan(metrics.families, utcnow())
         body = metrics.render([*found, *self.process.families()])
         response = connection.respond(HTTPStatus.OK, body.decode())
-        del response.headers["Content-Type"]  # websockets' Headers adds, never replaces
-        response.headers["Content-Type"] = metrics.CONTENT_TYPE
+        replace_header(response, "Content-Type", metrics.CONTENT_TYPE)
         return response
 
     def serve_agent_sum(self, connection: ServerConnection) -> Response:
@@ -498,14 +504,9 @@ class FleetServer:
         agent = self.state.agent_file
         if agent is None:
             return text_response(connection, HTTPStatus.NOT_FOUND, NO_AGENT_FILE)
-        if self.limits.open > self.limits.max_connections:
-            self.limits.note_refusal(f"{self.limits.max_connections} connections open")
-            return self.refuse(
-                "connection_limit",
-                connection,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "fleetd is at its connection limit",
-            )
+        full = self.over_limit(connection)
+        if full is not None:
+            return full
         address = self.address(connection)
         token = bearer(request.headers)
         if token is None:
@@ -517,9 +518,7 @@ class FleetServer:
             )
         blocked = self.token_limiter.blocked(address)
         store = self.state.store
-        if not (
-            await store.read(enroll.may_download, token) or await store.read(known_token, token)
-        ):
+        if not await store.read(may_download, token):
             return self.bad_token(connection, address, "/agent.pyz", blocked)
         if not self.limits.claim_download(connection):
             response = self.refuse(
@@ -532,10 +531,8 @@ class FleetServer:
             return response
         self.limits.accepted["agent.pyz"] += 1
         response = connection.respond(HTTPStatus.OK, "")
-        for name in ("Content-Type", "Content-Length"):  # Headers adds, never replaces
-            del response.headers[name]
-        response.headers["Content-Type"] = "application/octet-stream"
-        response.headers["Content-Length"] = str(agent.size)
+        replace_header(response, "Content-Type", "application/octet-stream")
+        replace_header(response, "Content-Length", str(agent.size))
         response.headers["X-Fleet-Agent-Version"] = agent.version
         response.headers["X-Fleet-Agent-SHA256"] = agent.sha256
         response.body = agent.data
@@ -820,6 +817,18 @@ async def start_tls(store: Store, tls: ServedTls) -> None:
             tlspins.short(before),
             len(lacking),
         )
+
+
+def replace_header(response: Response, name: str, value: str) -> None:
+    """Set a header of a response websockets built (its Headers add, never replace)."""
+    del response.headers[name]
+    response.headers[name] = value
+
+
+def may_download(token: str) -> bool:
+    """GET /agent.pyz's token check in one store read: an unused enrollment
+    token, an agent's or an API token."""
+    return enroll.may_download(token) or known_token(token)
 
 
 def reset_online() -> None:

@@ -223,11 +223,11 @@ def build(now: dt.datetime, offline_after: int, unchecked_after: int, progress: 
                 host=h.name,
             )
         offline_for = None
-        refused = cannot_connect(h.tls_trust, h.tls_pins, served) if served else None
-        if refused and not h.online and h.enrolled_at is not None:
-            # certain, and not curable by waiting: said at once, not after offline_after
-            problem(CRITICAL, "tls_refused", f"{h.name} {refused}", host=h.name)
         if not h.online and h.enrolled_at is not None:
+            refused = cannot_connect(h.tls_trust, h.tls_pins, served) if served else None
+            if refused:
+                # certain, and not curable by waiting: said at once, not after offline_after
+                problem(CRITICAL, "tls_refused", f"{h.name} {refused}", host=h.name)
             offline_for = int((now - (h.last_seen_at or h.enrolled_at)).total_seconds())
             if offline_for >= offline_after:
                 problem(

@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from websockets.exceptions import ConnectionClosedOK
-
 from ...common.protocol import MAX_UPGRADE_DEADLINE, Field
 from ..agents import rollout
 from ..events import RolloutChanged
 from ..security.auth import Role
 from ..store.models import Host
 from .common import audit
-from .context import Context
+from .context import Context, next_or_gone
 from .errors import Conflict, NotFound
 from .hosts import selected_hosts
 from .registry import Method, collect
@@ -208,7 +206,7 @@ async def agents_rollout(ctx: Context, p: dict) -> dict:
         for line in view["hosts"]:
             await ctx.emit({"type": "host", "host": line, "version": view["version"]})
         while True:
-            event = await next_change(changes, ctx)
+            event = await next_or_gone(changes, ctx)
             if event.rollout_id != view["id"]:
                 continue
             if event.ended:
@@ -219,14 +217,3 @@ async def agents_rollout(ctx: Context, p: dict) -> dict:
     finally:
         if follow:
             bus.unsubscribe(RolloutChanged, offer)
-
-
-async def next_change(changes: asyncio.Queue, ctx: Context) -> RolloutChanged:
-    """The next change, unless the operator following has gone away."""
-    getter = asyncio.ensure_future(changes.get())
-    waits = {getter} if ctx.closed is None else {getter, ctx.closed}
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if not getter.done():
-        getter.cancel()
-        raise ConnectionClosedOK(None, None)  # nobody left to stream to
-    return getter.result()

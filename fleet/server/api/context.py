@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from websockets.exceptions import ConnectionClosedOK
+
 from ..security import auth
 from ..security.auth import Role
 from ..security.secrets import SecretBox
@@ -47,6 +49,18 @@ class ServerState:
     user_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(50, 300))
     addr_limiter: auth.RateLimiter = field(default_factory=lambda: auth.RateLimiter(20, 300))
     login_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def next_or_gone(queue: asyncio.Queue, ctx: Context) -> Any:
+    """The next item of a stream's queue, unless the operator following it
+    has gone away (then ConnectionClosedOK: nobody left to stream to)."""
+    getter = asyncio.ensure_future(queue.get())
+    waits = {getter} if ctx.closed is None else {getter, ctx.closed}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        raise ConnectionClosedOK(None, None)
+    return getter.result()
 
 
 @dataclass

@@ -287,10 +287,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     given_back = templates.edited(group, settings, p.get("inherit") or [], templates.GROUP_SETTINGS)
     renamed = bool(p.get("new_name")) and p["new_name"] != group.name
     if renamed:
-        if group.template is not None:
-            raise Conflict(
-                f"source group {group.name} comes from template {group.template}: its name is the template's"
-            )
+        templates.refuse_rename(group, "source group")
         new = check_name("group", p["new_name"])
         if SourceGroup.get_or_none((SourceGroup.host == host) & (SourceGroup.name == new)):
             raise Conflict(f"host {host.name} already has a source group {new!r}")
@@ -308,9 +305,7 @@ def groups_edit(ctx: Context, p: dict) -> dict:
     if ScheduleGroup.select().where(ScheduleGroup.group == group).exists():
         bump(ctx.events, host.id)  # agents run schedules from the groups they were sent
     if given_back or renamed:  # the template's values come back, or its group of the old name
-        applied = templates.materialise(ctx, host)
-        if applied.error:
-            raise Conflict(f"the templates of {host.name} cannot be applied: {applied.error}")
+        templates.reapply(ctx, host)
         group = get_group(host, group.name)
     audit(
         ctx,

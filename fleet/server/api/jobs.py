@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any, Optional
 
 import peewee as pw
-from websockets.exceptions import ConnectionClosedOK
 
 from ...common import protocol
 from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from ...common.timefmt import iso
 from ..agents.ingest import line_json
-from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted, Watch
+from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted
 from ..jobs import lifecycle
 from ..scheduling import drills
 from ..security.auth import Role
@@ -30,7 +28,7 @@ from ..store.queries import hot
 from ..store.queries.waits import reasons
 from . import views
 from .common import audit, get_group, get_host
-from .context import Context
+from .context import Context, next_or_gone
 from .errors import ApiError, Conflict, Invalid, NotFound
 from .hosts import selected_hosts
 from .registry import Method, collect
@@ -288,7 +286,7 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
             if progress:
                 await ctx.emit({"type": "progress", "progress": progress})
             while True:
-                event = await next_event(watch, ctx)
+                event = await next_or_gone(watch.queue, ctx)
                 if event is None:  # fell behind, or the host was removed
                     if watch.gone:
                         break
@@ -332,17 +330,6 @@ async def emit_stored(ctx: Context, job_id: int, after: int) -> int:
             sent = line["seq"]
         if len(page) < 1000:
             return sent
-
-
-async def next_event(watch: Watch, ctx: Context) -> Any:
-    """The next event for a tail, unless its operator has gone away."""
-    getter = asyncio.ensure_future(watch.queue.get())
-    waits = {getter} if ctx.closed is None else {getter, ctx.closed}
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if not getter.done():
-        getter.cancel()
-        raise ConnectionClosedOK(None, None)  # nobody left to stream to
-    return getter.result()
 
 
 @method("jobs.cancel", Role.OPERATOR, (Field("id", "int"),))

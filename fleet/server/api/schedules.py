@@ -232,10 +232,7 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     given_back = templates.edited(s, changed, p.get("inherit") or [], templates.SCHEDULE_SETTINGS)
     renamed = bool(p.get("new_name")) and p["new_name"] != s.name
     if renamed:
-        if s.template is not None:
-            raise Conflict(
-                f"schedule {s.name} comes from template {s.template}: its name is the template's"
-            )
+        templates.refuse_rename(s, "schedule")
         s.name = check_free(host, p["new_name"])
     if "cron" in p:
         s.cron = check_cron(p["cron"])
@@ -247,9 +244,7 @@ def schedules_edit(ctx: Context, p: dict) -> dict:
     s.save()
     bump(ctx.events, host.id)
     if given_back or renamed:  # the template's values come back, or its schedule of the old name
-        applied = templates.materialise(ctx, host)
-        if applied.error:
-            raise Conflict(f"the templates of {host.name} cannot be applied: {applied.error}")
+        templates.reapply(ctx, host)
         s = get_schedule(host, s.name)
     audit(
         ctx,

@@ -406,13 +406,7 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
             ).execute()
 
     groups = {g.name: g for g in SourceGroup.select().where(SourceGroup.host == host)}
-    linked = {
-        gid
-        for (gid,) in ScheduleGroup.select(ScheduleGroup.group)
-        .join(Schedule)
-        .where(Schedule.host == host)
-        .tuples()
-    }
+    linked = scheduled_groups(host)
     for name, (tname, settings) in want.groups.items():
         g = groups.get(name)
         if g is not None and g.template is None:
@@ -492,22 +486,33 @@ def apply_wanted(ctx: Context, host: Host, want: Wanted, out: Outcome) -> None:
             schedules.link(s, [groups[g] for g in target["groups"]])
         bump(ctx.events, host.id)
     drop_groups(ctx, host, out, lambda g: g.name not in want.groups)
+    release_repositories(host, out, lambda link: link.repository.name not in wanted_repos)
+
+
+def scheduled_groups(host: Host) -> set[int]:
+    """The ids of the host's groups some schedule of it backs up."""
+    return {
+        gid
+        for (gid,) in ScheduleGroup.select(ScheduleGroup.group)
+        .join(Schedule)
+        .where(Schedule.host == host)
+        .tuples()
+    }
+
+
+def release_repositories(host: Host, out: Outcome, gone: Callable[[HostRepository], bool]) -> None:
+    """Repositories a template attached that go stay attached (their
+    snapshots stay in reach), as the host's own."""
     for link in (
         HostRepository.select(HostRepository, Repository)
         .join(Repository)
         .where((HostRepository.host == host) & HostRepository.template.is_null(False))
     ):
-        if link.repository.name not in wanted_repos:
-            release_repository(host, link.repository, out)
-
-
-def release_repository(host: Host, repo: Repository, out: Outcome) -> None:
-    """A repository a template attached stays attached (its snapshots stay
-    in reach), as the host's own."""
-    HostRepository.update(template=None).where(
-        (HostRepository.host == host) & (HostRepository.repository == repo)
-    ).execute()
-    out.notes.append(f"repository {repo.name} stays attached, as the host's own")
+        if gone(link):
+            HostRepository.update(template=None).where(
+                (HostRepository.host == host) & (HostRepository.repository == link.repository)
+            ).execute()
+            out.notes.append(f"repository {link.repository.name} stays attached, as the host's own")
 
 
 def drop_schedules(
@@ -523,13 +528,7 @@ def drop_groups(
 ) -> None:
     """Template groups that go, but those a schedule that stays backs up
     (they stay, as the host's own, so no schedule loses a group unseen)."""
-    linked = {
-        gid
-        for (gid,) in ScheduleGroup.select(ScheduleGroup.group)
-        .join(Schedule)
-        .where(Schedule.host == host)
-        .tuples()
-    }
+    linked = scheduled_groups(host)
     for g in SourceGroup.select().where(
         (SourceGroup.host == host) & SourceGroup.template.is_null(False)
     ):
@@ -543,13 +542,7 @@ def let_go(ctx: Context, host: Host, out: Outcome, gone: Callable[[pw.Model], bo
     here, or is needed by what stays)."""
     drop_schedules(ctx, host, out, gone)
     drop_groups(ctx, host, out, gone)
-    for link in (
-        HostRepository.select(HostRepository, Repository)
-        .join(Repository)
-        .where((HostRepository.host == host) & HostRepository.template.is_null(False))
-    ):
-        if gone(link):
-            release_repository(host, link.repository, out)
+    release_repositories(host, out, gone)
 
 
 def drop(
@@ -1015,6 +1008,22 @@ def inherit(row: pw.Model, fields: Sequence[str], valid: Sequence[str]) -> list[
     given = sorted(set(row.overrides or []) & wanted)
     row.overrides = sorted(set(row.overrides or []) - wanted)
     return given
+
+
+def refuse_rename(row: pw.Model, kind: str) -> None:
+    """A template's group or schedule is known by its name on every host."""
+    if row.template is not None:
+        raise Conflict(
+            f"{kind} {row.name} comes from template {row.template}: its name is the template's"
+        )
+
+
+def reapply(ctx: Context, host: Host) -> None:
+    """Apply the host's templates again after a hand edit; a host that
+    cannot take them makes the edit fail (rolled back with it)."""
+    applied = materialise(ctx, host)
+    if applied.error:
+        raise Conflict(f"the templates of {host.name} cannot be applied: {applied.error}")
 
 
 def refuse_removal(row: pw.Model, kind: str) -> None:
