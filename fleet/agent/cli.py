@@ -103,12 +103,7 @@ def give_way(state: State, why: str) -> None:
     if marker is None or action not in ("trial", "rollback"):
         return
     log.error("the new fleet-agent %s cannot start: %s; putting the old one back", __version__, why)
-    try:
-        upgrade.roll_back(state, marker, f"the new agent could not start: {why}")
-    except OSError as exc:
-        log.error("cannot put the old agent back: %s", exc)
-        return
-    upgrade.restart(marker.program, marker.argv)
+    upgrade.give_back(state, marker, f"the new agent could not start: {why}")
 
 
 def upgrade_on_start(state: State) -> tuple[bool, Optional[tuple[str, str]]]:
@@ -119,13 +114,11 @@ def upgrade_on_start(state: State) -> tuple[bool, Optional[tuple[str, str]]]:
     if marker is None or action == "none":
         return False, None
     if action == "rollback":
-        try:
-            upgrade.roll_back(state, marker, why)
-        except OSError as exc:  # the old file is gone: this one is all there is
-            log.error("cannot put the old agent back (%s); going on as %s", exc, __version__)
-            upgrade.clear_marker(state)
-            return False, None
-        upgrade.restart(marker.program, marker.argv)
+        upgrade.give_back(state, marker, why)
+        # the old file is gone: this one is all there is
+        log.error("going on as fleet-agent %s", __version__)
+        upgrade.clear_marker(state)
+        return False, None
     if action == "trial":
         marker.starts += 1
         marker.pid = os.getpid()

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..common import protocol, tlspins
 from ..common.protocol import Envelope
@@ -98,6 +98,7 @@ async def on_tls_pins(agent: Agent, frame: Envelope) -> None:
     without the key of the fleetd this link is verified against, or for an
     agent that pins nothing, is refused: it would lock the agent out."""
     error = None
+    held: Optional[list[str]] = None
     try:
         pins = tlspins.check_pins(frame.data["pins"])
         if agent.tls_pin is None:
@@ -110,14 +111,16 @@ async def on_tls_pins(agent: Agent, frame: Envelope) -> None:
         if held != pins:
             agent.state.save_pins(pins, now_iso())
             log.info("fleetd's key pins are now %s", tlspins.describe(pins))
+            held = pins
     except (tlspins.PinError, StateError) as exc:
         error = str(exc)
         log.warning("kept the key pins held: fleetd sent a set I refuse: %s", error)
-    try:
-        held = agent.state.load_pins() or []
-    except StateError:
-        held = []
-    answer: dict[str, Any] = {"pins": held, "applied_at": now_iso()}
+    if held is None:  # refused before they were read: say what is held
+        try:
+            held = agent.state.load_pins()
+        except StateError:
+            held = None
+    answer: dict[str, Any] = {"pins": held or [], "applied_at": now_iso()}
     if error:
         answer["error"] = error
     await agent.emit_now("tls.ack", answer)
@@ -176,7 +179,7 @@ async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
         refused = upgrade.refusal(program, agent.runner.current)  # a job may have started
         if refused is not None:
             raise refused
-    except (upgrade.UpgradeError, Exception) as exc:
+    except Exception as exc:
         # whatever went wrong (a full disk, a damaged pins.json), fleetd hears
         # why now instead of waiting out its timeout
         if new is not None:

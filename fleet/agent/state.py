@@ -52,7 +52,12 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
     # the rename itself made durable: what fleetd is told was stored (tls.ack)
     # must be there after a power loss
-    fd = os.open(path.parent, os.O_RDONLY)
+    sync_dir(path.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the entries of a directory (a rename into it) durable."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

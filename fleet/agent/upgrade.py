@@ -44,7 +44,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from ..common.protocol import agent_file_url
-from .state import State, write_private
+from .state import State, sync_dir, write_private
 from .trust import PinMismatch, Trust
 
 log = logging.getLogger("fleet-agent")
@@ -300,14 +300,6 @@ def copy_atomically(source: Path, dest: Path) -> None:
     sync_dir(dest.parent)
 
 
-def sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def install(state: State, program: Path, new: Path, marker: Marker) -> None:
     """Keep the old program as PROGRAM.prev, write the marker, rename the
     new file over the program: a crash between any two steps leaves a
@@ -324,6 +316,17 @@ def roll_back(state: State, marker: Marker, why: str) -> None:
     marker.state, marker.error = "rolled_back", why
     save_marker(state, marker)
     log.error("upgrade to %s rolled back: %s", marker.to, why)
+
+
+def give_back(state: State, marker: Marker, why: str) -> None:
+    """Put the old agent back and exec it; returns only when its file
+    cannot be put back (said in the log)."""
+    try:
+        roll_back(state, marker, why)
+    except OSError as exc:
+        log.error("cannot put the old agent back: %s", exc)
+        return
+    restart(marker.program, marker.argv)
 
 
 def restart(program: str, argv: list[str]) -> None:
