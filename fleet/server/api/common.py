@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ...common import selectors
 from ..store.models import Host, SourceGroup, User, utcnow
 from ..store.queries import hot
 from .context import Context
@@ -23,6 +24,14 @@ def check_name(kind: str, name: str) -> str:
             "digits, '.', '_' or '-' (at most 63)"
         )
     return name
+
+
+def requirements(selector: str) -> tuple[selectors.Requirement, ...]:
+    """A label selector, parsed; raises Invalid."""
+    try:
+        return selectors.parse(selector)
+    except selectors.SelectorError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def at_most(name: str, value: int, maximum: int) -> int:

@@ -14,7 +14,7 @@ from ..jobs import lifecycle
 from ..security.auth import Role
 from ..store.models import Host, Job, RepoStats, SourceGroup
 from ..store.queries import listing
-from .common import at_most, audit, get_host
+from .common import at_most, audit, get_host, requirements
 from .context import Context
 from .errors import Invalid
 from .registry import Method, collect
@@ -60,10 +60,9 @@ async def hosts_list(ctx: Context, p: dict) -> Encoded:
     each. Every host (those the label selector picks), or a page: at most
     `limit` (1..1000) hosts whose names sort after `after` (pass the last
     name of a page to get the next)."""
-    if p.get("selector"):
-        return Encoded(json.dumps(await ctx.state.store.read(selected, p["selector"])))
+    wanted = requirements(p["selector"]) if p.get("selector") else None
     limit = p.get("limit")
-    if limit is not None:
+    if limit is not None and wanted is None:
         at_most("limit", limit, MAX_PAGE)
         count, last, text = await ctx.state.store.read(page_text, p.get("after"), limit)
         return Encoded(f"[{text}]")
@@ -71,21 +70,14 @@ async def hosts_list(ctx: Context, p: dict) -> Encoded:
     # encoded on the reader thread as it is read (a short hold of the GIL
     # each, not one long one for the whole fleet)
     parts: list[str] = []
-    after = p.get("after")
+    after = None if wanted is not None else p.get("after")  # a selector lists them all
     while True:
-        count, last, text = await ctx.state.store.read(page_text, after, MAX_PAGE)
-        if count:
+        count, last, text = await ctx.state.store.read(page_text, after, MAX_PAGE, wanted)
+        if text:
             parts.append(text)
         if count < MAX_PAGE:
             return Encoded("[" + ", ".join(parts) + "]")
         after = last
-
-
-def requirements(selector: str) -> tuple[selectors.Requirement, ...]:
-    try:
-        return selectors.parse(selector)
-    except selectors.SelectorError as exc:
-        raise Invalid(str(exc)) from None
 
 
 def checked_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -93,22 +85,6 @@ def checked_labels(labels: dict[str, str]) -> dict[str, str]:
         return selectors.check_labels(labels)
     except selectors.SelectorError as exc:
         raise Invalid(str(exc)) from None
-
-
-def selected(selector: str) -> list[dict]:
-    """Every host the selector picks, as listed."""
-    wanted = requirements(selector)
-    out: list[dict] = []
-    after: Optional[str] = None
-    while True:
-        page = listing.hosts_page(after, MAX_PAGE)
-        for row in page:
-            host = host_row_json(row)
-            if selectors.matches(wanted, host["labels"]):
-                out.append(host)
-        if len(page) < MAX_PAGE:
-            return out
-        after = page[-1].name
 
 
 def selected_hosts(selector: str) -> list[Host]:
@@ -147,12 +123,18 @@ def hosts_label(ctx: Context, p: dict) -> dict:
     return {"host": host.name, "labels": labels, "templates": applied.json()}
 
 
-def page_text(after: Optional[str], limit: int) -> tuple[int, Optional[str], str]:
-    """A page of hosts as JSON list items (the text between the brackets):
-    (how many, the last name, the text)."""
-    page = [host_row_json(r) for r in listing.hosts_page(after, limit)]
+def page_text(
+    after: Optional[str], limit: int, wanted: Optional[tuple[selectors.Requirement, ...]] = None
+) -> tuple[int, Optional[str], str]:
+    """A page of hosts as JSON list items (the text between the brackets),
+    those `wanted` picks if given: (how many were read, the last name read,
+    the text)."""
+    rows = listing.hosts_page(after, limit)
+    page = [host_row_json(r) for r in rows]
+    if wanted is not None:
+        page = [h for h in page if selectors.matches(wanted, h["labels"])]
     text = json.dumps(page, ensure_ascii=False)[1:-1]
-    return len(page), page[-1]["name"] if page else None, text
+    return len(rows), rows[-1].name if rows else None, text
 
 
 @method("hosts.show", Role.VIEWER, (Field("host", "str", limit=64),), readonly=True)

@@ -49,7 +49,7 @@ from ..store.models import (
     utcnow,
 )
 from . import maintenance, schedules
-from .common import at_most, audit, check_name
+from .common import at_most, audit, check_name, requirements
 from .context import Caller, Context
 from .errors import ApiError, Conflict, Forbidden, Invalid, NotFound
 from .groups import (
@@ -638,11 +638,8 @@ def get_template(name: str) -> Template:
 
 
 def check_selector(text: str) -> str:
-    try:
-        if not selectors.parse(text):
-            raise Invalid("a template needs a selector that picks hosts, e.g. role=web")
-    except selectors.SelectorError as exc:
-        raise Invalid(str(exc)) from None
+    if not requirements(text):
+        raise Invalid("a template needs a selector that picks hosts, e.g. role=web")
     return text.strip()
 
 
