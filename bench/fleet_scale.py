@@ -1471,21 +1471,32 @@ def scrape_metrics(url: str, token: str) -> tuple[float, int]:
     return time.perf_counter() - t0, body.count(b"\n")
 
 
+def init_fleetd(data: Path) -> None:
+    """`fleetd init` of a fresh data dir, with the bench's admin password."""
+    subprocess.run(
+        [sys.executable, "-m", "fleet.server.cli", "init", "--data-dir", str(data)],
+        env=clean_env(FLEET_ADMIN_PASSWORD=ADMIN_PASSWORD),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def serve_fleetd(data: Path, log: Path, *extra: str) -> Server:
+    """A `fleetd serve` of `data` on a port the OS picks, started."""
+    argv = ["-m", "fleet.server.cli", "serve", "--data-dir", str(data)]
+    argv += ["--listen", "127.0.0.1:0", "--log-level", "warning", *extra]
+    return Server("fleetd", argv, log, clean_env()).start()
+
+
 def run_status(args, figs: Figures, work: Path) -> None:
     """status.show and /metrics over N hosts with groups, schedules and
     backups (no agents connected), beside the plain whole-fleet hosts.list;
     and the operator's round trip while status.show loops (the health read
     runs on the store's reader thread, not the loop)."""
     n = args.agents
-    env = clean_env(FLEET_ADMIN_PASSWORD=ADMIN_PASSWORD)
     data = work / "status-fleetd"
-    subprocess.run(
-        [sys.executable, "-m", "fleet.server.cli", "init", "--data-dir", str(data)],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    init_fleetd(data)
     t0 = time.monotonic()
     seed_hosts(data, n)
     seed_history(data, n)
@@ -1494,23 +1505,7 @@ def run_status(args, figs: Figures, work: Path) -> None:
         f"in {time.monotonic() - t0:.1f} s",
         flush=True,
     )
-    fleetd = Server(
-        "fleetd",
-        [
-            "-m",
-            "fleet.server.cli",
-            "serve",
-            "--data-dir",
-            str(data),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warning",
-            "--metrics",
-        ],
-        work / "status-fleetd.log",
-        clean_env(),
-    ).start()
+    fleetd = serve_fleetd(data, work / "status-fleetd.log", "--metrics")
     url = f"ws://127.0.0.1:{fleetd.port}"
     try:
 
@@ -1592,15 +1587,8 @@ def run_templates(args, figs: Figures, work: Path) -> None:
     """One template over N/2 hosts beside the same settings made by hand,
     and the operator's round trip while it is applied."""
     n = args.agents
-    env = clean_env(FLEET_ADMIN_PASSWORD=ADMIN_PASSWORD)
     data = work / "templates-fleetd"
-    subprocess.run(
-        [sys.executable, "-m", "fleet.server.cli", "init", "--data-dir", str(data)],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    init_fleetd(data)
     seed_hosts(data, n)
     con = sqlite3.connect(data / "fleet.db")
     with con:  # every other host is a web server
@@ -1609,22 +1597,7 @@ def run_templates(args, figs: Figures, work: Path) -> None:
         )  # names bench-00000, -00002 ...
     con.close()
     picked = n // 2
-    fleetd = Server(
-        "fleetd",
-        [
-            "-m",
-            "fleet.server.cli",
-            "serve",
-            "--data-dir",
-            str(data),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warning",
-        ],
-        work / "templates-fleetd.log",
-        clean_env(),
-    ).start()
+    fleetd = serve_fleetd(data, work / "templates-fleetd.log")
     url = f"ws://127.0.0.1:{fleetd.port}"
     spec = {
         "repositories": ["bench-repo"],
