@@ -22,6 +22,8 @@ fleetd checks that SIGTERM exits 0 and that its log holds no traceback.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -64,6 +66,7 @@ def clean_env(**extra: Optional[str]) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("FLEET_", "FLEETD_")) and k != "XDG_CONFIG_HOME"
     }
+    env.update(store_env())  # a fleetd's way to its PostgreSQL, when the tests use one
     for key, value in extra.items():
         if value is None:
             env.pop(key, None)
@@ -90,11 +93,112 @@ def run_fleetd(
     )
 
 
+# FLEET_TEST_STORE=postgresql: every fleetd the harness makes keeps its store
+# in a database of its own on one real PostgreSQL (tests/postgres.py) that
+# this process starts on first use; `make test` runs the integration and
+# end-to-end suites both ways
+STORE = os.environ.get("FLEET_TEST_STORE", "sqlite")
+assert STORE in ("sqlite", "postgresql"), f"FLEET_TEST_STORE={STORE!r}: sqlite or postgresql"
+_postgres: Any = None
+_postgres_lock = threading.Lock()
+
+
+def postgres_server() -> Any:
+    """This process's PostgreSQL server, started on the first call."""
+    global _postgres
+    with _postgres_lock:
+        if _postgres is None:
+            from postgres import Postgres  # tests/ is on sys.path (rootdir conftest)
+
+            server = Postgres().start()
+            atexit.register(server.stop)
+            _postgres = server
+        return _postgres
+
+
+def store_env() -> dict[str, str]:
+    """What a fleetd needs in its environment to reach its store."""
+    if STORE != "postgresql":
+        return {}
+    return {"FLEETD_DATABASE_PASSWORD": postgres_server().password}
+
+
+def new_store_url() -> Optional[str]:
+    """A --database for a new fleetd: a fresh PostgreSQL database, or None
+    (the SQLite file in its data directory)."""
+    if STORE != "postgresql":
+        return None
+    server = postgres_server()
+    return f"postgresql:///{server.create_database()}?host={server.root}&user=fleet"
+
+
+def pytest_collection_modifyitems(config: Any, items: list) -> None:
+    if STORE == "sqlite":
+        return
+    skip = pytest.mark.skip(reason="looks at the SQLite file; PostgreSQL's own tests cover it")
+    for item in items:
+        if "sqlite_file" in item.keywords:
+            item.add_marker(skip)
+
+
+def store_location(data_dir: Path) -> Any:
+    """Where the fleetd of `data_dir` keeps its store (fleet.server.store.db.Location)."""
+    from fleet.server.store.db import Location, locate
+
+    recorded = data_dir / "database"
+    if recorded.exists():
+        return locate(recorded.read_text().strip(), postgres_server().password)
+    return Location(sqlite=data_dir / "fleet.db")
+
+
+@contextlib.contextmanager
+def store_sql(data_dir: Path) -> Iterator[Callable[..., list]]:
+    """A connection to that store from the test, for either backend: yields
+    run(sql, *params) -> rows, with `?` marks; committed at the end."""
+    from fleet.server.store.db import connect
+
+    database = connect(store_location(data_dir))
+    database.connect()
+
+    def run(sql: str, *params: Any) -> list:
+        cursor = database.execute_sql(sql.replace("?", database.param), params)
+        return cursor.fetchall() if cursor.description else []
+
+    try:
+        with database.atomic():
+            yield run
+    finally:
+        database.close()
+
+
+def store_bytes(data_dir: Path) -> bytes:
+    """The store as it lies on disk, to look for what must not be there in
+    plain text: SQLite's file and WAL, or, on PostgreSQL, this database's
+    files and the server's WAL (after a CHECKPOINT writes them out)."""
+    where = store_location(data_dir)
+    if where.sqlite is not None:
+        files = sorted(where.sqlite.parent.glob(where.sqlite.name + "*"))
+        assert files, f"no store files in {where.sqlite.parent}"
+        return b"".join(p.read_bytes() for p in files)
+    server = postgres_server()
+    with server.connect() as conn:
+        conn.execute("CHECKPOINT")
+        (oid,) = conn.execute(
+            "SELECT oid FROM pg_database WHERE datname = %s", (where.postgresql["dbname"],)
+        ).fetchone()
+    files = [
+        p for d in (server.data / "base" / str(oid), server.data / "pg_wal") for p in d.rglob("*")
+    ]
+    return b"".join(p.read_bytes() for p in files if p.is_file())
+
+
 def init_data_dir(
     data_dir: Path, password: Optional[str] = ADMIN_PASSWORD, admin: str = "admin"
 ) -> subprocess.CompletedProcess:
     env = clean_env(FLEET_ADMIN_PASSWORD=password)
-    proc = run_fleetd("init", "--data-dir", str(data_dir), "--admin", admin, env=env)
+    url = new_store_url()
+    database = ["--database", url] if url else []
+    proc = run_fleetd("init", "--data-dir", str(data_dir), "--admin", admin, *database, env=env)
     assert proc.returncode == 0, f"fleetd init failed: {proc.stdout}{proc.stderr}"
     return proc
 
@@ -568,14 +672,10 @@ def fleetd_factory(tmp_path: Path) -> Iterator[Callable[..., FleetEnv]]:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Any]:
+def postgres() -> Any:
     """A real PostgreSQL server (tests/postgres.py), one per test session
     (per worker), started on first use."""
-    from postgres import Postgres  # tests/ is on sys.path (rootdir conftest)
-
-    server = Postgres().start()
-    yield server
-    server.stop()
+    return postgres_server()
 
 
 @pytest.fixture(scope="session")
@@ -589,6 +689,9 @@ def fx() -> types.SimpleNamespace:
         api_login=api_login,
         client_ssl=client_ssl,
         clean_env=clean_env,
+        store_sql=store_sql,
+        store_bytes=store_bytes,
+        STORE=STORE,
         finish=finish,
         init_data_dir=init_data_dir,
         rpc_on=rpc_on,

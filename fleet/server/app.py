@@ -70,7 +70,7 @@ from .scheduling.ticker import RowSource, Ticker
 from .security.auth import RateLimiter
 from .security.secrets import load_key_file
 from .security.tls import ServedTls
-from .store.db import Store
+from .store.db import Location, Store
 from .store.models import Host, utcnow
 
 log = logging.getLogger("fleetd")
@@ -105,6 +105,7 @@ class ServeConfig:
     alert_interval: float = ALERT_EVERY  # seconds between looks for alerts
     agent_pyz: Optional[Path] = None  # the agent file to serve; None: look in the usual places
     serve_agent: bool = True  # False: serve none, whatever there is
+    store: Optional[Location] = None  # None: the SQLite file DATA_DIR/fleet.db
 
 
 FD_RESERVE = 256  # descriptors kept for the database, logs, argon2 and the loop
@@ -651,7 +652,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     if config.tls_cert and config.tls_key:
         tls = ServedTls(config.tls_cert, config.tls_key)
     ssl_ctx = tls.listening if tls is not None else None
-    store = Store(config.data_dir / DB_NAME)
+    store = Store(config.store or Location(sqlite=config.data_dir / DB_NAME))
     await store.open()
     await store.run(reset_online)
     if tls is not None:

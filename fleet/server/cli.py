@@ -8,6 +8,7 @@ import os
 import ssl
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 import peewee
@@ -20,7 +21,7 @@ from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse
 from .security import auth
 from .security.secrets import SecretError, create_key_file
 from .security.tls import TlsError
-from .store.db import open_database
+from .store.db import Location, LocationError, locate, open_database
 from .store.models import AuditLog, User
 
 DEFAULT_DATA_DIR = "/var/lib/fleetd"
@@ -33,6 +34,23 @@ data_dir_option = click.option(
     show_default=True,
     help="Directory holding the database and the secret key (env FLEETD_DATA_DIR).",
 )
+
+database_option = click.option(
+    "--database",
+    metavar="URL",
+    envvar="FLEETD_DATABASE",
+    help="The store: postgresql://[USER@]HOST[:PORT]/DBNAME[?PARAM=VALUE...] (libpq's URL; no "
+    "password in it), or sqlite:///PATH. Default: what 'fleetd init --database' wrote in "
+    "DATA_DIR/database, else the SQLite file DATA_DIR/fleet.db (env FLEETD_DATABASE).",
+)
+password_file_option = click.option(
+    "--database-password-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="FLEETD_DATABASE_PASSWORD_FILE",
+    help="File whose first line is the PostgreSQL password (else FLEETD_DATABASE_PASSWORD, "
+    "else libpq's PGPASSWORD or ~/.pgpass).",
+)
+DATABASE_FILE = "database"  # DATA_DIR/database: the URL 'init --database' was given
 
 
 class Fail(click.ClickException):
@@ -52,8 +70,59 @@ def cli() -> None:
     """The Fleet control plane: serves agents (/agent) and operators (/ctl)."""
 
 
+def write_new_private(path: Path, text: str) -> None:
+    """A file only fleetd's user reads (it names the database and its user)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def database_password(password_file: Optional[Path]) -> Optional[str]:
+    if password_file is not None:
+        try:
+            lines = password_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Fail(f"cannot read {password_file}: {exc}") from None
+        if not lines or not lines[0]:
+            raise Fail(f"{password_file}: the first line is empty", Exit.USAGE)
+        return lines[0]
+    return os.environ.get("FLEETD_DATABASE_PASSWORD") or None
+
+
+def store_location(
+    data_dir: Path, database: Optional[str], password_file: Optional[Path]
+) -> Location:
+    """--database, else DATA_DIR/database, else DATA_DIR/fleet.db."""
+    recorded = data_dir / DATABASE_FILE
+    if database is None and recorded.exists():
+        try:
+            database = recorded.read_text().strip()
+        except OSError as exc:
+            raise Fail(f"cannot read {recorded}: {exc.strerror}") from None
+    if database is None:
+        return Location(sqlite=data_dir / DB_NAME)
+    try:
+        return locate(database, database_password(password_file))
+    except LocationError as exc:
+        raise Fail(str(exc), Exit.USAGE) from None
+
+
+def already_initialised(where: Location) -> bool:
+    """Whether the store has users already (a PostgreSQL another replica's
+    init made)."""
+    if where.sqlite is not None:
+        return where.sqlite.exists()
+    database = open_database(where)
+    try:
+        return User.select().exists()
+    finally:
+        database.close()
+
+
 @cli.command()
 @data_dir_option
+@database_option
+@password_file_option
 @click.option(
     "--admin",
     "admin_name",
@@ -61,11 +130,16 @@ def cli() -> None:
     show_default=True,
     help="Name of the first admin user.",
 )
-def init(data_dir: Path, admin_name: str) -> None:
+def init(
+    data_dir: Path, database: Optional[str], database_password_file: Optional[Path], admin_name: str
+) -> None:
     """Create the database, the secret key and the first admin.
 
     The admin password is taken from FLEET_ADMIN_PASSWORD, or generated and
     printed once. Refuses to touch a directory that is already initialised.
+    With --database postgresql://..., the schema and the admin go into that
+    database and its URL into DATA_DIR/database; more fleetd replicas serve
+    it with a copy of this data directory (secret.key and database).
     """
     if not NAME_RE.match(admin_name):
         raise Fail(
@@ -76,8 +150,9 @@ def init(data_dir: Path, admin_name: str) -> None:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise Fail(f"cannot create {data_dir}: {exc.strerror}") from None
-    db_path, key_path = data_dir / DB_NAME, data_dir / KEY_NAME
-    if db_path.exists() or key_path.exists():
+    where = store_location(data_dir, database, database_password_file)
+    key_path = data_dir / KEY_NAME
+    if (where.sqlite is not None and where.sqlite.exists()) or key_path.exists():
         raise Fail(f"{data_dir} is already initialised (found {DB_NAME} or {KEY_NAME})")
     password = os.environ.get("FLEET_ADMIN_PASSWORD")
     generated = not password
@@ -88,16 +163,28 @@ def init(data_dir: Path, admin_name: str) -> None:
             f"FLEET_ADMIN_PASSWORD needs at least {auth.MIN_PASSWORD} characters", Exit.USAGE
         )
     try:
+        if where.is_postgresql and already_initialised(where):
+            raise Fail(
+                f"{where.describe()} is already initialised; a further replica serves it "
+                f"with a copy of the first one's data directory ({KEY_NAME}, {DATABASE_FILE})"
+            )
         create_key_file(key_path)
+        database = open_database(where)
     except (SecretError, AgentFileError) as exc:
         raise Fail(str(exc)) from None
-    database = open_database(db_path)
+    except peewee.DatabaseError as exc:
+        raise Fail(f"cannot open {where.describe()}: {exc}") from None
     with database.atomic():
         User.create(name=admin_name, password_hash=auth.hash_password(password), role="admin")
         AuditLog.create(actor="system", action="fleetd.init", target=admin_name)
     database.close()
-    os.chmod(db_path, 0o600)
+    if where.sqlite is not None:
+        os.chmod(where.sqlite, 0o600)
+    else:
+        write_new_private(data_dir / DATABASE_FILE, where.url() + "\n")
     click.echo(f"initialised {data_dir}")
+    if where.is_postgresql:
+        click.echo(f"database: {where.describe()}")
     click.echo(f"admin user: {admin_name}")
     if generated:
         click.echo(f"admin password (shown once): {password}")
@@ -105,6 +192,8 @@ def init(data_dir: Path, admin_name: str) -> None:
 
 @cli.command()
 @data_dir_option
+@database_option
+@password_file_option
 @click.option(
     "--listen",
     default="127.0.0.1:8433",
@@ -184,6 +273,8 @@ def init(data_dir: Path, admin_name: str) -> None:
 @click.option("--no-agent-pyz", is_flag=True, hidden=True)
 def serve(
     data_dir: Path,
+    database: Optional[str],
+    database_password_file: Optional[Path],
     listen: str,
     tls_cert,
     tls_key,
@@ -223,11 +314,18 @@ def serve(
             "cross the network in clear; give --tls-cert/--tls-key, or --insecure",
             Exit.USAGE,
         )
-    if not (data_dir / DB_NAME).exists():
+    where = store_location(data_dir, database, database_password_file)
+    if where.sqlite is not None and not where.sqlite.exists():
         raise Fail(f"{data_dir} has no database; run 'fleetd init --data-dir {data_dir}' first")
+    if not (data_dir / KEY_NAME).exists():
+        raise Fail(
+            f"{data_dir} has no {KEY_NAME}; run 'fleetd init' first, or copy the data "
+            "directory of the fleetd that made this database"
+        )
     config = ServeConfig(
         data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval, lost_after
     )
+    config.store = where
     if idle_timeout:
         config.enroll_timeout = config.login_idle_timeout = idle_timeout
         config.open_timeout = min(config.open_timeout, idle_timeout)
@@ -255,7 +353,7 @@ def serve(
     except TlsError as exc:
         raise Fail(str(exc)) from None
     except (RuntimeError, peewee.DatabaseError) as exc:  # a newer schema, a damaged file
-        raise Fail(f"cannot open {data_dir / DB_NAME}: {exc}") from None
+        raise Fail(f"cannot open {where.describe()}: {exc}") from None
     except OSError as exc:
         raise Fail(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     # everything is closed and written: skip tearing down 10,000 connections'

@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 
+@pytest.mark.sqlite_file
 def test_init_creates_data_dir_key_and_database(tmp_path, fx):
     data_dir = tmp_path / "nested" / "data"
     proc = fx.init_data_dir(data_dir)
@@ -29,6 +30,7 @@ def test_init_creates_data_dir_key_and_database(tmp_path, fx):
     assert stat.S_IMODE(db.stat().st_mode) & 0o077 == 0
 
 
+@pytest.mark.sqlite_file
 def test_init_refuses_an_initialised_dir_and_never_touches_the_key(tmp_path, fx):
     data_dir = tmp_path / "data"
     fx.init_data_dir(data_dir)

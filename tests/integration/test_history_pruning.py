@@ -1,5 +1,5 @@
 """History pruning on a real fleetd: old job rows are written into its
-SQLite file while it is stopped; started again with a short history and its
+store (SQLite file or PostgreSQL) while it is stopped; started again with a short history and its
 first pruning at once, it deletes the old ended jobs with their log lines
 and keeps the newest of each host, group and kind, the last failure, the
 jobs still queued, the recent ones, and the audit log."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 
 def stamp(days_ago: float) -> str:
@@ -18,7 +18,7 @@ def stamp(days_ago: float) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def seed(db_file: Path, host: str, group: str) -> dict[str, int]:
+def seed(fx: Any, data_dir: Path, host: str, group: str) -> dict[str, int]:
     """Jobs by name (3 log lines each); those named "gone..." are to go with
     --history-days 30 --history-keep 2."""
     jobs = [
@@ -40,49 +40,50 @@ def seed(db_file: Path, host: str, group: str) -> dict[str, int]:
         ("recent-forget-3", "forget", False, "succeeded", 1),
     ]
     ids = {}
-    with sqlite3.connect(db_file) as conn:
-        host_id, group_id = conn.execute(
+    with fx.store_sql(data_dir) as sql:
+        ((host_id, group_id),) = sql(
             'SELECT "h"."id", "g"."id" FROM "host" AS "h" JOIN "source_group" AS "g" '
             'ON "g"."host_id" = "h"."id" WHERE "h"."name" = ? AND "g"."name" = ?',
-            (host, group),
-        ).fetchone()
+            host,
+            group,
+        )
         for name, kind, grouped, status, ended in jobs:
             created = stamp(ended + 0.01 if ended is not None else 400)
-            job_id = conn.execute(
+            ((job_id,),) = sql(
                 'INSERT INTO "job" ("uid", "host_id", "kind", "status", "actor_kind", "group_id", '
                 '"group_name", "params", "created_at", "finished_at") '
                 "VALUES (?, ?, ?, ?, 'system', ?, ?, '{}', ?, ?) RETURNING \"id\"",
-                (
-                    uuid.uuid4().hex,
-                    host_id,
-                    kind,
-                    status,
-                    group_id if grouped else None,
-                    group if grouped else None,
-                    created,
-                    stamp(ended) if ended is not None else None,
-                ),
-            ).fetchone()[0]
-            conn.executemany(
-                'INSERT INTO "job_log" ("job_id", "seq", "ts", "stream", "payload") '
-                "VALUES (?, ?, ?, 'stdout', ?)",
-                [(job_id, seq, created, f"line {seq}") for seq in (1, 2, 3)],
+                uuid.uuid4().hex,
+                host_id,
+                kind,
+                status,
+                group_id if grouped else None,
+                group if grouped else None,
+                created,
+                stamp(ended) if ended is not None else None,
             )
+            for seq in (1, 2, 3):
+                sql(
+                    'INSERT INTO "job_log" ("job_id", "seq", "ts", "stream", "payload") '
+                    "VALUES (?, ?, ?, 'stdout', ?)",
+                    job_id,
+                    seq,
+                    created,
+                    f"line {seq}",
+                )
             ids[name] = job_id
     return ids
 
 
-def log_lines(db_file: Path, job_ids: list[int]) -> int:
+def log_lines(fx: Any, data_dir: Path, job_ids: list[int]) -> int:
     marks = ", ".join("?" for _ in job_ids)
-    with sqlite3.connect(f"file:{db_file}?mode=ro", uri=True) as conn:
-        return conn.execute(
-            f'SELECT COUNT(*) FROM "job_log" WHERE "job_id" IN ({marks})', job_ids
-        ).fetchone()[0]
+    with fx.store_sql(data_dir) as sql:
+        return sql(f'SELECT COUNT(*) FROM "job_log" WHERE "job_id" IN ({marks})', *job_ids)[0][0]
 
 
-def audit_rows(db_file: Path) -> list[tuple]:
-    with sqlite3.connect(f"file:{db_file}?mode=ro", uri=True) as conn:
-        return conn.execute('SELECT * FROM "audit_log" ORDER BY "id"').fetchall()
+def audit_rows(fx: Any, data_dir: Path) -> list[tuple]:
+    with fx.store_sql(data_dir) as sql:
+        return sql('SELECT * FROM "audit_log" ORDER BY "id"')
 
 
 def test_old_jobs_go_with_their_logs_and_the_newest_and_last_failure_stay(
@@ -96,9 +97,9 @@ def test_old_jobs_go_with_their_logs_and_the_newest_and_last_failure_stay(
     fleet.ctl("enroll", other)
     assert fleet.fleetd.stop() == 0
 
-    db_file = fleet.data_dir / "fleet.db"
-    ids = seed(db_file, host, "etc")
-    audit = audit_rows(db_file)
+    data_dir = fleet.data_dir
+    ids = seed(fx, data_dir, host, "etc")
+    audit = audit_rows(fx, data_dir)
     gone = {n for n in ids if n.startswith("gone")}
     kept = {ids[n] for n in ids if n not in gone}
 
@@ -117,8 +118,8 @@ def test_old_jobs_go_with_their_logs_and_the_newest_and_last_failure_stay(
         return {j["id"] for j in fleet.rpc("jobs.list", host=host, limit=1000)}
 
     fx.wait_until(lambda: left() == kept, timeout=15, what="the old jobs to be pruned")
-    assert log_lines(db_file, [ids[n] for n in gone]) == 0
-    assert log_lines(db_file, sorted(kept)) == 3 * len(kept)
+    assert log_lines(fx, data_dir, [ids[n] for n in gone]) == 0
+    assert log_lines(fx, data_dir, sorted(kept)) == 3 * len(kept)
     assert [line["payload"] for line in fleet.rpc("jobs.log", id=ids["last-failure"])["lines"]] == [
         "line 1",
         "line 2",
@@ -131,7 +132,7 @@ def test_old_jobs_go_with_their_logs_and_the_newest_and_last_failure_stay(
         assert exc.code == "not_found"
     else:
         raise AssertionError("a pruned job is still there")
-    assert audit_rows(db_file)[: len(audit)] == audit  # the audit log is not pruned
+    assert audit_rows(fx, data_dir)[: len(audit)] == audit  # the audit log is not pruned
     report = fx.wait_until(
         lambda: re.search(
             r"fleetd.history: pruned (\d+) jobs and (\d+) log lines", fleet.fleetd.log()

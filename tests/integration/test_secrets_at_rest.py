@@ -11,14 +11,16 @@ def _files(data_dir):
     return sorted(p for p in data_dir.rglob("*") if p.is_file())
 
 
-def _leaks(data_dir, needles):
-    """(file name, needle) for every needle found in any file, as bytes."""
+def _leaks(fx, data_dir, needles):
+    """(where, needle) for every needle found, as bytes, in any file of the
+    data directory or in the store on disk (a PostgreSQL's files too)."""
     found = []
-    for path in _files(data_dir):
-        blob = path.read_bytes()
+    places = [(path.name, path.read_bytes()) for path in _files(data_dir)]
+    places.append(("the store", fx.store_bytes(data_dir)))
+    for name, blob in places:
         for needle in needles:
             if needle.encode() in blob:
-                found.append((path.name, needle))
+                found.append((name, needle))
     return found
 
 
@@ -72,17 +74,18 @@ def test_repo_password_env_and_url_credentials_are_encrypted_at_rest(fleetd_fact
             assert needle not in answer
     assert json.loads(answers[0])["env"] == {"AWS_SECRET_ACCESS_KEY": "********"}
 
-    # on disk while running (the write may sit in fleet.db-wal)
+    # on disk while running (the write may sit in fleet.db-wal, or
+    # PostgreSQL's WAL)
     files = {p.name for p in _files(env.data_dir)}
-    assert "fleet.db" in files
-    assert _leaks(env.data_dir, needles) == []
+    assert ("fleet.db" if fx.STORE == "sqlite" else "database") in files
+    assert _leaks(fx, env.data_dir, needles) == []
     # the scan works: plain data such as the host name is found
-    assert _leaks(env.data_dir, [host, other]) != []
+    assert {n for _, n in _leaks(fx, env.data_dir, [host, other])} == {host, other}
 
     # and after a clean stop (the WAL checkpointed into fleet.db)
     fx.stop_and_check(env.fleetd)
-    assert _leaks(env.data_dir, needles) == []
-    assert _leaks(env.data_dir, [host]) != []
+    assert _leaks(fx, env.data_dir, needles) == []
+    assert _leaks(fx, env.data_dir, [host]) != []
     log = env.fleetd.log()
     assert "received SIGTERM" in log  # the log was captured
     for needle in needles:
@@ -101,6 +104,6 @@ def test_repo_password_env_and_url_credentials_are_encrypted_at_rest(fleetd_fact
         assert doc["password"] == "********"
     finally:
         fx.stop_and_check(again)
-    assert _leaks(env.data_dir, needles) == []
+    assert _leaks(fx, env.data_dir, needles) == []
     for needle in needles:
         assert needle not in again.log()

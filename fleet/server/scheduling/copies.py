@@ -20,7 +20,7 @@ from ...common.protocol import MAX_COPY_SNAPSHOTS
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
-from ..store.queries import earliest_due
+from ..store.queries import NOT_YET, earliest_due
 from . import group_crons
 
 
@@ -93,6 +93,6 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
 def next_due() -> Optional[dt.datetime]:
     """The earliest due copy (dt.datetime.min: one not computed yet)."""
     return earliest_due(
-        'SELECT MIN(COALESCE("next_copy_at", \'\')) FROM "source_group" '
+        f'SELECT MIN(COALESCE("next_copy_at", {NOT_YET})) FROM "source_group" '
         'WHERE "copy_cron" IS NOT NULL AND "copy_to_id" IS NOT NULL'
     )

@@ -14,7 +14,7 @@ from ...common.drills import DEFAULT_SAMPLE
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Job, Snapshot, SourceGroup
-from ..store.queries import earliest_due
+from ..store.queries import NOT_YET, earliest_due
 from . import group_crons
 
 
@@ -85,6 +85,6 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
 def next_due() -> Optional[dt.datetime]:
     """The earliest due drill (dt.datetime.min: one not computed yet)."""
     return earliest_due(
-        'SELECT MIN(COALESCE("next_drill_at", \'\')) FROM "source_group" '
+        f'SELECT MIN(COALESCE("next_drill_at", {NOT_YET})) FROM "source_group" '
         'WHERE "drill_cron" IS NOT NULL'
     )

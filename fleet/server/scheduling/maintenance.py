@@ -31,7 +31,7 @@ from ...common import cron
 from ..events import Event
 from ..jobs import lifecycle
 from ..store.models import Host, HostRepository, Job, Maintenance, Repository, SourceGroup
-from ..store.queries import earliest_due, hot
+from ..store.queries import NOT_YET, earliest_due, hot
 
 log = logging.getLogger("fleetd.maintenance")
 
@@ -187,9 +187,9 @@ def run_due(events: list[Event], now: dt.datetime) -> None:
             Maintenance.update(**changes).where(Maintenance.repository == m.repository.id).execute()
 
 
-# each enabled action's due time; '' for one not computed yet (sorts first)
+# each enabled action's due time; NOT_YET for one not computed yet (sorts first)
 _DUE = " UNION ALL ".join(
-    f'SELECT COALESCE("next_{a}_at", \'\') AS "t" FROM "maintenance" WHERE "{a}_cron" IS NOT NULL'
+    f'SELECT COALESCE("next_{a}_at", {NOT_YET}) AS "t" FROM "maintenance" WHERE "{a}_cron" IS NOT NULL'
     for a in ACTIONS
 )
 
@@ -197,4 +197,4 @@ _DUE = " UNION ALL ".join(
 def next_due() -> Optional[dt.datetime]:
     """The earliest due time (dt.datetime.min for an action whose time is
     not computed yet); None when no repository has maintenance. One query."""
-    return earliest_due(f'SELECT MIN("t") FROM ({_DUE})')
+    return earliest_due(f'SELECT MIN("t") FROM ({_DUE}) AS "due"')

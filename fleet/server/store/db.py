@@ -27,10 +27,12 @@ import functools
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 import peewee as pw
+from playhouse.pool import PooledPostgresqlDatabase
 
 from .migrations import migrate
 from .models import db
@@ -45,10 +47,116 @@ PRAGMAS = {
     "synchronous": "full",
 }
 
+SQLITE_NAME = "fleet.db"  # in the data directory, when no PostgreSQL is named
+SCHEMES = ("postgresql", "postgres")
 
-def open_database(path: Path) -> pw.SqliteDatabase:
-    """Open (creating if needed) the SQLite file, bind the models, migrate."""
-    database = pw.SqliteDatabase(str(path), pragmas=PRAGMAS)
+
+class LocationError(ValueError):
+    """A --database that names no store fleetd can use."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the store is: a SQLite file, or a PostgreSQL database given by
+    libpq keywords (host, port, dbname, user, sslmode...). The password is
+    never part of the URL (argv is world-readable): it comes from a file,
+    the environment, or libpq's own ~/.pgpass."""
+
+    sqlite: Optional[Path] = None
+    postgresql: Optional[dict[str, str]] = None
+    password: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.postgresql is not None
+
+    def describe(self) -> str:
+        """For messages and logs: no password."""
+        if self.sqlite is not None:
+            return str(self.sqlite)
+        where = dict(self.postgresql or {})
+        host = where.get("host", "localhost")
+        port = f":{where['port']}" if "port" in where else ""
+        user = f"{where['user']}@" if "user" in where else ""
+        return f"postgresql://{user}{host}{port}/{where.get('dbname', '')}"
+
+    def url(self) -> str:
+        """The URL that names this store again (no password), as written in
+        the data directory."""
+        if self.sqlite is not None:
+            return f"sqlite://{self.sqlite}"
+        from urllib.parse import quote, urlencode
+
+        where = dict(self.postgresql or {})
+        dbname = quote(where.pop("dbname", ""), safe="")
+        return f"postgresql:///{dbname}" + (f"?{urlencode(where)}" if where else "")
+
+
+def locate(url: str, password: Optional[str] = None) -> Location:
+    """A --database value: `postgresql://[user@][host][:port]/dbname[?param=value...]`
+    (libpq's URI: a Unix socket directory as ?host=/run/postgresql), or
+    `sqlite:///path/to/fleet.db`. Raises LocationError."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        path = url[len("sqlite://") :] if url.startswith("sqlite://") else ""
+        if not path.startswith("/"):
+            raise LocationError(f"{url!r}: a SQLite store is sqlite:///absolute/path")
+        return Location(sqlite=Path(path))
+    if scheme not in SCHEMES:
+        raise LocationError(
+            f"{url!r}: a store is postgresql://[user@]host[:port]/dbname or sqlite:///path"
+        )
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise LocationError("PostgreSQL needs psycopg 3: pip install 'fleet[postgresql]'") from None
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's own words
+        raise LocationError(f"{url!r}: {exc}") from None
+    if "password" in params:
+        raise LocationError(
+            "the --database URL holds a password, which every user of this machine can read "
+            "on a command line: give it in --database-password-file or "
+            "FLEETD_DATABASE_PASSWORD (or libpq's ~/.pgpass) instead"
+        )
+    if not params.get("dbname"):
+        raise LocationError(f"{url!r}: name the database (postgresql://host/DBNAME)")
+    return Location(postgresql=params, password=password)
+
+
+class FleetPostgres(PooledPostgresqlDatabase):
+    """PostgreSQL as the store sees it: SQLite's INTEGER holds 64 bits, so
+    every integer here is BIGINT (ids BIGSERIAL)."""
+
+    field_types = {**pw.PostgresqlDatabase.field_types, "AUTO": "BIGSERIAL", "INT": "BIGINT"}
+
+
+# connections one fleetd holds at most: the writer, the reader, the scan,
+# the events' listener, and a few for the moments a thread reconnects
+POOL_SIZE = 8
+
+
+def connect(where: Union[Path, Location]) -> pw.Database:
+    """The database object for a location, not yet connected nor bound."""
+    if isinstance(where, Path):
+        where = Location(sqlite=where)
+    if where.sqlite is not None:
+        return pw.SqliteDatabase(str(where.sqlite), pragmas=PRAGMAS)
+    params = dict(where.postgresql or {})
+    if where.password is not None:
+        params["password"] = where.password
+    params.setdefault("application_name", "fleetd")
+    params.setdefault("connect_timeout", "10")
+    dbname = params.pop("dbname")
+    # stale_timeout: a connection idle that long is made anew (a PostgreSQL
+    # restart or a proxy's idle cut would otherwise surface on first use)
+    return FleetPostgres(dbname, max_connections=POOL_SIZE, stale_timeout=300, **params)
+
+
+def open_database(where: Union[Path, Location]) -> pw.Database:
+    """Open (creating if needed) the store, bind the models, migrate."""
+    database = connect(where)
     db.initialize(database)
     database.connect(reuse_if_open=True)
     try:
@@ -57,6 +165,41 @@ def open_database(path: Path) -> pw.SqliteDatabase:
         database.close()
         raise
     return database
+
+
+def usable(database: pw.Database, reader: bool = False) -> None:
+    """Before a call on this thread: a PostgreSQL connection the server
+    dropped (a restart, a failover, a proxy's cut) is made anew, so one
+    call fails with it, not every call after."""
+    if not isinstance(database, pw.PostgresqlDatabase) or database.is_closed():
+        return
+    if database.is_connection_usable():
+        return
+    database.manual_close()  # not back to the pool: it is broken
+    database.connect()
+    if reader:
+        read_only(database)
+
+
+def close_connection(database: pw.Database) -> None:
+    """Close this thread's connection for good (a pooled one is closed, not
+    kept: a reader's is read-only, and must not become a writer's)."""
+    if isinstance(database, PooledPostgresqlDatabase):
+        if not database.is_closed():
+            database.manual_close()  # not close_all(): that closes other threads' too
+    else:
+        database.close()
+
+
+def read_only(database: pw.Database) -> None:
+    """Make this thread's connection a reader's: it cannot write, and each
+    of its transactions sees one state of the store."""
+    if isinstance(database, pw.PostgresqlDatabase):
+        database.execute_sql(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        )
+    else:
+        database.execute_sql("PRAGMA query_only = 1")
 
 
 def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
@@ -102,7 +245,7 @@ class _Reader:
         database = db.obj
         database.connect(reuse_if_open=True)
         try:
-            database.execute_sql("PRAGMA query_only = 1")
+            read_only(database)
             while True:
                 with self.ready:
                     while not self.calls and not self.closed:
@@ -111,11 +254,12 @@ class _Reader:
                         return  # closed and drained
                     call = self.calls.popleft()
                 if not call.future.cancelled():
+                    usable(database, reader=True)
                     self.store._finish(
                         call, *self.store._outcome(functools.partial(_snapshot, call.call))
                     )
         finally:
-            database.close()
+            close_connection(database)
 
     async def close(self) -> None:
         with self.ready:
@@ -163,9 +307,9 @@ class Store:
     each.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._database: pw.SqliteDatabase | None = None
+    def __init__(self, where: Union[Path, Location]) -> None:
+        self.where = where
+        self._database: pw.Database | None = None
         self._calls: collections.deque[_Call] = collections.deque()
         self._bulk: collections.deque[_Call] = collections.deque()  # served when nothing else waits
         self._ready = threading.Condition()
@@ -180,7 +324,7 @@ class Store:
         self.commits = 0  # group commits made (for tests)
 
     async def open(self) -> None:
-        self._database = await self.run(open_database, self.path)
+        self._database = await self.run(open_database, self.where)
 
     def _submit(
         self, fn: Callable[..., Any], args: Any, kwargs: Any, atomic: bool, bulk: bool = False
@@ -228,7 +372,7 @@ class Store:
                 while not self._calls and not self._bulk and not self._closed:
                     self._ready.wait()
                 if not self._calls and not self._bulk:
-                    return  # closed and drained
+                    break  # closed and drained
                 first = self._calls.popleft() if self._calls else self._bulk.popleft()
                 group = [first]
                 if first.atomic:  # every transaction already waiting joins it
@@ -237,10 +381,14 @@ class Store:
             group = [c for c in group if not c.future.cancelled()]  # their callers are gone
             if not group:
                 continue
+            if self._database is not None:
+                usable(self._database)
             if group[0].atomic:
                 self._transactions(group)
             else:
                 self._finish(group[0], *self._outcome(group[0].call))
+        if self._database is not None:  # after the last call: none runs on a closed one
+            close_connection(self._database)
 
     @staticmethod
     def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
@@ -287,11 +435,11 @@ class Store:
     async def close(self) -> None:
         for reader in (self._reader, self._scanner):  # each closes its connection as it ends
             await reader.close()
-        if self._database is not None:
-            await self.run(self._database.close)
-            self._database = None
         with self._ready:
             self._closed = True
             self._ready.notify()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        elif self._database is not None:
+            close_connection(self._database)
+        self._database = None

@@ -33,13 +33,18 @@ def one(sql: str, *params: Any) -> Any:
     return execute(sql, *params).fetchone()
 
 
+# a due time not computed yet, in SQL: sorts before every other, on SQLite
+# (text) as on PostgreSQL (a timestamp), and reads back as dt.datetime.min
+NOT_YET = "'0001-01-01 00:00:00'"
+
+
 def earliest_due(sql: str, *params: Any) -> Optional[dt.datetime]:
     """The one value `sql` selects as a due time: None when nothing is
-    due, dt.datetime.min for '' (one not computed yet, which sorts first)."""
+    due, dt.datetime.min for NOT_YET (one not computed yet)."""
     (due,) = one(sql, *params)
-    if due is None:
-        return None
-    return dt.datetime.min if due == "" else dt.datetime.fromisoformat(str(due))
+    if due is None or isinstance(due, dt.datetime):  # PostgreSQL's are datetimes already
+        return due
+    return dt.datetime.fromisoformat(due)
 
 
 def rows(sql: str, *params: Any) -> list:

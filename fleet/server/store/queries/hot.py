@@ -7,7 +7,7 @@ import json
 from typing import Optional
 
 from ..models import AuditLog, Job
-from . import execute_many, one, rows, when
+from . import execute, execute_many, one, rows, when
 
 WITH_AGENT = ("dispatched", "running")
 
@@ -23,7 +23,7 @@ def host_seq(host_id: int) -> tuple[str, int]:
 
 
 def set_seq(host_id: int, seq: int) -> None:
-    one('UPDATE "host" SET "last_seq" = ? WHERE "id" = ?', seq, host_id)
+    execute('UPDATE "host" SET "last_seq" = ? WHERE "id" = ?', seq, host_id)
 
 
 # the host's default repository: its first
@@ -75,7 +75,7 @@ def needs_init(host_id: int) -> list[int]:
             'WHERE "hr"."host_id" = ? AND NOT EXISTS (SELECT 1 FROM "job" AS "j" '
             'WHERE "j"."host_id" = "hr"."host_id" AND "j"."kind" = ? '
             'AND "j"."repository_id" = "hr"."repository_id" '
-            'AND "j"."created_at" >= MAX("r"."updated_at", "hr"."attached_at")) '
+            'AND "j"."created_at" >= "r"."updated_at" AND "j"."created_at" >= "hr"."attached_at") '
             'ORDER BY "hr"."position", "hr"."attached_at"',
             host_id,
             "init",
@@ -227,7 +227,7 @@ def insert_audit(
     detail: Optional[dict],
     address: Optional[str],
 ) -> None:
-    one(
+    execute(
         'INSERT INTO "audit_log" ("at", "actor", "action", "target", "detail", "address") '
         "VALUES (?, ?, ?, ?, ?, ?)",
         when(at),

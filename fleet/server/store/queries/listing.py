@@ -4,7 +4,8 @@ backup job, JSON fields decoded) to use nine values of each."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import datetime as dt
+from typing import NamedTuple, Optional, Union
 
 from . import rows
 
@@ -60,7 +61,12 @@ def served_pin() -> Optional[str]:
     return found[0][0] if found else None
 
 
-def wire_time(stored: Optional[str]) -> Optional[str]:
-    """A stored time as the wire has it (RFC 3339, to the second), without
-    parsing it into a datetime first."""
-    return None if stored is None else f"{stored[:10]}T{stored[11:19]}Z"
+def wire_time(stored: Union[str, dt.datetime, None]) -> Optional[str]:
+    """A stored time as the wire has it (RFC 3339, to the second): SQLite's
+    text cut without parsing it into a datetime first; PostgreSQL's driver
+    hands a datetime already."""
+    if stored is None:
+        return None
+    if isinstance(stored, dt.datetime):
+        return stored.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{stored[:10]}T{stored[11:19]}Z"
