@@ -26,12 +26,12 @@ def test_a_real_postgresql_runs_as_an_unprivileged_user(postgres):
     with postgres.connect() as conn:
         pid, user = conn.execute("SELECT pg_backend_pid(), current_user").fetchone()
         version = conn.execute("SHOW server_version_num").fetchone()[0]
+        uid = next(  # while the connection, and so its backend process, lives
+            line.split()[1]
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )
     assert user == "fleet" and int(version) >= 150000
-    uid = next(
-        line.split()[1]
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("Uid:")
-    )
     assert int(uid) != 0  # PostgreSQL refuses root; the harness runs it as nobody
 
 

@@ -295,6 +295,28 @@ MIGRATIONS: list[tuple[int, str, Statements]] = [
             'CREATE TABLE "tls_key" ("pin" TEXT NOT NULL PRIMARY KEY, "state" TEXT NOT NULL, "since" DATETIME NOT NULL, "actor" TEXT)',
         ],
     ),
+    (
+        23,
+        "replicas: the fleetd processes serving one database, the events they pass on, agents' sessions",
+        {
+            "sqlite": [
+                'CREATE TABLE "replica" ("id" TEXT NOT NULL PRIMARY KEY, "url" TEXT, "hostname" TEXT NOT NULL, "pid" INTEGER NOT NULL, "started_at" DATETIME NOT NULL, "seen_at" DATETIME NOT NULL)',
+                'CREATE TABLE "event" ("id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "at" DATETIME NOT NULL, "origin" TEXT NOT NULL, "kind" TEXT NOT NULL, "body" TEXT NOT NULL)',
+                'CREATE INDEX "event_at" ON "event" ("at")',
+                'ALTER TABLE "host" ADD COLUMN "session_replica" TEXT',
+                'ALTER TABLE "host" ADD COLUMN "session_epoch" INTEGER NOT NULL DEFAULT 0',
+                'CREATE INDEX "host_session_replica" ON "host" ("session_replica")',
+            ],
+            "postgresql": [
+                'CREATE TABLE "replica" ("id" TEXT NOT NULL PRIMARY KEY, "url" TEXT, "hostname" TEXT NOT NULL, "pid" BIGINT NOT NULL, "started_at" TIMESTAMP NOT NULL, "seen_at" TIMESTAMP NOT NULL)',
+                'CREATE TABLE "event" ("id" BIGSERIAL NOT NULL PRIMARY KEY, "at" TIMESTAMP NOT NULL, "origin" TEXT NOT NULL, "kind" TEXT NOT NULL, "body" TEXT NOT NULL)',
+                'CREATE INDEX "event_at" ON "event" ("at")',
+                'ALTER TABLE "host" ADD COLUMN "session_replica" TEXT',
+                'ALTER TABLE "host" ADD COLUMN "session_epoch" BIGINT NOT NULL DEFAULT 0',
+                'CREATE INDEX "host_session_replica" ON "host" ("session_replica")',
+            ],
+        },
+    ),
 ]
 
 # PostgreSQL starts where SQLite's history had got to: the schema of version

@@ -93,6 +93,11 @@ class Host(Base):
     # set while templates are to be applied to it (fleet.server.api.templates):
     # a mark a request left behind (fleetd stopped midway) is the ticker's
     templates_due_at = pw.DateTimeField(null=True, index=True)
+    # the replica its agent is connected through (None: offline, or one
+    # fleetd alone), and that connection's number: a newer link bumps it, so
+    # the end of an older one (on another replica) leaves the host online
+    session_replica = pw.TextField(null=True, index=True)
+    session_epoch = pw.IntegerField(default=0)
 
 
 class Template(Base):
@@ -462,6 +467,33 @@ class RolloutHost(Base):
         indexes = ((("rollout", "position"), True),)
 
 
+class Replica(Base):
+    """A fleetd process serving the database (several on one PostgreSQL),
+    alive while seen_at moves (fleet.server.replicas)."""
+
+    id = pw.TextField(primary_key=True)
+    url = pw.TextField(null=True)  # what agents dial to reach it
+    hostname = pw.TextField()
+    pid = pw.IntegerField()
+    started_at = pw.DateTimeField(default=utcnow)
+    seen_at = pw.DateTimeField(default=utcnow)
+
+
+class StoredEvent(Base):
+    """An event committed by one replica, for the others to publish too
+    (fleet.server.replicas): written in the transaction that made it, read
+    in id order after a NOTIFY, kept for a few minutes."""
+
+    id = pw.AutoField()
+    at = pw.DateTimeField(default=utcnow, index=True)
+    origin = pw.TextField()  # the replica's id
+    kind = pw.TextField()  # the event's class name
+    body = pw.TextField()  # its fields, JSON (fleet.server.events.encode)
+
+    class Meta:
+        table_name = "event"
+
+
 MODELS: list[type[Base]] = [
     SchemaVersion,
     User,
@@ -487,4 +519,6 @@ MODELS: list[type[Base]] = [
     AuditLog,
     Rollout,
     RolloutHost,
+    Replica,
+    StoredEvent,
 ]
