@@ -123,10 +123,10 @@ def store_env() -> dict[str, str]:
     return {"FLEETD_DATABASE_PASSWORD": postgres_server().password}
 
 
-def new_store_url() -> Optional[str]:
+def new_store_url(store: Optional[str] = None) -> Optional[str]:
     """A --database for a new fleetd: a fresh PostgreSQL database, or None
     (the SQLite file in its data directory)."""
-    if STORE != "postgresql":
+    if (store or STORE) != "postgresql":
         return None
     server = postgres_server()
     return f"postgresql:///{server.create_database()}?host={server.root}&user=fleet"
@@ -193,10 +193,15 @@ def store_bytes(data_dir: Path) -> bytes:
 
 
 def init_data_dir(
-    data_dir: Path, password: Optional[str] = ADMIN_PASSWORD, admin: str = "admin"
+    data_dir: Path,
+    password: Optional[str] = ADMIN_PASSWORD,
+    admin: str = "admin",
+    store: Optional[str] = None,
 ) -> subprocess.CompletedProcess:
     env = clean_env(FLEET_ADMIN_PASSWORD=password)
-    url = new_store_url()
+    if store == "postgresql":
+        env["FLEETD_DATABASE_PASSWORD"] = postgres_server().password
+    url = new_store_url(store)
     database = ["--database", url] if url else []
     proc = run_fleetd("init", "--data-dir", str(data_dir), "--admin", admin, *database, env=env)
     assert proc.returncode == 0, f"fleetd init failed: {proc.stdout}{proc.stderr}"
@@ -292,6 +297,7 @@ class Fleetd:
         self.lines: queue.Queue[Optional[str]] = queue.Queue()
         self.scheme = ""
         self.port = 0
+        self.env_extra: dict[str, str] = {}  # more of its environment (a store's password)
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> Fleetd:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
@@ -302,7 +308,7 @@ class Fleetd:
         self.proc = subprocess.Popen(
             fleetd_argv("serve", "--data-dir", str(self.data_dir), "--listen", self.listen, *extra),
             cwd=REPO_ROOT,
-            env=clean_env(),
+            env={**clean_env(), **self.env_extra},
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -639,6 +645,32 @@ def start_fleet(base: Path, *serve_args: str, cafile: Optional[Path] = None) -> 
     return FleetEnv(fleetd, config_dir, token, cafile)
 
 
+def start_replicas(base: Path, count: int, *serve_args: str) -> list[FleetEnv]:
+    """`count` fleetd replicas on one new PostgreSQL database, whatever
+    FLEET_TEST_STORE says, sharing one data directory (its key and
+    database file), each with its own log; the admin token works on each."""
+    base.mkdir(parents=True, exist_ok=True)
+    data_dir = base / "data"
+    init_data_dir(data_dir, store="postgresql")
+    envs = []
+    try:
+        for i in range(count):
+            fleetd = Fleetd(data_dir, base / f"fleetd-{i}.log", *serve_args)
+            fleetd.env_extra = {"FLEETD_DATABASE_PASSWORD": postgres_server().password}
+            fleetd.start()
+            config_dir = base / f"xdg-{i}"
+            config_dir.mkdir()
+            token = envs[0].admin_token if envs else None
+            if token is None:
+                token = api_login(fleetd.url, "admin", ADMIN_PASSWORD)["token"]
+            envs.append(FleetEnv(fleetd, config_dir, token))
+    except BaseException:
+        for env in envs:
+            env.fleetd.kill()
+        raise
+    return envs
+
+
 def stop_and_check(fleetd: Fleetd) -> None:
     if fleetd.proc is None or fleetd.proc.returncode is not None:
         return
@@ -700,6 +732,7 @@ def fx() -> types.SimpleNamespace:
         run_fleetctl_tty=run_fleetctl_tty,
         run_fleetd=run_fleetd,
         start_fleet=start_fleet,
+        start_replicas=start_replicas,
         stop_and_check=stop_and_check,
         uniq=uniq,
         wait_until=wait_until,

@@ -61,6 +61,7 @@ from .events import (
     MaintenanceChanged,
 )
 from .notify import Notifications, Pings
+from .replicas import Replicas, Upkeep
 from .scheduling import copies, drills, maintenance
 from .scheduling.alerts import ALERT_EVERY, AlertSource
 from .scheduling.due import LostJobs, Retries
@@ -652,16 +653,25 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     if config.tls_cert and config.tls_key:
         tls = ServedTls(config.tls_cert, config.tls_key)
     ssl_ctx = tls.listening if tls is not None else None
-    store = Store(config.store or Location(sqlite=config.data_dir / DB_NAME))
+    where = config.store or Location(sqlite=config.data_dir / DB_NAME)
+    store = Store(where)
     await store.open()
-    await store.run(reset_online)
+    bus = Bus()
+    # on PostgreSQL this fleetd is one replica of several, perhaps: others
+    # hold their own agents' links, so only its own are reset at its start
+    replicas = Replicas(store, bus, where) if where.is_postgresql else None
+    if replicas is None:
+        await store.run(reset_online)
+    else:
+        await replicas.start(config.public_url)
     if tls is not None:
         await start_tls(store, tls)
     else:
         await store.atomic(tls_without)
     clock = Clock()
-    bus = Bus()
-    agents = Agents(store, bus, box, clock, config.heartbeat_interval, tls)
+    agents = Agents(
+        store, bus, box, clock, config.heartbeat_interval, tls, replicas and replicas.id
+    )
     notifications = Notifications(store, box, bus)  # alerts, through Apprise
     pings = Pings(store, box, bus)  # groups' Healthchecks-style URLs
     state = ServerState(
@@ -683,12 +693,17 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             agent_file.sha256,
         )
     alerts = AlertSource(agents.lifecycle, config.alert_interval)
+    # what each replica does for itself: offer its own agents their due
+    # retries, keep its own heap
+    local_ticker = Ticker(
+        clock, [Retries(agents.lifecycle, agents.dispatcher), HeapKeeper(clock.now())]
+    )
+    # what one replica does for the fleet (the leader; one fleetd alone
+    # is its own)
     ticker = Ticker(
         clock,
         [
-            Retries(agents.lifecycle, agents.dispatcher),
             LostJobs(agents.lifecycle, config.lost_after, clock.now(), agents.connected),
-            HeapKeeper(clock.now()),
             HistoryPruning(
                 store,
                 Policy(config.history_days, config.history_keep),
@@ -701,9 +716,10 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             # templates left to apply by a request that did not finish
             RowSource("templates", agents.lifecycle, templates.next_due, templates.run_due),
             alerts,
-        ],
+        ]
+        + ([Upkeep(replicas, agents.lifecycle.apply)] if replicas is not None else []),
     )
-    bus.subscribe(JobQueued, lambda e: e.due or ticker.poke())  # a retry's due time
+    bus.subscribe(JobQueued, lambda e: e.due or local_ticker.poke())  # a retry's due time
     bus.subscribe(HostOffline, lambda e: ticker.poke())  # a silent host's jobs may be lost
 
     def look_again(_: Any) -> None:  # what changed may raise or resolve an alert
@@ -743,10 +759,15 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         print(f"fleetd listening on {scheme}://{config.host}:{port}", flush=True)
         if ready is not None and not ready.done():
             ready.set_result(port)
-        ticking = asyncio.ensure_future(ticker.run())
-        await state.rollouts.resume()  # one under way when fleetd stopped goes on
+        ticking = [asyncio.ensure_future(local_ticker.run())]
+        if replicas is None:
+            ticking.append(asyncio.ensure_future(ticker.run()))
+            await state.rollouts.resume()  # one under way when fleetd stopped goes on
+        else:
+            replicas.elect(lambda leads: lead(leads, ticker, ticking, state.rollouts))
         signum = await stop
-        ticking.cancel()
+        for task in ticking:
+            task.cancel()
         log.info("received %s, shutting down", signal.Signals(signum).name)
         agents.stopping = True  # one statement marks every host offline, below
         server.server.close()  # no new connections (the finally below is for a failed start)
@@ -764,7 +785,11 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         await notifications.stop()
         await pings.stop()
         await agents.presence.flush()
-        await store.run(reset_online)
+        if replicas is None:
+            await store.run(reset_online)
+        else:
+            await replicas.stop()
+            await store.run(reset_online, replicas.id)
         await store.close()
     # then 1001 to everyone at once, without a closing handshake to wait for
     # (10,000 of them take seconds, and a peer pipelining requests, whose
@@ -832,7 +857,21 @@ def may_download(token: str) -> bool:
     return enroll.may_download(token) or known_token(token)
 
 
-def reset_online() -> None:
+def reset_online(replica: Optional[str] = None) -> None:
     """Nobody is connected to a fleetd that is starting or stopping; those
-    that were were last seen now."""
-    Host.update(online=False, last_seen_at=utcnow()).where(Host.online == True).execute()  # noqa: E712
+    that were were last seen now. A replica: those connected through it."""
+    cond = Host.online == True  # noqa: E712
+    if replica is not None:
+        cond &= Host.session_replica == replica
+    Host.update(online=False, last_seen_at=utcnow(), session_replica=None).where(cond).execute()
+
+
+async def lead(leads: bool, ticker: Ticker, ticking: list, rollouts: Rollouts) -> None:
+    """This replica became the leader (or stopped being it): it runs the
+    fleet-wide ticker, and takes up a rollout under way."""
+    for task in ticking[1:]:
+        task.cancel()
+    del ticking[1:]
+    if leads:
+        ticking.append(asyncio.ensure_future(ticker.run()))
+        await rollouts.resume()

@@ -10,11 +10,12 @@ replicas it becomes a wake-up pointing at an events table.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Union, get_args
 
 log = logging.getLogger("fleetd.events")
 
@@ -63,11 +64,13 @@ class JobEnded:
 
 @dataclass(frozen=True)
 class JobLogged:
-    """Log lines of a job, committed."""
+    """Log lines of a job, committed. From another replica it comes without
+    its lines (they are in the store): `upto` is the last one's seq."""
 
     job_id: int
     host_id: int
     lines: tuple[dict[str, Any], ...]
+    upto: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,26 @@ class UpgradeAnswered:
 
 
 @dataclass(frozen=True)
+class AgentConnected:
+    """A host's agent connected through replica `replica`; `epoch` numbers
+    its links (fleet.server.store.models.Host.session_epoch): an older link
+    through another replica is closed."""
+
+    host_id: int
+    epoch: int
+    replica: str
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """Stop this job: the replica its agent is connected through tells it."""
+
+    job_id: int
+    host_id: int
+    uid: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class RolloutChanged:
     """A host of a rollout moved on (committed), or the rollout ended."""
 
@@ -192,7 +215,47 @@ Event = Union[
     AgentHello,
     UpgradeAnswered,
     RolloutChanged,
+    AgentConnected,
+    CancelRequested,
 ]
+
+# -- events between replicas (fleet.server.replicas) ---------------------------
+
+# every kind but progress, which is never stored: it goes by NOTIFY alone
+STORED_KINDS: dict[str, type] = {
+    cls.__name__: cls for cls in get_args(Event) if cls is not JobProgressed
+}
+
+
+def encode(event: Event) -> tuple[str, str]:
+    """(kind, JSON body) of an event, as the event table keeps it. A job's
+    log lines stay out (they are in job_log): its last seq goes instead."""
+    if isinstance(event, JobLogged):
+        upto = max((line["seq"] for line in event.lines), default=event.upto)
+        body: dict[str, Any] = {"job_id": event.job_id, "host_id": event.host_id, "upto": upto}
+    else:
+        body = {f.name: getattr(event, f.name) for f in fields(event)}
+    return type(event).__name__, json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(kind: str, body: str) -> Optional[Event]:
+    """The event again; None for a kind this fleetd does not know (a newer
+    replica's) or a body that does not fit it."""
+    cls = STORED_KINDS.get(kind)
+    if cls is None:
+        return None
+    try:
+        values = json.loads(body)
+        for f in fields(cls):
+            if str(f.type).startswith("tuple") and isinstance(values.get(f.name), list):
+                values[f.name] = tuple(values[f.name])
+        if cls is JobLogged:
+            values.setdefault("lines", ())
+        return cls(**values)
+    except (ValueError, TypeError):
+        log.warning("an event %s from another replica does not fit: dropped", kind)
+        return None
+
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store
 
@@ -232,21 +295,37 @@ class Watch:
 
 
 class Bus:
+    """Publishes events to subscribers and job watches. Events this fleetd
+    committed come by publish(); those of other replicas on one PostgreSQL
+    by publish_remote() (fleet.server.replicas), to the subscribers that
+    want them: what must happen once in the fleet (a notification, a
+    metric's count, a command sent down a link) happens on the replica
+    that made the event."""
+
     def __init__(self) -> None:
         self._subscribers: dict[type, list[Callable[[Any], None]]] = defaultdict(list)
+        self._local_only: set[tuple[type, Callable[[Any], None]]] = set()
+        # passes events on to the other replicas (fleet.server.replicas);
+        # None: one fleetd alone
+        self.outbox: Optional[Callable[[list[Event]], None]] = None
         self._watches: dict[int, set[Watch]] = defaultdict(set)
         self.progress: dict[int, dict[str, Any]] = {}  # latest progress per running job
         self.subscribe(JobProgressed, self._track_progress)
         self.subscribe(JobEnded, self._track_progress)
         self.subscribe(HostRemoved, self._end_watches)
 
-    def subscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
+    def subscribe(self, kind: type, fn: Callable[[Any], None], remote: bool = True) -> None:
+        """fn(event) for every event of `kind`; remote=False: only for this
+        fleetd's own events, not other replicas'."""
         self._subscribers[kind].append(fn)
+        if not remote:
+            self._local_only.add((kind, fn))
 
     def unsubscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
         subscribers = self._subscribers.get(kind, [])
         if fn in subscribers:
             subscribers.remove(fn)
+        self._local_only.discard((kind, fn))
 
     def watch(self, job_id: int, host_id: Optional[int] = None) -> Watch:
         w = Watch(job_id, host_id)
@@ -272,13 +351,29 @@ class Bus:
                 if w.host_id == event.host_id:
                     w.end()
 
-    def publish(self, events: Iterable[Event]) -> None:
+    def publish(self, events: Iterable[Event], recorded: bool = False) -> None:
+        """This fleetd's events, once committed; recorded: they were written
+        to the event table in their transaction (Store.publishing), else
+        the outbox passes them on now."""
+        events = list(events)
+        self._publish(events, False)
+        if not recorded and events and self.outbox is not None:
+            self.outbox(events)
+
+    def publish_remote(self, events: Iterable[Event]) -> None:
+        """Another replica's events, as read from the store."""
+        self._publish(events, True)
+
+    def _publish(self, events: Iterable[Event], remote: bool) -> None:
         for event in events:
             job_id = getattr(event, "job_id", None)
             if job_id is not None:
                 for w in list(self._watches.get(job_id, ())):
                     w.offer(event)
-            for fn in self._subscribers.get(type(event), ()):
+            kind = type(event)
+            for fn in self._subscribers.get(kind, ()):
+                if remote and (kind, fn) in self._local_only:
+                    continue
                 try:
                     fn(event)
                 except Exception:  # one subscriber's bug must not stop the others

@@ -220,9 +220,9 @@ class Process:
         self.started = time.time()
         self.dispatched = 0
         self.ended: collections.Counter[str] = collections.Counter()  # by status
-        if bus is not None:
-            bus.subscribe(JobDispatched, self._dispatched)
-            bus.subscribe(JobEnded, self._ended)
+        if bus is not None:  # this replica's counts: each counts what it did
+            bus.subscribe(JobDispatched, self._dispatched, remote=False)
+            bus.subscribe(JobEnded, self._ended, remote=False)
 
     def _dispatched(self, _: JobDispatched) -> None:
         self.dispatched += 1

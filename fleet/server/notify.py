@@ -79,7 +79,8 @@ class Notifications:
         self.store = store
         self.box = box
         self.tasks: set[asyncio.Task] = set()
-        bus.subscribe(AlertChanged, self._changed)
+        # sent by the replica that raised or resolved the alert, once
+        bus.subscribe(AlertChanged, self._changed, remote=False)
 
     def _changed(self, event: AlertChanged) -> None:
         if len(self.tasks) >= MAX_PENDING:
@@ -236,8 +237,15 @@ class Pings:
         self.last: dict[int, asyncio.Task] = {}  # per group: its latest ping
         self.tasks: set[asyncio.Task] = set()
         # only backups ping: other jobs cost no read
-        bus.subscribe(JobStarted, lambda e: e.kind == "backup" and self._add((e.job_id, "start")))
-        bus.subscribe(JobEnded, lambda e: e.kind == "backup" and self._add((e.job_id, "end")))
+        # by the replica that made the start or end: once
+        bus.subscribe(
+            JobStarted,
+            lambda e: e.kind == "backup" and self._add((e.job_id, "start")),
+            remote=False,
+        )
+        bus.subscribe(
+            JobEnded, lambda e: e.kind == "backup" and self._add((e.job_id, "end")), remote=False
+        )
 
     def _add(self, phase: Phase) -> None:
         if len(self.waiting) + len(self.tasks) >= MAX_PENDING:

@@ -34,6 +34,9 @@ class InlineStore:
         with db.atomic():
             return fn(*args, **kwargs)
 
+    async def publishing(self, events, fn, *args, **kwargs):
+        return await self.atomic(fn, *args, **kwargs)
+
 
 class State:
     store = InlineStore()

@@ -128,6 +128,9 @@ class _FakeStore:
 
     read = atomic = run
 
+    async def publishing(self, events, fn, *args):
+        return fn(*args)
+
 
 class _FakeState:
     store = _FakeStore()

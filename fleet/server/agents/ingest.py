@@ -442,7 +442,9 @@ class Ingest:
             if not taken:
                 return
             try:
-                results, events = await self.store.bulk(self._apply, taken, self.clock.now())
+                results, events = await self.store.bulk(
+                    self._apply, taken, self.clock.now(), self.store.recorder
+                )
             except Exception as exc:  # the commit itself failed: nobody is acked
                 if not isinstance(exc, StoreClosed):  # fleetd stops: the agents resend
                     log.exception("applying agents' reports failed")
@@ -450,7 +452,7 @@ class Ingest:
                     if not batch.done.done():
                         batch.done.set_exception(exc)
                 continue
-            self.bus.publish(events)
+            self.bus.publish(events, recorded=True)
             for batch, result in zip(taken, results):
                 if batch.done.done():
                     continue
@@ -481,20 +483,31 @@ class Ingest:
         return taken
 
     @staticmethod
-    def _apply(taken: list[_Batch], now: dt.datetime) -> tuple[list[Any], list[Event]]:
+    def _apply(
+        taken: list[_Batch], now: dt.datetime, recorder: Optional[Callable[[list], None]]
+    ) -> tuple[list[Any], list[Event]]:
         per_host: list[list[Event]] = [[] for _ in taken]
+        events: list[Event] = []
+
+        def gather(outcomes: list[tuple[bool, Any]]) -> None:
+            # in the transaction: the events of the hosts whose frames applied,
+            # written for the other replicas with them
+            for mine, (ok, _) in zip(per_host, outcomes):
+                if ok:
+                    events.extend(mine)
+            if events and recorder is not None:
+                recorder(events)
+
         outcomes = in_savepoints(
             [
                 functools.partial(apply_frames, mine, batch.host_id, batch.frames, now)
                 for mine, batch in zip(per_host, taken)
-            ]
+            ],
+            gather,
         )
         results: list[Any] = []
-        events: list[Event] = []
-        for batch, mine, (ok, value) in zip(taken, per_host, outcomes):
+        for batch, (ok, value) in zip(taken, outcomes):
             results.append(value)
-            if ok:
-                events.extend(mine)
-            else:
+            if not ok:
                 log.error("applying frames of host %s failed", batch.host_id, exc_info=value)
         return results, events

@@ -26,8 +26,10 @@ from ...common import protocol, tlspins
 from ...common.protocol import ProtocolError
 from ..clock import Clock
 from ..events import (
+    AgentConnected,
     AgentHello,
     Bus,
+    CancelRequested,
     HostOffline,
     HostRemoved,
     JobEnded,
@@ -133,6 +135,7 @@ class AgentSession:
         self.features: frozenset[str] = frozenset()  # what the agent said it can do
         self.tls_pins: Optional[list[str]] = None  # the key pins it holds; None: it pins none
         self.served_pin: Optional[str] = None  # the key fleetd served when it connected
+        self.epoch: Optional[int] = None  # the link's number (Host.session_epoch), once written
 
     async def send(self, frame: str) -> bool:
         try:
@@ -180,8 +183,10 @@ class Presence:
     last_seen_at, so they wait up to PRESENCE_EVERY to share a commit.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, replica: Optional[str] = None) -> None:
         self.store = store
+        self.replica = replica  # this fleetd's id among replicas (Host.session_replica)
+        self.epochs: dict[int, int] = {}  # host -> the number of its link here, once written
         self._online: dict[int, Optional[dict]] = {}  # host -> hello (None: went offline)
         self._seen: set[int] = set()
         self._waiters: list[asyncio.Future] = []
@@ -194,6 +199,9 @@ class Presence:
         return self._urgently()
 
     def offline(self, host_id: int) -> asyncio.Future:
+        """Mark the host offline unless a newer link of it is up through
+        another replica; the future's result, once committed, is the set of
+        hosts that this write did mark offline."""
         self._online[host_id] = None
         return self._urgently()
 
@@ -230,8 +238,11 @@ class Presence:
             online, self._online = self._online, {}
             seen, self._seen = self._seen, set()
             waiters, self._waiters = self._waiters, []
+            links = [(h, self.epochs.get(h)) for h, hello in online.items() if hello is None]
             try:
-                await self.store.atomic(self._write, online, seen)
+                epochs, gone = await self.store.atomic(
+                    self._write, self.replica, online, links, seen
+                )
             except StoreClosed:
                 return  # fleetd stops: every host is marked offline as it does
             except Exception:
@@ -242,20 +253,32 @@ class Presence:
                 self._waiters = waiters + self._waiters
                 await asyncio.sleep(PRESENCE_RETRY)
                 continue
+            for host_id, _ in links:
+                self.epochs.pop(host_id, None)
+            self.epochs.update(epochs)
+            marked = frozenset(gone)
             for w in waiters:
                 if not w.done():
-                    w.set_result(None)
+                    w.set_result(marked)
 
     @staticmethod
-    def _write(online: dict[int, Optional[dict]], seen: set[int]) -> None:
+    def _write(
+        replica: Optional[str],
+        online: dict[int, Optional[dict]],
+        links: list[tuple[int, Optional[int]]],
+        seen: set[int],
+    ) -> tuple[dict[int, int], list[int]]:
         now = utcnow()
         # plain SQL, one prepared statement each: 10,000 agents connecting
         # spent a fifth of fleetd's time building these UPDATEs in peewee
-        hot.mark_online(now, [(h, hello) for h, hello in online.items() if hello is not None])
-        hot.mark_offline(now, [h for h, hello in online.items() if hello is None])
+        epochs = hot.mark_online(
+            now, replica, [(h, hello) for h, hello in online.items() if hello is not None]
+        )
+        gone = hot.mark_offline(now, links)
         rest = sorted(seen - set(online))
         for start in range(0, len(rest), 500):
             Host.update(last_seen_at=now).where(Host.id.in_(rest[start : start + 500])).execute()
+        return epochs, gone
 
 
 @dataclass
@@ -269,12 +292,13 @@ class Agents:
     clock: Clock
     heartbeat_interval: int = 30
     tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
+    replica: Optional[str] = None  # this fleetd's id among replicas on one PostgreSQL
 
     def __post_init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
         self.lifecycle = lifecycle.Lifecycle(self.store, self.bus)
         self.ingest = Ingest(self.store, self.bus, self.clock)
-        self.presence = Presence(self.store)
+        self.presence = Presence(self.store, self.replica)
         self.dispatcher = Dispatcher(self.lifecycle, self, self.clock)
         self.queries = Queries()  # ls, find, diff: asked of agents, never stored
         self.stopping = False  # fleetd is shutting down: everyone goes offline at once
@@ -283,6 +307,8 @@ class Agents:
         self.bus.subscribe(HostRemoved, self._host_removed)
         self.bus.subscribe(RepoChanged, self._repo_changed)
         self.bus.subscribe(SchedulesChanged, self._schedules_changed)
+        self.bus.subscribe(AgentConnected, self._connected_elsewhere)
+        self.bus.subscribe(CancelRequested, self._cancel_requested)
 
     # -- the registry (dispatch and the API use these) ---------------------
 
@@ -401,6 +427,28 @@ class Agents:
         else:  # nothing goes before welcome: pushed right after it
             session.schedules_changed = True
 
+    def _connected_elsewhere(self, event: AgentConnected) -> None:
+        """The host's agent connected through another replica: a link of
+        it here is older (a dropped link this side has not noticed, or the
+        agent failed over): closed, as on one fleetd."""
+        if event.replica == self.replica:
+            return
+        session = self.sessions.get(event.host_id)
+        if session is None or (session.epoch is not None and session.epoch >= event.epoch):
+            return
+        log.warning(
+            "host %s connected again through another fleetd; closing its link here",
+            session.host_name,
+        )
+        asyncio.ensure_future(
+            session.connection.close(4000, "replaced by a newer connection of the same host")
+        )
+
+    def _cancel_requested(self, event: CancelRequested) -> None:
+        """A cancel asked of any replica: the one holding the agent's link sends it."""
+        if event.host_id in self.sessions:
+            asyncio.ensure_future(self.cancel(event.host_id, event.job_id, event.uid))
+
     def _host_removed(self, event: HostRemoved) -> None:
         asyncio.ensure_future(self.disconnect(event.host_id, "host removed from fleetd"))
 
@@ -473,6 +521,9 @@ class Agents:
             if agent_job is not None:
                 session.agent_jobs[session.running_job] = agent_job  # type: ignore[index]
             await marked
+            session.epoch = self.presence.epochs.get(host_id)
+            if self.replica is not None and session.epoch is not None:
+                self.bus.publish([AgentConnected(host_id, session.epoch, self.replica)])
             await connection.send(
                 protocol.encode(
                     "welcome",
@@ -532,9 +583,15 @@ class Agents:
                     await session.inbox.put(None, 0)
                 await asyncio.gather(session.consumer, return_exceptions=True)
             if self._detach(session) and not self.stopping:
-                await self.presence.offline(host_id)  # committed before anyone looks
-                self.bus.publish([HostOffline(host_id)])
-                log.info("host %s disconnected", host_name)
+                gone = await self.presence.offline(host_id)  # committed before anyone looks
+                if host_id in gone:
+                    self.bus.publish([HostOffline(host_id)])
+                    log.info("host %s disconnected", host_name)
+                else:
+                    log.info(
+                        "host %s disconnected here; it is connected through another fleetd",
+                        host_name,
+                    )
 
     def _open(
         self, host_id: int, hello: dict

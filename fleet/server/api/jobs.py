@@ -11,7 +11,14 @@ from ...common import protocol
 from ...common.protocol import FINAL_STATUSES, JOB_KINDS, JOB_STATUSES, Field
 from ...common.timefmt import iso
 from ..agents.ingest import line_json
-from ..events import JobDispatched, JobEnded, JobLogged, JobProgressed, JobStarted
+from ..events import (
+    CancelRequested,
+    JobDispatched,
+    JobEnded,
+    JobLogged,
+    JobProgressed,
+    JobStarted,
+)
 from ..jobs import lifecycle
 from ..scheduling import drills
 from ..security.auth import Role
@@ -298,6 +305,10 @@ async def jobs_tail(ctx: Context, p: dict) -> dict:
                     if job.status in FINAL_STATUSES:
                         break
                 elif isinstance(event, JobLogged):
+                    if not event.lines or event.lines[0]["seq"] > sent + 1:
+                        # another replica's lines (in the store), or a gap
+                        # before these: read from the store what is missing
+                        sent = await emit_stored(ctx, job_id, sent)
                     for line in event.lines:
                         if line["seq"] > sent:
                             sent = line["seq"]
@@ -366,7 +377,8 @@ async def cancel_one(ctx: Context, job_id: int) -> dict:
     if job.status in FINAL_STATUSES:
         raise Conflict(f"job {job.id} already ended: {job.status}")
     with_agent = job.status in lifecycle.WITH_AGENT or job.agent_job is not None
-    if with_agent and not agents.connected(job.host_id):
+    # its link may be through another replica: the store says whether it is up
+    if with_agent and not (agents.connected(job.host_id) or job.host.online):
         raise Conflict(
             f"job {job.id} is with the agent of {job.host.name}, which is offline: "
             "it cannot be stopped now",
@@ -378,12 +390,13 @@ async def cancel_one(ctx: Context, job_id: int) -> dict:
     if outcome == "requested":
         # the agent stops it and reports the end; a cancel that crosses the
         # command is sent again when the job starts
-        await agents.cancel(job.host_id, job.id, fire_uid)
+        # (by the replica its agent is connected through)
+        ctx.state.bus.publish([CancelRequested(job.id, job.host_id, fire_uid)])
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
         return {**views.job_json(job), "cancel": "requested"}
     if outcome == "cancelled":
         if fire_uid is not None:
-            await agents.cancel(job.host_id, job.id, fire_uid)
+            ctx.state.bus.publish([CancelRequested(job.id, job.host_id, fire_uid)])
         await store.atomic(audit, ctx, "job.cancel", job.host.name, {"job": job.id})
         return views.job_json(await store.read(get_job, job.id))
     raise Conflict(f"job {job.id} already ended: {outcome}")

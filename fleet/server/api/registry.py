@@ -198,10 +198,13 @@ class Registry:
                 result = await m.handler(ctx, checked)
             else:
                 store = ctx.state.store
-                run = store.read if m.readonly else store.atomic
-                result = await run(m.handler, ctx, checked)
+                if m.readonly:
+                    result = await store.read(m.handler, ctx, checked)
+                else:
+                    result = await store.publishing(ctx.events, m.handler, ctx, checked)
             if ctx.events and ctx.state.bus is not None:
-                ctx.state.bus.publish(ctx.events)
+                # an async method's events were made across transactions: passed on now
+                ctx.state.bus.publish(ctx.events, recorded=not m.is_async)
             for hook in ctx.after:  # pushes to agents, once the change is committed
                 await hook()
             return result

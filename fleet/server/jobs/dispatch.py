@@ -90,7 +90,8 @@ class Dispatcher:
         lifecycle_.bus.subscribe(JobEnded, lambda e: self.offer(e.host_id, *e.also))
         lifecycle_.bus.subscribe(RepositoryFreed, lambda e: self.offer(*e.host_ids))
         lifecycle_.bus.subscribe(HostOffline, self._host_offline)
-        lifecycle_.bus.subscribe(JobDispatched, self._dispatched)
+        # a claim is made by the replica holding the host's link: it sends it
+        lifecycle_.bus.subscribe(JobDispatched, self._dispatched, remote=False)
 
     def _host_offline(self, event: HostOffline) -> None:
         """A queued job of an offline host no longer goes first in its

@@ -375,6 +375,6 @@ class Lifecycle:
     async def apply(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(events, *args)` inside one transaction; events after commit."""
         events: Events = []
-        result = await self.store.atomic(fn, events, *args)
-        self.bus.publish(events)
+        result = await self.store.publishing(events, fn, events, *args)
+        self.bus.publish(events, recorded=True)
         return result

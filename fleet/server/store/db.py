@@ -202,10 +202,14 @@ def read_only(database: pw.Database) -> None:
         database.execute_sql("PRAGMA query_only = 1")
 
 
-def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+def in_savepoints(
+    calls: list[Callable[[], Any]],
+    before_commit: Optional[Callable[[list[tuple[bool, Any]]], None]] = None,
+) -> list[tuple[bool, Any]]:
     """Run each call under its own savepoint, all in one transaction: a call
     that raises undoes its own writes only. Returns (ok, result or
-    exception) per call; raises when the commit itself fails."""
+    exception) per call; raises when the commit itself fails.
+    before_commit(outcomes) runs last inside the transaction."""
     outcomes: list[tuple[bool, Any]] = []
     with db.atomic():
         for call in calls:
@@ -214,6 +218,8 @@ def in_savepoints(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
                     outcomes.append((True, call()))
             except Exception as exc:
                 outcomes.append((False, exc))
+        if before_commit is not None:
+            before_commit(outcomes)
     return outcomes
 
 
@@ -320,6 +326,9 @@ class Store:
         # (future, ok, value) of finished calls, delivered to the loop in bulk
         self._done: collections.deque[tuple[asyncio.Future, bool, Any]] = collections.deque()
         self._done_lock = threading.Lock()
+        # writes events into the event table, on the store thread, inside a
+        # transaction (fleet.server.replicas); None: one fleetd alone
+        self.recorder: Optional[Callable[[list], None]] = None
         self.wakeups = 0  # call_soon_threadsafe calls made (for tests)
         self.commits = 0  # group commits made (for tests)
 
@@ -347,6 +356,21 @@ class Store:
     async def atomic(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn inside one transaction on the store thread."""
         return await self._submit(fn, args, kwargs, atomic=True)
+
+    async def publishing(self, events: list, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Like atomic, for a transaction that makes events (fn appends them
+        to `events`): with replicas (`recorder` set), they are written to
+        the event table in that same transaction, so another replica hears
+        of exactly what committed."""
+        call = functools.partial(fn, *args, **kwargs)
+
+        def run() -> T:
+            result = call()
+            if events and self.recorder is not None:
+                self.recorder(events)
+            return result
+
+        return await self._submit(run, (), {}, atomic=True)
 
     async def bulk(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Like run, for big work (a batch of reports, a page of a listing):

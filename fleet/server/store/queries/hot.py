@@ -250,13 +250,18 @@ def active_jobs(host_id: int, but: int, statuses: tuple[str, ...]) -> int:
     )[0]
 
 
-def mark_online(now: dt.datetime, hellos: list[tuple[int, dict]]) -> None:
-    """Hosts whose agents said hello: online, seen now, with what they told."""
+def mark_online(
+    now: dt.datetime, replica: Optional[str], hellos: list[tuple[int, dict]]
+) -> dict[int, int]:
+    """Hosts whose agents said hello: online through this replica, seen now,
+    with what they told, each with a new link number (session_epoch);
+    returns those numbers."""
     stamp = when(now)
     execute_many(
         'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "hostname" = ?, "agent_version" = ?, '
         '"restic_version" = ?, "os" = ?, "arch" = ?, "timezone" = ?, "tls_trust" = ?, '
-        '"tls_pins" = ?, "tls_pins_at" = ? WHERE "id" = ?',
+        '"tls_pins" = ?, "tls_pins_at" = ?, "session_replica" = ?, '
+        '"session_epoch" = "session_epoch" + 1 WHERE "id" = ?',
         [
             (
                 True,
@@ -270,16 +275,49 @@ def mark_online(now: dt.datetime, hellos: list[tuple[int, dict]]) -> None:
                 h.get("tls_trust"),
                 json.dumps(h["tls_pins"], separators=(",", ":")) if "tls_pins" in h else None,
                 stamp,
+                replica,
                 host_id,
             )
             for host_id, h in hellos
         ],
     )
+    epochs: dict[int, int] = {}
+    ids = [host_id for host_id, _ in hellos]
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        epochs.update(
+            rows(f'SELECT "id", "session_epoch" FROM "host" WHERE "id" IN ({marks})', *chunk)
+        )
+    return epochs
 
 
-def mark_offline(now: dt.datetime, host_ids: list[int]) -> None:
+def mark_offline(now: dt.datetime, links: list[tuple[int, Optional[int]]]) -> list[int]:
+    """The hosts whose links (host, epoch) ended, unless a newer link of
+    theirs (through another replica) is up: those stay online. An epoch of
+    None: the link's number was never known here (its connect was not
+    written): the host goes offline unless another replica holds it.
+    Returns the hosts marked offline."""
     stamp = when(now)
-    execute_many(
-        'UPDATE "host" SET "online" = ?, "last_seen_at" = ? WHERE "id" = ?',
-        [(False, stamp, host_id) for host_id in host_ids],
-    )
+    gone: list[int] = []
+    for host_id, epoch in links:
+        if epoch is None:
+            row = one(
+                'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "session_replica" = NULL '
+                'WHERE "id" = ? AND ("session_replica" IS NULL OR NOT "online") RETURNING "id"',
+                False,
+                stamp,
+                host_id,
+            )
+        else:
+            row = one(
+                'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "session_replica" = NULL '
+                'WHERE "id" = ? AND "session_epoch" = ? RETURNING "id"',
+                False,
+                stamp,
+                host_id,
+                epoch,
+            )
+        if row is not None:
+            gone.append(row[0])
+    return gone

@@ -1,0 +1,457 @@
+"""Several fleetd replicas on one PostgreSQL: who they are, the events they
+pass to one another, and which of them runs the fleet-wide ticker.
+
+The database is the truth and the only thing the replicas share; there is
+no consensus of our own:
+
+- Each replica has a row (`replica`) whose seen_at it moves every BEAT
+  seconds. One silent for DEAD seconds is dead: the leader marks offline
+  the hosts whose agents were connected through it and did not come back
+  through another (fleet.server.store.models.Host.session_replica).
+- Every event a replica commits is written to the `event` table in the
+  transaction that made it (Store.publishing), or right after for the few
+  made across transactions. NOTIFY on fleet_events is only the wake-up:
+  each replica reads the table in id order from where it was, so a missed
+  notification, or a replica busy for a while, loses nothing. Ids are
+  handed out at insert, not commit, so a lower one may commit after a
+  higher one was read: a gap is waited for (GAP_WAIT) before it is passed.
+- Progress, which is never stored, goes by NOTIFY alone (fleet_progress):
+  a lost one is replaced by the next.
+- The leader holds a PostgreSQL advisory lock on a connection of its own
+  and runs the ticker's fleet-wide sources (schedules' bookkeeping,
+  maintenance, drills, history, lost jobs, alerts): exactly one replica
+  does each piece. When it dies its connection goes and the lock with it;
+  another replica takes it within LEAD_EVERY seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, Callable, Optional
+
+from .events import Bus, Event, HostOffline, JobProgressed, decode, encode
+from .store.db import Location, Store, StoreClosed
+from .store.models import Host, Replica, StoredEvent, db, utcnow
+
+log = logging.getLogger("fleetd.replicas")
+
+EVENTS = "fleet_events"  # NOTIFY channel: the event table has news
+PROGRESS = "fleet_progress"  # NOTIFY channel: progress of running jobs
+LEADER_LOCK = 0x666C656574 + 1  # beside migrations' lock ("fleet")
+BEAT = 3.0  # seconds between a replica's seen_at updates
+DEAD = 15.0  # seconds of silence after which a replica is dead
+LEAD_EVERY = 2.0  # seconds between a follower's tries for the leader's lock
+POLL = 1.0  # seconds between looks at the event table when no NOTIFY comes
+GAP_WAIT = 30.0  # seconds an event id is waited for before it is passed over
+KEEP_EVENTS = dt.timedelta(minutes=10)  # events older are deleted (by the leader)
+READ_BATCH = 1000  # events read at once
+PROGRESS_EVERY = 0.25  # seconds: progress sent to other replicas at most this often
+NOTIFY_MAX = 7000  # bytes of a NOTIFY payload (PostgreSQL's bound is 8000)
+RECONNECT = 1.0  # seconds before a lost connection is made again
+
+
+def record(origin: str, events: list[Event]) -> None:
+    """On the store thread, inside the transaction that made `events`:
+    write them for the other replicas, and wake them at commit (a NOTIFY
+    is delivered only if the transaction commits)."""
+    rows = [
+        {"origin": origin, "kind": kind, "body": body, "at": utcnow()}
+        for kind, body in (encode(e) for e in events if not isinstance(e, JobProgressed))
+    ]
+    if not rows:
+        return
+    for start in range(0, len(rows), 500):
+        StoredEvent.insert_many(rows[start : start + 500]).execute()
+    db.obj.execute_sql(f"NOTIFY {EVENTS}")
+
+
+class Gaps:
+    """Which event ids were read, so that each is published once: `done` is
+    the highest id below which every one was read or waited for long
+    enough; `seen` the ids read above it; `since` when each missing id was
+    first noticed missing."""
+
+    def __init__(self, done: int) -> None:
+        self.done = done
+        self.seen: set[int] = set()
+        self.since: dict[int, float] = {}
+
+    def top(self) -> int:
+        """The newest id read."""
+        return max(self.seen, default=self.done)
+
+    def fresh(self, event_id: int) -> bool:
+        """Whether this id is read for the first time (then it is marked)."""
+        if event_id <= self.done or event_id in self.seen:
+            return False
+        self.seen.add(event_id)
+        return True
+
+    def advance(self, now: float) -> None:
+        """Move `done` past every id read, and past missing ones waited for
+        GAP_WAIT (a rolled-back transaction leaves a hole for ever)."""
+        for missing in range(self.done + 1, self.top()):
+            if missing not in self.seen:
+                self.since.setdefault(missing, now)
+        while True:
+            nxt = self.done + 1
+            if nxt in self.seen:
+                self.seen.discard(nxt)
+            elif nxt in self.since and now - self.since[nxt] >= GAP_WAIT:
+                log.debug("event %d never came (a transaction rolled back)", nxt)
+            else:
+                break
+            self.since.pop(nxt, None)
+            self.done = nxt
+
+
+class Replicas:
+    """This fleetd as one of several on a PostgreSQL store."""
+
+    def __init__(self, store: Store, bus: Bus, where: Location) -> None:
+        self.store = store
+        self.bus = bus
+        self.where = where
+        self.id = uuid.uuid4().hex[:12]
+        self.url: Optional[str] = None
+        self.leading = asyncio.Event()  # set while this replica holds the leader's lock
+        self.on_lead: Optional[Callable[[bool], Awaitable[None]]] = None
+        self._gaps: Optional[Gaps] = None
+        self._tasks: list[asyncio.Task] = []
+        self._progress: dict[int, JobProgressed] = {}
+        self._progress_task: Optional[asyncio.Task] = None
+        self._pending: list[Event] = []  # made across transactions, to be written
+        self._writer: Optional[asyncio.Task] = None
+        self.received = 0  # events of other replicas published here (tests, metrics)
+
+    # -- start and stop ------------------------------------------------------
+
+    async def start(self, url: Optional[str]) -> None:
+        self.url = url
+        top = await self.store.atomic(self._register)
+        self._gaps = Gaps(top)
+        self.store.recorder = lambda events: record(self.id, events)
+        self.bus.outbox = self._send
+        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._beat())]
+        log.info("replica %s of the fleet on %s", self.id, self.where.describe())
+
+    def elect(self, on_lead: Callable[[bool], Awaitable[None]]) -> None:
+        """Try for the leader's part from now on; on_lead(True) once this
+        replica has it, on_lead(False) if it loses it."""
+        self.on_lead = on_lead
+        self._tasks.append(asyncio.ensure_future(self._lead()))
+
+    def _register(self) -> int:
+        now = utcnow()
+        Replica.insert(
+            id=self.id,
+            url=self.url,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=now,
+            seen_at=now,
+        ).execute()
+        return StoredEvent.select(StoredEvent.id).order_by(StoredEvent.id.desc()).scalar() or 0
+
+    async def stop(self) -> None:
+        """Before the store closes: events still to be written are written,
+        and the replica's row goes (its hosts are marked offline by the
+        caller, as one fleetd does at stop)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        self.bus.outbox = None
+        self.store.recorder = None
+        try:
+            await self.store.atomic(lambda: Replica.delete().where(Replica.id == self.id).execute())
+        except StoreClosed:
+            pass
+
+    # -- events out ----------------------------------------------------------
+
+    def _send(self, events: list[Event]) -> None:
+        """The bus's outbox: events published without being written in their
+        transaction. Progress goes by NOTIFY (coalesced per job), the rest
+        to the event table in a transaction of its own."""
+        stored = []
+        for event in events:
+            if isinstance(event, JobProgressed):
+                self._progress[event.job_id] = event
+            else:
+                stored.append(event)
+        if self._progress and (self._progress_task is None or self._progress_task.done()):
+            self._progress_task = asyncio.ensure_future(self._send_progress())
+        if stored:
+            self._pending.extend(stored)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        while self._pending:
+            events, self._pending = self._pending, []
+            try:
+                await self.store.atomic(record, self.id, events)
+            except StoreClosed:
+                return
+            except Exception:
+                log.exception("passing %d event(s) to the other replicas failed", len(events))
+
+    async def _send_progress(self) -> None:
+        await asyncio.sleep(PROGRESS_EVERY)  # what comes meanwhile shares the NOTIFY
+        batch, self._progress = list(self._progress.values()), {}
+        payloads: list[str] = []
+        items: list[dict] = []
+        size = 0
+        for e in batch:
+            item = {"job_id": e.job_id, "host_id": e.host_id, "progress": e.progress}
+            length = len(json.dumps(item))
+            if length > NOTIFY_MAX - 100:
+                continue  # a progress this big is not worth a NOTIFY
+            if items and size + length > NOTIFY_MAX - 100:
+                payloads.append(json.dumps({"origin": self.id, "items": items}))
+                items, size = [], 0
+            items.append(item)
+            size += length
+        if items:
+            payloads.append(json.dumps({"origin": self.id, "items": items}))
+
+        def notify() -> None:
+            for payload in payloads:
+                db.obj.execute_sql("SELECT pg_notify(%s, %s)", (PROGRESS, payload))
+
+        try:
+            await self.store.run(notify)
+        except StoreClosed:
+            pass
+        except Exception:
+            log.warning("progress could not be passed to the other replicas", exc_info=True)
+
+    # -- events in -----------------------------------------------------------
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        params = dict(self.where.postgresql or {})
+        if self.where.password is not None:
+            params["password"] = self.where.password
+        params.setdefault("application_name", f"fleetd {self.id}")
+        params.setdefault("connect_timeout", "10")
+        return await psycopg.AsyncConnection.connect(autocommit=True, **params)
+
+    async def _listen(self) -> None:
+        """LISTEN, and read the event table whenever woken (or every POLL
+        seconds: a NOTIFY sent while the connection was being made again
+        is not lost, only late)."""
+        while True:
+            try:
+                conn = await self._connect()
+            except Exception as exc:
+                log.warning("cannot listen for the other replicas' events: %s", exc)
+                await asyncio.sleep(RECONNECT)
+                continue
+            try:
+                await conn.execute(f"LISTEN {EVENTS}")
+                await conn.execute(f"LISTEN {PROGRESS}")
+                woken = True
+                while True:
+                    if woken:
+                        await self._catch_up(conn)
+                    woken = False
+                    async for note in conn.notifies(timeout=POLL):
+                        if note.channel == PROGRESS:
+                            self._progress_in(note.payload)
+                        else:
+                            woken = True
+                            break
+                    else:
+                        woken = True  # the timeout: look anyway
+            except asyncio.CancelledError:
+                await conn.close()
+                raise
+            except Exception as exc:
+                log.warning("lost the events' connection (%s); making it again", exc)
+                await conn.close()
+                await asyncio.sleep(RECONNECT)
+
+    async def _catch_up(self, conn: Any) -> None:
+        """Publish what other replicas committed since the last look: the
+        ids still missing below the newest read, then what is newer."""
+        gaps = self._gaps
+        assert gaps is not None
+        rows = []
+        if gaps.since:
+            cursor = await conn.execute(
+                'SELECT "id", "origin", "kind", "body" FROM "event" WHERE "id" = ANY(%s)',
+                (sorted(gaps.since),),
+            )
+            rows += await cursor.fetchall()
+        while True:
+            cursor = await conn.execute(
+                'SELECT "id", "origin", "kind", "body" FROM "event" WHERE "id" > %s '
+                'ORDER BY "id" LIMIT %s',
+                (gaps.top(), READ_BATCH),
+            )
+            page = await cursor.fetchall()
+            rows += page
+            self._publish_rows(sorted(rows))
+            rows = []
+            if len(page) < READ_BATCH:
+                return
+
+    def _publish_rows(self, rows: list) -> None:
+        gaps = self._gaps
+        assert gaps is not None
+        events = []
+        for event_id, origin, kind, body in rows:
+            if not gaps.fresh(event_id) or origin == self.id:
+                continue
+            event = decode(kind, body)
+            if event is not None:
+                events.append(event)
+        gaps.advance(time.monotonic())
+        if events:
+            self.received += len(events)
+            self.bus.publish_remote(events)
+
+    def _progress_in(self, payload: str) -> None:
+        try:
+            doc = json.loads(payload)
+            if doc.get("origin") == self.id:
+                return
+            events = [
+                JobProgressed(int(i["job_id"]), int(i["host_id"]), dict(i["progress"]))
+                for i in doc["items"]
+            ]
+        except (ValueError, TypeError, KeyError):
+            return
+        self.bus.publish_remote(events)
+
+    # -- liveness and the leader ---------------------------------------------
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT)
+            try:
+                await self.store.atomic(self._seen)
+            except StoreClosed:
+                return
+            except Exception as exc:
+                log.warning("could not say this replica is alive: %s", exc)
+
+    def _seen(self) -> None:
+        updated = Replica.update(seen_at=utcnow()).where(Replica.id == self.id).execute()
+        if not updated:  # taken for dead (a long pause) and swept: here again
+            self._register_again()
+
+    def _register_again(self) -> None:
+        now = utcnow()
+        Replica.insert(
+            id=self.id,
+            url=self.url,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=now,
+            seen_at=now,
+        ).on_conflict_ignore().execute()
+
+    async def _lead(self) -> None:
+        """Try for the leader's lock until it is had; hold it while the
+        connection lives."""
+        while True:
+            conn = None
+            try:
+                conn = await self._connect()
+                while True:
+                    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+                    (got,) = await cursor.fetchone()
+                    if got:
+                        break
+                    await asyncio.sleep(LEAD_EVERY)
+                log.info("replica %s leads: it runs the fleet-wide ticker", self.id)
+                self.leading.set()
+                if self.on_lead is not None:
+                    await self.on_lead(True)
+                while True:  # the lock lives with the connection: watch it
+                    await asyncio.sleep(LEAD_EVERY)
+                    await conn.execute("SELECT 1")
+            except asyncio.CancelledError:
+                if conn is not None:
+                    await conn.close()
+                raise
+            except Exception as exc:
+                log.warning("the leader's connection failed: %s", exc)
+            if conn is not None:
+                await conn.close()
+            if self.leading.is_set():
+                self.leading.clear()
+                log.warning("replica %s no longer leads", self.id)
+                if self.on_lead is not None:
+                    await self.on_lead(False)
+            await asyncio.sleep(RECONNECT)
+
+
+def sweep_dead(events: list[Event], now: dt.datetime, me: str) -> list[str]:
+    """The leader's look for dead replicas (silent for DEAD seconds): the
+    hosts still online through one of them did not come back through
+    another, so they are offline; the replica's row goes. Returns their ids."""
+    cutoff = now - dt.timedelta(seconds=DEAD)
+    dead = [
+        r.id
+        for r in Replica.select(Replica.id).where((Replica.seen_at < cutoff) & (Replica.id != me))
+    ]
+    if not dead:
+        return []
+    hosts = [
+        h.id
+        for h in Host.select(Host.id).where(
+            Host.session_replica.in_(dead) & (Host.online == True)  # noqa: E712
+        )
+    ]
+    for start in range(0, len(hosts), 500):
+        chunk = hosts[start : start + 500]
+        Host.update(online=False, session_replica=None).where(Host.id.in_(chunk)).execute()
+    events.extend(HostOffline(h) for h in hosts)
+    Replica.delete().where(Replica.id.in_(dead)).execute()
+    return dead
+
+
+def prune_events(now: dt.datetime) -> int:
+    """Events older than KEEP_EVENTS: every replica read them long ago."""
+    return StoredEvent.delete().where(StoredEvent.at < now - KEEP_EVENTS).execute()
+
+
+class Upkeep:
+    """The leader's ticker source for the replicas themselves: dead ones
+    swept (their hosts offline) every BEAT seconds, old events pruned."""
+
+    name = "replicas"
+
+    def __init__(self, replicas: Replicas, apply: Callable[..., Awaitable[Any]]) -> None:
+        self.replicas = replicas
+        self.apply = apply  # Lifecycle.apply: a transaction, then its events
+        self.next: Optional[dt.datetime] = None
+
+    async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
+        return now if self.next is None else self.next
+
+    async def run_due(self, now: dt.datetime) -> None:
+        self.next = now + dt.timedelta(seconds=BEAT)
+        dead = await self.apply(sweep_dead, now, self.replicas.id)
+        for replica in dead:
+            log.warning(
+                "replica %s is silent for over %d s: its agents that did not come back "
+                "through another replica are offline",
+                replica,
+                DEAD,
+            )
+        await self.replicas.store.atomic(prune_events, now)

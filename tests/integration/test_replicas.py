@@ -1,0 +1,195 @@
+"""Several fleetd replicas on one PostgreSQL (issue 13): agents and
+operators on any of them, events passed on through the event table, one
+leader for the fleet-wide ticker. Real fleetd processes and a real
+PostgreSQL; the agents here are raw /agent links, so that each frame is
+the test's to send."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from fleet.common import protocol
+
+TS = "2026-12-03T00:00:00Z"
+
+
+class Link:
+    """One agent's /agent link: its reliable frames numbered, the frames
+    fleetd sent kept until the test looks for them."""
+
+    def __init__(self, fx, env, agent_token, hostname="replica-box"):
+        self.ws = fx.ws_connect(env.url, "/agent", agent_token).__enter__()
+        self.seq = 0
+        self.pending = []
+        self.ws.send(fx.agent_hello(hostname=hostname))
+        assert self.next_of("welcome")["id"] == "h1"
+
+    def next_of(self, kind, timeout=20, **fields):
+        def fits(frame):
+            data = frame.get("data", {})
+            return frame.get("type") == kind and all(data.get(k) == v for k, v in fields.items())
+
+        for i, frame in enumerate(self.pending):
+            if fits(frame):
+                return self.pending.pop(i)
+        while True:
+            frame = json.loads(self.ws.recv(timeout=timeout))
+            if fits(frame):
+                return frame
+            self.pending.append(frame)
+
+    def report(self, kind, data):
+        self.seq += 1
+        self.ws.send(protocol.encode(kind, data, seq=self.seq))
+        return self.seq
+
+    def acked(self, seq):
+        while self.next_of("ack")["data"]["seq"] < seq:
+            pass
+
+    def close(self):
+        self.ws.close()
+
+
+@pytest.fixture
+def three(fx, tmp_path):
+    envs = fx.start_replicas(tmp_path, 3)
+    yield envs
+    for env in envs:
+        fx.stop_and_check(env.fleetd)
+
+
+def _leader(envs):
+    return [e for e in envs if re.search(r"replica \w+ leads", e.fleetd.log())]
+
+
+def test_three_replicas_serve_one_fleet_and_pass_events_on(fx, three):
+    a, b, c = three
+    host = fx.uniq("rep")
+    enrolled = fx.enroll_agent(a, host)  # enrolled through A
+    link = Link(fx, b, enrolled["agent_token"])  # connected through B
+    fx.wait_until(
+        lambda: c.ctl_json("hosts", "show", host)["status"] == "online",
+        what="C to see the host online",
+    )
+    a.rpc("groups.create", host=host, name="etc", includes=["/etc"])
+
+    # run-now on A: B, which holds the agent's link, dispatches it at once
+    job = a.rpc("jobs.run", host=host, group="etc")
+    run = link.next_of("command.run", job_id=job["id"])
+    assert run["data"]["kind"] == "backup"
+    link.ws.send(protocol.encode("command.result", {"job_id": job["id"], "accepted": True}))
+
+    # tail on C follows the job running through B
+    tail = fx.run_fleetctl_proc("jobs", "tail", str(job["id"]), server=c.url, token=c.admin_token)
+    started = {"job_id": job["id"], "kind": "backup", "started_at": TS}
+    link.acked(link.report("job.started", started))
+    fx.wait_until(
+        lambda: c.ctl_json("jobs", "show", job["id"])["status"] == "running",
+        what="the job to run",
+    )
+    payloads = [f"line {i} of the backup" for i in range(1, 31)]
+    for i, text in enumerate(payloads, start=1):
+        line = {"job_id": job["id"], "seq": i, "ts": TS, "stream": "stdout", "payload": text}
+        last = link.report("job.log", line)
+    link.acked(last)
+    ended = {"job_id": job["id"], "status": "succeeded", "exit_code": 0, "finished_at": TS}
+    link.acked(link.report("job.finished", ended))
+    out, err = tail.communicate(timeout=30)
+    assert tail.returncode == 0, err
+    shown = [line for line in out.splitlines() if "of the backup" in line]
+    assert [p for line in shown for p in payloads if line.endswith(p)] == payloads
+    assert c.ctl_json("jobs", "show", job["id"])["status"] == "succeeded"
+
+    # cancel from C of a job running through B: B tells the agent
+    second = c.rpc("jobs.run", host=host, group="etc")
+    link.next_of("command.run", job_id=second["id"])
+    link.ws.send(protocol.encode("command.result", {"job_id": second["id"], "accepted": True}))
+    started = {"job_id": second["id"], "kind": "backup", "started_at": TS}
+    link.acked(link.report("job.started", started))
+    c.ctl("jobs", "cancel", second["id"])
+    link.next_of("command.cancel", job_id=second["id"])
+    ended = {"job_id": second["id"], "status": "cancelled", "exit_code": 130, "finished_at": TS}
+    link.acked(link.report("job.finished", ended))
+    assert a.ctl_json("jobs", "show", second["id"])["status"] == "cancelled"
+
+    # a schedule made on C reaches the agent through B
+    c.ctl("schedules", "create", host, "--cron", "0 3 * * *", "--name", "nightly", "--group", "etc")
+    pushed = link.next_of("schedule.set")
+    assert [s["name"] for s in pushed["data"]["schedules"]] == ["nightly"]
+
+    # the agent connects again through A: the older link through B is closed,
+    # the host stays online, and the end of the old link does not change that
+    again = Link(fx, a, enrolled["agent_token"])
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            link.ws.recv(timeout=20)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+    assert c.ctl_json("hosts", "show", host)["status"] == "online"
+    fx.wait_until(
+        lambda: "connected through another fleetd" in b.fleetd.log(),
+        what="B to let the old link go",
+    )
+    assert c.ctl_json("hosts", "show", host)["status"] == "online"
+    again.close()
+    fx.wait_until(
+        lambda: b.ctl_json("hosts", "show", host)["status"] == "offline",
+        what="the host to go offline when its one link ends",
+    )
+
+    # exactly one replica leads
+    assert len(_leader(three)) == 1
+
+
+def test_a_token_revoked_on_one_replica_is_refused_by_the_others(fx, three):
+    a, b, _ = three
+    user = a.add_user("operator")
+    assert b.rpc("auth.whoami", token=user.token)["user"] == user.name  # cached on B now
+    a.ctl("users", "remove", user.name, "--yes")
+    fx.wait_until(
+        lambda: _refused(fx, b, user.token),
+        timeout=10,
+        what="B to refuse the removed user's token",
+    )
+
+
+def _refused(fx, env, token):
+    try:
+        env.rpc("auth.whoami", token=token)
+    except Exception:
+        return True
+    return False
+
+
+def test_the_leader_sigkilled_another_leads_and_its_agents_go_offline(fx, three):
+    a, b, c = three
+    leader = fx.wait_until(lambda: _leader(three), what="a leader")[0]
+    others = [e for e in three if e is not leader]
+    host = fx.uniq("rep")
+    enrolled = fx.enroll_agent(others[0], host)
+    link = Link(fx, leader, enrolled["agent_token"])
+    fx.wait_until(
+        lambda: others[1].ctl_json("hosts", "show", host)["status"] == "online",
+        what="the host online",
+    )
+    leader.fleetd.proc.send_signal(signal.SIGKILL)
+    leader.fleetd.wait()
+    with pytest.raises(ConnectionClosed):
+        while True:
+            link.ws.recv(timeout=10)
+    # another takes the lead within seconds (its lock died with the process)
+    new = fx.wait_until(lambda: _leader(others), timeout=15, what="another leader")
+    assert len(new) == 1
+    # the agent did not come back through another replica: offline once the
+    # dead replica is seen silent (15 s) by the new leader
+    fx.wait_until(
+        lambda: others[0].ctl_json("hosts", "show", host)["status"] == "offline",
+        timeout=40,
+        what="the dead replica's host to go offline",
+    )
+    assert "is silent for over 15 s" in new[0].fleetd.log()
