@@ -17,8 +17,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from fleet.server.security.secrets import create_key_file, load_key_file, repository_aad
 from fleet.server.store import models as m
 from fleet.server.store.db import locate, open_database
@@ -366,7 +364,6 @@ def test_a_secret_that_does_not_decrypt_aborts_the_move(postgres, fx, tmp_path):
     assert not (data_dir / "database").exists()
 
 
-@pytest.mark.sqlite_file
 def test_a_fleetd_holding_the_sqlite_write_lock_makes_the_move_fail(postgres, fx, tmp_path):
     """The move takes SQLite's write lock (BEGIN IMMEDIATE): a writer
     holding it (as a fleetd in the midst of a write does) stops the move at

@@ -19,9 +19,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional
 
 import peewee as pw
 
@@ -186,7 +185,6 @@ def move(
     target: pw.Database,
     box: SecretBox,
     batch: int = BATCH,
-    progress: Optional[Callable[[str, int], None]] = None,
 ) -> Report:
     """Copy every table of the SQLite `source` into the empty PostgreSQL
     `target` (both opened and migrated to the latest schema), verify, and
@@ -208,8 +206,6 @@ def move(
             for model in models:
                 table = model._meta.table_name
                 report.rows[table] = copy_table(model, source, target, batch)
-                if progress is not None:
-                    progress(table, report.rows[table])
             table = ""
             before, after = count_rows(source, models), count_rows(target, models)
             differ = [f"{t}: {before[t]} -> {after[t]}" for t in before if before[t] != after[t]]
