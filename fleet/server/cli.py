@@ -1,4 +1,4 @@
-"""`fleetd`: initialise a data directory, serve."""
+"""`fleetd`: initialise a data directory, serve, move a SQLite store to PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from .agentfile import AgentFileError
 from .api.common import NAME_RE
 from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
 from .security import auth
-from .security.secrets import SecretError, create_key_file
+from .security.secrets import SecretError, create_key_file, load_key_file
 from .security.tls import TlsError
-from .store.db import Location, LocationError, locate, open_database
+from .store import transfer
+from .store.db import Location, LocationError, close_connection, locate, open_database
 from .store.models import AuditLog, User
 
 DEFAULT_DATA_DIR = "/var/lib/fleetd"
@@ -362,6 +363,86 @@ def serve(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def one_line(exc: Exception) -> str:
+    """An error's words on one line (libpq's run over several)."""
+    return " ".join(str(exc).split())
+
+
+@cli.command("migrate-store")
+@data_dir_option
+@database_option
+@click.option(
+    "--to",
+    "to",
+    metavar="URL",
+    required=True,
+    help="The empty PostgreSQL database to move the store into: "
+    "postgresql://[USER@]HOST[:PORT]/DBNAME[?PARAM=VALUE...] (no password in it).",
+)
+@password_file_option
+def migrate_store(
+    data_dir: Path, database: Optional[str], to: str, database_password_file: Optional[Path]
+) -> None:
+    """Move a SQLite store into an empty PostgreSQL database. Stop fleetd first.
+
+    Every table is copied (ids kept) in one transaction, checked (row counts,
+    every secret decrypting with DATA_DIR/secret.key) before it commits; on
+    any failure the target is left empty. The SQLite file is write-locked
+    meanwhile. Then DATA_DIR/database names the target, so 'fleetd serve'
+    serves PostgreSQL; fleet.db is left as it was, as a fallback.
+    """
+    try:
+        target = locate(to, database_password(database_password_file), option="--to")
+    except LocationError as exc:
+        raise Fail(str(exc), Exit.USAGE) from None
+    source = store_location(data_dir, database, None)
+    if source.url() == target.url():
+        raise Fail(f"--to names the store being moved ({source.describe()})", Exit.USAGE)
+    if not target.is_postgresql:
+        raise Fail(
+            "--to names a SQLite file: migrate-store moves a store to PostgreSQL", Exit.USAGE
+        )
+    if source.sqlite is None:
+        raise Fail(
+            f"the store of {data_dir} is PostgreSQL already ({source.describe()}); "
+            "migrate-store moves a SQLite store",
+            Exit.USAGE if database else Exit.ERROR,
+        )
+    if not source.sqlite.exists():
+        raise Fail(f"{source.sqlite} does not exist: nothing to move")
+    try:
+        box = load_key_file(data_dir / KEY_NAME)
+    except SecretError as exc:
+        raise Fail(str(exc)) from None
+    try:
+        sqlite = open_database(source)
+    except (RuntimeError, peewee.DatabaseError) as exc:
+        raise Fail(f"cannot open {source.describe()}: {one_line(exc)}") from None
+    try:
+        try:
+            postgresql = open_database(target)
+        except peewee.DatabaseError as exc:
+            raise Fail(f"cannot open {target.describe()}: {one_line(exc)}") from None
+        try:
+            report = transfer.move(sqlite, postgresql, box)
+        except transfer.TransferError as exc:
+            raise Fail(f"{one_line(exc)}; nothing was written to {target.describe()}") from None
+        finally:
+            close_connection(postgresql)
+    finally:
+        sqlite.close()
+    write_new_private(data_dir / DATABASE_FILE, target.url() + "\n")
+    width = max(len(table) for table in report.rows)
+    for table, rows in report.rows.items():
+        click.echo(f"{table:<{width}}  {rows:>10}")
+    click.echo(f"{'total':<{width}}  {report.total:>10}  rows in {report.seconds:.1f} s")
+    click.echo(f"moved {source.describe()} to {target.describe()}")
+    click.echo(f"{data_dir / DATABASE_FILE} names it now: 'fleetd serve' serves PostgreSQL")
+    click.echo(
+        f"{source.sqlite} is left as it was, as a fallback (remove {DATABASE_FILE} to go back)"
+    )
 
 
 def main() -> None:

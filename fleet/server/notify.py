@@ -30,7 +30,8 @@ import apprise
 
 from .. import __version__
 from .events import AlertChanged, Bus, JobEnded, JobStarted
-from .security.secrets import SecretBox
+from .security.secrets import SecretBox, ping_aad
+from .security.secrets import notifier_aad as aad
 from .store.db import Store, StoreClosed
 from .store.models import Host, Job, Notifier, SourceGroup, utcnow
 
@@ -38,10 +39,6 @@ log = logging.getLogger("fleetd.notify")
 
 RETRIES = (5.0, 30.0, 120.0)  # seconds before each further try
 MAX_PENDING = 1000  # notifications waiting to be sent; past it the oldest are dropped
-
-
-def aad(notifier_id: int) -> str:
-    return f"notifier:{notifier_id}:url"
 
 
 def send(url: str, title: str, body: str, failure: bool) -> Optional[str]:
@@ -148,10 +145,6 @@ async def with_retries(who: str, fn: Callable[..., Optional[str]], *args: Any) -
 
 PING_TIMEOUT = 10.0  # seconds a ping may take
 PING_BODY = 10_000  # characters of the body at most (Healthchecks keeps 100 kB)
-
-
-def ping_aad(group_id: int) -> str:
-    return f"group:{group_id}:ping_url"
 
 
 def ping_shown(url: str) -> str:

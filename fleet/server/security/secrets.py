@@ -64,6 +64,16 @@ def repository_aad(base: str, what: str) -> str:
     return f"{base}:{what}"
 
 
+def notifier_aad(notifier_id: int) -> str:
+    """A notifier's Apprise URL, bound to its row."""
+    return f"notifier:{notifier_id}:url"
+
+
+def ping_aad(group_id: int) -> str:
+    """A source group's ping URL, bound to its row."""
+    return f"group:{group_id}:ping_url"
+
+
 class SecretBox:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:

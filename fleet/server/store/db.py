@@ -92,10 +92,10 @@ class Location:
         return f"postgresql:///{dbname}" + (f"?{urlencode(where)}" if where else "")
 
 
-def locate(url: str, password: Optional[str] = None) -> Location:
+def locate(url: str, password: Optional[str] = None, option: str = "--database") -> Location:
     """A --database value: `postgresql://[user@][host][:port]/dbname[?param=value...]`
     (libpq's URI: a Unix socket directory as ?host=/run/postgresql), or
-    `sqlite:///path/to/fleet.db`. Raises LocationError."""
+    `sqlite:///path/to/fleet.db`. Raises LocationError (naming `option`)."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         path = url[len("sqlite://") :] if url.startswith("sqlite://") else ""
@@ -116,7 +116,7 @@ def locate(url: str, password: Optional[str] = None) -> Location:
         raise LocationError(f"{url!r}: {exc}") from None
     if "password" in params:
         raise LocationError(
-            "the --database URL holds a password, which every user of this machine can read "
+            f"the {option} URL holds a password, which every user of this machine can read "
             "on a command line: give it in --database-password-file or "
             "FLEETD_DATABASE_PASSWORD (or libpq's ~/.pgpass) instead"
         )
