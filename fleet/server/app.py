@@ -53,6 +53,7 @@ from .api.tls import started as tls_started
 from .api.tls import without_tls as tls_without
 from .clock import Clock
 from .events import (
+    AuthFailed,
     Bus,
     CredentialsChanged,
     HostOffline,
@@ -352,6 +353,7 @@ class FleetServer:
         self.api = build_registry()
         if state.bus is not None:  # a revocation drops cached token checks at once
             state.bus.subscribe(CredentialsChanged, self.api.forget)
+            state.bus.subscribe(AuthFailed, self._failed_elsewhere, local=False)
         self.config = config or ServeConfig(Path("."))
         self.limits = limits or ConnectionLimits(1 << 30, self.config.unauth_per_address)
         self.callers: dict[ServerConnection, Caller] = {}
@@ -361,6 +363,15 @@ class FleetServer:
             self.limits,
             lambda: {"agent": len(self.agents), "ctl": len(self.callers), "all": self.limits.open},
         )
+
+    def _failed_elsewhere(self, event: AuthFailed) -> None:
+        """Another replica refused a login or a token: counted here too."""
+        if event.user is None:
+            self.token_limiter.fail(event.address)
+            return
+        self.state.pair_limiter.fail(f"{event.user}\x00{event.address}")
+        self.state.user_limiter.fail(event.user)
+        self.state.addr_limiter.fail(event.address)
 
     def refuse(
         self, reason: str, connection: ServerConnection, status: HTTPStatus, text: str
@@ -448,6 +459,10 @@ class FleetServer:
         self, connection: ServerConnection, address: str, path: str, blocked: bool
     ) -> Response:
         self.token_limiter.fail(address)
+        if not blocked and self.state.bus is not None:
+            # the other replicas count it too (not once blocked: a flood of
+            # bad tokens then costs no write)
+            self.state.bus.publish([AuthFailed(address)])
         if blocked:
             return self.refuse(
                 "rate_limited",

@@ -189,6 +189,16 @@ class CancelRequested:
 
 
 @dataclass(frozen=True)
+class AuthFailed:
+    """A login or a token refused by one replica: the others count it too,
+    so that the limits on an address or a user hold across the fleet.
+    Never the password or the token itself."""
+
+    address: str
+    user: Optional[str] = None  # a login's user name; None: a bad token
+
+
+@dataclass(frozen=True)
 class RolloutChanged:
     """A host of a rollout moved on (committed), or the rollout ended."""
 
@@ -217,6 +227,7 @@ Event = Union[
     RolloutChanged,
     AgentConnected,
     CancelRequested,
+    AuthFailed,
 ]
 
 # -- events between replicas (fleet.server.replicas) ---------------------------
@@ -305,6 +316,7 @@ class Bus:
     def __init__(self) -> None:
         self._subscribers: dict[type, list[Callable[[Any], None]]] = defaultdict(list)
         self._local_only: set[tuple[type, Callable[[Any], None]]] = set()
+        self._remote_only: set[tuple[type, Callable[[Any], None]]] = set()
         # passes events on to the other replicas (fleet.server.replicas);
         # None: one fleetd alone
         self.outbox: Optional[Callable[[list[Event]], None]] = None
@@ -314,18 +326,23 @@ class Bus:
         self.subscribe(JobEnded, self._track_progress)
         self.subscribe(HostRemoved, self._end_watches)
 
-    def subscribe(self, kind: type, fn: Callable[[Any], None], remote: bool = True) -> None:
+    def subscribe(
+        self, kind: type, fn: Callable[[Any], None], remote: bool = True, local: bool = True
+    ) -> None:
         """fn(event) for every event of `kind`; remote=False: only for this
-        fleetd's own events, not other replicas'."""
+        fleetd's own events, local=False: only for other replicas'."""
         self._subscribers[kind].append(fn)
         if not remote:
             self._local_only.add((kind, fn))
+        if not local:
+            self._remote_only.add((kind, fn))
 
     def unsubscribe(self, kind: type, fn: Callable[[Any], None]) -> None:
         subscribers = self._subscribers.get(kind, [])
         if fn in subscribers:
             subscribers.remove(fn)
         self._local_only.discard((kind, fn))
+        self._remote_only.discard((kind, fn))
 
     def watch(self, job_id: int, host_id: Optional[int] = None) -> Watch:
         w = Watch(job_id, host_id)
@@ -372,7 +389,7 @@ class Bus:
                     w.offer(event)
             kind = type(event)
             for fn in self._subscribers.get(kind, ()):
-                if remote and (kind, fn) in self._local_only:
+                if (kind, fn) in (self._local_only if remote else self._remote_only):
                     continue
                 try:
                     fn(event)

@@ -193,3 +193,27 @@ def test_the_leader_sigkilled_another_leads_and_its_agents_go_offline(fx, three)
         what="the dead replica's host to go offline",
     )
     assert "is silent for over 15 s" in new[0].fleetd.log()
+
+
+def test_failed_logins_on_one_replica_count_on_the_others(fx, three):
+    a, b, _ = three
+    user = a.add_user("viewer")
+    for _ in range(5):  # the limit of one user from one address
+        with pytest.raises(fx.RpcError) as refused:
+            fx.api_login(a.url, user.name, "not-the-password")
+        assert refused.value.code == "unauthorized"
+
+    tries = []
+
+    def limited_on_b():
+        # fewer tries than B's own limit: only A's failures can make it refuse
+        assert len(tries) < 4, "B did not count A's failures"
+        tries.append(1)
+        try:
+            fx.api_login(b.url, user.name, "still-not-it")
+        except fx.RpcError as exc:
+            return exc.code == "rate_limited"
+        raise AssertionError("a wrong password was taken")
+
+    # B heard of A's failures: a guess there is slowed down as on A
+    fx.wait_until(limited_on_b, timeout=10, interval=0.5, what="B to count A's failed logins")

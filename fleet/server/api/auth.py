@@ -10,7 +10,7 @@ from ... import __version__
 from ...common import protocol
 from ...common.protocol import Field
 from ...common.timefmt import iso
-from ..events import CredentialsChanged
+from ..events import AuthFailed, CredentialsChanged
 from ..security import auth
 from ..security.auth import Role
 from ..store.models import ApiToken, AuditLog, User, utcnow
@@ -121,6 +121,8 @@ async def login(state: ServerState, params: dict, address: str) -> dict:
         if not ok:
             for limiter, key in limits:
                 limiter.fail(key)
+            if state.bus is not None:  # the other replicas count it too
+                state.bus.publish([AuthFailed(address, name)])
             await state.store.run(
                 AuditLog.create, actor=name, action="auth.login_failed", address=address
             )
