@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint restic postgresql venv clean agent install
+.PHONY: demo test test-sqlite test-postgresql lint restic postgresql venv clean agent install
 
 venv: $(STAMP)
 
@@ -35,9 +35,19 @@ lint: venv
 
 # four workers on any machine: the tests mostly wait on fleetd, agents and
 # restic, so even two cores keep four busy; a module's tests stay together
-# (--dist loadfile), as they share one fleetd
+# (--dist loadfile), as they share one fleetd. Then the integration and
+# end-to-end suites again with every fleetd on a real PostgreSQL (the
+# harness starts one in a temp dir: tests/postgres.py).
 test: venv restic postgresql lint
 	$(BIN)/pytest -q -n 4 --dist loadfile
+	FLEET_TEST_STORE=postgresql $(BIN)/pytest -q -n 4 --dist loadfile tests/integration tests/e2e
+
+# one half of `make test` each
+test-sqlite: venv restic lint
+	$(BIN)/pytest -q -n 4 --dist loadfile
+
+test-postgresql: venv restic postgresql lint
+	FLEET_TEST_STORE=postgresql $(BIN)/pytest -q -n 4 --dist loadfile tests/integration tests/e2e
 
 demo: venv restic
 	bash build/demo.sh

@@ -184,7 +184,8 @@ def run_on(ctx: Context, host: Host, p: dict) -> dict:
     # the view from what is at hand, not from reading the new row back
     job.host = host
     job.actor_user = User(id=ctx.caller.user_id, name=ctx.caller.name)
-    online = agents.connected(host.id) if agents is not None else False
+    # connected here, or (the row says) through another replica
+    online = agents is not None and (agents.connected(host.id) or bool(host.online))
     return {**job_view(job, ctx), "queued_behind": queued_behind, "host_online": online}
 
 

@@ -126,7 +126,7 @@ def restore_run(ctx: Context, p: dict) -> dict:
     return {
         **job_view(job, ctx),
         "queued_behind": queued_behind,
-        "host_online": agents.connected(onto.id) if agents is not None else False,
+        "host_online": agents is not None and (agents.connected(onto.id) or bool(onto.online)),
         "snapshot": snap.snapshot_id,
         "snapshot_taken_at": snap.time.isoformat(timespec="seconds") + "Z",
         "from_host": host.name,
