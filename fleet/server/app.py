@@ -732,7 +732,12 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             RowSource("templates", agents.lifecycle, templates.next_due, templates.run_due),
             alerts,
         ]
-        + ([Upkeep(replicas, agents.lifecycle.apply)] if replicas is not None else []),
+        # a dead replica's rollout under way is taken up by the leader
+        + (
+            [Upkeep(replicas, agents.lifecycle.apply, lambda: state.rollouts.resume())]
+            if replicas is not None
+            else []
+        ),
     )
     bus.subscribe(JobQueued, lambda e: e.due or local_ticker.poke())  # a retry's due time
     bus.subscribe(HostOffline, lambda e: ticker.poke())  # a silent host's jobs may be lost

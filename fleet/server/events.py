@@ -189,6 +189,15 @@ class CancelRequested:
 
 
 @dataclass(frozen=True)
+class UpgradeRequested:
+    """A rollout's agent.upgrade for a host (its data): the replica holding
+    the host's link sends it."""
+
+    host_id: int
+    upgrade: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
 class AuthFailed:
     """A login or a token refused by one replica: the others count it too,
     so that the limits on an address or a user hold across the fleet.
@@ -228,6 +237,7 @@ Event = Union[
     AgentConnected,
     CancelRequested,
     AuthFailed,
+    UpgradeRequested,
 ]
 
 # -- events between replicas (fleet.server.replicas) ---------------------------

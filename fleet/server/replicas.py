@@ -436,9 +436,15 @@ class Upkeep:
 
     name = "replicas"
 
-    def __init__(self, replicas: Replicas, apply: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        replicas: Replicas,
+        apply: Callable[..., Awaitable[Any]],
+        on_dead: Optional[Callable[[], Awaitable[None]]] = None,
+    ) -> None:
         self.replicas = replicas
         self.apply = apply  # Lifecycle.apply: a transaction, then its events
+        self.on_dead = on_dead  # after a dead replica was swept: take up its work
         self.next: Optional[dt.datetime] = None
 
     async def next_due(self, now: dt.datetime) -> Optional[dt.datetime]:
@@ -454,4 +460,6 @@ class Upkeep:
                 replica,
                 DEAD,
             )
+        if dead and self.on_dead is not None:
+            await self.on_dead()
         await self.replicas.store.atomic(prune_events, now)

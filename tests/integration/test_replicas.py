@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import zipfile
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -22,11 +23,13 @@ class Link:
     """One agent's /agent link: its reliable frames numbered, the frames
     fleetd sent kept until the test looks for them."""
 
-    def __init__(self, fx, env, agent_token, hostname="replica-box"):
+    def __init__(self, fx, env, agent_token, hostname="replica-box", version=None, **hello):
         self.ws = fx.ws_connect(env.url, "/agent", agent_token).__enter__()
         self.seq = 0
         self.pending = []
-        self.ws.send(fx.agent_hello(hostname=hostname))
+        if version is not None:
+            hello["agent_version"] = version
+        self.ws.send(fx.agent_hello(hostname=hostname, **hello))
         assert self.next_of("welcome")["id"] == "h1"
 
     def next_of(self, kind, timeout=20, **fields):
@@ -217,3 +220,43 @@ def test_failed_logins_on_one_replica_count_on_the_others(fx, three):
 
     # B heard of A's failures: a guess there is slowed down as on A
     fx.wait_until(limited_on_b, timeout=10, interval=0.5, what="B to count A's failed logins")
+
+
+def fake_agent_file(path, version):
+    """A file fleetd serves as the agent (its version inside): enough for a
+    rollout, which an agent standing in for the real one answers."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("__main__.py", "print('not a real agent')\n")
+        zf.writestr("site-packages/fleet/__init__.py", f'__version__ = "{version}"\n')
+    return path
+
+
+def test_a_rollout_started_on_one_replica_reaches_agents_on_the_others(fx, tmp_path):
+    pyz = fake_agent_file(tmp_path / "fleet-agent.pyz", "8.8.8")
+    a, b = fx.start_replicas(tmp_path / "fleet", 2, "--agent-pyz", str(pyz))
+    try:
+        host = fx.uniq("roll")
+        enrolled = fx.enroll_agent(a, host)
+        link = Link(fx, b, enrolled["agent_token"], features=["repositories", "upgrade"])
+        fx.wait_until(
+            lambda: a.ctl_json("hosts", "show", host)["status"] == "online",
+            what="A to see the host online through B",
+        )
+        plan = a.ctl_json("agents", "upgrade", "--dry-run")
+        assert [(h["host"], h["status"]) for h in plan["hosts"]] == [(host, "pending")]
+        a.rpc("agents.upgrade", timeout=60)  # driven by A
+        upgrade = link.next_of("agent.upgrade")  # sent by B, which holds the link
+        assert upgrade["data"]["version"] == "8.8.8"
+        link.close()
+        # the "new agent" comes back through A
+        again = Link(fx, a, enrolled["agent_token"], version="8.8.8", features=["upgrade"])
+        done = fx.wait_until(
+            lambda: (r := b.rpc("agents.rollout"))["status"] != "running" and r,
+            timeout=30,
+            what="the rollout to end",
+        )
+        assert done["status"] == "succeeded", done
+        again.close()
+    finally:
+        for env in (a, b):
+            fx.stop_and_check(env.fleetd)

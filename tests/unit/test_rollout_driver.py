@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.common import protocol
 from fleet.server.agents import rollout
 from fleet.server.events import AgentHello, Bus, RolloutChanged, UpgradeAnswered
 from fleet.server.store.db import Store
@@ -38,9 +39,12 @@ class Sessions:
     def features(self, host_id: int) -> frozenset[str]:
         return frozenset(self.links.get(host_id, ()))
 
-    async def send_to(self, host_id: int, frame: str) -> bool:
-        self.sent.put_nowait((host_id, json.loads(frame)))
-        return True
+    async def reach(self, host_id: int):
+        return self.features(host_id) if self.connected(host_id) else None
+
+    def upgrade(self, host_id: int, data: dict) -> None:
+        """As Agents.upgrade: the frame goes to whichever replica holds the link."""
+        self.sent.put_nowait((host_id, json.loads(protocol.encode("agent.upgrade", data))))
 
     async def next_sent(self) -> tuple[int, dict]:
         return await asyncio.wait_for(self.sent.get(), 5)

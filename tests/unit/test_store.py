@@ -38,6 +38,7 @@ TEMPLATES = MIGRATIONS[19][1]
 ROLLOUTS = MIGRATIONS[20][1]
 TLS_PINS = MIGRATIONS[21][1]
 REPLICAS = MIGRATIONS[22][1]
+FEATURES = MIGRATIONS[23][1]
 REPOSITORIES = (
     "repositories are named objects hosts share; each host's own becomes one named after it"
 )
@@ -92,7 +93,7 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
     m.db.initialize(database)
     try:
         assert current_version(database) == 0
-        assert migrate(database) == list(range(1, 24))
+        assert migrate(database) == list(range(1, 25))
         recorded = [(v.version, v.name) for v in m.SchemaVersion.select()]
         assert recorded == [
             (1, "initial"),
@@ -121,10 +122,11 @@ def test_migrations_apply_on_fresh_file_and_are_recorded(db_path: Path) -> None:
             (21, ROLLOUTS),
             (22, TLS_PINS),
             (23, REPLICAS),
+            (24, FEATURES),
         ]
         for applied_at in [v.applied_at for v in m.SchemaVersion.select()]:
             assert isinstance(applied_at, dt.datetime)
-        assert current_version(database) == MIGRATIONS[-1][0] == 23
+        assert current_version(database) == MIGRATIONS[-1][0] == 24
         # Every table of the models now exists.
         for model in m.MODELS:
             assert database.table_exists(model._meta.table_name), model.__name__
@@ -161,6 +163,7 @@ def test_open_database_migrates_a_fresh_file(database: pw.SqliteDatabase, db_pat
         (21, ROLLOUTS),
         (22, TLS_PINS),
         (23, REPLICAS),
+        (24, FEATURES),
     ]
     assert m.Host.select().count() == 0
 

@@ -327,14 +327,20 @@ class Rollouts:
             return
         log.info("taking up agent rollout %s again", rollout_id)
         waiting = await self.store.read(hosts_to_do, rollout_id)
-        if all(self.agents.connected(h) for h in waiting):
+        if await self._all_back(waiting):
             self.start(rollout_id)
         else:
             asyncio.ensure_future(self._start_when_back(rollout_id, waiting))
 
+    async def _all_back(self, hosts: list[int]) -> bool:
+        for host_id in hosts:
+            if await self.agents.reach(host_id) is None:
+                return False
+        return True
+
     async def _start_when_back(self, rollout_id: int, waiting: list[int]) -> None:
         deadline = time.monotonic() + self.reconnect_grace
-        while not all(self.agents.connected(h) for h in waiting):
+        while not await self._all_back(waiting):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -397,28 +403,32 @@ class Rollouts:
         await asyncio.gather(task, return_exceptions=True)
         return self.halting.pop(rollout_id, None) is None  # the driver took it
 
-    def _frame(self, r: dict[str, Any]) -> str:
+    def _frame(self, r: dict[str, Any]) -> dict[str, Any]:
+        """agent.upgrade's data (checked against the protocol here, where a
+        bad one is fleetd's bug, not at the replica that sends it)."""
         # the agent has a third of the timeout to be welcomed before it rolls
         # itself back, so its old self is back, and says so, well within it
         deadline = max(1, min(protocol.MAX_UPGRADE_DEADLINE, r["timeout_seconds"] // 3))
-        return protocol.encode(
-            "agent.upgrade",
-            {
-                "version": r["version"],
-                "sha256": r["sha256"],
-                "size": r["size_bytes"],
-                "deadline": deadline,
-            },
-        )
+        data = {
+            "version": r["version"],
+            "sha256": r["sha256"],
+            "size": r["size_bytes"],
+            "deadline": deadline,
+        }
+        protocol.encode("agent.upgrade", data)
+        return data
 
-    async def _send(self, host_id: int, frame: str) -> Optional[str]:
-        """Send agent.upgrade; None, or why the host is skipped."""
-        if not self.agents.connected(host_id):
+    async def _send(self, host_id: int, frame: dict[str, Any]) -> Optional[str]:
+        """Send agent.upgrade, through whichever replica holds the host's
+        link; None, or why the host is skipped. (A link that drops as it
+        goes: the host is back without the new version, and is sent it
+        again, or runs out of time.)"""
+        features = await self.agents.reach(host_id)
+        if features is None:
             return "offline"
-        if FEATURE not in self.agents.features(host_id):
+        if FEATURE not in features:
             return "its agent is too old to upgrade itself: replace its file by hand"
-        if not await self.agents.send_to(host_id, frame):
-            return "offline"
+        self.agents.upgrade(host_id, frame)
         return None
 
     async def _drive(self, rollout_id: int) -> None:
@@ -457,7 +467,7 @@ class Rollouts:
                     await self._mark(rollout_id, row.id, "skipped", "the host was removed")
                     continue
                 if row.status == "pending":
-                    if self.agents.connected(host_id) and await self._current(
+                    if await self.agents.reach(host_id) is not None and await self._current(
                         host_id, r["version"]
                     ):  # there already (sent before a restart, or upgraded by hand)
                         await self._mark(rollout_id, row.id, "upgraded")
@@ -470,7 +480,7 @@ class Rollouts:
                     sent = time.time()
                 else:  # sent before fleetd restarted: its clock runs from then
                     sent = row.sent_at.replace(tzinfo=dt.timezone.utc).timestamp()
-                    if self.agents.connected(host_id) and await self._current(
+                    if await self.agents.reach(host_id) is not None and await self._current(
                         host_id, r["version"]
                     ):
                         await self._mark(rollout_id, row.id, "upgraded")
@@ -493,7 +503,7 @@ class Rollouts:
         self,
         rollout_id: int,
         r: dict[str, Any],
-        frame: str,
+        frame: dict[str, Any],
         waiting: dict[int, Waiting],
         queue: asyncio.Queue,
     ) -> list[tuple[str, str]]:

@@ -38,6 +38,7 @@ from ..events import (
     RepoChanged,
     SchedulesChanged,
     UpgradeAnswered,
+    UpgradeRequested,
 )
 from ..jobs import lifecycle
 from ..jobs.dispatch import BUSY_RETRY, Dispatcher
@@ -309,6 +310,7 @@ class Agents:
         self.bus.subscribe(SchedulesChanged, self._schedules_changed)
         self.bus.subscribe(AgentConnected, self._connected_elsewhere)
         self.bus.subscribe(CancelRequested, self._cancel_requested)
+        self.bus.subscribe(UpgradeRequested, self._upgrade_requested)
 
     # -- the registry (dispatch and the API use these) ---------------------
 
@@ -322,6 +324,33 @@ class Agents:
     def features(self, host_id: int) -> frozenset[str]:
         session = self.sessions.get(host_id)
         return session.features if session is not None else frozenset()
+
+    async def reach(self, host_id: int) -> Optional[frozenset[str]]:
+        """What the host's agent can do if it is connected here or, with
+        replicas, through another one; None when it is offline."""
+        session = self.sessions.get(host_id)
+        if session is not None:
+            return session.features
+        if self.replica is None:
+            return None
+        return await self.store.read(hot.link_features, host_id)
+
+    def reach_now(self, host_id: int) -> Optional[frozenset[str]]:
+        """As reach, on the store thread."""
+        session = self.sessions.get(host_id)
+        if session is not None:
+            return session.features
+        return hot.link_features(host_id) if self.replica is not None else None
+
+    def upgrade(self, host_id: int, data: dict) -> None:
+        """agent.upgrade to the host's agent, through whichever replica
+        holds its link (this one included)."""
+        self.bus.publish([UpgradeRequested(host_id, data)])
+
+    def _upgrade_requested(self, event: UpgradeRequested) -> None:
+        session = self.sessions.get(event.host_id)
+        if session is not None:
+            asyncio.ensure_future(session.send(protocol.encode("agent.upgrade", event.upgrade)))
 
     async def send_to(self, host_id: int, frame: str) -> bool:
         """A frame to the host's agent; False when its link is down."""

@@ -109,9 +109,10 @@ def dry_run(ctx: Context, selector: Optional[str], batch: int, timeout: int, off
     for i, step in enumerate(planned(selector, batch, offered["version"]), 1):
         status, detail = step.status, None
         if status == "pending" and agents is not None:
-            if not agents.connected(step.host_id):
+            features = agents.reach_now(step.host_id)
+            if features is None:
                 status, detail = "skipped", "offline"
-            elif rollout.FEATURE not in agents.features(step.host_id):
+            elif rollout.FEATURE not in features:
                 status, detail = "skipped", "its agent is too old to upgrade itself"
         hosts.append(
             {

@@ -317,6 +317,11 @@ MIGRATIONS: list[tuple[int, str, Statements]] = [
             ],
         },
     ),
+    (
+        24,
+        "what each host's agent said it can do, for the replicas it is not connected to",
+        ['ALTER TABLE "host" ADD COLUMN "agent_features" TEXT'],
+    ),
 ]
 
 # PostgreSQL starts where SQLite's history had got to: the schema of version

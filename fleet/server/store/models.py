@@ -98,6 +98,7 @@ class Host(Base):
     # the end of an older one (on another replica) leaves the host online
     session_replica = pw.TextField(null=True, index=True)
     session_epoch = pw.IntegerField(default=0)
+    agent_features = JSONField(null=True)  # the features its agent's hello listed, last
 
 
 class Template(Base):

@@ -261,7 +261,7 @@ def mark_online(
         'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "hostname" = ?, "agent_version" = ?, '
         '"restic_version" = ?, "os" = ?, "arch" = ?, "timezone" = ?, "tls_trust" = ?, '
         '"tls_pins" = ?, "tls_pins_at" = ?, "session_replica" = ?, '
-        '"session_epoch" = "session_epoch" + 1 WHERE "id" = ?',
+        '"session_epoch" = "session_epoch" + 1, "agent_features" = ? WHERE "id" = ?',
         [
             (
                 True,
@@ -276,6 +276,7 @@ def mark_online(
                 json.dumps(h["tls_pins"], separators=(",", ":")) if "tls_pins" in h else None,
                 stamp,
                 replica,
+                json.dumps(sorted(h.get("features") or ()), separators=(",", ":")),
                 host_id,
             )
             for host_id, h in hellos
@@ -290,6 +291,15 @@ def mark_online(
             rows(f'SELECT "id", "session_epoch" FROM "host" WHERE "id" IN ({marks})', *chunk)
         )
     return epochs
+
+
+def link_features(host_id: int) -> Optional[frozenset[str]]:
+    """What the host's agent can do if it is connected (through any
+    replica); None when it is offline."""
+    row = one('SELECT "online", "agent_features" FROM "host" WHERE "id" = ?', host_id)
+    if row is None or not row[0]:
+        return None
+    return frozenset(json.loads(row[1])) if row[1] else frozenset()
 
 
 def mark_offline(now: dt.datetime, links: list[tuple[int, Optional[int]]]) -> list[int]:
