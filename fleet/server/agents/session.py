@@ -269,6 +269,9 @@ class Agents:
     clock: Clock
     heartbeat_interval: int = 30
     tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
+    # every replica's URL, this one's first (--public-url), told in welcome
+    # so that agents learn of a replica added later; none: not told
+    public_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
@@ -473,19 +476,16 @@ class Agents:
             if agent_job is not None:
                 session.agent_jobs[session.running_job] = agent_job  # type: ignore[index]
             await marked
-            await connection.send(
-                protocol.encode(
-                    "welcome",
-                    {
-                        "server_version": __version__,
-                        "heartbeat_interval": self.heartbeat_interval,
-                        "host_id": host_id,
-                        "host_name": host_name,
-                        "features": FEATURES,
-                    },
-                    id=hello.id,
-                )
-            )
+            welcome = {
+                "server_version": __version__,
+                "heartbeat_interval": self.heartbeat_interval,
+                "host_id": host_id,
+                "host_name": host_name,
+                "features": FEATURES,
+            }
+            if self.public_urls:
+                welcome["urls"] = list(self.public_urls)
+            await connection.send(protocol.encode("welcome", welcome, id=hello.id))
             if config is not None:
                 await connection.send(protocol.encode("config.update", config))
             if schedule_set is not None:
