@@ -331,11 +331,11 @@ class Agent:
         self._warn_dropped(dropped)
         if not self.servers.replace(kept, connected):
             return
-        log.info("fleetd replicas: %s", ", ".join(kept))
         try:
             self.state.save_servers(kept, now_iso())
         except StateError as exc:  # dialled all the same; saved at the next welcome
             log.warning("%s", exc)
+        log.info("fleetd replicas: %s", ", ".join(kept))  # once saved
 
     def refused(self, exc: PinMismatch) -> float:
         """Say once, clearly, why fleetd was refused (and keep it for `fleet-agent
