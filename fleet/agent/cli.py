@@ -296,6 +296,11 @@ def cmd_status(args: argparse.Namespace) -> None:
         except SpoolDamaged as exc:
             fail(str(exc), Exit.ERROR)
     try:
+        servers = state.load_servers() or [identity.server_url]
+    except StateError as exc:
+        servers = [identity.server_url]
+        print(f"fleet-agent: warning: {exc}", file=sys.stderr)
+    try:
         schedule_set = state.load_schedules() or {}
         pins = state.load_pins()
     except StateError as exc:
@@ -320,6 +325,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         "host": identity.host_name,
         "host_id": identity.host_id,
         "server": identity.server_url,
+        # every replica's URL it dials in turn (the enrolled one alone: none named)
+        "servers": servers,
         "tls_pinned": bool(pins or identity.tls_sha256),
         # the keys fleetd is trusted by; None: a certificate pin of before
         # key pins (until fleetd sends them), or no pin at all

@@ -161,14 +161,15 @@ async def prepare_upgrade(agent: Agent, data: dict[str, Any]) -> None:
             raise refused
         assert program is not None
         identity = agent.identity
+        server_url = agent.server_url  # the replica this link is to
         # the same trust as the link's: fleetd's key checked before the token goes
-        trust = agent.trust() if identity.server_url.startswith("wss://") else None
+        trust = agent.trust() if server_url.startswith("wss://") else None
         loop = asyncio.get_running_loop()
         log.info("upgrade to fleet-agent %s: downloading it", version)
         new = await loop.run_in_executor(
             None,
             upgrade.download,
-            identity.server_url,
+            server_url,
             identity.agent_token,
             trust,
             program.parent,

@@ -9,6 +9,12 @@ the agent redials with exponential backoff and jitter (1 s to 60 s) and the
 sender starts again from the last acknowledged seq. A server whose
 certificate key the agent does not pin (see trust.py) is a definite
 refusal: one clear line, and redials an hour apart at most (1 min, 2, 4 ...).
+
+With fleetd replicas (servers.py) each failure moves on to the next URL: a
+round of the list counts as one redial of a lone fleetd, and the first dial
+of the next replica after a drop is prompt. A switch of replica is a
+reconnect like any other: hello says what the spool holds, the sender
+resends what is unacknowledged.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .kinds import Where
 from .queries import Queries
 from .runner import REFRESH_DELAY, JobRunner
 from .scheduler import AUTONOMY_AFTER, Clock, Scheduler
+from .servers import Servers, accept_urls
 from .spool import DEFAULT_MAX_BYTES, Spool, SpoolDamaged
 from .state import Identity, State, StateError
 from .trust import PinMismatch, Trust, pinned_connection
@@ -215,6 +222,9 @@ class Agent:
         self.disconnected.set()
         self.dialled = asyncio.Event()  # the first dial connected or failed
         self.tls_pin: Optional[str] = None  # the key pin of this session's fleetd, checked
+        self.servers = self.load_servers()  # the replicas' URLs, and which is dialled
+        self.server_url = self.servers.current  # the fleetd of this session (or the next)
+        self._established = False  # this dial got as far as welcome
         self.scheduler = Scheduler(self, clock, autonomy_after)
         self.runner.on_idle = self.scheduler.kick
         self.scheduler.load()
@@ -283,10 +293,54 @@ class Agent:
         except StateError as exc:
             raise FatalError(str(exc), Exit.AUTH) from None  # damaged: the unit does not restart
 
-    def refused(self, exc: PinMismatch, refusals: int) -> float:
+    def load_servers(self) -> Servers:
+        """The URLs servers.json holds (those of the scheme enrolled with),
+        else agent.json's alone; dialled from agent.json's."""
+        enrolled = self.identity.server_url.rstrip("/")
+        urls = [enrolled]
+        try:
+            held = self.state.load_servers()
+        except StateError as exc:
+            log.warning("%s; dialling %s until fleetd names its replicas again", exc, enrolled)
+            held = None
+        if held:
+            kept, dropped = accept_urls(held, protocol.url_scheme(enrolled))
+            self._warn_dropped(dropped)
+            urls = kept or urls
+        return Servers(urls, enrolled, time.monotonic)
+
+    def _warn_dropped(self, dropped: list) -> None:
+        scheme = protocol.url_scheme(self.identity.server_url)
+        for url in dropped:
+            log.warning(
+                "not dialling %r: this agent enrolled over %s:// and dials %s:// URLs only",
+                protocol.printable(str(url))[:200],
+                scheme,
+                scheme,
+            )
+
+    def learn_servers(self, offered: Optional[list], connected: str) -> None:
+        """fleetd's welcome named its replicas: keep those of this agent's
+        scheme (and the one connected to), saved when they differ, so that
+        a replica added later reaches agents enrolled before it."""
+        if offered is None:
+            return  # a fleetd not told its URLs: the list stays
+        kept, dropped = accept_urls(
+            offered, protocol.url_scheme(self.identity.server_url), connected
+        )
+        self._warn_dropped(dropped)
+        if not self.servers.replace(kept, connected):
+            return
+        try:
+            self.state.save_servers(kept, now_iso())
+        except StateError as exc:  # dialled all the same; saved at the next welcome
+            log.warning("%s", exc)
+        log.info("fleetd replicas: %s", ", ".join(kept))  # once saved
+
+    def refused(self, exc: PinMismatch) -> float:
         """Say once, clearly, why fleetd was refused (and keep it for `fleet-agent
-        status`); the delay before trying again."""
-        delay = refused_backoff(refusals)
+        status`); the delay before trying again (the next replica's)."""
+        delay = self.servers.refused(refused_backoff, backoff)
         log.error(
             "%s; redialling in %.0f s (fleetd's key must be staged before it is served: "
             "serve the old key again, or enroll this agent again)",
@@ -309,20 +363,19 @@ class Agent:
         return delay
 
     async def _dial_forever(self) -> None:
-        attempt = 0
-        refusals = 0
+        servers = self.servers
         while True:
+            url = self.server_url = servers.current
             started = time.monotonic()
+            self._established = False
             try:
-                await self.session()
+                await self.session(url)
                 reason = "connection closed"
             except (FatalError, SpoolDamaged):
                 raise
             except PinMismatch as exc:
                 self.dialled.set()
-                delay = self.refused(exc, refusals)
-                refusals += 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self.refused(exc))
                 continue
             except InvalidStatus as exc:
                 status = exc.response.status_code
@@ -345,16 +398,14 @@ class Agent:
                 log.exception("session failed")
                 reason = f"{type(exc).__name__}: {exc}"
             self.dialled.set()  # connected or not: the scheduler stops waiting
-            refusals = 0  # the key was not refused: a later refusal starts short again
-            if time.monotonic() - started > BACKOFF_MAX:
-                attempt = 0  # the link had been up a while: start over quickly
-            delay = backoff(attempt)
-            attempt += 1
+            # the next URL (the same with one); prompt after a drop, else backing off
+            delay = servers.failed(self._established, time.monotonic() - started, backoff)
             log.warning(
-                "link to %s down (%s); redialling in %.1f s",
-                self.identity.server_url,
+                "link to %s down (%s); redialling in %.1f s%s",
+                url,
                 reason,
                 delay,
+                f", at {servers.current}" if len(servers) > 1 else "",
             )
             await asyncio.sleep(delay)
 
@@ -402,8 +453,9 @@ class Agent:
             data["tls_pins"] = trust.held()
         return data
 
-    async def session(self) -> None:
-        url = self.identity.server_url + "/agent"
+    async def session(self, server_url: Optional[str] = None) -> None:
+        server_url = server_url or self.servers.current
+        url = server_url + "/agent"
         secure = url.startswith("wss://")
         trust = self.trust() if secure else Trust()
         seen: dict[str, Any] = {}
@@ -417,7 +469,7 @@ class Agent:
             max_size=4 * protocol.MAX_FRAME_BYTES,
             user_agent_header=f"fleet-agent/{__version__}",
             # checks fleetd's key before the upgrade request (the token) goes out
-            create_connection=pinned_connection(trust, self.identity.server_url, seen),
+            create_connection=pinned_connection(trust, server_url, seen),
         ) as ws:
             self.tls_pin = seen.get("pin")
             await ws.send(protocol.encode("hello", self.hello_with(trust), id="hello"))
@@ -429,8 +481,10 @@ class Agent:
             if reply.type != "welcome":
                 raise ProtocolError(f"expected welcome, got {reply.type}")
             interval = reply.data["heartbeat_interval"]
-            log.info("connected to %s as %s", self.identity.server_url, reply.data["host_name"])
+            log.info("connected to %s as %s", server_url, reply.data["host_name"])
+            self._established = True
             self.welcomed()
+            self.learn_servers(reply.data.get("urls"), server_url)
             self.state.clear_refusal()
             self.ws = ws
             self.disconnected.clear()

@@ -5,6 +5,9 @@ agent.json    server URL, host id and name, agent token, and (from before
 server.pem    the server certificate seen at enrollment (TLS only)
 pins.json     the public-key pins fleetd is trusted by (TLS only): the key
               it serves and the one staged next, as fleetd last sent them
+servers.json  every fleetd replica's URL, in the order they are dialled (the
+              enrollment string's, then as fleetd's welcome last named them);
+              absent: agent.json's server_url alone
 tls-refused.json  why the agent last refused fleetd's certificate (gone once
               a connection succeeds), for `fleet-agent status`
 repo.json     the repositories the host uses (URL, password, backend
@@ -118,6 +121,10 @@ class State:
         return self.root / "pins.json"
 
     @property
+    def servers_path(self) -> Path:
+        return self.root / "servers.json"
+
+    @property
     def refusal_path(self) -> Path:
         return self.root / "tls-refused.json"
 
@@ -184,6 +191,28 @@ class State:
             )
         except OSError as exc:
             raise StateError(f"cannot write {self.pins_path}: {exc.strerror}") from None
+
+    def load_servers(self) -> Optional[list[str]]:
+        """The replicas' URLs, or None when the agent holds none beyond
+        agent.json's server_url. Raises StateDamaged when the file is not a
+        list of URLs."""
+        doc = _read_json(self.servers_path)
+        if doc is None:
+            return None
+        urls = doc.get("urls")
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise StateDamaged(f"{self.servers_path} is damaged")
+        return urls
+
+    def save_servers(self, urls: list[str], updated_at: str) -> None:
+        """Replace the list at once (write, fsync, rename)."""
+        try:
+            write_private(
+                self.servers_path,
+                json.dumps({"urls": urls, "updated_at": updated_at}, indent=2) + "\n",
+            )
+        except OSError as exc:
+            raise StateError(f"cannot write {self.servers_path}: {exc.strerror}") from None
 
     def load_refusal(self) -> Optional[dict[str, Any]]:
         """The last refusal of fleetd's certificate, if the agent has not

@@ -44,6 +44,10 @@ MAX_UPGRADE_DEADLINE = 3600  # seconds a new agent may take to get its hello acc
 # self-check, or something else went wrong before the swap
 UPGRADE_CODES = ("busy", "unsupported", "download", "checksum", "self_check", "failed")
 MAX_PINS = 8  # key pins an agent holds (fleet.common.tlspins): served, staged, room to spare
+# fleetd replicas' URLs an enrollment string or a welcome names, at most, and
+# the length of each (ws:// or wss:// only)
+MAX_URLS = 16
+MAX_URL = 2048
 
 JOB_KINDS = (
     "init",
@@ -105,7 +109,8 @@ class Field(NamedTuple):
     limit: int = 0
     choices: tuple[str, ...] = ()
     minimum: Optional[int] = None
-    item: Optional[tuple[Field, ...]] = None  # fields of each dict in a list[dict]
+    # fields of each dict in a list[dict]; for a list[str], one Field bounding each item
+    item: Optional[tuple[Field, ...]] = None
     maximum: Optional[int] = None
 
 
@@ -276,6 +281,9 @@ MESSAGES: dict[str, MessageSpec] = {
             F("host_name", "str", limit=255),
             # what this fleetd accepts beyond protocol 1's first frames: "job.logs"
             _opt("features", "list[str]", limit=32),
+            # every replica's URL (this one first), when fleetd was told them
+            # (--public-url): the agent fails over along them
+            _opt("urls", "list[str]", limit=MAX_URLS, item=(F("url", "str", limit=MAX_URL),)),
         ),
     ),
     "heartbeat": MessageSpec("agent", (F("sent_at", _TS),)),
@@ -645,8 +653,9 @@ def _check(value: Any, field: Field, where: str) -> Any:
         if item_kind == "dict":
             sub = field.item or ()
             return [check_fields(v, sub, f"{name}[{i}].") for i, v in enumerate(value)]
+        each = field.item[0] if field.item else Field("", item_kind)
         for i, v in enumerate(value):
-            _check(v, Field(f"{field.name}[{i}]", item_kind), where)
+            _check(v, each._replace(name=f"{field.name}[{i}]"), where)
     else:  # pragma: no cover - a typo in a spec above
         raise AssertionError(f"unknown field kind {kind}")
     return value
@@ -930,6 +939,37 @@ def request_error_frame(req_id: Any, code: str, message: str) -> str:
 # -- enrollment strings ------------------------------------------------------
 
 ENROLL_PREFIX = "fleet1:"
+# the decoded document: room for MAX_URLS URLs of MAX_URL characters, the
+# token and the pins (its base64 still fits one command-line argument)
+ENROLL_MAX_BYTES = 48 * 1024
+
+
+def check_server_urls(urls: Sequence[str]) -> list[str]:
+    """fleetd replicas' URLs as an agent dials them: each ws:// or wss:// with
+    a host, at most MAX_URL characters, without a trailing slash; the first
+    of duplicates kept; at most MAX_URLS. Raises ProtocolError naming the
+    first that is not one."""
+    out: list[str] = []
+    for url in urls:
+        if not isinstance(url, str) or len(url) > MAX_URL:
+            raise ProtocolError(f"a server URL is not a string of at most {MAX_URL} characters")
+        scheme, sep, rest = url.partition("://")
+        rest = rest.rstrip("/")
+        if not sep or scheme not in ("ws", "wss") or not rest or rest.startswith("/"):
+            raise ProtocolError(f"{printable(url)[:200]!r} is not a ws:// or wss:// URL")
+        if any(c.isspace() or not c.isprintable() or c == "," for c in rest):
+            raise ProtocolError(f"{printable(url)[:200]!r} is not a ws:// or wss:// URL")
+        url = f"{scheme}://{rest}"
+        if url not in out:
+            out.append(url)
+    if len(out) > MAX_URLS:
+        raise ProtocolError(f"more than {MAX_URLS} server URLs")
+    return out
+
+
+def url_scheme(url: str) -> str:
+    """ "ws" or "wss" (or whatever precedes "://")."""
+    return url.partition("://")[0]
 
 
 def format_enrollment(
@@ -937,15 +977,20 @@ def format_enrollment(
     token: str,
     fingerprint: Optional[str] = None,
     pins: Optional[Sequence[str]] = None,
+    urls: Optional[Sequence[str]] = None,
 ) -> str:
     """The one string an operator pastes: server URL, token and, with TLS,
     the pins of fleetd's keys (served and staged) and the SHA-256 of its
-    certificate (what agents from before key pins check)."""
+    certificate (what agents from before key pins check). With replicas,
+    `urls` names every one (`server_url` first: an agent from before
+    replicas reads that alone); one URL makes the string it always was."""
     doc: dict[str, Any] = {"url": server_url, "token": token}
     if fingerprint:
         doc["sha256"] = fingerprint
     if pins:
         doc["pins"] = list(pins)
+    if urls and list(urls) != [server_url]:
+        doc["urls"] = list(urls)
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return ENROLL_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -960,13 +1005,16 @@ def agent_file_url(server_url: str) -> str:
 
 
 def parse_enrollment(value: str) -> dict[str, Any]:
-    """Inverse of format_enrollment; raises ProtocolError on anything else."""
+    """Inverse of format_enrollment; raises ProtocolError on anything else
+    (a `urls` entry that is not a ws:// or wss:// URL too). See
+    enrollment_urls for the URLs to dial."""
     value = value.strip()
     if not value.startswith(ENROLL_PREFIX):
         raise ProtocolError(f"an enrollment string starts with {ENROLL_PREFIX!r}")
     body = value[len(ENROLL_PREFIX) :]
     try:
-        doc, suspect = _load(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode(), 8192)
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        doc, suspect = _load(raw, ENROLL_MAX_BYTES)
         if suspect:
             _check_values(doc)
     except (ValueError, TypeError):  # ProtocolError is a ValueError too
@@ -976,5 +1024,22 @@ def parse_enrollment(value: str) -> dict[str, Any]:
         Field("token", "str", limit=1024),
         Field("sha256", "str", False, limit=128),
         Field("pins", "list[str]", False, limit=MAX_PINS),
+        Field(
+            "urls", "list[str]", False, limit=MAX_URLS, item=(Field("url", "str", limit=MAX_URL),)
+        ),
     )
-    return check_fields(doc, fields, "enrollment.")
+    doc = check_fields(doc, fields, "enrollment.")
+    if "urls" in doc:
+        try:
+            doc["urls"] = check_server_urls(doc["urls"])
+        except ProtocolError as exc:
+            raise ProtocolError(f"enrollment.urls: {exc}") from None
+    return doc
+
+
+def enrollment_urls(doc: Mapping[str, Any]) -> list[str]:
+    """The URLs a parsed enrollment string names, in the order to try them:
+    its `url` first (what an agent from before replicas dials), then the
+    other replicas' of `urls` (none in a string of before them)."""
+    first = doc["url"].rstrip("/")
+    return [first] + [u for u in doc.get("urls") or () if u != first]

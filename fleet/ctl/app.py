@@ -52,7 +52,7 @@ class App:
             try:
                 self._settings = config.load()
                 if self.server:
-                    self._settings.server = config.normalize_server(self.server)
+                    self._settings.server = config.normalize_servers(self.server)
             except ValueError as exc:
                 raise CtlError(str(exc), Exit.USAGE) from None
         return self._settings

@@ -2,6 +2,12 @@
 
 Every failure leaves here as a Failure carrying the exit status a script
 sees, so no command needs to know about sockets.
+
+The server may be a comma-separated list of fleetd replicas' URLs: they are
+tried in order until one completes the opening handshake (a refused
+connection, a TLS or handshake failure or an HTTP error other than 401 or
+429 moves on to the next). Nothing is ever sent twice: once a request has
+gone out on a connection, a failure is the command's.
 """
 
 from __future__ import annotations
@@ -30,13 +36,46 @@ EXIT_FOR_CODE = {
 
 
 class Failure(Exception):
-    """What fleetctl prints as its one error line, and the exit status."""
+    """What fleetctl prints as its one error line, and the exit status.
+    `next_server`: the connection failed before anything was sent, so
+    another replica may be tried."""
 
-    def __init__(self, message: str, exit: Exit = Exit.ERROR, code: str = "") -> None:
+    def __init__(
+        self, message: str, exit: Exit = Exit.ERROR, code: str = "", next_server: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.exit = exit
         self.code = code
+        self.next_server = next_server
+
+
+def server_list(server: str) -> list[str]:
+    """The URLs of a (comma-separated) server setting, in order."""
+    return [u.strip() for u in server.split(",") if u.strip()] or [server]
+
+
+def open_any(
+    servers: list[str], path: str, token: Optional[str], cafile: Optional[str], timeout: float
+) -> tuple[str, ClientConnection]:
+    """The first of `servers` that opens; (its URL, the connection). When
+    none does: one server's failure as it is, several joined ("cannot reach
+    A: ...; cannot reach B: ..."), with the exit status they share."""
+    failures: list[Failure] = []
+    for server in servers:
+        try:
+            return server, open_socket(server, path, token, cafile, timeout)
+        except Failure as exc:
+            if not exc.next_server:
+                raise
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    exits = {f.exit for f in failures}
+    raise Failure(
+        "; ".join(f.message for f in failures),
+        exits.pop() if len(exits) == 1 else Exit.UNREACHABLE,
+    )
 
 
 def ssl_context(url: str, cafile: Optional[str]) -> Optional[ssl.SSLContext]:
@@ -74,17 +113,23 @@ def open_socket(
                 f"{server} is refusing this address for now: too many bad tokens", Exit.AUTH
             ) from None
         raise Failure(
-            f"{server}{path} answered HTTP {status}; is this a fleetd?", Exit.UNREACHABLE
+            f"{server}{path} answered HTTP {status}; is this a fleetd?",
+            Exit.UNREACHABLE,
+            next_server=True,  # a load balancer's 502 or 503: another replica may answer
         ) from None
     except ssl.SSLError as exc:  # before ValueError: certificate errors are both
-        raise Failure(f"TLS with {server} failed: {exc.reason or exc}", Exit.UNREACHABLE) from None
+        raise Failure(
+            f"TLS with {server} failed: {exc.reason or exc}", Exit.UNREACHABLE, next_server=True
+        ) from None
     except (InvalidURI, ValueError):
         raise Failure(
             f"{server!r} is not a server URL (expected ws://HOST:PORT or wss://...)", Exit.USAGE
         ) from None
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise Failure(f"cannot reach {server}: {reason}", Exit.UNREACHABLE) from None
+        raise Failure(
+            f"cannot reach {server}: {reason}", Exit.UNREACHABLE, next_server=True
+        ) from None
 
 
 class Client:
@@ -114,7 +159,10 @@ class Client:
                 Exit.AUTH,
                 "unauthorized",
             )
-        ws = open_socket(self.server, self.path, self.token, self.cafile, self.timeout)
+        # the first replica that opens; self.server names it from then on
+        self.server, ws = open_any(
+            server_list(self.server), self.path, self.token, self.cafile, self.timeout
+        )
         # entered as a context manager: websockets >= 17.1 warns on a bare connect()
         self._ws = self._stack.enter_context(ws)
         return self

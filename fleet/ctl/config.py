@@ -2,6 +2,8 @@
 
 `$XDG_CONFIG_HOME/fleet/config.json` (default ~/.config), mode 0600.
 FLEET_SERVER and FLEET_TOKEN override the file, so scripts need no file.
+The server may be a comma-separated list of fleetd replicas' URLs: the
+client tries them in order (see client.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def normalize_server(url: str) -> str:
     return "ws://" + (url if bare_port else f"{host}:{DEFAULT_PORT}" + url[len(host) :])
 
 
+def normalize_servers(value: str) -> str:
+    """A comma-separated list of servers (one is a list too), each as
+    normalize_server answers it, joined by commas. Raises ValueError."""
+    urls = [normalize_server(u) for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(
+            f"server URL {value!r}: give ws://, wss://, http://, https:// or host:port"
+        )
+    return ",".join(dict.fromkeys(urls))
+
+
 def load() -> Settings:
     settings = Settings()
     path = config_path()
@@ -73,7 +86,7 @@ def load() -> Settings:
         settings.token = os.environ["FLEET_TOKEN"]
     if os.environ.get("FLEET_CAFILE"):
         settings.cafile = os.environ["FLEET_CAFILE"]
-    settings.server = normalize_server(settings.server)
+    settings.server = normalize_servers(settings.server)
     return settings
 
 

@@ -16,7 +16,11 @@ from .client import Client, Failure
 
 
 @click.command()
-@click.option("--server", help="fleetd URL, e.g. ws://127.0.0.1:8433 or wss://fleet.example:8433.")
+@click.option(
+    "--server",
+    help="fleetd URL, e.g. ws://127.0.0.1:8433 or wss://fleet.example:8433; with replicas, "
+    "their URLs comma-separated (saved as a list, tried in order).",
+)
 @click.option("--user", "-u", default="admin", show_default=True, help="User name.")
 @click.option(
     "--password-stdin", is_flag=True, help="Read the password from standard input (for scripts)."
@@ -46,7 +50,7 @@ def login(
     settings = app.settings
     if server:
         try:
-            settings.server = config.normalize_server(server)
+            settings.server = config.normalize_servers(server)
         except ValueError as exc:
             raise CtlError(str(exc), Exit.USAGE) from None
     if cafile:
@@ -66,11 +70,12 @@ def login(
     }
     with Client(settings.server, None, settings.cafile, path="/login") as c:
         result = c.call("auth.login", **params)
+        reached = c.server
     settings.token = result["token"]
     path = app.save_settings()
     expiry = result["expires_at"] or "never"
     app.err.print(
-        f"logged in to {settings.server} as {result['user']} ({result['role']}); token saved in {path}, expires {expiry}"
+        f"logged in to {reached} as {result['user']} ({result['role']}); token saved in {path}, expires {expiry}"
     )
 
 

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -89,7 +90,10 @@ class ServeConfig:
     port: int = 8433
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
-    public_url: Optional[str] = None
+    # the URLs agents dial: this replica's first, then the other replicas'
+    # (enrollment strings and welcome carry them all); none: as the operator
+    # reached this one (its Host header)
+    public_urls: tuple[str, ...] = ()
     heartbeat_interval: int = 30
     lost_after: int = 3600  # a running job of a host offline this long is lost
     history_days: int = 90  # ended jobs older than this are pruned; 0: kept for ever
@@ -317,6 +321,24 @@ def parse_listen(value: str) -> tuple[str, int]:
     if int(port) > 65535:
         raise ConfigError(f"--listen {value!r}: port out of range")
     return host.strip("[]"), int(port)
+
+
+def parse_public_urls(values: Sequence[str]) -> tuple[str, ...]:
+    """--public-url, given once or more, each perhaps a comma-separated list
+    (FLEETD_PUBLIC_URL): this replica's URL first, then the others'. Each a
+    ws:// or wss:// URL, all of one scheme (an agent never changes scheme),
+    at most protocol.MAX_URLS. Raises ConfigError."""
+    urls = [u.strip() for value in values for u in value.split(",") if u.strip()]
+    try:
+        checked = protocol.check_server_urls(urls)
+    except protocol.ProtocolError as exc:
+        raise ConfigError(f"--public-url: {exc}") from None
+    if len({protocol.url_scheme(u) for u in checked}) > 1:
+        raise ConfigError(
+            "--public-url: the replicas' URLs must all be ws:// or all wss:// "
+            "(an agent enrolled over TLS never dials without it)"
+        )
+    return tuple(checked)
 
 
 def bearer(headers: Headers) -> Optional[str]:
@@ -650,8 +672,8 @@ def make_public_url(config: ServeConfig, tls: bool, actual_port: int):
     scheme = "wss" if tls else "ws"
 
     def public_url(host_header: str) -> str:
-        if config.public_url:
-            return config.public_url.rstrip("/")
+        if config.public_urls:
+            return config.public_urls[0]
         return f"{scheme}://{host_header or f'{config.host}:{actual_port}'}"
 
     return public_url
@@ -678,7 +700,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     if replicas is None:
         await store.run(reset_online)
     else:
-        await replicas.start(config.public_url)
+        await replicas.start(config.public_urls[0] if config.public_urls else None)
     if tls is not None:
         await start_tls(store, tls)
     else:
@@ -687,12 +709,14 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     agents = Agents(
         store, bus, box, clock, config.heartbeat_interval, tls, replicas and replicas.id
     )
+    agents.public_urls = config.public_urls  # told to agents in welcome
     notifications = Notifications(store, box, bus)  # alerts, through Apprise
     pings = Pings(store, box, bus)  # groups' Healthchecks-style URLs
     state = ServerState(
         store=store,
         box=box,
         public_url=lambda h: h,
+        public_urls=config.public_urls,
         tls=tls,
         agents=agents,
         bus=bus,

@@ -17,7 +17,16 @@ from .. import __version__
 from ..common.exitcodes import Exit
 from .agentfile import AgentFileError
 from .api.common import NAME_RE
-from .app import DB_NAME, KEY_NAME, ConfigError, ServeConfig, is_loopback, parse_listen, run_server
+from .app import (
+    DB_NAME,
+    KEY_NAME,
+    ConfigError,
+    ServeConfig,
+    is_loopback,
+    parse_listen,
+    parse_public_urls,
+    run_server,
+)
 from .security import auth
 from .security.secrets import SecretError, create_key_file, load_key_file
 from .security.tls import TlsError
@@ -213,7 +222,12 @@ def init(
 )
 @click.option(
     "--public-url",
-    help="URL agents use to reach this server (default: as the operator reached it).",
+    multiple=True,
+    envvar="FLEETD_PUBLIC_URL",
+    help="URL agents use to reach this server (default: as the operator reached it). "
+    "With replicas: repeated, or comma-separated, this replica's URL first, then the "
+    "others' (enrollment strings carry them all, and agents fail over along them; "
+    "env FLEETD_PUBLIC_URL).",
 )
 @click.option(
     "--heartbeat-interval",
@@ -323,8 +337,12 @@ def serve(
             f"{data_dir} has no {KEY_NAME}; run 'fleetd init' first, or copy the data "
             "directory of the fleetd that made this database"
         )
+    try:
+        public_urls = parse_public_urls(public_url)
+    except ConfigError as exc:
+        raise Fail(str(exc), Exit.USAGE) from None
     config = ServeConfig(
-        data_dir, host, port, tls_cert, tls_key, public_url, heartbeat_interval, lost_after
+        data_dir, host, port, tls_cert, tls_key, public_urls, heartbeat_interval, lost_after
     )
     config.store = where
     if idle_timeout:

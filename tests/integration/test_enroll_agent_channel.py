@@ -128,6 +128,7 @@ def test_agent_hello_welcome_online_then_offline(fleet, fx, enrolled):
         assert welcome["data"]["host_name"] == host
         assert welcome["data"]["server_version"] == __version__
         assert welcome["data"]["heartbeat_interval"] == 30
+        assert "urls" not in welcome["data"]  # no --public-url: none told
 
         shown = fleet.ctl_json("hosts", "show", host)
         assert shown["status"] == "online"

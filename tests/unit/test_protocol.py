@@ -7,6 +7,7 @@ to protocol.py, the change broke compatibility with deployed agents.
 """
 
 import ast
+import base64
 import glob
 import json
 import subprocess
@@ -106,7 +107,7 @@ WIRE_FIELDS = {
     "welcome": (
         "server",
         ("server_version", "heartbeat_interval", "host_id", "host_name"),
-        ("features",),
+        ("features", "urls"),
     ),
     "heartbeat": ("agent", ("sent_at",), ()),
     "config.update": ("server", ("repo_url", "repo_password"), ("repo_env", "repositories")),
@@ -261,11 +262,13 @@ EXAMPLES = {
             "host_id": 3,
             "host_name": "web-01",
             "features": ["job.logs"],
+            "urls": ["wss://fleet-a:8433", "wss://fleet-b:8433"],
         },
         None,
         None,
         '{"v":1,"type":"welcome","data":{"server_version":"0.1.0","heartbeat_interval":30,'
-        '"host_id":3,"host_name":"web-01","features":["job.logs"]}}',
+        '"host_id":3,"host_name":"web-01","features":["job.logs"],'
+        '"urls":["wss://fleet-a:8433","wss://fleet-b:8433"]}}',
     ),
     "heartbeat": (
         {"sent_at": "2024-05-01T12:00:00Z"},
@@ -1037,6 +1040,7 @@ def test_data_must_be_an_object(data):
         ("command.run", "includes", "/etc", "expected a list"),
         ("command.run", "args", {"-v": 1}, "expected a list"),
         ("schedule.set", "schedules", {}, "expected a list"),
+        ("welcome", "urls", "ws://a:1", "expected a list"),
     ],
 )
 def test_wrong_field_type(type_, name, value, message):
@@ -1061,6 +1065,23 @@ def test_list_of_strings_items_checked(name, value, message):
     err = refused(raw_frame("command.run", data), expect="server")
     assert str(err) == message
     assert err.re == "f1"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (["ws://a:1", 5], "data.urls[1]: expected a string"),
+        (["ws://" + "a" * 2044], "data.urls[0]: longer than 2048 characters"),
+        ([f"ws://h{i}:1" for i in range(17)], "data.urls: more than 16 items"),
+    ],
+)
+def test_welcome_urls_are_bounded(value, message):
+    data = example("welcome")
+    data["urls"] = value
+    err = refused(raw_frame("welcome", data), expect="server")
+    assert str(err) == message
+    data["urls"] = value[:16] if len(value) > 16 else ["ws://" + "a" * 2043]
+    assert decode(raw_frame("welcome", data), expect="server").data["urls"] == data["urls"]
 
 
 @pytest.mark.parametrize(
@@ -1532,3 +1553,101 @@ def test_a_result_encoded_ahead_is_spliced_in_as_the_same_json():
     spliced = result_frame(7, Encoded(json.dumps(hosts, ensure_ascii=False)))
     assert spliced == result_frame(7, hosts)
     assert json.loads(result_frame("a-1", Encoded("[]"))) == {"id": "a-1", "result": []}
+
+
+# -- enrollment strings ---------------------------------------------------------
+
+
+ENROLLMENTS = [
+    # (format_enrollment's arguments, the document parse_enrollment answers, URLs to dial)
+    (("ws://f:8433", "tok"), {"url": "ws://f:8433", "token": "tok"}, ["ws://f:8433"]),
+    (
+        ("wss://f:8433", "tok", "ab" * 32, ["c" * 64]),
+        {"url": "wss://f:8433", "token": "tok", "sha256": "ab" * 32, "pins": ["c" * 64]},
+        ["wss://f:8433"],
+    ),
+    # one URL given as a list: the string is the one it always was
+    (
+        ("ws://f:8433", "tok", None, None, ["ws://f:8433"]),
+        {"url": "ws://f:8433", "token": "tok"},
+        ["ws://f:8433"],
+    ),
+    (
+        ("wss://a:8433", "tok", None, ["c" * 64], ["wss://a:8433", "wss://b:8433", "wss://c/x/"]),
+        {
+            "url": "wss://a:8433",
+            "token": "tok",
+            "pins": ["c" * 64],
+            "urls": ["wss://a:8433", "wss://b:8433", "wss://c/x"],
+        },
+        ["wss://a:8433", "wss://b:8433", "wss://c/x"],
+    ),
+    # `url` not among `urls` (a hand-made string): dialled first all the same
+    (
+        ("ws://lb:8433", "tok", None, None, ["ws://a:1", "ws://b:1", "ws://a:1"]),
+        {"url": "ws://lb:8433", "token": "tok", "urls": ["ws://a:1", "ws://b:1"]},
+        ["ws://lb:8433", "ws://a:1", "ws://b:1"],
+    ),
+]
+
+
+@pytest.mark.parametrize("args, doc, dial", ENROLLMENTS)
+def test_enrollment_round_trip(args, doc, dial):
+    string = protocol.format_enrollment(*args)
+    assert string.startswith("fleet1:")
+    assert protocol.parse_enrollment(string) == doc
+    assert protocol.enrollment_urls(protocol.parse_enrollment(string)) == dial
+
+
+def test_an_enrollment_string_with_one_url_is_unchanged_by_replicas():
+    # what fleetd printed before replicas, byte for byte
+    old = base64.urlsafe_b64encode(b'{"url":"ws://f:8433","token":"tok"}').decode().rstrip("=")
+    assert protocol.format_enrollment("ws://f:8433", "tok", urls=["ws://f:8433"]) == "fleet1:" + old
+    assert protocol.format_enrollment("ws://f:8433", "tok") == "fleet1:" + old
+
+
+def _enrollment_doc(doc: dict) -> str:
+    raw = json.dumps(doc).encode()
+    return "fleet1:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "urls, message",
+    [
+        (["http://a:1"], "is not a ws:// or wss:// URL"),
+        (["ws://a:1", "https://b"], "is not a ws:// or wss:// URL"),
+        (["ws://"], "is not a ws:// or wss:// URL"),
+        (["ws:///path"], "is not a ws:// or wss:// URL"),
+        (["a:8433"], "is not a ws:// or wss:// URL"),
+        (["ws://a b"], "is not a ws:// or wss:// URL"),
+        (["ws://a,ws://b"], "is not a ws:// or wss:// URL"),
+        (["ws://a\n"], "is not a ws:// or wss:// URL"),
+        ([5], "expected a string"),
+        ("ws://a", "expected a list"),
+        (["ws://" + "a" * 2044], "longer than 2048 characters"),
+        ([f"ws://h{i}" for i in range(17)], "more than 16 items"),
+    ],
+)
+def test_enrollment_urls_are_checked(urls, message):
+    with pytest.raises(ProtocolError, match=message) as err:
+        protocol.parse_enrollment(_enrollment_doc({"url": "ws://a", "token": "t", "urls": urls}))
+    assert "enrollment.urls" in str(err.value)
+
+
+def test_enrollment_with_every_url_at_its_bound_fits():
+    urls = [f"wss://{i:02d}" + "a" * (2048 - 8) for i in range(16)]
+    assert all(len(u) == 2048 for u in urls)
+    string = protocol.format_enrollment(urls[0], "t" * 1024, "ab" * 32, ["c" * 64] * 8, urls)
+    assert len(string) < 128 * 1024  # one command-line argument holds it
+    assert protocol.parse_enrollment(string)["urls"] == urls
+
+
+@pytest.mark.parametrize(
+    "urls, kept",
+    [
+        (["ws://a/", "ws://a", "wss://a"], ["ws://a", "wss://a"]),
+        ([], []),
+    ],
+)
+def test_check_server_urls(urls, kept):
+    assert protocol.check_server_urls(urls) == kept

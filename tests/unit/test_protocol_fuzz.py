@@ -139,3 +139,33 @@ def test_enrollment_strings(value):
     doc = attempt(parse_enrollment, "fleet1:" + body)
     if doc is not None:
         reencodes(doc)
+
+
+ENROLLMENT_FIELDS = ("url", "token", "sha256", "pins", "urls")
+URLISH = st.one_of(
+    ANY_TEXT,
+    st.builds(
+        lambda s, rest: s + rest, st.sampled_from(["ws://", "wss://", "http://", ""]), ANY_TEXT
+    ),
+)
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(ENROLLMENT_FIELDS),
+        st.one_of(VALUES, URLISH, st.lists(URLISH, max_size=20)),
+        max_size=len(ENROLLMENT_FIELDS),
+    )
+)
+def test_enrollment_documents_with_arbitrary_fields(doc):
+    """Documents made of the enrollment string's own fields: whatever they
+    hold, parse_enrollment answers a document (whose URLs to dial are all
+    ws:// or wss://) or a ProtocolError, nothing else."""
+    body = base64.urlsafe_b64encode(as_json(doc).encode()).decode().rstrip("=")
+    parsed = attempt(parse_enrollment, "fleet1:" + body)
+    if parsed is not None:
+        reencodes(parsed)
+        for url in parsed.get("urls", []):
+            assert url.startswith(("ws://", "wss://")) and len(url) <= 2048
+        assert len(parsed.get("urls", [])) <= 16

@@ -194,3 +194,16 @@ def test_enrollment_strings_are_checked_too():
         bad = "fleet1:" + base64.urlsafe_b64encode(body).decode()
         with pytest.raises(ProtocolError, match="damaged"):
             parse_enrollment(bad)
+    # the replicas' URLs: bounded in number, size and scheme, whatever the string says
+    for urls, message in (
+        (["ws://a"] * 10_000, "damaged"),  # larger than an enrollment document may be
+        ([f"ws://h{i}" for i in range(17)], "more than 16 items"),
+        (["ws://" + "a" * 5000], "longer than 2048"),
+        (["file:///etc/passwd"], "not a ws:// or wss:// URL"),
+        (["ws://a", {"url": "ws://b"}], "expected a string"),
+        (["ws://\ud800"], "damaged"),
+    ):
+        body = json.dumps({"url": "ws://a", "token": "t", "urls": urls}).encode()
+        bad = "fleet1:" + base64.urlsafe_b64encode(body).decode()
+        with pytest.raises(ProtocolError, match=message):
+            parse_enrollment(bad)

@@ -447,6 +447,7 @@ def test_an_unexpected_failure_is_answered_not_left_to_fleetds_timeout(
         upgrading=True,
         runner=types.SimpleNamespace(current=None),
         identity=types.SimpleNamespace(server_url="ws://127.0.0.1:9", agent_token="t"),
+        server_url="ws://127.0.0.1:9",  # the replica of this link
         emit_now=emit_now,
         stop_for=lambda *a: pytest.fail("an upgrade that failed must not stop the agent"),
     )

@@ -294,6 +294,9 @@ class Agents:
     heartbeat_interval: int = 30
     tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
     replica: Optional[str] = None  # this fleetd's id among replicas on one PostgreSQL
+    # every replica's URL, this one's first (--public-url), told in welcome
+    # so that agents learn of a replica added later; none: not told
+    public_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
@@ -553,19 +556,16 @@ class Agents:
             session.epoch = self.presence.epochs.get(host_id)
             if self.replica is not None and session.epoch is not None:
                 self.bus.publish([AgentConnected(host_id, session.epoch, self.replica)])
-            await connection.send(
-                protocol.encode(
-                    "welcome",
-                    {
-                        "server_version": __version__,
-                        "heartbeat_interval": self.heartbeat_interval,
-                        "host_id": host_id,
-                        "host_name": host_name,
-                        "features": FEATURES,
-                    },
-                    id=hello.id,
-                )
-            )
+            welcome = {
+                "server_version": __version__,
+                "heartbeat_interval": self.heartbeat_interval,
+                "host_id": host_id,
+                "host_name": host_name,
+                "features": FEATURES,
+            }
+            if self.public_urls:
+                welcome["urls"] = list(self.public_urls)
+            await connection.send(protocol.encode("welcome", welcome, id=hello.id))
             if config is not None:
                 await connection.send(protocol.encode("config.update", config))
             if schedule_set is not None:

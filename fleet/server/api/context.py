@@ -35,6 +35,7 @@ class ServerState:
     store: Store
     box: SecretBox
     public_url: Callable[[str], str]  # Host header -> the URL agents dial
+    public_urls: tuple[str, ...] = ()  # every replica's (this one's first); none: not told
     tls: Any = None  # security.tls.ServedTls; None: fleetd serves no TLS itself
     agents: Any = None  # agents.session.Agents: sessions, dispatch, lifecycle
     bus: Any = None  # events.Bus: domain events, live tails

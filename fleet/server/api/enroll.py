@@ -82,12 +82,14 @@ def enroll_create(ctx: Context, p: dict) -> dict:
         expires_at=utcnow() + ttl,
     )
     url = ctx.state.public_url(ctx.host_header)
+    urls = list(ctx.state.public_urls) or [url]  # every replica's, this one's first
     served = ctx.state.tls
     string = protocol.format_enrollment(
         url,
         token,
         served.fingerprint if served is not None else None,
         served.pins() if served is not None else None,  # a staged key too: it may come next
+        urls,
     )
     detail = {"expires_at": iso(row.expires_at), "voided": voided}
     if p.get("force"):
@@ -98,6 +100,7 @@ def enroll_create(ctx: Context, p: dict) -> dict:
         "enrollment": string,
         "command": f"fleet-agent enroll {string}",
         "server_url": url,
+        "server_urls": urls,
         "expires_at": iso(row.expires_at),
         "templates": applied,
     }
