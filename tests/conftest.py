@@ -30,6 +30,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -645,17 +646,42 @@ def start_fleet(base: Path, *serve_args: str, cafile: Optional[Path] = None) -> 
     return FleetEnv(fleetd, config_dir, token, cafile)
 
 
-def start_replicas(base: Path, count: int, *serve_args: str) -> list[FleetEnv]:
+def free_ports(count: int) -> list[int]:
+    """Ports free now, for servers that must know each other's URL before
+    they start (a race with other processes is possible, and unlikely)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_replicas(
+    base: Path, count: int, *serve_args: str, public_urls: bool = False
+) -> list[FleetEnv]:
     """`count` fleetd replicas on one new PostgreSQL database, whatever
     FLEET_TEST_STORE says, sharing one data directory (its key and
-    database file), each with its own log; the admin token works on each."""
+    database file), each with its own log; the admin token works on each.
+    public_urls: each is told every replica's URL, its own first (so its
+    enrollment strings and welcomes carry them all)."""
     base.mkdir(parents=True, exist_ok=True)
     data_dir = base / "data"
     init_data_dir(data_dir, store="postgresql")
+    ports = free_ports(count) if public_urls else [0] * count
+    urls = [f"ws://127.0.0.1:{port}" for port in ports]
     envs = []
     try:
         for i in range(count):
-            fleetd = Fleetd(data_dir, base / f"fleetd-{i}.log", *serve_args)
+            args = list(serve_args)
+            if public_urls:
+                for url in urls[i:] + urls[:i]:
+                    args += ["--public-url", url]
+            fleetd = Fleetd(
+                data_dir, base / f"fleetd-{i}.log", *args, listen=f"127.0.0.1:{ports[i]}"
+            )
             fleetd.env_extra = {"FLEETD_DATABASE_PASSWORD": postgres_server().password}
             fleetd.start()
             config_dir = base / f"xdg-{i}"
