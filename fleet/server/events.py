@@ -198,6 +198,40 @@ class UpgradeRequested:
 
 
 @dataclass(frozen=True)
+class QueryAsked:
+    """A query (ls, find, diff, dump) for a host whose agent is connected
+    through another replica: that one asks it and passes the pages back."""
+
+    query_id: str  # unique across replicas
+    asker: str  # the replica waiting for the pages
+    host_id: int
+    kind: str
+    params: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class QueryPage:
+    """A page of a relayed query's answer, or how it ended (`error`)."""
+
+    query_id: str
+    asker: str
+    items: tuple[dict[str, Any], ...] = ()
+    done: bool = False
+    error: Optional[str] = None
+    code: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class QueryMore:
+    """The asker took `pages` pages of a relayed query (more may come), or
+    gave up on it (`cancel`)."""
+
+    query_id: str
+    pages: int = 0
+    cancel: bool = False
+
+
+@dataclass(frozen=True)
 class AuthFailed:
     """A login or a token refused by one replica: the others count it too,
     so that the limits on an address or a user hold across the fleet.
@@ -238,6 +272,9 @@ Event = Union[
     CancelRequested,
     AuthFailed,
     UpgradeRequested,
+    QueryAsked,
+    QueryPage,
+    QueryMore,
 ]
 
 # -- events between replicas (fleet.server.replicas) ---------------------------

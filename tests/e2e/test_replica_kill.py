@@ -118,3 +118,28 @@ def test_a_replica_killed_mid_backup_loses_and_repeats_nothing(fx, e2e, replicas
     for other in hosts:
         assert a.ctl_json("hosts", "show", other.name)["status"] == "online"
         assert replica_of(fx, a, other.name) in alive
+
+
+def test_snapshots_are_browsed_through_any_replica(fx, e2e, replicas):
+    a, b, c = replicas
+    h = host_on(e2e, b)  # its agent holds a link to B only
+    files = {f"many/f{i:04d}.txt": f"{i}\n" for i in range(1500)}  # several pages of ls
+    files["etc/app.ini"] = "[app]\nkey = value\n"
+    e2e.write_tree(h.src, files)
+    a.ctl("groups", "create", h.name, "etc", "--include", h.src)
+    done = e2e.wait_job(a, a.ctl_json("run", h.name, "etc")["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    snap = fx.wait_until(lambda: a.ctl_json("snapshots", h.name), what="the snapshot")[0]
+
+    # ls on A: B asks its agent and passes the pages on, in order, whole
+    listed = a.ctl_json("ls", h.name, snap["short_id"], f"{h.src}/many")
+    assert listed["cached"] is False
+    assert [e["name"] for e in listed["entries"]] == [f"f{i:04d}.txt" for i in range(1500)]
+    # find on C, through B too
+    found = c.ctl_json("find", h.name, "app.ini")
+    assert any(m["path"] == f"{h.src}/etc/app.ini" for m in found["matches"]), found
+    # the agent gone, a new listing is refused as offline, not waited for
+    h.agent.stop()
+    e2e.wait_host(a, h.name, "offline")
+    refused = a.ctl("ls", h.name, snap["short_id"], f"{h.src}/etc", expect=1)
+    assert "offline" in refused.stderr

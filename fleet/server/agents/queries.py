@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ...common import protocol
 from ...common.protocol import ProtocolError, check_fields
+from ..events import QueryAsked, QueryMore, QueryPage
 
 # pages a query may have waiting: the agent sends at most QUERY_WINDOW ahead
 QUEUE_PAGES = 64
@@ -124,3 +125,102 @@ def fail(pending: _Pending, error: QueryFailed) -> None:
     except asyncio.QueueFull:  # full of pages: the last one says it ended
         pending.pages.get_nowait()
         pending.pages.put_nowait(error)
+
+
+# -- queries relayed between replicas ---------------------------------------------
+
+# pages the replica holding the agent's link passes on before the asker
+# says it took them (as an agent before query.more)
+RELAY_WINDOW = protocol.QUERY_WINDOW
+
+
+class Relayed:
+    """Queries for hosts whose agents are connected through another replica
+    (fleet.server.replicas): the asker publishes QueryAsked; the replica
+    holding the link asks its agent and publishes each page as QueryPage,
+    at most RELAY_WINDOW ahead of the asker's QueryMore. The pages go
+    through the event table like every event: bounded by the window, and
+    kept there minutes, like the rest."""
+
+    def __init__(self, replica: str, publish: Callable[[list], None]) -> None:
+        self.replica = replica
+        self.publish = publish  # Bus.publish
+        self.waiting: dict[str, asyncio.Queue] = {}  # asker: query -> its pages
+        self.credit: dict[str, asyncio.Queue] = {}  # holder: query -> the asker's word
+        self.ids = itertools.count(1)
+
+    # -- the asker -----------------------------------------------------------
+
+    async def ask(
+        self, host_id: int, kind: str, params: dict[str, Any], timeout: float = PAGE_TIMEOUT
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        query_id = f"{self.replica}-{next(self.ids)}"
+        pages: asyncio.Queue = asyncio.Queue(RELAY_WINDOW + 2)
+        self.waiting[query_id] = pages
+        done = False
+        try:
+            self.publish([QueryAsked(query_id, self.replica, host_id, kind, dict(params))])
+            taken = 0
+            while not done:
+                try:
+                    page = await asyncio.wait_for(pages.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise QueryFailed("timeout", f"no answer within {timeout:.0f} s") from None
+                if page.error is not None:
+                    done = True
+                    raise QueryFailed(page.code or "failed", page.error)
+                done = page.done
+                if page.items or not done:  # the last word may carry no items
+                    yield list(page.items)
+                taken += 1
+                if not done and taken >= RELAY_WINDOW // 2:
+                    self.publish([QueryMore(query_id, taken)])
+                    taken = 0
+        finally:
+            self.waiting.pop(query_id, None)
+            if not done:
+                self.publish([QueryMore(query_id, cancel=True)])
+
+    def page(self, event: QueryPage) -> None:
+        """A QueryPage from the replica holding the link (a stray one is dropped)."""
+        pages = self.waiting.get(event.query_id)
+        if event.asker != self.replica or pages is None:
+            return
+        if pages.full():  # more than the window: the holder is broken; end it
+            self.waiting.pop(event.query_id, None)
+            pages.get_nowait()
+            event = QueryPage(event.query_id, event.asker, error="too many pages", code="overflow")
+        pages.put_nowait(event)
+
+    # -- the replica holding the link -----------------------------------------
+
+    async def answer(self, event: QueryAsked, ask: Callable[..., AsyncIterator]) -> None:
+        """Ask the agent (ask: Agents.query) and pass each page on."""
+        credit: asyncio.Queue = asyncio.Queue()
+        self.credit[event.query_id] = credit
+        ahead = 0
+        try:
+            pages = ask(event.host_id, event.kind, event.params)
+            try:
+                async for items in pages:
+                    while ahead >= RELAY_WINDOW:  # wait for the asker to take some
+                        more = await asyncio.wait_for(credit.get(), PAGE_TIMEOUT)
+                        if more.cancel:
+                            return
+                        ahead -= more.pages
+                    ahead += 1
+                    self.publish([QueryPage(event.query_id, event.asker, tuple(items))])
+                self.publish([QueryPage(event.query_id, event.asker, done=True)])
+            finally:
+                await pages.aclose()
+        except QueryFailed as exc:
+            self.publish([QueryPage(event.query_id, event.asker, error=exc.message, code=exc.code)])
+        except asyncio.TimeoutError:
+            pass  # the asker went away without a word: its own timeout ended it there
+        finally:
+            self.credit.pop(event.query_id, None)
+
+    def more(self, event: QueryMore) -> None:
+        credit = self.credit.get(event.query_id)
+        if credit is not None:
+            credit.put_nowait(event)

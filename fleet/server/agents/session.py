@@ -35,6 +35,9 @@ from ..events import (
     JobEnded,
     JobProgressed,
     JobStarted,
+    QueryAsked,
+    QueryMore,
+    QueryPage,
     RepoChanged,
     SchedulesChanged,
     UpgradeAnswered,
@@ -48,7 +51,7 @@ from ..store.db import Store, StoreClosed
 from ..store.models import Host, utcnow
 from ..store.queries import hot
 from .ingest import REFUSED, Ingest, sync_seq, weight
-from .queries import Queries, QueryFailed
+from .queries import Queries, QueryFailed, Relayed
 
 log = logging.getLogger("fleetd.agent")
 
@@ -314,6 +317,12 @@ class Agents:
         self.bus.subscribe(AgentConnected, self._connected_elsewhere)
         self.bus.subscribe(CancelRequested, self._cancel_requested)
         self.bus.subscribe(UpgradeRequested, self._upgrade_requested)
+        # queries for agents connected through another replica, and theirs for ours
+        self.relayed = Relayed(self.replica, self.bus.publish) if self.replica else None
+        if self.relayed is not None:
+            self.bus.subscribe(QueryAsked, self._query_asked, local=False)
+            self.bus.subscribe(QueryPage, self.relayed.page, local=False)
+            self.bus.subscribe(QueryMore, self.relayed.more, local=False)
 
     # -- the registry (dispatch and the API use these) ---------------------
 
@@ -506,6 +515,9 @@ class Agents:
         """Ask the host's agent a query (see agents.queries): its pages.
         Raises QueryFailed (offline, or an agent without queries)."""
         session = self.sessions.get(host_id)
+        if session is None and self.relayed is not None:
+            # through the replica holding its link (browse_target saw it online)
+            return self.relayed.ask(host_id, kind, params)
         if session is None:
             raise QueryFailed("offline", "the host's agent is offline")
         if "queries" not in session.features:
@@ -513,6 +525,10 @@ class Agents:
                 "unsupported", "the host's fleet-agent is too old to browse: deploy the new one"
             )
         return self.queries.ask(session.send, session, kind, params)
+
+    def _query_asked(self, event: QueryAsked) -> None:
+        if event.host_id in self.sessions and self.relayed is not None:
+            asyncio.ensure_future(self.relayed.answer(event, self.query))
 
     def _detach(self, session: AgentSession) -> bool:
         """Forget the session; False when a newer one already replaced it."""

@@ -124,7 +124,7 @@ def browse_target(ctx: Context, host: Host, repository_id: int, repository: str)
     agents = ctx.state.agents
     if agents is None:
         raise Conflict("fleetd runs without agents here")
-    if agents.connected(host.id):
+    if agents.reach_now(host.id) is not None:  # through this replica or another
         return host.id
     users = [
         hid
@@ -133,7 +133,7 @@ def browse_target(ctx: Context, host: Host, repository_id: int, repository: str)
         .tuples()
     ]
     for hid in sorted(users):
-        if agents.connected(hid) and "queries" in agents.features(hid):
+        if "queries" in (agents.reach_now(hid) or ()):
             return hid
     raise Conflict(
         f"host {host.name} is offline, and no other host using repository {repository} "
