@@ -6,9 +6,13 @@ the test's to send."""
 
 from __future__ import annotations
 
+import datetime as dt
+import http.server
 import json
+import queue
 import re
 import signal
+import threading
 import zipfile
 
 import pytest
@@ -260,3 +264,101 @@ def test_a_rollout_started_on_one_replica_reaches_agents_on_the_others(fx, tmp_p
     finally:
         for env in (a, b):
             fx.stop_and_check(env.fleetd)
+
+
+class Receiver:
+    """A local HTTP endpoint keeping what is POSTed or GETted to it: (path, body)."""
+
+    def __init__(self):
+        got = self.got = queue.Queue()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                size = int(self.headers.get("Content-Length", 0))
+                got.put((self.path, self.rfile.read(size).decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_POST  # noqa: N815 - the pings
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout=20):
+        return self.got.get(timeout=timeout)
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _backup(link, job_id, status, error=None):
+    """The agent's part of a backup, at the time it is now (an old one is overdue)."""
+    link.ws.send(protocol.encode("command.result", {"job_id": job_id, "accepted": True}))
+    link.report("job.started", {"job_id": job_id, "kind": "backup", "started_at": _now()})
+    ended = {"job_id": job_id, "status": status, "exit_code": 0, "finished_at": _now()}
+    if error:
+        ended.update(exit_code=1, error=error)
+    link.acked(link.report("job.finished", ended))
+
+
+def test_alerts_notifications_and_pings_are_sent_once_not_once_per_replica(fx, tmp_path):
+    receiver = Receiver()
+    envs = fx.start_replicas(tmp_path / "fleet", 3, "--alert-interval", "0.2")
+    try:
+        a, b, c = envs
+        host = fx.uniq("once")
+        enrolled = fx.enroll_agent(a, host)
+        link = Link(fx, b, enrolled["agent_token"])
+        url_file = tmp_path / "url"
+        url_file.write_text(f"json://127.0.0.1:{receiver.port}/hook\n")
+        a.ctl("notify", "add", "ops", "--url-file", url_file, "--on", "backup_failed")
+        ping = tmp_path / "ping"
+        ping.write_text(f"http://127.0.0.1:{receiver.port}/ping/check\n")
+        a.rpc("groups.create", host=host, name="etc", includes=["/etc"])
+        # scheduled: a failure of a group nobody schedules is not an alert
+        b.rpc("schedules.create", host=host, name="hourly", cron="0 * * * *", groups=["etc"])
+        c.ctl("groups", "edit", host, "etc", "--ping-url-file", ping)
+
+        failed = a.rpc("jobs.run", host=host, group="etc")
+        link.next_of("command.run", job_id=failed["id"])
+        _backup(link, failed["id"], "failed", "Fatal: disk on fire")
+        fx.wait_until(
+            lambda: any(al["kind"] == "backup_failed" for al in c.ctl_json("alerts", "list")),
+            what="the failure's alert",
+        )
+        ok = c.rpc("jobs.run", host=host, group="etc")
+        link.next_of("command.run", job_id=ok["id"])
+        _backup(link, ok["id"], "succeeded")
+
+        def failure_resolved():
+            alerts = c.ctl_json("alerts", "list", "--all")
+            failures = [al for al in alerts if al["kind"] == "backup_failed"]
+            return failures and all(al["resolved_at"] for al in failures)
+
+        fx.wait_until(failure_resolved, timeout=20, what="the alert raised and resolved")
+        # then a mark that ends what is to be looked at: nothing after it
+        c.ctl("notify", "test", "ops")
+        got = []
+        while not got or "test notification" not in got[-1][1]:
+            got.append(receiver.next())
+        paths = [path for path, _ in got]
+        titles = [json.loads(body)["title"] for path, body in got if path == "/hook"]
+        assert [t for t in titles if "raised" in t] and len(
+            [t for t in titles if "raised" in t]
+        ) == 1
+        assert len([t for t in titles if "resolved" in t]) == 1, titles
+        assert sorted(p for p in paths if p.startswith("/ping")) == sorted(
+            ["/ping/check/start", "/ping/check/fail", "/ping/check/start", "/ping/check"]
+        ), paths
+    finally:
+        for env in envs:
+            fx.stop_and_check(env.fleetd)
+        receiver.close()
