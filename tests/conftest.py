@@ -697,6 +697,43 @@ def start_replicas(
     return envs
 
 
+class Receiver:
+    """A local HTTP endpoint that keeps what is POSTed (a notification,
+    Apprise's json://) or GETted (a ping) to it: (path, body)."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        got: queue.Queue = queue.Queue()
+        self.got = got
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                size = int(self.headers.get("Content-Length", 0))
+                got.put((self.path, self.rfile.read(size).decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_POST  # noqa: N815 - http.server's name
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout: float = 20) -> Any:
+        """The next body, as JSON (Apprise's json://)."""
+        return json.loads(self.got.get(timeout=timeout)[1])
+
+    def next_raw(self, timeout: float = 20) -> tuple[str, str]:
+        return self.got.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def stop_and_check(fleetd: Fleetd) -> None:
     if fleetd.proc is None or fleetd.proc.returncode is not None:
         return
@@ -759,6 +796,7 @@ def fx() -> types.SimpleNamespace:
         run_fleetd=run_fleetd,
         start_fleet=start_fleet,
         start_replicas=start_replicas,
+        Receiver=Receiver,
         stop_and_check=stop_and_check,
         uniq=uniq,
         wait_until=wait_until,

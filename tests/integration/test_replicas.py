@@ -7,12 +7,9 @@ the test's to send."""
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import json
-import queue
 import re
 import signal
-import threading
 import zipfile
 
 import pytest
@@ -266,35 +263,6 @@ def test_a_rollout_started_on_one_replica_reaches_agents_on_the_others(fx, tmp_p
             fx.stop_and_check(env.fleetd)
 
 
-class Receiver:
-    """A local HTTP endpoint keeping what is POSTed or GETted to it: (path, body)."""
-
-    def __init__(self):
-        got = self.got = queue.Queue()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
-                size = int(self.headers.get("Content-Length", 0))
-                got.put((self.path, self.rfile.read(size).decode()))
-                self.send_response(200)
-                self.end_headers()
-
-            do_GET = do_POST  # noqa: N815 - the pings
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def next(self, timeout=20):
-        return self.got.get(timeout=timeout)
-
-    def close(self):
-        self.server.shutdown()
-
-
 def _now():
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -310,7 +278,7 @@ def _backup(link, job_id, status, error=None):
 
 
 def test_alerts_notifications_and_pings_are_sent_once_not_once_per_replica(fx, tmp_path):
-    receiver = Receiver()
+    receiver = fx.Receiver()
     envs = fx.start_replicas(tmp_path / "fleet", 3, "--alert-interval", "0.2")
     try:
         a, b, c = envs
@@ -348,7 +316,7 @@ def test_alerts_notifications_and_pings_are_sent_once_not_once_per_replica(fx, t
         c.ctl("notify", "test", "ops")
         got = []
         while not got or "test notification" not in got[-1][1]:
-            got.append(receiver.next())
+            got.append(receiver.next_raw())
         paths = [path for path, _ in got]
         titles = [json.loads(body)["title"] for path, body in got if path == "/hook"]
         assert [t for t in titles if "raised" in t] and len(

@@ -336,44 +336,8 @@ def test_alerts_are_raised_once_acknowledged_and_resolve_themselves(fleetd_facto
     own.ctl("alerts", "ack", "999999", expect=4)
 
 
-class Receiver:
-    """A local HTTP endpoint that keeps what is POSTed to it: (path, body)."""
-
-    def __init__(self):
-        import http.server
-        import queue
-        import threading
-
-        self.got: queue.Queue = queue.Queue()
-        got = self.got
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
-                size = int(self.headers.get("Content-Length", 0))
-                got.put((self.path, self.rfile.read(size).decode()))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def next(self, timeout=20):
-        """The next body, as JSON (Apprise's json://)."""
-        return json.loads(self.got.get(timeout=timeout)[1])
-
-    def next_raw(self, timeout=20):
-        return self.got.get(timeout=timeout)
-
-    def close(self):
-        self.server.shutdown()
-
-
 def test_a_notification_reaches_a_real_receiver_through_apprise(fleetd_factory, fx, tmp_path):
-    receiver = Receiver()
+    receiver = fx.Receiver()
     try:
         own = fleetd_factory("--alert-interval", "0.2")
         url_file = tmp_path / "url"
@@ -453,7 +417,7 @@ def test_a_failed_prune_and_an_old_agent_are_reported(fleet, fx):
 
 def test_a_group_pings_its_url_as_backups_start_succeed_and_fail(fleet, fx, tmp_path):
     """Healthchecks' convention: URL/start, URL, URL/fail; the URL a secret."""
-    receiver = Receiver()
+    receiver = fx.Receiver()
     try:
         name, token = host(fleet, fx)
         url = f"http://127.0.0.1:{receiver.port}/ping/0f1e2d3c-secret-key?create=1"
