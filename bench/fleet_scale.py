@@ -1546,7 +1546,7 @@ async def dispatch_split(
         got = {j: fleet.run_by_job[j] - t for j, (_i, t) in sent.items() if j in fleet.run_by_job}
     lat_same = [v for j, v in got.items() if sent[j][0] in mine]
     lat_cross = [v for j, v in got.items() if sent[j][0] not in mine]
-    return lat_same, lat_cross, len(sent)
+    return lat_same, lat_cross, len(sent), {sent[j][0]: v for j, v in got.items()}
 
 
 def run_replicas(args, figs: Figures, work: Path) -> Figures:
@@ -1703,13 +1703,20 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
         order = elsewhere + on_first
         if r > 1:
 
-            async def split() -> tuple[list[float], list[float], int]:
+            async def split() -> tuple[list[float], list[float], int, dict[int, float]]:
                 async with Ctl(url + "/ctl", token) as ctl:
                     return await dispatch_split(
                         ctl, fleet, on_first[-k:], elsewhere[-k:], names, 60.0
                     )
 
-            lat_same, lat_cross, sent = asyncio.run(split())
+            lat_same, lat_cross, sent, by_host = asyncio.run(split())
+            per = []
+            for i in range(r):  # by the replica holding the link: is one slower?
+                ms = [v * 1000 for h, v in by_host.items() if h % r == i]
+                per.append(f"replica {i} {pct(ms, 50):.1f}/{pct(ms, 99):.1f}" if ms else "")
+            notes.append(
+                "run-now via replica 0 by the agent's replica, p50/p99 ms: " + ", ".join(per)
+            )
             for what, lat in (
                 ("agent on replica 0 (same)", lat_same),
                 ("agent on another (cross)", lat_cross),
