@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fleet_scale.py [--agents 10000] [--workers 4]
         [--only scale|status|templates|backups|all] [--json OUT] [--quick] [--backup-mib 200]
-        [--repositories N]
+        [--repositories N] [--replicas N]
 
 Scale part (`--only scale`):
 
@@ -27,6 +27,22 @@ Scale part (`--only scale`):
   (time.time()) to the parent. Once connected, a worker freezes its heap
   (gc.freeze): a real agent holds one connection, not 2,500, and the
   simulator's own collection pauses would count as fleetd's latency.
+
+With `--replicas N` the scale part then runs again on N `fleetd serve`
+replicas sharing one PostgreSQL that the bench starts in a temp dir
+(tests/postgres.py, as nobody when root; stopped at the end, whatever
+happens): `fleetd init --database postgresql:///...`, the same host rows
+seeded by COPY, agent i connected through replica i % N, and every
+operator request sent through replica 0 for hosts whose agents are on the
+others first, so a run-now crosses replicas (JobQueued through the event
+table and NOTIFY to the replica holding the link, which claims and sends
+command.run). Beside the same latencies: run-now through replica 0 for an
+agent on it and for one on another, alternately; the replicas' CPU and RSS
+(sum, max) and PostgreSQL's (utime+stime of the postmaster, its reaped
+children and its live ones; PSS, shared buffers counted once); the
+warnings and tracebacks in the replicas' logs. Then the figures side by
+side with the single SQLite fleetd's. (`--only replicas`: that run alone.)
+No restart figure for the replicas.
 
 Status part (`--only status`): N hosts, each with a source group on a
 nightly schedule and three backups behind it, seeded the same way; the
