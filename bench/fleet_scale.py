@@ -154,6 +154,9 @@ NOFILE_WRAPPER = (
 )
 
 
+STARTED: list[Server] = []  # every server started, so that main() ends them whatever happens
+
+
 class Server:
     """A server subprocess (fleetd or the bare one) whose first stdout line names its port."""
 
@@ -170,6 +173,7 @@ class Server:
     def start(self, timeout: float = 60) -> Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.spawned_at = time.time()
+        STARTED.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", NOFILE_WRAPPER, *self.argv],
             cwd=ROOT,
@@ -221,6 +225,17 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def end(self) -> None:
+        """After a failure: SIGTERM if still running, SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if not self._log.closed:
+            self._log.close()
 
 
 # -- the bare baseline server ------------------------------------------------------
@@ -575,6 +590,7 @@ class Worker:
 def worker_main(wid: int, agents: list, in_q: mp.Queue, out_q: mp.Queue) -> None:
     raise_nofile()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's clean-up handler
     asyncio.run(Worker(wid, agents, out_q).main(in_q))
 
 
@@ -1803,9 +1819,7 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
     finally:
         for s in servers:
             try:
-                s.kill()
-                if not s._log.closed:
-                    s._log.close()
+                s.end()
             except Exception:  # noqa: BLE001 - cleaning up whatever happened
                 pass
         if fleet is not None:
@@ -2434,6 +2448,11 @@ def main() -> int:
         flush=True,
     )
     started = time.monotonic()
+
+    def terminated(signum: int, _frame: Any) -> None:
+        raise SystemExit(f"fleet_scale: {signal.Signals(signum).name}, cleaning up")
+
+    signal.signal(signal.SIGTERM, terminated)  # the finally blocks below end what was started
     try:
         if args.only in ("scale", "all"):
             run_scale(args, figs, work)
@@ -2451,6 +2470,11 @@ def main() -> int:
         if args.only in ("backups", "all"):
             run_backups(args, figs, work)
     finally:
+        for server in STARTED:  # left running by a failure
+            try:
+                server.end()
+            except Exception:  # noqa: BLE001 - ending the others all the same
+                pass
         if args.json_out:
             Path(args.json_out).write_text(
                 json.dumps(
