@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fleet_scale.py [--agents 10000] [--workers 4]
         [--only scale|status|templates|backups|all] [--json OUT] [--quick] [--backup-mib 200]
-        [--repositories N]
+        [--repositories N] [--replicas N]
 
 Scale part (`--only scale`):
 
@@ -27,6 +27,22 @@ Scale part (`--only scale`):
   (time.time()) to the parent. Once connected, a worker freezes its heap
   (gc.freeze): a real agent holds one connection, not 2,500, and the
   simulator's own collection pauses would count as fleetd's latency.
+
+With `--replicas N` the scale part then runs again on N `fleetd serve`
+replicas sharing one PostgreSQL that the bench starts in a temp dir
+(tests/postgres.py, as nobody when root; stopped at the end, whatever
+happens): `fleetd init --database postgresql:///...`, the same host rows
+seeded by COPY, agent i connected through replica i % N, and every
+operator request sent through replica 0 for hosts whose agents are on the
+others first, so a run-now crosses replicas (JobQueued through the event
+table and NOTIFY to the replica holding the link, which claims and sends
+command.run). Beside the same latencies: run-now through replica 0 for an
+agent on it and for one on another, alternately; the replicas' CPU and RSS
+(sum, max) and PostgreSQL's (utime+stime of the postmaster, its reaped
+children and its live ones; PSS, shared buffers counted once); the
+warnings and tracebacks in the replicas' logs. Then the figures side by
+side with the single SQLite fleetd's. (`--only replicas`: that run alone.)
+No restart figure for the replicas.
 
 Status part (`--only status`): N hosts, each with a source group on a
 nightly schedule and three backups behind it, seeded the same way; the
@@ -56,6 +72,7 @@ import argparse
 import asyncio
 import datetime as dt
 import gc
+import importlib.util
 import itertools
 import json
 import multiprocessing as mp
@@ -137,6 +154,9 @@ NOFILE_WRAPPER = (
 )
 
 
+STARTED: list[Server] = []  # every server started, so that main() ends them whatever happens
+
+
 class Server:
     """A server subprocess (fleetd or the bare one) whose first stdout line names its port."""
 
@@ -153,6 +173,7 @@ class Server:
     def start(self, timeout: float = 60) -> Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.spawned_at = time.time()
+        STARTED.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", NOFILE_WRAPPER, *self.argv],
             cwd=ROOT,
@@ -204,6 +225,17 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def end(self) -> None:
+        """After a failure: SIGTERM if still running, SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if not self._log.closed:
+            self._log.close()
 
 
 # -- the bare baseline server ------------------------------------------------------
@@ -328,7 +360,9 @@ class Worker:
         flusher.cancel()
         self.report("quit", self.wid)
 
-    async def connect_all(self, url: str, concurrency: int, heartbeat: int) -> None:
+    async def connect_all(self, url: str | list[str], concurrency: int, heartbeat: int) -> None:
+        """Every agent dials `url`; given a list of N (replicas), agent i dials url i % N."""
+        urls = [url] if isinstance(url, str) else url
         self.closing = False
         sem = asyncio.Semaphore(concurrency)
         first: dict[int, Optional[float]] = {}
@@ -343,7 +377,9 @@ class Worker:
                 done.set()
 
         self.tasks = [
-            asyncio.ensure_future(self.session(a, url, sem, first_result, heartbeat))
+            asyncio.ensure_future(
+                self.session(a, urls[a.idx % len(urls)], sem, first_result, heartbeat)
+            )
             for a in self.agents.values()
         ]
         try:
@@ -554,6 +590,7 @@ class Worker:
 def worker_main(wid: int, agents: list, in_q: mp.Queue, out_q: mp.Queue) -> None:
     raise_nofile()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's clean-up handler
     asyncio.run(Worker(wid, agents, out_q).main(in_q))
 
 
@@ -619,7 +656,7 @@ class Fleet:
                 out.append(msg)
         return out
 
-    def connect(self, url: str, concurrency: int, heartbeat: int = 30) -> dict:
+    def connect(self, url: str | list[str], concurrency: int, heartbeat: int = 30) -> dict:
         with self.lock:
             self.ups.clear()
         self.broadcast("connect", url, concurrency, heartbeat)
@@ -913,8 +950,13 @@ async def scale_async(
     names: list[str],
     fleetd: Server,
     notes: list[str],
+    order: Optional[list[int]] = None,
 ) -> None:
+    """The latencies with N connected, every request through `url`; the
+    hosts picked in `order` (default 0, 1, 2...: with replicas, the agents
+    connected through the others first, so that what is measured crosses)."""
     n = len(names)
+    order = list(range(n)) if order is None else order
     quick = args.quick
     # 3. ctl round trip
     async with Ctl(url + "/ctl", token) as ctl:
@@ -989,7 +1031,7 @@ async def scale_async(
 
     # 5. dispatch latency: idle, with a lister, with 20 log streams
     k = min(200, n // 5)
-    sets = [list(range(0, k)), list(range(k, 2 * k)), list(range(2 * k, 3 * k))]
+    sets = [order[0:k], order[k : 2 * k], order[2 * k : 3 * k]]
     budget = 60.0 if not quick else 30.0
     async with Ctl(url + "/ctl", token) as ctl:
         lat, sent = await dispatch_round(ctl, fleet, sets[0], names, budget)
@@ -1024,7 +1066,7 @@ async def scale_async(
             notes.append(f"the hosts.list loop ended with {exc!r}")
 
         # while 20 agents stream logs
-        streamers = list(range(3 * k, 3 * k + min(20, n - 3 * k)))
+        streamers = order[3 * k : 3 * k + min(20, n - 3 * k)]
         fleet.broadcast("streams", "reset")
         plan = {"duration": budget + 30, "window": 1000, "rate": args.stream_rate, "gate": True}
         for idx in streamers:
@@ -1050,7 +1092,7 @@ async def scale_async(
         await asyncio.get_running_loop().run_in_executor(None, wait_streams, fleet, job_ids, 60)
 
     # 6. log ingest + a follower at restic's pace
-    await log_ingest(args, figs, url, token, fleet, names, 3 * k + 20, notes)
+    await log_ingest(args, figs, url, token, fleet, names, 3 * k + 20, notes, order)
 
     # 7. burst of run-nows on distinct hosts
     b = min(3000, n)
@@ -1065,7 +1107,7 @@ async def scale_async(
         t0 = time.time()
         futs = []
         for i in range(b):
-            futs.append(await ctls[i % conns].send("jobs.run", host=names[i], kind="check"))
+            futs.append(await ctls[i % conns].send("jobs.run", host=names[order[i]], kind="check"))
         done, pending = await asyncio.wait(futs, timeout=180)
         t_replies = time.time()
         job_ids = [
@@ -1141,11 +1183,13 @@ async def log_ingest(
     names: list[str],
     first: int,
     notes: list[str],
+    order: Optional[list[int]] = None,
 ) -> None:
     n = len(names)
+    order = list(range(n)) if order is None else order
     duration = args.ingest_seconds
-    flooders = [i for i in range(first, first + 20) if i < n - 1]
-    paced = first + 20 if first + 20 < n else n - 1
+    flooders = [order[i] for i in range(first, first + 20) if i < n - 1]
+    paced = order[first + 20 if first + 20 < n else n - 1]
     fleet.broadcast("streams", "reset")
     for idx in flooders:
         fleet.to_host(idx, "plan", idx, {"duration": duration, "window": 1000, "gate": True})
@@ -1313,6 +1357,7 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         url = f"ws://127.0.0.1:{fleetd.port}"
         token = asyncio.run(login(url))
         conn = connect_fleet(fleet, fleetd, url + "/agent", conc)
+        args._sqlite_connect = conn  # for the replicas' side-by-side table (--replicas)
         print(
             "\nfigures (fleetd | bare websockets server or reference | ratio | target):", flush=True
         )
@@ -1348,6 +1393,7 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         asyncio.run(scale_async(args, figs, url, token, fleet, names, fleetd, notes))
 
         # 8. SIGTERM with N connected
+        args._sqlite_cpu = cpu_seconds(fleetd.pid)  # the whole run's, for --replicas
         f_term, code = fleetd.sigterm()
         t_kill = time.time()
         figs.add(
@@ -1398,6 +1444,421 @@ def run_scale(args, figs: Figures, work: Path) -> None:
         notes.extend(fleet.errors[:10])
     for note in notes:
         print(f"  note: {note}", flush=True)
+
+
+# -- the scale part on N replicas on PostgreSQL (--replicas N) ------------------------
+
+
+def load_postgres() -> Any:
+    """tests/postgres.py's Postgres (a real server in a temp dir, as nobody
+    when root), imported by path: the tests use it unchanged."""
+    spec = importlib.util.spec_from_file_location(
+        "fleet_tests_postgres", ROOT / "tests" / "postgres.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Postgres
+
+
+def seed_hosts_postgresql(pg: Any, dbname: str, n: int) -> list[tuple[int, str, str]]:
+    """seed_hosts for PostgreSQL: the same rows, by COPY (after `fleetd
+    init --database`, before serve); booleans are booleans, ids BIGSERIAL."""
+    from fleet.server.security.auth import token_hash
+
+    agents = []
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    with (
+        pg.connect(dbname) as con,
+        con.cursor() as cur,
+        cur.copy(
+            "COPY host (name, created_at, agent_token_hash, enrolled_at, online,"
+            " schedule_version, applied_schedule_version, last_seq, labels) FROM STDIN"
+        ) as copy,
+    ):
+        for i in range(n):
+            token = f"agent_{secrets.token_urlsafe(32)}"
+            name = f"bench-{i:05d}"
+            agents.append((i, token, name))
+            copy.write_row((name, now, token_hash(token), now, False, 0, 0, 0, "{}"))
+    return agents
+
+
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (index 0 is field 3, state)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def postgres_usage(postmaster: int) -> dict[str, float]:
+    """PostgreSQL's own CPU seconds (the postmaster's utime+stime, its reaped
+    children's cutime+cstime, and every live child's utime+stime), and the
+    sum of RSS (counting shared buffers once per process) and of PSS (shared
+    pages split between the processes: the honest sum) over its processes."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int(proc_stat(int(entry.name))[1]) == postmaster:
+                children.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    f = proc_stat(postmaster)
+    cpu = sum(int(x) for x in f[11:15]) / TICKS
+    rss, pss = rss_kib(postmaster), pss_kib(postmaster)
+    for pid in children:
+        try:
+            cpu += cpu_seconds(pid)
+            rss += rss_kib(pid)
+            pss += pss_kib(pid)
+        except OSError:
+            continue
+    return {"cpu": cpu, "rss": rss, "pss": pss, "procs": 1 + len(children)}
+
+
+def fleetd_log_findings(paths: list[Path]) -> list[str]:
+    """What the replicas logged at WARNING and above, counted by message
+    (before the temp dir goes): the first lines of each kind."""
+    found: dict[str, int] = {}
+    tracebacks = 0
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        tracebacks += text.count("Traceback")
+        for line in text.splitlines():
+            m = re.match(r"\S+ \S+ (WARNING|ERROR|CRITICAL) (\S+): (.*)", line)
+            if m:
+                key = f"{m.group(1)} {m.group(2)}: {re.sub(r'[0-9]+', 'N', m.group(3))[:150]}"
+                found[key] = found.get(key, 0) + 1
+    out = [f"fleetd logs: {tracebacks} tracebacks"]
+    out += [
+        f"fleetd logs: {count}x {key}"
+        for key, count in sorted(found.items(), key=lambda kv: -kv[1])[:12]
+    ]
+    return out
+
+
+async def dispatch_split(
+    ctl: Ctl, fleet: Fleet, same: list[int], cross: list[int], names: list[str], budget: float
+) -> tuple[list[float], list[float], int]:
+    """run-now through one replica for agents on it and on others, alternately
+    (the same conditions for both): latencies to command.run, same and cross."""
+    hosts = [h for pair in zip(same, cross) for h in pair]
+    mine = set(same)
+    sent: dict[int, tuple[int, float]] = {}
+    deadline = time.monotonic() + budget
+    for idx in hosts:
+        if time.monotonic() > deadline:
+            break
+        t0 = time.time()
+        try:
+            reply = await ctl.call(
+                "jobs.run",
+                timeout=max(1.0, deadline - time.monotonic()),
+                host=names[idx],
+                kind="check",
+            )
+        except asyncio.TimeoutError:
+            break
+        if "result" in reply:
+            sent[reply["result"]["id"]] = (idx, t0)
+    await wait_runs(fleet, list(sent), 30)
+    with fleet.lock:
+        got = {j: fleet.run_by_job[j] - t for j, (_i, t) in sent.items() if j in fleet.run_by_job}
+    lat_same = [v for j, v in got.items() if sent[j][0] in mine]
+    lat_cross = [v for j, v in got.items() if sent[j][0] not in mine]
+    return lat_same, lat_cross, len(sent), {sent[j][0]: v for j, v in got.items()}
+
+
+def run_replicas(args, figs: Figures, work: Path) -> Figures:
+    """The scale part again on `--replicas N` fleetd replicas sharing one
+    PostgreSQL started here: agent i connects through replica i % N, and
+    every operator request goes through replica 0, for hosts whose agents
+    are on the others first (the run-now crosses: JobQueued through the
+    event table and NOTIFY to the replica holding the link)."""
+    n, r = args.agents, args.replicas
+    label = f"{r} replica{'s' if r > 1 else ''} on PostgreSQL"
+    print(f"\n-- the same on {label} --", flush=True)
+    rfigs = Figures()
+    notes: list[str] = []
+    conc = args.concurrency
+    servers: list[Server] = []
+    fleet: Optional[Fleet] = None
+    pg = None
+    logs = [work / f"replica-{i}.log" for i in range(r)]
+    try:
+        if not hasattr(args, "_bare_rtt"):  # --only replicas: the whoami figures' baseline
+            bare = Server(
+                "bare", [str(Path(__file__).resolve()), "_bare"], work / "bare.log", clean_env()
+            ).start()
+            try:
+                args._bare_rtt = asyncio.run(
+                    bare_roundtrip(f"ws://127.0.0.1:{bare.port}", args.rtt_count)
+                )
+            finally:
+                bare.sigterm()
+        pg = load_postgres()().start()
+        pg_base = postgres_usage(pg.proc.pid)
+        dbname = pg.create_database()
+        database = f"postgresql:///{dbname}?host={pg.root}&user=fleet"
+        env = clean_env(FLEETD_DATABASE_PASSWORD=pg.password)
+        data = work / "replicas"
+        subprocess.run(
+            [sys.executable, "-m", "fleet.server.cli", "init", "--data-dir", str(data),
+             "--database", database],
+            env=clean_env(FLEET_ADMIN_PASSWORD=ADMIN_PASSWORD, FLEETD_DATABASE_PASSWORD=pg.password),
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        agents = seed_hosts_postgresql(pg, dbname, n)
+        names = [a[2] for a in agents]
+        print(
+            f"seeded {n} hosts into PostgreSQL {dbname} in {time.monotonic() - t0:.1f} s (COPY, not /enroll)",
+            flush=True,
+        )
+        if args.repositories:
+            notes.append("--repositories is not seeded into PostgreSQL: its hosts have none")
+        for i in range(r):
+            servers.append(
+                Server(
+                    f"replica {i}",
+                    [
+                        "-m",
+                        "fleet.server.cli",
+                        "serve",
+                        "--data-dir",
+                        str(data),
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--log-level",
+                        "warning",
+                    ],
+                    logs[i],
+                    env,
+                ).start()  # fmt: skip
+            )
+        pids = [s.pid for s in servers]
+        urls = [f"ws://127.0.0.1:{s.port}" for s in servers]
+        url = urls[0]
+        token = asyncio.run(login(url))
+        fleet = Fleet(agents, args.workers)
+        # -- connect, each agent to replica i % N
+        c0, w0, p0 = [cpu_seconds(p) for p in pids], fleet.worker_cpu(), postgres_usage(pg.proc.pid)
+        conn = fleet.connect([u + "/agent" for u in urls], conc)
+        c1, p1 = [cpu_seconds(p) for p in pids], postgres_usage(pg.proc.pid)
+        conn_cpu = [b - a for a, b in zip(c0, c1)]
+        print(
+            f"{label}: {conn['ok']}/{n} connected in {conn['seconds']:.2f} s"
+            f" (replicas {sum(conn_cpu):.2f} s CPU, max {max(conn_cpu):.2f} s;"
+            f" postgres {p1['cpu'] - p0['cpu']:.2f} s; simulators {fleet.worker_cpu() - w0:.2f} s)",
+            flush=True,
+        )
+        print(
+            f"\nfigures ({label}, requests through replica 0 | reference | ratio | target):",
+            flush=True,
+        )
+        sq = getattr(args, "_sqlite_connect", None)
+        rfigs.add(
+            f"connects/s ({n} agents to welcome)",
+            conn["rate"],
+            "/s",
+            bare=sq["rate"] if sq else None,
+            ref="SQLite fleetd" if sq else "",
+            target=">= 1,000/s",
+            met=conn["rate"] >= 1000 and conn["failed"] == 0,
+            note=f"{conn['failed']} failed first attempts; {conc} in flight per worker; ref: the single SQLite fleetd",
+        )
+        rfigs.add(
+            f"connect time, all {n} agents",
+            conn["seconds"],
+            "s",
+            bare=sq["seconds"] if sq else None,
+            ref="SQLite fleetd" if sq else "",
+            note=f"replicas' CPU {sum(conn_cpu):.1f} s (max {max(conn_cpu):.1f}), postgres {p1['cpu'] - p0['cpu']:.1f} s",
+        )
+        time.sleep(1.0)
+        # -- idle: every replica and PostgreSQL over one window
+        c0, p0, t0 = [cpu_seconds(p) for p in pids], postgres_usage(pg.proc.pid), time.monotonic()
+        time.sleep(args.idle_seconds)
+        wall = time.monotonic() - t0
+        c1, p1 = [cpu_seconds(p) for p in pids], postgres_usage(pg.proc.pid)
+        idle = [(b - a) / wall * 100 for a, b in zip(c0, c1)]
+        rss = [rss_kib(p) / 1024 for p in pids]
+        pg_idle = (p1["cpu"] - p0["cpu"]) / wall * 100
+        sqlite_idle = next(
+            (x["fleetd"] for x in figs.rows if x["name"].startswith("idle CPU")), None
+        )
+        sqlite_rss = next((x["fleetd"] for x in figs.rows if x["name"].startswith("RSS,")), None)
+        rfigs.add(
+            f"idle CPU, {n} connected, {args.idle_seconds:.0f} s, replicas' sum",
+            sum(idle),
+            "% core",
+            bare=sqlite_idle,
+            ref="SQLite fleetd" if sqlite_idle is not None else "",
+            note="per replica: " + ", ".join(f"{x:.1f}" for x in idle) + f"; max {max(idle):.1f}",
+        )
+        rfigs.add(
+            f"idle CPU, {args.idle_seconds:.0f} s, PostgreSQL",
+            pg_idle,
+            "% core",
+            note=f"{p1['procs']} postgres processes; replicas + postgres {sum(idle) + pg_idle:.1f} % core",
+        )
+        rfigs.add(
+            f"RSS, {n} connected, replicas' sum",
+            sum(rss),
+            "MiB",
+            bare=sqlite_rss,
+            ref="SQLite fleetd" if sqlite_rss is not None else "",
+            note="per replica: " + ", ".join(f"{x:.0f}" for x in rss) + f"; max {max(rss):.0f}",
+        )
+        rfigs.add(
+            "RSS, PostgreSQL (PSS sum)",
+            p1["pss"] / 1024,
+            "MiB",
+            note=f"RSS sum {p1['rss'] / 1024:.0f} MiB counts shared buffers once per process; at start {pg_base['pss'] / 1024:.0f} MiB",
+        )
+        # -- the new cost: a run-now crossing replicas vs one staying on replica 0
+        k = min(200, n // (2 * r))
+        on_first = [i for i in range(n) if i % r == 0]
+        elsewhere = [i for i in range(n) if i % r != 0]
+        order = elsewhere + on_first
+        if r > 1:
+
+            async def split() -> tuple[list[float], list[float], int, dict[int, float]]:
+                async with Ctl(url + "/ctl", token) as ctl:
+                    return await dispatch_split(
+                        ctl, fleet, on_first[-k:], elsewhere[-k:], names, 60.0
+                    )
+
+            lat_same, lat_cross, sent, by_host = asyncio.run(split())
+            per = []
+            for i in range(r):  # by the replica holding the link: is one slower?
+                ms = [v * 1000 for h, v in by_host.items() if h % r == i]
+                per.append(f"replica {i} {pct(ms, 50):.1f}/{pct(ms, 99):.1f}" if ms else "")
+            notes.append(
+                "run-now via replica 0 by the agent's replica, p50/p99 ms: " + ", ".join(per)
+            )
+            for what, lat in (
+                ("agent on replica 0 (same)", lat_same),
+                ("agent on another (cross)", lat_cross),
+            ):
+                ms = [x * 1000 for x in lat]
+                rfigs.add(
+                    f"run-now via replica 0, {what}, p50",
+                    pct(ms, 50),
+                    "ms",
+                    ref="-",
+                    note=f"{len(lat)}/{k} dispatched; same and cross alternated, {sent} sent",
+                )
+                rfigs.add(
+                    f"run-now via replica 0, {what}, p99",
+                    pct(ms, 99),
+                    "ms",
+                    ref="-",
+                    target="<= 50 ms",
+                    met=bool(ms) and pct(ms, 99) <= 50 and len(lat) == k,
+                )
+        # -- the SQLite part's latencies, every request through replica 0
+        cpu_before = [cpu_seconds(p) for p in pids]
+        pg_before = postgres_usage(pg.proc.pid)
+        asyncio.run(scale_async(args, rfigs, url, token, fleet, names, servers[0], notes, order))
+        cpu_after = [cpu_seconds(p) for p in pids]
+        pg_after = postgres_usage(pg.proc.pid)
+        used = [b - a for a, b in zip(cpu_before, cpu_after)]
+        rfigs.add(
+            "CPU over the latency figures, replicas' sum",
+            sum(used),
+            "s",
+            ref="-",
+            note="per replica: "
+            + ", ".join(f"{x:.1f}" for x in used)
+            + f"; postgres {pg_after['cpu'] - pg_before['cpu']:.1f} s",
+        )
+        total = sum(cpu_seconds(p) for p in pids)
+        sqlite_cpu = getattr(args, "_sqlite_cpu", None)
+        rfigs.add(
+            "CPU, whole run, replicas' sum",
+            total,
+            "s",
+            bare=sqlite_cpu,
+            ref="SQLite fleetd" if sqlite_cpu is not None else "",
+            note=f"from spawn to SIGTERM, as the SQLite fleetd's; postgres {pg_after['cpu'] - pg_base['cpu']:.1f} s more",
+        )
+        # -- SIGTERM every replica at once with N connected
+        t0 = time.monotonic()
+        for s in servers:
+            s.proc.send_signal(signal.SIGTERM)
+        codes = []
+        for s in servers:
+            try:
+                codes.append(s.proc.wait(max(1.0, 60 - (time.monotonic() - t0))))
+            except subprocess.TimeoutExpired:
+                s.kill()
+                codes.append(None)
+        term = time.monotonic() - t0
+        rfigs.add(
+            f"SIGTERM with {n} connected -> exit (all replicas)",
+            term,
+            "s",
+            ref="-",
+            target="<= 2 s",
+            met=term <= 2.0 and all(c == 0 for c in codes),
+            note=f"exit statuses {codes}",
+        )
+    finally:
+        for s in servers:
+            try:
+                s.end()
+            except Exception:  # noqa: BLE001 - cleaning up whatever happened
+                pass
+        if fleet is not None:
+            try:
+                fleet.disconnect()
+                fleet.quit()
+            except Exception:  # noqa: BLE001
+                pass
+        if pg is not None:
+            pg.stop()
+    if fleet is not None and fleet.errors:
+        notes.extend(fleet.errors[:10])
+    notes.extend(fleetd_log_findings(logs))
+    for note in notes:
+        print(f"  note: {note}", flush=True)
+    return rfigs
+
+
+def print_side_by_side(figs: Figures, rfigs: Figures, label: str) -> None:
+    """Every figure of the replicas' run beside the single SQLite fleetd's of the same name."""
+    sqlite = {x["name"]: x for x in figs.rows}
+    print(f"\nside by side (single SQLite fleetd | {label}):", flush=True)
+    for row in rfigs.rows:
+        name = row["name"].removesuffix(", replicas' sum").removesuffix(" (all replicas)")
+        other = sqlite.get(row["name"]) or sqlite.get(name)
+        left = (
+            Figures.fmt(other["fleetd"], other["unit"])
+            if other
+            else (
+                Figures.fmt(row["bare"], row["unit"])
+                if row["reference"] == "SQLite fleetd"
+                else "-"
+            )
+        )
+        print(
+            f"  {row['name']:<58} {left:>16} | {Figures.fmt(row['fleetd'], row['unit']):>16}"
+            f"  target: {row['target']:<18} {(other or {}).get('verdict', ''):<7}| {row['verdict']:<7}",
+            flush=True,
+        )
 
 
 async def login(url: str) -> str:
@@ -1925,7 +2386,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4, help="agent simulator processes")
     ap.add_argument("--concurrency", type=int, default=200, help="connects in flight per worker")
     ap.add_argument(
-        "--only", choices=("scale", "status", "templates", "backups", "all"), default="all"
+        "--only",
+        choices=("scale", "status", "templates", "backups", "all", "replicas"),
+        default="all",
+        help="replicas: only the scale part's run on --replicas N (default 3), no single fleetd",
     )
     ap.add_argument("--json", dest="json_out", help="also write the figures here as JSON")
     ap.add_argument(
@@ -1936,6 +2400,12 @@ def main() -> int:
         type=int,
         default=0,
         help="seed this many repositories, host i using repository i %% N (0: hosts have none)",
+    )
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="the scale part also on N fleetd replicas on a PostgreSQL started here (0: not)",
     )
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--ingest-seconds", type=float, default=10.0)
@@ -1964,8 +2434,11 @@ def main() -> int:
             f"warning: RLIMIT_NOFILE hard limit {hard} is tight for {args.agents} agents",
             file=sys.stderr,
         )
+    if not 0 <= args.replicas <= 10:
+        ap.error("--replicas: 0 to 10 (each holds up to 8 of PostgreSQL's 100 connections)")
     work = Path(tempfile.mkdtemp(prefix="fleet-scale-"))
     figs = Figures()
+    rfigs: Optional[Figures] = None
     import websockets
 
     load = os.getloadavg()
@@ -1975,9 +2448,21 @@ def main() -> int:
         flush=True,
     )
     started = time.monotonic()
+
+    def terminated(signum: int, _frame: Any) -> None:
+        raise SystemExit(f"fleet_scale: {signal.Signals(signum).name}, cleaning up")
+
+    signal.signal(signal.SIGTERM, terminated)  # the finally blocks below end what was started
     try:
         if args.only in ("scale", "all"):
             run_scale(args, figs, work)
+            if args.replicas:
+                rfigs = run_replicas(args, figs, work)
+                label = f"{args.replicas} replicas on PostgreSQL"
+                print_side_by_side(figs, rfigs, label)
+        if args.only == "replicas":
+            args.replicas = args.replicas or 3
+            rfigs = run_replicas(args, figs, work)
         if args.only in ("status", "all"):
             run_status(args, figs, work)
         if args.only in ("templates", "all"):
@@ -1985,6 +2470,11 @@ def main() -> int:
         if args.only in ("backups", "all"):
             run_backups(args, figs, work)
     finally:
+        for server in STARTED:  # left running by a failure
+            try:
+                server.end()
+            except Exception:  # noqa: BLE001 - ending the others all the same
+                pass
         if args.json_out:
             Path(args.json_out).write_text(
                 json.dumps(
@@ -1996,6 +2486,11 @@ def main() -> int:
                         "cpus": os.cpu_count(),
                         "loadavg_at_start": load,
                         "figures": figs.rows,
+                        **(
+                            {"replicas": args.replicas, "replica_figures": rfigs.rows}
+                            if rfigs is not None
+                            else {}
+                        ),
                     },
                     indent=2,
                 )
@@ -2007,8 +2502,13 @@ def main() -> int:
             print(f"kept {work}")
     met = sum(r["verdict"] == "MET" for r in figs.rows)
     missed = sum(r["verdict"] == "MISSED" for r in figs.rows)
+    replicas = ""
+    if rfigs is not None:
+        rmet = sum(r["verdict"] == "MET" for r in rfigs.rows)
+        rmissed = sum(r["verdict"] == "MISSED" for r in rfigs.rows)
+        replicas = f" (single fleetd); on {args.replicas} replicas {rmet} met, {rmissed} missed"
     print(
-        f"\n{met} targets met, {missed} missed; {time.monotonic() - started:.0f} s in all",
+        f"\n{met} targets met, {missed} missed{replicas}; {time.monotonic() - started:.0f} s in all",
         flush=True,
     )
     return 0

@@ -808,7 +808,12 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             ticking.append(asyncio.ensure_future(ticker.run()))
             await state.rollouts.resume()  # one under way when fleetd stopped goes on
         else:
-            replicas.elect(lambda leads: lead(leads, ticker, ticking, state.rollouts))
+            # not taken up while stopping: the lock a stopping leader drops
+            # must not start a ticker here that nobody cancels, over a
+            # store about to close
+            replicas.elect(
+                lambda leads: lead(leads and not stop.done(), ticker, ticking, state.rollouts)
+            )
         signum = await stop
         for task in ticking:
             task.cancel()
