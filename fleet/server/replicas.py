@@ -150,6 +150,7 @@ class Replicas:
         self._tasks.append(asyncio.ensure_future(self._lead()))
 
     def _register(self) -> int:
+        """This replica's row; the newest event id (where it starts reading)."""
         now = utcnow()
         Replica.insert(
             id=self.id,
@@ -158,7 +159,7 @@ class Replicas:
             pid=os.getpid(),
             started_at=now,
             seen_at=now,
-        ).execute()
+        ).on_conflict_ignore().execute()
         return StoredEvent.select(StoredEvent.id).order_by(StoredEvent.id.desc()).scalar() or 0
 
     async def stop(self) -> None:
@@ -351,18 +352,7 @@ class Replicas:
     def _seen(self) -> None:
         updated = Replica.update(seen_at=utcnow()).where(Replica.id == self.id).execute()
         if not updated:  # taken for dead (a long pause) and swept: here again
-            self._register_again()
-
-    def _register_again(self) -> None:
-        now = utcnow()
-        Replica.insert(
-            id=self.id,
-            url=self.url,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=now,
-            seen_at=now,
-        ).on_conflict_ignore().execute()
+            self._register()
 
     async def _lead(self) -> None:
         """Try for the leader's lock until it is had; hold it while the

@@ -508,6 +508,56 @@ def test_store_run_propagates_exceptions(db_path: Path) -> None:
         asyncio.run(main())
 
 
+def test_publishing_records_the_events_of_a_group_once_in_its_transaction(db_path: Path) -> None:
+    """Store.publishing: the events of every call of a group commit go to the
+    recorder once, inside the transaction (what it writes commits with
+    them); a call that raised adds none; with no recorder, nothing."""
+    recorded: list[list[str]] = []
+
+    def recorder(events: list) -> None:  # as replicas.record: written in the transaction
+        recorded.append(list(events))
+        for event in events:
+            m.AuditLog.create(actor="test", action="event", target=event)
+
+    class Boom(Exception):
+        pass
+
+    def make(events: list, name: str, fail: bool = False) -> None:
+        make_host(name)
+        events.append(f"made {name}")
+        if fail:
+            raise Boom
+
+    async def main() -> list[str]:
+        store = Store(db_path)
+        await store.open()
+        store.recorder = recorder
+        try:
+            evs = [[] for _ in range(3)]
+            # queued together: one group commit (the store thread is held meanwhile)
+            gate = threading.Event()
+            held = asyncio.ensure_future(store.atomic(gate.wait))
+            calls = [
+                store.publishing(evs[0], make, evs[0], "a"),
+                store.publishing(evs[1], make, evs[1], "b", True),
+                store.publishing(evs[2], make, evs[2], "c"),
+            ]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.sleep(0)  # one turn: each task submits its call, behind the held one
+            gate.set()
+            await held
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(outcomes[1], Boom) and outcomes[0] is None and outcomes[2] is None
+            store.recorder = None
+            await store.publishing([], make, [], "d")
+            return await store.run(lambda: sorted(a.target for a in m.AuditLog.select()))
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == ["made a", "made c"]
+    assert recorded == [["made a", "made c"]]
+
+
 def test_store_atomic_rolls_back_when_fn_raises(db_path: Path) -> None:
     class Boom(Exception):
         pass

@@ -290,12 +290,19 @@ def _snapshot(call: Callable[[], T]) -> T:
 
 
 class _Call:
-    __slots__ = ("future", "call", "atomic")
+    __slots__ = ("future", "call", "atomic", "events")
 
-    def __init__(self, future: asyncio.Future, call: Callable[[], Any], atomic: bool) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future,
+        call: Callable[[], Any],
+        atomic: bool,
+        events: Optional[list] = None,
+    ) -> None:
         self.future = future
         self.call = call
         self.atomic = atomic
+        self.events = events  # what the call makes, recorded before the commit
 
 
 GROUP_MAX = 500  # transactions committed together at most
@@ -336,7 +343,13 @@ class Store:
         self._database = await self.run(open_database, self.where)
 
     def _submit(
-        self, fn: Callable[..., Any], args: Any, kwargs: Any, atomic: bool, bulk: bool = False
+        self,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        atomic: bool,
+        bulk: bool = False,
+        events: Optional[list] = None,
     ) -> asyncio.Future:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         with self._ready:
@@ -346,7 +359,7 @@ class Store:
                 self._thread = threading.Thread(target=self._work, name="store", daemon=True)
                 self._thread.start()
             queue = self._bulk if bulk else self._calls
-            queue.append(_Call(future, functools.partial(fn, *args, **kwargs), atomic))
+            queue.append(_Call(future, functools.partial(fn, *args, **kwargs), atomic, events))
             self._ready.notify()
         return future
 
@@ -361,16 +374,9 @@ class Store:
         """Like atomic, for a transaction that makes events (fn appends them
         to `events`): with replicas (`recorder` set), they are written to
         the event table in that same transaction, so another replica hears
-        of exactly what committed."""
-        call = functools.partial(fn, *args, **kwargs)
-
-        def run() -> T:
-            result = call()
-            if events and self.recorder is not None:
-                self.recorder(events)
-            return result
-
-        return await self._submit(run, (), {}, atomic=True)
+        of exactly what committed: those of every call of a group commit
+        at once, before it commits (a call that raised adds none)."""
+        return await self._submit(fn, args, kwargs, atomic=True, events=events)
 
     async def bulk(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Like run, for big work (a batch of reports, a page of a listing):
@@ -425,8 +431,13 @@ class Store:
             return False, exc
 
     def _transactions(self, group: list[_Call]) -> None:
+        def record(outcomes: list[tuple[bool, Any]]) -> None:
+            made = [e for c, (ok, _) in zip(group, outcomes) if ok and c.events for e in c.events]
+            if made and self.recorder is not None:
+                self.recorder(made)
+
         try:
-            outcomes = in_savepoints([c.call for c in group])
+            outcomes = in_savepoints([c.call for c in group], record)
             self.commits += 1
         except BaseException as exc:  # the commit itself failed: nobody's write happened
             outcomes = [(False, exc)] * len(group)
