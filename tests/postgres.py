@@ -69,6 +69,10 @@ class Postgres:
             check=True, capture_output=True, timeout=120, cwd=self.root, **self._as_user(),
         )  # fmt: skip
         pwfile.unlink()
+        self._serve(timeout)
+        return self
+
+    def _serve(self, timeout: float) -> None:
         log = open(self.log, "ab")  # noqa: SIM115 - for the server's life
         if self.as_root:
             shutil.chown(self.log, "nobody", "nogroup")
@@ -82,7 +86,16 @@ class Postgres:
             stdout=log, stderr=log, cwd=self.root, **self._as_user(),
         )  # fmt: skip
         self.wait_ready(timeout)
-        return self
+
+    def halt(self) -> None:
+        """Stop the server (a fast shutdown: clients are cut), keeping its data."""
+        assert self.proc is not None
+        self.proc.send_signal(2)
+        self.proc.wait(timeout=30)
+
+    def resume(self, timeout: float = 60) -> None:
+        """Start it again on the same data, as after a restart or a failover."""
+        self._serve(timeout)
 
     def dsn(self, dbname: str = "postgres") -> str:
         """Connection parameters (libpq keywords); the password separately."""

@@ -355,3 +355,44 @@ def test_the_store_reconnects_after_postgresql_drops_its_connection(postgres):
             await store.close()
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_the_store_outlives_a_postgresql_restart(fx):
+    """A server of its own (the shared one must not go down under other
+    tests): while it is down, calls fail with its error at once; once it is
+    back, the writer and the readers carry on, the readers still read-only."""
+    from postgres import Postgres  # tests/ is on sys.path (rootdir conftest)
+
+    server = Postgres().start()
+    try:
+        name = server.create_database()
+        where = locate(_url(server, name), server.password)
+
+        async def scenario() -> None:
+            store = Store(where)
+            await store.open()
+            try:
+                await store.atomic(lambda: m.Host.create(name="before"))
+                assert await store.read(lambda: m.Host.select().count()) == 1
+                assert await store.scan(lambda: m.Host.select().count()) == 1
+                server.halt()
+                for call in (store.atomic, store.read, store.scan):
+                    with pytest.raises(pw.OperationalError):
+                        await call(lambda: m.Host.select().count())
+                with pytest.raises(pw.OperationalError):  # still down: tried again, fails again
+                    await store.atomic(lambda: m.Host.create(name="lost"))
+                server.resume()
+                await store.atomic(lambda: m.Host.create(name="after"))
+                assert await store.read(lambda: sorted(h.name for h in m.Host.select())) == [
+                    "after",
+                    "before",
+                ]
+                assert await store.scan(lambda: m.Host.select().count()) == 2
+                with pytest.raises(pw.InternalError, match="read-only"):  # a reader, still
+                    await store.read(lambda: m.Host.create(name="from-a-reader"))
+            finally:
+                await store.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()

@@ -169,13 +169,16 @@ def open_database(where: Union[Path, Location]) -> pw.Database:
 
 def usable(database: pw.Database, reader: bool = False) -> None:
     """Before a call on this thread: a PostgreSQL connection the server
-    dropped (a restart, a failover, a proxy's cut) is made anew, so one
-    call fails with it, not every call after."""
-    if not isinstance(database, pw.PostgresqlDatabase) or database.is_closed():
+    dropped (a restart, a failover, a proxy's cut), or never made (it was
+    down), is made now, so one call fails with it, not every call after;
+    a reader's is made read-only again (never by peewee's autoconnect,
+    which would not). Raises when PostgreSQL is still out of reach."""
+    if not isinstance(database, pw.PostgresqlDatabase):
         return
-    if database.is_connection_usable():
-        return
-    database.manual_close()  # not back to the pool: it is broken
+    if not database.is_closed():
+        if database.is_connection_usable():
+            return
+        database.manual_close()  # not back to the pool: it is broken
     database.connect()
     if reader:
         read_only(database)
@@ -249,9 +252,10 @@ class _Reader:
 
     def _work(self) -> None:
         database = db.obj
-        database.connect(reuse_if_open=True)
         try:
-            read_only(database)
+            if not isinstance(database, pw.PostgresqlDatabase):
+                database.connect(reuse_if_open=True)
+                read_only(database)
             while True:
                 with self.ready:
                     while not self.calls and not self.closed:
@@ -259,11 +263,15 @@ class _Reader:
                     if not self.calls:
                         return  # closed and drained
                     call = self.calls.popleft()
-                if not call.future.cancelled():
-                    usable(database, reader=True)
-                    self.store._finish(
-                        call, *self.store._outcome(functools.partial(_snapshot, call.call))
-                    )
+                if call.future.cancelled():
+                    continue
+                ready = self.store._outcome(functools.partial(usable, database, True))
+                if not ready[0]:  # PostgreSQL out of reach: this call fails, the next tries
+                    self.store._finish(call, *ready)
+                    continue
+                self.store._finish(
+                    call, *self.store._outcome(functools.partial(_snapshot, call.call))
+                )
         finally:
             close_connection(database)
 
@@ -412,7 +420,11 @@ class Store:
             if not group:
                 continue
             if self._database is not None:
-                usable(self._database)
+                ready = self._outcome(functools.partial(usable, self._database))
+                if not ready[0]:  # PostgreSQL out of reach: these fail, the next try again
+                    for c in group:
+                        self._finish(c, *ready)
+                    continue
             if group[0].atomic:
                 self._transactions(group)
             else:

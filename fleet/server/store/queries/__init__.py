@@ -9,12 +9,19 @@ import datetime as dt
 import functools
 from typing import Any, Optional
 
+import peewee as pw
+
 from ..models import db
 
 
 @functools.cache
 def _paramed(sql: str, param: str) -> str:
     return sql if param == "?" else sql.replace("?", param)
+
+
+def on_postgresql() -> bool:
+    """Whether the store is PostgreSQL (several replicas may write at once)."""
+    return isinstance(db.obj, pw.PostgresqlDatabase)
 
 
 def execute(sql: str, *params: Any) -> Any:

@@ -7,9 +7,10 @@ import json
 from typing import Optional
 
 from ..models import AuditLog, Job
-from . import execute, execute_many, one, rows, when
+from . import execute, execute_many, on_postgresql, one, rows, when
 
 WITH_AGENT = ("dispatched", "running")
+CLAIM_LOCK = 0x666C656574 + 2  # claims, one at a time across replicas (PostgreSQL)
 
 
 def agent_by_token(token_hash: str) -> Optional[tuple[int, str]]:
@@ -130,8 +131,13 @@ def claim(
     the host's default repository) or None. A job an agent made
     itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
+    if on_postgresql():
+        # one claim at a time across replicas, to the end of the transaction:
+        # the repository rules read what other claims wrote (one SQLite writer
+        # gives that for nothing; READ COMMITTED does not)
+        execute("SELECT pg_advisory_xact_lock(?)", CLAIM_LOCK)
     return one(
-        'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "id" = ('
+        'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "status" = ? AND "id" = ('
         'SELECT "j"."id" FROM "job" AS "j" WHERE "j"."host_id" = ? AND "j"."status" = ? '
         'AND "j"."agent_job" IS NULL AND ("j"."not_before" IS NULL OR "j"."not_before" <= ?) '
         f"AND NOT ({_REPOSITORY_BUSY}) "
@@ -145,6 +151,7 @@ def claim(
         "LIMIT 1)",
         "dispatched",
         stamp,
+        "queued",
         host_id,
         "queued",
         stamp,
