@@ -808,6 +808,8 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
             ticking.append(asyncio.ensure_future(ticker.run()))
             await state.rollouts.resume()  # one under way when fleetd stopped goes on
         else:
+            replicas.on_rejoin = agents.rejoin
+            state.rollouts.leading = False  # until this replica leads
             # not taken up while stopping: the lock a stopping leader drops
             # must not start a ticker here that nobody cancels, over a
             # store about to close
@@ -917,10 +919,13 @@ def reset_online(replica: Optional[str] = None) -> None:
 
 async def lead(leads: bool, ticker: Ticker, ticking: list, rollouts: Rollouts) -> None:
     """This replica became the leader (or stopped being it): it runs the
-    fleet-wide ticker, and takes up a rollout under way."""
+    fleet-wide ticker, and drives the rollouts (one under way is taken up)."""
     for task in ticking[1:]:
         task.cancel()
     del ticking[1:]
+    rollouts.leading = leads
     if leads:
         ticking.append(asyncio.ensure_future(ticker.run()))
         await rollouts.resume()
+    else:
+        await rollouts.stop()  # the new leader takes them up

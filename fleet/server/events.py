@@ -242,6 +242,13 @@ class AuthFailed:
 
 
 @dataclass(frozen=True)
+class RolloutStarted:
+    """A rollout was made (on any replica): the leader drives it."""
+
+    rollout_id: int
+
+
+@dataclass(frozen=True)
 class RolloutChanged:
     """A host of a rollout moved on (committed), or the rollout ended."""
 
@@ -275,6 +282,7 @@ Event = Union[
     QueryAsked,
     QueryPage,
     QueryMore,
+    RolloutStarted,
 ]
 
 # -- events between replicas (fleet.server.replicas) ---------------------------

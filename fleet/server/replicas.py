@@ -37,6 +37,8 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, Callable, Optional
 
+import peewee as pw
+
 from .events import Bus, Event, HostOffline, JobProgressed, decode, encode
 from .store.db import Location, Store, StoreClosed
 from .store.models import Host, Replica, StoredEvent, db, utcnow
@@ -49,6 +51,7 @@ LEADER_LOCK = 0x666C656574 + 1  # beside migrations' lock ("fleet")
 BEAT = 3.0  # seconds between a replica's seen_at updates
 DEAD = 15.0  # seconds of silence after which a replica is dead
 LEAD_EVERY = 2.0  # seconds between a follower's tries for the leader's lock
+LOCK_SILENCE = 10.0  # seconds the leader's lock connection may be silent
 POLL = 1.0  # seconds between looks at the event table when no NOTIFY comes
 GAP_WAIT = 30.0  # seconds an event id is waited for before it is passed over
 KEEP_EVENTS = dt.timedelta(minutes=10)  # events older are deleted (by the leader)
@@ -56,6 +59,8 @@ READ_BATCH = 1000  # events read at once
 PROGRESS_EVERY = 0.25  # seconds: progress sent to other replicas at most this often
 NOTIFY_MAX = 7000  # bytes of a NOTIFY payload (PostgreSQL's bound is 8000)
 RECONNECT = 1.0  # seconds before a lost connection is made again
+# the database's clock, not each machine's: replicas' clocks may differ
+DB_NOW = pw.SQL("(now() AT TIME ZONE 'UTC')")
 
 
 def record(origin: str, events: list[Event]) -> None:
@@ -123,6 +128,10 @@ class Replicas:
         self.id = uuid.uuid4().hex[:12]
         self.url: Optional[str] = None
         self.leading = asyncio.Event()  # set while this replica holds the leader's lock
+        self.leading_since = 0.0  # time.monotonic() when it took the lock
+        # this replica was taken for dead and swept, and is back: its links
+        # still up are written online again (Agents.rejoin)
+        self.on_rejoin: Optional[Callable[[], Awaitable[None]]] = None
         self.on_lead: Optional[Callable[[bool], Awaitable[None]]] = None
         self._gaps: Optional[Gaps] = None
         self._tasks: list[asyncio.Task] = []
@@ -151,14 +160,13 @@ class Replicas:
 
     def _register(self) -> int:
         """This replica's row; the newest event id (where it starts reading)."""
-        now = utcnow()
         Replica.insert(
             id=self.id,
             url=self.url,
             hostname=socket.gethostname(),
             pid=os.getpid(),
-            started_at=now,
-            seen_at=now,
+            started_at=DB_NOW,
+            seen_at=DB_NOW,
         ).on_conflict_ignore().execute()
         return StoredEvent.select(StoredEvent.id).order_by(StoredEvent.id.desc()).scalar() or 0
 
@@ -343,16 +351,24 @@ class Replicas:
         while True:
             await asyncio.sleep(BEAT)
             try:
-                await self.store.atomic(self._seen)
+                swept = await self.store.atomic(self._seen)
+                if swept and self.on_rejoin is not None:
+                    log.warning(
+                        "replica %s was taken for dead: its agents are online again", self.id
+                    )
+                    await self.on_rejoin()
             except StoreClosed:
                 return
             except Exception as exc:
                 log.warning("could not say this replica is alive: %s", exc)
 
-    def _seen(self) -> None:
-        updated = Replica.update(seen_at=utcnow()).where(Replica.id == self.id).execute()
-        if not updated:  # taken for dead (a long pause) and swept: here again
+    def _seen(self) -> bool:
+        """This replica's seen_at, now; True when its row was gone (taken
+        for dead after a long pause, and swept) and is made again."""
+        updated = Replica.update(seen_at=DB_NOW).where(Replica.id == self.id).execute()
+        if not updated:
             self._register()
+        return not updated
 
     async def _lead(self) -> None:
         """Try for the leader's lock until it is had; hold it while the
@@ -361,6 +377,11 @@ class Replicas:
             conn = None
             try:
                 conn = await self._connect()
+                # the lock must not outlive a leader whose machine died
+                # without closing its socket: PostgreSQL ends a session
+                # silent for longer than this (the leader speaks every
+                # LEAD_EVERY seconds)
+                await conn.execute(f"SET idle_session_timeout = '{int(LOCK_SILENCE * 1000)}ms'")
                 while True:
                     cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
                     (got,) = await cursor.fetchone()
@@ -368,12 +389,15 @@ class Replicas:
                         break
                     await asyncio.sleep(LEAD_EVERY)
                 log.info("replica %s leads: it runs the fleet-wide ticker", self.id)
+                self.leading_since = time.monotonic()
                 self.leading.set()
                 if self.on_lead is not None:
                     await self.on_lead(True)
                 while True:  # the lock lives with the connection: watch it
                     await asyncio.sleep(LEAD_EVERY)
-                    await conn.execute("SELECT 1")
+                    # an answer late past LOCK_SILENCE: PostgreSQL may have let
+                    # the lock go (a half-open link): no longer the leader
+                    await asyncio.wait_for(conn.execute("SELECT 1"), LOCK_SILENCE - LEAD_EVERY)
             except asyncio.CancelledError:
                 if conn is not None:
                     await conn.close()
@@ -391,26 +415,24 @@ class Replicas:
 
 
 def sweep_dead(events: list[Event], now: dt.datetime, me: str) -> list[str]:
-    """The leader's look for dead replicas (silent for DEAD seconds): the
-    hosts still online through one of them did not come back through
-    another, so they are offline; the replica's row goes. Returns their ids."""
-    cutoff = now - dt.timedelta(seconds=DEAD)
+    """The leader's look for dead replicas (silent for DEAD seconds by the
+    database's clock): the hosts still online through one of them did not
+    come back through another, so they are offline; the replica's row
+    goes. Returns their ids."""
+    cutoff = DB_NOW - pw.SQL(f"interval '{int(DEAD)} seconds'")
     dead = [
         r.id
         for r in Replica.select(Replica.id).where((Replica.seen_at < cutoff) & (Replica.id != me))
     ]
     if not dead:
         return []
-    hosts = [
-        h.id
-        for h in Host.select(Host.id).where(
-            Host.session_replica.in_(dead) & (Host.online == True)  # noqa: E712
-        )
-    ]
-    for start in range(0, len(hosts), 500):
-        chunk = hosts[start : start + 500]
-        Host.update(online=False, session_replica=None).where(Host.id.in_(chunk)).execute()
-    events.extend(HostOffline(h) for h in hosts)
+    gone = (
+        Host.update(online=False, session_replica=None)
+        .where(Host.session_replica.in_(dead) & (Host.online == True))  # noqa: E712
+        .returning(Host.id)
+        .execute()
+    )  # one statement: a host back through another replica meanwhile is not touched
+    events.extend(HostOffline(h.id) for h in gone)
     Replica.delete().where(Replica.id.in_(dead)).execute()
     return dead
 
@@ -442,6 +464,11 @@ class Upkeep:
 
     async def run_due(self, now: dt.datetime) -> None:
         self.next = now + dt.timedelta(seconds=BEAT)
+        await self.replicas.store.atomic(prune_events, now)
+        if time.monotonic() - self.replicas.leading_since < DEAD:
+            # a new leader (after an outage of PostgreSQL, say) first gives
+            # every replica the time to be heard again
+            return
         dead = await self.apply(sweep_dead, now, self.replicas.id)
         for replica in dead:
             log.warning(
@@ -452,4 +479,3 @@ class Upkeep:
             )
         if dead and self.on_dead is not None:
             await self.on_dead()
-        await self.replicas.store.atomic(prune_events, now)

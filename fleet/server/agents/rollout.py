@@ -27,7 +27,14 @@ from typing import Any, Optional, Union
 
 from ...common import protocol
 from ...common.timefmt import iso
-from ..events import AgentHello, Bus, HostRemoved, RolloutChanged, UpgradeAnswered
+from ..events import (
+    AgentHello,
+    Bus,
+    HostRemoved,
+    RolloutChanged,
+    RolloutStarted,
+    UpgradeAnswered,
+)
 from ..store.db import Store, StoreClosed
 from ..store.models import Host, Rollout, RolloutHost, utcnow
 from ..store.queries import hot
@@ -308,8 +315,31 @@ class Rollouts:
         self.tasks: dict[int, asyncio.Task] = {}
         self.queues: dict[int, asyncio.Queue] = {}
         self.halting: dict[int, str] = {}  # rollout -> why, until its driver stops
+        # rollouts are driven by one fleetd: the leader among replicas (one
+        # alone always is); another one that makes or halts one says so
+        self.leading = True
         for kind in (AgentHello, UpgradeAnswered, HostRemoved):
             bus.subscribe(kind, self._wake)
+        bus.subscribe(RolloutStarted, self._started, local=False)
+        bus.subscribe(RolloutChanged, self._ended_elsewhere, local=False)
+
+    def begin(self, rollout_id: int) -> None:
+        """A rollout just made: driven here, or by the leader."""
+        if self.leading:
+            self.start(rollout_id)
+        else:
+            self.bus.publish([RolloutStarted(rollout_id)])
+
+    def _started(self, event: RolloutStarted) -> None:
+        if self.leading:
+            self.start(event.rollout_id)
+
+    def _ended_elsewhere(self, event: RolloutChanged) -> None:
+        """Halted through another replica (it ended it in the store): the
+        driver here stops where it is."""
+        task = self.tasks.get(event.rollout_id)
+        if event.ended and task is not None:
+            task.cancel()
 
     def _wake(self, event: Wake) -> None:
         if isinstance(event, AgentHello):
@@ -396,7 +426,7 @@ class Rollouts:
         this (those sent it go on with theirs). The driver ends it at its
         next step, not in the middle of one. False: it had ended."""
         task = self.tasks.get(rollout_id)
-        if task is None:
+        if task is None:  # not driven here: ended in the store, and its driver told
             return await self._finish(rollout_id, "halted", reason)
         self.halting[rollout_id] = reason
         self.queues[rollout_id].put_nowait(Halt())

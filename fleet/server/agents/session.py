@@ -347,6 +347,15 @@ class Agents:
             return None
         return await self.store.read(hot.link_features, host_id)
 
+    async def rejoin(self) -> None:
+        """This replica was taken for dead (a long pause) and its hosts
+        marked offline: those whose links here are still up are online
+        again (fleet.server.replicas)."""
+        links = [(h, s.epoch) for h, s in self.sessions.items() if s.epoch is not None]
+        if self.replica is not None and links:
+            back = await self.store.atomic(hot.mark_back, self.replica, links)
+            log.info("%d host(s) online again through this replica", len(back))
+
     def reach_now(self, host_id: int) -> Optional[frozenset[str]]:
         """As reach, on the store thread."""
         session = self.sessions.get(host_id)

@@ -92,7 +92,7 @@ async def agents_upgrade(ctx: Context, p: dict) -> dict:
         return await store.read(dry_run, ctx, selector, batch, timeout, offered)
     view = await store.atomic(start, ctx, selector, batch, timeout, offered)
     if view["status"] == "running":
-        ctx.state.rollouts.start(view["id"])
+        ctx.state.rollouts.begin(view["id"])
     return view
 
 

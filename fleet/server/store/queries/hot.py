@@ -300,6 +300,25 @@ def mark_online(
     return epochs
 
 
+def mark_back(replica: str, links: list[tuple[int, int]]) -> list[int]:
+    """Hosts whose links (host, epoch) through this replica are still up,
+    online again after the replica was taken for dead, unless a newer link
+    of theirs was made since; returns them."""
+    back = []
+    for host_id, epoch in links:
+        row = one(
+            'UPDATE "host" SET "online" = ?, "session_replica" = ? '
+            'WHERE "id" = ? AND "session_epoch" = ? RETURNING "id"',
+            True,
+            replica,
+            host_id,
+            epoch,
+        )
+        if row is not None:
+            back.append(row[0])
+    return back
+
+
 def link_features(host_id: int) -> Optional[frozenset[str]]:
     """What the host's agent can do if it is connected (through any
     replica); None when it is offline."""
