@@ -14,7 +14,9 @@ no consensus of our own:
   each replica reads the table in id order from where it was, so a missed
   notification, or a replica busy for a while, loses nothing. Ids are
   handed out at insert, not commit, so a lower one may commit after a
-  higher one was read: a gap is waited for (GAP_WAIT) before it is passed.
+  higher one was read: a missing id is waited for until every transaction
+  that was running when it was noticed has ended (PostgreSQL's snapshot
+  xmin passed the xmax of then), GAP_CAP at most.
 - Progress, which is never stored, goes by NOTIFY alone (fleet_progress):
   a lost one is replaced by the next.
 - The leader holds a PostgreSQL advisory lock on a connection of its own
@@ -53,9 +55,10 @@ DEAD = 15.0  # seconds of silence after which a replica is dead
 LEAD_EVERY = 2.0  # seconds between a follower's tries for the leader's lock
 LOCK_SILENCE = 10.0  # seconds the leader's lock connection may be silent
 POLL = 1.0  # seconds between looks at the event table when no NOTIFY comes
-GAP_WAIT = 30.0  # seconds an event id is waited for before it is passed over
+GAP_CAP = 600.0  # seconds a missing event id is waited for at most
 KEEP_EVENTS = dt.timedelta(minutes=10)  # events older are deleted (by the leader)
 READ_BATCH = 1000  # events read at once
+MAX_PENDING = 10_000  # events made outside a transaction kept while PostgreSQL is away
 PROGRESS_EVERY = 0.25  # seconds: progress sent to other replicas at most this often
 NOTIFY_MAX = 7000  # bytes of a NOTIFY payload (PostgreSQL's bound is 8000)
 RECONNECT = 1.0  # seconds before a lost connection is made again
@@ -80,14 +83,17 @@ def record(origin: str, events: list[Event]) -> None:
 
 class Gaps:
     """Which event ids were read, so that each is published once: `done` is
-    the highest id below which every one was read or waited for long
-    enough; `seen` the ids read above it; `since` when each missing id was
-    first noticed missing."""
+    the highest id below which every one was read or will never come;
+    `seen` the ids read above it; `since` for each missing id, when it was
+    first noticed missing and the xmax of PostgreSQL's snapshot then (the
+    transaction that took the id, if any, was running, so its txid is
+    below that: once the oldest running transaction (xmin) is past it,
+    the id will never come: a transaction rolled back, or a savepoint)."""
 
     def __init__(self, done: int) -> None:
         self.done = done
         self.seen: set[int] = set()
-        self.since: dict[int, float] = {}
+        self.since: dict[int, tuple[float, int]] = {}
 
     def top(self) -> int:
         """The newest id read."""
@@ -100,17 +106,20 @@ class Gaps:
         self.seen.add(event_id)
         return True
 
-    def advance(self, now: float) -> None:
-        """Move `done` past every id read, and past missing ones waited for
-        GAP_WAIT (a rolled-back transaction leaves a hole for ever)."""
+    def advance(self, now: float, xmin: int, xmax: int) -> None:
+        """Move `done` past every id read, and past missing ones that will
+        never come. xmin, xmax: PostgreSQL's snapshot, taken after the rows
+        were read."""
         for missing in range(self.done + 1, self.top()):
             if missing not in self.seen:
-                self.since.setdefault(missing, now)
+                self.since.setdefault(missing, (now, xmax))
         while True:
             nxt = self.done + 1
             if nxt in self.seen:
                 self.seen.discard(nxt)
-            elif nxt in self.since and now - self.since[nxt] >= GAP_WAIT:
+            elif nxt in self.since and (
+                xmin >= self.since[nxt][1] or now - self.since[nxt][0] >= GAP_CAP
+            ):
                 log.debug("event %d never came (a transaction rolled back)", nxt)
             else:
                 break
@@ -212,8 +221,16 @@ class Replicas:
                 await self.store.atomic(record, self.id, events)
             except StoreClosed:
                 return
-            except Exception:
-                log.exception("passing %d event(s) to the other replicas failed", len(events))
+            except Exception as exc:  # PostgreSQL out of reach: kept, tried again
+                log.warning(
+                    "passing %d event(s) to the other replicas failed (%s); trying again",
+                    len(events),
+                    exc,
+                )
+                self._pending = events + self._pending
+                if len(self._pending) > MAX_PENDING:  # a long outage: the oldest go
+                    del self._pending[: len(self._pending) - MAX_PENDING]
+                await asyncio.sleep(RECONNECT)
 
     async def _send_progress(self) -> None:
         await asyncio.sleep(PROGRESS_EVERY)  # what comes meanwhile shares the NOTIFY
@@ -312,12 +329,18 @@ class Replicas:
             )
             page = await cursor.fetchall()
             rows += page
-            self._publish_rows(sorted(rows))
+            # after the rows: a transaction holding a missing id is older
+            cursor = await conn.execute(
+                "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
+                "FROM pg_current_snapshot() AS s"
+            )
+            xmin, xmax = await cursor.fetchone()
+            self._publish_rows(sorted(rows), xmin, xmax)
             rows = []
             if len(page) < READ_BATCH:
                 return
 
-    def _publish_rows(self, rows: list) -> None:
+    def _publish_rows(self, rows: list, xmin: int, xmax: int) -> None:
         gaps = self._gaps
         assert gaps is not None
         events = []
@@ -327,7 +350,7 @@ class Replicas:
             event = decode(kind, body)
             if event is not None:
                 events.append(event)
-        gaps.advance(time.monotonic())
+        gaps.advance(time.monotonic(), xmin, xmax)
         if events:
             self.received += len(events)
             self.bus.publish_remote(events)
