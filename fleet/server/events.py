@@ -10,6 +10,7 @@ replicas it becomes a wake-up pointing at an events table.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from collections import defaultdict
@@ -211,12 +212,15 @@ class QueryAsked:
 
 @dataclass(frozen=True)
 class QueryPage:
-    """A page of a relayed query's answer, or how it ended (`error`)."""
+    """A page of a relayed query's answer, or how it ended (`error`). Its
+    items sealed with the fleet's key (fleet.server.agents.queries): a
+    file dumped may hold a secret, and the event table is no place for it."""
 
     query_id: str
     asker: str
-    items: tuple[dict[str, Any], ...] = ()
+    sealed: Optional[str] = None  # None and not done: the holder took the query
     done: bool = False
+    holder: str = ""  # the replica answering (the asker hears one only)
     error: Optional[str] = None
     code: Optional[str] = None
 
@@ -324,6 +328,7 @@ def decode(kind: str, body: str) -> Optional[Event]:
 
 
 TAIL_QUEUE = 10_000  # events a tail may fall behind before it re-reads the store
+ENDED_KEPT = 10_000  # ended jobs remembered, against late progress
 
 
 class Watch:
@@ -377,6 +382,9 @@ class Bus:
         self.outbox: Optional[Callable[[list[Event]], None]] = None
         self._watches: dict[int, set[Watch]] = defaultdict(set)
         self.progress: dict[int, dict[str, Any]] = {}  # latest progress per running job
+        # jobs ended lately: a progress report of theirs that comes late (from
+        # another replica, by NOTIFY) is not kept as if they ran
+        self._ended: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.subscribe(JobProgressed, self._track_progress)
         self.subscribe(JobEnded, self._track_progress)
         self.subscribe(HostRemoved, self._end_watches)
@@ -413,9 +421,13 @@ class Bus:
 
     def _track_progress(self, event: JobProgressed | JobEnded) -> None:
         if isinstance(event, JobProgressed):
-            self.progress[event.job_id] = event.progress
-        else:
-            self.progress.pop(event.job_id, None)
+            if event.job_id not in self._ended:
+                self.progress[event.job_id] = event.progress
+            return
+        self.progress.pop(event.job_id, None)
+        self._ended[event.job_id] = None
+        if len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     def _end_watches(self, event: HostRemoved) -> None:
         for watches in list(self._watches.values()):

@@ -7,6 +7,7 @@ is lost."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -124,7 +125,8 @@ def test_snapshots_are_browsed_through_any_replica(fx, e2e, replicas):
     a, b, c = replicas
     h = host_on(e2e, b)  # its agent holds a link to B only
     files = {f"many/f{i:04d}.txt": f"{i}\n" for i in range(1500)}  # several pages of ls
-    files["etc/app.ini"] = "[app]\nkey = value\n"
+    secret = "s3cret-" + fx.uniq("dump")
+    files["etc/app.ini"] = f"[app]\nkey = {secret}\n"
     e2e.write_tree(h.src, files)
     a.ctl("groups", "create", h.name, "etc", "--include", h.src)
     done = e2e.wait_job(a, a.ctl_json("run", h.name, "etc")["id"], timeout=120)
@@ -138,6 +140,14 @@ def test_snapshots_are_browsed_through_any_replica(fx, e2e, replicas):
     # find on C, through B too
     found = c.ctl_json("find", h.name, "app.ini")
     assert any(m["path"] == f"{h.src}/etc/app.ini" for m in found["matches"]), found
+    # a file's content through C: relayed sealed, never in the store in clear
+    code, out, err = e2e.fleetctl(c, "dump", h.name, snap["short_id"], f"{h.src}/etc/app.ini")
+    assert code == 0, err
+    assert out == f"[app]\nkey = {secret}\n"
+    stored = fx.store_bytes(a.data_dir)
+    # neither the content nor the base64 of it that the agent's pages carry
+    assert secret.encode() not in stored
+    assert base64.b64encode(out.encode()) not in stored
     # the agent gone, a new listing is refused as offline, not waited for
     h.agent.stop()
     e2e.wait_host(a, h.name, "offline")

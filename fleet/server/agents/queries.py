@@ -10,7 +10,9 @@ the query with an error instead of holding the agent's link up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Callable
@@ -18,6 +20,7 @@ from typing import Any, Callable
 from ...common import protocol
 from ...common.protocol import ProtocolError, check_fields
 from ..events import QueryAsked, QueryMore, QueryPage
+from ..security.secrets import SecretBox, SecretError
 
 # pages a query may have waiting: the agent sends at most QUERY_WINDOW ahead
 QUEUE_PAGES = 64
@@ -132,6 +135,9 @@ def fail(pending: _Pending, error: QueryFailed) -> None:
 # pages the replica holding the agent's link passes on before the asker
 # says it took them (as an agent before query.more)
 RELAY_WINDOW = protocol.QUERY_WINDOW
+# seconds for the replica holding the agent's link to say it took a query:
+# none does when the agent went offline meanwhile
+RELAY_TAKEN = 10.0
 
 
 class Relayed:
@@ -142,10 +148,12 @@ class Relayed:
     through the event table like every event: bounded by the window, and
     kept there minutes, like the rest."""
 
-    def __init__(self, replica: str, publish: Callable[[list], None]) -> None:
+    def __init__(self, replica: str, publish: Callable[[list], None], box: SecretBox) -> None:
         self.replica = replica
         self.publish = publish  # Bus.publish
+        self.box = box  # the fleet's key: pages cross the event table sealed
         self.waiting: dict[str, asyncio.Queue] = {}  # asker: query -> its pages
+        self.holders: dict[str, str] = {}  # asker: query -> the replica answering it
         self.credit: dict[str, asyncio.Queue] = {}  # holder: query -> the asker's word
         self.ids = itertools.count(1)
 
@@ -162,22 +170,27 @@ class Relayed:
             self.publish([QueryAsked(query_id, self.replica, host_id, kind, dict(params))])
             taken = 0
             while not done:
+                wait = timeout if query_id in self.holders else RELAY_TAKEN
                 try:
-                    page = await asyncio.wait_for(pages.get(), timeout)
+                    page = await asyncio.wait_for(pages.get(), wait)
                 except asyncio.TimeoutError:
+                    if query_id not in self.holders:
+                        raise QueryFailed("offline", "the host's agent is offline") from None
                     raise QueryFailed("timeout", f"no answer within {timeout:.0f} s") from None
                 if page.error is not None:
                     done = True
                     raise QueryFailed(page.code or "failed", page.error)
                 done = page.done
-                if page.items or not done:  # the last word may carry no items
-                    yield list(page.items)
+                if page.sealed is None:  # taken, or the last word: no items
+                    continue
+                yield self._open(query_id, page.sealed)
                 taken += 1
                 if not done and taken >= RELAY_WINDOW // 2:
                     self.publish([QueryMore(query_id, taken)])
                     taken = 0
         finally:
             self.waiting.pop(query_id, None)
+            self.holders.pop(query_id, None)
             if not done:
                 self.publish([QueryMore(query_id, cancel=True)])
 
@@ -185,6 +198,10 @@ class Relayed:
         """A QueryPage from the replica holding the link (a stray one is dropped)."""
         pages = self.waiting.get(event.query_id)
         if event.asker != self.replica or pages is None:
+            return
+        # two replicas holding a link of the host at once (it moved): the
+        # first to answer is heard, the other not
+        if self.holders.setdefault(event.query_id, event.holder) != event.holder:
             return
         if pages.full():  # more than the window: the holder is broken; end it
             self.waiting.pop(event.query_id, None)
@@ -198,27 +215,45 @@ class Relayed:
         """Ask the agent (ask: Agents.query) and pass each page on."""
         credit: asyncio.Queue = asyncio.Queue()
         self.credit[event.query_id] = credit
+        me = self.replica
         ahead = 0
         try:
             pages = ask(event.host_id, event.kind, event.params)
+            self.publish([QueryPage(event.query_id, event.asker, holder=me)])  # taken
             try:
                 async for items in pages:
-                    while ahead >= RELAY_WINDOW:  # wait for the asker to take some
+                    # the asker's word: pages taken, or it gave up
+                    while ahead >= RELAY_WINDOW or not credit.empty():
                         more = await asyncio.wait_for(credit.get(), PAGE_TIMEOUT)
                         if more.cancel:
                             return
                         ahead -= more.pages
                     ahead += 1
-                    self.publish([QueryPage(event.query_id, event.asker, tuple(items))])
-                self.publish([QueryPage(event.query_id, event.asker, done=True)])
+                    sealed = self._seal(event.query_id, items)
+                    self.publish([QueryPage(event.query_id, event.asker, sealed, holder=me)])
+                self.publish([QueryPage(event.query_id, event.asker, done=True, holder=me)])
             finally:
                 await pages.aclose()
         except QueryFailed as exc:
-            self.publish([QueryPage(event.query_id, event.asker, error=exc.message, code=exc.code)])
+            failed = QueryPage(
+                event.query_id, event.asker, error=exc.message, code=exc.code, holder=me
+            )
+            self.publish([failed])
         except asyncio.TimeoutError:
             pass  # the asker went away without a word: its own timeout ended it there
         finally:
             self.credit.pop(event.query_id, None)
+
+    def _seal(self, query_id: str, items: list[dict[str, Any]]) -> str:
+        plain = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
+        return base64.b64encode(self.box.encrypt(plain, f"query-page:{query_id}")).decode()
+
+    def _open(self, query_id: str, sealed: str) -> list[dict[str, Any]]:
+        try:
+            plain = self.box.decrypt(base64.b64decode(sealed), f"query-page:{query_id}")
+            return list(json.loads(plain))
+        except (SecretError, ValueError, TypeError):
+            raise QueryFailed("bad_frame", "a relayed page does not open") from None
 
     def more(self, event: QueryMore) -> None:
         credit = self.credit.get(event.query_id)

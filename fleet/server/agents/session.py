@@ -318,7 +318,10 @@ class Agents:
         self.bus.subscribe(CancelRequested, self._cancel_requested)
         self.bus.subscribe(UpgradeRequested, self._upgrade_requested)
         # queries for agents connected through another replica, and theirs for ours
-        self.relayed = Relayed(self.replica, self.bus.publish) if self.replica else None
+        # host -> the newest link number heard of through other replicas
+        # while the link here was being written (AgentConnected)
+        self._elsewhere: dict[int, int] = {}
+        self.relayed = Relayed(self.replica, self.bus.publish, self.box) if self.replica else None
         if self.relayed is not None:
             self.bus.subscribe(QueryAsked, self._query_asked, local=False)
             self.bus.subscribe(QueryPage, self.relayed.page, local=False)
@@ -484,8 +487,17 @@ class Agents:
         if event.replica == self.replica:
             return
         session = self.sessions.get(event.host_id)
-        if session is None or (session.epoch is not None and session.epoch >= event.epoch):
+        if session is None:
             return
+        if session.epoch is None:  # not written yet: compared once it is
+            newer = self._elsewhere.get(event.host_id, 0)
+            self._elsewhere[event.host_id] = max(newer, event.epoch)
+            return
+        if session.epoch >= event.epoch:
+            return
+        self._replace(session)
+
+    def _replace(self, session: AgentSession) -> None:
         log.warning(
             "host %s connected again through another fleetd; closing its link here",
             session.host_name,
@@ -580,6 +592,8 @@ class Agents:
             await marked
             session.epoch = self.presence.epochs.get(host_id)
             if self.replica is not None and session.epoch is not None:
+                if self._elsewhere.pop(host_id, 0) > session.epoch:
+                    self._replace(session)  # a newer link through another replica came first
                 self.bus.publish([AgentConnected(host_id, session.epoch, self.replica)])
             welcome = {
                 "server_version": __version__,
@@ -636,6 +650,7 @@ class Agents:
                 else:
                     await session.inbox.put(None, 0)
                 await asyncio.gather(session.consumer, return_exceptions=True)
+            self._elsewhere.pop(host_id, None)
             if self._detach(session) and not self.stopping:
                 gone = await self.presence.offline(host_id)  # committed before anyone looks
                 if host_id in gone:
