@@ -137,9 +137,12 @@ def pytest_collection_modifyitems(config: Any, items: list) -> None:
     if STORE == "sqlite":
         return
     skip = pytest.mark.skip(reason="looks at the SQLite file; PostgreSQL's own tests cover it")
+    once = pytest.mark.skip(reason="picks its store itself, or needs none: run in the first half")
     for item in items:
         if "sqlite_file" in item.keywords:
             item.add_marker(skip)
+        elif "own_store" in item.keywords:
+            item.add_marker(once)
 
 
 def store_location(data_dir: Path) -> Any:

@@ -15,7 +15,11 @@ import shutil
 import types
 from pathlib import Path
 
+import pytest
+
 from fleet.common import protocol
+
+pytestmark = pytest.mark.own_store  # the agent's and fleetctl's side of failover: run once
 
 HALF = 500  # hook lines before the gate, and after it
 HOOK_LINE = re.compile(r"line (\d+)")

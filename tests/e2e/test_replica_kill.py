@@ -16,6 +16,8 @@ import types
 
 import pytest
 
+pytestmark = pytest.mark.own_store  # always three replicas on PostgreSQL: run once
+
 HALF = 300  # hook lines before the gate, and after it
 HOOK_LINE = re.compile(r"\bline (\d+)$")
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytestmark = pytest.mark.own_store  # fleetctl's list of servers, whatever the store: run once
+
 
 @pytest.fixture
 def refused() -> Iterator:

@@ -12,6 +12,8 @@ import pytest
 
 from fleet import __version__, units
 
+pytestmark = pytest.mark.own_store  # the install script, whatever the store: run once
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("fleetd.service", "fleet-agent.service")
 

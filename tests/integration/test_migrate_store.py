@@ -17,10 +17,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fleet.server.security.secrets import create_key_file, load_key_file, repository_aad
 from fleet.server.store import models as m
 from fleet.server.store.db import locate, open_database
 from fleet.server.store.transfer import copy_order
+
+pytestmark = pytest.mark.own_store  # always SQLite into PostgreSQL: run once
 
 TABLES = [model._meta.table_name for model in copy_order()]
 

@@ -21,6 +21,8 @@ from fleet.server.store import models as m
 from fleet.server.store.db import Store, locate, open_database
 from fleet.server.store.migrations import MIGRATIONS, migrate
 
+pytestmark = pytest.mark.own_store  # always PostgreSQL: run once
+
 
 def test_a_real_postgresql_runs_as_an_unprivileged_user(postgres):
     with postgres.connect() as conn:

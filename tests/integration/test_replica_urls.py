@@ -11,6 +11,8 @@ import pytest
 
 from fleet.common import protocol
 
+pytestmark = pytest.mark.own_store  # fleetd's URLs, whatever the store: run once
+
 A, B, C = "ws://fleet-a.example:8433", "ws://fleet-b.example:8433", "ws://fleet-c.example/fleet"
 
 

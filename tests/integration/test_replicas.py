@@ -17,6 +17,8 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet.common import protocol
 
+pytestmark = pytest.mark.own_store  # always three replicas on PostgreSQL: run once
+
 TS = "2026-12-03T00:00:00Z"
 
 
