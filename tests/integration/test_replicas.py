@@ -332,3 +332,35 @@ def test_alerts_notifications_and_pings_are_sent_once_not_once_per_replica(fx, t
         for env in envs:
             fx.stop_and_check(env.fleetd)
         receiver.close()
+
+
+def test_a_claim_waits_while_another_replica_claims_on_its_repository(fx, tmp_path, postgres):
+    """On PostgreSQL a claim first holds the repositories it would work on
+    (advisory locks, not waited for): held elsewhere, the host is looked at
+    again a moment later, and gets its job once they are let go."""
+    from fleet.server.store.queries.hot import CLAIMS
+
+    (a,) = fx.start_replicas(tmp_path / "fleet", 1)
+    try:
+        host = fx.uniq("claim")
+        enrolled = fx.enroll_agent(a, host)
+        repo = fx.uniq("r")
+        a.rpc("repos.create", name=repo, url=f"/srv/{repo}", password="pw", env={})
+        a.rpc("repos.use", name=repo, hosts=[host])
+        with fx.store_sql(a.data_dir) as sql:
+            ((repo_id,),) = sql('SELECT "id" FROM "repository" WHERE "name" = ?', repo)
+        link = Link(fx, a, enrolled["agent_token"])
+        init = link.next_of("command.run")  # the repository's auto-init, first
+        _backup(link, init["data"]["job_id"], "succeeded")
+        dbname = (a.data_dir / "database").read_text().split("?")[0].rsplit("/", 1)[1]
+        with postgres.connect(dbname) as other:  # another replica, claiming on it
+            other.execute("BEGIN")
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIMS + repo_id,))
+            job = a.rpc("jobs.run", host=host, kind="check")
+            assert job["status"] == "queued"  # not claimed with the run-now: contended
+            assert a.ctl_json("jobs", "show", job["id"])["status"] == "queued"
+            other.execute("COMMIT")
+        run = link.next_of("command.run", job_id=job["id"])  # looked at again, and sent
+        assert run["data"]["kind"] == "check"
+    finally:
+        fx.stop_and_check(a.fleetd)

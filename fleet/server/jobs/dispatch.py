@@ -32,6 +32,7 @@ log = logging.getLogger("fleetd.dispatch")
 
 BATCH = 1000  # hosts claimed for in one transaction
 BUSY_RETRY = 2.0  # seconds before a host that answered busy is offered again
+CONTENDED_RETRY = 0.1  # seconds before a host whose repository was being claimed on is again
 REPOSITORIES = "repositories"  # an agent's hello feature: it holds every repository of its host
 # job kinds an agent runs only when its hello says so (an older one drops them)
 KIND_FEATURES = {"restore": "restore", "drill": "drills"}
@@ -127,7 +128,10 @@ class Dispatcher:
         send fails, and one not yet seen ready is offered when it is.)"""
         if not self.sessions.ready(host_id):
             return None
-        return lifecycle.claim(events, host_id, self.clock.now())
+        try:
+            return lifecycle.claim(events, host_id, self.clock.now())
+        except hot.Contended:
+            return None  # its JobQueued offers the host again
 
     def offer_later(self, host_id: int, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self.offer, host_id)
@@ -136,7 +140,9 @@ class Dispatcher:
         while self._hosts:
             hosts = [self._hosts.pop() for _ in range(min(BATCH, len(self._hosts)))]
             try:
-                await self.lifecycle.apply(self._claim, hosts, self.clock.now())
+                contended = await self.lifecycle.apply(self._claim, hosts, self.clock.now())
+                for host_id in contended:  # another replica claims on its repository
+                    self.offer_later(host_id, CONTENDED_RETRY)
             except StoreClosed:
                 return  # fleetd stops: the jobs stay queued in the store
             except Exception:
@@ -208,6 +214,12 @@ class Dispatcher:
             log.exception("failing job %s failed", event.job_id)
 
     @staticmethod
-    def _claim(events: list[Event], hosts: list[int], now: Any) -> None:
+    def _claim(events: list[Event], hosts: list[int], now: Any) -> list[int]:
+        """Claim for each host; returns those to look at again (contended)."""
+        contended = []
         for host_id in hosts:  # each claim appends its JobDispatched: sent from there
-            lifecycle.claim(events, host_id, now)
+            try:
+                lifecycle.claim(events, host_id, now)
+            except hot.Contended:
+                contended.append(host_id)
+        return contended

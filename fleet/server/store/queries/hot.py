@@ -10,7 +10,45 @@ from ..models import AuditLog, Job
 from . import execute, execute_many, on_postgresql, one, rows, when
 
 WITH_AGENT = ("dispatched", "running")
-CLAIM_LOCK = 0x666C656574 + 2  # claims, one at a time across replicas (PostgreSQL)
+# advisory lock keys of repositories being claimed on (PostgreSQL): this + id
+CLAIMS = 0x666C6574 << 32
+
+
+class Contended(Exception):
+    """Another replica is claiming a job on a repository of this host's
+    right now: the host is looked at again a moment later."""
+
+    def __init__(self, host_id: int) -> None:
+        super().__init__(f"host {host_id}: a repository of its is being claimed on elsewhere")
+        self.host_id = host_id
+
+
+def hold_repositories(host_id: int) -> bool:
+    """On PostgreSQL, before a claim: the repositories the host's queued
+    jobs would work on (its default for those naming none), each held to
+    the end of the transaction, so that the repository rules of the claim
+    read what another replica's claims on them wrote (one SQLite writer
+    gives that for nothing; READ COMMITTED does not). Taken without
+    waiting, in order (no deadlock): False when one is held elsewhere."""
+    repositories = sorted(
+        r
+        for (r,) in rows(
+            'SELECT "repository_id" FROM "job" WHERE "host_id" = ? AND "status" = ? '
+            'UNION SELECT "from_repository_id" FROM "job" WHERE "host_id" = ? AND "status" = ? '
+            f"UNION ({DEFAULT_REPOSITORY})",
+            host_id,
+            "queued",
+            host_id,
+            "queued",
+            host_id,
+        )
+        if r is not None
+    )
+    for repository in repositories:
+        (got,) = one("SELECT pg_try_advisory_xact_lock(?)", CLAIMS + repository)
+        if not got:
+            return False
+    return True
 
 
 def agent_by_token(token_hash: str) -> Optional[tuple[int, str]]:
@@ -131,11 +169,8 @@ def claim(
     the host's default repository) or None. A job an agent made
     itself (agent_job) is the agent's to run: never claimed."""
     stamp = when(now)
-    if on_postgresql():
-        # one claim at a time across replicas, to the end of the transaction:
-        # the repository rules read what other claims wrote (one SQLite writer
-        # gives that for nothing; READ COMMITTED does not)
-        execute("SELECT pg_advisory_xact_lock(?)", CLAIM_LOCK)
+    if on_postgresql() and not hold_repositories(host_id):
+        raise Contended(host_id)
     return one(
         'UPDATE "job" SET "status" = ?, "dispatched_at" = ? WHERE "status" = ? AND "id" = ('
         'SELECT "j"."id" FROM "job" AS "j" WHERE "j"."host_id" = ? AND "j"."status" = ? '
