@@ -76,6 +76,11 @@ def record(origin: str, events: list[Event]) -> None:
     ]
     if not rows:
         return
+    # the transaction's own id first, before the events' ids are drawn: a
+    # replica that notices one of them missing must see this transaction
+    # running (below its snapshot's xmax; see Gaps), which a transaction
+    # whose first write is this insert would not be until mid-statement
+    db.obj.execute_sql("SELECT pg_current_xact_id()")
     for start in range(0, len(rows), 500):
         StoredEvent.insert_many(rows[start : start + 500]).execute()
     db.obj.execute_sql(f"NOTIFY {EVENTS}")
