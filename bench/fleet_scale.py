@@ -909,12 +909,12 @@ def wait_all_up(fleet: Fleet, since: float, n: int, timeout: float) -> tuple[int
     return len(fleet.ups_since(since)), fleet.last_up_time(since)
 
 
-async def dispatch_round(
-    ctl: Ctl, fleet: Fleet, hosts: list[int], names: list[str], budget: float
-) -> tuple[list[float], int]:
-    """jobs.run (kind check) on each host, one after the other; latency to command.run."""
-    sent: dict[int, float] = {}
-    deadline = time.monotonic() + budget
+async def send_runs(
+    ctl: Ctl, hosts: list[int], names: list[str], deadline: float
+) -> dict[int, tuple[int, float]]:
+    """jobs.run (kind check) on each host, one after the other, until the
+    deadline: job id -> (host index, time sent)."""
+    sent: dict[int, tuple[int, float]] = {}
     for idx in hosts:
         if time.monotonic() > deadline:
             break
@@ -929,7 +929,16 @@ async def dispatch_round(
         except asyncio.TimeoutError:
             break
         if "result" in reply:
-            sent[reply["result"]["id"]] = t0
+            sent[reply["result"]["id"]] = (idx, t0)
+    return sent
+
+
+async def dispatch_round(
+    ctl: Ctl, fleet: Fleet, hosts: list[int], names: list[str], budget: float
+) -> tuple[list[float], int]:
+    """jobs.run (kind check) on each host, one after the other; latency to command.run."""
+    deadline = time.monotonic() + budget
+    sent = {j: t0 for j, (_idx, t0) in (await send_runs(ctl, hosts, names, deadline)).items()}
     wait_until = time.monotonic() + min(30.0, max(5.0, deadline - time.monotonic()))
     while time.monotonic() < wait_until:
         with fleet.lock:
@@ -1556,23 +1565,7 @@ async def dispatch_split(
     (the same conditions for both): latencies to command.run, same and cross."""
     hosts = [h for pair in zip(same, cross) for h in pair]
     mine = set(same)
-    sent: dict[int, tuple[int, float]] = {}
-    deadline = time.monotonic() + budget
-    for idx in hosts:
-        if time.monotonic() > deadline:
-            break
-        t0 = time.time()
-        try:
-            reply = await ctl.call(
-                "jobs.run",
-                timeout=max(1.0, deadline - time.monotonic()),
-                host=names[idx],
-                kind="check",
-            )
-        except asyncio.TimeoutError:
-            break
-        if "result" in reply:
-            sent[reply["result"]["id"]] = (idx, t0)
+    sent = await send_runs(ctl, hosts, names, time.monotonic() + budget)
     await wait_runs(fleet, list(sent), 30)
     with fleet.lock:
         got = {j: fleet.run_by_job[j] - t for j, (_i, t) in sent.items() if j in fleet.run_by_job}

@@ -42,6 +42,14 @@ def state_dir(value: Optional[str]) -> Path:
     return Path(value or os.environ.get("FLEET_AGENT_STATE_DIR") or DEFAULT_STATE_DIR)
 
 
+def _save_json(path: Path, doc: dict[str, Any]) -> None:
+    """A small state file replaced at once (write_private); StateError when it cannot be."""
+    try:
+        write_private(path, json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def write_private(path: Path, text: str) -> None:
     """Atomically replace `path` with `text`, readable by the owner only."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -184,13 +192,7 @@ class State:
         """Replace the pin set at once (write, fsync, rename): a crash leaves
         the old set or the new one, never a mix or nothing."""
         pins = tlspins.check_pins(pins)
-        try:
-            write_private(
-                self.pins_path,
-                json.dumps({"pins": pins, "updated_at": updated_at}, indent=2) + "\n",
-            )
-        except OSError as exc:
-            raise StateError(f"cannot write {self.pins_path}: {exc.strerror}") from None
+        _save_json(self.pins_path, {"pins": pins, "updated_at": updated_at})
 
     def load_servers(self) -> Optional[list[str]]:
         """The replicas' URLs, or None when the agent holds none beyond
@@ -206,13 +208,7 @@ class State:
 
     def save_servers(self, urls: list[str], updated_at: str) -> None:
         """Replace the list at once (write, fsync, rename)."""
-        try:
-            write_private(
-                self.servers_path,
-                json.dumps({"urls": urls, "updated_at": updated_at}, indent=2) + "\n",
-            )
-        except OSError as exc:
-            raise StateError(f"cannot write {self.servers_path}: {exc.strerror}") from None
+        _save_json(self.servers_path, {"urls": urls, "updated_at": updated_at})
 
     def load_refusal(self) -> Optional[dict[str, Any]]:
         """The last refusal of fleetd's certificate, if the agent has not

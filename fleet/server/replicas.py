@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import peewee as pw
 
 from .events import Bus, Event, HostOffline, JobProgressed, decode, encode
-from .store.db import Location, Store, StoreClosed
+from .store.db import Location, Store, StoreClosed, libpq_params
 from .store.models import Host, Replica, StoredEvent, db, utcnow
 
 log = logging.getLogger("fleetd.replicas")
@@ -272,11 +272,7 @@ class Replicas:
     async def _connect(self) -> Any:
         import psycopg
 
-        params = dict(self.where.postgresql or {})
-        if self.where.password is not None:
-            params["password"] = self.where.password
-        params.setdefault("application_name", f"fleetd {self.id}")
-        params.setdefault("connect_timeout", "10")
+        params = libpq_params(self.where, f"fleetd {self.id}")
         return await psycopg.AsyncConnection.connect(autocommit=True, **params)
 
     async def _listen(self) -> None:

@@ -304,6 +304,23 @@ class E2E:
 
     # -- jobs and hosts through fleetctl --json -----------------------------------------
 
+    @staticmethod
+    def gated_hook(gate: Path, half: int) -> str:
+        """A pre-hook: `line 1`..`line HALF`, wait (60 s at most) for
+        `gate`, then `line HALF+1`..`line 2*HALF`."""
+        return (
+            f"for i in $(seq 1 {half}); do echo line $i; done; "
+            f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; "
+            f"for i in $(seq {half + 1} {2 * half}); do echo line $i; done"
+        )
+
+    @staticmethod
+    def agent_status(h: types.SimpleNamespace) -> dict:
+        """`fleet-agent status --json` of h's agent."""
+        proc = h.agent.cli("status", "--state-dir", h.agent.state_dir, "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
     def jobs(self, fleet: Any, host: str, **filters: Any) -> list[dict]:
         args: list[Any] = ["jobs", "list", "--host", host, "--limit", "1000"]
         for key, value in filters.items():

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import types
-from pathlib import Path
 
 import pytest
 
@@ -23,21 +22,6 @@ pytestmark = pytest.mark.own_store  # the agent's and fleetctl's side of failove
 
 HALF = 500  # hook lines before the gate, and after it
 HOOK_LINE = re.compile(r"line (\d+)")
-
-
-def gated_hook(gate: Path) -> str:
-    """`line 1`..`line HALF`, wait (60 s at most) for `gate`, then the rest."""
-    return (
-        f"for i in $(seq 1 {HALF}); do echo line $i; done; "
-        f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; "
-        f"for i in $(seq {HALF + 1} {2 * HALF}); do echo line $i; done"
-    )
-
-
-def agent_status(h) -> dict:
-    proc = h.agent.cli("status", "--state-dir", h.agent.state_dir, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def servers_file(h) -> list:
@@ -80,7 +64,7 @@ def test_a_refused_first_replica_is_passed_over_at_enrollment_and_at_start(
         h = enrolled_host(e2e, fleet)
         assert h.agent.identity["server_url"] == first.url
         assert servers_file(h) == [first.url, relay.url]
-        assert agent_status(h)["servers"] == [first.url, relay.url]
+        assert e2e.agent_status(h)["servers"] == [first.url, relay.url]
         assert first.connections >= 1 and relay.connections == 0
         h.agent.wait_log(f"connected to {first.url}")
 
@@ -142,7 +126,7 @@ def test_a_link_cut_mid_backup_fails_over_to_the_next_url_and_loses_nothing(
 
     e2e.write_tree(h.src, {"data/a.txt": "a\n" * 100, "etc/app.conf": "x = 1\n"})
     gate = h.base / "gate"
-    group = e2e.group(fleet, h, "--pre-hook", gated_hook(gate))
+    group = e2e.group(fleet, h, "--pre-hook", e2e.gated_hook(gate, HALF))
     job_id = e2e.run(fleet, h.name, group)["id"]
     fx.wait_until(
         lambda: (
@@ -169,7 +153,7 @@ def test_a_link_cut_mid_backup_fails_over_to_the_next_url_and_loses_nothing(
     assert done["status"] == "succeeded" and done["exit_code"] == 0, done
     assert_delivered_once(e2e, fleet, job_id)
     fx.wait_until(
-        lambda: agent_status(h)["unacknowledged_frames"] == 0,
+        lambda: e2e.agent_status(h)["unacknowledged_frames"] == 0,
         timeout=10,
         what="fleetd to acknowledge the whole spool",
     )
@@ -185,7 +169,7 @@ def test_agents_learn_a_replica_added_later_from_welcome(fleetd_factory, e2e, re
     relay.retarget(fleet.fleetd.port)
     h = enrolled_host(e2e, fleet)
     assert "servers.json" not in {p.name for p in h.agent.state_dir.iterdir()}
-    assert agent_status(h)["servers"] == [relay.url]
+    assert e2e.agent_status(h)["servers"] == [relay.url]
 
     Relay = type(relay)
     with Relay(fleet.fleetd.port) as added:
@@ -201,7 +185,7 @@ def test_agents_learn_a_replica_added_later_from_welcome(fleetd_factory, e2e, re
         fleet.fleetd = new
         h.agent.wait_log(f"fleetd replicas: {relay.url}, {added.url}", timeout=30)
         assert servers_file(h) == [relay.url, added.url]
-        assert agent_status(h)["servers"] == [relay.url, added.url]
+        assert e2e.agent_status(h)["servers"] == [relay.url, added.url]
 
         # the first goes away: the agent reaches the replica it was told of
         connected = h.agent.count(f"connected to {added.url}")

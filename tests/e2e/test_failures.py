@@ -45,21 +45,6 @@ MANY_AGENTS = Path(__file__).with_name("many_agents.py")
 # -- helpers ------------------------------------------------------------------------
 
 
-def gated_hook(gate: Path) -> str:
-    """A pre-hook: `line 1`..`line 1000`, wait (60 s at most) for `gate`, `line 1001`..`line 2000`."""
-    return (
-        f"for i in $(seq 1 {HALF}); do echo line $i; done; "
-        f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; "
-        f"for i in $(seq {HALF + 1} {2 * HALF}); do echo line $i; done"
-    )
-
-
-def agent_status(h) -> dict:
-    proc = h.agent.cli("status", "--state-dir", h.agent.state_dir, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def assert_delivered_once(e2e, fleet, job_id: int) -> dict:
     """The stored log of a gated backup: seq 1..N, every hook line exactly once and
     in order, the agent's note and restic's summary once; returns the job."""
@@ -113,7 +98,7 @@ def gated_backup(e2e, fleet, h) -> tuple[int, Path]:
     """Queue a gated backup of a small tree; returns (job id, gate)."""
     e2e.write_tree(h.src, SMALL_TREE)
     gate = h.base / "gate"
-    group = e2e.group(fleet, h, "--pre-hook", gated_hook(gate))
+    group = e2e.group(fleet, h, "--pre-hook", e2e.gated_hook(gate, HALF))
     return e2e.run(fleet, h.name, group)["id"], gate
 
 
@@ -217,7 +202,7 @@ def test_link_cut_mid_backup_loses_and_duplicates_nothing(fleetd_factory, e2e, r
     e2e.wait_host(fleet, h.name, "offline", timeout=10)
     shown = e2e.show(fleet, job_id)
     assert shown["status"] == "running" and shown["log_lines"] == HALF + 1, shown
-    assert agent_status(h)["unacknowledged_frames"] > HALF
+    assert e2e.agent_status(h)["unacknowledged_frames"] > HALF
 
     relay.restore()
     done = e2e.wait_job(fleet, job_id, timeout=60)
@@ -226,7 +211,7 @@ def test_link_cut_mid_backup_loses_and_duplicates_nothing(fleetd_factory, e2e, r
     job = assert_delivered_once(e2e, fleet, job_id)
     assert_snapshot_reported(e2e, fleet, h, job)
     e2e.fx.wait_until(
-        lambda: agent_status(h)["unacknowledged_frames"] == 0,
+        lambda: e2e.agent_status(h)["unacknowledged_frames"] == 0,
         timeout=10,
         what="fleetd to acknowledge the whole spool",
     )
@@ -271,7 +256,7 @@ def test_fleetd_killed_mid_backup_loses_and_duplicates_nothing(fleetd_factory, e
     h.agent.wait_log("link to ", downs + 1, timeout=10)
     gate.touch()
     h.agent.wait_log(f"job {job_id} (backup) succeeded", timeout=60)
-    assert agent_status(h)["unacknowledged_frames"] > HALF
+    assert e2e.agent_status(h)["unacknowledged_frames"] > HALF
 
     new = fx.Fleetd(
         old.data_dir, old.log_path.with_name("fleetd-restarted.log"), listen=f"127.0.0.1:{old.port}"

@@ -22,15 +22,6 @@ HALF = 300  # hook lines before the gate, and after it
 HOOK_LINE = re.compile(r"\bline (\d+)$")
 
 
-def gated_hook(gate) -> str:
-    """`line 1`..`line HALF`, wait (60 s at most) for `gate`, then the rest."""
-    return (
-        f"for i in $(seq 1 {HALF}); do echo line $i; done; "
-        f"n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; "
-        f"for i in $(seq {HALF + 1} {2 * HALF}); do echo line $i; done"
-    )
-
-
 @pytest.fixture
 def replicas(fx, tmp_path):
     envs = fx.start_replicas(tmp_path / "fleet", 3, public_urls=True)
@@ -71,7 +62,16 @@ def test_a_replica_killed_mid_backup_loses_and_repeats_nothing(fx, e2e, replicas
     h = hosts[1]  # its agent is connected through B
     (h.src / "data.txt").write_text("kept\n")
     gate = h.base / "gate"
-    a.ctl("groups", "create", h.name, "etc", "--include", h.src, "--pre-hook", gated_hook(gate))
+    a.ctl(
+        "groups",
+        "create",
+        h.name,
+        "etc",
+        "--include",
+        h.src,
+        "--pre-hook",
+        e2e.gated_hook(gate, HALF),
+    )
 
     job = a.ctl_json("run", h.name, "etc")  # queued on A, dispatched by B
     tail = fx.run_fleetctl_proc("jobs", "tail", str(job["id"]), server=c.url, token=c.admin_token)

@@ -75,6 +75,8 @@ INBOX_BYTES = 2 << 20  # and bytes: an agent's send window is 1 MiB, so only a r
 # fast as it can would otherwise hold the loop for a whole socket read
 YIELD_EVERY = 64
 PRESENCE_EVERY = 1.0  # seconds over which liveness writes are coalesced
+# the close an older link of a host gets when a newer one is up (here or elsewhere)
+REPLACED = (4000, "replaced by a newer connection of the same host")
 PRESENCE_RETRY = 1.0  # seconds before a failed liveness write is tried again
 
 
@@ -344,11 +346,9 @@ class Agents:
         """What the host's agent can do if it is connected here or, with
         replicas, through another one; None when it is offline."""
         session = self.sessions.get(host_id)
-        if session is not None:
-            return session.features
-        if self.replica is None:
-            return None
-        return await self.store.read(hot.link_features, host_id)
+        if session is not None or self.replica is None:  # no store trip
+            return session.features if session is not None else None
+        return await self.store.read(self.reach_now, host_id)
 
     async def rejoin(self) -> None:
         """This replica was taken for dead (a long pause) and its hosts
@@ -502,9 +502,7 @@ class Agents:
             "host %s connected again through another fleetd; closing its link here",
             session.host_name,
         )
-        asyncio.ensure_future(
-            session.connection.close(4000, "replaced by a newer connection of the same host")
-        )
+        asyncio.ensure_future(session.connection.close(*REPLACED))
 
     def _cancel_requested(self, event: CancelRequested) -> None:
         """A cancel asked of any replica: the one holding the agent's link sends it."""
@@ -528,7 +526,7 @@ class Agents:
             log.warning(
                 "host %s connected again; closing its previous connection", session.host_name
             )
-            await old.connection.close(4000, "replaced by a newer connection of the same host")
+            await old.connection.close(*REPLACED)
 
     def query(
         self, host_id: int, kind: str, params: dict[str, Any]

@@ -137,17 +137,23 @@ class FleetPostgres(PooledPostgresqlDatabase):
 POOL_SIZE = 8
 
 
+def libpq_params(where: Location, application_name: str = "fleetd") -> dict[str, str]:
+    """libpq's keywords for a PostgreSQL location, its password included."""
+    params = dict(where.postgresql or {})
+    if where.password is not None:
+        params["password"] = where.password
+    params.setdefault("application_name", application_name)
+    params.setdefault("connect_timeout", "10")
+    return params
+
+
 def connect(where: Union[Path, Location]) -> pw.Database:
     """The database object for a location, not yet connected nor bound."""
     if isinstance(where, Path):
         where = Location(sqlite=where)
     if where.sqlite is not None:
         return pw.SqliteDatabase(str(where.sqlite), pragmas=PRAGMAS)
-    params = dict(where.postgresql or {})
-    if where.password is not None:
-        params["password"] = where.password
-    params.setdefault("application_name", "fleetd")
-    params.setdefault("connect_timeout", "10")
+    params = libpq_params(where)
     dbname = params.pop("dbname")
     # stale_timeout: a connection idle that long is made anew (a PostgreSQL
     # restart or a proxy's idle cut would otherwise surface on first use)

@@ -370,25 +370,17 @@ def mark_offline(now: dt.datetime, links: list[tuple[int, Optional[int]]]) -> li
     written): the host goes offline unless another replica holds it.
     Returns the hosts marked offline."""
     stamp = when(now)
+    update = (
+        'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "session_replica" = NULL '
+        'WHERE "id" = ? AND '
+    )
     gone: list[int] = []
     for host_id, epoch in links:
         if epoch is None:
-            row = one(
-                'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "session_replica" = NULL '
-                'WHERE "id" = ? AND ("session_replica" IS NULL OR NOT "online") RETURNING "id"',
-                False,
-                stamp,
-                host_id,
-            )
+            cond, params = '("session_replica" IS NULL OR NOT "online")', ()
         else:
-            row = one(
-                'UPDATE "host" SET "online" = ?, "last_seen_at" = ?, "session_replica" = NULL '
-                'WHERE "id" = ? AND "session_epoch" = ? RETURNING "id"',
-                False,
-                stamp,
-                host_id,
-                epoch,
-            )
+            cond, params = '"session_epoch" = ?', (epoch,)
+        row = one(update + cond + ' RETURNING "id"', False, stamp, host_id, *params)
         if row is not None:
             gone.append(row[0])
     return gone
