@@ -617,6 +617,7 @@ class Fleet:
         self.streams: dict[int, dict] = {}
         self.control: queue.Queue = queue.Queue()
         self.errors: list[str] = []
+        self.unreached: list[int] = []  # jobs whose command.run never came (looked into at the end)
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
@@ -947,6 +948,7 @@ async def dispatch_round(
         await asyncio.sleep(0.05)
     with fleet.lock:
         lat = [fleet.run_by_job[j] - t for j, t in sent.items() if j in fleet.run_by_job]
+        fleet.unreached.extend(j for j in sent if j not in fleet.run_by_job)
     return lat, len(sent)
 
 
@@ -1130,6 +1132,7 @@ async def scale_async(
             await asyncio.sleep(0.05)
         with fleet.lock:
             got = [fleet.run_by_job[j] for j in job_ids if j in fleet.run_by_job]
+            fleet.unreached.extend(j for j in job_ids if j not in fleet.run_by_job)
     total = (max(got) - t0) if got else None
     complete = len(got) == b
     figs.add(
@@ -1569,9 +1572,30 @@ async def dispatch_split(
     await wait_runs(fleet, list(sent), 30)
     with fleet.lock:
         got = {j: fleet.run_by_job[j] - t for j, (_i, t) in sent.items() if j in fleet.run_by_job}
+        fleet.unreached.extend(j for j in sent if j not in fleet.run_by_job)
     lat_same = [v for j, v in got.items() if sent[j][0] in mine]
     lat_cross = [v for j, v in got.items() if sent[j][0] not in mine]
     return lat_same, lat_cross, len(sent), {sent[j][0]: v for j, v in got.items()}
+
+
+def unreached_findings(pg: Any, dbname: str, job_ids: list[int]) -> list[str]:
+    """What the store says of run-nows whose command.run never reached the
+    agent: the job's state, where its host's link was, and whether the
+    event that should have woken that replica is in the event table."""
+    out = [f"{len(job_ids)} run-now(s) never reached their agent: {sorted(job_ids)[:20]}"]
+    with pg.connect(dbname) as con:
+        for job_id in sorted(job_ids)[:20]:
+            row = con.execute(
+                "SELECT j.status, j.dispatched_at, j.error, h.name, h.online, h.session_replica "
+                "FROM job j JOIN host h ON h.id = j.host_id WHERE j.id = %s",
+                (job_id,),
+            ).fetchone()
+            events = con.execute(
+                "SELECT id, origin, kind FROM event WHERE body LIKE %s ORDER BY id",
+                (f'%"job_id":{job_id},%',),
+            ).fetchall()
+            out.append(f"job {job_id}: {row}; events {events}")
+    return out
 
 
 def run_replicas(args, figs: Figures, work: Path) -> Figures:
@@ -1589,6 +1613,7 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
     servers: list[Server] = []
     fleet: Optional[Fleet] = None
     pg = None
+    dbname = ""
     logs = [work / f"replica-{i}.log" for i in range(r)]
     try:
         if not hasattr(args, "_bare_rtt"):  # --only replicas: the whoami figures' baseline
@@ -1822,6 +1847,11 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
             except Exception:  # noqa: BLE001
                 pass
         if pg is not None:
+            if fleet is not None and fleet.unreached:
+                try:
+                    notes.extend(unreached_findings(pg, dbname, fleet.unreached))
+                except Exception as exc:  # noqa: BLE001 - a diagnosis, not a figure
+                    notes.append(f"could not look into the unreached jobs: {exc!r}")
             pg.stop()
     if fleet is not None and fleet.errors:
         notes.extend(fleet.errors[:10])

@@ -15,8 +15,10 @@ no consensus of our own:
   notification, or a replica busy for a while, loses nothing. Ids are
   handed out at insert, not commit, so a lower one may commit after a
   higher one was read: a missing id is waited for until every transaction
-  that was running when it was noticed has ended (PostgreSQL's snapshot
-  xmin passed the xmax of then), GAP_CAP at most.
+  that was running when it was noticed has ended before a read that did
+  not find it (PostgreSQL's snapshot xmin, taken before that read, passed
+  the xmax of a snapshot taken after the read that noticed it), GAP_CAP
+  at most.
 - Progress, which is never stored, goes by NOTIFY alone (fleet_progress):
   a lost one is replaced by the next.
 - The leader holds a PostgreSQL advisory lock on a connection of its own
@@ -113,8 +115,12 @@ class Gaps:
 
     def advance(self, now: float, xmin: int, xmax: int) -> None:
         """Move `done` past every id read, and past missing ones that will
-        never come. xmin, xmax: PostgreSQL's snapshot, taken after the rows
-        were read."""
+        never come. xmax: of PostgreSQL's snapshot taken after the rows
+        were read (a missing id's transaction is below it); xmin: of one
+        taken *before* the rows, the missing ones among them too, were
+        read. Not the same snapshot's: a transaction may commit between
+        the read and a snapshot after it, its id then both unread and
+        below xmin."""
         for missing in range(self.done + 1, self.top()):
             if missing not in self.seen:
                 self.since.setdefault(missing, (now, xmax))
@@ -148,6 +154,7 @@ class Replicas:
         self.on_rejoin: Optional[Callable[[], Awaitable[None]]] = None
         self.on_lead: Optional[Callable[[bool], Awaitable[None]]] = None
         self._gaps: Optional[Gaps] = None
+        self._xmin = 0  # of the snapshot after the last read: before the next one
         self._tasks: list[asyncio.Task] = []
         self._progress: dict[int, JobProgressed] = {}
         self._progress_task: Optional[asyncio.Task] = None
@@ -336,9 +343,12 @@ class Replicas:
                 "FROM pg_current_snapshot() AS s"
             )
             xmin, xmax = await cursor.fetchone()
-            self._publish_rows(sorted(rows), xmin, xmax)
+            # xmin of the last call's snapshot, taken before this call read
+            # the missing ids: a transaction ended before it is found then
+            self._publish_rows(sorted(rows), self._xmin, xmax)
             rows = []
             if len(page) < READ_BATCH:
+                self._xmin = xmin
                 return
 
     def _publish_rows(self, rows: list, xmin: int, xmax: int) -> None:
