@@ -309,23 +309,36 @@ AGENT_STATE = "/var/lib/fleet-agent"
 # checked on the very connection the file comes over, before the request.
 DOWNLOAD = """import hashlib, http.client, os, ssl, sys, tempfile
 from urllib.parse import urlsplit
-URL, PIN, TOKEN, SHA256, SIZE, VERSION = %(args)s
+URLS, PIN, TOKEN, SHA256, SIZE, VERSION = %(args)s
 dest = sys.argv[1]
-u = urlsplit(URL)
-if u.scheme == "https":
-    ctx = ssl.create_default_context()
-    if PIN:  # the certificate's SHA-256 identifies fleetd, not a CA or its name
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=ctx, timeout=60)
-    conn.connect()
-    if PIN and hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest() != PIN:
-        sys.exit("fleetd presented a certificate other than the pinned one: refusing")
+
+def fetch(url):
+    u = urlsplit(url)
+    if u.scheme == "https":
+        ctx = ssl.create_default_context()
+        if PIN:  # the certificate's SHA-256 identifies fleetd, not a CA or its name
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=ctx, timeout=60)
+        conn.connect()
+        if PIN and hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest() != PIN:
+            sys.exit("%%s presented a certificate other than the pinned one: refusing" %% u.netloc)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=60)
+    conn.request("GET", u.path, headers={"Authorization": "Bearer " + TOKEN})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise OSError("HTTP %%d %%s" %% (r.status, r.read(300).decode("utf-8", "replace").strip()))
+    return r
+
+failed = []
+for url in URLS:  # every replica the enrollment names, in its order
+    try:
+        r = fetch(url)
+        break
+    except (OSError, http.client.HTTPException) as exc:
+        failed.append("GET %%s: %%s" %% (url, exc))
 else:
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=60)
-conn.request("GET", u.path, headers={"Authorization": "Bearer " + TOKEN})
-r = conn.getresponse()
-if r.status != 200:
-    sys.exit("GET %%s: HTTP %%d %%s" %% (u.path, r.status, r.read(300).decode("utf-8", "replace").strip()))
+    sys.exit("; ".join(failed))
 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".fleet-agent-", suffix=".tmp")
 digest, n = hashlib.sha256(), 0
 with os.fdopen(fd, "wb") as out:
@@ -349,10 +362,11 @@ print("fleet-agent %%s (SHA-256 %%s) installed as %%s" %% (VERSION, SHA256, dest
 def download_script(enrollment: str, agent: dict) -> str:
     """Python that fetches the agent fleetd serves into argv[1], over TLS
     with the enrollment's pinned certificate, authenticated by its token,
-    and keeps it only when its size and SHA-256 are what fleetd announced."""
+    and keeps it only when its size and SHA-256 are what fleetd announced.
+    With replicas, from the first of the enrollment's URLs that answers."""
     doc = protocol.parse_enrollment(enrollment)
     args = (
-        protocol.agent_file_url(doc["url"]),
+        [protocol.agent_file_url(url) for url in protocol.enrollment_urls(doc)],
         (doc.get("sha256") or "").lower(),
         doc["token"],
         agent["sha256"],

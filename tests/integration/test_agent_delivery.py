@@ -203,6 +203,47 @@ def test_the_install_snippet_fetches_the_agent_over_the_pinned_certificate(
     assert table.stdout.startswith("# as root on the server")
 
 
+def test_the_install_download_tries_each_replica_in_turn(served, tmp_path: Path) -> None:
+    """With replicas the enrollment names every one: the download goes on
+    to the next when one is down, and says what each answered when none
+    does."""
+    import socket
+
+    from fleet.common.protocol import format_enrollment
+    from fleet.ctl.hosts import download_script
+
+    env, data = served
+    result = env.ctl_json("enroll", "web-install-3", "--install")
+    doc = parse_enrollment(result["enrollment"])
+    with socket.socket() as closed:  # a port nothing listens on: refused
+        closed.bind(("127.0.0.1", 0))
+        down = f"wss://127.0.0.1:{closed.getsockname()[1]}"
+    both = format_enrollment(down, doc["token"], doc["sha256"], urls=[down, doc["url"]])
+    dest = tmp_path / "fleet-agent.pyz"
+    run = subprocess.run(
+        [sys.executable, "-", str(dest)],
+        input=download_script(both, result["agent"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert dest.read_bytes() == data
+
+    none = format_enrollment(down, doc["token"], doc["sha256"], urls=[down, down + "/x"])
+    run = subprocess.run(
+        [sys.executable, "-", str(tmp_path / "none.pyz")],
+        input=download_script(none, result["agent"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert f"GET {down.replace('wss', 'https')}/agent.pyz: " in run.stderr
+    assert "/x/agent.pyz: " in run.stderr and "refused" in run.stderr.lower()
+    assert not (tmp_path / "none.pyz").exists()
+
+
 def test_without_an_agent_file_fleetd_and_fleetctl_say_so(bare, fx) -> None:
     status, _, body = get(bare, "/agent.pyz", bare.admin_token)
     assert status == 404 and b"--agent-pyz" in body

@@ -347,7 +347,7 @@ def test_the_install_snippet_pins_checks_and_updates_apt() -> None:
     enrollment = protocol.format_enrollment("wss://fleet.example:8433", "enr-tok", "AB" * 32)
     agent = {"version": "0.2.0", "sha256": "cd" * 32, "size_bytes": 1234}
     script = download_script(enrollment, agent)
-    assert "('https://fleet.example:8433/agent.pyz', '" + "ab" * 32 + "', 'enr-tok', '" in script
+    assert "(['https://fleet.example:8433/agent.pyz'], '" + "ab" * 32 + "', 'enr-tok', '" in script
     assert "'" + "cd" * 32 + "', 1234, '0.2.0')" in script
     compile(script, "download", "exec")  # what python3 will run is Python
     snippet = install_snippet(enrollment, agent)
