@@ -7,6 +7,8 @@ run-nows in a few hundred never reached their agent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 import pytest
@@ -57,6 +59,25 @@ def database(postgres) -> Any:
     return name, where
 
 
+@pytest.fixture
+def reader(database) -> tuple[Replicas, Seen]:
+    """The reading part of a replica (no store, no listener task): the
+    test calls its _catch_up as a NOTIFY or the poll would."""
+    seen = Seen()
+    replica = Replicas(None, seen, database[1])  # type: ignore[arg-type]
+    replica._gaps = Gaps(0)
+    return replica, seen
+
+
+@contextlib.asynccontextmanager
+async def listening(replica: Replicas) -> AsyncIterator[Any]:
+    conn = await replica._connect()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def queued(job_id: int) -> tuple[str, str]:
     return encode(JobQueued(job_id, 1))
 
@@ -90,55 +111,47 @@ def committed(postgres, name: str, job_id: int) -> None:
         'WHERE "id" = ANY',  # the next look's read of the missing ids
     ],
 )
-def test_an_event_committed_after_a_higher_one_is_read_once(postgres, database, commit_after):
-    name, where = database
-    seen = Seen()
-    reader = Replicas(None, seen, where)  # type: ignore[arg-type]  # only the reading part
-    reader._gaps = Gaps(0)
+def test_an_event_committed_after_a_higher_one_is_read_once(
+    postgres, database, reader, commit_after
+):
+    name = database[0]
+    replica, seen = reader
 
     async def scenario() -> None:
-        conn = await reader._connect()
-        try:
-            await reader._catch_up(conn)  # a look before: the usual state
+        async with listening(replica) as conn:
+            await replica._catch_up(conn)  # a look before: the usual state
             late = open_transaction(postgres, name, 1)  # event 1, not committed yet
             committed(postgres, name, 2)  # event 2, committed
             if commit_after.startswith('WHERE "id" = ANY'):
-                await reader._catch_up(conn)  # finds 2, notices 1 missing
+                await replica._catch_up(conn)  # finds 2, notices 1 missing
                 assert [e.job_id for e in seen.events] == [2]
             # the late transaction commits right after the read named
-            await reader._catch_up(Hooked(conn, commit_after, late.commit))
+            await replica._catch_up(Hooked(conn, commit_after, late.commit))
             late.close()
             for _ in range(3):  # the looks that follow (NOTIFY or the poll)
-                await reader._catch_up(conn)
-        finally:
-            await conn.close()
+                await replica._catch_up(conn)
 
     asyncio.run(scenario())
     assert sorted(e.job_id for e in seen.events) == [1, 2]
-    assert reader._gaps.done == 2 and not reader._gaps.since
+    assert replica._gaps.done == 2 and not replica._gaps.since
 
 
-def test_an_id_rolled_back_is_passed_over(postgres, database):
-    name, where = database
-    seen = Seen()
-    reader = Replicas(None, seen, where)  # type: ignore[arg-type]
-    reader._gaps = Gaps(0)
+def test_an_id_rolled_back_is_passed_over(postgres, database, reader):
+    name = database[0]
+    replica, seen = reader
 
     async def scenario() -> None:
-        conn = await reader._connect()
-        try:
-            await reader._catch_up(conn)
+        async with listening(replica) as conn:
+            await replica._catch_up(conn)
             late = open_transaction(postgres, name, 1)
             committed(postgres, name, 2)
-            await reader._catch_up(conn)
+            await replica._catch_up(conn)
             late.rollback()
             late.close()
             committed(postgres, name, 3)
             for _ in range(3):
-                await reader._catch_up(conn)
-        finally:
-            await conn.close()
+                await replica._catch_up(conn)
 
     asyncio.run(scenario())
     assert sorted(e.job_id for e in seen.events) == [2, 3]
-    assert reader._gaps.done == 3 and not reader._gaps.since
+    assert replica._gaps.done == 3 and not replica._gaps.since

@@ -13,6 +13,7 @@ import signal
 import zipfile
 
 import pytest
+from rawagent import RawAgent  # tests/ is on sys.path (rootdir conftest)
 from websockets.exceptions import ConnectionClosed
 
 from fleet.common import protocol
@@ -22,44 +23,15 @@ pytestmark = pytest.mark.own_store  # always three replicas on PostgreSQL: run o
 TS = "2026-12-03T00:00:00Z"
 
 
-class Link:
-    """One agent's /agent link: its reliable frames numbered, the frames
-    fleetd sent kept until the test looks for them."""
+class Link(RawAgent):
+    """One agent's /agent link through one replica (tests/rawagent.py),
+    connected and welcomed."""
 
     def __init__(self, fx, env, agent_token, hostname="replica-box", version=None, **hello):
-        self.ws = fx.ws_connect(env.url, "/agent", agent_token).__enter__()
-        self.seq = 0
-        self.pending = []
+        super().__init__(fx.ws_connect(env.url, "/agent", agent_token).__enter__(), timeout=20)
         if version is not None:
             hello["agent_version"] = version
-        self.ws.send(fx.agent_hello(hostname=hostname, **hello))
-        assert self.next_of("welcome")["id"] == "h1"
-
-    def next_of(self, kind, timeout=20, **fields):
-        def fits(frame):
-            data = frame.get("data", {})
-            return frame.get("type") == kind and all(data.get(k) == v for k, v in fields.items())
-
-        for i, frame in enumerate(self.pending):
-            if fits(frame):
-                return self.pending.pop(i)
-        while True:
-            frame = json.loads(self.ws.recv(timeout=timeout))
-            if fits(frame):
-                return frame
-            self.pending.append(frame)
-
-    def report(self, kind, data):
-        self.seq += 1
-        self.ws.send(protocol.encode(kind, data, seq=self.seq))
-        return self.seq
-
-    def acked(self, seq):
-        while self.next_of("ack")["data"]["seq"] < seq:
-            pass
-
-    def close(self):
-        self.ws.close()
+        self.hello(fx.agent_hello(hostname=hostname, **hello))
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ recorded as fleetd jobs."""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
+from rawagent import RawAgent  # tests/ is on sys.path (rootdir conftest)
 
 from fleet.common import protocol
 
@@ -37,80 +37,14 @@ def enrolled(fleet, fx):
     return {"host": host, "host_id": data["host_id"], "agent_token": data["agent_token"]}
 
 
-_probes = itertools.count(1)
 TS = "2026-12-02T00:00:00Z"  # started_at, finished_at, applied_at of what the "agent" reports
 
 
-class Agent:
-    """One /agent link seen from the agent's side: it numbers its reliable
-    frames (seq), and keeps the frames fleetd sent that the test has not
-    looked at yet, so waiting for one kind of frame loses no other."""
-
-    def __init__(self, ws, seq=0):
-        self.ws = ws
-        self.seq = seq  # the last seq this agent used
-        self.pending = []
+class Agent(RawAgent):
+    """One /agent link seen from the agent's side (tests/rawagent.py)."""
 
     def hello(self, **extra):
-        self.ws.send(_hello(**extra))
-        welcome = self.next_of("welcome")
-        assert welcome["id"] == "h1"
-        return welcome
-
-    def next_of(self, kind, **fields):
-        """The next frame of this type (whose data has these values)."""
-
-        def fits(frame):
-            data = frame.get("data", {})
-            return frame.get("type") == kind and all(data.get(k) == v for k, v in fields.items())
-
-        for i, frame in enumerate(self.pending):
-            if fits(frame):
-                return self.pending.pop(i)
-        while True:
-            frame = json.loads(self.ws.recv(timeout=10))
-            if fits(frame):
-                return frame
-            self.pending.append(frame)
-
-    def sync(self):
-        """Send a frame fleetd answers at once (an unknown type) and wait for
-        the answer: whatever fleetd sent before it is then in `pending`, and
-        the unreliable frames sent before the probe (schedule.ack) have been
-        handled; reliable ones are awaited with `acked`."""
-        probe = f"probe-{next(_probes)}"
-        self.ws.send(json.dumps({"v": 1, "type": "no.such.type", "id": probe, "data": {}}))
-        answer = self.next_of("error", re=probe)
-        assert answer["data"]["code"] == "bad_frame", answer
-
-    def seen(self, kind):
-        return [f for f in self.pending if f.get("type") == kind]
-
-    def send(self, kind, data):
-        """An unreliable frame (no seq): schedule.ack, command.result."""
-        self.ws.send(protocol.encode(kind, data))
-
-    def report(self, kind, data, seq=None):
-        """A reliable frame under the next seq (or the one given, for a resend)."""
-        if seq is None:
-            seq = self.seq + 1
-        self.seq = max(self.seq, seq)
-        self.ws.send(protocol.encode(kind, data, seq=seq))
-        return seq
-
-    def acked(self, seq):
-        """Wait for fleetd's ack covering `seq` (acks are cumulative)."""
-        while True:
-            got = self.next_of("ack")["data"]["seq"]
-            if got >= seq:
-                return got
-
-    def finish(self, job_id, kind="check", status="succeeded"):
-        """Take a job fleetd sent, run it and end it; wait for the ack."""
-        self.send("command.result", {"job_id": job_id, "accepted": True})
-        self.report("job.started", {"job_id": job_id, "kind": kind, "started_at": TS})
-        ended = {"job_id": job_id, "status": status, "exit_code": 0, "finished_at": TS}
-        self.acked(self.report("job.finished", ended))
+        return super().hello(_hello(**extra))
 
 
 def _agent_link(fleet, fx, enrolled):

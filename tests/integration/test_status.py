@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import itertools
 import json
 import time
+
+from rawagent import RawAgent  # tests/ is on sys.path (rootdir conftest)
 
 from fleet.common import protocol
 from fleet.ctl.status import WatchView, progress_line
@@ -19,27 +20,11 @@ def stamp(delta: dt.timedelta = dt.timedelta()) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Agent:
-    def __init__(self, ws):
-        self.ws = ws
-        self.seq = itertools.count(1)
-        self.pending = []
+class Agent(RawAgent):
+    """A hand-made agent (tests/rawagent.py) whose reports wait for their ack."""
 
-    def next_of(self, kind, timeout=10):
-        for i, frame in enumerate(self.pending):
-            if frame["type"] == kind:
-                return self.pending.pop(i)
-        while True:
-            frame = json.loads(self.ws.recv(timeout=timeout))
-            if frame["type"] == kind:
-                return frame
-            self.pending.append(frame)
-
-    def report(self, kind, data):
-        seq = next(self.seq)
-        self.ws.send(protocol.encode(kind, data, seq=seq))
-        while self.next_of("ack")["data"]["seq"] < seq:
-            pass
+    def report(self, kind, data, seq=None):
+        return self.acked(super().report(kind, data, seq))
 
     def backup(self, status="succeeded", ago=dt.timedelta(), error=None):
         """Take the next command.run (a backup) and end it as told, at `ago` before now."""
