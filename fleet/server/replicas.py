@@ -15,10 +15,9 @@ no consensus of our own:
   notification, or a replica busy for a while, loses nothing. Ids are
   handed out at insert, not commit, so a lower one may commit after a
   higher one was read: a missing id is waited for until every transaction
-  that was running when it was noticed has ended before a read that did
-  not find it (PostgreSQL's snapshot xmin, taken before that read, passed
-  the xmax of a snapshot taken after the read that noticed it), GAP_CAP
-  at most.
+  that may hold it has ended before a read that did not find it
+  (PostgreSQL's snapshot xmin, taken before that read, passed an xid
+  assigned after the read that noticed it), GAP_CAP at most.
 - Progress, which is never stored, goes by NOTIFY alone (fleet_progress):
   a lost one is replaced by the next.
 - The leader holds a PostgreSQL advisory lock on a connection of its own
@@ -79,9 +78,9 @@ def record(origin: str, events: list[Event]) -> None:
     if not rows:
         return
     # the transaction's own id first, before the events' ids are drawn: a
-    # replica that notices one of them missing must see this transaction
-    # running (below its snapshot's xmax; see Gaps), which a transaction
-    # whose first write is this insert would not be until mid-statement
+    # replica that notices one of them missing must know this transaction
+    # older than an xid it takes after (see Gaps), which one whose first
+    # write is this insert would not be (its xid comes mid-statement)
     db.obj.execute_sql("SELECT pg_current_xact_id()")
     for start in range(0, len(rows), 500):
         StoredEvent.insert_many(rows[start : start + 500]).execute()
@@ -92,10 +91,19 @@ class Gaps:
     """Which event ids were read, so that each is published once: `done` is
     the highest id below which every one was read or will never come;
     `seen` the ids read above it; `since` for each missing id, when it was
-    first noticed missing and the xmax of PostgreSQL's snapshot then (the
-    transaction that took the id, if any, was running, so its txid is
-    below that: once the oldest running transaction (xmin) is past it,
-    the id will never come: a transaction rolled back, or a savepoint)."""
+    first noticed missing and `bound`, an xid PostgreSQL assigned after the
+    read that noticed it. The transaction that took the id, if any, had
+    its own xid first (see record), so below `bound`: once a snapshot
+    taken before a later read has its xmin (the oldest running
+    transaction) at or past `bound`, that transaction had ended before
+    the read, which would have found the id: it will never come (a
+    transaction rolled back, or a savepoint).
+
+    Not a snapshot's xmax for `bound`: that is one past the newest
+    *ended* transaction, and a running one with a higher xid is neither
+    in the snapshot's running list nor below its xmin, so xmin may pass
+    xmax while it still holds a missing id (found by the benchmark: about
+    one cross-replica run-now in 600 lost)."""
 
     def __init__(self, done: int) -> None:
         self.done = done
@@ -113,17 +121,23 @@ class Gaps:
         self.seen.add(event_id)
         return True
 
-    def advance(self, now: float, xmin: int, xmax: int) -> None:
+    def unnoticed(self) -> bool:
+        """Whether an id below the newest read is missing and not noticed
+        yet: advance() then needs a bound taken after this read."""
+        return any(
+            m not in self.seen and m not in self.since for m in range(self.done + 1, self.top())
+        )
+
+    def advance(self, now: float, xmin: int, bound: int) -> None:
         """Move `done` past every id read, and past missing ones that will
-        never come. xmax: of PostgreSQL's snapshot taken after the rows
-        were read (a missing id's transaction is below it); xmin: of one
-        taken *before* the rows, the missing ones among them too, were
-        read. Not the same snapshot's: a transaction may commit between
-        the read and a snapshot after it, its id then both unread and
-        below xmin."""
+        never come. bound: an xid assigned after the rows were read (only
+        used when unnoticed() said so); xmin: of a snapshot taken before
+        they were read, the missing ones among them too. Not a snapshot
+        after the read: a transaction may commit between the read and it,
+        its id then both unread and below that xmin."""
         for missing in range(self.done + 1, self.top()):
             if missing not in self.seen:
-                self.since.setdefault(missing, (now, xmax))
+                self.since.setdefault(missing, (now, bound))
         while True:
             nxt = self.done + 1
             if nxt in self.seen:
@@ -294,6 +308,9 @@ class Replicas:
                 await asyncio.sleep(RECONNECT)
                 continue
             try:
+                # the xid a look may take (see Gaps) writes no data: not
+                # worth waiting for its commit record to be flushed
+                await conn.execute("SET synchronous_commit = off")
                 await conn.execute(f"LISTEN {EVENTS}")
                 await conn.execute(f"LISTEN {PROGRESS}")
                 woken = True
@@ -336,22 +353,30 @@ class Replicas:
                 (gaps.top(), READ_BATCH),
             )
             page = await cursor.fetchall()
-            rows += page
-            # after the rows: a transaction holding a missing id is older
-            cursor = await conn.execute(
-                "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
-                "FROM pg_current_snapshot() AS s"
-            )
-            xmin, xmax = await cursor.fetchone()
-            # xmin of the last call's snapshot, taken before this call read
-            # the missing ids: a transaction ended before it is found then
-            self._publish_rows(sorted(rows), self._xmin, xmax)
+            events = self._take(sorted(rows + page))
             rows = []
+            # after the rows: the snapshot whose xmin the next look decides
+            # by, and, when an id was found missing, an xid above any its
+            # transaction may have (taking one costs a WAL record: only then)
+            cursor = await conn.execute(
+                "SELECT pg_snapshot_xmin(s)::text::bigint, "
+                + ("pg_current_xact_id()::text::bigint " if gaps.unnoticed() else "0 ")
+                + "FROM pg_current_snapshot() AS s"
+            )
+            xmin, bound = await cursor.fetchone()
+            # xmin of the last look's snapshot, taken before this look read
+            # the missing ids: a transaction ended before it is found now
+            gaps.advance(time.monotonic(), self._xmin, bound)
+            if events:
+                self.received += len(events)
+                self.bus.publish_remote(events)
             if len(page) < READ_BATCH:
                 self._xmin = xmin
                 return
 
-    def _publish_rows(self, rows: list, xmin: int, xmax: int) -> None:
+    def _take(self, rows: list) -> list[Event]:
+        """The events of the rows read for the first time, but this
+        replica's own (published here when they were made)."""
         gaps = self._gaps
         assert gaps is not None
         events = []
@@ -361,10 +386,7 @@ class Replicas:
             event = decode(kind, body)
             if event is not None:
                 events.append(event)
-        gaps.advance(time.monotonic(), xmin, xmax)
-        if events:
-            self.received += len(events)
-            self.bus.publish_remote(events)
+        return events
 
     def _progress_in(self, payload: str) -> None:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Callable
 
 import pytest
@@ -46,7 +46,9 @@ class Hooked:
 
 
 @pytest.fixture
-def database(postgres) -> Any:
+def database(postgres) -> Iterator[Any]:
+    """A migrated database; the transactions a test leaves open (it failed)
+    are closed after it, so that they hold up no other test's xmin."""
     name = postgres.create_database()
     where = locate(f"postgresql:///{name}?host={postgres.root}&user=fleet", postgres.password)
 
@@ -56,7 +58,13 @@ def database(postgres) -> Any:
         await store.close()
 
     asyncio.run(migrate())
-    return name, where
+    yield name, where
+    with postgres.connect(name) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
 
 
 @pytest.fixture
@@ -130,6 +138,44 @@ def test_an_event_committed_after_a_higher_one_is_read_once(
             late.close()
             for _ in range(3):  # the looks that follow (NOTIFY or the poll)
                 await replica._catch_up(conn)
+
+    asyncio.run(scenario())
+    assert sorted(e.job_id for e in seen.events) == [1, 2]
+    assert replica._gaps.done == 2 and not replica._gaps.since
+
+
+def test_an_event_of_a_transaction_younger_than_every_ended_one_is_waited_for(
+    postgres, database, reader
+):
+    """The transaction holding the missing id took its xid after the one
+    that committed the higher id: a snapshot then puts it past its xmax,
+    in neither its running list nor its xmin, and xmin may equal that
+    xmax. Waiting until xmin passes the xmax would give the id up while
+    its transaction is still running."""
+    name = database[0]
+    replica, seen = reader
+
+    async def scenario() -> None:
+        async with listening(replica) as conn:
+            await replica._catch_up(conn)
+            older = postgres.connect(name)
+            older.autocommit = False
+            older.execute("SELECT pg_current_xact_id()")  # the lower xid
+            late = open_transaction(postgres, name, 1)  # the higher xid, event 1
+            kind, body = queued(2)
+            older.execute(
+                "INSERT INTO event (origin, kind, body, at) VALUES ('other', %s, %s, now())",
+                (kind, body),
+            )
+            older.commit()  # event 2: the newest ended transaction is older than `late`
+            older.close()
+            for _ in range(3):  # looks while `late` runs: 2 read, 1 waited for
+                await replica._catch_up(conn)
+            assert [e.job_id for e in seen.events] == [2]
+            assert replica._gaps.done == 0 and 1 in replica._gaps.since
+            late.commit()
+            late.close()
+            await replica._catch_up(conn)
 
     asyncio.run(scenario())
     assert sorted(e.job_id for e in seen.events) == [1, 2]
