@@ -750,3 +750,36 @@ def test_progress_of_a_job_the_agent_runs_itself_reaches_its_followers(fleet, fx
         agent.sync()
         shown = _job(fleet, job["id"])
         assert shown["status"] == "running" and shown["progress"]["percent_done"] == 0.5
+
+
+def test_a_cancel_the_agent_missed_is_sent_again_when_it_is_back(fleet, fx, enrolled):
+    """The first command.cancel may go down with the link (or come from a
+    replica the agent just left): once the agent is back and caught up,
+    fleetd says it again for the job it still runs, and not after it ended."""
+    host = enrolled["host"]
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws)
+        agent.hello()
+        check = fleet.rpc("jobs.run", host=host, kind="check")
+        agent.next_of("command.run", job_id=check["id"])
+        agent.send("command.result", {"job_id": check["id"], "accepted": True})
+        started = {"job_id": check["id"], "kind": "check", "started_at": TS}
+        agent.acked(agent.report("job.started", started))
+        assert fleet.rpc("jobs.cancel", id=check["id"])["cancel"] == "requested"
+        agent.next_of("command.cancel", job_id=check["id"])  # lost: never acted on
+        seq = agent.seq
+
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws, seq=seq)
+        agent.hello(spool_seq=seq, running_job=check["id"])
+        assert agent.next_of("command.cancel")["data"] == {"job_id": check["id"]}
+        ended = {"job_id": check["id"], "status": "cancelled", "exit_code": 1, "finished_at": TS}
+        agent.acked(agent.report("job.finished", ended))
+        assert _job(fleet, check["id"])["status"] == "cancelled"
+        seq = agent.seq
+
+    with _agent_link(fleet, fx, enrolled) as ws:
+        agent = Agent(ws, seq=seq)
+        agent.hello(spool_seq=seq)
+        agent.sync()  # caught up before the probe was answered
+        assert agent.seen("command.cancel") == []

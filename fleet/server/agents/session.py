@@ -793,8 +793,8 @@ class Agents:
         back in the queue if it never started); then dispatch."""
         if session.caught_up or applied < session.spool_seq:
             return
-        lost = await self.lifecycle.apply(
-            lifecycle.lose,
+        lost, cancels = await self.lifecycle.apply(
+            lifecycle.back,
             session.host_id,
             session.running_job,
             "the agent restarted or lost the job before reporting its end",
@@ -803,6 +803,9 @@ class Agents:
             log.warning(
                 "job %s of %s lost: the agent came back without it", job_id, session.host_name
             )
+        for job_id, uid in cancels:  # an agent that already stopped it ignores this
+            fire_uid = uid if uid.startswith(protocol.FIRE_UID_PREFIX) else None
+            await self.cancel(session.host_id, job_id, fire_uid)
         session.caught_up = True
         self.dispatcher.offer(session.host_id)
 

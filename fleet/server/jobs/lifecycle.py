@@ -344,6 +344,16 @@ def cancel(events: Events, job_id: int, now: dt.datetime) -> str:
     return job.status
 
 
+def back(
+    events: Events, host_id: int, keep: Optional[int], why: str
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """An agent is back and caught up: what it no longer has is lost (see
+    lose), and the cancels asked of what it still has are to be sent again
+    (the first may have crossed its link going down, or reached a replica
+    it had just left). (lost ids, (id, uid) to cancel)."""
+    return lose(events, host_id, keep, why), hot.cancels_pending(host_id)
+
+
 def lose(events: Events, host_id: int, keep: Optional[int], why: str) -> list[int]:
     """The agent of `host_id` no longer has these jobs: running ones are
     lost; dispatched ones never started and go back in the queue. `keep` is

@@ -97,6 +97,18 @@ def jobs_with_agent(host_id: int) -> list[tuple[int, str]]:
     )
 
 
+def cancels_pending(host_id: int) -> list[tuple[int, str]]:
+    """(id, uid) of the host's jobs with its agent (an agent's own queued
+    one too) whose cancel was asked for and that have not ended."""
+    return rows(
+        'SELECT "id", "uid" FROM "job" WHERE "host_id" = ? AND "cancel_requested_at" IS NOT NULL '
+        'AND ("status" IN (?, ?) OR ("status" = ? AND "agent_job" IS NOT NULL)) ORDER BY "id"',
+        host_id,
+        *WITH_AGENT,
+        "queued",
+    )
+
+
 def job_of_agent(host_id: int, agent_job: int) -> Optional[int]:
     """fleetd's id of the job the host's agent runs under its own id."""
     row = one('SELECT "id" FROM "job" WHERE "host_id" = ? AND "agent_job" = ?', host_id, agent_job)
