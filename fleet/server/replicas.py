@@ -80,11 +80,11 @@ def record(origin: str, events: list[Event]) -> None:
     # the transaction's own id first, before the events' ids are drawn: a
     # replica that notices one of them missing must know this transaction
     # older than an xid it takes after (see Gaps), which one whose first
-    # write is this insert would not be (its xid comes mid-statement)
-    db.obj.execute_sql("SELECT pg_current_xact_id()")
+    # write is this insert would not be (its xid comes mid-statement);
+    # the NOTIFY in the same round trip (it is sent at commit anyway)
+    db.obj.execute_sql("SELECT pg_current_xact_id(), pg_notify(%s, '')", (EVENTS,))
     for start in range(0, len(rows), 500):
         StoredEvent.insert_many(rows[start : start + 500]).execute()
-    db.obj.execute_sql(f"NOTIFY {EVENTS}")
 
 
 class Gaps:
@@ -353,8 +353,13 @@ class Replicas:
                 (gaps.top(), READ_BATCH),
             )
             page = await cursor.fetchall()
+            # published at once: marked read, they would not be read again
+            # should the statement below fail
             events = self._take(sorted(rows + page))
             rows = []
+            if events:
+                self.received += len(events)
+                self.bus.publish_remote(events)
             # after the rows: the snapshot whose xmin the next look decides
             # by, and, when an id was found missing, an xid above any its
             # transaction may have (taking one costs a WAL record: only then)
@@ -367,9 +372,6 @@ class Replicas:
             # xmin of the last look's snapshot, taken before this look read
             # the missing ids: a transaction ended before it is found now
             gaps.advance(time.monotonic(), self._xmin, bound)
-            if events:
-                self.received += len(events)
-                self.bus.publish_remote(events)
             if len(page) < READ_BATCH:
                 self._xmin = xmin
                 return
