@@ -182,6 +182,38 @@ def test_an_event_of_a_transaction_younger_than_every_ended_one_is_waited_for(
     assert replica._gaps.done == 2 and not replica._gaps.since
 
 
+class Failing:
+    """The reader's connection, failing the first statement containing
+    `at` (the link to PostgreSQL dropping then)."""
+
+    def __init__(self, conn: Any, at: str) -> None:
+        self.conn, self.at, self.failed = conn, at, False
+
+    async def execute(self, sql: str, params: Any = None) -> Any:
+        if not self.failed and self.at in sql:
+            self.failed = True
+            raise OSError("connection lost")
+        return await self.conn.execute(sql, params)
+
+
+def test_events_read_before_a_failed_statement_are_published_once(postgres, database, reader):
+    name = database[0]
+    replica, seen = reader
+
+    async def scenario() -> None:
+        async with listening(replica) as conn:
+            await replica._catch_up(conn)
+            committed(postgres, name, 1)
+            with pytest.raises(OSError):
+                await replica._catch_up(Failing(conn, "pg_current_snapshot"))
+            committed(postgres, name, 2)
+            for _ in range(2):
+                await replica._catch_up(conn)
+
+    asyncio.run(scenario())
+    assert [e.job_id for e in seen.events] == [1, 2]
+
+
 def test_an_id_rolled_back_is_passed_over(postgres, database, reader):
     name = database[0]
     replica, seen = reader
