@@ -1582,7 +1582,7 @@ def unreached_findings(pg: Any, dbname: str, job_ids: list[int]) -> list[str]:
     """What the store says of run-nows whose command.run never reached the
     agent: the job's state, where its host's link was, and whether the
     event that should have woken that replica is in the event table."""
-    out = [f"{len(job_ids)} run-now(s) never reached their agent: {sorted(job_ids)[:20]}"]
+    out = [f"{len(job_ids)} run-now(s) have not reached their agent: {sorted(job_ids)[:20]}"]
     with pg.connect(dbname) as con:
         for job_id in sorted(job_ids)[:20]:
             row = con.execute(
@@ -1613,7 +1613,6 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
     servers: list[Server] = []
     fleet: Optional[Fleet] = None
     pg = None
-    dbname = ""
     logs = [work / f"replica-{i}.log" for i in range(r)]
     try:
         if not hasattr(args, "_bare_rtt"):  # --only replicas: the whoami figures' baseline
@@ -1791,6 +1790,16 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
         cpu_before = [cpu_seconds(p) for p in pids]
         pg_before = postgres_usage(pg.proc.pid)
         asyncio.run(scale_async(args, rfigs, url, token, fleet, names, servers[0], notes, order))
+        with fleet.lock:  # while the replicas and their links are up
+            late = [j for j in fleet.unreached if j in fleet.run_by_job]
+            unreached = [j for j in fleet.unreached if j not in fleet.run_by_job]
+        if late:
+            notes.append(f"{len(late)} run-now(s) reached their agent after their round's wait")
+        if unreached:
+            try:
+                notes.extend(unreached_findings(pg, dbname, unreached))
+            except Exception as exc:  # noqa: BLE001 - a diagnosis, not a figure
+                notes.append(f"could not look into the unreached jobs: {exc!r}")
         cpu_after = [cpu_seconds(p) for p in pids]
         pg_after = postgres_usage(pg.proc.pid)
         used = [b - a for a, b in zip(cpu_before, cpu_after)]
@@ -1847,11 +1856,6 @@ def run_replicas(args, figs: Figures, work: Path) -> Figures:
             except Exception:  # noqa: BLE001
                 pass
         if pg is not None:
-            if fleet is not None and fleet.unreached:
-                try:
-                    notes.extend(unreached_findings(pg, dbname, fleet.unreached))
-                except Exception as exc:  # noqa: BLE001 - a diagnosis, not a figure
-                    notes.append(f"could not look into the unreached jobs: {exc!r}")
             pg.stop()
     if fleet is not None and fleet.errors:
         notes.extend(fleet.errors[:10])

@@ -21,6 +21,7 @@ class RawAgent:
         self.seq = seq  # the last seq this agent used
         self.timeout = timeout  # seconds to wait for a frame, unless told
         self.pending: list[dict] = []
+        self.last_ack = 0  # the highest seq fleetd acked (acks are cumulative)
 
     def hello(self, frame: str) -> dict:
         """Send this hello; fleetd's welcome."""
@@ -40,7 +41,7 @@ class RawAgent:
             if fits(frame):
                 return self.pending.pop(i)
         while True:
-            frame = json.loads(self.ws.recv(timeout=timeout or self.timeout))
+            frame = json.loads(self.ws.recv(timeout=self.timeout if timeout is None else timeout))
             if fits(frame):
                 return frame
             self.pending.append(frame)
@@ -71,11 +72,10 @@ class RawAgent:
         return seq
 
     def acked(self, seq: int) -> int:
-        """Wait for fleetd's ack covering `seq` (acks are cumulative)."""
-        while True:
-            got = self.next_of("ack")["data"]["seq"]
-            if got >= seq:
-                return got
+        """Wait for fleetd's ack covering `seq` (at once if one did already)."""
+        while self.last_ack < seq:
+            self.last_ack = max(self.last_ack, self.next_of("ack")["data"]["seq"])
+        return self.last_ack
 
     def finish(self, job_id: int, kind: str = "check", status: str = "succeeded") -> None:
         """Take a job fleetd sent, run it and end it; wait for the ack."""

@@ -365,8 +365,10 @@ def download_script(enrollment: str, agent: dict) -> str:
     and keeps it only when its size and SHA-256 are what fleetd announced.
     With replicas, from the first of the enrollment's URLs that answers."""
     doc = protocol.parse_enrollment(enrollment)
+    scheme = protocol.url_scheme(doc["url"])  # never a token over http:// to a wss:// fleet
+    urls = [u for u in protocol.enrollment_urls(doc) if protocol.url_scheme(u) == scheme]
     args = (
-        [protocol.agent_file_url(url) for url in protocol.enrollment_urls(doc)],
+        [protocol.agent_file_url(url) for url in urls],
         (doc.get("sha256") or "").lower(),
         doc["token"],
         agent["sha256"],

@@ -109,6 +109,9 @@ class Gaps:
         self.done = done
         self.seen: set[int] = set()
         self.since: dict[int, tuple[float, int]] = {}
+        # ids up to here were looked at for being missing: each look scans
+        # only what is above, not all that `done` waits behind
+        self.noticed = done
 
     def top(self) -> int:
         """The newest id read."""
@@ -124,9 +127,7 @@ class Gaps:
     def unnoticed(self) -> bool:
         """Whether an id below the newest read is missing and not noticed
         yet: advance() then needs a bound taken after this read."""
-        return any(
-            m not in self.seen and m not in self.since for m in range(self.done + 1, self.top())
-        )
+        return any(m not in self.seen for m in range(max(self.noticed, self.done) + 1, self.top()))
 
     def advance(self, now: float, xmin: int, bound: int) -> None:
         """Move `done` past every id read, and past missing ones that will
@@ -135,9 +136,11 @@ class Gaps:
         they were read, the missing ones among them too. Not a snapshot
         after the read: a transaction may commit between the read and it,
         its id then both unread and below that xmin."""
-        for missing in range(self.done + 1, self.top()):
+        top = self.top()
+        for missing in range(max(self.noticed, self.done) + 1, top):
             if missing not in self.seen:
-                self.since.setdefault(missing, (now, bound))
+                self.since[missing] = (now, bound)
+        self.noticed = max(self.noticed, top)
         while True:
             nxt = self.done + 1
             if nxt in self.seen:

@@ -343,6 +343,23 @@ def test_rollout_lines() -> None:
     assert summary == "rollout 3 of fleet-agent 0.2.0 halted: web-1: x (1 failed, 2 pending)"
 
 
+def test_the_install_download_asks_each_replica_of_the_enrollments_scheme_only() -> None:
+    """A token is never sent over http:// when the fleet enrolled over wss://,
+    whatever other URLs the string names."""
+    enrollment = protocol.format_enrollment(
+        "wss://a.example:8433",
+        "enr-tok",
+        "ab" * 32,
+        urls=["wss://a.example:8433", "ws://b.example:8080", "wss://c.example:8433/fleet"],
+    )
+    agent = {"version": "0.2.0", "sha256": "cd" * 32, "size_bytes": 1234}
+    script = download_script(enrollment, agent)
+    assert "(['https://a.example:8433/agent.pyz', 'https://c.example:8433/fleet/agent.pyz'], " in (
+        script
+    )
+    assert "http://" not in script
+
+
 def test_the_install_snippet_pins_checks_and_updates_apt() -> None:
     enrollment = protocol.format_enrollment("wss://fleet.example:8433", "enr-tok", "AB" * 32)
     agent = {"version": "0.2.0", "sha256": "cd" * 32, "size_bytes": 1234}
