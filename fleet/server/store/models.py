@@ -485,6 +485,8 @@ class StoredEvent(Base):
     (fleet.server.replicas): written in the transaction that made it, read
     in id order after a NOTIFY, kept for a few minutes."""
 
+    # drawn in order (a sequence of CACHE 1, as created): the replicas'
+    # reading of a missing id relies on it (fleet.server.replicas.Gaps)
     id = pw.AutoField()
     at = pw.DateTimeField(default=utcnow, index=True)
     origin = pw.TextField()  # the replica's id
