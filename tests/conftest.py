@@ -599,15 +599,19 @@ class FleetEnv:
         server: Optional[str] = _DEFAULT,
         env: Optional[dict] = None,
     ) -> Result:
-        return run_ctl(
-            args,
-            server=self.url if server is _DEFAULT else server,
-            token=self.admin_token if token is _DEFAULT else token,
-            config_dir=config_dir or self.config_dir,
-            input=input,
-            expect=expect,
-            env={"FLEET_CAFILE": str(self.cafile) if self.cafile else None, **(env or {})},
-        )
+        try:
+            return run_ctl(
+                args,
+                server=self.url if server is _DEFAULT else server,
+                token=self.admin_token if token is _DEFAULT else token,
+                config_dir=config_dir or self.config_dir,
+                input=input,
+                expect=expect,
+                env={"FLEET_CAFILE": str(self.cafile) if self.cafile else None, **(env or {})},
+            )
+        except AssertionError as exc:  # what fleetd said meanwhile explains most failures
+            tail = "\n".join(self.fleetd.log().splitlines()[-30:])
+            raise AssertionError(f"{exc}\nfleetd's log, last lines:\n{tail}") from None
 
     def ctl_json(self, *args: Any, **kw: Any) -> Any:
         result = self.ctl(*args, "--json", **kw)

@@ -803,7 +803,7 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
         print(f"fleetd listening on {scheme}://{config.host}:{port}", flush=True)
         if ready is not None and not ready.done():
             ready.set_result(port)
-        ticking = [asyncio.ensure_future(local_ticker.run())]
+        ticking = [asyncio.ensure_future(local_ticker.run()), asyncio.ensure_future(watch_loop())]
         if replicas is None:
             ticking.append(asyncio.ensure_future(ticker.run()))
             await state.rollouts.resume()  # one under way when fleetd stopped goes on
@@ -850,6 +850,21 @@ async def run_server(config: ServeConfig, ready: Optional[asyncio.Future] = None
     for connection in list(limits.live):
         going_away(connection)
     log.info("stopped")
+
+
+HELD = 1.0  # seconds the event loop may be late before it is said
+
+
+async def watch_loop(every: float = 1.0) -> None:
+    """Say when the event loop ran late (a call blocking it, or the process
+    starved of CPU): every connection, handshakes too, waited meanwhile."""
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        await asyncio.sleep(every)
+        late = loop.time() - began - every
+        if late > HELD:
+            log.warning("fleetd's event loop ran %.1f s late: every connection waited", late)
 
 
 # the close frame every connection gets at SIGTERM, built once

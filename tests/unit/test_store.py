@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import peewee as pw
@@ -490,6 +492,37 @@ def test_store_run_passes_arguments_and_returns_result(db_path: Path) -> None:
             await store.close()
 
     assert asyncio.run(main()) == 42
+
+
+def test_a_slow_store_call_is_logged_by_name(
+    db_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every caller waits behind the writer: a call holding it longer than
+    SLOW is named in the log (a stalled handshake is then explained)."""
+    import fleet.server.store.db as store_db
+
+    monkeypatch.setattr(store_db, "SLOW", 0.05)
+
+    def quick() -> int:
+        return 1
+
+    def slow_one() -> int:
+        time.sleep(0.2)  # the slow call itself, not a wait for something
+        return 2
+
+    async def main() -> list[int]:
+        store = Store(db_path)
+        await store.open()
+        try:
+            return [await store.run(quick), await store.atomic(slow_one)]
+        finally:
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="fleetd.store"):
+        assert asyncio.run(main()) == [1, 2]
+    said = [r.getMessage() for r in caplog.records if r.name == "fleetd.store"]
+    slow = [m for m in said if "slow_one" in m]  # (a busy machine may slow others too)
+    assert len(slow) == 1 and float(slow[0].split(" spent ")[1].split(" s ")[0]) >= 0.2, said
 
 
 def test_store_run_propagates_exceptions(db_path: Path) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,10 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 from .migrations import migrate
 from .models import db
+
+log = logging.getLogger("fleetd.store")
+
+SLOW = 2.0  # seconds: a store call (or group of them) taking longer is logged
 
 T = TypeVar("T")
 
@@ -303,6 +309,14 @@ def _snapshot(call: Callable[[], T]) -> T:
         return call()
 
 
+def describe(group: list[_Call]) -> str:
+    """The functions of a group of calls, for a log line."""
+    names = collections.Counter(
+        getattr(getattr(c.call, "func", c.call), "__qualname__", "?") for c in group
+    )
+    return ", ".join(f"{n} x{k}" if k > 1 else n for n, k in names.most_common(5))
+
+
 class _Call:
     __slots__ = ("future", "call", "atomic", "events")
 
@@ -431,10 +445,14 @@ class Store:
                     for c in group:
                         self._finish(c, *ready)
                     continue
+            began = time.monotonic()
             if group[0].atomic:
                 self._transactions(group)
             else:
                 self._finish(group[0], *self._outcome(group[0].call))
+            took = time.monotonic() - began
+            if took > SLOW:  # every caller waited behind it: say what it was
+                log.warning("the store's writer spent %.1f s on %s", took, describe(group))
         if self._database is not None:  # after the last call: none runs on a closed one
             close_connection(self._database)
 
