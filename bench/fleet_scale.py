@@ -676,6 +676,14 @@ class Fleet:
         self.broadcast("disconnect")
         self.collect("disconnected", 120)
 
+    def arrived(self, job_ids: Any) -> dict[int, float]:
+        """When each job's command.run reached its agent; the jobs whose
+        has not (yet) are noted in `unreached`, looked into at the end."""
+        with self.lock:
+            got = {j: self.run_by_job[j] for j in job_ids if j in self.run_by_job}
+            self.unreached.extend(j for j in job_ids if j not in got)
+        return got
+
     def ups_since(self, t: float) -> set[int]:
         with self.lock:
             return {idx for idx, at in self.ups if at >= t}
@@ -940,16 +948,9 @@ async def dispatch_round(
     """jobs.run (kind check) on each host, one after the other; latency to command.run."""
     deadline = time.monotonic() + budget
     sent = {j: t0 for j, (_idx, t0) in (await send_runs(ctl, hosts, names, deadline)).items()}
-    wait_until = time.monotonic() + min(30.0, max(5.0, deadline - time.monotonic()))
-    while time.monotonic() < wait_until:
-        with fleet.lock:
-            if all(j in fleet.run_by_job for j in sent):
-                break
-        await asyncio.sleep(0.05)
-    with fleet.lock:
-        lat = [fleet.run_by_job[j] - t for j, t in sent.items() if j in fleet.run_by_job]
-        fleet.unreached.extend(j for j in sent if j not in fleet.run_by_job)
-    return lat, len(sent)
+    await wait_runs(fleet, list(sent), min(30.0, max(5.0, deadline - time.monotonic())))
+    got = fleet.arrived(sent)
+    return [t - sent[j] for j, t in got.items()], len(sent)
 
 
 async def scale_async(
@@ -1124,15 +1125,8 @@ async def scale_async(
         job_ids = [
             f.result()["result"]["id"] for f in done if not f.exception() and "result" in f.result()
         ]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with fleet.lock:
-                if all(j in fleet.run_by_job for j in job_ids):
-                    break
-            await asyncio.sleep(0.05)
-        with fleet.lock:
-            got = [fleet.run_by_job[j] for j in job_ids if j in fleet.run_by_job]
-            fleet.unreached.extend(j for j in job_ids if j not in fleet.run_by_job)
+        await wait_runs(fleet, job_ids, 120)
+        got = list(fleet.arrived(job_ids).values())
     total = (max(got) - t0) if got else None
     complete = len(got) == b
     figs.add(
@@ -1570,9 +1564,7 @@ async def dispatch_split(
     mine = set(same)
     sent = await send_runs(ctl, hosts, names, time.monotonic() + budget)
     await wait_runs(fleet, list(sent), 30)
-    with fleet.lock:
-        got = {j: fleet.run_by_job[j] - t for j, (_i, t) in sent.items() if j in fleet.run_by_job}
-        fleet.unreached.extend(j for j in sent if j not in fleet.run_by_job)
+    got = {j: t - sent[j][1] for j, t in fleet.arrived(sent).items()}
     lat_same = [v for j, v in got.items() if sent[j][0] in mine]
     lat_cross = [v for j, v in got.items() if sent[j][0] not in mine]
     return lat_same, lat_cross, len(sent), {sent[j][0]: v for j, v in got.items()}

@@ -560,6 +560,12 @@ def fire_uid(host_id: int, schedule_id: int, scheduled_at: str, group_id: int) -
     return f"{FIRE_UID_PREFIX}{host_id}-{schedule_id}-{scheduled_at}-{group_id}"
 
 
+def fire_uid_of(uid: Optional[str]) -> Optional[str]:
+    """The uid when it names a schedule fire's backup (the agent may know
+    that job by it alone, having made it itself), else None."""
+    return uid if uid and uid.startswith(FIRE_UID_PREFIX) else None
+
+
 def backup_params(
     group: str,
     includes: Sequence[str],

@@ -37,7 +37,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any, Callable, Optional
 
 import peewee as pw
@@ -109,8 +109,9 @@ class Gaps:
         self.done = done
         self.seen: set[int] = set()
         self.since: dict[int, tuple[float, int]] = {}
-        # ids up to here were looked at for being missing: each look scans
-        # only what is above, not all that `done` waits behind
+        # ids up to here were looked at for being missing (never below
+        # done): each look scans only what is above, not all that `done`
+        # waits behind
         self.noticed = done
 
     def top(self) -> int:
@@ -124,10 +125,14 @@ class Gaps:
         self.seen.add(event_id)
         return True
 
+    def _newly_missing(self) -> Iterator[int]:
+        """The ids below the newest read, missing and not noticed yet."""
+        return (m for m in range(self.noticed + 1, self.top()) if m not in self.seen)
+
     def unnoticed(self) -> bool:
-        """Whether an id below the newest read is missing and not noticed
-        yet: advance() then needs a bound taken after this read."""
-        return any(m not in self.seen for m in range(max(self.noticed, self.done) + 1, self.top()))
+        """Whether an id is newly missing: advance() then needs a bound
+        taken after this read."""
+        return any(self._newly_missing())
 
     def advance(self, now: float, xmin: int, bound: int) -> None:
         """Move `done` past every id read, and past missing ones that will
@@ -136,11 +141,9 @@ class Gaps:
         they were read, the missing ones among them too. Not a snapshot
         after the read: a transaction may commit between the read and it,
         its id then both unread and below that xmin."""
-        top = self.top()
-        for missing in range(max(self.noticed, self.done) + 1, top):
-            if missing not in self.seen:
-                self.since[missing] = (now, bound)
-        self.noticed = max(self.noticed, top)
+        for missing in self._newly_missing():
+            self.since[missing] = (now, bound)
+        self.noticed = max(self.noticed, self.top())
         while True:
             nxt = self.done + 1
             if nxt in self.seen:

@@ -80,8 +80,10 @@ def reader(database) -> tuple[Replicas, Seen]:
 
 @contextlib.asynccontextmanager
 async def listening(replica: Replicas) -> AsyncIterator[Any]:
+    """The reader's connection, after a first look (the usual state)."""
     conn = await replica._connect()
     try:
+        await replica._catch_up(conn)
         yield conn
     finally:
         await conn.close()
@@ -104,26 +106,27 @@ def queued(job_id: int) -> tuple[str, str]:
     return encode(JobQueued(job_id, 1))
 
 
+def insert_event(conn: Any, job_id: int) -> None:
+    """Another replica's JobQueued, written on `conn`."""
+    conn.execute(
+        "INSERT INTO event (origin, kind, body, at) VALUES ('other', %s, %s, now())",
+        queued(job_id),
+    )
+
+
 def open_transaction(postgres, name: str, job_id: int) -> Any:
     """A transaction that took its id, then an event id, as record() does,
     and is left open."""
     conn = postgres.connect(name)
     conn.autocommit = False
     conn.execute("SELECT pg_current_xact_id()")
-    kind, body = queued(job_id)
-    conn.execute(
-        "INSERT INTO event (origin, kind, body, at) VALUES ('other', %s, %s, now())", (kind, body)
-    )
+    insert_event(conn, job_id)
     return conn
 
 
 def committed(postgres, name: str, job_id: int) -> None:
     with postgres.connect(name) as conn:
-        kind, body = queued(job_id)
-        conn.execute(
-            "INSERT INTO event (origin, kind, body, at) VALUES ('other', %s, %s, now())",
-            (kind, body),
-        )
+        insert_event(conn, job_id)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,6 @@ def test_an_event_committed_after_a_higher_one_is_read_once(
 
     async def scenario() -> None:
         async with listening(replica) as conn:
-            await replica._catch_up(conn)  # a look before: the usual state
             late = open_transaction(postgres, name, 1)  # event 1, not committed yet
             committed(postgres, name, 2)  # event 2, committed
             if commit_after.startswith('WHERE "id" = ANY'):
@@ -170,16 +172,11 @@ def test_an_event_of_a_transaction_younger_than_every_ended_one_is_waited_for(
 
     async def scenario() -> None:
         async with listening(replica) as conn:
-            await replica._catch_up(conn)
             older = postgres.connect(name)
             older.autocommit = False
             older.execute("SELECT pg_current_xact_id()")  # the lower xid
             late = open_transaction(postgres, name, 1)  # the higher xid, event 1
-            kind, body = queued(2)
-            older.execute(
-                "INSERT INTO event (origin, kind, body, at) VALUES ('other', %s, %s, now())",
-                (kind, body),
-            )
+            insert_event(older, 2)
             older.commit()  # event 2: the newest ended transaction is older than `late`
             older.close()
             for _ in range(3):  # looks while `late` runs: 2 read, 1 waited for
@@ -215,7 +212,6 @@ def test_events_read_before_a_failed_statement_are_published_once(postgres, data
 
     async def scenario() -> None:
         async with listening(replica) as conn:
-            await replica._catch_up(conn)
             committed(postgres, name, 1)
             with pytest.raises(OSError):
                 await replica._catch_up(Failing(conn, "pg_current_snapshot"))
@@ -233,7 +229,6 @@ def test_an_id_rolled_back_is_passed_over(postgres, database, reader):
 
     async def scenario() -> None:
         async with listening(replica) as conn:
-            await replica._catch_up(conn)
             late = open_transaction(postgres, name, 1)
             committed(postgres, name, 2)
             await replica._catch_up(conn)

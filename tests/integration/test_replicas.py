@@ -310,6 +310,7 @@ def test_a_claim_waits_while_another_replica_claims_on_its_repository(fx, tmp_pa
     """On PostgreSQL a claim first holds the repositories it would work on
     (advisory locks, not waited for): held elsewhere, the host is looked at
     again a moment later, and gets its job once they are let go."""
+    from fleet.server.store.db import locate
     from fleet.server.store.queries.hot import CLAIMS
 
     (a,) = fx.start_replicas(tmp_path / "fleet", 1)
@@ -324,7 +325,7 @@ def test_a_claim_waits_while_another_replica_claims_on_its_repository(fx, tmp_pa
         link = Link(fx, a, enrolled["agent_token"])
         init = link.next_of("command.run")  # the repository's auto-init, first
         _backup(link, init["data"]["job_id"], "succeeded")
-        dbname = (a.data_dir / "database").read_text().split("?")[0].rsplit("/", 1)[1]
+        dbname = locate((a.data_dir / "database").read_text().strip()).postgresql["dbname"]
         with postgres.connect(dbname) as other:  # another replica, claiming on it
             other.execute("BEGIN")
             other.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIMS + repo_id,))

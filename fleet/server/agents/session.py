@@ -804,8 +804,7 @@ class Agents:
                 "job %s of %s lost: the agent came back without it", job_id, session.host_name
             )
         for job_id, uid in cancels:  # an agent that already stopped it ignores this
-            fire_uid = uid if uid.startswith(protocol.FIRE_UID_PREFIX) else None
-            await self.cancel(session.host_id, job_id, fire_uid)
+            await self.cancel(session.host_id, job_id, protocol.fire_uid_of(uid))
         session.caught_up = True
         self.dispatcher.offer(session.host_id)
 

@@ -387,7 +387,7 @@ async def cancel_one(ctx: Context, job_id: int) -> dict:
     outcome = await agents.lifecycle.apply(lifecycle.cancel, job.id, utcnow())
     # a fire's backup may be the agent's own already (it ran the fire while
     # fleetd was out of reach): it knows it by its uid
-    fire_uid = job.uid if job.uid.startswith(protocol.FIRE_UID_PREFIX) else None
+    fire_uid = protocol.fire_uid_of(job.uid)
     if outcome == "requested":
         # the agent stops it and reports the end; a cancel that crosses the
         # command is sent again when the job starts

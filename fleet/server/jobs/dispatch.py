@@ -59,7 +59,7 @@ def command_for(
         cmd["repository_id"] = repository_id
     if from_repository_id is not None:
         cmd["from_repository_id"] = from_repository_id
-    if uid and uid.startswith(protocol.FIRE_UID_PREFIX):
+    if protocol.fire_uid_of(uid):
         # a job of a schedule fire: the agent may have made it already,
         # having run the fire on its own while fleetd was out of reach
         cmd["uid"] = uid
